@@ -1,0 +1,90 @@
+/*
+ * Thin C helpers compiled into pykvm._binding.
+ *
+ * They exist so that errno is read in C immediately after the system call
+ * (cffi releases the GIL around them, so KVM_RUN can be kicked from another
+ * thread), and so that the benchmark has a C loop over KVM_RUN to compare the
+ * Python exit path against, measured on the same vCPU in the same process.
+ */
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <linux/kvm.h>
+
+/* Names for kvm_run's anonymous exit payloads, so cffi can check their layout. */
+typedef __typeof__(((struct kvm_run *)0)->hw) pykvm_exit_hw;
+typedef __typeof__(((struct kvm_run *)0)->fail_entry) pykvm_exit_fail_entry;
+typedef __typeof__(((struct kvm_run *)0)->ex) pykvm_exit_ex;
+typedef __typeof__(((struct kvm_run *)0)->io) pykvm_exit_io;
+typedef __typeof__(((struct kvm_run *)0)->debug) pykvm_exit_debug;
+typedef __typeof__(((struct kvm_run *)0)->mmio) pykvm_exit_mmio;
+typedef __typeof__(((struct kvm_run *)0)->hypercall) pykvm_exit_hypercall;
+typedef __typeof__(((struct kvm_run *)0)->internal) pykvm_exit_internal;
+typedef __typeof__(((struct kvm_run *)0)->emulation_failure) pykvm_exit_emulation_failure;
+typedef __typeof__(((struct kvm_run *)0)->system_event) pykvm_exit_system_event;
+typedef __typeof__(((struct kvm_run *)0)->msr) pykvm_exit_msr;
+typedef __typeof__(((struct kvm_vcpu_events *)0)->exception) pykvm_events_exception;
+typedef __typeof__(((struct kvm_vcpu_events *)0)->interrupt) pykvm_events_interrupt;
+typedef __typeof__(((struct kvm_vcpu_events *)0)->nmi) pykvm_events_nmi;
+typedef __typeof__(((struct kvm_vcpu_events *)0)->smi) pykvm_events_smi;
+typedef __typeof__(((struct kvm_vcpu_events *)0)->triple_fault) pykvm_events_triple_fault;
+
+#ifndef KVM_MAX_CPUID_ENTRIES
+#define KVM_MAX_CPUID_ENTRIES 256
+#endif
+
+/* ioctl(2) returning -errno on failure instead of -1. */
+static int pykvm_ioctl(int fd, unsigned long request, void *arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+static int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+static int pykvm_run(int fd)
+{
+    int r = ioctl(fd, KVM_RUN, 0);
+    return r < 0 ? -errno : r;
+}
+
+/* Shared mapping of fd (the vCPU's kvm_run) or, with fd < 0, anonymous memory. */
+static void *pykvm_mmap(int fd, size_t size, int *err)
+{
+    void *p = fd < 0
+        ? mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+        *err = errno;
+        return NULL;
+    }
+    *err = 0;
+    return p;
+}
+
+static int pykvm_munmap(void *addr, size_t size)
+{
+    return munmap(addr, size) < 0 ? -errno : 0;
+}
+
+/*
+ * The benchmark's C baseline: KVM_RUN `iterations` times, requiring each exit
+ * to be an OUT to `port` (the guest loops on `out`). Returns iterations done,
+ * -errno on an ioctl error, or -(1000 + exit_reason) on any other exit.
+ */
+static long pykvm_bench_run_loop(int fd, struct kvm_run *run, long iterations, unsigned int port)
+{
+    for (long i = 0; i < iterations; i++) {
+        if (ioctl(fd, KVM_RUN, 0) < 0)
+            return -errno;
+        if (run->exit_reason != KVM_EXIT_IO || run->io.port != port)
+            return -(1000 + (long)run->exit_reason);
+    }
+    return iterations;
+}

@@ -1,0 +1,139 @@
+"""Assemble GNU-assembler text into a flat guest image, with its symbols.
+
+Why this exists: tests and labs need small custom guests ("sti; nop; out") and
+the expected RIPs of their labels. This wraps binutils (``as``, ``ld``,
+``objcopy``, ``nm``), which every C toolchain ships, so no NASM is needed. The
+same function builds the packaged guest images at install time (setup.py loads
+this module without the compiled binding, so it imports nothing but errors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import AssemblerError
+
+
+class Mode(str, enum.Enum):
+    """CPU mode a piece of guest code is assembled for."""
+
+    REAL = "real"
+    PROTECTED = "protected"
+    LONG = "long"
+
+
+_AS_FLAGS = {Mode.REAL: ["--32"], Mode.PROTECTED: ["--32"], Mode.LONG: ["--64"]}
+_LD_EMULATION = {Mode.REAL: "elf_i386", Mode.PROTECTED: "elf_i386", Mode.LONG: "elf_x86_64"}
+_PROLOGUE = {Mode.REAL: ".code16; ", Mode.PROTECTED: ".code32; ", Mode.LONG: ".code64; "}
+
+# One contiguous image: code, read-only data, data and bss in that order.
+_LINKER_SCRIPT = """
+SECTIONS {
+  . = ORIGIN;
+  .image : { *(.text*) *(.rodata*) *(.data*) *(.bss*) *(COMMON) }
+  /DISCARD/ : { *(.note*) *(.comment*) *(.eh_frame*) }
+}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Assembled:
+    """Flat machine code to load at ``origin``, and its label addresses.
+
+    For real mode, ``origin`` and the symbols are offsets within the code
+    segment (what IP holds); otherwise they are linear addresses (what RIP holds).
+    """
+
+    code: bytes
+    symbols: dict[str, int]
+    origin: int
+    mode: Mode
+
+    def __bytes__(self) -> bytes:
+        return self.code
+
+    def __len__(self) -> int:
+        return len(self.code)
+
+    def address(self, symbol: str) -> int:
+        """Address of ``symbol``; KeyError names the labels that exist."""
+        try:
+            return self.symbols[symbol]
+        except KeyError:
+            raise KeyError(f"no label {symbol!r} in this code; labels: "
+                           f"{', '.join(sorted(self.symbols)) or 'none'}") from None
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise AssemblerError(f"`{name}` not found on PATH: install binutils "
+                             f"(Debian/Ubuntu: apt-get install binutils)")
+    return path
+
+
+def _run(argv: list[str], what: str, workdir: str) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        output = (result.stderr.strip() or result.stdout.strip())
+        output = output.replace(str(Path(workdir, "guest.S")), "<source>")
+        raise AssemblerError(f"{what} failed (exit {result.returncode}):\n{output}")
+    return result.stdout
+
+
+def assemble(source: str, mode: Mode | str = Mode.LONG, origin: int = 0,
+             defines: dict[str, int] | None = None,
+             include_dirs: list[str | os.PathLike] = ()) -> Assembled:
+    """Assemble ``source`` for ``mode`` and link it to run at ``origin``.
+
+    ``defines`` become ``--defsym NAME=VALUE``; ``include_dirs`` are searched
+    by ``.include``. Errors from ``as``/``ld`` raise :class:`AssemblerError`
+    with their messages (line numbers refer to ``source``, after a one-line
+    ``.codeNN`` prologue that is accounted for).
+    """
+    mode = Mode(mode)
+    if origin < 0:
+        raise AssemblerError(f"origin must be >= 0, got {origin:#x}")
+    with tempfile.TemporaryDirectory(prefix="pykvm-asm-") as tmp:
+        src = Path(tmp, "guest.S")
+        # The prologue shares line 1 with the source, so messages keep its line numbers.
+        src.write_text(_PROLOGUE[mode] + source + "\n")
+        script = Path(tmp, "guest.ld")
+        script.write_text(_LINKER_SCRIPT.replace("ORIGIN", hex(origin)))
+        obj, elf, flat = (Path(tmp, n) for n in ("guest.o", "guest.elf", "guest.bin"))
+        argv = [_tool("as"), *_AS_FLAGS[mode], "-o", str(obj)]
+        for name, value in (defines or {}).items():
+            argv += ["--defsym", f"{name}={value}"]
+        for directory in include_dirs:
+            argv += ["-I", str(directory)]
+        _run(argv + [str(src)], "as", tmp)
+        _run([_tool("ld"), "-m", _LD_EMULATION[mode], "-static", "-nostdlib",
+              "-T", str(script), "-o", str(elf), str(obj)], "ld", tmp)
+        _run([_tool("objcopy"), "-O", "binary", "-j", ".image", str(elf), str(flat)],
+             "objcopy", tmp)
+        symbols = _symbols(_run([_tool("nm"), "--defined-only", str(elf)], "nm", tmp),
+                           defines or {})
+        return Assembled(flat.read_bytes(), symbols, origin, mode)
+
+
+def assemble_file(path: str | os.PathLike, mode: Mode | str, origin: int,
+                  defines: dict[str, int] | None = None) -> Assembled:
+    """Assemble a source file; ``.include`` is searched in its directory."""
+    path = Path(path)
+    return assemble(path.read_text(), mode, origin, defines, [path.parent])
+
+
+def _symbols(nm_output: str, defines: dict[str, int]) -> dict[str, int]:
+    symbols = {}
+    for line in nm_output.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tTdDbB" and parts[2] not in defines:
+            symbols[parts[2]] = int(parts[0], 16)
+    return symbols
+

@@ -1,0 +1,152 @@
+"""Typed exceptions of pykvm.
+
+Why this exists: a failed ioctl is only useful to a test author when it says
+which ioctl failed, on which object, and what to do about it. Every ioctl error
+becomes a subclass of :class:`KvmError` (itself an :class:`OSError`, so
+``errno`` is kept); misuse detected before any ioctl is issued raises a
+:class:`PyKvmError` subclass that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class PyKvmError(Exception):
+    """Base of every error pykvm raises on its own (not from an ioctl)."""
+
+
+class KvmError(PyKvmError, OSError):
+    """An ioctl on a KVM file descriptor failed.
+
+    ``ioctl`` is the ioctl's name, ``target`` describes the object (``Vcpu 0 of
+    Vm fd 5``), ``errno`` the error number, ``hint`` what usually fixes it.
+    """
+
+    def __init__(self, err: int, ioctl: str, target: str, hint: str = "") -> None:
+        message = f"{ioctl} on {target} failed: {_errno.errorcode.get(err, err)} ({_strerror(err)})"
+        if hint:
+            message += f". {hint}"
+        OSError.__init__(self, err, message)
+        self.ioctl = ioctl
+        self.target = target
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+def _strerror(err: int) -> str:
+    import os
+    return os.strerror(err)
+
+
+class KvmInvalidArgument(KvmError):
+    """EINVAL: KVM rejected the argument or the object's current state."""
+
+
+class KvmNotSupported(KvmError):
+    """ENOTTY / EOPNOTSUPP / ENOSYS: this KVM does not implement the ioctl."""
+
+
+class KvmNoDevice(KvmError):
+    """ENXIO: the ioctl does not apply in this VM's configuration (e.g. irqchip mode)."""
+
+
+class KvmExists(KvmError):
+    """EEXIST: the object (vCPU id, memory slot, irqchip) already exists."""
+
+
+class KvmBusy(KvmError):
+    """EBUSY / EAGAIN: KVM cannot do it now (e.g. a vector is already queued)."""
+
+
+class KvmFault(KvmError):
+    """EFAULT: KVM could not read or write the memory the ioctl pointed to."""
+
+
+class KvmNoMemory(KvmError):
+    """ENOMEM / ENOSPC / E2BIG: out of memory or a table too large."""
+
+
+class KvmInterrupted(KvmError):
+    """EINTR: a signal interrupted the ioctl."""
+
+
+class KvmPermissionError(KvmError, PermissionError):
+    """EACCES / EPERM."""
+
+
+class KvmUnavailableError(KvmError):
+    """``/dev/kvm`` is missing or cannot be opened."""
+
+
+_ERRNO_CLASSES: dict[int, type[KvmError]] = {
+    _errno.EINVAL: KvmInvalidArgument,
+    _errno.ENOTTY: KvmNotSupported,
+    _errno.EOPNOTSUPP: KvmNotSupported,
+    _errno.ENOSYS: KvmNotSupported,
+    _errno.ENXIO: KvmNoDevice,
+    _errno.EEXIST: KvmExists,
+    _errno.EBUSY: KvmBusy,
+    _errno.EAGAIN: KvmBusy,
+    _errno.EFAULT: KvmFault,
+    _errno.ENOMEM: KvmNoMemory,
+    _errno.ENOSPC: KvmNoMemory,
+    _errno.E2BIG: KvmNoMemory,
+    _errno.EINTR: KvmInterrupted,
+    _errno.EACCES: KvmPermissionError,
+    _errno.EPERM: KvmPermissionError,
+}
+
+
+def ioctl_error(err: int, ioctl: str, target: str, hint: str = "") -> KvmError:
+    """The typed exception for errno ``err`` from ``ioctl`` on ``target``."""
+    return _ERRNO_CLASSES.get(err, KvmError)(err, ioctl, target, hint)
+
+
+class ClosedError(PyKvmError, ValueError):
+    """The object (or a view into it) was used after ``close()``."""
+
+
+class CapabilityMissing(PyKvmError):
+    """The host's KVM lacks a capability the operation needs."""
+
+
+class NotReadyForInjection(PyKvmError):
+    """``KVM_INTERRUPT`` was asked for while the last exit reported the guest not ready."""
+
+
+class GuestMemoryError(PyKvmError, IndexError):
+    """A guest-physical access outside every memory slot."""
+
+
+class MemorySlotOverlap(PyKvmError, ValueError):
+    """A new memory slot overlaps an existing one."""
+
+
+class InvalidVector(PyKvmError, ValueError):
+    """An interrupt vector outside 0..255 (or not allowed for the operation)."""
+
+
+class StaleExitError(PyKvmError):
+    """An exit's reply (IN data, MMIO read data) was given after the vCPU ran again."""
+
+
+class AssemblerError(PyKvmError):
+    """``as`` or ``ld`` rejected a guest source; the message carries their output."""
+
+
+class GuestError(PyKvmError):
+    """A guest image did not behave as its protocol says (unexpected exit, assert port)."""
+
+    def __init__(self, message: str, exit: object = None) -> None:
+        super().__init__(message)
+        self.exit = exit
+
+
+class HostLimitation(GuestError):
+    """The guest hit a documented limit of this host's KVM (e.g. kvm_pvm's emulator).
+
+    ``explanation`` is the plain-words account printed by the demo.
+    """

@@ -1,0 +1,313 @@
+"""Typed results of ``Vcpu.run()``: one dataclass per ``KVM_EXIT_*`` reason.
+
+Why this exists: a test reads ``exit.port`` and ``exit.data`` from an
+``IoExit``, not offsets in ``kvm_run``. Decoding copies the payload out of the
+shared page, so an exit stays valid after the vCPU runs again or is closed;
+replies that must go back into ``kvm_run`` (IN data, MMIO read data, MSR and
+hypercall results) are checked against the vCPU's current exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from .constants import ExitReason, InternalErrorKind, IoDirection, SystemEventType
+from .state import record
+
+
+@record(slots=True)
+class Exit:
+    """Base of every exit. ``reason`` is the ``KVM_EXIT_*`` value."""
+
+    reason: ClassVar[ExitReason]
+
+
+@record(slots=True)
+class ReplyingExit(Exit):
+    """An exit whose answer is written back into ``kvm_run`` before the next run."""
+
+    vcpu: Any = dataclasses.field(repr=False, compare=False)
+    sequence: int = dataclasses.field(repr=False, compare=False)
+
+    def _reply(self, field: str, **values: Any) -> None:
+        self.vcpu._write_exit_reply(self.sequence, field, values)
+
+
+@record(slots=True)
+class IoExit(ReplyingExit):
+    """``KVM_EXIT_IO``: port IO. ``data`` holds ``size * count`` bytes (OUT: what the guest wrote)."""
+
+    reason: ClassVar = ExitReason.IO
+    port: int = 0
+    direction: IoDirection = IoDirection.OUT
+    size: int = 1
+    count: int = 1
+    data: bytes = b""
+
+    @property
+    def is_out(self) -> bool:
+        return self.direction == IoDirection.OUT
+
+    @property
+    def value(self) -> int:
+        """The first element as a little-endian integer."""
+        return int.from_bytes(self.data[:self.size], "little")
+
+    def reply(self, data: bytes | int) -> None:
+        """Answer an IN: bytes, or an integer sent as ``size``-byte little-endian elements."""
+        if self.is_out:
+            raise ValueError(f"reply() answers an IN; this exit is an OUT to port {self.port:#x}")
+        if isinstance(data, int):
+            data = data.to_bytes(self.size, "little") * self.count
+        if len(data) != self.size * self.count:
+            raise ValueError(f"an IN of {self.count} x {self.size} bytes needs "
+                             f"{self.size * self.count} bytes of data, got {len(data)}")
+        self._reply("io", data=data)
+
+
+@record(slots=True)
+class MmioExit(ReplyingExit):
+    """``KVM_EXIT_MMIO``: an access to guest-physical memory no slot backs."""
+
+    reason: ClassVar = ExitReason.MMIO
+    phys_addr: int = 0
+    length: int = 0
+    is_write: bool = False
+    data: bytes = b""
+
+    def reply(self, data: bytes | int) -> None:
+        """Answer an MMIO read with ``length`` bytes (or an integer, little-endian)."""
+        if self.is_write:
+            raise ValueError(f"reply() answers an MMIO read; this is a write to {self.phys_addr:#x}")
+        if isinstance(data, int):
+            data = data.to_bytes(self.length, "little")
+        if len(data) != self.length:
+            raise ValueError(f"this MMIO read needs {self.length} bytes, got {len(data)}")
+        self._reply("mmio", data=data)
+
+
+@record(slots=True)
+class HltExit(Exit):
+    """``KVM_EXIT_HLT``: the guest executed HLT (userspace irqchip)."""
+
+    reason: ClassVar = ExitReason.HLT
+
+
+@record(slots=True)
+class IrqWindowOpenExit(Exit):
+    """``KVM_EXIT_IRQ_WINDOW_OPEN``: the guest can take an interrupt now (requested window)."""
+
+    reason: ClassVar = ExitReason.IRQ_WINDOW_OPEN
+
+
+@record(slots=True)
+class ShutdownExit(Exit):
+    """``KVM_EXIT_SHUTDOWN``: triple fault (or another shutdown condition)."""
+
+    reason: ClassVar = ExitReason.SHUTDOWN
+
+
+@record(slots=True)
+class IntrExit(Exit):
+    """``KVM_EXIT_INTR`` or ``KVM_RUN`` returning EINTR: a signal or ``immediate_exit`` kicked the vCPU."""
+
+    reason: ClassVar = ExitReason.INTR
+
+
+@record(slots=True)
+class FailEntryExit(Exit):
+    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
+
+    reason: ClassVar = ExitReason.FAIL_ENTRY
+    hardware_entry_failure_reason: int = 0
+    cpu: int = 0
+    explanation: str = dataclasses.field(default="", metadata={"hex": False})
+
+
+@record(slots=True)
+class InternalErrorExit(Exit):
+    """``KVM_EXIT_INTERNAL_ERROR``: KVM itself could not go on (e.g. emulation failure).
+
+    ``insn_bytes`` are the instruction bytes KVM reported (emulation failures), or
+    fetched from guest memory at the faulting RIP; ``explanation`` says what is
+    known about it on this host (see ``pykvm.host``).
+    """
+
+    reason: ClassVar = ExitReason.INTERNAL_ERROR
+    suberror: int = 0
+    data: tuple = ()
+    rip: int = 0
+    insn_bytes: bytes = b""
+    explanation: str = dataclasses.field(default="", metadata={"hex": False})
+
+    @property
+    def kind(self) -> InternalErrorKind | int:
+        try:
+            return InternalErrorKind(self.suberror)
+        except ValueError:
+            return self.suberror
+
+
+@record(slots=True)
+class DebugExit(Exit):
+    """``KVM_EXIT_DEBUG``: single step, breakpoint or watchpoint (``KVM_SET_GUEST_DEBUG``)."""
+
+    reason: ClassVar = ExitReason.DEBUG
+    exception: int = 0
+    pc: int = 0
+    dr6: int = 0
+    dr7: int = 0
+
+
+@record(slots=True)
+class SystemEventExit(Exit):
+    """``KVM_EXIT_SYSTEM_EVENT``: shutdown, reset, crash, ... requested by the guest."""
+
+    reason: ClassVar = ExitReason.SYSTEM_EVENT
+    type: SystemEventType | int = 0
+    data: tuple = ()
+
+
+@record(slots=True)
+class MsrExit(ReplyingExit):
+    """``KVM_EXIT_X86_RDMSR`` / ``WRMSR`` (``KVM_CAP_X86_USER_SPACE_MSR``)."""
+
+    is_write: bool = False
+    index: int = 0
+    data: int = 0
+    msr_reason: int = 0
+
+    @property
+    def reason(self) -> ExitReason:
+        return ExitReason.X86_WRMSR if self.is_write else ExitReason.X86_RDMSR
+
+    def reply(self, data: int = 0, error: bool = False) -> None:
+        """Give RDMSR its value, or make the access #GP with ``error=True``."""
+        self._reply("msr", data=data, error=int(error))
+
+
+@record(slots=True)
+class HypercallExit(ReplyingExit):
+    """``KVM_EXIT_HYPERCALL`` (``KVM_CAP_EXIT_HYPERCALL``)."""
+
+    reason: ClassVar = ExitReason.HYPERCALL
+    nr: int = 0
+    args: tuple = ()
+    longmode: int = 0
+
+    def reply(self, ret: int) -> None:
+        """The value the guest's hypercall returns in RAX."""
+        self._reply("hypercall", ret=ret)
+
+
+@record(slots=True)
+class ExceptionExit(Exit):
+    """``KVM_EXIT_EXCEPTION``: an exception KVM hands to userspace."""
+
+    reason: ClassVar = ExitReason.EXCEPTION
+    exception: int = 0
+    error_code: int = 0
+
+
+@record(slots=True)
+class UnknownExit(Exit):
+    """Any exit pykvm has no type for; ``exit_reason`` is the raw number."""
+
+    reason: ClassVar = ExitReason.UNKNOWN
+    exit_reason: int = 0
+    hardware_exit_reason: int = 0
+
+
+# ---- decoding from struct kvm_run (called by Vcpu.run) --------------------------
+
+def _io(vcpu, run) -> IoExit:
+    io = run.io
+    size = io.size
+    count = io.count
+    start = io.data_offset
+    return IoExit(vcpu, vcpu._exit_sequence, io.port, IoDirection(io.direction), size, count,
+                  vcpu._run_buffer[start:start + size * count])
+
+
+def _mmio(vcpu, run) -> MmioExit:
+    mmio = run.mmio
+    length = mmio.len
+    return MmioExit(vcpu, vcpu._exit_sequence, mmio.phys_addr, length, bool(mmio.is_write),
+                    bytes(mmio.data[0:length]))
+
+
+def _fail_entry(vcpu, run) -> FailEntryExit:
+    reason = run.fail_entry.hardware_entry_failure_reason
+    return FailEntryExit(reason, run.fail_entry.cpu, vcpu.host.explain_entry_failure(reason))
+
+
+def _internal(vcpu, run) -> InternalErrorExit:
+    internal = run.internal
+    data = tuple(internal.data[0:min(internal.ndata, 16)])
+    insn = b""
+    if internal.suberror == InternalErrorKind.EMULATION:
+        failure = run.emulation_failure
+        if failure.ndata >= 2 and failure.flags & 1:
+            insn = bytes(failure.insn_bytes[0:failure.insn_size])
+    return vcpu._explain_internal_error(InternalErrorExit(internal.suberror, data, 0, insn))
+
+
+def _debug(vcpu, run) -> DebugExit:
+    arch = run.debug.arch
+    return DebugExit(arch.exception, arch.pc, arch.dr6, arch.dr7)
+
+
+def _system_event(vcpu, run) -> SystemEventExit:
+    event = run.system_event
+    try:
+        kind = SystemEventType(event.type)
+    except ValueError:
+        kind = event.type
+    return SystemEventExit(kind, tuple(event.data[0:min(event.ndata, 16)]))
+
+
+def _msr(vcpu, run) -> MsrExit:
+    msr = run.msr
+    return MsrExit(vcpu, vcpu._exit_sequence, run.exit_reason == ExitReason.X86_WRMSR,
+                   msr.index, msr.data, msr.reason)
+
+
+def _hypercall(vcpu, run) -> HypercallExit:
+    call = run.hypercall
+    return HypercallExit(vcpu, vcpu._exit_sequence, call.nr, tuple(call.args), call.longmode)
+
+
+def _exception(vcpu, run) -> ExceptionExit:
+    return ExceptionExit(run.ex.exception, run.ex.error_code)
+
+
+_HLT = HltExit()
+_WINDOW = IrqWindowOpenExit()
+_SHUTDOWN = ShutdownExit()
+INTR = IntrExit()
+
+DECODERS = {
+    ExitReason.IO: _io,
+    ExitReason.MMIO: _mmio,
+    ExitReason.HLT: lambda vcpu, run: _HLT,
+    ExitReason.IRQ_WINDOW_OPEN: lambda vcpu, run: _WINDOW,
+    ExitReason.SHUTDOWN: lambda vcpu, run: _SHUTDOWN,
+    ExitReason.INTR: lambda vcpu, run: INTR,
+    ExitReason.FAIL_ENTRY: _fail_entry,
+    ExitReason.INTERNAL_ERROR: _internal,
+    ExitReason.DEBUG: _debug,
+    ExitReason.SYSTEM_EVENT: _system_event,
+    ExitReason.X86_RDMSR: _msr,
+    ExitReason.X86_WRMSR: _msr,
+    ExitReason.HYPERCALL: _hypercall,
+    ExitReason.EXCEPTION: _exception,
+}
+
+
+def decode(vcpu, run) -> Exit:
+    """The typed exit for the reason in ``run`` (``UnknownExit`` if pykvm has none)."""
+    decoder = DECODERS.get(run.exit_reason)
+    if decoder is None:
+        return UnknownExit(run.exit_reason, run.hw.hardware_exit_reason)
+    return decoder(vcpu, run)

@@ -1,0 +1,93 @@
+"""The one base class of every object that owns a KVM file descriptor.
+
+Why this exists: ``Kvm``, ``Vm`` and ``Vcpu`` share the same lifecycle rules
+(context manager, idempotent ``close()``, a typed error on use after close) and
+the same ioctl error mapping; they are written once, here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from .binding import ffi, lib
+from .errors import ClosedError, ioctl_error
+from .ioctls import Ioctl
+
+
+class FdObject:
+    """Owns one fd; subclasses add ``_release()`` for extra resources (mmaps, children)."""
+
+    _fd: int
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._close_lock = threading.Lock()
+
+    # -- identity used in error messages ------------------------------------
+    def describe(self) -> str:
+        """Short name used in messages, e.g. ``Vcpu 0 of Vm (fd 5)``."""
+        return f"{type(self).__name__} (fd {self._fd})"
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<{self.describe() if not self.closed else type(self).__name__} {state}>"
+
+    # -- lifecycle ----------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
+    def fd(self) -> int:
+        """The raw file descriptor (for ioctls pykvm does not wrap)."""
+        self._check_open()
+        return self._fd
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise ClosedError(f"{type(self).__name__} is closed; create a new one "
+                              f"(objects cannot be reopened)")
+
+    def close(self) -> None:
+        """Release the fd and everything hanging off it. Safe to call twice."""
+        with self._close_lock:
+            if self._fd < 0:
+                return
+            fd, self._fd = self._fd, -1
+            try:
+                self._release()
+            finally:
+                os.close(fd)
+
+    def _release(self) -> None:
+        """Free resources other than the fd (overridden)."""
+
+    def __enter__(self):
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+    # -- ioctls ---------------------------------------------------------------
+    def _ioctl(self, request: Ioctl, arg: Any = ffi.NULL, hint: str = "") -> int:
+        """Issue ``request`` with a pointer (or NULL) argument; typed error on failure."""
+        self._check_open()
+        result = lib.pykvm_ioctl(self._fd, request, arg)
+        if result < 0:
+            raise ioctl_error(-result, request.macro, self.describe(), hint)
+        return result
+
+    def _ioctl_value(self, request: Ioctl, value: int, hint: str = "") -> int:
+        """Issue ``request`` with an integer argument; typed error on failure."""
+        self._check_open()
+        result = lib.pykvm_ioctl_value(self._fd, request, value)
+        if result < 0:
+            raise ioctl_error(-result, request.macro, self.describe(), hint)
+        return result

@@ -1,0 +1,86 @@
+"""``Kvm``: the ``/dev/kvm`` system file descriptor.
+
+Why this exists: it is the root of the object tree (``Kvm`` -> ``Vm`` ->
+``Vcpu``), answers what this host supports (API version, capabilities, CPUID,
+vCPU mmap size) and turns a missing or forbidden ``/dev/kvm`` into an error
+that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+
+from .binding import ffi, lib
+from .constants import Cap
+from .cpuid import CpuidEntry, cpuid_from_c
+from .errors import KvmUnavailableError, PyKvmError
+from .fdobject import FdObject
+from .ioctls import Ioctl
+
+DEFAULT_PATH = "/dev/kvm"
+
+
+class Kvm(FdObject):
+    """An open ``/dev/kvm``. ``with Kvm() as kvm: vm = kvm.create_vm()``."""
+
+    def __init__(self, path: str = DEFAULT_PATH) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _unavailable(exc, path) from None
+        super().__init__(fd)
+        version = self._ioctl_value(Ioctl.GET_API_VERSION, 0)
+        if version != lib.KVM_API_VERSION:
+            self.close()
+            raise PyKvmError(f"{path} speaks KVM API version {version}, pykvm needs "
+                             f"{lib.KVM_API_VERSION}: this is not a Linux KVM device")
+        self.api_version = version
+
+    def describe(self) -> str:
+        return f"Kvm ({self.path}, fd {self._fd})"
+
+    def check_extension(self, cap: Cap | int) -> int:
+        """``KVM_CHECK_EXTENSION``: 0 if absent, else a positive, cap-specific value."""
+        return self._ioctl_value(Ioctl.CHECK_EXTENSION, int(cap))
+
+    @functools.cached_property
+    def vcpu_mmap_size(self) -> int:
+        """Size of each vCPU's shared ``kvm_run`` mapping."""
+        return self._ioctl_value(Ioctl.GET_VCPU_MMAP_SIZE, 0)
+
+    @functools.cached_property
+    def supported_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest."""
+        entries = lib.KVM_MAX_CPUID_ENTRIES
+        while True:
+            cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": entries, "entries": entries})
+            try:
+                self._ioctl(Ioctl.GET_SUPPORTED_CPUID, cpuid)
+                return cpuid_from_c(cpuid)
+            except OSError as exc:
+                if exc.errno != errno.E2BIG:
+                    raise
+                entries *= 2
+
+    def create_vm(self, memory_size: int | None = None, **options) -> "Vm":
+        """``KVM_CREATE_VM`` with pykvm's defaults; see :class:`pykvm.Vm` for options."""
+        from .vm import Vm
+        return Vm(self, memory_size=memory_size, **options)
+
+
+def _unavailable(exc: OSError, path: str) -> KvmUnavailableError:
+    """Map the failure to open ``path`` to an actionable message."""
+    if exc.errno == errno.ENOENT:
+        hint = (f"{path} does not exist: this machine has no KVM. Load the module "
+                f"(`modprobe kvm_intel` or `modprobe kvm_amd`), enable virtualization in the "
+                f"firmware, or run on a host (or a VM with nested virtualization) that offers KVM")
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = (f"no permission to open {path}: add yourself to the group that owns it "
+                f"(usually `kvm`: `sudo usermod -aG kvm $USER`, then log in again) or run as root")
+    else:
+        hint = f"cannot open {path}"
+    error = KvmUnavailableError(exc.errno, "open", path, hint)
+    return error

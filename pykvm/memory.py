@@ -1,0 +1,143 @@
+"""Guest memory: anonymous mappings registered as KVM memory slots.
+
+Why this exists: tests write code and data into the guest and read back what
+the guest logged, by guest-physical address. Every access is bounds-checked
+against the slots (no raw pointer ever leaves this module), and every access
+after the VM is closed raises instead of touching unmapped memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from .binding import ffi, lib
+from .errors import GuestMemoryError, MemorySlotOverlap, PyKvmError, ioctl_error
+from .ioctls import Ioctl
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+PAGE_SIZE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySlot:
+    """One KVM memory slot: guest-physical ``[guest_phys_addr, end)``."""
+
+    slot: int
+    guest_phys_addr: int
+    size: int
+    readonly: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.guest_phys_addr + self.size
+
+    def __repr__(self) -> str:
+        return (f"MemorySlot({self.slot}: {self.guest_phys_addr:#x}-{self.end:#x}"
+                f"{', readonly' if self.readonly else ''})")
+
+
+class GuestMemory:
+    """The VM's guest-physical memory, ``vm.memory``."""
+
+    def __init__(self, vm: "Vm") -> None:
+        self._vm = vm
+        self._slots: list[tuple[MemorySlot, object]] = []   # (slot, host pointer)
+
+    @property
+    def slots(self) -> tuple[MemorySlot, ...]:
+        return tuple(slot for slot, _ in self._slots)
+
+    def add_slot(self, guest_phys_addr: int, size: int, readonly: bool = False) -> MemorySlot:
+        """Back ``[guest_phys_addr, +size)`` with fresh zeroed anonymous memory."""
+        self._vm._check_open()
+        if size <= 0 or size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE or guest_phys_addr < 0:
+            raise PyKvmError(f"memory slot {guest_phys_addr:#x}+{size:#x}: address and size "
+                             f"must be positive multiples of the {PAGE_SIZE}-byte page size")
+        for existing, _ in self._slots:
+            if guest_phys_addr < existing.end and existing.guest_phys_addr < guest_phys_addr + size:
+                raise MemorySlotOverlap(
+                    f"memory slot {guest_phys_addr:#x}-{guest_phys_addr + size:#x} overlaps "
+                    f"{existing!r}; choose a free guest-physical range (slots: {self.slots})")
+        err = ffi.new("int *")
+        pointer = lib.pykvm_mmap(-1, size, err)
+        if pointer == ffi.NULL:
+            raise ioctl_error(err[0], "mmap", f"{size:#x} bytes of guest memory",
+                              "not enough memory for this slot")
+        slot = MemorySlot(len(self._slots), guest_phys_addr, size, readonly)
+        region = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot.slot, "flags": 2 if readonly else 0,  # KVM_MEM_READONLY
+            "guest_phys_addr": guest_phys_addr, "memory_size": size,
+            "userspace_addr": int(ffi.cast("uintptr_t", pointer))})
+        try:
+            self._vm._ioctl(Ioctl.SET_USER_MEMORY_REGION, region)
+        except BaseException:
+            lib.pykvm_munmap(pointer, size)
+            raise
+        self._slots.append((slot, pointer))
+        return slot
+
+    def _release(self) -> None:
+        slots, self._slots = self._slots, []
+        for slot, pointer in slots:
+            lib.pykvm_munmap(pointer, slot.size)
+
+    # -- access -----------------------------------------------------------
+    def _locate(self, gpa: int, size: int):
+        """Host pointer for ``[gpa, gpa+size)``, which must lie inside one slot."""
+        self._vm._check_open()
+        for slot, pointer in self._slots:
+            if slot.guest_phys_addr <= gpa and gpa + size <= slot.end:
+                return ffi.cast("uint8_t *", pointer) + (gpa - slot.guest_phys_addr)
+        raise GuestMemoryError(
+            f"guest-physical {gpa:#x}-{gpa + size:#x} is not inside one memory slot "
+            f"(slots: {', '.join(map(repr, self.slots)) or 'none'}); add one with "
+            f"vm.memory.add_slot() or create the VM with a larger memory_size")
+
+    def read(self, gpa: int, size: int) -> bytes:
+        if size < 0:
+            raise GuestMemoryError(f"cannot read a negative size ({size})")
+        return ffi.buffer(self._locate(gpa, size), size)[:]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        data = bytes(data)
+        ffi.memmove(self._locate(gpa, len(data)), data, len(data))
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        """Set ``size`` bytes at ``gpa`` to ``byte``."""
+        ffi.memmove(self._locate(gpa, size), bytes([byte]) * size, size)
+
+    def read_int(self, gpa: int, size: int, signed: bool = False) -> int:
+        return int.from_bytes(self.read(gpa, size), "little", signed=signed)
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(size, "little", signed=value < 0))
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read_int(gpa, 1)
+
+    def read_u16(self, gpa: int) -> int:
+        return self.read_int(gpa, 2)
+
+    def read_u32(self, gpa: int) -> int:
+        return self.read_int(gpa, 4)
+
+    def read_u64(self, gpa: int) -> int:
+        return self.read_int(gpa, 8)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 1, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 2, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 4, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 8, value)
+
+    def __repr__(self) -> str:
+        return f"<GuestMemory {', '.join(map(repr, self.slots)) or 'no slots'}>"

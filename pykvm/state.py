@@ -1,0 +1,228 @@
+"""vCPU state records (registers, segments, events, ...) as dataclasses.
+
+Why this exists: tests build and compare vCPU state as plain Python values that
+stay valid after the vCPU is closed. Each record mirrors a ``struct kvm_*`` field
+for field (same names); one pair of generic functions copies between a record
+and its C struct, so no struct has a hand-written converter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, TypeVar
+
+from .binding import ffi
+
+T = TypeVar("T")
+
+
+def _hexrepr(self) -> str:
+    parts = []
+    for f in dataclasses.fields(self):
+        if not f.repr:
+            continue
+        value = getattr(self, f.name)
+        if isinstance(value, enum.Enum):
+            parts.append(f"{f.name}={value.name}")
+        elif isinstance(value, int) and not isinstance(value, bool) and f.metadata.get("hex", True):
+            parts.append(f"{f.name}={value:#x}")
+        else:
+            parts.append(f"{f.name}={value!r}")
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def record(cls: type[T] | None = None, *, slots: bool = False):
+    """A mutable dataclass whose repr shows integers in hex (``@record`` or ``@record(slots=True)``)."""
+    def wrap(cls: type[T]) -> type[T]:
+        cls = dataclasses.dataclass(cls, slots=slots)
+        cls.__repr__ = _hexrepr
+        return cls
+    return wrap if cls is None else wrap(cls)
+
+
+@record
+class Regs:
+    """``struct kvm_regs``: general-purpose registers, RIP and RFLAGS."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2
+
+
+@record
+class Segment:
+    """``struct kvm_segment``: a segment register with its hidden descriptor cache."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 0
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0  # noqa: E741 (the header's name)
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+
+@record
+class DTable:
+    """``struct kvm_dtable``: GDTR / IDTR."""
+
+    base: int = 0
+    limit: int = 0
+
+
+@record
+class Sregs:
+    """``struct kvm_sregs``: segments, descriptor tables, control registers, EFER."""
+
+    cs: Segment = dataclasses.field(default_factory=Segment)
+    ds: Segment = dataclasses.field(default_factory=Segment)
+    es: Segment = dataclasses.field(default_factory=Segment)
+    fs: Segment = dataclasses.field(default_factory=Segment)
+    gs: Segment = dataclasses.field(default_factory=Segment)
+    ss: Segment = dataclasses.field(default_factory=Segment)
+    tr: Segment = dataclasses.field(default_factory=Segment)
+    ldt: Segment = dataclasses.field(default_factory=Segment)
+    gdt: DTable = dataclasses.field(default_factory=DTable)
+    idt: DTable = dataclasses.field(default_factory=DTable)
+    cr0: int = 0
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    cr8: int = 0
+    efer: int = 0
+    apic_base: int = 0
+    interrupt_bitmap: list = dataclasses.field(default_factory=lambda: [0] * 4)
+
+
+@record
+class Fpu:
+    """``struct kvm_fpu`` (FXSAVE layout): x87 and SSE state."""
+
+    fpr: list = dataclasses.field(default_factory=lambda: [bytes(16)] * 8)
+    fcw: int = 0x37F
+    fsw: int = 0
+    ftwx: int = 0
+    last_opcode: int = 0
+    last_ip: int = 0
+    last_dp: int = 0
+    xmm: list = dataclasses.field(default_factory=lambda: [bytes(16)] * 16)
+    mxcsr: int = 0x1F80
+
+
+@record
+class ExceptionEvent:
+    """Pending or injected exception in ``struct kvm_vcpu_events``."""
+
+    injected: int = 0
+    nr: int = 0
+    has_error_code: int = 0
+    pending: int = 0
+    error_code: int = 0
+
+
+@record
+class InterruptEvent:
+    """Injected interrupt and interrupt shadow (``KVM_X86_SHADOW_INT_*``)."""
+
+    injected: int = 0
+    nr: int = 0
+    soft: int = 0
+    shadow: int = 0
+
+
+@record
+class NmiEvent:
+    """NMI injected / pending / masked (blocked until IRET)."""
+
+    injected: int = 0
+    pending: int = 0
+    masked: int = 0
+
+
+@record
+class SmiEvent:
+    """SMM state."""
+
+    smm: int = 0
+    pending: int = 0
+    smm_inside_nmi: int = 0
+    latched_init: int = 0
+
+
+@record
+class TripleFaultEvent:
+    """Pending triple fault (``KVM_CAP_X86_TRIPLE_FAULT_EVENT``)."""
+
+    pending: int = 0
+
+
+@record
+class VcpuEvents:
+    """``struct kvm_vcpu_events``. ``flags`` selects what ``set`` applies (``KVM_VCPUEVENT_VALID_*``)."""
+
+    exception: ExceptionEvent = dataclasses.field(default_factory=ExceptionEvent)
+    interrupt: InterruptEvent = dataclasses.field(default_factory=InterruptEvent)
+    nmi: NmiEvent = dataclasses.field(default_factory=NmiEvent)
+    sipi_vector: int = 0
+    flags: int = 0
+    smi: SmiEvent = dataclasses.field(default_factory=SmiEvent)
+    triple_fault: TripleFaultEvent = dataclasses.field(default_factory=TripleFaultEvent)
+    exception_has_payload: int = 0
+    exception_payload: int = 0
+
+
+def from_c(cls: type[T], cdata: Any) -> T:
+    """Copy a C struct into a new ``cls`` record, field by field (recursively)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(cdata, f.name)
+        nested = _TYPES.get(f.type)
+        if nested is not None:
+            value = from_c(nested, value)
+        elif not isinstance(value, int):  # a C array: of integers, or of byte rows
+            value = [item if isinstance(item, int) else ffi.buffer(item)[:] for item in value]
+        values[f.name] = value
+    return cls(**values)
+
+
+def to_c(obj: Any, cdata: Any) -> None:
+    """Copy a record into an existing C struct, field by field (recursively)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            to_c(value, getattr(cdata, f.name))
+        elif isinstance(value, list):
+            target = getattr(cdata, f.name)
+            for i, item in enumerate(value):
+                if isinstance(item, int):
+                    target[i] = item
+                else:
+                    ffi.memmove(target[i], bytes(item), len(item))
+        else:
+            setattr(cdata, f.name, value)
+
+
+_TYPES = {cls.__name__: cls for cls in (Regs, Segment, DTable, Sregs, Fpu, ExceptionEvent,
+                                          InterruptEvent, NmiEvent, SmiEvent, TripleFaultEvent,
+                                          VcpuEvents)}

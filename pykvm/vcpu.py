@@ -1,0 +1,308 @@
+"""``Vcpu``: one virtual CPU, its shared ``kvm_run`` page, its state and its events.
+
+Why this exists: this is where a test puts the guest into a precise state
+(registers, segments, pending events), runs it (``run()`` returns a typed exit)
+and injects interrupts and NMIs with the checks the KVM API leaves to the
+caller (``KVM_INTERRUPT`` only when the last exit reported ready).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from . import exits
+from .binding import ffi, lib
+from .constants import MpState
+from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
+from .errors import (ClosedError, InvalidVector, NotReadyForInjection, StaleExitError,
+                     ioctl_error)
+from .fdobject import FdObject
+from .host import detect
+from .ioctls import Ioctl
+from .state import Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+_INTERRUPT_HINT = ("KVM_INTERRUPT only works with the userspace irqchip; with an in-kernel "
+                   "PIC/IOAPIC use vm.irq_line() or MSI instead")
+
+
+class KvmRun:
+    """A checked view of the vCPU's ``struct kvm_run`` fields pykvm exposes.
+
+    Reading or writing it after the vCPU is closed raises :class:`ClosedError`.
+    """
+
+    __slots__ = ("_vcpu",)
+
+    def __init__(self, vcpu: "Vcpu") -> None:
+        self._vcpu = vcpu
+
+    def _run(self):
+        run = self._vcpu._run
+        if run is None:
+            raise ClosedError("this kvm_run view belongs to a closed Vcpu")
+        return run
+
+    request_interrupt_window = property(
+        lambda self: self._run().request_interrupt_window,
+        lambda self, value: setattr(self._run(), "request_interrupt_window", int(bool(value))),
+        doc="In: ask for KVM_EXIT_IRQ_WINDOW_OPEN as soon as the guest can take an interrupt.")
+    immediate_exit = property(
+        lambda self: self._run().immediate_exit,
+        lambda self, value: setattr(self._run(), "immediate_exit", int(bool(value))),
+        doc="In: make the next KVM_RUN return at once with EINTR (KVM_CAP_IMMEDIATE_EXIT).")
+    cr8 = property(lambda self: self._run().cr8,
+                   lambda self, value: setattr(self._run(), "cr8", value),
+                   doc="In/out: the task-priority register (CR8).")
+    ready_for_interrupt_injection = property(
+        lambda self: self._run().ready_for_interrupt_injection,
+        doc="Out: 1 if KVM_INTERRUPT would be taken at the next entry.")
+    if_flag = property(lambda self: self._run().if_flag, doc="Out: the guest's RFLAGS.IF at the exit.")
+    apic_base = property(lambda self: self._run().apic_base, doc="Out: the APIC base MSR.")
+    exit_reason = property(lambda self: self._run().exit_reason, doc="Out: the raw KVM_EXIT_* value.")
+    flags = property(lambda self: self._run().flags, doc="Out: KVM_RUN_X86_* flags.")
+
+    def __repr__(self) -> str:
+        if self._vcpu._run is None:
+            return "<KvmRun of a closed Vcpu>"
+        return (f"<KvmRun exit_reason={self.exit_reason} ready={self.ready_for_interrupt_injection} "
+                f"if_flag={self.if_flag} request_interrupt_window={self.request_interrupt_window}>")
+
+
+class Vcpu(FdObject):
+    """A vCPU. Made by :meth:`pykvm.Vm.create_vcpu`."""
+
+    def __init__(self, vm: "Vm", vcpu_id: int) -> None:
+        fd = vm._ioctl_value(Ioctl.CREATE_VCPU, vcpu_id,
+                             hint=f"vCPU ids must be unique and below KVM_CAP_MAX_VCPU_ID")
+        super().__init__(fd)
+        self.vm = vm
+        self.id = vcpu_id
+        self.host = detect()
+        self._run_size = vm.kvm.vcpu_mmap_size
+        err = ffi.new("int *")
+        pointer = lib.pykvm_mmap(fd, self._run_size, err)
+        if pointer == ffi.NULL:
+            self._run = None
+            self.close()
+            raise ioctl_error(err[0], "mmap", f"kvm_run of vCPU {vcpu_id}")
+        self._run_pointer = pointer
+        self._run = ffi.cast("struct kvm_run *", pointer)
+        self._run_buffer = ffi.buffer(pointer, self._run_size)
+        self._exit_sequence = 0
+        self._queued_vector: int | None = None
+        self.kvm_run = KvmRun(self)
+        self.irq_controller = None   # set by pykvm.irq.UserspaceIrqController
+
+    def describe(self) -> str:
+        return f"Vcpu {self.id} of Vm (fd {self.vm._fd})"
+
+    def _release(self) -> None:
+        if self._run is not None:
+            self._run = None
+            self._run_buffer = None
+            lib.pykvm_munmap(self._run_pointer, self._run_size)
+
+    # -- running ------------------------------------------------------------
+    def run(self) -> exits.Exit:
+        """``KVM_RUN`` until the next exit to userspace; returns the typed exit."""
+        run = self._run
+        if run is None:
+            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
+        if self.irq_controller is not None:
+            self.irq_controller.before_entry()
+        self._exit_sequence += 1
+        self._queued_vector = None
+        result = lib.pykvm_run(self._fd)
+        if result < 0:
+            if result == -errno.EINTR:
+                return exits.INTR
+            raise ioctl_error(-result, "KVM_RUN", self.describe(), _run_hint(-result))
+        decoder = exits.DECODERS.get(run.exit_reason)
+        if decoder is None:
+            return exits.decode(self, run)
+        return decoder(self, run)
+
+    def _write_exit_reply(self, sequence: int, field: str, values: Mapping) -> None:
+        """Write an exit's reply into kvm_run if that exit is still the current one."""
+        if self._run is None:
+            raise ClosedError(f"Vcpu {self.id} is closed; its exit can no longer be answered")
+        if sequence != self._exit_sequence:
+            raise StaleExitError("this exit was already followed by another KVM_RUN; "
+                                 "answer an exit before calling run() again")
+        run = self._run
+        if field == "io":
+            start = run.io.data_offset
+            self._run_buffer[start:start + len(values["data"])] = values["data"]
+        elif field == "mmio":
+            run.mmio.data[0:len(values["data"])] = list(values["data"])
+        else:
+            for name, value in values.items():
+                setattr(getattr(run, field), name, value)
+
+    def _explain_internal_error(self, exit: exits.InternalErrorExit) -> exits.InternalErrorExit:
+        """Fill in RIP, instruction bytes and this host's explanation of an INTERNAL_ERROR."""
+        from .x86 import cpu_mode, linear_rip
+        sregs, regs = self.sregs, self.regs
+        exit.rip = regs.rip
+        if not exit.insn_bytes:
+            try:
+                exit.insn_bytes = self.vm.memory.read(linear_rip(sregs, regs.rip), 15)
+            except IndexError:
+                pass
+        exit.explanation = self.host.explain_internal_error(exit, cpu_mode(sregs))
+        return exit
+
+    # -- injection ------------------------------------------------------------
+    def interrupt(self, vector: int, force: bool = False) -> None:
+        """``KVM_INTERRUPT``: queue external interrupt ``vector`` for the next entry.
+
+        Refuses unless the last exit reported ``ready_for_interrupt_injection``
+        (the guest has IF=1, no interrupt shadow, nothing else queued): KVM
+        would otherwise deliver it regardless of IF on some hosts and fail the
+        entry on others. ``force=True`` skips the check. A second call before
+        ``run()`` is refused too, since KVM would silently replace the first.
+        """
+        check_vector(vector)
+        run = self._run
+        if run is None:
+            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
+        if not force:
+            if self._queued_vector is not None:
+                raise NotReadyForInjection(
+                    f"vector {self._queued_vector:#x} is already queued on vCPU {self.id} for the "
+                    f"next entry and KVM would silently replace it with {vector:#x}; call run() "
+                    f"first, or use pykvm.irq.UserspaceIrqController to queue several")
+            if not run.ready_for_interrupt_injection:
+                raise NotReadyForInjection(
+                    f"vCPU {self.id} is not ready for an interrupt (last exit: "
+                    f"ready_for_interrupt_injection=0, if_flag={run.if_flag}): the guest has "
+                    f"interrupts disabled, is in an interrupt shadow, or an event is pending. Set "
+                    f"kvm_run.request_interrupt_window and inject at the next exit that reports "
+                    f"ready (pykvm.irq.UserspaceIrqController does this), or pass force=True")
+        self._ioctl(Ioctl.INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}),
+                    hint=_INTERRUPT_HINT)
+        self._queued_vector = vector
+
+    def nmi(self) -> None:
+        """``KVM_NMI``: make an NMI pending (delivered once the guest is not blocking NMIs)."""
+        self._ioctl(Ioctl.NMI, hint="KVM_NMI needs KVM_CAP_USER_NMI and a userspace or split "
+                                    "irqchip... or an in-kernel LAPIC that is enabled")
+
+    # -- state ----------------------------------------------------------------
+    def _get(self, request: Ioctl, ctype: str, record_type):
+        cdata = ffi.new(ctype)
+        self._ioctl(request, cdata)
+        return from_c(record_type, cdata)
+
+    def _set(self, request: Ioctl, ctype: str, value) -> None:
+        cdata = ffi.new(ctype)
+        to_c(value, cdata)
+        self._ioctl(request, cdata)
+
+    @property
+    def regs(self) -> Regs:
+        """General-purpose registers (``KVM_GET_REGS``); assign a :class:`Regs` to set."""
+        return self._get(Ioctl.GET_REGS, "struct kvm_regs *", Regs)
+
+    @regs.setter
+    def regs(self, value: Regs) -> None:
+        self._set(Ioctl.SET_REGS, "struct kvm_regs *", value)
+
+    @property
+    def sregs(self) -> Sregs:
+        """Segments, descriptor tables, control registers (``KVM_GET_SREGS``)."""
+        return self._get(Ioctl.GET_SREGS, "struct kvm_sregs *", Sregs)
+
+    @sregs.setter
+    def sregs(self, value: Sregs) -> None:
+        self._set(Ioctl.SET_SREGS, "struct kvm_sregs *", value)
+
+    @property
+    def fpu(self) -> Fpu:
+        """x87/SSE state (``KVM_GET_FPU``)."""
+        return self._get(Ioctl.GET_FPU, "struct kvm_fpu *", Fpu)
+
+    @fpu.setter
+    def fpu(self, value: Fpu) -> None:
+        self._set(Ioctl.SET_FPU, "struct kvm_fpu *", value)
+
+    @property
+    def events(self) -> VcpuEvents:
+        """Pending/injected exception, interrupt, NMI, shadow (``KVM_GET_VCPU_EVENTS``).
+
+        Assigning applies the fields selected by ``flags`` (``KVM_VCPUEVENT_VALID_*``).
+        """
+        return self._get(Ioctl.GET_VCPU_EVENTS, "struct kvm_vcpu_events *", VcpuEvents)
+
+    @events.setter
+    def events(self, value: VcpuEvents) -> None:
+        self._set(Ioctl.SET_VCPU_EVENTS, "struct kvm_vcpu_events *", value)
+
+    @property
+    def mp_state(self) -> MpState:
+        cdata = ffi.new("struct kvm_mp_state *")
+        self._ioctl(Ioctl.GET_MP_STATE, cdata)
+        return MpState(cdata.mp_state)
+
+    @mp_state.setter
+    def mp_state(self, value: MpState) -> None:
+        self._ioctl(Ioctl.SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": int(value)}))
+
+    @property
+    def cpuid(self) -> tuple[CpuidEntry, ...]:
+        """The CPUID leaves this vCPU was given (``KVM_GET_CPUID2``)."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": lib.KVM_MAX_CPUID_ENTRIES,
+                                                "entries": lib.KVM_MAX_CPUID_ENTRIES})
+        self._ioctl(Ioctl.GET_CPUID2, cpuid)
+        return cpuid_from_c(cpuid)
+
+    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
+        """``KVM_SET_CPUID2`` (before the first run)."""
+        self._ioctl(Ioctl.SET_CPUID2, cpuid_to_c(entries),
+                    hint="CPUID can only be set before the vCPU first runs")
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """``KVM_GET_MSRS``: the values of the given MSR indices."""
+        indices = list(indices)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for entry, index in zip(msrs.entries, indices):
+            entry.index = index
+        done = self._ioctl(Ioctl.GET_MSRS, msrs)
+        if done != len(indices):
+            raise ioctl_error(errno.EINVAL, "KVM_GET_MSRS", self.describe(),
+                              f"MSR {indices[done]:#x} is not supported by this host")
+        return {entry.index: entry.data for entry in msrs.entries[0:done]}
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        """``KVM_SET_MSRS``."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(values), "entries": len(values)})
+        for entry, (index, value) in zip(msrs.entries, values.items()):
+            entry.index, entry.data = index, value
+        done = self._ioctl(Ioctl.SET_MSRS, msrs)
+        if done != len(values):
+            raise ioctl_error(errno.EINVAL, "KVM_SET_MSRS", self.describe(),
+                              f"MSR {list(values)[done]:#x} was refused by this host")
+
+    def set_single_step(self, enabled: bool) -> None:
+        """``KVM_SET_GUEST_DEBUG`` single-step: one ``DebugExit`` per guest instruction."""
+        control = (lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP) if enabled else 0
+        self._ioctl(Ioctl.SET_GUEST_DEBUG, ffi.new("struct kvm_guest_debug *", {"control": control}))
+
+
+def check_vector(vector: int) -> None:
+    """Raise :class:`InvalidVector` unless ``vector`` is an integer in 0..255."""
+    if not isinstance(vector, int) or not 0 <= vector <= 255:
+        raise InvalidVector(f"interrupt vector {vector!r} is out of range: x86 vectors are "
+                            f"0..255 (external interrupts normally use 32..255)")
+
+
+def _run_hint(err: int) -> str:
+    if err == errno.EFAULT:
+        return "the guest touched memory KVM could not map (check the memory slots)"
+    if err == errno.ENOEXEC:
+        return "KVM found the guest state invalid"
+    return ""

@@ -1,0 +1,76 @@
+"""Build and install pykvm.
+
+Two things are compiled at install time, both against what is on this machine:
+- ``pykvm._binding``: the cffi module (API mode) built from ``csrc/`` against
+  the system's ``<linux/kvm.h>``;
+- the guest images: ``guests/*.S`` assembled with binutils into flat binaries
+  plus a JSON symbol table, shipped with their sources in ``pykvm/guests/images``.
+"""
+
+import importlib
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+GUEST_MODES = ("real", "protected", "long")
+
+
+def _load_build_modules():
+    """pykvm.asm and pykvm.layout, imported without pykvm/__init__ (no binding yet)."""
+    package = types.ModuleType("pykvm")
+    package.__path__ = [str(HERE / "pykvm")]
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules)
+             if name == "pykvm" or name.startswith("pykvm.")}
+    sys.modules["pykvm"] = package
+    try:
+        return importlib.import_module("pykvm.asm"), importlib.import_module("pykvm.layout")
+    finally:
+        for name in [n for n in sys.modules if n == "pykvm" or n.startswith("pykvm.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+class BuildExtAndGuests(build_ext):
+    """build_ext that also assembles the guest images next to the package."""
+
+    def run(self):
+        super().run()
+        package_dir = HERE / "pykvm" if self.inplace else Path(self.build_lib) / "pykvm"
+        self.build_guests(package_dir / "guests" / "images")
+
+    def build_guests(self, out_dir: Path) -> None:
+        asm, layout = _load_build_modules()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for source in sorted((HERE / "guests").iterdir()):
+            if source.suffix in (".S", ".inc"):
+                shutil.copyfile(source, out_dir / source.name)
+        for mode in GUEST_MODES:
+            origin = 0 if mode == "real" else layout.CODE
+            image = asm.assemble_file(HERE / "guests" / f"{mode}.S", mode, origin,
+                                      layout.asm_defines())
+            (out_dir / f"{mode}.bin").write_bytes(image.code)
+            (out_dir / f"{mode}.json").write_text(json.dumps(
+                {"mode": mode, "origin": origin, "symbols": image.symbols}, indent=1,
+                sort_keys=True))
+            print(f"pykvm: assembled guests/{mode}.S -> {len(image.code)} bytes")
+
+
+setup(
+    name="pykvm",
+    version="0.1.0",
+    description="Drive Linux KVM from Python: VMs, vCPUs, tiny guests, interrupt injection",
+    packages=["pykvm", "pykvm.guests"],
+    python_requires=">=3.9",
+    setup_requires=["cffi>=1.15"],
+    install_requires=["cffi>=1.15", "ioctl-opt>=1.2"],
+    extras_require={"test": ["pytest>=7", "psutil>=5.9"]},
+    cffi_modules=["csrc/build_binding.py:ffibuilder"],
+    cmdclass={"build_ext": BuildExtAndGuests},
+    zip_safe=False,
+)
