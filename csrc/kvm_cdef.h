@@ -248,7 +248,7 @@ struct kvm_lapic_state { char regs[1024]; ...; };
 /* ---- pykvm_helpers.h: thin C so that errno is read right after the call */
 int pykvm_ioctl(int fd, unsigned long request, void *arg);
 int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg);
-int pykvm_run(int fd);
+int pykvm_run(int fd, struct kvm_run *run);
 void *pykvm_mmap(int fd, size_t size, int *err);
 int pykvm_munmap(void *addr, size_t size);
 long pykvm_bench_run_loop(int fd, struct kvm_run *run, long iterations, unsigned int port);

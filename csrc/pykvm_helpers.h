@@ -48,10 +48,11 @@ static int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg)
     return r < 0 ? -errno : r;
 }
 
-static int pykvm_run(int fd)
+/* KVM_RUN; returns the exit reason (>= 0), or -errno. */
+static int pykvm_run(int fd, struct kvm_run *run)
 {
     int r = ioctl(fd, KVM_RUN, 0);
-    return r < 0 ? -errno : r;
+    return r < 0 ? -errno : (int)run->exit_reason;
 }
 
 /* Shared mapping of fd (the vCPU's kvm_run) or, with fd < 0, anonymous memory. */

@@ -131,7 +131,8 @@ class InternalErrorExit(Exit):
 
     ``insn_bytes`` are the instruction bytes KVM reported (emulation failures), or
     fetched from guest memory at the faulting RIP; ``explanation`` says what is
-    known about it on this host (see ``pykvm.host``).
+    known about it on this host (see ``pykvm.host``); ``host_limit`` is True when
+    it is a documented limit of this host's KVM rather than a guest bug.
     """
 
     reason: ClassVar = ExitReason.INTERNAL_ERROR
@@ -140,6 +141,7 @@ class InternalErrorExit(Exit):
     rip: int = 0
     insn_bytes: bytes = b""
     explanation: str = dataclasses.field(default="", metadata={"hex": False})
+    host_limit: bool = False
 
     @property
     def kind(self) -> InternalErrorKind | int:
@@ -221,12 +223,16 @@ class UnknownExit(Exit):
 
 # ---- decoding from struct kvm_run (called by Vcpu.run) --------------------------
 
+_DIRECTIONS = (IoDirection.IN, IoDirection.OUT)
+
+
 def _io(vcpu, run) -> IoExit:
+    # The hottest path in pykvm (one call per port-IO exit): no enum constructor calls.
     io = run.io
     size = io.size
     count = io.count
     start = io.data_offset
-    return IoExit(vcpu, vcpu._exit_sequence, io.port, IoDirection(io.direction), size, count,
+    return IoExit(vcpu, vcpu._exit_sequence, io.port, _DIRECTIONS[io.direction], size, count,
                   vcpu._run_buffer[start:start + size * count])
 
 

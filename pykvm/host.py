@@ -72,8 +72,8 @@ class HostInfo:
         return [f"{self.name} {text} ({getattr(self, field).reason})"
                 for field, text in notes.items() if not getattr(self, field)]
 
-    def explain_internal_error(self, exit, mode) -> str:
-        """Plain words for an ``InternalErrorExit`` that happened in ``mode``."""
+    def explain_internal_error(self, exit, mode) -> tuple[str, bool]:
+        """Plain words for an ``InternalErrorExit`` in ``mode``; True if a documented host limit."""
         return _explain_internal_error(self, exit, mode)
 
     def explain_entry_failure(self, reason: int) -> str:
@@ -99,24 +99,24 @@ def _is_software_interrupt(insn: bytes) -> bool:
     return insn[:1] in (b"\xcc", b"\xcd", b"\xce")
 
 
-def _explain_internal_error(host: "HostInfo", exit, mode) -> str:
-    """Plain words for an INTERNAL_ERROR: which documented host limit it is, if any."""
+def _explain_internal_error(host: "HostInfo", exit, mode) -> tuple[str, bool]:
+    """Plain words for an INTERNAL_ERROR, and whether it is a documented limit of this host."""
     from .asm import Mode
     insn = exit.insn_bytes
     where = f"at RIP {exit.rip:#x} in {mode.value} mode (instruction bytes {insn[:4].hex(' ') or 'unknown'})"
     if exit.suberror != 1:
-        return f"KVM internal error, suberror {exit.suberror}, {where}"
+        return f"KVM internal error, suberror {exit.suberror}, {where}", False
     if mode == Mode.PROTECTED and not host.protected_mode_iret and insn.startswith(_IRET_OPCODES):
         return (f"{host.name}'s instruction emulator cannot execute IRET in 32-bit protected mode "
                 f"({host.protected_mode_iret.reason}); the interrupt was delivered, the return "
                 f"from its handler is what fails. Use real or long mode on this host, or a "
-                f"standard vendor module (kvm_intel / kvm_amd) for protected mode; {where}")
+                f"standard vendor module (kvm_intel / kvm_amd) for protected mode; {where}"), True
     if mode == Mode.LONG and not host.long_mode_software_interrupts and _is_software_interrupt(insn):
         return (f"{host.name} cannot execute INT3 / INT n in long mode "
                 f"({host.long_mode_software_interrupts.reason}); guests should report with "
                 f"`out`, and software interrupts are testable in real mode here or on "
-                f"kvm_intel / kvm_amd; {where}")
-    return f"KVM could not emulate the instruction {where}"
+                f"kvm_intel / kvm_amd; {where}"), True
+    return f"KVM could not emulate the instruction {where}", False
 
 
 def _facts(vendor: VendorModule) -> dict[str, Behaviour]:

@@ -15,7 +15,7 @@ import os
 from .binding import ffi, lib
 from .constants import Cap
 from .cpuid import CpuidEntry, cpuid_from_c
-from .errors import KvmUnavailableError, PyKvmError
+from .errors import CapabilityMissing, KvmUnavailableError, PyKvmError
 from .fdobject import FdObject
 from .ioctls import Ioctl
 
@@ -45,6 +45,17 @@ class Kvm(FdObject):
     def check_extension(self, cap: Cap | int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 if absent, else a positive, cap-specific value."""
         return self._ioctl_value(Ioctl.CHECK_EXTENSION, int(cap))
+
+    def require(self, cap: Cap, purpose: str) -> int:
+        """``check_extension(cap)``, raising :class:`CapabilityMissing` when it is absent."""
+        value = self.check_extension(cap)
+        if not value:
+            from .host import detect
+            raise CapabilityMissing(
+                f"{purpose} needs KVM_CAP_{Cap(cap).name}, which this host's KVM "
+                f"({detect().name}) does not offer; run on a host that has it, or skip this "
+                f"feature")
+        return value
 
     @functools.cached_property
     def vcpu_mmap_size(self) -> int:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from . import exits
 from .binding import ffi, lib
-from .constants import MpState
+from .constants import Cap, MpState
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
 from .errors import (ClosedError, InvalidVector, NotReadyForInjection, StaleExitError,
                      ioctl_error)
@@ -25,6 +25,8 @@ from .state import Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
 if TYPE_CHECKING:
     from .vm import Vm
 
+_kvm_run = lib.pykvm_run
+_DECODERS = exits.DECODERS
 _INTERRUPT_HINT = ("KVM_INTERRUPT only works with the userspace irqchip; with an in-kernel "
                    "PIC/IOAPIC use vm.irq_line() or MSI instead")
 
@@ -93,7 +95,7 @@ class Vcpu(FdObject):
         self._run = ffi.cast("struct kvm_run *", pointer)
         self._run_buffer = ffi.buffer(pointer, self._run_size)
         self._exit_sequence = 0
-        self._queued_vector: int | None = None
+        self._queued: tuple[int, int] = (-1, 0)   # (exit sequence, vector) of the last KVM_INTERRUPT
         self.kvm_run = KvmRun(self)
         self.irq_controller = None   # set by pykvm.irq.UserspaceIrqController
 
@@ -115,13 +117,12 @@ class Vcpu(FdObject):
         if self.irq_controller is not None:
             self.irq_controller.before_entry()
         self._exit_sequence += 1
-        self._queued_vector = None
-        result = lib.pykvm_run(self._fd)
+        result = _kvm_run(self._fd, run)
         if result < 0:
             if result == -errno.EINTR:
                 return exits.INTR
             raise ioctl_error(-result, "KVM_RUN", self.describe(), _run_hint(-result))
-        decoder = exits.DECODERS.get(run.exit_reason)
+        decoder = _DECODERS.get(result)
         if decoder is None:
             return exits.decode(self, run)
         return decoder(self, run)
@@ -153,7 +154,7 @@ class Vcpu(FdObject):
                 exit.insn_bytes = self.vm.memory.read(linear_rip(sregs, regs.rip), 15)
             except IndexError:
                 pass
-        exit.explanation = self.host.explain_internal_error(exit, cpu_mode(sregs))
+        exit.explanation, exit.host_limit = self.host.explain_internal_error(exit, cpu_mode(sregs))
         return exit
 
     # -- injection ------------------------------------------------------------
@@ -171,9 +172,9 @@ class Vcpu(FdObject):
         if run is None:
             raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
         if not force:
-            if self._queued_vector is not None:
+            if self._queued[0] == self._exit_sequence:
                 raise NotReadyForInjection(
-                    f"vector {self._queued_vector:#x} is already queued on vCPU {self.id} for the "
+                    f"vector {self._queued[1]:#x} is already queued on vCPU {self.id} for the "
                     f"next entry and KVM would silently replace it with {vector:#x}; call run() "
                     f"first, or use pykvm.irq.UserspaceIrqController to queue several")
             if not run.ready_for_interrupt_injection:
@@ -185,12 +186,12 @@ class Vcpu(FdObject):
                     f"ready (pykvm.irq.UserspaceIrqController does this), or pass force=True")
         self._ioctl(Ioctl.INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}),
                     hint=_INTERRUPT_HINT)
-        self._queued_vector = vector
+        self._queued = (self._exit_sequence, vector)
 
     def nmi(self) -> None:
         """``KVM_NMI``: make an NMI pending (delivered once the guest is not blocking NMIs)."""
-        self._ioctl(Ioctl.NMI, hint="KVM_NMI needs KVM_CAP_USER_NMI and a userspace or split "
-                                    "irqchip... or an in-kernel LAPIC that is enabled")
+        self.vm.kvm.require(Cap.USER_NMI, "vcpu.nmi()")
+        self._ioctl(Ioctl.NMI, hint="with an in-kernel irqchip, KVM_NMI needs the vCPU's LAPIC enabled")
 
     # -- state ----------------------------------------------------------------
     def _get(self, request: Ioctl, ctype: str, record_type):
@@ -236,10 +237,12 @@ class Vcpu(FdObject):
 
         Assigning applies the fields selected by ``flags`` (``KVM_VCPUEVENT_VALID_*``).
         """
+        self.vm.kvm.require(Cap.VCPU_EVENTS, "vcpu.events")
         return self._get(Ioctl.GET_VCPU_EVENTS, "struct kvm_vcpu_events *", VcpuEvents)
 
     @events.setter
     def events(self, value: VcpuEvents) -> None:
+        self.vm.kvm.require(Cap.VCPU_EVENTS, "vcpu.events")
         self._set(Ioctl.SET_VCPU_EVENTS, "struct kvm_vcpu_events *", value)
 
     @property
@@ -289,6 +292,7 @@ class Vcpu(FdObject):
 
     def set_single_step(self, enabled: bool) -> None:
         """``KVM_SET_GUEST_DEBUG`` single-step: one ``DebugExit`` per guest instruction."""
+        self.vm.kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
         control = (lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP) if enabled else 0
         self._ioctl(Ioctl.SET_GUEST_DEBUG, ffi.new("struct kvm_guest_debug *", {"control": control}))
 

@@ -1,0 +1,45 @@
+"""The binding agrees with the system's <linux/kvm.h> (no KVM needed)."""
+
+import pytest
+
+from pykvm import constants
+from pykvm.binding import ffi, lib
+from pykvm.ioctls import Ioctl
+
+
+@pytest.mark.parametrize("ioctl", list(Ioctl), ids=lambda i: i.macro)
+def test_ioctl_number_matches_header_macro(ioctl):
+    assert int(ioctl) == getattr(lib, ioctl.macro), (
+        f"{ioctl.macro}: pykvm computes {int(ioctl):#x}, the header says {getattr(lib, ioctl.macro):#x}")
+
+
+@pytest.mark.parametrize("name,value", sorted(constants.header_macro_names().items()))
+def test_enum_value_matches_header_macro(name, value):
+    assert getattr(lib, name) == value
+
+
+def test_kvm_run_fixed_abi_offsets():
+    # Offsets every KVM userspace relies on (Documentation/virt/kvm/api.rst, struct kvm_run).
+    expected = {"request_interrupt_window": 0, "immediate_exit": 1, "exit_reason": 8,
+                "ready_for_interrupt_injection": 12, "if_flag": 13, "flags": 14, "cr8": 16,
+                "apic_base": 24, "io": 32, "mmio": 32, "internal": 32, "system_event": 32}
+    for field, offset in expected.items():
+        assert ffi.offsetof("struct kvm_run", field) == offset, field
+    assert ffi.offsetof("pykvm_exit_io", "port") == 2
+    assert ffi.offsetof("pykvm_exit_io", "data_offset") == 8
+
+
+def test_struct_sizes_are_the_headers():
+    assert ffi.sizeof("struct kvm_regs") == 18 * 8
+    assert ffi.sizeof("struct kvm_segment") == 24
+    assert ffi.sizeof("struct kvm_sregs") == 8 * 24 + 2 * 16 + 7 * 8 + 4 * 8
+    assert ffi.sizeof("struct kvm_vcpu_events") == 64
+    assert ffi.sizeof("struct kvm_lapic_state") == 1024
+    # the union of exit payloads is padded to 256 bytes, sync regs follow
+    assert ffi.sizeof("struct kvm_run") >= 32 + 256 + 16 + 2048
+
+
+def test_every_x86_exit_payload_is_declared():
+    for field in ("io", "mmio", "hypercall", "debug", "fail_entry", "internal",
+                  "emulation_failure", "system_event", "msr", "ex", "hw"):
+        assert ffi.offsetof("struct kvm_run", field) == 32, field

@@ -1,0 +1,155 @@
+"""Object lifecycle and bad input on a real /dev/kvm: typed errors, no leaks, no crashes."""
+
+import errno
+import gc
+import os
+
+import psutil
+import pytest
+
+import pykvm
+from pykvm import Cap, layout, x86
+from pykvm.errors import (CapabilityMissing, ClosedError, GuestMemoryError, InvalidVector,
+                          KvmError, KvmUnavailableError, MemorySlotOverlap, NotReadyForInjection)
+
+
+def test_objects_report_what_kvm_says(kvm):
+    assert kvm.api_version == 12
+    assert kvm.vcpu_mmap_size >= 4096
+    assert kvm.check_extension(Cap.USER_MEMORY) > 0
+    assert any(entry.function == 0x80000001 for entry in kvm.supported_cpuid)
+
+
+def test_create_vm_defaults_give_memory_at_zero(kvm):
+    with kvm.create_vm() as vm:
+        (slot,) = vm.memory.slots
+        assert slot.guest_phys_addr == 0 and slot.size == 16 << 20
+        vm.memory.write_u64(0x1234, 0x1122334455667788)
+        assert vm.memory.read(0x1234, 8) == bytes.fromhex("8877665544332211")
+        assert vm.memory.read_u32(0x1238) == 0x11223344
+
+
+def test_close_is_idempotent_and_use_after_close_raises(kvm):
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu()
+    view = vcpu.kvm_run
+    vm.close()
+    vm.close()
+    assert vm.closed and vcpu.closed
+    with pytest.raises(ClosedError):
+        vcpu.run()
+    with pytest.raises(ClosedError):
+        vcpu.regs
+    with pytest.raises(ClosedError):
+        view.ready_for_interrupt_injection
+    with pytest.raises(ClosedError):
+        view.request_interrupt_window = 1
+    with pytest.raises(ClosedError):
+        vm.memory.read(0, 1)
+    with pytest.raises(ClosedError):
+        vm.create_vcpu()
+    with pytest.raises(ClosedError):
+        vcpu.interrupt(0x20, force=True)
+    assert "closed" in repr(vcpu) and "closed" in repr(view)
+
+
+def test_exit_kept_after_close_stays_readable_but_cannot_reply(vm):
+    vcpu = vm.create_vcpu()
+    code = pykvm.assemble("in $0x60, %al\n", "long", layout.CODE)
+    vm.memory.write(layout.CODE, code.code)
+    x86.enter_long_mode(vcpu, layout.CODE)
+    exit = vcpu.run()
+    assert isinstance(exit, pykvm.IoExit) and exit.port == 0x60 and not exit.is_out
+    vcpu.close()
+    assert exit.port == 0x60
+    with pytest.raises(ClosedError):
+        exit.reply(0x41)
+
+
+def test_stale_exit_reply_is_refused(vm):
+    vcpu = vm.create_vcpu()
+    code = pykvm.assemble("1: in $0x60, %al\n out %al, $0x61\n jmp 1b\n", "long", layout.CODE)
+    vm.memory.write(layout.CODE, code.code)
+    x86.enter_long_mode(vcpu, layout.CODE)
+    first = vcpu.run()
+    first.reply(0x5A)
+    echoed = vcpu.run()
+    assert echoed.port == 0x61 and echoed.value == 0x5A   # the IN data reached the guest
+    with pytest.raises(pykvm.StaleExitError):
+        first.reply(0x5A)
+
+
+def test_vector_out_of_range(vcpu):
+    for vector in (256, -1, 1000):
+        with pytest.raises(InvalidVector, match="0..255"):
+            vcpu.interrupt(vector, force=True)
+
+
+def test_interrupt_refused_before_guest_is_ready(vcpu):
+    with pytest.raises(NotReadyForInjection, match="request_interrupt_window"):
+        vcpu.interrupt(0x20)
+
+
+def test_overlapping_memory_slot(vm):
+    with pytest.raises(MemorySlotOverlap, match="overlaps"):
+        vm.memory.add_slot(0x100000, 0x1000)
+    slot = vm.memory.add_slot(0x40000000, 0x2000)
+    assert slot.slot == 1
+    with pytest.raises(MemorySlotOverlap):
+        vm.memory.add_slot(0x40001000, 0x1000)
+
+
+def test_access_outside_memory(vm):
+    with pytest.raises(GuestMemoryError, match="not inside one memory slot"):
+        vm.memory.read((16 << 20) - 4, 8)
+    with pytest.raises(GuestMemoryError):
+        vm.memory.write(0x80000000, b"x")
+
+
+def test_duplicate_vcpu_id_is_a_typed_kvm_error(vm):
+    vm.create_vcpu(0)
+    with pytest.raises(KvmError) as info:
+        vm.create_vcpu(0)
+    assert info.value.errno == errno.EEXIST
+    assert info.value.ioctl == "KVM_CREATE_VCPU" and "Vm" in info.value.target
+
+
+def test_missing_device_is_explained():
+    with pytest.raises(KvmUnavailableError, match="modprobe") as info:
+        pykvm.Kvm("/dev/no-such-kvm")
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOENT
+
+
+def test_permission_denied_mentions_the_kvm_group(monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(KvmUnavailableError, match="kvm"):
+        pykvm.Kvm()
+
+
+def test_capability_the_host_lacks_is_a_typed_error(kvm):
+    absent = [cap for cap in Cap if kvm.check_extension(cap) == 0]
+    assert absent, "this host claims every capability pykvm knows; pick another to test"
+    with pytest.raises(CapabilityMissing, match=f"KVM_CAP_{absent[0].name}"):
+        kvm.require(absent[0], "this test")
+
+
+def test_no_fd_or_memory_leak_over_200_cycles(kvm_available):
+    process = psutil.Process()
+
+    def cycle():
+        with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu()
+            vcpu.regs
+            vm.memory.write(0x1000, b"\x90" * 64)
+
+    for _ in range(10):       # warm caches, allocator pools
+        cycle()
+    gc.collect()
+    fds, rss = process.num_fds(), process.memory_info().rss
+    for _ in range(200):
+        cycle()
+    gc.collect()
+    assert process.num_fds() == fds
+    assert process.memory_info().rss - rss < 8 << 20
