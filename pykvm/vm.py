@@ -7,9 +7,11 @@ real mode on VT-x), and closes everything it owns when it is closed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Iterable
 
 from .binding import ffi
+from .cpuid import CpuidEntry
 from .fdobject import FdObject
 from .ioctls import Ioctl
 from .memory import GuestMemory
@@ -72,7 +74,7 @@ class Vm(FdObject):
         self.vcpus.append(vcpu)
         if cpuid:
             try:
-                vcpu.set_cpuid(self.kvm.supported_cpuid)
+                vcpu.set_cpuid(cpuid_for_vcpu(self.kvm.supported_cpuid, vcpu_id))
             except BaseException:
                 vcpu.close()
                 raise
@@ -83,3 +85,18 @@ class Vm(FdObject):
             vcpu.close()
         self.memory._release()
 
+
+
+def cpuid_for_vcpu(entries: Iterable[CpuidEntry], vcpu_id: int) -> list[CpuidEntry]:
+    """KVM's supported CPUID with this vCPU's APIC ID in leaves 1 (EBX[31:24]) and 0xB/0x1F (EDX).
+
+    KVM reports the host CPU's values there; a VMM must put the vCPU's own.
+    """
+    adjusted = []
+    for entry in entries:
+        if entry.function == 1:
+            entry = dataclasses.replace(entry, ebx=(entry.ebx & 0x00FFFFFF) | ((vcpu_id & 0xFF) << 24))
+        elif entry.function in (0xB, 0x1F):
+            entry = dataclasses.replace(entry, edx=vcpu_id)
+        adjusted.append(entry)
+    return adjusted
