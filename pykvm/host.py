@@ -51,8 +51,9 @@ class HostInfo:
     io_exit_rip_at_out: Behaviour
     long_mode_interrupt_shadow: Behaviour
     protected_mode_iret: Behaviour
-    long_mode_software_interrupts: Behaviour
+    software_interrupts: Behaviour
     real_mode_ud2: Behaviour
+    nmi_delivered_at_iret: Behaviour
 
     @property
     def name(self) -> str:
@@ -67,8 +68,10 @@ class HostInfo:
             "long_mode_interrupt_shadow": "has no STI / MOV SS interrupt shadow in long mode",
             "protected_mode_iret": "cannot emulate IRET in 32-bit protected mode "
                                    "(KVM_EXIT_INTERNAL_ERROR after the first delivery)",
-            "long_mode_software_interrupts": "cannot execute INT3 / INT n in long mode "
-                                             "(KVM_EXIT_INTERNAL_ERROR)",
+            "software_interrupts": "cannot execute INT3 / INT n in protected or long "
+                                   "mode (KVM_EXIT_INTERNAL_ERROR)",
+            "nmi_delivered_at_iret": "does not deliver an NMI that waited for IRET right after "
+                                     "the IRET; it stays pending until the next VM entry",
             "real_mode_ud2": "cannot emulate UD2 in real mode (KVM_EXIT_INTERNAL_ERROR "
                              "instead of #UD)",
         }
@@ -114,9 +117,9 @@ def _explain_internal_error(host: "HostInfo", exit, mode) -> tuple[str, bool]:
                 f"({host.protected_mode_iret.reason}); the interrupt was delivered, the return "
                 f"from its handler is what fails. Use real or long mode on this host, or a "
                 f"standard vendor module (kvm_intel / kvm_amd) for protected mode; {where}"), True
-    if mode == Mode.LONG and not host.long_mode_software_interrupts and _is_software_interrupt(insn):
-        return (f"{host.name} cannot execute INT3 / INT n in long mode "
-                f"({host.long_mode_software_interrupts.reason}); guests should report with "
+    if mode != Mode.REAL and not host.software_interrupts and _is_software_interrupt(insn):
+        return (f"{host.name} cannot execute INT3 / INT n in {mode.value} mode "
+                f"({host.software_interrupts.reason}); guests should report with "
                 f"`out`, and software interrupts are testable in real mode here or on "
                 f"kvm_intel / kvm_amd; {where}"), True
     if mode == Mode.REAL and not host.real_mode_ud2 and insn.startswith(b"\x0f\x0b"):
@@ -133,16 +136,20 @@ def _facts(vendor: VendorModule) -> dict[str, Behaviour]:
             long_mode_interrupt_shadow=Behaviour(False, "PVM's spec: no shadow in native long mode; "
                                                  + _PVM_SPEC, True),
             protected_mode_iret=Behaviour(False, "PVM emulates protected mode; " + _PVM_SPEC, True),
-            long_mode_software_interrupts=Behaviour(False, _PVM_SPEC, True),
+            software_interrupts=Behaviour(False, _PVM_SPEC + " for long mode; protected mode "
+                                          "measured by pykvm's tests", True),
             real_mode_ud2=Behaviour(False, "measured by pykvm's tests on kvm_pvm (hosts.md "
                                     "section 1 lists ud2 as delivered; not so here): KVM's "
                                     "emulator has no decoding for UD2", True),
+            nmi_delivered_at_iret=Behaviour(False, "measured by pykvm's tests on kvm_pvm: no "
+                                            "NMI-window exit, like the IRQ window", True),
         )
     source, verified = {VendorModule.AMD: (_AMD, True), VendorModule.INTEL: (_INTEL, False)}.get(
         vendor, (_ARCH, False))
     return {name: Behaviour(True, source, verified) for name in (
         "sends_irq_window_exits", "io_exit_rip_at_out", "long_mode_interrupt_shadow",
-        "protected_mode_iret", "long_mode_software_interrupts", "real_mode_ud2")}
+        "protected_mode_iret", "software_interrupts", "real_mode_ud2",
+        "nmi_delivered_at_iret")}
 
 
 def detect_vendor(sys_module: str = "/sys/module") -> VendorModule:
