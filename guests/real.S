@@ -55,50 +55,7 @@ bad_command:
     out     %eax, $PORT_ASSERT
     jmp     next_step
 
-cmd_nop:
-    jmp     next_step
-cmd_cli:
-    cli
-    jmp     next_step
-cmd_sti:
-    sti
-    jmp     next_step
-cmd_sti_nop:
-sti_nop_sti:
-    sti
-sti_nop_nop:
-    nop
-sti_nop_end:
-    jmp     next_step
-cmd_mov_ss:
-    mov     %ss, %ax
-mov_ss_mov:
-    mov     %ax, %ss
-mov_ss_nop:
-    nop
-mov_ss_end:
-    jmp     next_step
-cmd_hlt:
-hlt_hlt:
-    hlt
-hlt_end:
-    jmp     next_step
-cmd_sti_hlt:
-sti_hlt_sti:
-    sti
-sti_hlt_hlt:
-    hlt
-sti_hlt_end:
-    jmp     next_step
-cmd_spin:
-    mov     MAILBOX+MB_ARG, %ecx
-    test    %ecx, %ecx
-    jz      spin_end
-spin_loop:
-    dec     %ecx
-    jnz     spin_loop
-spin_end:
-    jmp     next_step
+    .include "commands.inc"
 
 cmd_raise:                              /* faults resume at raise_N_end via MB_FIXUP */
     mov     MAILBOX+MB_ARG, %eax
@@ -232,15 +189,7 @@ handler_notify_out:
 handler_iret:
     iret
 
-    .balign 4
-int_table:                              /* entry n: int $n; ret; nop (4 bytes) */
-    .set    vector, 0
-    .rept   256
-    .byte   0xCD, vector
-    ret
-    nop
-    .set    vector, vector + 1
-    .endr
+    .include "int_table.inc"
 
     .data
     .balign 2

@@ -1,0 +1,43 @@
+"""The guest images built at install time (no KVM needed)."""
+
+import pytest
+
+from pykvm import guests, layout
+from pykvm.asm import Mode
+
+LABELS = ["entry", "sync_out", "sync_done", "sti_nop_sti", "sti_nop_nop", "sti_nop_end",
+          "mov_ss_mov", "mov_ss_nop", "mov_ss_end", "hlt_hlt", "hlt_end", "sti_hlt_sti",
+          "sti_hlt_hlt", "sti_hlt_end", "spin_loop", "spin_end", "raise_0", "raise_0_end",
+          "raise_3", "raise_6", "int_table", "done_out", "vector_stubs", "handler_common",
+          "handler_notify_out", "handler_iret"]
+
+
+@pytest.mark.parametrize("mode", guests.MODES)
+def test_image_is_packaged_with_its_source(mode):
+    image = guests.load(mode)
+    assert image.mode == Mode(mode)
+    assert image.source.exists() and image.source.read_text().startswith("/*")
+    assert (guests.IMAGES_DIR / "commands.inc").exists()
+    # the code must not run into the vector log
+    assert layout.CODE + len(image.code) <= layout.LOG
+
+
+@pytest.mark.parametrize("mode", guests.MODES)
+def test_image_exports_the_labels_tests_use(mode):
+    image = guests.load(mode)
+    missing = [label for label in LABELS if label not in image.symbols]
+    assert not missing
+    assert image.address("entry") == image.origin
+    assert image.address("sync_done") > image.address("sync_out")
+    assert image.address("sti_nop_end") == image.address("sti_nop_nop") + 1
+
+
+def test_mode_specific_exceptions():
+    assert "raise_13" in guests.load("protected").symbols
+    assert "raise_14" in guests.load("long").symbols
+    assert "raise_14" not in guests.load("real").symbols
+
+
+def test_unknown_mode_names_the_choices():
+    with pytest.raises(ValueError, match="real, protected, long"):
+        guests.load("smm")
