@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+from typing import TYPE_CHECKING
 
 from .binding import ffi, lib
 from .constants import Cap
@@ -18,6 +19,9 @@ from .cpuid import CpuidEntry, cpuid_from_c
 from .errors import CapabilityMissing, KvmUnavailableError, PyKvmError
 from .fdobject import FdObject
 from .ioctls import Ioctl
+
+if TYPE_CHECKING:
+    from .vm import Vm
 
 DEFAULT_PATH = "/dev/kvm"
 

@@ -29,7 +29,6 @@ CODE = 0x10000          # load address of the image code
 REAL_MODE_CS = CODE >> 4  # real mode runs the image at CS:IP = 0x1000:offset
 LOG = 0x20000           # vector log: header, then records
 SCRATCH = 0x30000       # free for tests and labs
-LOW_MEMORY_END = 0x100000
 
 # --- GDT selectors (pykvm.x86 builds this GDT) --------------------------------
 SEL_CODE32 = 0x08

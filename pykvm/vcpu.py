@@ -79,7 +79,7 @@ class Vcpu(FdObject):
 
     def __init__(self, vm: "Vm", vcpu_id: int) -> None:
         fd = vm._ioctl_value(Ioctl.CREATE_VCPU, vcpu_id,
-                             hint=f"vCPU ids must be unique and below KVM_CAP_MAX_VCPU_ID")
+                             hint="vCPU ids must be unique and below KVM_CAP_MAX_VCPU_ID")
         super().__init__(fd)
         self.vm = vm
         self.id = vcpu_id

@@ -219,7 +219,7 @@ def test_interrupt_wakes_hlt(boot, mode):
     controller = UserspaceIrqController(guest.vcpu)
     controller.queue(0x70)
     guest.command(Command.CLI)
-    stop = guest.send(Command.STI_HLT)
+    guest.send(Command.STI_HLT)
     stop = guest.run_until(StopKind.HLT)      # userspace irqchip: HLT exits to us
     assert stop.rip == guest.address("sti_hlt_end")
     assert guest.log() == []

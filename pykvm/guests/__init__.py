@@ -26,7 +26,6 @@ from pathlib import Path
 
 from .. import layout, x86
 from ..asm import Mode
-from ..constants import ExitReason
 from ..errors import GuestError, HostLimitation, PyKvmError
 from ..exits import Exit, HltExit, InternalErrorExit, IoExit, IrqWindowOpenExit
 from ..layout import Command
