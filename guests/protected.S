@@ -1,40 +1,55 @@
 /*
- * pykvm guest image, 32-bit protected mode (no paging).
+ * pykvm guest image, 32-bit protected mode (paging off).
  *
- * The host (pykvm.x86.enter_protected_mode) starts us at `entry` with flat
- * 4 GiB segments, ESP = STACK_TOP and IF = 0. We install an IDT of 32-bit
- * interrupt gates for all 256 vectors, then loop: report a step on PORT_SYNC,
- * run the command the host left in the mailbox. Every handler appends a record
- * to the vector log and returns with IRET. All numbers come from
- * pykvm/layout.py as --defsym values.
+ * Entered at `entry` (= CODE) by pykvm.x86.enter_protected_mode: CS =
+ * SEL_CODE32 and flat SEL_DATA segments (4 GiB), ESP = STACK_TOP, IF = 0.
+ * Labels are linear addresses. All numbers come from pykvm/layout.py
+ * (--defsym).
+ *
+ * 1. init: vector log header, initial APIC ID, IDT of 256 32-bit interrupt
+ *    gates pointing at 16-byte stubs, lidt.
+ * 2. loop: MB_STEP = step; `out %eax, $PORT_SYNC` (eax = step); run the
+ *    command the host left at MB_COMMAND / MB_ARG; step++. The step counter
+ *    lives in %ebp (no command touches it; handlers preserve it).
+ * 3. every vector: stub -> handler_common, which appends a record to the log,
+ *    optionally `out`s the vector to PORT_VECTOR, resumes an expected
+ *    exception at MB_FIXUP and returns with IRET.
+ *
+ * Sizes: vector stubs 16 bytes (stub n at vector_stubs + 16*n); int_table
+ * entries 4 bytes (`int $n` at int_table + 4*n).
  */
+    .set    BITS, 32
+    .include "common.inc"
+    .set    STUB_SIZE, 16
+
     .text
 entry:
-    mov     $vector_stubs, %eax         /* IDT: 8-byte interrupt gates */
+    movl    $0, LOG                     /* log header: count = 0, capacity */
+    movl    $LOG_CAPACITY, LOG+4
+    mov     $1, %eax                    /* initial APIC ID: CPUID.1:EBX[31:24] */
+    cpuid
+    shr     $24, %ebx
+    mov     %ebx, MAILBOX+MB_CPU
+
+    mov     $vector_stubs, %eax         /* IDT: 256 8-byte interrupt gates */
     mov     $IDT, %edi
-    xor     %ecx, %ecx
+    mov     $256, %ecx
 1:  mov     %ax, (%edi)                 /* offset 15:0 */
-    movw    $SEL_CODE32, 2(%edi)
-    movw    $0x8E00, 4(%edi)            /* present, DPL 0, 32-bit interrupt gate */
+    movw    $SEL_CODE32, 2(%edi)        /* selector */
+    movw    $0x8E00, 4(%edi)            /* P=1, DPL 0, type 0xE (32-bit interrupt gate) */
     mov     %eax, %edx
     shr     $16, %edx
     mov     %dx, 6(%edi)                /* offset 31:16 */
     add     $STUB_SIZE, %eax
     add     $8, %edi
-    inc     %ecx
-    cmp     $256, %ecx
-    jne     1b
-    lidt    idt_pointer
-    movl    $0, LOG                     /* log header: count, capacity */
-    movl    $LOG_CAPACITY, LOG+4
-    mov     $1, %eax                    /* initial APIC ID, for the records */
-    cpuid
-    shr     $24, %ebx
-    mov     %ebx, MAILBOX+MB_CPU
-    movl    $0, MAILBOX+MB_STEP
+    dec     %ecx
+    jnz     1b
+    lidt    idt_descriptor
 
+    xor     %ebp, %ebp                  /* step = 0 */
 main_loop:
-    mov     MAILBOX+MB_STEP, %eax
+    mov     %ebp, MAILBOX+MB_STEP
+    mov     %ebp, %eax
 sync_out:
     out     %eax, $PORT_SYNC
 sync_done:
@@ -43,18 +58,21 @@ sync_done:
     ja      bad_command
     jmp     *command_table(,%eax,4)
 next_step:
-    incl    MAILBOX+MB_STEP
+    inc     %ebp
     jmp     main_loop
 
-bad_command:
+bad_command:                            /* not a Command: assert 0x200 | command */
     or      $0x200, %eax
     out     %eax, $PORT_ASSERT
     jmp     next_step
 
-    .include "commands.inc"
+    simple_commands
 
-cmd_raise:                              /* faults resume at raise_N_end via MB_FIXUP */
+/* RAISE: fault at raise_<n> and resume at raise_<n>_end through MB_FIXUP. */
+cmd_raise:
     mov     MAILBOX+MB_ARG, %eax
+    cmpl    $0, MAILBOX+MB_ARG+4
+    jne     bad_raise
     cmp     $0, %eax
     je      do_raise_0
     cmp     $3, %eax
@@ -63,85 +81,101 @@ cmd_raise:                              /* faults resume at raise_N_end via MB_F
     je      do_raise_6
     cmp     $13, %eax
     je      do_raise_13
+bad_raise:                              /* not raisable here: assert 0x100 | n */
     or      $0x100, %eax
     out     %eax, $PORT_ASSERT
     jmp     next_step
-do_raise_0:
-    movl    $raise_0_end, MAILBOX+MB_FIXUP
+
+do_raise_0:                             /* #DE: divide by zero */
+    set_fixup raise_0_end
     xor     %edx, %edx
     xor     %ecx, %ecx
 raise_0:
     div     %ecx
 raise_0_end:
     jmp     next_step
-do_raise_3:
+
+do_raise_3:                             /* #BP: a trap, returns past the int3 itself */
 raise_3:
     int3
 raise_3_end:
     jmp     next_step
-do_raise_6:
-    movl    $raise_6_end, MAILBOX+MB_FIXUP
+
+do_raise_6:                             /* #UD */
+    set_fixup raise_6_end
 raise_6:
     ud2
 raise_6_end:
     jmp     next_step
-do_raise_13:
-    movl    $raise_13_end, MAILBOX+MB_FIXUP
-    mov     $0x1234, %ax                /* beyond the GDT limit: #GP(0x1234) */
+
+do_raise_13:                            /* #GP(0x1234): selector beyond the GDT limit */
+    set_fixup raise_13_end
+    mov     $0x1234, %eax
 raise_13:
-    mov     %ax, %ds
+    mov     %eax, %ds
 raise_13_end:
     jmp     next_step
 
-cmd_int:                                /* int $MB_ARG through a table of 4-byte entries */
+/* INT: `int $MB_ARG` (low byte) through int_table. */
+cmd_int:
     movzbl  MAILBOX+MB_ARG, %eax
-    lea     int_table(,%eax,4), %eax
+    lea     int_table(,%eax,INT_ENTRY_SIZE), %eax
     call    *%eax
+int_done:
     jmp     next_step
 
 cmd_done:
-    mov     MAILBOX+MB_STEP, %eax
+    mov     %ebp, %eax
 done_out:
     out     %eax, $PORT_DONE
 1:  cli
     hlt
     jmp     1b
 
-/* ---- interrupt handlers ------------------------------------------------- */
-    .set    STUB_SIZE, 16
-    /* vectors that push an error code: 8, 10-14, 17, 21, 29, 30 */
-    .set    ERROR_CODE_MASK, 0x60227D00
+    int_table_entries
 
-    .altmacro
-    .macro  vector_stub n
-    .balign STUB_SIZE
-    .if     ((ERROR_CODE_MASK >> \n) & 1) == 0 || \n >= 32
-    pushl   $0                          /* dummy error code */
-    .endif
-    pushl   $\n
-    jmp     handler_common
-    .endm
+/* ---- interrupt and exception handlers ---------------------------------------- */
+    vector_stub_table STUB_SIZE, 1
 
-    .balign STUB_SIZE
-vector_stubs:
-    .set    vector, 0
-    .rept   256
-    vector_stub %vector
-    .set    vector, vector + 1
-    .endr
-
-/* Stack: vector, error code, EIP, CS, EFLAGS (4 bytes each; no stack switch at CPL 0). */
+/*
+ * On entry: (%esp) = vector [| STUB_ERROR_CODE], 4 = error code (CPU's or the
+ * stub's dummy), 8 = EIP, 12 = CS, 16 = EFLAGS. CPL 0 to CPL 0: no stack
+ * switch, so the interrupted ESP is just above EFLAGS.
+ */
 handler_common:
+    testl   $STUB_ERROR_CODE, (%esp)
+    jz      frame_ready
+    /* The stub expected a CPU error code. Software `int n` and injected
+     * external interrupts push none: then the slot after it holds CS (not
+     * EIP) and the one after that EFLAGS (bit 1 always set; a CS selector of
+     * RPL 0 has it clear). Insert a dummy so the frame is uniform. */
+    push    %eax
+    mov     %cs, %eax
+    cmp     %ax, 12(%esp)
+    jne     1f
+    testb   $2, 16(%esp)
+    jz      1f
+    pop     %eax
+    pushl   (%esp)                      /* vector again, one slot lower */
+    movl    $0, 4(%esp)                 /* dummy error code */
+    andl    $0xFF, (%esp)               /* untag: no CPU error code */
+    jmp     frame_ready
+1:  pop     %eax
+frame_ready:
     pushal
-    .set    FRAME, 32                   /* pushal */
-    mov     LOG, %ebx                   /* record = LOG + header + (count % capacity) * 64 */
-    mov     %ebx, %eax
+    .set    FRAME, 8 * 4                /* pushal */
+
+    mov     LOG, %ebx                   /* ebx = count */
+    mov     %ebx, %eax                  /* edi = LOG + header + (count % capacity) * size */
     xor     %edx, %edx
     mov     $LOG_CAPACITY, %ecx
     div     %ecx
     imul    $LOG_RECORD_SIZE, %edx, %edi
     add     $(LOG + LOG_HEADER_SIZE), %edi
+
     mov     %ebx, REC_SEQ(%edi)
+    movzbl  FRAME(%esp), %eax
+    mov     %ax, REC_VECTOR(%edi)
     mov     FRAME+12(%esp), %ecx
     mov     %cx, REC_CS(%edi)
     mov     FRAME+4(%esp), %ecx
@@ -152,35 +186,43 @@ handler_common:
     mov     FRAME+16(%esp), %ecx
     mov     %ecx, REC_RFLAGS(%edi)
     movl    $0, REC_RFLAGS+4(%edi)
-    lea     FRAME+20(%esp), %ecx        /* ESP before the CPU pushed the frame */
+    lea     FRAME+20(%esp), %ecx        /* ESP before the CPU pushed its frame */
     mov     %ecx, REC_RSP(%edi)
     movl    $0, REC_RSP+4(%edi)
     mov     MAILBOX+MB_CPU, %ecx
     mov     %ecx, REC_CPU(%edi)
-    movl    $0, REC_CPU+4(%edi)
+    movl    $0, REC_CPU+4(%edi)         /* rest of the record */
     rdtsc
     mov     %eax, REC_TSC(%edi)
     mov     %edx, REC_TSC+4(%edi)
     movl    $0, REC_CR2(%edi)
     movl    $0, REC_CR2+4(%edi)
-    mov     FRAME(%esp), %eax           /* vector */
-    mov     %ax, REC_VECTOR(%edi)
-    xor     %esi, %esi                  /* record flags */
+
+    xor     %esi, %esi                  /* esi = record flags */
+    movzwl  FRAME(%esp), %eax           /* vector | STUB_ERROR_CODE */
+    test    $STUB_ERROR_CODE, %eax
+    jz      1f
+    or      $REC_FLAG_ERROR_CODE, %esi
+    cmp     $(14 | STUB_ERROR_CODE), %eax
+    jne     1f
+    mov     %cr2, %ecx                  /* a real page fault */
+    mov     %ecx, REC_CR2(%edi)
+    or      $REC_FLAG_CR2, %esi
+1:  movzbl  %al, %eax                   /* eax = vector */
     cmp     $32, %eax
     jae     2f
-    mov     $ERROR_CODE_MASK, %ecx
-    bt      %eax, %ecx
-    jnc     1f
-    or      $REC_FLAG_ERROR_CODE, %esi
-1:  mov     MAILBOX+MB_FIXUP, %ecx      /* an expected exception: resume after it */
-    test    %ecx, %ecx
+    mov     MAILBOX+MB_FIXUP, %ecx      /* an expected exception: resume there */
+    or      MAILBOX+MB_FIXUP+4, %ecx
     jz      2f
+    mov     MAILBOX+MB_FIXUP, %ecx
     mov     %ecx, FRAME+8(%esp)
     movl    $0, MAILBOX+MB_FIXUP
+    movl    $0, MAILBOX+MB_FIXUP+4
     or      $REC_FLAG_FIXUP, %esi
 2:  mov     %esi, REC_FLAGS(%edi)
-    inc     %ebx                        /* publish the record */
+    inc     %ebx                        /* publish the complete record */
     mov     %ebx, LOG
+
     cmpl    $0, MAILBOX+MB_NOTIFY
     je      3f
 handler_notify_out:
@@ -188,15 +230,18 @@ handler_notify_out:
 3:  popal
     add     $8, %esp                    /* vector, error code */
 handler_iret:
-    iret
+    iretl
 
-    .include "int_table.inc"
-
-    .data
+    .section .rodata
     .balign 4
-command_table:
+command_table:                          /* indexed by Command */
     .long   cmd_nop, cmd_cli, cmd_sti, cmd_sti_nop, cmd_mov_ss, cmd_hlt
     .long   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int, cmd_done
-idt_pointer:
+command_table_end:
+    .if     (command_table_end - command_table) <> 4 * (CMD_DONE + 1)
+    .error  "command_table does not match pykvm.layout.Command"
+    .endif
+    .balign 4
+idt_descriptor:
     .word   256 * 8 - 1
     .long   IDT

@@ -1,42 +1,65 @@
 /*
  * pykvm guest image, 16-bit real mode.
  *
- * The host (pykvm.x86.enter_real_mode) starts us at CS:IP = REAL_MODE_CS:0
- * with DS = ES = SS = 0, SP = STACK_TOP and IF = 0; labels are IP offsets.
- * We fill the IVT with handlers for all 256 vectors, then loop: report a step
- * on PORT_SYNC, run the command the host left in the mailbox. Every handler
- * appends a record to the vector log (at LOG, reached through ES) and returns
- * with IRET. Real mode pushes no error codes. All numbers come from
- * pykvm/layout.py as --defsym values.
+ * Entered at REAL_MODE_CS:0 by pykvm.x86.enter_real_mode (CS base = CODE),
+ * DS = ES = FS = GS = SS = 0, SP = STACK_TOP, IF = 0. Labels are IP offsets
+ * in CS. The mailbox is reached through DS = 0, the vector log through
+ * ES = LOG >> 4 (header and all records fit in that one 64 KiB segment).
+ * All numbers come from pykvm/layout.py (--defsym).
+ *
+ * 1. init: vector log header, initial APIC ID, IVT (entry n = stub n :
+ *    REAL_MODE_CS) for all 256 vectors, lidt.
+ * 2. loop: MB_STEP = step; `out %eax, $PORT_SYNC` (eax = step); run the
+ *    command the host left at MB_COMMAND / MB_ARG; step++. The step counter
+ *    lives in %ebp (no command touches it; handlers preserve it).
+ * 3. every vector: stub -> handler_common, which appends a record to the log,
+ *    optionally `out`s the vector to PORT_VECTOR, resumes an expected
+ *    exception at MB_FIXUP and returns with IRET. Real mode never pushes an
+ *    error code, so every stub pushes a dummy.
+ *
+ * Sizes: vector stubs 8 bytes (stub n at vector_stubs + 8*n); int_table
+ * entries 4 bytes (`int $n` at int_table + 4*n).
  */
+    .set    BITS, 16
+    .include "common.inc"
+    .set    STUB_SIZE, 8
+    .set    LOG_SEG, LOG >> 4           /* ES value that reaches the log */
+    .set    LOG_OFF, LOG & 0xF          /* offset of the log header in that segment */
+
+    .if     LOG_OFF + LOG_HEADER_SIZE + LOG_CAPACITY * LOG_RECORD_SIZE > 0x10000
+    .error  "the vector log does not fit in one real-mode segment"
+    .endif
+
     .text
 entry:
     xor     %ax, %ax
-    mov     %ax, %ds
+    mov     %ax, %ds                    /* DS = 0: mailbox, IVT */
+    mov     $LOG_SEG, %ax
     mov     %ax, %es
-    mov     $vector_stubs, %ax          /* IVT entry n = stub n : REAL_MODE_CS */
+    movl    $0, %es:LOG_OFF             /* log header: count = 0, capacity */
+    movl    $LOG_CAPACITY, %es:LOG_OFF+4
+    xor     %ax, %ax
+    mov     %ax, %es
+    mov     $1, %eax                    /* initial APIC ID: CPUID.1:EBX[31:24] */
+    cpuid
+    shr     $24, %ebx
+    mov     %ebx, MAILBOX+MB_CPU
+
+    mov     $vector_stubs, %ax          /* IVT: entry n = stub n : REAL_MODE_CS */
     mov     $IVT, %di
     mov     $256, %cx
 1:  mov     %ax, (%di)
     movw    $REAL_MODE_CS, 2(%di)
     add     $STUB_SIZE, %ax
     add     $4, %di
-    loop    1b
-    lidt    %cs:ivt_pointer
-    mov     $(LOG >> 4), %ax            /* log header: count, capacity */
-    mov     %ax, %es
-    movl    $0, %es:0
-    movl    $LOG_CAPACITY, %es:4
-    xor     %ax, %ax
-    mov     %ax, %es
-    mov     $1, %eax                    /* initial APIC ID, for the records */
-    cpuid
-    shr     $24, %ebx
-    mov     %ebx, MAILBOX+MB_CPU
-    movl    $0, MAILBOX+MB_STEP
+    dec     %cx
+    jnz     1b
+    lidt    %cs:idt_descriptor
 
+    xor     %ebp, %ebp                  /* step = 0 */
 main_loop:
-    mov     MAILBOX+MB_STEP, %eax
+    mov     %ebp, MAILBOX+MB_STEP
+    mov     %ebp, %eax
 sync_out:
     out     %eax, $PORT_SYNC
 sync_done:
@@ -44,104 +67,104 @@ sync_done:
     cmp     $CMD_DONE, %eax
     ja      bad_command
     mov     %ax, %bx
-    shl     $1, %bx
+    add     %bx, %bx
     jmp     *%cs:command_table(%bx)
 next_step:
-    incl    MAILBOX+MB_STEP
+    inc     %ebp
     jmp     main_loop
 
-bad_command:
+bad_command:                            /* not a Command: assert 0x200 | command */
     or      $0x200, %eax
     out     %eax, $PORT_ASSERT
     jmp     next_step
 
-    .include "commands.inc"
+    simple_commands
 
-cmd_raise:                              /* faults resume at raise_N_end via MB_FIXUP */
+/* RAISE: fault at raise_<n> and resume at raise_<n>_end through MB_FIXUP. */
+cmd_raise:
     mov     MAILBOX+MB_ARG, %eax
+    cmpl    $0, MAILBOX+MB_ARG+4
+    jne     bad_raise
     cmp     $0, %eax
     je      do_raise_0
     cmp     $3, %eax
     je      do_raise_3
     cmp     $6, %eax
     je      do_raise_6
+bad_raise:                              /* not raisable here: assert 0x100 | n */
     or      $0x100, %eax
     out     %eax, $PORT_ASSERT
     jmp     next_step
-do_raise_0:
-    movl    $raise_0_end, MAILBOX+MB_FIXUP
+
+do_raise_0:                             /* #DE: divide by zero */
+    set_fixup raise_0_end
     xor     %dx, %dx
     xor     %cx, %cx
 raise_0:
     div     %cx
 raise_0_end:
     jmp     next_step
-do_raise_3:
+
+do_raise_3:                             /* #BP: a trap, returns past the int3 itself */
 raise_3:
     int3
 raise_3_end:
     jmp     next_step
-do_raise_6:
-    movl    $raise_6_end, MAILBOX+MB_FIXUP
+
+do_raise_6:                             /* #UD */
+    set_fixup raise_6_end
 raise_6:
     ud2
 raise_6_end:
     jmp     next_step
 
-cmd_int:                                /* int $MB_ARG through a table of 4-byte entries */
+/* INT: `int $MB_ARG` (low byte) through int_table. */
+cmd_int:
     movzbw  MAILBOX+MB_ARG, %bx
-    shl     $2, %bx
+    shl     $2, %bx                     /* INT_ENTRY_SIZE */
     add     $int_table, %bx
     call    *%bx
+int_done:
     jmp     next_step
 
 cmd_done:
-    mov     MAILBOX+MB_STEP, %eax
+    mov     %ebp, %eax
 done_out:
     out     %eax, $PORT_DONE
 1:  cli
     hlt
     jmp     1b
 
-/* ---- interrupt handlers ------------------------------------------------- */
-    .set    STUB_SIZE, 8
+    int_table_entries
 
-    .altmacro
-    .macro  vector_stub n
-    .balign STUB_SIZE
-    pushw   $0                          /* real mode pushes no error code */
-    pushw   $\n
-    jmp     handler_common
-    .endm
+/* ---- interrupt and exception handlers ---------------------------------------- */
+    vector_stub_table STUB_SIZE, 0
 
-    .balign STUB_SIZE
-vector_stubs:
-    .set    vector, 0
-    .rept   256
-    vector_stub %vector
-    .set    vector, vector + 1
-    .endr
-
-/* Stack: vector, error code, IP, CS, FLAGS (2 bytes each). */
+/*
+ * On entry (SS = 0): (%sp) = vector, 2 = dummy error code, 4 = IP, 6 = CS,
+ * 8 = FLAGS; the interrupted SP is just above FLAGS.
+ */
 handler_common:
     push    %ds
     push    %es
     pushal
     mov     %sp, %bp
-    .set    FRAME, 36                   /* pushal + ES + DS */
+    .set    FRAME, 2 + 2 + 8 * 4        /* DS, ES, pushal */
     xor     %ax, %ax
-    mov     %ax, %ds
-    mov     $(LOG >> 4), %ax
-    mov     %ax, %es
-    mov     %es:0, %ebx                 /* record = header + (count % capacity) * 64 */
-    mov     %ebx, %eax
+    mov     %ax, %ds                    /* DS = 0: mailbox */
+    mov     $LOG_SEG, %ax
+    mov     %ax, %es                    /* ES: vector log */
+
+    mov     %es:LOG_OFF, %ebx           /* ebx = count */
+    mov     %ebx, %eax                  /* di = LOG_OFF + header + (count % capacity) * size */
     xor     %edx, %edx
     mov     $LOG_CAPACITY, %ecx
     div     %ecx
     imul    $LOG_RECORD_SIZE, %edx, %edi
-    add     $LOG_HEADER_SIZE, %edi
+    add     $(LOG_OFF + LOG_HEADER_SIZE), %edi
+
     mov     %ebx, %es:REC_SEQ(%di)
-    movzwl  FRAME(%bp), %eax            /* vector */
+    movzbl  FRAME(%bp), %eax
     mov     %ax, %es:REC_VECTOR(%di)
     mov     FRAME+6(%bp), %cx
     mov     %cx, %es:REC_CS(%di)
@@ -152,32 +175,35 @@ handler_common:
     movzwl  FRAME+8(%bp), %ecx
     mov     %ecx, %es:REC_RFLAGS(%di)
     movl    $0, %es:REC_RFLAGS+4(%di)
-    lea     FRAME+10(%bp), %cx          /* SP before the CPU pushed the frame */
+    lea     FRAME+10(%bp), %cx          /* SP before the CPU pushed its frame */
     movzwl  %cx, %ecx
     mov     %ecx, %es:REC_RSP(%di)
     movl    $0, %es:REC_RSP+4(%di)
     mov     MAILBOX+MB_CPU, %ecx
     mov     %ecx, %es:REC_CPU(%di)
-    movl    $0, %es:REC_CPU+4(%di)
-    movl    $0, %es:REC_CR2(%di)
-    movl    $0, %es:REC_CR2+4(%di)
-    push    %eax
+    movl    $0, %es:REC_CPU+4(%di)      /* rest of the record */
     rdtsc
     mov     %eax, %es:REC_TSC(%di)
     mov     %edx, %es:REC_TSC+4(%di)
-    pop     %eax
-    xor     %esi, %esi                  /* record flags */
+    movl    $0, %es:REC_CR2(%di)        /* no page faults in real mode */
+    movl    $0, %es:REC_CR2+4(%di)
+
+    xor     %esi, %esi                  /* esi = record flags */
+    movzbl  FRAME(%bp), %eax            /* eax = vector */
     cmp     $32, %ax
     jae     2f
-    mov     MAILBOX+MB_FIXUP, %ecx      /* an expected exception: resume after it */
-    test    %ecx, %ecx
+    mov     MAILBOX+MB_FIXUP, %ecx      /* an expected exception: resume there */
+    or      MAILBOX+MB_FIXUP+4, %ecx
     jz      2f
+    mov     MAILBOX+MB_FIXUP, %cx
     mov     %cx, FRAME+4(%bp)
     movl    $0, MAILBOX+MB_FIXUP
+    movl    $0, MAILBOX+MB_FIXUP+4
     or      $REC_FLAG_FIXUP, %esi
 2:  mov     %esi, %es:REC_FLAGS(%di)
-    inc     %ebx                        /* publish the record */
-    mov     %ebx, %es:0
+    inc     %ebx                        /* publish the complete record */
+    mov     %ebx, %es:LOG_OFF
+
     cmpl    $0, MAILBOX+MB_NOTIFY
     je      3f
 handler_notify_out:
@@ -185,17 +211,20 @@ handler_notify_out:
 3:  popal
     pop     %es
     pop     %ds
-    add     $4, %sp                     /* vector, error code */
+    add     $4, %sp                     /* vector, dummy error code */
 handler_iret:
     iret
 
-    .include "int_table.inc"
-
-    .data
+    .section .rodata
     .balign 2
-command_table:
+command_table:                          /* indexed by Command; IP offsets */
     .word   cmd_nop, cmd_cli, cmd_sti, cmd_sti_nop, cmd_mov_ss, cmd_hlt
     .word   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int, cmd_done
-ivt_pointer:
+command_table_end:
+    .if     (command_table_end - command_table) <> 2 * (CMD_DONE + 1)
+    .error  "command_table does not match pykvm.layout.Command"
+    .endif
+    .balign 2
+idt_descriptor:
     .word   256 * 4 - 1
     .long   IVT

@@ -17,7 +17,7 @@ def test_image_is_packaged_with_its_source(mode):
     image = guests.load(mode)
     assert image.mode == Mode(mode)
     assert image.source.exists() and image.source.read_text().startswith("/*")
-    assert (guests.IMAGES_DIR / "commands.inc").exists()
+    assert (guests.IMAGES_DIR / "common.inc").exists()
     # the code must not run into the vector log
     assert layout.CODE + len(image.code) <= layout.LOG
 

@@ -255,3 +255,19 @@ def test_sti_shadow_seen_by_single_step(boot, mode):
     assert vcpu.events.interrupt.shadow == 0
     assert vcpu.kvm_run.ready_for_interrupt_injection == 1
     vcpu.set_single_step(False)
+
+
+@pytest.mark.parametrize("vector", [8, 10, 11, 12, 13, 14, 17])
+def test_injected_interrupt_on_an_error_code_vector_has_no_error_code(boot, vector):
+    # KVM_INTERRUPT delivers an external interrupt: the CPU pushes no error code even on
+    # vectors whose exceptions carry one. The long-mode stub must see that from the frame
+    # (SDM Vol. 3 6.13), or it would log CS as the RIP.
+    guest = boot("long")
+    guest.command(Command.STI)
+    guest.vcpu.interrupt(vector)
+    guest.command(Command.NOP)
+    [record] = guest.log()
+    assert record.vector == vector
+    assert record.error_code is None and record.cr2 is None
+    assert record.rip == guest.address("sync_done")
+    assert record.cs == 0x18 and record.interrupts_were_enabled
