@@ -30,6 +30,8 @@ typedef __typeof__(((struct kvm_vcpu_events *)0)->interrupt) pykvm_events_interr
 typedef __typeof__(((struct kvm_vcpu_events *)0)->nmi) pykvm_events_nmi;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->smi) pykvm_events_smi;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->triple_fault) pykvm_events_triple_fault;
+typedef __typeof__(((struct kvm_irqchip *)0)->chip) pykvm_irqchip_u;
+typedef __typeof__(((struct kvm_irq_routing_entry *)0)->u) pykvm_routing_u;
 
 #ifndef KVM_MAX_CPUID_ENTRIES
 #define KVM_MAX_CPUID_ENTRIES 256

@@ -136,10 +136,82 @@ class IoDirection(enum.IntEnum):
     OUT = 1
 
 
+class IrqchipId(enum.IntEnum):
+    """``KVM_IRQCHIP_*``: which in-kernel chip KVM_GET/SET_IRQCHIP and routing entries mean."""
+
+    PIC_MASTER = 0
+    PIC_SLAVE = 1
+    IOAPIC = 2
+
+
+class RoutingType(enum.IntEnum):
+    """``KVM_IRQ_ROUTING_*``: the kind of a GSI routing entry."""
+
+    IRQCHIP = 1
+    MSI = 2
+
+
+class IrqfdFlag(enum.IntFlag):
+    """``KVM_IRQFD_FLAG_*``."""
+
+    DEASSIGN = 1
+    RESAMPLE = 2
+
+
+class IoeventfdFlag(enum.IntFlag):
+    """``KVM_IOEVENTFD_FLAG_*``."""
+
+    DATAMATCH = 1
+    PIO = 2
+    DEASSIGN = 4
+
+
+class StatsType(enum.IntEnum):
+    """``KVM_STATS_TYPE_*`` (bits 3:0 of a stats descriptor's flags)."""
+
+    CUMULATIVE = 0
+    INSTANT = 1
+    PEAK = 2
+    LINEAR_HIST = 3
+    LOG_HIST = 4
+
+
+class StatsUnit(enum.IntEnum):
+    """``KVM_STATS_UNIT_*`` (bits 7:4 of a stats descriptor's flags, shifted down)."""
+
+    NONE = 0x00
+    BYTES = 0x01
+    SECONDS = 0x02
+    CYCLES = 0x03
+    BOOLEAN = 0x04
+
+
+class StatsBase(enum.IntEnum):
+    """``KVM_STATS_BASE_*`` (bits 11:8): the base of a descriptor's exponent."""
+
+    POW10 = 0x0
+    POW2 = 0x1
+
+
+STATS_TYPE_SHIFT, STATS_UNIT_SHIFT, STATS_BASE_SHIFT = 0, 4, 8
+IOAPIC_NUM_PINS = 24
+PIC_PINS = 16           # GSIs 0-15 reach the two 8259s as well as the IOAPIC
+
+
 def header_macro_names() -> dict[str, int]:
     """Every member above under its header macro name (for the layout tests)."""
     prefixes = {Cap: "KVM_CAP_", ExitReason: "KVM_EXIT_", InternalErrorKind: "KVM_INTERNAL_ERROR_",
                 SystemEventType: "KVM_SYSTEM_EVENT_", MpState: "KVM_MP_STATE_",
-                IoDirection: "KVM_EXIT_IO_"}
-    return {prefix + member.name: int(member)
-            for enum_cls, prefix in prefixes.items() for member in enum_cls}
+                IoDirection: "KVM_EXIT_IO_", IrqchipId: "KVM_IRQCHIP_",
+                RoutingType: "KVM_IRQ_ROUTING_", IrqfdFlag: "KVM_IRQFD_FLAG_",
+                IoeventfdFlag: "KVM_IOEVENTFD_FLAG_"}
+    names = {prefix + member.name: int(member)
+             for enum_cls, prefix in prefixes.items() for member in enum_cls}
+    # stats flags are stored shifted into their field
+    for enum_cls, prefix, shift in ((StatsType, "KVM_STATS_TYPE_", STATS_TYPE_SHIFT),
+                                    (StatsUnit, "KVM_STATS_UNIT_", STATS_UNIT_SHIFT),
+                                    (StatsBase, "KVM_STATS_BASE_", STATS_BASE_SHIFT)):
+        names.update({prefix + member.name: int(member) << shift for member in enum_cls})
+        names[prefix + "SHIFT"] = shift
+    names["KVM_IOAPIC_NUM_PINS"] = IOAPIC_NUM_PINS
+    return names

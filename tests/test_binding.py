@@ -43,3 +43,15 @@ def test_every_x86_exit_payload_is_declared():
     for field in ("io", "mmio", "hypercall", "debug", "fail_entry", "internal",
                   "emulation_failure", "system_event", "msr", "ex", "hw"):
         assert ffi.offsetof("struct kvm_run", field) == 32, field
+
+
+def test_irqchip_and_stats_struct_sizes_are_the_headers():
+    # Sizes fixed by the ABI (Documentation/virt/kvm/api.rst); the ioctl numbers encode them.
+    sizes = {"struct kvm_irq_level": 8, "struct kvm_irqchip": 520, "struct kvm_pic_state": 16,
+             "struct kvm_ioapic_state": 24 + 24 * 8, "struct kvm_irq_routing_entry": 48,
+             "struct kvm_irq_routing": 8, "struct kvm_msi": 32, "struct kvm_irqfd": 32,
+             "struct kvm_ioeventfd": 64, "struct kvm_pit_config": 64, "struct kvm_signal_mask": 4,
+             "struct kvm_stats_header": 24, "struct kvm_stats_desc": 16}
+    assert {name: ffi.sizeof(name) for name in sizes} == sizes
+    assert ffi.offsetof("struct kvm_irq_routing_entry", "u") == 16
+    assert ffi.offsetof("struct kvm_irqchip", "chip") == 8
