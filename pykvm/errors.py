@@ -150,3 +150,19 @@ class HostLimitation(GuestError):
 
     ``explanation`` is the plain-words account printed by the demo.
     """
+
+
+class IrqchipModeError(PyKvmError):
+    """An operation that makes no sense with the VM's irqchip mode (none / kernel / split)."""
+
+
+class InvalidRouting(PyKvmError, ValueError):
+    """A GSI routing entry, GSI number or irqfd setup that KVM would reject."""
+
+
+class InvalidMsi(PyKvmError, ValueError):
+    """An MSI address/data pair with reserved bits set or fields out of range."""
+
+
+class VcpuThreadError(PyKvmError):
+    """A vCPU thread died with an exception, or did not stop within its time limit."""
