@@ -7,10 +7,13 @@
  * Python exit path against, measured on the same vCPU in the same process.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stddef.h>
+#include <string.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <linux/kvm.h>
 
 /* Names for kvm_run's anonymous exit payloads, so cffi can check their layout. */
@@ -48,6 +51,31 @@ static int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg)
 {
     int r = ioctl(fd, request, arg);
     return r < 0 ? -errno : r;
+}
+
+/*
+ * The kick signal: a handler that does nothing, installed without SA_RESTART,
+ * so that the signal makes a blocked KVM_RUN return EINTR in whichever thread
+ * it is sent to (pthread_kill), without involving Python's signal machinery.
+ */
+static void pykvm_kick_handler(int signo)
+{
+    (void)signo;
+}
+
+static int pykvm_install_kick_handler(int signo)
+{
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = pykvm_kick_handler;
+    sigemptyset(&action.sa_mask);
+    return sigaction(signo, &action, NULL) < 0 ? -errno : 0;
+}
+
+/* The time-stamp counter, for latency measurements against the guest's own rdtsc. */
+static unsigned long long pykvm_rdtsc(void)
+{
+    return __builtin_ia32_rdtsc();
 }
 
 /* KVM_RUN; returns the exit reason (>= 0), or -errno. */
@@ -90,4 +118,35 @@ static long pykvm_bench_run_loop(int fd, struct kvm_run *run, long iterations, u
             return -(1000 + (long)run->exit_reason);
     }
     return iterations;
+}
+
+/*
+ * The injection benchmark's C baseline: `n` times, stamp the TSC into sent[i],
+ * send one interrupt (kind 0: KVM_SIGNAL_MSI of *msi on vm_fd; kind 1: write 1
+ * to the irqfd eventfd `fd`), then spin until the guest's vector log count
+ * (*log_count, in guest memory) moves, at most timeout_cycles per interrupt.
+ * Returns how many interrupts were delivered, or -errno if a send failed.
+ */
+static long pykvm_bench_inject(int kind, int fd, const struct kvm_msi *msi,
+                               volatile unsigned int *log_count, long n,
+                               unsigned long long *sent, unsigned long long timeout_cycles)
+{
+    for (long i = 0; i < n; i++) {
+        unsigned int before = *log_count;
+        sent[i] = __builtin_ia32_rdtsc();
+        if (kind == 0) {
+            if (ioctl(fd, KVM_SIGNAL_MSI, msi) < 0)
+                return -errno;
+        } else {
+            uint64_t one = 1;
+            if (write(fd, &one, sizeof(one)) != sizeof(one))
+                return -errno;
+        }
+        while (*log_count == before) {
+            if (__builtin_ia32_rdtsc() - sent[i] > timeout_cycles)
+                return i;
+            __builtin_ia32_pause();
+        }
+    }
+    return n;
 }

@@ -2,15 +2,21 @@
  * pykvm guest image, 64-bit long mode.
  *
  * Entered at `entry` (= CODE) by pykvm.x86.enter_long_mode: paging on with the
- * low 4 GiB identity-mapped, CS = SEL_CODE64, flat data, RSP = STACK_TOP,
- * IF = 0. Labels are linear addresses. All numbers come from pykvm/layout.py
- * (--defsym).
+ * low 4 GiB identity-mapped, CS = SEL_CODE64, flat data, IF = 0. SMP-aware:
+ * every vCPU runs this same code with its own area (pykvm.layout.cpu_area),
+ * which the host passes in registers: %r14 = this CPU's mailbox (its MB_LOG
+ * holds this CPU's vector log), RSP = its stack top. Nothing changes %r14, so
+ * handlers rely on it too. Labels are linear addresses. All numbers come
+ * from pykvm/layout.py (--defsym).
  *
  * 1. init: vector log header, initial APIC ID, IDT of 256 64-bit interrupt
- *    gates (IST 0) pointing at 16-byte stubs, lidt.
+ *    gates (IST 0) pointing at 16-byte stubs, lidt. (Every CPU writes the
+ *    same IDT; the bytes do not change.)
  * 2. loop: MB_STEP = step; `out %eax, $PORT_SYNC` (eax = step); run the
- *    command the host left at MB_COMMAND / MB_ARG; step++. The step counter
- *    lives in %r15 (nothing else touches it).
+ *    command the host left at MB_COMMAND / MB_ARG (loaded into %rcx) /
+ *    MB_ARG2; step++. The step counter lives in %r15 (nothing else touches it).
+ *    APIC commands go through apic_write / apic_read, which use xAPIC MMIO
+ *    or x2APIC MSRs as MB_APIC_MODE says.
  * 3. every vector: stub -> handler_common, which appends a record to the log,
  *    optionally `out`s the vector to PORT_VECTOR, resumes an expected
  *    exception at MB_FIXUP and returns with IRETQ.
@@ -24,12 +30,13 @@
 
     .text
 entry:
-    movl    $0, LOG                     /* log header: count = 0, capacity */
-    movl    $LOG_CAPACITY, LOG+4
+    mov     MB_LOG(%r14), %rdi          /* log header: count = 0, capacity */
+    movl    $0, (%rdi)
+    movl    $LOG_CAPACITY, 4(%rdi)
     mov     $1, %eax                    /* initial APIC ID: CPUID.1:EBX[31:24] */
     cpuid
     shr     $24, %ebx
-    mov     %ebx, MAILBOX+MB_CPU
+    mov     %ebx, MB_CPU(%r14)
 
     mov     $vector_stubs, %eax         /* IDT: 256 16-byte interrupt gates */
     mov     $IDT, %edi
@@ -49,14 +56,15 @@ entry:
 
     xor     %r15d, %r15d                /* step = 0 */
 main_loop:
-    mov     %r15d, MAILBOX+MB_STEP
+    mov     %r15d, MB_STEP(%r14)
     mov     %r15d, %eax
 sync_out:
     out     %eax, $PORT_SYNC
 sync_done:
-    mov     MAILBOX+MB_COMMAND, %eax    /* zero-extends into %rax */
+    mov     MB_COMMAND(%r14), %eax      /* zero-extends into %rax */
     cmp     $CMD_DONE, %eax
     ja      bad_command
+    mov     MB_ARG(%r14), %rcx
     jmp     *command_table(,%rax,8)
 next_step:
     inc     %r15d
@@ -71,7 +79,7 @@ bad_command:                            /* not a Command: assert 0x200 | command
 
 /* RAISE: fault at raise_<n> and resume at raise_<n>_end through MB_FIXUP. */
 cmd_raise:
-    mov     MAILBOX+MB_ARG, %rax
+    mov     %rcx, %rax
     cmp     $0, %rax
     je      do_raise_0
     cmp     $3, %rax
@@ -126,11 +134,124 @@ raise_14_end:
 
 /* INT: `int $MB_ARG` (low byte) through int_table. */
 cmd_int:
-    movzbl  MAILBOX+MB_ARG, %eax
+    movzbl  %cl, %eax
     lea     int_table(,%rax,INT_ENTRY_SIZE), %rax
     call    *%rax
 int_done:
     jmp     next_step
+
+/* ---- APIC, IOAPIC, MSRs ------------------------------------------------------ */
+
+/* APIC_ENABLE: APIC base MSR EN (%rcx bit 0: then EXTD too), SVR = enabled, spurious 0xFF. */
+cmd_apic_enable:
+    mov     %rcx, %rsi
+    mov     $APIC_BASE_MSR, %ecx
+    rdmsr
+    or      $0x800, %eax                /* EN: xAPIC (x2APIC is entered only from xAPIC) */
+    wrmsr
+    movl    $1, MB_APIC_MODE(%r14)
+    test    $1, %esi
+    jz      1f
+    or      $0x400, %eax                /* EXTD: x2APIC */
+    wrmsr
+    movl    $2, MB_APIC_MODE(%r14)
+1:  mov     $0xF0, %edx                 /* SVR */
+    mov     $0x1FF, %eax
+    call    apic_write
+    jmp     next_step
+
+cmd_apic_write:
+    mov     MB_ARG2(%r14), %edx
+    mov     %rcx, %rax
+    call    apic_write
+    jmp     next_step
+
+cmd_apic_read:
+    mov     MB_ARG2(%r14), %edx
+    call    apic_read
+    mov     %rax, MB_RESULT(%r14)
+    jmp     next_step
+
+cmd_ioapic_write:                       /* IOREGSEL = MB_ARG2, IOWIN = MB_ARG */
+    mov     $IOAPIC_BASE, %esi
+    mov     MB_ARG2(%r14), %eax
+    mov     %eax, (%rsi)
+    mov     %ecx, 0x10(%rsi)
+    jmp     next_step
+
+cmd_wrmsr:
+    mov     %rcx, %rax
+    mov     %rcx, %rdx
+    shr     $32, %rdx
+    mov     MB_ARG2(%r14), %ecx
+    wrmsr
+    jmp     next_step
+
+cmd_tsc_deadline:                       /* IA32_TSC_DEADLINE = now + %rcx */
+    rdtsc
+    shl     $32, %rdx
+    or      %rdx, %rax
+    add     %rcx, %rax
+    mov     %rax, %rdx
+    shr     $32, %rdx
+    mov     $TSC_DEADLINE_MSR, %ecx
+    wrmsr
+    jmp     next_step
+
+/* WAIT_LOG: halt with interrupts on until this CPU's log holds %ecx records.
+ * `sti; hlt` keeps the hlt in the STI shadow where the host honours it; returns with IF=0. */
+cmd_wait_log:
+    mov     MB_LOG(%r14), %rsi
+1:  cli
+    cmp     %ecx, (%rsi)
+    jae     2f
+wait_log_sti:
+    sti
+wait_log_hlt:
+    hlt
+    jmp     1b
+2:  jmp     next_step
+
+/* apic_write: LAPIC register at xAPIC offset %edx = %rax (the ICR takes all 64 bits).
+ * Clobbers rax, rcx, rdx, rsi. */
+apic_write:
+    cmpl    $2, MB_APIC_MODE(%r14)
+    je      2f
+    mov     $XAPIC_BASE, %esi
+    cmp     $0x300, %edx                /* ICR: high half first, the low write sends */
+    jne     1f
+    mov     %rax, %rcx
+    shr     $32, %rcx
+    mov     %ecx, 0x310(%rsi)
+1:  mov     %eax, (%rsi,%rdx)
+    ret
+2:  mov     %edx, %ecx                  /* x2APIC: MSR 0x800 + offset / 16 */
+    shr     $4, %ecx
+    add     $0x800, %ecx
+    mov     %rax, %rdx
+    shr     $32, %rdx
+    wrmsr
+    ret
+
+/* apic_read: %rax = LAPIC register at xAPIC offset %edx. Clobbers rcx, rdx, rsi. */
+apic_read:
+    cmpl    $2, MB_APIC_MODE(%r14)
+    je      2f
+    mov     $XAPIC_BASE, %esi
+    mov     (%rsi,%rdx), %eax
+    cmp     $0x300, %edx
+    jne     1f
+    mov     0x310(%rsi), %ecx
+    shl     $32, %rcx
+    or      %rcx, %rax
+1:  ret
+2:  mov     %edx, %ecx
+    shr     $4, %ecx
+    add     $0x800, %ecx
+    rdmsr
+    shl     $32, %rdx
+    or      %rdx, %rax
+    ret
 
 cmd_done:
     mov     %r15d, %eax
@@ -175,15 +296,17 @@ frame_ready:
     push    %rdx
     push    %rsi
     push    %rdi
-    .set    FRAME, 6 * 8                /* the pushes above */
+    push    %r8
+    .set    FRAME, 7 * 8                /* the pushes above */
 
-    mov     LOG, %ebx                   /* ebx = count */
-    mov     %ebx, %eax                  /* rdi = LOG + header + (count % capacity) * size */
+    mov     MB_LOG(%r14), %r8           /* r8 = this CPU's log */
+    mov     (%r8), %ebx                 /* ebx = count */
+    mov     %ebx, %eax                  /* rdi = log + header + (count % capacity) * size */
     xor     %edx, %edx
     mov     $LOG_CAPACITY, %ecx
     div     %ecx
     imul    $LOG_RECORD_SIZE, %edx, %edi
-    add     $(LOG + LOG_HEADER_SIZE), %edi
+    lea     LOG_HEADER_SIZE(%r8,%rdi), %rdi
 
     mov     %ebx, REC_SEQ(%rdi)
     movzbl  FRAME(%rsp), %eax
@@ -198,7 +321,7 @@ frame_ready:
     mov     %rcx, REC_RFLAGS(%rdi)
     mov     FRAME+40(%rsp), %rcx
     mov     %rcx, REC_RSP(%rdi)
-    mov     MAILBOX+MB_CPU, %ecx
+    mov     MB_CPU(%r14), %ecx
     mov     %ecx, REC_CPU(%rdi)
     movl    $0, REC_CPU+4(%rdi)         /* rest of the record */
     rdtsc
@@ -220,21 +343,33 @@ frame_ready:
 1:  movzbl  %al, %eax                   /* eax = vector */
     cmp     $32, %eax
     jae     2f
-    mov     MAILBOX+MB_FIXUP, %rcx      /* an expected exception: resume there */
+    mov     MB_FIXUP(%r14), %rcx        /* an expected exception: resume there */
     test    %rcx, %rcx
     jz      2f
     mov     %rcx, FRAME+16(%rsp)
-    movq    $0, MAILBOX+MB_FIXUP
+    movq    $0, MB_FIXUP(%r14)
     or      $REC_FLAG_FIXUP, %esi
 2:  mov     %esi, REC_FLAGS(%rdi)
     inc     %ebx                        /* publish the complete record */
-    mov     %ebx, LOG
+    mov     %ebx, (%r8)
 
-    cmpl    $0, MAILBOX+MB_NOTIFY
+    cmpl    $1, MB_AUTO_EOI(%r14)       /* LAPIC EOI for interrupts (not exceptions, */
+    jne     4f                          /* not the spurious vector 0xFF) */
+    cmp     $32, %eax
+    jb      4f
+    cmp     $0xFF, %eax
+    je      4f
+    push    %rax
+    mov     $0xB0, %edx                 /* EOI */
+    xor     %eax, %eax
+    call    apic_write
+    pop     %rax
+4:  cmpl    $0, MB_NOTIFY(%r14)
     je      3f
 handler_notify_out:
     out     %al, $PORT_VECTOR
-3:  pop     %rdi
+3:  pop     %r8
+    pop     %rdi
     pop     %rsi
     pop     %rdx
     pop     %rcx
@@ -248,7 +383,9 @@ handler_iret:
     .balign 8
 command_table:                          /* indexed by Command */
     .quad   cmd_nop, cmd_cli, cmd_sti, cmd_sti_nop, cmd_mov_ss, cmd_hlt
-    .quad   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int, cmd_done
+    .quad   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int
+    .quad   cmd_apic_enable, cmd_apic_write, cmd_apic_read, cmd_ioapic_write
+    .quad   cmd_wrmsr, cmd_tsc_deadline, cmd_wait_log, cmd_pic_init, cmd_done
 command_table_end:
     .if     (command_table_end - command_table) <> 8 * (CMD_DONE + 1)
     .error  "command_table does not match pykvm.layout.Command"

@@ -56,6 +56,7 @@ sync_done:
     mov     MAILBOX+MB_COMMAND, %eax
     cmp     $CMD_DONE, %eax
     ja      bad_command
+    mov     MAILBOX+MB_ARG, %ecx
     jmp     *command_table(,%eax,4)
 next_step:
     inc     %ebp
@@ -236,7 +237,10 @@ handler_iret:
     .balign 4
 command_table:                          /* indexed by Command */
     .long   cmd_nop, cmd_cli, cmd_sti, cmd_sti_nop, cmd_mov_ss, cmd_hlt
-    .long   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int, cmd_done
+    .long   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int
+    .long   cmd_unsupported, cmd_unsupported, cmd_unsupported, cmd_unsupported  /* APIC_*, IOAPIC_WRITE */
+    .long   cmd_unsupported, cmd_unsupported, cmd_unsupported                  /* WRMSR, TSC_DEADLINE, WAIT_LOG */
+    .long   cmd_pic_init, cmd_done
 command_table_end:
     .if     (command_table_end - command_table) <> 4 * (CMD_DONE + 1)
     .error  "command_table does not match pykvm.layout.Command"

@@ -68,6 +68,7 @@ sync_done:
     ja      bad_command
     mov     %ax, %bx
     add     %bx, %bx
+    mov     MAILBOX+MB_ARG, %ecx
     jmp     *%cs:command_table(%bx)
 next_step:
     inc     %ebp
@@ -204,6 +205,18 @@ handler_common:
     inc     %ebx                        /* publish the complete record */
     mov     %ebx, %es:LOG_OFF
 
+    cmpl    $2, MAILBOX+MB_AUTO_EOI     /* 8259 EOI: slave too if it came from there */
+    jne     4f
+    mov     %al, %dl
+    mov     $0x20, %al                  /* OCW2: non-specific EOI */
+    sub     MAILBOX+MB_PIC_BASES+1, %dl
+    cmp     $8, %dl
+    jae     5f
+    out     %al, $0xA0
+5:  out     %al, $0x20
+    movzbl  FRAME(%bp), %eax            /* eax = vector again */
+4:
+
     cmpl    $0, MAILBOX+MB_NOTIFY
     je      3f
 handler_notify_out:
@@ -219,7 +232,10 @@ handler_iret:
     .balign 2
 command_table:                          /* indexed by Command; IP offsets */
     .word   cmd_nop, cmd_cli, cmd_sti, cmd_sti_nop, cmd_mov_ss, cmd_hlt
-    .word   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int, cmd_done
+    .word   cmd_sti_hlt, cmd_spin, cmd_raise, cmd_int
+    .word   cmd_unsupported, cmd_unsupported, cmd_unsupported, cmd_unsupported  /* APIC_*, IOAPIC_WRITE */
+    .word   cmd_unsupported, cmd_unsupported, cmd_unsupported                  /* WRMSR, TSC_DEADLINE, WAIT_LOG */
+    .word   cmd_pic_init, cmd_done
 command_table_end:
     .if     (command_table_end - command_table) <> 2 * (CMD_DONE + 1)
     .error  "command_table does not match pykvm.layout.Command"

@@ -2,13 +2,19 @@
 
 Why this exists: speed claims must be ratios against C on the same machine,
 vCPU and guest, measured at the same time, because absolute times on shared
-hosts are noisy. Run ``python -m pykvm.bench exits``.
+hosts are noisy. Run ``python -m pykvm.bench exits`` or ``... injection``.
 
 ``exits``: the cost of one userspace exit. The guest loops on ``out``; the C
 baseline (``pykvm_bench_run_loop`` in ``csrc/pykvm_helpers.h``) calls KVM_RUN
 in a tight loop; the Python side calls ``Vcpu.run()`` and checks the typed
 exit. Batches of the two alternate, and both the ratio of the medians and of
 the best batches are printed.
+
+``injection``: interrupts delivered per second and p50/p99 latency (host TSC
+at the inject call -> guest handler TSC) for every delivery path of
+:mod:`pykvm.paths`. For the MSI and irqfd paths, the C injector
+(``pykvm_bench_inject``) runs against the same guest setup in the same run,
+and the Python/C ratios are printed.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import statistics
 import sys
 import time
 
-from . import layout, x86
+from . import layout, paths, x86
 from .asm import assemble
 from .binding import lib
 from .errors import PyKvmError
 from .exits import IoExit
+from .host import detect
 from .kvm import Kvm
 
 BENCH_PORT = 0xE4
@@ -97,19 +104,53 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
         return ExitBenchResult(vcpu.host.name, iterations, c_times, py_times)
 
 
+def bench_injection(count: int, rounds: int) -> list[str]:
+    """Measure every path ``rounds`` times (C baselines interleaved); return the report lines."""
+    lines = [f"injection: {rounds} rounds x {count} interrupts per path, each waited for in the "
+             f"guest log; latency = host TSC at the call -> guest handler TSC"]
+    with Kvm() as kvm:
+        lines[0] += f"; host {detect().name}"
+        results: dict[tuple[str, str], list[paths.PathMeasurement]] = {}
+        for _ in range(rounds):
+            for path in paths.PATHS:
+                results.setdefault((path, "python"), []).append(paths.measure(kvm, path, count))
+                if path in ("msi", "irqfd"):
+                    results.setdefault((path, "c"), []).append(paths.measure_c_baseline(kvm, path, count))
+    lines.append(f"  {'path':40} {'impl':6} {'irq/s':>8} {'p50 us':>8} {'p99 us':>8} {'exits/irq':>10}")
+    merged = {}
+    for (path, impl), runs in results.items():
+        merged[path, impl] = paths.PathMeasurement(
+            path, [lat for run in runs for lat in run.latencies_ns],
+            sum(run.elapsed_s for run in runs), sum(run.exits for run in runs), impl)
+    for (path, impl), result in merged.items():
+        lines.append(f"  {paths.PATHS[path]:40} {impl:6} {result.rate:8.0f} {result.p50_us:8.1f} "
+                     f"{result.p99_us:8.1f} {result.exits_per_interrupt:10.2f}")
+    for path in ("msi", "irqfd"):
+        py, c = merged[path, "python"], merged[path, "c"]
+        lines.append(f"  {path}: Python/C  rate {py.rate / c.rate:.3f}   p50 latency "
+                     f"{py.p50_us / c.p50_us:.3f}   p99 latency {py.p99_us / c.p99_us:.3f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pykvm.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     exits = sub.add_parser("exits", help="per-exit cost of Vcpu.run() against a C KVM_RUN loop")
     exits.add_argument("--iterations", type=int, default=4000, help="exits per batch")
     exits.add_argument("--rounds", type=int, default=15, help="batches of each kind")
+    injection = sub.add_parser("injection", help="rate and latency of each interrupt delivery path, "
+                                                 "with a C injector baseline for MSI and irqfd")
+    injection.add_argument("--count", type=int, default=300, help="interrupts per path per round")
+    injection.add_argument("--rounds", type=int, default=3, help="rounds (paths interleaved)")
     args = parser.parse_args(argv)
     try:
-        result = bench_exits(args.iterations, args.rounds)
+        if args.benchmark == "exits":
+            print(bench_exits(args.iterations, args.rounds).report())
+        else:
+            print("\n".join(bench_injection(args.count, args.rounds)))
     except PyKvmError as exc:
         print(f"pykvm.bench: {exc}", file=sys.stderr)
         return 1
-    print(result.report())
     return 0
 
 

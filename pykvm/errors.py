@@ -166,3 +166,7 @@ class InvalidMsi(PyKvmError, ValueError):
 
 class VcpuThreadError(PyKvmError):
     """A vCPU thread died with an exception, or did not stop within its time limit."""
+
+
+class GuestCancelled(GuestError):
+    """A guest session was cancelled (kicked out of KVM_RUN) while it waited for the guest."""

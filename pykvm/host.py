@@ -54,6 +54,8 @@ class HostInfo:
     software_interrupts: Behaviour
     real_mode_ud2: Behaviour
     nmi_delivered_at_iret: Behaviour
+    lapic_tracks_in_service: Behaviour
+    lapic_delivers_when_unblocked: Behaviour
 
     @property
     def name(self) -> str:
@@ -74,6 +76,14 @@ class HostInfo:
                                      "the IRET; it stays pending until the next VM entry",
             "real_mode_ud2": "cannot emulate UD2 in real mode (KVM_EXIT_INTERNAL_ERROR "
                              "instead of #UD)",
+            "lapic_tracks_in_service": "leaves the in-kernel LAPIC's ISR empty (PPR 0) while "
+                                       "the guest handles a vector it delivered; a level-triggered "
+                                       "vector stays in the IRR and is delivered again at the "
+                                       "next VM entry, and a resampling irqfd is resampled "
+                                       "without a guest EOI",
+            "lapic_delivers_when_unblocked": "delivers a pending in-kernel LAPIC vector only at a "
+                                             "VM entry, not as soon as the guest unblocks it "
+                                             "(STI, IRET, EOI, TPR write)",
         }
         return [f"{self.name} {text} ({getattr(self, field).reason})"
                 for field, text in notes.items() if not getattr(self, field)]
@@ -143,13 +153,18 @@ def _facts(vendor: VendorModule) -> dict[str, Behaviour]:
                                     "emulator has no decoding for UD2", True),
             nmi_delivered_at_iret=Behaviour(False, "measured by pykvm's tests on kvm_pvm: no "
                                             "NMI-window exit, like the IRQ window", True),
+            lapic_tracks_in_service=Behaviour(False, "measured by pykvm's tests on kvm_pvm "
+                                              "(tests/test_irqchip.py): KVM_GET_LAPIC and the "
+                                              "guest's own ISR/PPR reads show nothing in service", True),
+            lapic_delivers_when_unblocked=Behaviour(False, "hosts.md section 1 (MSI while IF=0), "
+                                                    "and pykvm's tests for IRET and EOI", True),
         )
     source, verified = {VendorModule.AMD: (_AMD, True), VendorModule.INTEL: (_INTEL, False)}.get(
         vendor, (_ARCH, False))
     return {name: Behaviour(True, source, verified) for name in (
         "sends_irq_window_exits", "io_exit_rip_at_out", "long_mode_interrupt_shadow",
         "protected_mode_iret", "software_interrupts", "real_mode_ud2",
-        "nmi_delivered_at_iret")}
+        "nmi_delivered_at_iret", "lapic_tracks_in_service", "lapic_delivers_when_unblocked")}
 
 
 def detect_vendor(sys_module: str = "/sys/module") -> VendorModule:

@@ -79,6 +79,7 @@ class Ioctl(enum.IntEnum):
     GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
     SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
     SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
+    GET_TSC_KHZ = _io(0xA3)
     GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
     SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
 

@@ -4,7 +4,9 @@ Why this exists: ``KVM_INTERRUPT`` is only correct when the last exit reported
 ``ready_for_interrupt_injection``. Real VMMs keep pending vectors and wait for
 the interrupt window; this does the same for one vCPU: it holds pending vectors
 in priority order, injects the highest when KVM says the guest is ready, and
-otherwise sets ``request_interrupt_window``. It injects on
+otherwise sets ``request_interrupt_window``. A device thread raises a vector
+with :meth:`UserspaceIrqController.raise_irq`, which also kicks the vCPU out of
+``KVM_RUN`` (the costly "kick" of the userspace path). It injects on
 ``KVM_EXIT_IRQ_WINDOW_OPEN`` or on *any* exit that reports ready, because some
 hosts (kvm_pvm) never send window exits.
 """
@@ -60,6 +62,11 @@ class UserspaceIrqController:
         check_vector(vector)
         if -vector not in self._pending:
             heapq.heappush(self._pending, -vector)
+
+    def raise_irq(self, vector: int) -> None:
+        """From any thread: queue ``vector`` and kick the vCPU so it is injected without waiting for an exit."""
+        self.queue(vector)
+        self.vcpu.kick()
 
     def before_entry(self) -> None:
         """Inject the highest pending vector if the last exit reported ready; else ask for the window."""

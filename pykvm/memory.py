@@ -96,6 +96,10 @@ class GuestMemory:
             f"(slots: {', '.join(map(repr, self.slots)) or 'none'}); add one with "
             f"vm.memory.add_slot() or create the VM with a larger memory_size")
 
+    def host_pointer(self, gpa: int, size: int):
+        """A cffi ``uint8_t *`` to ``size`` bytes at ``gpa`` (for C helpers such as the bench injector)."""
+        return self._locate(gpa, size)
+
     def read(self, gpa: int, size: int) -> bytes:
         if size < 0:
             raise GuestMemoryError(f"cannot read a negative size ({size})")

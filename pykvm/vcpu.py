@@ -9,23 +9,32 @@ caller (``KVM_INTERRUPT`` only when the last exit reported ready).
 from __future__ import annotations
 
 import errno
+import functools
+import signal
+import threading
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from . import exits
+from . import apic, exits
 from .binding import ffi, lib
 from .constants import Cap, MpState
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
-from .errors import (ClosedError, InvalidVector, NotReadyForInjection, StaleExitError,
-                     ioctl_error)
+from .errors import (ClosedError, InvalidVector, IrqchipModeError, KvmError, NotReadyForInjection,
+                     StaleExitError, ioctl_error)
 from .fdobject import FdObject
 from .host import detect
 from .ioctls import Ioctl
+from .irqchip import IrqchipMode
 from .state import Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
+from .stats import Stats
 
 if TYPE_CHECKING:
     from .vm import Vm
 
 _kvm_run = lib.pykvm_run
+_thread_id = threading.get_ident
+KICK_SIGNAL = signal.SIGRTMIN + 4     # real-time signal pykvm sends to kick a vCPU thread
+_kick_handler_lock = threading.Lock()
+_kick_handler_installed = False
 _DECODERS = exits.DECODERS
 _INTERRUPT_HINT = ("KVM_INTERRUPT only works with the userspace irqchip; with an in-kernel "
                    "PIC/IOAPIC use vm.irq_line() or MSI instead")
@@ -98,11 +107,14 @@ class Vcpu(FdObject):
         self._queued: tuple[int, int] = (-1, 0)   # (exit sequence, vector) of the last KVM_INTERRUPT
         self.kvm_run = KvmRun(self)
         self.irq_controller = None   # set by pykvm.irq.UserspaceIrqController
+        self._running_thread = 0     # thread ident inside run(), 0 when none
 
     def describe(self) -> str:
         return f"Vcpu {self.id} of Vm (fd {self.vm._fd})"
 
     def _release(self) -> None:
+        if "stats" in self.__dict__:
+            self.stats.close()
         if self._run is not None:
             self._run = None
             self._run_buffer = None
@@ -117,9 +129,12 @@ class Vcpu(FdObject):
         if self.irq_controller is not None:
             self.irq_controller.before_entry()
         self._exit_sequence += 1
+        self._running_thread = _thread_id()
         result = _kvm_run(self._fd, run)
+        self._running_thread = 0
         if result < 0:
             if result == -errno.EINTR:
+                run.immediate_exit = 0     # consumed: the kick (if any) has happened
                 return exits.INTR
             raise ioctl_error(-result, "KVM_RUN", self.describe(), _run_hint(-result))
         decoder = _DECODERS.get(result)
@@ -157,6 +172,27 @@ class Vcpu(FdObject):
         exit.explanation, exit.host_limit = self.host.explain_internal_error(exit, cpu_mode(sregs))
         return exit
 
+    def kick(self) -> None:
+        """Force ``run()`` to return an ``IntrExit`` soon, from any thread.
+
+        Sets ``immediate_exit`` (so a ``KVM_RUN`` about to start returns at once)
+        and sends :data:`KICK_SIGNAL` to the thread inside ``KVM_RUN``, if any,
+        which makes KVM leave the guest with EINTR. Exactly what a VMM's
+        "kick" does before injecting through the userspace path.
+        """
+        run = self._run
+        if run is None:
+            raise ClosedError(f"Vcpu {self.id} is closed; there is nothing to kick")
+        self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.kick()")
+        _install_kick_handler()
+        run.immediate_exit = 1
+        thread = self._running_thread
+        if thread:
+            try:
+                signal.pthread_kill(thread, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass        # the thread left run() meanwhile; immediate_exit covers its next run
+
     # -- injection ------------------------------------------------------------
     def interrupt(self, vector: int, force: bool = False) -> None:
         """``KVM_INTERRUPT``: queue external interrupt ``vector`` for the next entry.
@@ -171,6 +207,8 @@ class Vcpu(FdObject):
         run = self._run
         if run is None:
             raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
+        if self.vm.irqchip == IrqchipMode.KERNEL:
+            self._interrupt_with_kernel_pic(vector)
         if not force:
             if self._queued[0] == self._exit_sequence:
                 raise NotReadyForInjection(
@@ -188,10 +226,52 @@ class Vcpu(FdObject):
                     hint=_INTERRUPT_HINT)
         self._queued = (self._exit_sequence, vector)
 
+    def _interrupt_with_kernel_pic(self, vector: int) -> None:
+        """KVM_INTERRUPT with the in-kernel PIC: KVM answers ENXIO; say why."""
+        try:
+            self._ioctl(Ioctl.INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}))
+        except KvmError as exc:
+            raise IrqchipModeError(
+                f"KVM_INTERRUPT of {vector:#x} refused ({exc.strerror}): this VM has the in-kernel "
+                f"PIC/IOAPIC (irqchip='kernel'), which owns external interrupts. Raise a GSI with "
+                f"vm.irq_line() or an irqfd, send an MSI with vm.signal_msi(), or create the VM "
+                f"with irqchip='none' (or 'split') to inject from userspace") from exc
+        raise IrqchipModeError(f"KVM_INTERRUPT of {vector:#x} was accepted with the in-kernel PIC; "
+                               f"this host does not follow the KVM API here")
+
     def nmi(self) -> None:
         """``KVM_NMI``: make an NMI pending (delivered once the guest is not blocking NMIs)."""
         self.vm.kvm.require(Cap.USER_NMI, "vcpu.nmi()")
         self._ioctl(Ioctl.NMI, hint="with an in-kernel irqchip, KVM_NMI needs the vCPU's LAPIC enabled")
+
+    # -- LAPIC and statistics ------------------------------------------------------
+    @property
+    def lapic(self) -> apic.LapicState:
+        """``KVM_GET_LAPIC``, decoded (needs an in-kernel LAPIC: irqchip 'kernel' or 'split')."""
+        self.vm._require_irqchip(IrqchipMode.SPLIT, "vcpu.lapic")
+        cdata = ffi.new("struct kvm_lapic_state *")
+        self._ioctl(Ioctl.GET_LAPIC, cdata)
+        # pykvm does not enable KVM_CAP_X2APIC_API, so KVM keeps the ID in bits 31:24 in both modes.
+        return apic.LapicState.from_bytes(bytes(ffi.buffer(cdata)), x2apic=False)
+
+    @lapic.setter
+    def lapic(self, value: "apic.LapicState | bytes") -> None:
+        self.vm._require_irqchip(IrqchipMode.SPLIT, "vcpu.lapic")
+        raw = value if isinstance(value, (bytes, bytearray)) else value.raw
+        cdata = ffi.new("struct kvm_lapic_state *")
+        ffi.buffer(cdata)[:] = bytes(raw)
+        self._ioctl(Ioctl.SET_LAPIC, cdata)
+
+    @functools.cached_property
+    def tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ``: the guest TSC frequency, to turn logged TSC values into time."""
+        self.vm.kvm.require(Cap.GET_TSC_KHZ, "vcpu.tsc_khz")
+        return self._ioctl(Ioctl.GET_TSC_KHZ)
+
+    @functools.cached_property
+    def stats(self) -> Stats:
+        """This vCPU's binary statistics: ``with vcpu.stats.delta() as d: ...; d["exits"]``."""
+        return Stats.open(self)
 
     # -- state ----------------------------------------------------------------
     def _get(self, request: Ioctl, ctype: str, record_type):
@@ -310,3 +390,14 @@ def _run_hint(err: int) -> str:
     if err == errno.ENOEXEC:
         return "KVM found the guest state invalid"
     return ""
+
+
+def _install_kick_handler() -> None:
+    """Install the no-op C handler for KICK_SIGNAL once per process."""
+    global _kick_handler_installed
+    with _kick_handler_lock:
+        if not _kick_handler_installed:
+            result = lib.pykvm_install_kick_handler(KICK_SIGNAL)
+            if result < 0:
+                raise ioctl_error(-result, "sigaction", f"signal {KICK_SIGNAL}")
+            _kick_handler_installed = True

@@ -1,20 +1,30 @@
 """``Vm``: one KVM virtual machine (the fd returned by ``KVM_CREATE_VM``).
 
-Why this exists: it owns the guest memory and the vCPUs, sets the x86 bits
-some vendor modules need before the first run (TSS and identity-map pages for
-real mode on VT-x), and closes everything it owns when it is closed.
+Why this exists: it owns the guest memory, the vCPUs and the VM-wide
+interrupt machinery (in-kernel irqchip, GSI routing, MSI, irqfds), sets the
+x86 bits some vendor modules need before the first run (TSS and identity-map
+pages for real mode on VT-x), and closes everything it owns when it is closed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 from typing import TYPE_CHECKING, Iterable
 
-from .binding import ffi
+from . import apic
+from .binding import ffi, lib
+from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
 from .cpuid import CpuidEntry
+from .errors import InvalidRouting, IrqchipModeError, KvmError, PyKvmError
+from .eventfds import Ioeventfd, Irqfd
 from .fdobject import FdObject
 from .ioctls import Ioctl
+from .irqchip import IrqchipMode, IrqchipRoute, MsiRoute, Route, default_routes
 from .memory import GuestMemory
+from .state import record
+from .stats import Stats
 
 if TYPE_CHECKING:
     from .kvm import Kvm
@@ -26,23 +36,52 @@ DEFAULT_TSS_ADDR = 0xFFFBD000
 DEFAULT_IDENTITY_MAP_ADDR = 0xFFFBC000
 
 
+@record
+class IrqchipState:
+    """``KVM_GET_IRQCHIP`` of all three in-kernel chips, decoded."""
+
+    pic_master: apic.PicState
+    pic_slave: apic.PicState
+    ioapic: apic.IoapicState
+
+
 class Vm(FdObject):
-    """A VM. Made by :meth:`pykvm.Kvm.create_vm`; ``memory_size`` bytes at GPA 0 by default."""
+    """A VM. Made by :meth:`pykvm.Kvm.create_vm`; ``memory_size`` bytes at GPA 0 by default.
+
+    ``irqchip`` is ``"none"`` (userspace: ``vcpu.interrupt()``), ``"kernel"``
+    (PICs, IOAPIC and LAPICs in KVM) or ``"split"`` (LAPICs in KVM only); ``pit``
+    adds the in-kernel 8254 timer (``KVM_CREATE_PIT2``, needs ``"kernel"``).
+    """
 
     def __init__(self, kvm: "Kvm", memory_size: int | None = None,
                  tss_addr: int | None = DEFAULT_TSS_ADDR,
-                 identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR) -> None:
+                 identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR,
+                 irqchip: IrqchipMode | str = IrqchipMode.NONE, pit: bool = False) -> None:
+        try:
+            mode = IrqchipMode(irqchip)
+        except ValueError:
+            raise ValueError(f"irqchip={irqchip!r}: choose one of "
+                             f"{', '.join(repr(m.value) for m in IrqchipMode)}") from None
         result = kvm._ioctl_value(Ioctl.CREATE_VM, 0,
                                   hint="the host may be out of memory or limit the number of VMs")
         super().__init__(result)
         self.kvm = kvm
         self.vcpus: list["Vcpu"] = []
+        self.irqchip = IrqchipMode.NONE
+        self.routes: tuple[Route, ...] = ()
+        self._eventfds: list[Irqfd | Ioeventfd] = []
         self.memory = GuestMemory(self)
         try:
             if identity_map_addr is not None:
                 self.set_identity_map_addr(identity_map_addr)
             if tss_addr is not None:
                 self.set_tss_addr(tss_addr)
+            if mode == IrqchipMode.KERNEL:
+                self.create_irqchip()
+            elif mode == IrqchipMode.SPLIT:
+                self.enable_split_irqchip()
+            if pit:
+                self.create_pit2()
             size = DEFAULT_MEMORY_SIZE if memory_size is None else memory_size
             if size:
                 self.memory.add_slot(0, size)
@@ -80,7 +119,179 @@ class Vm(FdObject):
                 raise
         return vcpu
 
+    # -- irqchip ----------------------------------------------------------------
+    def create_irqchip(self) -> None:
+        """``KVM_CREATE_IRQCHIP``: PICs, IOAPIC and a LAPIC per vCPU in the kernel (before any vCPU)."""
+        self.kvm.require(Cap.IRQCHIP, "an in-kernel irqchip")
+        try:
+            self._ioctl(Ioctl.CREATE_IRQCHIP)
+        except KvmError as exc:
+            raise self._irqchip_creation_error("KVM_CREATE_IRQCHIP", exc) from exc
+        self.irqchip = IrqchipMode.KERNEL
+        self.routes = default_routes(IrqchipMode.KERNEL)
+
+    def enable_split_irqchip(self, ioapic_routes: int = IOAPIC_NUM_PINS) -> None:
+        """``KVM_CAP_SPLIT_IRQCHIP``: LAPICs in the kernel; ``ioapic_routes`` GSIs reserved for a userspace IOAPIC."""
+        self.kvm.require(Cap.SPLIT_IRQCHIP, "a split irqchip")
+        try:
+            self.enable_cap(Cap.SPLIT_IRQCHIP, ioapic_routes)
+        except KvmError as exc:
+            raise self._irqchip_creation_error("KVM_CAP_SPLIT_IRQCHIP", exc) from exc
+        self.irqchip = IrqchipMode.SPLIT
+
+    def _irqchip_creation_error(self, what: str, exc: KvmError) -> PyKvmError:
+        if self.vcpus:
+            return IrqchipModeError(f"{what} failed ({exc.strerror}): the irqchip must be created "
+                                    f"before the first vCPU, and this VM already has "
+                                    f"{len(self.vcpus)}; pass irqchip= to create_vm() instead")
+        if self.irqchip != IrqchipMode.NONE:
+            return IrqchipModeError(f"{what} failed ({exc.strerror}): this VM already has the "
+                                    f"{self.irqchip.value!r} irqchip; a VM gets one irqchip, once")
+        return exc
+
+    def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on the VM."""
+        self._ioctl(Ioctl.ENABLE_CAP, ffi.new("struct kvm_enable_cap *",
+                                              {"cap": int(cap), "flags": flags, "args": list(args)}))
+
+    def create_pit2(self) -> None:
+        """``KVM_CREATE_PIT2``: the in-kernel 8254 timer, wired to GSI 0 (needs irqchip='kernel')."""
+        self._require_irqchip(IrqchipMode.KERNEL, "the in-kernel PIT")
+        self.kvm.require(Cap.PIT2, "the in-kernel PIT")
+        self._ioctl(Ioctl.CREATE_PIT2, ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY}),
+                    hint="a VM has at most one PIT")
+
+    def _require_irqchip(self, needed: IrqchipMode, what: str) -> None:
+        ok = self.irqchip.ioapic_in_kernel if needed == IrqchipMode.KERNEL else self.irqchip.lapic_in_kernel
+        if not ok:
+            choices = "irqchip='kernel'" if needed == IrqchipMode.KERNEL else "irqchip='kernel' or 'split'"
+            raise IrqchipModeError(f"{what} needs {choices}, but this VM's irqchip is "
+                                   f"{self.irqchip.value!r}; create the VM with {choices}")
+
+    # -- interrupt sources ------------------------------------------------------
+    def irq_line(self, gsi: int, level: int | bool) -> int | None:
+        """``KVM_IRQ_LINE``: set GSI ``gsi`` to ``level``.
+
+        Returns KVM's status where ``KVM_CAP_IRQ_INJECT_STATUS`` exists: > 0 the
+        number of CPUs it was delivered to, 0 coalesced (already pending), < 0
+        masked or ignored; ``None`` on hosts without the capability.
+        """
+        self._require_irqchip(IrqchipMode.SPLIT, "vm.irq_line()")
+        if not any(route.gsi == gsi for route in self.routes):
+            routed = sorted({route.gsi for route in self.routes})
+            span = f"GSIs {routed[0]}..{routed[-1]}" if routed else "no GSIs"
+            raise InvalidRouting(f"GSI {gsi} has no route (this VM routes {span}); add one with "
+                                 f"vm.set_gsi_routing(vm.routes + (IrqchipRoute(...) or MsiRoute(...),))")
+        with_status = self._has_inject_status
+        arg = ffi.new("struct kvm_irq_level *", {"irq": gsi, "level": int(bool(level))})
+        self._ioctl(Ioctl.IRQ_LINE_STATUS if with_status else Ioctl.IRQ_LINE, arg)
+        return arg.status if with_status else None
+
+    @functools.cached_property
+    def _has_inject_status(self) -> bool:
+        return bool(self.kvm.check_extension(Cap.IRQ_INJECT_STATUS))
+
+    def set_gsi_routing(self, routes: Iterable[Route]) -> None:
+        """``KVM_SET_GSI_ROUTING``: replace the whole GSI routing table (see :attr:`routes`)."""
+        self._require_irqchip(IrqchipMode.SPLIT, "GSI routing")
+        self.kvm.require(Cap.IRQ_ROUTING, "GSI routing")
+        routes = tuple(routes)
+        for route in routes:
+            if not isinstance(route, (IrqchipRoute, MsiRoute)):
+                raise InvalidRouting(f"{route!r} is not a routing entry; use IrqchipRoute or MsiRoute")
+            route.validate(self.irqchip)
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for entry, route in zip(table.entries, routes):
+            route.to_c(entry)
+        try:
+            self._ioctl(Ioctl.SET_GSI_ROUTING, table)
+        except KvmError as exc:
+            if exc.errno == errno.EINVAL:
+                raise InvalidRouting(f"KVM refused the routing table (EINVAL): a GSI may have two "
+                                     f"routes to the same chip, or an entry this host does not "
+                                     f"support; table: {routes}") from exc
+            raise
+        self.routes = routes
+
+    def signal_msi(self, message: apic.MsiMessage | None = None, **fields) -> int:
+        """``KVM_SIGNAL_MSI``: send one MSI, given as a message or as :func:`pykvm.apic.compose_msi` fields.
+
+        Returns > 0 if delivered, 0 if the guest blocked it (e.g. LAPIC disabled).
+        """
+        self._require_irqchip(IrqchipMode.SPLIT, "vm.signal_msi()")
+        self.kvm.require(Cap.SIGNAL_MSI, "vm.signal_msi()")
+        if message is None:
+            message = apic.compose_msi(**fields)
+        elif fields:
+            raise TypeError("pass either an MsiMessage or compose_msi() fields, not both")
+        apic.validate_msi(message.address, message.data)
+        return self._ioctl(Ioctl.SIGNAL_MSI, ffi.new("struct kvm_msi *", {
+            "address_lo": message.address_lo, "address_hi": message.address_hi, "data": message.data}))
+
+    def irqfd(self, gsi: int, resample: bool = False, eventfd: int | None = None) -> Irqfd:
+        """``KVM_IRQFD``: an eventfd that raises ``gsi``; closed with the VM (or ``with``)."""
+        self._require_irqchip(IrqchipMode.SPLIT, "vm.irqfd()")
+        self.kvm.require(Cap.IRQFD, "vm.irqfd()")
+        if resample:
+            self.kvm.require(Cap.IRQFD_RESAMPLE, "a resampling irqfd")
+            self._require_irqchip(IrqchipMode.KERNEL, "a resampling irqfd (level-triggered line)")
+        if not any(route.gsi == gsi for route in self.routes):
+            raise InvalidRouting(f"GSI {gsi} has no route; an irqfd on it would never deliver. "
+                                 f"Route it first with vm.set_gsi_routing()")
+        return self._own(Irqfd(self, gsi, resample, eventfd))
+
+    def ioeventfd(self, address: int, length: int = 4, pio: bool = False,
+                  datamatch: int | None = None) -> Ioeventfd:
+        """``KVM_IOEVENTFD``: guest writes to ``address`` signal an eventfd with no userspace exit."""
+        self.kvm.require(Cap.IOEVENTFD, "vm.ioeventfd()")
+        return self._own(Ioeventfd(self, address, length, pio, datamatch))
+
+    def _own(self, eventfd):
+        self._eventfds.append(eventfd)
+        return eventfd
+
+    # -- irqchip state -------------------------------------------------------------
+    def _get_chip(self, chip: IrqchipId):
+        self._require_irqchip(IrqchipMode.KERNEL, "KVM_GET_IRQCHIP")
+        cdata = ffi.new("struct kvm_irqchip *", {"chip_id": int(chip)})
+        self._ioctl(Ioctl.GET_IRQCHIP, cdata)
+        return cdata
+
+    @property
+    def irqchip_state(self) -> IrqchipState:
+        """``KVM_GET_IRQCHIP`` of both PICs and the IOAPIC, decoded (irqchip='kernel')."""
+        def raw(chip: IrqchipId, name: str) -> bytes:
+            cdata = self._get_chip(chip)
+            return bytes(ffi.buffer(ffi.addressof(cdata.chip, name)))
+        return IrqchipState(apic.PicState.from_bytes(raw(IrqchipId.PIC_MASTER, "pic")),
+                            apic.PicState.from_bytes(raw(IrqchipId.PIC_SLAVE, "pic")),
+                            apic.IoapicState.from_bytes(raw(IrqchipId.IOAPIC, "ioapic")))
+
+    def set_irqchip(self, chip: IrqchipId, state: "apic.PicState | apic.IoapicState") -> None:
+        """``KVM_SET_IRQCHIP``: load one chip's state (e.g. ``state.ioapic.with_entry(...)``)."""
+        cdata = self._get_chip(chip)
+        name = "ioapic" if chip == IrqchipId.IOAPIC else "pic"
+        raw = state.to_bytes()
+        ffi.buffer(ffi.addressof(cdata.chip, name))[:len(raw)] = raw
+        self._ioctl(Ioctl.SET_IRQCHIP, cdata)
+
+    # -- SMP ------------------------------------------------------------------------
+    def run_all(self, handler, timeout: float = 10.0) -> list[int]:
+        """Run every vCPU in its own thread until ``handler(vcpu, exit)`` returns True (:func:`pykvm.smp.run_all`)."""
+        from .smp import run_all
+        return run_all(self.vcpus, handler, timeout)
+
+    # -- statistics --------------------------------------------------------------
+    @functools.cached_property
+    def stats(self) -> Stats:
+        """The VM's binary statistics (``KVM_GET_STATS_FD``); ``vm.stats.read()``."""
+        return Stats.open(self)
+
     def _release(self) -> None:
+        for eventfd in self._eventfds:
+            eventfd.close()
+        if "stats" in self.__dict__:
+            self.stats.close()
         for vcpu in self.vcpus:
             vcpu.close()
         self.memory._release()

@@ -86,3 +86,17 @@ def boot(vm):
     def boot_image(mode: str, notify: bool = False) -> guests.GuestSession:
         return guests.load(mode).boot(vm.create_vcpu(), notify=notify)
     return boot_image
+
+
+@pytest.fixture
+def machine(kvm):
+    """``machine(irqchip="kernel", cpus=1, mode="long")``: booted GuestSessions, one per vCPU of a new VM."""
+    vms = []
+
+    def make(irqchip: str = "kernel", cpus: int = 1, mode: str = "long", **vm_options):
+        vm = kvm.create_vm(irqchip=irqchip, **vm_options)
+        vms.append(vm)
+        return guests.boot_cpus(vm, mode, cpus)
+    yield make
+    for vm in vms:
+        vm.close()

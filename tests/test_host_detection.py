@@ -21,7 +21,7 @@ def test_pvm_differences_are_named_and_measured():
     info = hostmod.host_info(VendorModule.PVM)
     assert not info.sends_irq_window_exits and info.sends_irq_window_exits.verified
     assert not info.long_mode_interrupt_shadow
-    assert len(info.differences()) == 7
+    assert len(info.differences()) == 9
     assert any("IRQ_WINDOW_OPEN" in text for text in info.differences())
 
 

@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 
 from .. import layout, x86
+from ..apic import ApicReg, RedirectionEntry, icr
 from ..asm import Mode
-from ..errors import GuestError, HostLimitation, PyKvmError
-from ..exits import Exit, HltExit, InternalErrorExit, IoExit, IrqWindowOpenExit
+from ..constants import MpState
+from ..errors import GuestCancelled, GuestError, HostLimitation, IrqchipModeError, PyKvmError
+from ..exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
 from ..layout import Command
 from ..state import record
 
@@ -146,6 +148,7 @@ class StopKind(enum.Enum):
     ASSERT = "assert"        # the guest found an impossible state
     HLT = "hlt"              # KVM_EXIT_HLT
     WINDOW = "irq-window"    # KVM_EXIT_IRQ_WINDOW_OPEN
+    KICKED = "kicked"        # KVM_RUN returned EINTR (vcpu.kick() or another signal)
     OTHER = "other"          # anything else (the exit says what)
 
 
@@ -169,38 +172,73 @@ class GuestStop:
         base = {StopKind.SYNC: f"sync: reached step {self.value}",
                 StopKind.VECTOR: f"vector notify: handler logged {x86.vector_name(self.value)}",
                 StopKind.DONE: "guest done", StopKind.ASSERT: f"guest assert {self.value:#x}",
-                StopKind.HLT: "HLT exit", StopKind.WINDOW: "IRQ_WINDOW_OPEN exit"}.get(
+                StopKind.HLT: "HLT exit", StopKind.WINDOW: "IRQ_WINDOW_OPEN exit",
+                StopKind.KICKED: "kicked (EINTR)"}.get(
                     self.kind, f"{type(self.exit).__name__}")
         return (f"{base} (RIP {self.rip:#x}, IF={self.if_flag}, "
                 f"ready={self.ready_for_interrupt_injection})")
 
 
 class GuestSession:
-    """A booted guest image on one vCPU: commands, sync points and the vector log."""
+    """A booted guest image on one vCPU: commands, sync points and the vector log.
+
+    The long-mode image is SMP-aware: boot it on several vCPUs of one VM and each
+    session has its own mailbox, stack and log (``layout.cpu_area(vcpu.id)``).
+    The real and protected images run on vCPU 0 only.
+    """
 
     def __init__(self, image: GuestImage, vcpu, notify: bool = False) -> None:
+        if image.mode != Mode.LONG and vcpu.id != 0:
+            raise GuestError(f"the {image.mode.value}-mode image runs on vCPU 0 only (it has one "
+                             f"mailbox and log below 1 MiB); boot the long-mode image on vCPU "
+                             f"{vcpu.id}")
         self.image = image
         self.vcpu = vcpu
         self.memory = vcpu.vm.memory
+        self.area = layout.cpu_area(vcpu.id if image.mode == Mode.LONG else 0)
         self.stops: list[GuestStop] = []
         self.step = -1
         self.done = False
+        self.cancelled = False
+        self.x2apic = False
         memory = self.memory
         memory.write(layout.CODE, image.code)
-        memory.fill(layout.MAILBOX, 0x100)
-        memory.fill(layout.LOG, layout.LOG_HEADER_SIZE)
+        memory.fill(self.area.mailbox, layout.MAILBOX_SIZE)
+        memory.write_u64(self.area.mailbox + layout.MB_LOG, self.area.log)
+        memory.fill(self.area.log, layout.LOG_HEADER_SIZE)
         self.notify = notify
         x86.enter_mode(vcpu, image.mode, image.origin)
+        if image.mode == Mode.LONG:
+            regs = vcpu.regs
+            regs.r14, regs.rsp = self.area.mailbox, self.area.stack_top
+            vcpu.regs = regs
+        if vcpu.vm.irqchip.lapic_in_kernel:
+            # With an in-kernel LAPIC, vCPUs other than the BSP wait for INIT/SIPI
+            # (KVM_MP_STATE_UNINITIALIZED); the host places them directly instead.
+            vcpu.mp_state = MpState.RUNNABLE
 
     # -- mailbox --------------------------------------------------------------
+    def _mailbox(self, field: int) -> int:
+        return self.area.mailbox + field
+
     @property
     def notify(self) -> bool:
         """Whether handlers also ``out`` each vector (one extra exit per delivery)."""
-        return bool(self.memory.read_u32(layout.MAILBOX + layout.MB_NOTIFY))
+        return bool(self.memory.read_u32(self._mailbox(layout.MB_NOTIFY)))
 
     @notify.setter
     def notify(self, value: bool) -> None:
-        self.memory.write_u32(layout.MAILBOX + layout.MB_NOTIFY, int(bool(value)))
+        self.memory.write_u32(self._mailbox(layout.MB_NOTIFY), int(bool(value)))
+
+    @property
+    def auto_eoi(self) -> bool:
+        """Whether handlers EOI interrupts themselves (LAPIC in long mode, 8259 in real mode)."""
+        return bool(self.memory.read_u32(self._mailbox(layout.MB_AUTO_EOI)))
+
+    @auto_eoi.setter
+    def auto_eoi(self, value: bool) -> None:
+        kind = (1 if self.image.mode == Mode.LONG else 2) if value else 0
+        self.memory.write_u32(self._mailbox(layout.MB_AUTO_EOI), kind)
 
     def address(self, symbol: str) -> int:
         return self.image.address(symbol)
@@ -217,6 +255,8 @@ class GuestSession:
             kind = StopKind.HLT
         elif isinstance(exit, IrqWindowOpenExit):
             kind = StopKind.WINDOW
+        elif isinstance(exit, IntrExit):
+            kind = StopKind.KICKED
         stop = GuestStop(kind, value, self.vcpu.regs.rip, run.ready_for_interrupt_injection,
                          run.if_flag, exit, time.perf_counter())
         self.stops.append(stop)
@@ -231,12 +271,16 @@ class GuestSession:
 
         Raises :class:`GuestError` on a guest assert or an exit the protocol does not
         expect, and :class:`HostLimitation` when the exit is a documented limit of this host.
+        A kick resumes the guest unless :meth:`cancel` was called.
         """
         for _ in range(max_exits):
             stop = self.run()
             if stop.kind in kinds:
                 return stop
-            if stop.kind in (StopKind.VECTOR, StopKind.HLT, StopKind.WINDOW):
+            if stop.kind == StopKind.KICKED and self.cancelled:
+                raise GuestCancelled(f"vCPU {self.vcpu.id} was cancelled at RIP {stop.rip:#x} "
+                                     f"(step {self.step})", stop.exit)
+            if stop.kind in (StopKind.VECTOR, StopKind.HLT, StopKind.WINDOW, StopKind.KICKED):
                 continue
             raise self._unexpected(stop)
         raise GuestError(f"the guest made {max_exits} exits without reaching "
@@ -257,25 +301,80 @@ class GuestSession:
         """Run the image's initialisation up to its first sync point (step 0)."""
         return self.run_until(StopKind.SYNC)
 
-    def send(self, command: Command, arg: int = 0) -> None:
-        """Write the next command into the mailbox (executed at the next run)."""
-        self.memory.write_u32(layout.MAILBOX + layout.MB_COMMAND, int(command))
-        self.memory.write_u64(layout.MAILBOX + layout.MB_ARG, arg)
+    def cancel(self) -> None:
+        """Make a run_until() in another thread stop: kick the vCPU, raise GuestCancelled there."""
+        self.cancelled = True
+        self.vcpu.kick()
 
-    def command(self, command: Command, arg: int = 0) -> GuestStop:
+    def send(self, command: Command, arg: int = 0, arg2: int = 0) -> None:
+        """Write the next command into the mailbox (executed at the next run)."""
+        command = Command(command)
+        if command in layout.LONG_MODE_ONLY and self.image.mode != Mode.LONG:
+            raise GuestError(f"Command.{command.name} exists only in the long-mode image "
+                             f"(this is the {self.image.mode.value}-mode one)")
+        self.memory.write_u32(self._mailbox(layout.MB_COMMAND), int(command))
+        self.memory.write_u64(self._mailbox(layout.MB_ARG), arg)
+        self.memory.write_u64(self._mailbox(layout.MB_ARG2), arg2)
+
+    def command(self, command: Command, arg: int = 0, arg2: int = 0) -> GuestStop:
         """Send ``command`` and run to the next sync point (or DONE); returns that stop."""
-        self.send(command, arg)
+        self.send(command, arg, arg2)
         return self.run_until(StopKind.SYNC, StopKind.DONE)
+
+    # -- interrupt controllers, from inside the guest --------------------------------
+    def apic_enable(self, x2apic: bool = False, auto_eoi: bool = True) -> None:
+        """Software-enable this CPU's LAPIC (xAPIC MMIO or x2APIC MSRs); handlers EOI if ``auto_eoi``."""
+        if not self.vcpu.vm.irqchip.lapic_in_kernel:
+            raise IrqchipModeError("the guest's LAPIC exists only with an in-kernel irqchip: "
+                                   "create the VM with irqchip='kernel' or 'split'")
+        self.auto_eoi = auto_eoi
+        self.command(Command.APIC_ENABLE, int(x2apic))
+        self.x2apic = x2apic
+
+    def apic_write(self, register: int, value: int) -> None:
+        """The guest writes LAPIC ``register`` (xAPIC offset, pykvm.apic.ApicReg); ICR: 64 bits."""
+        self.command(Command.APIC_WRITE, value, register)
+
+    def apic_read(self, register: int) -> int:
+        """The guest reads LAPIC ``register``."""
+        self.command(Command.APIC_READ, 0, register)
+        return self.memory.read_u64(self._mailbox(layout.MB_RESULT))
+
+    def eoi(self) -> None:
+        """The guest writes the LAPIC EOI register."""
+        self.apic_write(ApicReg.EOI, 0)
+
+    def send_ipi(self, vector: int, destination: int = 0, **fields) -> None:
+        """The guest writes its ICR: an IPI (fields as for :func:`pykvm.apic.icr`)."""
+        self.apic_write(ApicReg.ICR_LOW, icr(vector, destination=destination,
+                                              x2apic=self.x2apic, **fields))
+
+    def ioapic_route(self, pin: int, entry: RedirectionEntry) -> None:
+        """The guest programs IOAPIC redirection entry ``pin`` (high half, then low half)."""
+        bits = entry.bits
+        self.command(Command.IOAPIC_WRITE, bits >> 32, 0x10 + 2 * pin + 1)
+        self.command(Command.IOAPIC_WRITE, bits & 0xFFFFFFFF, 0x10 + 2 * pin)
+
+    def pic_init(self, master_base: int = 0x20, slave_base: int = 0x28,
+                 masks: int = 0x0000, auto_eoi: bool = True) -> None:
+        """The guest initialises both 8259s (ICW1-4) with these vector bases and masks."""
+        self.memory.write_u32(self._mailbox(layout.MB_PIC_BASES), master_base | slave_base << 8)
+        self.auto_eoi = auto_eoi
+        self.command(Command.PIC_INIT, master_base | slave_base << 8 | (masks & 0xFFFF) << 16)
+
+    def wait_log(self, count: int) -> GuestStop:
+        """Let the guest halt with interrupts on until its log holds ``count`` records."""
+        return self.command(Command.WAIT_LOG, count)
 
     # -- the vector log ------------------------------------------------------------
     def log(self) -> list[LogRecord]:
-        """Every vector the guest's handlers logged, oldest first."""
-        return parse_log(self.memory.read(layout.LOG, layout.LOG_HEADER_SIZE
+        """Every vector this CPU's handlers logged, oldest first."""
+        return parse_log(self.memory.read(self.area.log, layout.LOG_HEADER_SIZE
                                           + layout.LOG_CAPACITY * layout.LOG_RECORD_SIZE))
 
     def log_count(self) -> int:
         """How many records the guest has written so far."""
-        return self.memory.read_u32(layout.LOG)
+        return self.memory.read_u32(self.area.log)
 
     def records_since(self, count: int) -> list[LogRecord]:
         """Records written after the log held ``count`` records."""
@@ -284,14 +383,19 @@ class GuestSession:
 
 @dataclasses.dataclass
 class BootedGuest:
-    """``boot()``'s result: a guest session owning its Kvm, Vm and Vcpu (closed together)."""
+    """``boot()``'s result: guest sessions (one per vCPU) owning their Kvm and Vm (closed together)."""
 
-    session: GuestSession
+    cpus: list[GuestSession]
     kvm: object
     vm: object
 
+    @property
+    def session(self) -> GuestSession:
+        """vCPU 0's session (the bootstrap processor)."""
+        return self.cpus[0]
+
     def __getattr__(self, name: str):
-        return getattr(self.session, name)
+        return getattr(self.cpus[0], name)
 
     def close(self) -> None:
         self.vm.close()
@@ -304,18 +408,25 @@ class BootedGuest:
         self.close()
 
 
-def boot(mode: Mode | str = Mode.LONG, notify: bool = False, memory_size: int | None = None) -> BootedGuest:
-    """Open ``/dev/kvm``, create a VM and vCPU, boot the ``mode`` image: ``with boot("long") as g:``."""
-    from ..kvm import Kvm
+def boot_cpus(vm, mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool = False) -> list[GuestSession]:
+    """Create ``cpus`` vCPUs on ``vm`` and boot the ``mode`` image on each (SMP: long mode only)."""
     image = load(mode)
+    if cpus > 1 and image.mode != Mode.LONG:
+        raise GuestError(f"only the long-mode image is SMP-aware; boot {cpus} vCPUs with mode='long'")
+    return [image.boot(vm.create_vcpu(), notify=notify) for _ in range(cpus)]
+
+
+def boot(mode: Mode | str = Mode.LONG, notify: bool = False, memory_size: int | None = None,
+         irqchip: str = "none", cpus: int = 1) -> BootedGuest:
+    """Open ``/dev/kvm``, create a VM with ``cpus`` vCPUs, boot the ``mode`` image: ``with boot("long") as g:``."""
+    from ..kvm import Kvm
     kvm = Kvm()
     vm = None
     try:
-        vm = kvm.create_vm(memory_size=memory_size)
-        return BootedGuest(image.boot(vm.create_vcpu(), notify=notify), kvm, vm)
+        vm = kvm.create_vm(memory_size=memory_size, irqchip=irqchip)
+        return BootedGuest(boot_cpus(vm, mode, cpus, notify), kvm, vm)
     except BaseException:
         if vm is not None:
             vm.close()
         kvm.close()
         raise
-

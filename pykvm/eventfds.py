@@ -1,0 +1,157 @@
+"""``Irqfd`` and ``Ioeventfd``: eventfds that KVM reads or writes without a vCPU exit.
+
+Why this exists: an irqfd is how a real VMM's device threads interrupt a guest
+without touching the vCPU thread: writing the eventfd makes KVM raise the GSI
+(and, for a level-triggered line with resample, tells the device through a
+second eventfd when the guest has EOId). An ioeventfd is the reverse: a guest
+write to a port or MMIO address signals an eventfd inside KVM, with no exit to
+userspace. Each object owns its eventfds and unregisters them on close.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from typing import TYPE_CHECKING
+
+from .binding import ffi
+from .constants import IoeventfdFlag, IrqfdFlag
+from .errors import ClosedError, InvalidRouting
+from .ioctls import Ioctl
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+
+def _check_eventfd(fd: int, what: str) -> None:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise InvalidRouting(f"{what} {fd} is not an open file descriptor (closed eventfd?); pass "
+                             f"an open eventfd (os.eventfd(0)) or let pykvm create one") from None
+
+
+def _wait(fd: int, timeout: float | None) -> int:
+    """Read an eventfd's counter (0 if nothing arrived within ``timeout`` seconds)."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        return 0
+    return int.from_bytes(os.read(fd, 8), "little")
+
+
+class Irqfd:
+    """``KVM_IRQFD``: writing :meth:`trigger` raises GSI ``gsi`` inside KVM.
+
+    With ``resample=True`` (level-triggered lines, ``KVM_CAP_IRQFD_RESAMPLE``),
+    a trigger only asserts the line; when the guest EOIs it, KVM de-asserts the
+    line and signals :meth:`wait_resample`, after which the device may trigger again.
+    """
+
+    def __init__(self, vm: "Vm", gsi: int, resample: bool = False, eventfd: int | None = None) -> None:
+        self.vm, self.gsi, self.resample = vm, gsi, resample
+        self._owns_fd = eventfd is None
+        if eventfd is not None:
+            _check_eventfd(eventfd, "irqfd eventfd")
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC) if eventfd is None else eventfd
+        self._resample_fd = os.eventfd(0, os.EFD_CLOEXEC) if resample else -1
+        try:
+            self._assign(0)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def _assign(self, flags: int) -> None:
+        if self.resample:
+            flags |= IrqfdFlag.RESAMPLE
+        arg = ffi.new("struct kvm_irqfd *", {"fd": self._fd, "gsi": self.gsi, "flags": flags,
+                                             "resamplefd": max(self._resample_fd, 0)})
+        self.vm._ioctl(Ioctl.IRQFD, arg, hint="irqfd needs an in-kernel irqchip and a routed GSI; "
+                       "resample needs a level-triggered in-kernel IOAPIC or PIC line")
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ClosedError("this irqfd is closed; create a new one with vm.irqfd()")
+        return self._fd
+
+    def trigger(self) -> None:
+        """Signal the eventfd: KVM raises the GSI (from any thread, no vCPU exit needed)."""
+        os.write(self.fd, (1).to_bytes(8, "little"))
+
+    def wait_resample(self, timeout: float | None = 1.0) -> bool:
+        """Wait until the guest EOId the level interrupt (resample); False on timeout."""
+        if self._resample_fd < 0:
+            raise InvalidRouting("this irqfd was created without resample=True")
+        self.fd  # closed check
+        return _wait(self._resample_fd, timeout) > 0
+
+    def _close_fds(self) -> None:
+        for fd, owned in ((self._fd, self._owns_fd), (self._resample_fd, True)):
+            if fd >= 0 and owned:
+                os.close(fd)
+        self._fd = self._resample_fd = -1
+
+    def close(self) -> None:
+        """Unregister from KVM (if the VM is still open) and close the eventfds. Safe twice."""
+        if self._fd < 0:
+            return
+        try:
+            if not self.vm.closed:
+                self._assign(IrqfdFlag.DEASSIGN)
+        finally:
+            self._close_fds()
+
+    def __enter__(self) -> "Irqfd":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Irqfd gsi={self.gsi} resample={self.resample} fd={self._fd}>"
+
+
+class Ioeventfd:
+    """``KVM_IOEVENTFD``: a guest write to ``address`` (port if ``pio``) signals an eventfd in KVM."""
+
+    def __init__(self, vm: "Vm", address: int, length: int = 4, pio: bool = False,
+                 datamatch: int | None = None) -> None:
+        if length not in (0, 1, 2, 4, 8):
+            raise ValueError(f"ioeventfd length must be 0 (any), 1, 2, 4 or 8, not {length}")
+        self.vm, self.address, self.length, self.pio, self.datamatch = vm, address, length, pio, datamatch
+        self._flags = (IoeventfdFlag.PIO if pio else 0) | (IoeventfdFlag.DATAMATCH if datamatch is not None else 0)
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self._assign(0)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+
+    def _assign(self, extra: int) -> None:
+        arg = ffi.new("struct kvm_ioeventfd *", {
+            "datamatch": self.datamatch or 0, "addr": self.address, "len": self.length,
+            "fd": self._fd, "flags": self._flags | extra})
+        self.vm._ioctl(Ioctl.IOEVENTFD, arg, hint="the address range may overlap another ioeventfd")
+
+    def wait(self, timeout: float | None = 1.0) -> int:
+        """How many matching guest writes happened (waits up to ``timeout`` for the first)."""
+        if self._fd < 0:
+            raise ClosedError("this ioeventfd is closed")
+        return _wait(self._fd, timeout)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if not self.vm.closed:
+                self._assign(IoeventfdFlag.DEASSIGN)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Ioeventfd":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
