@@ -319,5 +319,6 @@ int pykvm_munmap(void *addr, size_t size);
 int pykvm_install_kick_handler(int signo);
 unsigned long long pykvm_rdtsc(void);
 long pykvm_bench_inject(int kind, int fd, const struct kvm_msi *msi, volatile unsigned int *log_count,
-                        long n, unsigned long long *sent, unsigned long long timeout_cycles);
+                        long n, unsigned long long *sent, unsigned long long timeout_cycles,
+                        long poll_ns);
 long pykvm_bench_run_loop(int fd, struct kvm_run *run, long iterations, unsigned int port);

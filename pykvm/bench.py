@@ -116,15 +116,10 @@ def bench_injection(count: int, rounds: int) -> list[str]:
                 results.setdefault((path, "python"), []).append(paths.measure(kvm, path, count))
                 if path in ("msi", "irqfd"):
                     results.setdefault((path, "c"), []).append(paths.measure_c_baseline(kvm, path, count))
-    lines.append(f"  {'path':40} {'impl':6} {'irq/s':>8} {'p50 us':>8} {'p99 us':>8} {'exits/irq':>10}")
-    merged = {}
-    for (path, impl), runs in results.items():
-        merged[path, impl] = paths.PathMeasurement(
-            path, [lat for run in runs for lat in run.latencies_ns],
-            sum(run.elapsed_s for run in runs), sum(run.exits for run in runs), impl)
-    for (path, impl), result in merged.items():
-        lines.append(f"  {paths.PATHS[path]:40} {impl:6} {result.rate:8.0f} {result.p50_us:8.1f} "
-                     f"{result.p99_us:8.1f} {result.exits_per_interrupt:10.2f}")
+    lines.append(f"  {paths.TABLE_HEADER}")
+    merged = {key: paths.PathMeasurement.merge(runs) for key, runs in results.items()}
+    lines += [f"  {result.row()}" for result in merged.values()]
+    lines += ["  " + line for line in paths.TABLE_LEGEND.splitlines()]
     for path in ("msi", "irqfd"):
         py, c = merged[path, "python"], merged[path, "c"]
         lines.append(f"  {path}: Python/C  rate {py.rate / c.rate:.3f}   p50 latency "

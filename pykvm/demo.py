@@ -110,21 +110,19 @@ def run_demo(mode: str, path_count: int) -> int:
 
 def _compare_paths(kvm: Kvm, count: int) -> None:
     _section(f"4. the same vector ({paths.VECTOR:#x}) through each delivery path, {count} times each")
-    print("  The target vCPU spins in its own thread with IF=1 (no exits of its own). Latency: host "
-          "TSC before the\n  inject call -> TSC in the guest handler. Exits: the target vCPU's "
-          "`exits` counter (stats fd) / interrupts.")
-    print(f"  {'path':40} {'p50 us':>8} {'p99 us':>8} {'exits/irq':>10} {'irq/s':>8}")
+    print("  The target vCPU spins in its own thread with IF=1 (no exits of its own), pinned to another "
+          "host CPU\n  than the injector. Latency: host TSC before the inject call -> TSC in the guest "
+          "handler.")
+    print(f"  {paths.TABLE_HEADER}")
     for path, title in paths.PATHS.items():
         try:
-            result = paths.measure(kvm, path, count)
+            print(f"  {paths.measure(kvm, path, count).row()}")
         except PyKvmError as exc:
-            print(f"  {title:40} failed: {exc}")
-            continue
-        print(f"  {title:40} {result.p50_us:8.1f} {result.p99_us:8.1f} "
-              f"{result.exits_per_interrupt:10.2f} {result.rate:8.0f}")
-    print("  kick: the vCPU leaves the guest to userspace (EINTR) and re-enters with the vector. "
-          "The kernel paths\n  kick the vCPU inside the kernel (an exit that never reaches "
-          "userspace) and inject at the next entry.")
+            print(f"  {title:38} failed: {exc}")
+    print("\n".join("  " + line for line in paths.TABLE_LEGEND.splitlines()))
+    print("  kick: the vCPU leaves the guest to userspace (EINTR, a signal exit) and re-enters with the "
+          "vector.\n  The kernel paths kick the vCPU inside the kernel (an exit that never reaches "
+          "userspace) and inject\n  at the next entry.")
 
 
 def _inject_sequence(session: GuestSession, timeline: Timeline) -> None:

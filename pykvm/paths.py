@@ -18,7 +18,9 @@ thread) and ``ipi`` (another vCPU writes its ICR).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
 import threading
 import time
@@ -39,6 +41,7 @@ IOAPIC_PIN = 19            # >= 16: an IOAPIC-only GSI (0-15 also reach the 8259
 IRQFD_GSI = 100
 DELIVERY_TIMEOUT = 1.0          # seconds one interrupt may take before the path is declared broken
 IA32_TSC = 0x10
+POLL_INTERVAL = 20e-6          # seconds between looks at the guest log while waiting
 
 PATHS: dict[str, str] = {
     "kick": "userspace: kick + KVM_INTERRUPT",
@@ -49,23 +52,51 @@ PATHS: dict[str, str] = {
 }
 
 
+TABLE_HEADER = (f"{'path':38} {'impl':6} {'irq/s':>7} {'p50 us':>8} {'p99 us':>8} "
+                f"{'exits/irq':>9} {'sig/irq':>9} {'inj/irq':>9}")
+TABLE_LEGEND = ("exits/irq: the target vCPU's `exits` counter (stats fd) per interrupt, in-kernel "
+                "exits included;\nsig/irq: its `signal_exits` (KVM_RUN left for a signal: the userspace "
+                "kick); inj/irq: its `irq_injections`")
+
+# The target vCPU's stats-fd counters recorded over each path's deliveries.
+COUNTERS = ("exits", "signal_exits", "irq_injections", "irq_window_exits")
+
+
 @dataclasses.dataclass
 class PathMeasurement:
-    """One path's deliveries: latencies (ns), wall time and the target vCPU's exits."""
+    """One path's deliveries: latencies (ns), wall time and the target vCPU's counters over them."""
 
     path: str
     latencies_ns: list[float]
     elapsed_s: float
-    exits: int
+    counters: dict[str, int]
     implementation: str = "python"
 
     @property
     def count(self) -> int:
         return len(self.latencies_ns)
 
+    def per_interrupt(self, counter: str) -> float:
+        """A stats-fd counter's change divided by the interrupts delivered."""
+        return self.counters[counter] / self.count
+
     @property
     def exits_per_interrupt(self) -> float:
-        return self.exits / self.count
+        return self.per_interrupt("exits")
+
+    @classmethod
+    def merge(cls, runs: list["PathMeasurement"]) -> "PathMeasurement":
+        """Several rounds of one path and implementation as one measurement."""
+        return cls(runs[0].path, [lat for run in runs for lat in run.latencies_ns],
+                   sum(run.elapsed_s for run in runs),
+                   {name: sum(run.counters[name] for run in runs) for name in runs[0].counters},
+                   runs[0].implementation)
+
+    def row(self) -> str:
+        """One line of the table whose header is :data:`TABLE_HEADER`."""
+        return (f"{PATHS[self.path]:38} {self.implementation:6} {self.rate:7.0f} {self.p50_us:8.1f} "
+                f"{self.p99_us:8.1f} {self.exits_per_interrupt:9.2f} "
+                f"{self.per_interrupt('signal_exits'):9.2f} {self.per_interrupt('irq_injections'):9.2f}")
 
     @property
     def rate(self) -> float:
@@ -85,11 +116,38 @@ class PathMeasurement:
         return self.percentile(99) / 1000
 
 
+def _cpu_split() -> tuple[set[int], set[int]] | None:
+    """(injector CPUs, target vCPU CPUs): the first and last CPU this process may use, or None.
+
+    Pinning the two threads apart makes every path measure the same thing, a
+    delivery to a vCPU running on another CPU. Left to the scheduler, the two
+    threads sometimes share a CPU, and then a kernel path's "kick" finds the
+    vCPU not running, which is a different (and on kvm_pvm much faster) case.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, {cpus[-1]}) if len(cpus) >= 2 else None
+
+
+@contextlib.contextmanager
+def _pinned_injector(split: tuple[set[int], set[int]] | None):
+    """Run the calling (injecting) thread on the injector CPU for the block, then restore it."""
+    if split is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, split[0])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
 class _Target:
     """A long-mode guest on a VM of the path's irqchip mode, spinning with IF=1 in its own thread."""
 
-    def __init__(self, kvm, path: str) -> None:
+    def __init__(self, kvm, path: str, vcpu_cpus: set[int] | None = None) -> None:
         self.path = path
+        self.vcpu_cpus = vcpu_cpus
         irqchip = "none" if path == "kick" else "kernel"
         self.vm = kvm.create_vm(irqchip=irqchip)
         try:
@@ -104,6 +162,9 @@ class _Target:
             self.session.command(Command.STI)
             self.tsc_hz = self.vcpu.tsc_khz * 1000
             self.tsc_offset = self._guest_tsc_offset()
+            # KVM_GET_STATS_FD is a vCPU ioctl: it would wait for the vCPU mutex, which a
+            # vCPU spinning inside KVM_RUN with no exits never releases. Open it now.
+            self.stats = self.vcpu.stats
             self.session.send(Command.SPIN, SPIN_FOREVER)
             self.thread = VcpuThread(self.vcpu, self._run)
         except BaseException:
@@ -118,12 +179,14 @@ class _Target:
         return guest - (before + after) // 2
 
     def _run(self, stopping: threading.Event) -> None:
+        if self.vcpu_cpus:
+            os.sched_setaffinity(0, self.vcpu_cpus)      # this thread only
         session = self.session
         while not stopping.is_set():
             stop = session.run()
             if stop.kind == StopKind.SYNC:            # the spin ended: spin again
                 session.send(Command.SPIN, SPIN_FOREVER)
-            elif stop.kind not in (StopKind.KICKED, StopKind.HLT, StopKind.VECTOR):
+            elif stop.kind not in (StopKind.KICKED, StopKind.HLT, StopKind.VECTOR, StopKind.WINDOW):
                 raise PyKvmError(f"path {self.path}: unexpected stop {stop.describe()}")
 
     @property
@@ -133,6 +196,10 @@ class _Target:
     def wait_for(self, count: int) -> None:
         deadline = time.monotonic() + DELIVERY_TIMEOUT
         while self.session.log_count() < count:
+            # Sleep rather than spin: the kick path's vCPU thread needs the GIL to take its
+            # EINTR exit and inject, and a spinning waiter would hold it for the whole 5 ms
+            # switch interval.
+            time.sleep(POLL_INTERVAL)
             if time.monotonic() > deadline:
                 raise PyKvmError(f"path {self.path}: interrupt {count} not delivered within "
                                  f"{DELIVERY_TIMEOUT} s")
@@ -192,20 +259,21 @@ def measure(kvm, path: str, count: int = 200) -> PathMeasurement:
     The injecting thread is the caller's; the target vCPU runs in its own
     thread, so every path (irqfd included) comes from outside the vCPU thread.
     """
-    target = _Target(kvm, path)
+    split = _cpu_split()
+    target = _Target(kvm, path, split and split[1])
     try:
         inject = _injector(target)
         first = target.log_count
         sent: list[int] = []
-        before = target.vcpu.stats.read()
-        start = time.perf_counter()
-        for i in range(count):
-            sent.append(lib.pykvm_rdtsc())
-            inject()
-            target.wait_for(first + i + 1)
-        elapsed = time.perf_counter() - start
-        exits = target.vcpu.stats.read()["exits"] - before["exits"]
-        return PathMeasurement(path, target.latencies(sent, first), elapsed, exits)
+        with _pinned_injector(split), target.stats.delta(*COUNTERS) as counters:
+            start = time.perf_counter()
+            for i in range(count):
+                sent.append(lib.pykvm_rdtsc())
+                inject()
+                target.wait_for(first + i + 1)
+            elapsed = time.perf_counter() - start
+        return PathMeasurement(path, target.latencies(sent, first), elapsed,
+                               {name: counters[name] for name in COUNTERS})
     finally:
         target.close()
 
@@ -214,7 +282,8 @@ def measure_c_baseline(kvm, path: str, count: int = 200) -> PathMeasurement:
     """The ``msi`` / ``irqfd`` path driven by the C injector (``pykvm_bench_inject``), same guest setup."""
     if path not in ("msi", "irqfd"):
         raise ValueError("the C injector covers the msi and irqfd paths")
-    target = _Target(kvm, path)
+    split = _cpu_split()
+    target = _Target(kvm, path, split and split[1])
     try:
         message = apic.compose_msi(destination=target.vcpu.id, vector=VECTOR)
         msi = ffi.new("struct kvm_msi *", {"address_lo": message.address_lo,
@@ -228,14 +297,15 @@ def measure_c_baseline(kvm, path: str, count: int = 200) -> PathMeasurement:
                              target.vm.memory.host_pointer(target.session.area.log, 4))
         sent = ffi.new("unsigned long long[]", count)
         first = target.log_count
-        before = target.vcpu.stats.read()
-        start = time.perf_counter()
-        done = lib.pykvm_bench_inject(kind, fd, msi, log_count, count, sent,
-                                      int(DELIVERY_TIMEOUT * target.tsc_hz))
-        elapsed = time.perf_counter() - start
+        with _pinned_injector(split), target.stats.delta(*COUNTERS) as counters:
+            start = time.perf_counter()
+            done = lib.pykvm_bench_inject(kind, fd, msi, log_count, count, sent,
+                                          int(DELIVERY_TIMEOUT * target.tsc_hz),
+                                          int(POLL_INTERVAL * 1e9))
+            elapsed = time.perf_counter() - start
         if done != count:
             raise PyKvmError(f"C injector, path {path}: delivered {done} of {count} interrupts")
-        exits = target.vcpu.stats.read()["exits"] - before["exits"]
-        return PathMeasurement(path, target.latencies(list(sent), first), elapsed, exits, "c")
+        return PathMeasurement(path, target.latencies(list(sent), first), elapsed,
+                               {name: counters[name] for name in COUNTERS}, "c")
     finally:
         target.close()
