@@ -180,8 +180,12 @@ class Vm(FdObject):
         if not any(route.gsi == gsi for route in self.routes):
             routed = sorted({route.gsi for route in self.routes})
             span = f"GSIs {routed[0]}..{routed[-1]}" if routed else "no GSIs"
-            raise InvalidRouting(f"GSI {gsi} has no route (this VM routes {span}); add one with "
-                                 f"vm.set_gsi_routing(vm.routes + (IrqchipRoute(...) or MsiRoute(...),))")
+            if self.irqchip.ioapic_in_kernel:
+                fix = "vm.set_gsi_routing(vm.routes + (IrqchipRoute(...) or MsiRoute(...),))"
+            else:                   # split: the PIC and IOAPIC a GSI would reach are in userspace
+                fix = ("vm.set_gsi_routing(vm.routes + (MsiRoute(...),)); with irqchip='split' "
+                       "the PIC and IOAPIC are userspace's, so a GSI can only be routed to an MSI")
+            raise InvalidRouting(f"GSI {gsi} has no route (this VM routes {span}); add one with {fix}")
         with_status = self._has_inject_status
         arg = ffi.new("struct kvm_irq_level *", {"irq": gsi, "level": int(bool(level))})
         self._ioctl(Ioctl.IRQ_LINE_STATUS if with_status else Ioctl.IRQ_LINE, arg)

@@ -336,3 +336,26 @@ def test_pic_routing_entry_refused_in_split_mode(machine):
     [guest] = machine(irqchip="split")
     with pytest.raises(Exception, match="irqchip route needs the in-kernel PIC/IOAPIC"):
         guest.vcpu.vm.set_gsi_routing([IrqchipRoute(3, IrqchipId.IOAPIC, 3)])
+
+
+def test_split_irqchip_takes_msis_and_userspace_pic_interrupts(machine):
+    # Split: the LAPIC is in the kernel (MSIs reach it), the PIC/IOAPIC are userspace's, whose
+    # interrupts come in with KVM_INTERRUPT when the last exit reported ready.
+    [guest] = machine(irqchip="split")
+    guest.apic_enable()
+    vm = guest.vcpu.vm
+    guest.command(Command.STI)
+    vm.signal_msi(destination=0, vector=0x45)
+    guest.command(Command.NOP)
+    assert guest.vcpu.kvm_run.ready_for_interrupt_injection
+    guest.vcpu.interrupt(0x46)
+    guest.command(Command.NOP)
+    assert [(r.vector, r.cpu, r.rip) for r in guest.log()] == [(0x45, 0, guest.address("sync_done")),
+                                                               (0x46, 0, guest.address("sync_done"))]
+    with pytest.raises(Exception, match="can only be routed to an MSI"):
+        vm.irq_line(16, 1)
+    vm.set_gsi_routing(vm.routes + (MsiRoute(16, apic.compose_msi(destination=0, vector=0x47)),))
+    vm.irq_line(16, 1)
+    vm.irq_line(16, 0)
+    guest.command(Command.NOP)
+    assert guest.log()[-1].vector == 0x47
