@@ -36,10 +36,7 @@ class Behaviour:
         return self.holds
 
 
-_PVM_SPEC = "measured on kvm_pvm (hosts.md section 1)"
-_AMD = "measured on kvm_amd under QEMU TCG (hosts.md section 2)"
 _INTEL = "expected from the Intel SDM and KVM's vmx code, unverified here"
-_ARCH = "architectural expectation, this vendor module is not known to pykvm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,30 +60,10 @@ class HostInfo:
 
     def differences(self) -> list[str]:
         """Plain-words list of where this host departs from the architecture / VT-x."""
-        notes = {
-            "sends_irq_window_exits": "sends no KVM_EXIT_IRQ_WINDOW_OPEN; a queued interrupt "
-                                      "is injected at the next exit that reports ready",
-            "io_exit_rip_at_out": "reports RIP already past the `out` at a KVM_EXIT_IO",
-            "long_mode_interrupt_shadow": "has no STI / MOV SS interrupt shadow in long mode",
-            "protected_mode_iret": "cannot emulate IRET in 32-bit protected mode "
-                                   "(KVM_EXIT_INTERNAL_ERROR after the first delivery)",
-            "software_interrupts": "cannot execute INT3 / INT n in protected or long "
-                                   "mode (KVM_EXIT_INTERNAL_ERROR)",
-            "nmi_delivered_at_iret": "does not deliver an NMI that waited for IRET right after "
-                                     "the IRET; it stays pending until the next VM entry",
-            "real_mode_ud2": "cannot emulate UD2 in real mode (KVM_EXIT_INTERNAL_ERROR "
-                             "instead of #UD)",
-            "lapic_tracks_in_service": "leaves the in-kernel LAPIC's ISR empty (PPR 0) while "
-                                       "the guest handles a vector it delivered; a level-triggered "
-                                       "vector stays in the IRR and is delivered again at the "
-                                       "next VM entry, and a resampling irqfd is resampled "
-                                       "without a guest EOI",
-            "lapic_delivers_when_unblocked": "delivers a pending in-kernel LAPIC vector only at a "
-                                             "VM entry, not as soon as the guest unblocks it "
-                                             "(STI, IRET, EOI, TPR write)",
-        }
-        return [f"{self.name} {text} ({getattr(self, field).reason})"
-                for field, text in notes.items() if not getattr(self, field)]
+        from .conformance import EXPECTATIONS
+        return [f"{row.title}: {row.explain(known.outcome)} ({known.source})"
+                for row in EXPECTATIONS.values() if row.fact is not None
+                for known in [row.known(self.vendor)] if known.outcome != row.expected]
 
     def explain_internal_error(self, exit, mode) -> tuple[str, bool]:
         """Plain words for an ``InternalErrorExit`` in ``mode``; True if a documented host limit."""
@@ -139,32 +116,14 @@ def _explain_internal_error(host: "HostInfo", exit, mode) -> tuple[str, bool]:
 
 
 def _facts(vendor: VendorModule) -> dict[str, Behaviour]:
-    if vendor == VendorModule.PVM:
-        return dict(
-            sends_irq_window_exits=Behaviour(False, _PVM_SPEC, True),
-            io_exit_rip_at_out=Behaviour(False, _PVM_SPEC, True),
-            long_mode_interrupt_shadow=Behaviour(False, "PVM's spec: no shadow in native long mode; "
-                                                 + _PVM_SPEC, True),
-            protected_mode_iret=Behaviour(False, "PVM emulates protected mode; " + _PVM_SPEC, True),
-            software_interrupts=Behaviour(False, _PVM_SPEC + " for long mode; protected mode "
-                                          "measured by pykvm's tests", True),
-            real_mode_ud2=Behaviour(False, "measured by pykvm's tests on kvm_pvm (hosts.md "
-                                    "section 1 lists ud2 as delivered; not so here): KVM's "
-                                    "emulator has no decoding for UD2", True),
-            nmi_delivered_at_iret=Behaviour(False, "measured by pykvm's tests on kvm_pvm: no "
-                                            "NMI-window exit, like the IRQ window", True),
-            lapic_tracks_in_service=Behaviour(False, "measured by pykvm's tests on kvm_pvm "
-                                              "(tests/test_irqchip.py): KVM_GET_LAPIC and the "
-                                              "guest's own ISR/PPR reads show nothing in service", True),
-            lapic_delivers_when_unblocked=Behaviour(False, "hosts.md section 1 (MSI while IF=0), "
-                                                    "and pykvm's tests for IRET and EOI", True),
-        )
-    source, verified = {VendorModule.AMD: (_AMD, True), VendorModule.INTEL: (_INTEL, False)}.get(
-        vendor, (_ARCH, False))
-    return {name: Behaviour(True, source, verified) for name in (
-        "sends_irq_window_exits", "io_exit_rip_at_out", "long_mode_interrupt_shadow",
-        "protected_mode_iret", "software_interrupts", "real_mode_ud2",
-        "nmi_delivered_at_iret", "lapic_tracks_in_service", "lapic_delivers_when_unblocked")}
+    """Each HostInfo fact, derived from its row of the conformance table (pykvm.conformance)."""
+    from .conformance import EXPECTATIONS
+    facts = {}
+    for row in EXPECTATIONS.values():
+        if row.fact is not None:
+            known = row.known(vendor)
+            facts[row.fact] = Behaviour(known.outcome == row.expected, known.source, known.verified)
+    return facts
 
 
 def detect_vendor(sys_module: str = "/sys/module") -> VendorModule:

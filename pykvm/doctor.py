@@ -1,0 +1,220 @@
+"""``python -m pykvm.doctor``: what this KVM host is, what it offers, and how it delivers events.
+
+Why this exists: VT-x, AMD-V and paravirtual hosts such as kvm_pvm differ in
+interrupt semantics, and a test author must be able to tell "KVM is broken"
+from "this host legitimately differs". The doctor prints:
+
+* the host's identity: vendor module, kernel and API version, CPU model,
+  whether it is itself a guest, and ``/dev/kvm``'s permissions;
+* the capabilities pykvm uses, each with the feature it gates;
+* every probe of :mod:`pykvm.probes` run live, judged against the table in
+  :mod:`pykvm.conformance`: probe | expected | observed | verdict, and a line
+  for each difference.
+
+``--json`` prints the same for machines; ``--markdown`` prints the table of
+what every vendor module does (the one in ``docs/host-conformance.md``).
+A differing host is information: the exit status is 0 unless pykvm itself
+failed (1) or ``/dev/kvm`` cannot be used (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import stat
+import sys
+from typing import Optional
+
+from . import conformance, probes
+from .constants import Cap
+from .errors import KvmUnavailableError, PyKvmError
+from .host import VendorModule, detect_vendor
+from .kvm import DEFAULT_PATH, Kvm
+
+# The capabilities pykvm uses, with what each one gates.
+CAPABILITIES: list[tuple[Cap, str]] = [
+    (Cap.IRQCHIP, "in-kernel PIC/IOAPIC/LAPIC (create_vm(irqchip='kernel'))"),
+    (Cap.SPLIT_IRQCHIP, "in-kernel LAPIC only (irqchip='split')"),
+    (Cap.PIT2, "in-kernel 8254 timer (vm.create_pit())"),
+    (Cap.USER_NMI, "KVM_NMI from userspace (vcpu.nmi())"),
+    (Cap.IRQ_ROUTING, "GSI routing (vm.set_gsi_routing())"),
+    (Cap.IRQ_INJECT_STATUS, "delivered/coalesced status of vm.irq_line()"),
+    (Cap.SIGNAL_MSI, "vm.signal_msi()"),
+    (Cap.IRQFD, "vm.irqfd()"),
+    (Cap.IRQFD_RESAMPLE, "level-triggered irqfd with resample"),
+    (Cap.IOEVENTFD, "vm.ioeventfd()"),
+    (Cap.IMMEDIATE_EXIT, "vcpu.kick()"),
+    (Cap.VCPU_EVENTS, "vcpu.events (NMI / interrupt shadow state)"),
+    (Cap.SET_GUEST_DEBUG, "vcpu.set_single_step()"),
+    (Cap.TSC_DEADLINE_TIMER, "LAPIC TSC-deadline timer mode"),
+    (Cap.X2APIC_API, "x2APIC IDs in KVM_GET/SET_LAPIC"),
+    (Cap.BINARY_STATS_FD, "vm.stats / vcpu.stats"),
+    (Cap.GET_TSC_KHZ, "vcpu.tsc_khz (latency in the path comparison)"),
+    (Cap.X86_SMM, "SMM (not used by pykvm's guests)"),
+    (Cap.NESTED_STATE, "nested virtualization state (not used)"),
+    (Cap.MAX_VCPUS, "most vCPUs per VM"),
+    (Cap.NR_VCPUS, "recommended vCPUs per VM"),
+]
+
+
+@dataclasses.dataclass
+class Identity:
+    """Who this host is."""
+
+    vendor: str
+    kernel: str
+    api_version: Optional[int]
+    cpu_model: str
+    host_is_a_guest: bool
+    dev_kvm: str
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _dev_kvm(path: str) -> str:
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    try:
+        import grp
+        import pwd
+        owner = f"{pwd.getpwuid(info.st_uid).pw_name}:{grp.getgrgid(info.st_gid).gr_name}"
+    except KeyError:
+        owner = f"{info.st_uid}:{info.st_gid}"
+    usable = "usable by you" if os.access(path, os.R_OK | os.W_OK) else "NOT readable+writable by you"
+    return f"{path} {stat.filemode(info.st_mode)} {owner}, {usable}"
+
+
+def identity(kvm: Kvm | None) -> Identity:
+    return Identity(vendor=detect_vendor().value, kernel=platform.release(),
+                    api_version=kvm.api_version if kvm else None,
+                    cpu_model=_cpuinfo_field("model name") or "unknown",
+                    host_is_a_guest="hypervisor" in _cpuinfo_field("flags").split(),
+                    dev_kvm=_dev_kvm(kvm.path if kvm else DEFAULT_PATH))
+
+
+def capabilities(kvm: Kvm) -> list[dict]:
+    return [{"capability": f"KVM_CAP_{cap.name}", "value": kvm.check_extension(cap), "gates": gates}
+            for cap, gates in CAPABILITIES]
+
+
+def examine(kvm: Kvm) -> list[conformance.Verdict]:
+    """Run every probe and judge it; probes the table does not know are reported as failures."""
+    vendor = detect_vendor()
+    verdicts = []
+    for probe, observation in probes.run_all(kvm).items():
+        if probe in conformance.EXPECTATIONS:
+            verdicts.append(conformance.judge(probe, observation.outcome, observation.detail, vendor))
+        else:
+            verdicts.append(conformance.Verdict(probe, probe, "-", observation.outcome, "probe failed",
+                                                observation.detail, "-", False, observation.detail))
+    return verdicts
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows]
+
+
+def report(ident: Identity, caps: list[dict], verdicts: list[conformance.Verdict]) -> str:
+    vendor = VendorModule(ident.vendor)
+    lines = ["== host",
+             f"  vendor module   {ident.vendor}",
+             f"  kernel          {ident.kernel} (KVM API {ident.api_version})",
+             f"  CPU             {ident.cpu_model}",
+             f"  host is a guest {'yes (CPUID hypervisor bit)' if ident.host_is_a_guest else 'no'}",
+             f"  /dev/kvm        {ident.dev_kvm}", "", "== capabilities"]
+    lines += _table([[c["capability"], "yes" if c["value"] else "no",
+                      str(c["value"]) if c["value"] > 1 else "", c["gates"]] for c in caps])
+    lines += ["", f"== probes (expected: architecture / KVM documentation; record: pykvm's table "
+                  f"for {vendor.value})"]
+    lines += _table([["probe", "expected", "observed", "verdict", "record"]] + [
+        [v.probe, v.expected, str(v.observed), v.verdict, "as recorded" if v.matches_record
+         else f"NOT as recorded ({v.recorded})"] for v in verdicts])
+    differing = [v for v in verdicts if v.verdict != "conforms"]
+    if differing:
+        lines += ["", "== differences"]
+        lines += [f"  {v.probe}: {v.explanation}\n    seen: {v.detail}" for v in differing]
+    counts = {name: sum(v.verdict == name for v in verdicts)
+              for name in ("conforms", "differs", "unsupported", "probe failed")}
+    unrecorded = [v.probe for v in verdicts if not v.matches_record]
+    lines += ["", "== summary", "  " + ", ".join(f"{n} {name}" for name, n in counts.items()),
+              f"  outcomes not matching pykvm's record for {vendor.value}: "
+              f"{', '.join(unrecorded) if unrecorded else 'none'}"]
+    return "\n".join(lines)
+
+
+DOCS_HEADER = """# What each KVM host does
+
+Generated by `python -m pykvm.doctor --markdown` from `pykvm/conformance.py`, the
+table the doctor judges a live run against and the tests take their expectations
+from. kvm_pvm was measured on this project's CI host, kvm_amd on the upstream
+module under QEMU's emulated AMD-V (`python -m pykvm.hosts tcg-amd -- python -m
+pykvm.doctor`); VT-x entries are expectations from the Intel SDM and KVM's vmx
+code, unverified here. Run `python -m pykvm.doctor` to see your own host.
+
+"""
+
+
+def markdown_table() -> str:
+    """Probe x host: what pykvm recorded for kvm_pvm, kvm_amd and (expected) VT-x."""
+    hosts = [VendorModule.PVM, VendorModule.AMD, VendorModule.INTEL]
+    lines = ["| probe | expected (architecture / KVM docs) | kvm_pvm | kvm_amd (QEMU TCG) | "
+             "VT-x (kvm_intel) |", "|---|---|---|---|---|"]
+    for row in conformance.EXPECTATIONS.values():
+        cells = []
+        for vendor in hosts:
+            known = row.known(vendor)
+            mark = "" if known.outcome == row.expected else " **(differs)**"
+            cells.append(f"{known.outcome}{mark}{'' if known.verified else ' (expected, unverified here)'}")
+        lines.append(f"| `{row.probe}`: {row.title} | {row.expected} | {' | '.join(cells)} |")
+    lines += ["", "Sources:", ""]
+    lines += [f"- `{row.probe}`: {row.source}" for row in conformance.EXPECTATIONS.values()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pykvm.doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print pykvm's probe x host table (docs/host-conformance.md) and exit")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(DOCS_HEADER + markdown_table())
+        return 0
+    try:
+        with Kvm() as kvm:
+            ident, caps, verdicts = identity(kvm), capabilities(kvm), examine(kvm)
+    except KvmUnavailableError as exc:
+        print(f"pykvm doctor: cannot use KVM: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"host": dataclasses.asdict(identity(None)), "error": str(exc)}, indent=1))
+        return 2
+    except PyKvmError as exc:
+        print(f"pykvm doctor: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"host": dataclasses.asdict(ident), "capabilities": caps,
+                          "probes": [dataclasses.asdict(v) for v in verdicts]}, indent=1))
+    else:
+        print(report(ident, caps, verdicts))
+    return 1 if any(v.verdict == "probe failed" for v in verdicts) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
