@@ -57,6 +57,8 @@ class Ioctl(enum.IntEnum):
     SET_GSI_ROUTING = _iow(0x6A, "struct kvm_irq_routing")
     IRQFD = _iow(0x76, "struct kvm_irqfd")
     CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
+    GET_PIT2 = _ior(0x9f, "struct kvm_pit_state2")
+    SET_PIT2 = _iow(0xa0, "struct kvm_pit_state2")
     IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
     SIGNAL_MSI = _iow(0xA5, "struct kvm_msi")
     # vCPU

@@ -106,3 +106,25 @@ def default_routes(mode: IrqchipMode) -> tuple[Route, ...]:
             routes.append(IrqchipRoute(gsi, chip, gsi % PINS_PER_PIC))
         routes.append(IrqchipRoute(gsi, IrqchipId.IOAPIC, gsi))
     return tuple(routes)
+
+
+PIT_HZ = 1_193_182          # the 8254's input clock
+
+
+@dataclasses.dataclass(frozen=True)
+class PitChannel:
+    """One 8254 channel as ``KVM_GET_PIT2`` reports it."""
+
+    count: int              # the reload value; 0 stands for 65536
+    mode: int               # 0-5; KVM reports 0xff for a channel never programmed
+    gate: int
+    rw_mode: int            # 1 LSB, 2 MSB, 3 LSB then MSB
+
+    @classmethod
+    def from_c(cls, channel) -> "PitChannel":
+        return cls(channel.count, channel.mode, channel.gate, channel.rw_mode)
+
+    @property
+    def period(self) -> float:
+        """Seconds between two terminal counts (the tick period in modes 2 and 3)."""
+        return (self.count or 0x10000) / PIT_HZ

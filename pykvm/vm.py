@@ -21,7 +21,7 @@ from .errors import InvalidRouting, IrqchipModeError, KvmError, PyKvmError
 from .eventfds import Ioeventfd, Irqfd
 from .fdobject import FdObject
 from .ioctls import Ioctl
-from .irqchip import IrqchipMode, IrqchipRoute, MsiRoute, Route, default_routes
+from .irqchip import IrqchipMode, IrqchipRoute, MsiRoute, PitChannel, Route, default_routes
 from .memory import GuestMemory
 from .state import record
 from .stats import Stats
@@ -68,6 +68,7 @@ class Vm(FdObject):
         self.kvm = kvm
         self.vcpus: list["Vcpu"] = []
         self.irqchip = IrqchipMode.NONE
+        self.has_pit = False
         self.routes: tuple[Route, ...] = ()
         self._eventfds: list[Irqfd | Ioeventfd] = []
         self.memory = GuestMemory(self)
@@ -160,6 +161,38 @@ class Vm(FdObject):
         self.kvm.require(Cap.PIT2, "the in-kernel PIT")
         self._ioctl(Ioctl.CREATE_PIT2, ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY}),
                     hint="a VM has at most one PIT")
+        self.has_pit = True
+
+    def _pit_state2(self):
+        if not self.has_pit:
+            raise IrqchipModeError("this VM has no in-kernel PIT; create it with "
+                                   "kvm.create_vm(irqchip='kernel', pit=True) or vm.create_pit2()")
+        state = ffi.new("struct kvm_pit_state2 *")
+        self._ioctl(Ioctl.GET_PIT2, state)
+        return state
+
+    @property
+    def pit_channels(self) -> tuple[PitChannel, ...]:
+        """``KVM_GET_PIT2``: the three 8254 channels (count, mode, gate ...)."""
+        return tuple(PitChannel.from_c(channel) for channel in self._pit_state2().channels)
+
+    def program_pit(self, count: int, mode: int = 2, channel: int = 0) -> None:
+        """``KVM_SET_PIT2``: load ``channel`` with ``count`` in ``mode``, as a guest's OUTs to 0x43/0x40 would.
+
+        Channel 0 drives GSI 0 (IRQ0 of the master 8259, IOAPIC pin 2): mode 2 (rate
+        generator) or 3 (square wave) fires every ``count`` / 1.193182 MHz seconds,
+        modes 0, 1 and 4 once.
+        """
+        if not 0 <= channel <= 2:
+            raise ValueError(f"PIT channel {channel} does not exist; the 8254 has channels 0, 1, 2")
+        if not 0 <= mode <= 5:
+            raise ValueError(f"PIT mode {mode} does not exist; the 8254 has modes 0-5")
+        if not 1 <= count <= 0x10000:
+            raise ValueError(f"PIT count {count} is outside 1..65536 (65536 is loaded as 0)")
+        state = self._pit_state2()
+        target = state.channels[channel]
+        target.mode, target.count, target.rw_mode, target.gate = mode, count & 0xFFFF, 3, 1
+        self._ioctl(Ioctl.SET_PIT2, state)
 
     def _require_irqchip(self, needed: IrqchipMode, what: str) -> None:
         ok = self.irqchip.ioapic_in_kernel if needed == IrqchipMode.KERNEL else self.irqchip.lapic_in_kernel

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from pykvm import apic
+from pykvm import apic, guests
 from pykvm.apic import ApicReg, DeliveryMode, RedirectionEntry, TimerMode
 from pykvm.constants import ExitReason, IrqchipId
 from pykvm.irq import UserspaceIrqController
@@ -359,3 +359,26 @@ def test_split_irqchip_takes_msis_and_userspace_pic_interrupts(machine):
     vm.irq_line(16, 0)
     guest.command(Command.NOP)
     assert guest.log()[-1].vector == 0x47
+
+
+def test_pit_ticks_through_the_8259_at_the_programmed_period(kvm):
+    # KVM_CREATE_PIT2 + KVM_SET_PIT2: channel 0 in mode 2 drives IRQ0 of the master 8259,
+    # which the real-mode guest set to vector 0x20. Each tick wakes the guest from `sti; hlt`.
+    vm = kvm.create_vm(irqchip="kernel", pit=True)
+    with vm:
+        [guest] = guests.boot_cpus(vm, "real", 1)
+        assert vm.pit_channels[0].mode == 0xFF                 # never programmed
+        guest.pic_init(master_base=0x20, slave_base=0x28)
+        count = 11932                                          # 10 ms at 1.193182 MHz
+        vm.program_pit(count)
+        channel = vm.pit_channels[0]
+        assert (channel.count, channel.mode) == (count, 2)
+        for _ in range(5):
+            guest.command(Command.STI_HLT)
+            guest.command(Command.CLI)
+        log = guest.log()
+        assert [(r.vector, r.rip) for r in log] == [(0x20, guest.address("sti_hlt_end"))] * 5
+        tsc_hz = guest.vcpu.tsc_khz * 1000
+        gaps = [(b.tsc - a.tsc) / tsc_hz for a, b in zip(log, log[1:])]
+        assert all(0.5 * channel.period < gap < 3 * channel.period for gap in gaps), gaps
+        assert vm.irqchip_state.pic_master.isr == frozenset()  # the handler EOId

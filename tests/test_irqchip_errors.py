@@ -129,3 +129,15 @@ def test_irqchip_objects_leak_no_fds(kvm):
             vm.stats.read()
             vcpu.stats.read()
     assert process.num_fds() == before
+
+
+def test_pit_state_needs_a_pit_and_valid_values(kvm):
+    with kvm.create_vm(irqchip="kernel") as vm:
+        with pytest.raises(IrqchipModeError, match="no in-kernel PIT.*pit=True"):
+            vm.program_pit(1000)
+        vm.create_pit2()
+        for bad, match in [(dict(count=0), "outside 1..65536"), (dict(count=10, mode=6), "modes 0-5"),
+                           (dict(count=10, channel=3), "channels 0, 1, 2")]:
+            with pytest.raises(ValueError, match=match):
+                vm.program_pit(**bad)
+        assert vm.pit_channels[0].mode == 0xFF                 # nothing was loaded
