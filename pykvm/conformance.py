@@ -15,7 +15,8 @@ import dataclasses
 from .host import _INTEL as INTEL_EXPECTED, VendorModule
 
 PVM_MEASURED = "measured on kvm_pvm by python -m pykvm.doctor (Linux 6.18, nested under KVM)"
-AMD_MEASURED = "measured on kvm_amd (Linux 6.1, QEMU TCG -cpu max) by python -m pykvm.hosts tcg-amd"
+AMD_MEASURED = ("measured on kvm_amd (Debian Linux 6.12.117, under QEMU TCG -cpu max) by "
+                "python -m pykvm.hosts tcg-amd -- python -m pykvm.doctor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +162,22 @@ EXPECTATIONS: dict[str, Expectation] = {row.probe: row for row in [
         "api.rst KVM_SET_GUEST_DEBUG, KVM_GUESTDBG_SINGLESTEP",
         _measured_everywhere("one exit per instruction", "one exit per instruction")),
     Expectation(
-        "hlt_single_step", "HLT executed under single-step", "debug exit past the hlt",
-        "x86.c kvm_emulate_halt -> kvm_skip_emulated_instruction -> kvm_vcpu_do_singlestep: the "
-        "single-step exit wins and the vCPU does not halt",
-        _measured_everywhere("debug exit past the hlt", "debug exit past the hlt")),
+        "step_sti_shadow", "single-step over `sti`: where the next debug exit comes",
+        "stops in the shadow", "Intel SDM Vol. 3A 6.8.3 holds debug exceptions only after MOV SS / "
+        "POP SS; STI delays interrupts, not the single-step trap",
+        _measured_everywhere("stops in the shadow", "trap held past the shadowed instruction"),
+        {"trap held past the shadowed instruction": "the host treats the STI shadow like MOV SS's "
+                                                    "and holds the single-step trap over the next "
+                                                    "instruction"},
+        "single_step_stops_in_sti_shadow"),
+    Expectation(
+        "hlt_single_step", "HLT executed under single-step", "halts",
+        "Intel SDM Vol. 2A 'HLT' (the processor halts until an interrupt, NMI, SMI or INIT; the "
+        "single-step trap follows the completed instruction); api.rst KVM_EXIT_HLT",
+        _measured_everywhere("debug exit past the hlt", "halts"),
+        {"debug exit past the hlt": "KVM skips the hlt and reports the single-step first "
+                                    "(x86.c kvm_emulate_halt -> kvm_skip_emulated_instruction); "
+                                    "the vCPU never halts"}),
     Expectation(
         "triple_fault", "triple fault (IDT limit 0, then #DE)", "KVM_EXIT_SHUTDOWN",
         "api.rst KVM_EXIT_SHUTDOWN; Intel SDM Vol. 3A 'Interrupt 8 - Double Fault Exception'",

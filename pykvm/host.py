@@ -53,6 +53,7 @@ class HostInfo:
     nmi_delivered_at_iret: Behaviour
     lapic_tracks_in_service: Behaviour
     lapic_delivers_when_unblocked: Behaviour
+    single_step_stops_in_sti_shadow: Behaviour
 
     @property
     def name(self) -> str:

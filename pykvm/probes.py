@@ -246,63 +246,111 @@ def lapic_in_service(kvm) -> dict[str, Observation]:
                                                   f"{sorted(hex(v) for v in isr) or 'empty'}")}
 
 
-def _shadow(kvm, probe: str, command: Command, interrupts_on: bool, shadowed: str, end: str):
-    """Single-step to the instruction in a shadow, raise an MSI there, step once: where is it taken?"""
-    try:
-        kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
-        vm, guest = _lapic_session(kvm)
-    except CapabilityMissing as exc:
-        return {probe: _unsupported(exc)}
-    with vm:
-        vcpu = guest.vcpu
-        guest.command(Command.STI if interrupts_on else Command.CLI)
-        guest.send(command)
-        vcpu.set_single_step(True)
-        _step_to(guest, shadowed)
-        shadow = vcpu.events.interrupt.shadow
-        vm.signal_msi(destination=0, vector=MSI_VECTOR)
-        vcpu.run()
-        vcpu.set_single_step(False)
-        guest.run_until(StopKind.SYNC)
-        [taken] = guest.log()
-        places = {guest.address(end): "held for one instruction",
-                  guest.address(shadowed): "taken at once (no shadow)"}
-        return {probe: Observation(places.get(taken.rip, "elsewhere"),
-                                   f"taken at {_label(guest, taken.rip)}; KVM_GET_VCPU_EVENTS "
-                                   f"shadow={shadow:#x} in the shadow")}
+def _step(session: GuestSession) -> int:
+    """One single-step; the RIP it stopped at."""
+    exit = session.vcpu.run()
+    if not isinstance(exit, DebugExit):
+        raise GuestError(f"a single-step ended in {exit!r}")
+    return session.vcpu.regs.rip
 
 
 @scenario
 def sti_shadow(kvm) -> dict[str, Observation]:
-    return _shadow(kvm, "sti_shadow", Command.STI_NOP, False, "sti_nop_nop", "sti_nop_end")
+    """An MSI pending while IF=0; single-step `sti; nop`: is the vector held for the nop?
+
+    Single-stepping makes every instruction a VM entry, so a host that injects only at
+    entries (kvm_pvm) shows the shadow as well as one that injects at any boundary.
+    """
+    try:
+        kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
+        vm, guest = _lapic_session(kvm)
+    except CapabilityMissing as exc:
+        return {"sti_shadow": _unsupported(exc)}
+    with vm:
+        guest.command(Command.CLI)
+        guest.send(Command.STI_NOP)
+        guest.vcpu.set_single_step(True)
+        _step_to(guest, "sti_nop_sti")
+        vm.signal_msi(destination=0, vector=MSI_VECTOR)       # IF=0: it waits in the IRR
+        for _ in range(3):
+            if guest.log_count() or _step(guest) == guest.address("sti_nop_end"):
+                break
+        guest.vcpu.set_single_step(False)
+        guest.run_until(StopKind.SYNC)
+        [taken] = guest.log()
+        places = {guest.address("sti_nop_end"): "held for one instruction",
+                  guest.address("sti_nop_nop"): "taken at once (no shadow)"}
+        return {"sti_shadow": Observation(places.get(taken.rip, "elsewhere"),
+                                          f"taken at {_label(guest, taken.rip)}")}
 
 
 @scenario
 def mov_ss_shadow(kvm) -> dict[str, Observation]:
-    return _shadow(kvm, "mov_ss_shadow", Command.MOV_SS, True, "mov_ss_nop", "mov_ss_end")
+    """Single-step `mov %ax,%ss; nop` with IF=1: the trap or an interrupt must wait for the nop."""
+    try:
+        kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
+        vm, guest = _lapic_session(kvm)
+    except CapabilityMissing as exc:
+        return {"mov_ss_shadow": _unsupported(exc)}
+    with vm:
+        vcpu = guest.vcpu
+        guest.command(Command.STI)
+        guest.send(Command.MOV_SS)
+        vcpu.set_single_step(True)
+        _step_to(guest, "mov_ss_mov")
+        rip = _step(guest)
+        if rip == guest.address("mov_ss_end"):
+            vcpu.set_single_step(False)
+            guest.run_until(StopKind.SYNC)
+            return {"mov_ss_shadow": Observation("held for one instruction", "the single-step trap "
+                                                 "after MOV SS came only after the nop")}
+        shadow = vcpu.events.interrupt.shadow
+        vm.signal_msi(destination=0, vector=MSI_VECTOR)       # pending at the shadowed nop
+        _step(guest)
+        vcpu.set_single_step(False)
+        guest.run_until(StopKind.SYNC)
+        [taken] = guest.log()
+        outcome = {guest.address("mov_ss_end"): "held for one instruction",
+                   guest.address("mov_ss_nop"): "taken at once (no shadow)"}.get(taken.rip, "elsewhere")
+        return {"mov_ss_shadow": Observation(outcome, f"stepped to {_label(guest, rip)} (events "
+                                             f"shadow={shadow:#x}); an MSI raised there was taken "
+                                             f"at {_label(guest, taken.rip)}")}
 
 
 @scenario
 def single_step(kvm) -> dict[str, Observation]:
-    """KVM_SET_GUEST_DEBUG single-step over `sti; nop`, then over `hlt`."""
+    """KVM_SET_GUEST_DEBUG single-step over a 2-iteration loop, over `sti; nop`, and over `hlt`."""
     try:
         kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
     except CapabilityMissing as exc:
-        return {"single_step": _unsupported(exc), "hlt_single_step": _unsupported(exc)}
+        return {name: _unsupported(exc) for name in ("single_step", "step_sti_shadow", "hlt_single_step")}
     vm, guest = _boot(kvm)
     with vm:
         vcpu = guest.vcpu
+        guest.send(Command.SPIN, 2)
+        vcpu.set_single_step(True)
+        rips = _step_to(guest, "spin_end")
+        loop = guest.address("spin_loop")
+        # dec; jnz twice: two stops at the loop head and two at the jnz after it
+        stepped = rips.count(loop) == 2 and len([r for r in rips if loop < r < guest.address("spin_end")]) == 2
+        steps = Observation("one exit per instruction" if stepped else "skips instructions",
+                            f"{len(rips)} debug exits, {rips.count(loop)} at spin_loop")
+        vcpu.set_single_step(False)
+        guest.run_until(StopKind.SYNC)
+
         guest.command(Command.CLI)
         guest.send(Command.STI_NOP)
         vcpu.set_single_step(True)
-        rips = _step_to(guest, "sti_nop_sti")
-        rips += _step_to(guest, "sti_nop_end")
-        expected = [guest.address(label) for label in ("sti_nop_sti", "sti_nop_nop", "sti_nop_end")]
-        stepped = rips[-3:] == expected
-        steps = Observation("one exit per instruction" if stepped else "skips instructions",
-                            f"last debug exits at {', '.join(_label(guest, r) for r in rips[-3:])}")
+        _step_to(guest, "sti_nop_sti")
+        rip = _step(guest)
+        shadow = vcpu.events.interrupt.shadow
+        in_shadow = {guest.address("sti_nop_nop"): "stops in the shadow",
+                     guest.address("sti_nop_end"): "trap held past the shadowed instruction"}
+        sti_step = Observation(in_shadow.get(rip, "elsewhere"),
+                               f"the step over sti stopped at {_label(guest, rip)}, events shadow={shadow:#x}")
         vcpu.set_single_step(False)
         guest.run_until(StopKind.SYNC)
+
         guest.send(Command.HLT)
         vcpu.set_single_step(True)
         _step_to(guest, "hlt_hlt")
@@ -316,7 +364,7 @@ def single_step(kvm) -> dict[str, Observation]:
             halt = Observation("halts", f"KVM_EXIT_HLT at {_label(guest, rip)}")
         else:
             halt = Observation("other exit", repr(exit))
-        return {"single_step": steps, "hlt_single_step": halt}
+        return {"single_step": steps, "step_sti_shadow": sti_step, "hlt_single_step": halt}
 
 
 @scenario

@@ -114,7 +114,8 @@ class Vm(FdObject):
         self.vcpus.append(vcpu)
         if cpuid:
             try:
-                vcpu.set_cpuid(cpuid_for_vcpu(self.kvm.supported_cpuid, vcpu_id))
+                vcpu.set_cpuid(cpuid_for_vcpu(self.kvm.supported_cpuid, vcpu_id,
+                                              bool(self.kvm.check_extension(Cap.TSC_DEADLINE_TIMER))))
             except BaseException:
                 vcpu.close()
                 raise
@@ -335,15 +336,23 @@ class Vm(FdObject):
 
 
 
-def cpuid_for_vcpu(entries: Iterable[CpuidEntry], vcpu_id: int) -> list[CpuidEntry]:
+CPUID1_ECX_TSC_DEADLINE = 1 << 24
+
+
+def cpuid_for_vcpu(entries: Iterable[CpuidEntry], vcpu_id: int, tsc_deadline: bool = False
+                   ) -> list[CpuidEntry]:
     """KVM's supported CPUID with this vCPU's APIC ID in leaves 1 (EBX[31:24]) and 0xB/0x1F (EDX).
 
-    KVM reports the host CPU's values there; a VMM must put the vCPU's own.
+    KVM reports the host CPU's values there; a VMM must put the vCPU's own. With
+    ``tsc_deadline`` (``KVM_CAP_TSC_DEADLINE_TIMER``) leaf 1 offers the TSC-deadline
+    timer, which api.rst says userspace must add itself: some hosts (kvm_amd)
+    leave it out of KVM_GET_SUPPORTED_CPUID although the LAPIC emulates it.
     """
     adjusted = []
     for entry in entries:
         if entry.function == 1:
-            entry = dataclasses.replace(entry, ebx=(entry.ebx & 0x00FFFFFF) | ((vcpu_id & 0xFF) << 24))
+            entry = dataclasses.replace(entry, ebx=(entry.ebx & 0x00FFFFFF) | ((vcpu_id & 0xFF) << 24),
+                                        ecx=entry.ecx | (CPUID1_ECX_TSC_DEADLINE if tsc_deadline else 0))
         elif entry.function in (0xB, 0x1F):
             entry = dataclasses.replace(entry, edx=vcpu_id)
         adjusted.append(entry)

@@ -229,28 +229,29 @@ def test_interrupt_wakes_hlt(boot, mode):
 
 
 @pytest.mark.parametrize("mode", ["real", "long"])
-def test_sti_shadow_seen_by_single_step(boot, mode):
-    """KVM_GET_VCPU_EVENTS right after STI reports the shadow and the vCPU as not ready.
+def test_sti_shadow_seen_by_single_step(boot, host, mode):
+    """Single-stepping `sti; nop`: the shadow as KVM_GET_VCPU_EVENTS and ready report it.
 
-    On kvm_pvm this holds under single-step even in long mode (PVM's native long mode
-    has no shadow, but single-stepping goes through KVM's own tracking).
+    Where the host stops inside the shadow (kvm_pvm, VT-x expected), the events show
+    KVM_X86_SHADOW_INT_STI and ready=0 at the nop. kvm_amd under QEMU TCG (measured)
+    holds the single-step trap over the shadowed nop, as for MOV SS, so the next stop
+    is already past it, with the shadow gone.
     """
     guest = boot(mode)
     vcpu = guest.vcpu
     guest.command(Command.CLI)
     guest.send(Command.STI_NOP)
     vcpu.set_single_step(True)
-    rips = []
     for _ in range(20):
-        exit = vcpu.run()
-        assert isinstance(exit, DebugExit)
-        rips.append(vcpu.regs.rip)
-        if rips[-1] == guest.address("sti_nop_nop"):
+        assert isinstance(vcpu.run(), DebugExit)
+        if vcpu.regs.rip == guest.address("sti_nop_sti"):
             break
-    events = vcpu.events
-    assert events.interrupt.shadow & 0x2                  # KVM_X86_SHADOW_INT_STI
-    assert vcpu.kvm_run.ready_for_interrupt_injection == 0
-    vcpu.run()                                            # step the nop
+    assert isinstance(vcpu.run(), DebugExit)              # step the sti
+    if host.single_step_stops_in_sti_shadow:
+        assert vcpu.regs.rip == guest.address("sti_nop_nop")
+        assert vcpu.events.interrupt.shadow & 0x2             # KVM_X86_SHADOW_INT_STI
+        assert vcpu.kvm_run.ready_for_interrupt_injection == 0
+        assert isinstance(vcpu.run(), DebugExit)              # step the nop
     assert vcpu.regs.rip == guest.address("sti_nop_end")
     assert vcpu.events.interrupt.shadow == 0
     assert vcpu.kvm_run.ready_for_interrupt_injection == 1
