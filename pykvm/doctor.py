@@ -168,6 +168,20 @@ module under QEMU's emulated AMD-V (`python -m pykvm.hosts tcg-amd -- python -m
 pykvm.doctor`); VT-x entries are expectations from the Intel SDM and KVM's vmx
 code, unverified here. Run `python -m pykvm.doctor` to see your own host.
 
+Where the kvm_pvm column disagrees with the notes in `../shared/hosts.md`:
+
+- `real_mode_ud2`: the notes list `ud2` as delivered in real mode; here it ends in
+  `KVM_EXIT_INTERNAL_ERROR` every time (KVM's emulator, which runs real mode on
+  kvm_pvm, has no decoding for UD2).
+- `sti_shadow` / `mov_ss_shadow`: the notes say native long mode has no interrupt
+  shadow (PVM's spec). Without single-step the question cannot be observed there,
+  because kvm_pvm injects pending vectors only at VM entries (`lapic_after_sti`);
+  under single-step every instruction is an entry, and the shadow is honoured and
+  reported by `KVM_GET_VCPU_EVENTS`.
+- The notes do not cover: `int3` / `int n` fail in 32-bit protected mode too, a held
+  NMI waits for the next VM entry (`nmi_window`), the LAPIC keeps nothing in its ISR
+  (`lapic_isr`), and HLT under single-step does not halt on kvm_pvm but does on kvm_amd.
+
 """
 
 
