@@ -100,3 +100,12 @@ def test_doctor_without_kvm_says_why_and_exits_2(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "Kvm", lambda: real_kvm("/nonexistent/kvm"))
     assert doctor.main([]) == 2
     assert "/nonexistent/kvm" in capsys.readouterr().err
+
+
+def test_probes_leak_no_fds_or_threads(kvm):
+    import psutil
+    process = psutil.Process()
+    probes.run_all(kvm)                         # warm up: lazily opened files, the kick handler
+    fds, threads = process.num_fds(), process.num_threads()
+    probes.run_all(kvm)
+    assert (process.num_fds(), process.num_threads()) == (fds, threads)
