@@ -246,6 +246,12 @@ def lapic_in_service(kvm) -> dict[str, Observation]:
                                                   f"{sorted(hex(v) for v in isr) or 'empty'}")}
 
 
+def _stepping_lapic_session(kvm):
+    """:func:`_lapic_session` on a host that can single-step (CapabilityMissing otherwise)."""
+    kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
+    return _lapic_session(kvm)
+
+
 def _step(session: GuestSession) -> int:
     """One single-step; the RIP it stopped at."""
     exit = session.vcpu.run()
@@ -262,8 +268,7 @@ def sti_shadow(kvm) -> dict[str, Observation]:
     entries (kvm_pvm) shows the shadow as well as one that injects at any boundary.
     """
     try:
-        kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
-        vm, guest = _lapic_session(kvm)
+        vm, guest = _stepping_lapic_session(kvm)
     except CapabilityMissing as exc:
         return {"sti_shadow": _unsupported(exc)}
     with vm:
@@ -288,8 +293,7 @@ def sti_shadow(kvm) -> dict[str, Observation]:
 def mov_ss_shadow(kvm) -> dict[str, Observation]:
     """Single-step `mov %ax,%ss; nop` with IF=1: the trap or an interrupt must wait for the nop."""
     try:
-        kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
-        vm, guest = _lapic_session(kvm)
+        vm, guest = _stepping_lapic_session(kvm)
     except CapabilityMissing as exc:
         return {"mov_ss_shadow": _unsupported(exc)}
     with vm:
