@@ -652,6 +652,11 @@ def prepare(release: str | None = None) -> Prepared:
     root = cache_root()
     key = _base_key(tools.busybox)
     pinned_and_cached = release is not None and _cached_release(root, key, release) is not None
+    if _cached_release(root, key, release) is None and _is_root():
+        # Nothing cached: a kernel will be downloaded. Refresh apt's lists first, so that
+        # a machine with stale lists neither picks a kernel the mirror no longer has nor
+        # an old one.
+        _apt_update()
     package = None if pinned_and_cached else find_kernel_package(release)
     if package is None:
         cached = _cached_release(root, key, release)
