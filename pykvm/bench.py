@@ -120,6 +120,7 @@ def bench_injection(count: int, rounds: int) -> list[str]:
     merged = {key: paths.PathMeasurement.merge(runs) for key, runs in results.items()}
     lines += [f"  {result.row()}" for result in merged.values()]
     lines += ["  " + line for line in paths.TABLE_LEGEND.splitlines()]
+    lines += ["  " + line for line in paths.tsc_warning(list(merged.values()))]
     for path in ("msi", "irqfd"):
         py, c = merged[path, "python"], merged[path, "c"]
         lines.append(f"  {path}: Python/C  rate {py.rate / c.rate:.3f}   p50 latency "

@@ -114,12 +114,15 @@ def _compare_paths(kvm: Kvm, count: int) -> None:
           "host CPU\n  than the injector. Latency: host TSC before the inject call -> TSC in the guest "
           "handler.")
     print(f"  {paths.TABLE_HEADER}")
+    results = []
     for path, title in paths.PATHS.items():
         try:
-            print(f"  {paths.measure(kvm, path, count).row()}")
+            results.append(paths.measure(kvm, path, count))
+            print(f"  {results[-1].row()}")
         except PyKvmError as exc:
             print(f"  {title:38} failed: {exc}")
-    print("\n".join("  " + line for line in paths.TABLE_LEGEND.splitlines()))
+    for line in paths.TABLE_LEGEND.splitlines() + paths.tsc_warning(results):
+        print(f"  {line}")
     print("  kick: the vCPU leaves the guest to userspace (EINTR, a signal exit) and re-enters with the "
           "vector.\n  The kernel paths kick the vCPU inside the kernel (an exit that never reaches "
           "userspace) and inject\n  at the next entry.")

@@ -58,6 +58,17 @@ TABLE_LEGEND = ("exits/irq: the target vCPU's `exits` counter (stats fd) per int
                 "exits included;\nsig/irq: its `signal_exits` (KVM_RUN left for a signal: the userspace "
                 "kick); inj/irq: its `irq_injections`")
 
+def tsc_warning(results: list[PathMeasurement]) -> list[str]:
+    """A warning when latencies came out negative (host and guest TSC disagree), else nothing."""
+    negative = sum(result.negative_latencies for result in results)
+    if not negative:
+        return []
+    total = sum(result.count for result in results)
+    return [f"warning: {negative} of {total} latencies are negative: the guest's TSC and the host's",
+            "disagree here (seen under QEMU TCG, where each emulated CPU keeps its own TSC), so the",
+            "latency columns are not meaningful on this host; rates and counters still are"]
+
+
 # The target vCPU's stats-fd counters recorded over each path's deliveries.
 COUNTERS = ("exits", "signal_exits", "irq_injections", "irq_window_exits")
 
@@ -91,6 +102,11 @@ class PathMeasurement:
                    sum(run.elapsed_s for run in runs),
                    {name: sum(run.counters[name] for run in runs) for name in runs[0].counters},
                    runs[0].implementation)
+
+    @property
+    def negative_latencies(self) -> int:
+        """Deliveries the guest stamped before the host's send: the two TSCs disagree."""
+        return sum(latency < 0 for latency in self.latencies_ns)
 
     def row(self) -> str:
         """One line of the table whose header is :data:`TABLE_HEADER`."""

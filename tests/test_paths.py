@@ -19,7 +19,8 @@ COUNT = 8
 def test_each_path_delivers_every_interrupt(kvm, path):
     result = paths.measure(kvm, path, COUNT)
     assert result.count == COUNT                          # one log record per injection
-    assert result.p50_us > 0                              # handler TSC after the call
+    # (no sign check on the latencies: under QEMU TCG the guest and host TSCs disagree, which
+    # tsc_warning() reports; see test_negative_latencies_are_reported_not_hidden)
     # The guest log above is the proof of delivery. The counters show the mechanism: KVM
     # injected (kvm_amd under QEMU TCG has counted one injection fewer than deliveries in
     # some runs, so no exact count), and each delivery took the vCPU out of the guest.
@@ -81,3 +82,10 @@ def test_injection_benchmark_prints_rates_latencies_and_c_ratios(kvm):
         assert f"{path}: Python/C  rate" in text
     assert sum(1 for line in lines if " python " in line) == len(paths.PATHS)
     assert sum(1 for line in lines if " c      " in line) == 2
+
+
+def test_negative_latencies_are_reported_not_hidden():
+    skewed = paths.PathMeasurement("msi", [-5000.0, 2000.0], 0.1, {"exits": 2})
+    fine = paths.PathMeasurement("irqfd", [1000.0], 0.1, {"exits": 1})
+    assert paths.tsc_warning([fine]) == []
+    assert "1 of 3 latencies are negative" in paths.tsc_warning([skewed, fine])[0]
