@@ -25,6 +25,7 @@ from pykvm.apic import ApicReg, DeliveryMode, RedirectionEntry, TimerMode
 from pykvm.constants import Cap, ExitReason, IrqchipId
 from pykvm.irq import UserspaceIrqController
 from pykvm.irqchip import IrqchipRoute, MsiRoute
+from pykvm.guests import StopKind
 from pykvm.layout import Command
 from pykvm.smp import command_in_thread
 
@@ -384,7 +385,37 @@ def test_pit_ticks_through_the_8259_at_the_programmed_period(kvm):
             guest.command(Command.CLI)
         log = guest.log()
         assert [(r.vector, r.rip) for r in log] == [(0x20, guest.address("sti_hlt_end"))] * 5
-        tsc_hz = guest.vcpu.tsc_khz * 1000
-        gaps = [(b.tsc - a.tsc) / tsc_hz for a, b in zip(log, log[1:])]
-        assert all(0.5 * channel.period < gap < 3 * channel.period for gap in gaps), gaps
+        # KVM's PIT re-injects ticks the guest was late to take, so one gap can be short after
+        # a long one (seen under QEMU TCG); the mean period is what the PIT keeps.
+        mean_gap = (log[-1].tsc - log[0].tsc) / (len(log) - 1) / (guest.vcpu.tsc_khz * 1000)
+        assert 0.5 * channel.period < mean_gap < 3 * channel.period, mean_gap
         assert vm.irqchip_state.pic_master.isr == frozenset()  # the handler EOId
+
+
+@pytest.mark.parametrize("x2apic", [False, True], ids=["xapic", "x2apic"])
+def test_self_ipi(machine, x2apic):
+    [guest] = machine()
+    guest.apic_enable(x2apic=x2apic)
+    guest.command(Command.CLI)
+    guest.send_ipi(0x66, shorthand=apic.DestinationShorthand.SELF)
+    assert 0x66 in guest.vcpu.lapic.irr                   # pending on itself while IF=0
+    guest.command(Command.STI)
+    guest.command(Command.NOP)
+    assert [(r.vector, r.cpu) for r in guest.log()] == [(0x66, 0)]
+
+
+def test_ioeventfd_takes_a_guest_write_without_an_exit(machine):
+    # With no in-kernel IOAPIC its MMIO page is nobody's: a guest write there would exit to
+    # userspace. An ioeventfd on the index register swallows that write inside KVM; the
+    # write to the data register that follows still exits, and proves the first one did not.
+    from pykvm.exits import MmioExit
+    from pykvm.layout import IOAPIC_BASE
+    [guest] = machine(irqchip="none")
+    vm = guest.vcpu.vm
+    with vm.ioeventfd(IOAPIC_BASE, 4) as doorbell:
+        guest.send(Command.IOAPIC_WRITE, 0x1234, 0x10)
+        exit = guest.vcpu.run()
+        assert isinstance(exit, MmioExit) and exit.is_write
+        assert exit.phys_addr == IOAPIC_BASE + 0x10 and int.from_bytes(exit.data, "little") == 0x1234
+        assert doorbell.wait(timeout=1.0) == 1               # the index write, signalled in KVM
+        guest.run_until(StopKind.SYNC)
