@@ -170,3 +170,7 @@ class VcpuThreadError(PyKvmError):
 
 class GuestCancelled(GuestError):
     """A guest session was cancelled (kicked out of KVM_RUN) while it waited for the guest."""
+
+
+class CommandTimeout(GuestCancelled):
+    """A guest command did not reach its sync point in time; the vCPU was kicked out of KVM_RUN."""

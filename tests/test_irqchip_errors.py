@@ -8,7 +8,7 @@ import pytest
 
 from pykvm import apic, guests
 from pykvm.constants import IrqchipId
-from pykvm.errors import (InvalidMsi, InvalidRouting, InvalidVector, IrqchipModeError,
+from pykvm.errors import (CommandTimeout, InvalidMsi, InvalidRouting, InvalidVector, IrqchipModeError,
                           VcpuThreadError)
 from pykvm.exits import IoExit
 from pykvm.irqchip import IrqchipRoute, MsiRoute
@@ -141,3 +141,26 @@ def test_pit_state_needs_a_pit_and_valid_values(kvm):
             with pytest.raises(ValueError, match=match):
                 vm.program_pit(**bad)
         assert vm.pit_channels[0].mode == 0xFF                 # nothing was loaded
+
+
+def test_a_command_that_never_returns_times_out_instead_of_hanging(kvm):
+    # cli; hlt with the in-kernel irqchip: the vCPU sleeps inside KVM_RUN and nothing can wake it.
+    with kvm.create_vm(irqchip="kernel") as vm:
+        [guest] = guests.boot_cpus(vm, "long", 1)
+        guest.command(Command.CLI)
+        start = time.monotonic()
+        with pytest.raises(CommandTimeout, match=r"Command.HLT did not reach a sync point within 0.3 s"):
+            guest.command(Command.HLT, timeout=0.3)
+        assert 0.3 <= time.monotonic() - start < 5
+        assert guest.vcpu.regs.rip == guest.address("hlt_end")   # kicked out of the halt
+
+
+def test_watchdog_calls_only_expired_guards():
+    from pykvm.watchdog import Watchdog
+    watchdog, fired = Watchdog(), []
+    with watchdog.guard(0.05, lambda: fired.append("slow")):
+        time.sleep(0.2)
+    with watchdog.guard(5, lambda: fired.append("fast")):
+        pass
+    time.sleep(0.1)
+    assert fired == ["slow"]

@@ -28,12 +28,15 @@ from .. import layout, x86
 from ..apic import ApicReg, RedirectionEntry, icr
 from ..asm import Mode
 from ..constants import MpState
-from ..errors import GuestCancelled, GuestError, HostLimitation, IrqchipModeError, PyKvmError
+from ..errors import (CommandTimeout, GuestCancelled, GuestError, HostLimitation, IrqchipModeError,
+                      PyKvmError)
 from ..exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
 from ..layout import Command
 from ..state import record
+from ..watchdog import WATCHDOG
 
 IMAGES_DIR = Path(__file__).resolve().parent / "images"
+COMMAND_TIMEOUT = 20.0     # seconds a guest command may run (generous for emulated hosts)
 MODES = tuple(mode.value for mode in Mode)
 
 
@@ -316,10 +319,31 @@ class GuestSession:
         self.memory.write_u64(self._mailbox(layout.MB_ARG), arg)
         self.memory.write_u64(self._mailbox(layout.MB_ARG2), arg2)
 
-    def command(self, command: Command, arg: int = 0, arg2: int = 0) -> GuestStop:
-        """Send ``command`` and run to the next sync point (or DONE); returns that stop."""
+    def command(self, command: Command, arg: int = 0, arg2: int = 0,
+                timeout: float | None = COMMAND_TIMEOUT) -> GuestStop:
+        """Send ``command`` and run to the next sync point (or DONE); returns that stop.
+
+        A command still running after ``timeout`` seconds (a ``hlt`` waiting for an
+        interrupt that never comes, say) is ended: the vCPU is kicked out of KVM_RUN
+        and :class:`CommandTimeout` raised. ``timeout=None`` waits for ever.
+        """
         self.send(command, arg, arg2)
-        return self.run_until(StopKind.SYNC, StopKind.DONE)
+        if timeout is None:
+            return self.run_until(StopKind.SYNC, StopKind.DONE)
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
+            self.cancel()
+        try:
+            with WATCHDOG.guard(timeout, expire):
+                return self.run_until(StopKind.SYNC, StopKind.DONE)
+        except GuestCancelled as exc:
+            if not expired:
+                raise
+            raise CommandTimeout(f"Command.{Command(command).name} did not reach a sync point within "
+                                 f"{timeout:g} s (vCPU {self.vcpu.id} stopped at step {self.step}, "
+                                 f"{exc}); the session is cancelled") from exc
 
     # -- interrupt controllers, from inside the guest --------------------------------
     def apic_enable(self, x2apic: bool = False, auto_eoi: bool = True) -> None:
