@@ -161,9 +161,9 @@ def _pinned_injector(split: tuple[set[int], set[int]] | None):
 class _Target:
     """A long-mode guest on a VM of the path's irqchip mode, spinning with IF=1 in its own thread."""
 
-    def __init__(self, kvm, path: str, vcpu_cpus: set[int] | None = None) -> None:
+    def __init__(self, kvm, path: str) -> None:
         self.path = path
-        self.vcpu_cpus = vcpu_cpus
+        self.split = _cpu_split()
         irqchip = "none" if path == "kick" else "kernel"
         self.vm = kvm.create_vm(irqchip=irqchip)
         try:
@@ -202,8 +202,8 @@ class _Target:
         return min(readings)[1]
 
     def _run(self, stopping: threading.Event) -> None:
-        if self.vcpu_cpus:
-            os.sched_setaffinity(0, self.vcpu_cpus)      # this thread only
+        if self.split:
+            os.sched_setaffinity(0, self.split[1])       # this thread only
         session = self.session
         while not stopping.is_set():
             stop = session.run()
@@ -226,6 +226,18 @@ class _Target:
             if time.monotonic() > deadline:
                 raise PyKvmError(f"path {self.path}: interrupt {count} not delivered within "
                                  f"{DELIVERY_TIMEOUT} s")
+
+    @contextlib.contextmanager
+    def deliveries(self):
+        """The injecting block: the caller's thread pinned apart from the vCPU, and the
+        vCPU's :data:`COUNTERS` counted over it (yields the stats delta)."""
+        with _pinned_injector(self.split), self.stats.delta(*COUNTERS) as counters:
+            yield counters
+
+    def measurement(self, sent_tsc: list[int], first_record: int, elapsed: float, counters,
+                    implementation: str = "python") -> PathMeasurement:
+        return PathMeasurement(self.path, self.latencies(sent_tsc, first_record), elapsed,
+                               {name: counters[name] for name in COUNTERS}, implementation)
 
     def latencies(self, sent_tsc: list[int], first_record: int) -> list[float]:
         records = self.session.records_since(first_record)
@@ -282,21 +294,19 @@ def measure(kvm, path: str, count: int = 200) -> PathMeasurement:
     The injecting thread is the caller's; the target vCPU runs in its own
     thread, so every path (irqfd included) comes from outside the vCPU thread.
     """
-    split = _cpu_split()
-    target = _Target(kvm, path, split and split[1])
+    target = _Target(kvm, path)
     try:
         inject = _injector(target)
         first = target.log_count
         sent: list[int] = []
-        with _pinned_injector(split), target.stats.delta(*COUNTERS) as counters:
+        with target.deliveries() as counters:
             start = time.perf_counter()
             for i in range(count):
                 sent.append(lib.pykvm_rdtsc())
                 inject()
                 target.wait_for(first + i + 1)
             elapsed = time.perf_counter() - start
-        return PathMeasurement(path, target.latencies(sent, first), elapsed,
-                               {name: counters[name] for name in COUNTERS})
+        return target.measurement(sent, first, elapsed, counters)
     finally:
         target.close()
 
@@ -305,8 +315,7 @@ def measure_c_baseline(kvm, path: str, count: int = 200) -> PathMeasurement:
     """The ``msi`` / ``irqfd`` path driven by the C injector (``pykvm_bench_inject``), same guest setup."""
     if path not in ("msi", "irqfd"):
         raise ValueError("the C injector covers the msi and irqfd paths")
-    split = _cpu_split()
-    target = _Target(kvm, path, split and split[1])
+    target = _Target(kvm, path)
     try:
         message = apic.compose_msi(destination=target.vcpu.id, vector=VECTOR)
         msi = ffi.new("struct kvm_msi *", {"address_lo": message.address_lo,
@@ -320,7 +329,7 @@ def measure_c_baseline(kvm, path: str, count: int = 200) -> PathMeasurement:
                              target.vm.memory.host_pointer(target.session.area.log, 4))
         sent = ffi.new("unsigned long long[]", count)
         first = target.log_count
-        with _pinned_injector(split), target.stats.delta(*COUNTERS) as counters:
+        with target.deliveries() as counters:
             start = time.perf_counter()
             done = lib.pykvm_bench_inject(kind, fd, msi, log_count, count, sent,
                                           int(DELIVERY_TIMEOUT * target.tsc_hz),
@@ -328,7 +337,6 @@ def measure_c_baseline(kvm, path: str, count: int = 200) -> PathMeasurement:
             elapsed = time.perf_counter() - start
         if done != count:
             raise PyKvmError(f"C injector, path {path}: delivered {done} of {count} interrupts")
-        return PathMeasurement(path, target.latencies(list(sent), first), elapsed,
-                               {name: counters[name] for name in COUNTERS}, "c")
+        return target.measurement(list(sent), first, elapsed, counters, "c")
     finally:
         target.close()

@@ -42,20 +42,22 @@ class Observation:
 
 
 Scenario = Callable[[object], Dict[str, Observation]]
-SCENARIOS: list[Scenario] = []
+# Each scenario with the probes it reports.
+SCENARIOS: list[tuple[Scenario, tuple[str, ...]]] = []
 
 
-def scenario(function: Scenario) -> Scenario:
-    SCENARIOS.append(function)
-    return function
+def scenario(*probes: str) -> Callable[[Scenario], Scenario]:
+    """Register a scenario reporting ``probes``; a host capability it lacks makes them unsupported."""
+    def register(function: Scenario) -> Scenario:
+        SCENARIOS.append((function, probes))
+        return function
+    return register
 
 
 def _boot(kvm, mode: str = "long", irqchip: str = "none", notify: bool = False):
     """A fresh VM with one booted vCPU: (vm, session). The caller closes the VM."""
     vm = kvm.create_vm(irqchip=irqchip)
     try:
-        if irqchip == "none":
-            return vm, guests.load(mode).boot(vm.create_vcpu(), notify=notify)
         [session] = guests.boot_cpus(vm, mode, 1, notify=notify)
         return vm, session
     except BaseException:
@@ -101,11 +103,7 @@ def _most_common(trial: Callable[[], Observation]) -> Observation:
     return Observation(best, chosen.detail + spread)
 
 
-def _unsupported(exc: Exception) -> Observation:
-    return Observation(None, f"{type(exc).__name__}: {exc}")
-
-
-@scenario
+@scenario("io_exit_rip")
 def io_exit_rip(kvm) -> dict[str, Observation]:
     """Where RIP points when KVM reports the guest's sync `out` as KVM_EXIT_IO."""
     vm, guest = _boot(kvm)
@@ -116,7 +114,7 @@ def io_exit_rip(kvm) -> dict[str, Observation]:
                                            f"RIP {stop.rip:#x} ({_label(guest, stop.rip)})")}
 
 
-@scenario
+@scenario("irq_window")
 def irq_window(kvm) -> dict[str, Observation]:
     """request_interrupt_window while IF=0, then the guest runs `sti; nop; out`."""
     def trial() -> Observation:
@@ -137,7 +135,7 @@ def irq_window(kvm) -> dict[str, Observation]:
     return {"irq_window": _most_common(trial)}
 
 
-@scenario
+@scenario("interrupt_not_ready")
 def interrupt_while_not_ready(kvm) -> dict[str, Observation]:
     """KVM_INTERRUPT (forced) while the guest has IF=0, then KVM_RUN."""
     vm, guest = _boot(kvm)
@@ -158,7 +156,7 @@ def interrupt_while_not_ready(kvm) -> dict[str, Observation]:
         return {"interrupt_not_ready": Observation(outcome, detail)}
 
 
-@scenario
+@scenario("nmi_blocking", "nmi_window")
 def nmi_blocking(kvm) -> dict[str, Observation]:
     """An NMI; a second NMI while the first handler runs; where the second is taken."""
     vm, guest = _boot(kvm, notify=True)
@@ -205,7 +203,7 @@ def _lapic_session(kvm):
     return vm, guest
 
 
-@scenario
+@scenario("lapic_after_sti")
 def lapic_after_sti(kvm) -> dict[str, Observation]:
     """In-kernel LAPIC: an MSI arrives while IF=0; the guest then runs `sti; nop; out`."""
     def trial() -> Observation:
@@ -221,19 +219,13 @@ def lapic_after_sti(kvm) -> dict[str, Observation]:
                       guest.address("sync_done"): "at the next VM entry"}
             return Observation(places.get(taken.rip, "elsewhere"),
                                f"vector taken at {_label(guest, taken.rip)}")
-    try:
-        return {"lapic_after_sti": _most_common(trial)}
-    except CapabilityMissing as exc:
-        return {"lapic_after_sti": _unsupported(exc)}
+    return {"lapic_after_sti": _most_common(trial)}
 
 
-@scenario
+@scenario("lapic_isr")
 def lapic_in_service(kvm) -> dict[str, Observation]:
     """In-kernel LAPIC: is the vector in the ISR while its handler has not EOId yet?"""
-    try:
-        vm, guest = _lapic_session(kvm)
-    except CapabilityMissing as exc:
-        return {"lapic_isr": _unsupported(exc)}
+    vm, guest = _lapic_session(kvm)
     with vm:
         guest.auto_eoi = False
         guest.command(Command.STI)
@@ -260,17 +252,14 @@ def _step(session: GuestSession) -> int:
     return session.vcpu.regs.rip
 
 
-@scenario
+@scenario("sti_shadow")
 def sti_shadow(kvm) -> dict[str, Observation]:
     """An MSI pending while IF=0; single-step `sti; nop`: is the vector held for the nop?
 
     Single-stepping makes every instruction a VM entry, so a host that injects only at
     entries (kvm_pvm) shows the shadow as well as one that injects at any boundary.
     """
-    try:
-        vm, guest = _stepping_lapic_session(kvm)
-    except CapabilityMissing as exc:
-        return {"sti_shadow": _unsupported(exc)}
+    vm, guest = _stepping_lapic_session(kvm)
     with vm:
         guest.command(Command.CLI)
         guest.send(Command.STI_NOP)
@@ -289,13 +278,10 @@ def sti_shadow(kvm) -> dict[str, Observation]:
                                           f"taken at {_label(guest, taken.rip)}")}
 
 
-@scenario
+@scenario("mov_ss_shadow")
 def mov_ss_shadow(kvm) -> dict[str, Observation]:
     """Single-step `mov %ax,%ss; nop` with IF=1: the trap or an interrupt must wait for the nop."""
-    try:
-        vm, guest = _stepping_lapic_session(kvm)
-    except CapabilityMissing as exc:
-        return {"mov_ss_shadow": _unsupported(exc)}
+    vm, guest = _stepping_lapic_session(kvm)
     with vm:
         vcpu = guest.vcpu
         guest.command(Command.STI)
@@ -321,13 +307,10 @@ def mov_ss_shadow(kvm) -> dict[str, Observation]:
                                              f"at {_label(guest, taken.rip)}")}
 
 
-@scenario
+@scenario("single_step", "step_sti_shadow", "hlt_single_step")
 def single_step(kvm) -> dict[str, Observation]:
     """KVM_SET_GUEST_DEBUG single-step over a 2-iteration loop, over `sti; nop`, and over `hlt`."""
-    try:
-        kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
-    except CapabilityMissing as exc:
-        return {name: _unsupported(exc) for name in ("single_step", "step_sti_shadow", "hlt_single_step")}
+    kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
     vm, guest = _boot(kvm)
     with vm:
         vcpu = guest.vcpu
@@ -371,7 +354,7 @@ def single_step(kvm) -> dict[str, Observation]:
         return {"single_step": steps, "step_sti_shadow": sti_step, "hlt_single_step": halt}
 
 
-@scenario
+@scenario("triple_fault")
 def triple_fault(kvm) -> dict[str, Observation]:
     """An IDT limit of 0, then #DE: #DE -> #GP -> #DF -> shutdown."""
     vm, guest = _boot(kvm)
@@ -416,7 +399,7 @@ def _delivery(kvm, mode: str) -> dict[str, Observation]:
     return results
 
 
-@scenario
+@scenario("delivery_real", "int_n_real", "int3_real", "real_mode_ud2")
 def delivery_real(kvm) -> dict[str, Observation]:
     results = _delivery(kvm, "real")
     vm, guest = _boot(kvm, "real")
@@ -431,23 +414,26 @@ def delivery_real(kvm) -> dict[str, Observation]:
     return results
 
 
-@scenario
+@scenario("delivery_protected", "int_n_protected", "int3_protected")
 def delivery_protected(kvm) -> dict[str, Observation]:
     return _delivery(kvm, "protected")
 
 
-@scenario
+@scenario("delivery_long", "int_n_long", "int3_long")
 def delivery_long(kvm) -> dict[str, Observation]:
     return _delivery(kvm, "long")
 
 
 def run_all(kvm) -> dict[str, Observation]:
-    """Every scenario; a scenario that fails unexpectedly reports its error as the outcome."""
+    """Every scenario's probes: unsupported (outcome None) where the host lacks a capability,
+    "probe failed" where a scenario broke unexpectedly (the doctor reports it, it does not stop)."""
     observed: dict[str, Observation] = {}
-    for function in SCENARIOS:
+    for function, probes in SCENARIOS:
         try:
             observed.update(function(kvm))
-        except Exception as exc:       # the doctor reports a broken probe, it does not stop
-            observed[f"error:{function.__name__}"] = Observation("probe failed",
-                                                                 f"{type(exc).__name__}: {exc}")
+        except CapabilityMissing as exc:
+            observed.update({probe: Observation(None, f"{type(exc).__name__}: {exc}") for probe in probes})
+        except Exception as exc:
+            observed.update({probe: Observation("probe failed", f"{function.__name__}: "
+                                                f"{type(exc).__name__}: {exc}") for probe in probes})
     return observed

@@ -57,6 +57,29 @@ def test_judge_verdicts():
     assert unsupported.verdict == "unsupported" and not unsupported.matches_record
 
 
+def test_scenarios_declare_exactly_the_probes_of_the_table():
+    declared = [probe for _, names in probes.SCENARIOS for probe in names]
+    assert sorted(declared) == sorted(conformance.EXPECTATIONS)
+
+
+def test_missing_capability_marks_probes_unsupported_and_errors_mark_them_failed(monkeypatch):
+    from pykvm.errors import CapabilityMissing
+
+    def lacks(kvm):
+        raise CapabilityMissing("needs KVM_CAP_X")
+
+    def breaks(kvm):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(probes, "SCENARIOS", [(lacks, ("sti_shadow", "mov_ss_shadow")),
+                                              (breaks, ("triple_fault",))])
+    observed = probes.run_all(kvm=None)
+    assert {k: v.outcome for k, v in observed.items()} == {
+        "sti_shadow": None, "mov_ss_shadow": None, "triple_fault": "probe failed"}
+    assert "KVM_CAP_X" in observed["sti_shadow"].detail and "boom" in observed["triple_fault"].detail
+    verdict = conformance.judge("triple_fault", "probe failed", "boom", VendorModule.PVM).verdict
+    assert verdict == "probe failed"
+
+
 def test_docs_table_is_generated_from_the_table():
     assert DOCS.read_text() == doctor.DOCS_HEADER + doctor.markdown_table() + "\n", \
         "docs/host-conformance.md is stale: regenerate it with python -m pykvm.doctor --markdown"
