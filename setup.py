@@ -19,17 +19,23 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 GUEST_MODES = ("real", "protected", "long")
+PACKAGES_BELOW = ("core", "x86", "irqchip", "runtime", "guests", "hosts")
 
 
 def _load_build_modules():
-    """pykvm.asm and pykvm.layout, imported without pykvm/__init__ (no binding yet)."""
-    package = types.ModuleType("pykvm")
-    package.__path__ = [str(HERE / "pykvm")]
+    """pykvm.x86.asm and pykvm.guests.layout, imported without running any package __init__.
+
+    The binding does not exist yet; these modules and what they import are binding-free.
+    """
     saved = {name: sys.modules.pop(name) for name in list(sys.modules)
              if name == "pykvm" or name.startswith("pykvm.")}
-    sys.modules["pykvm"] = package
+    for name in ("pykvm",) + tuple(f"pykvm.{sub}" for sub in PACKAGES_BELOW):
+        package = types.ModuleType(name)
+        package.__path__ = [str(HERE.joinpath(*name.split(".")))]
+        sys.modules[name] = package
     try:
-        return importlib.import_module("pykvm.asm"), importlib.import_module("pykvm.layout")
+        return (importlib.import_module("pykvm.x86.asm"),
+                importlib.import_module("pykvm.guests.layout"))
     finally:
         for name in [n for n in sys.modules if n == "pykvm" or n.startswith("pykvm.")]:
             del sys.modules[name]
@@ -65,11 +71,12 @@ setup(
     name="pykvm",
     version="0.1.0",
     description="Drive Linux KVM from Python: VMs, vCPUs, tiny guests, interrupt injection",
-    packages=["pykvm", "pykvm.guests"],
-    python_requires=">=3.9",
+    packages=["pykvm"] + [f"pykvm.{sub}" for sub in PACKAGES_BELOW],
+    python_requires=">=3.10",
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "ioctl-opt>=1.2"],
-    extras_require={"test": ["pytest>=7", "psutil>=5.9"]},
+    extras_require={"test": ["pytest>=7", "psutil>=5.9"],
+                    "lint": ["ruff>=0.5", "mypy>=1.10", "vermin>=1.6"]},
     cffi_modules=["csrc/build_binding.py:ffibuilder"],
     cmdclass={"build_ext": BuildExtAndGuests},
     zip_safe=False,

@@ -25,13 +25,13 @@ import statistics
 import sys
 import time
 
-from . import layout, paths, x86
-from .asm import assemble
-from .binding import lib
-from .errors import PyKvmError
-from .exits import IoExit
-from .host import detect
-from .kvm import Kvm
+from . import delivery, x86
+from .core.binding import lib
+from .core.errors import PyKvmError
+from .core.exits import IoExit
+from .core.system import Kvm
+from .hosts import detect
+from .x86 import FREE_MEMORY, assemble
 
 BENCH_PORT = 0xE4
 EXIT_LOOP_GUEST = f"""
@@ -76,9 +76,9 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
     """Time ``rounds`` alternating batches of ``iterations`` exits from C and from Python."""
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu()
-        code = assemble(EXIT_LOOP_GUEST, "long", layout.CODE)
-        vm.memory.write(layout.CODE, code.code)
-        x86.enter_long_mode(vcpu, layout.CODE)
+        code = assemble(EXIT_LOOP_GUEST, "long", FREE_MEMORY)
+        vm.memory.write(FREE_MEMORY, code.code)
+        x86.enter_long_mode(vcpu, FREE_MEMORY)
         c_times, py_times = [], []
 
         def c_batch() -> None:
@@ -101,7 +101,7 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
                 batch()
                 elapsed = (time.perf_counter() - start) / iterations * 1e6
                 (c_times if batch is c_batch else py_times).append(elapsed)
-        return ExitBenchResult(vcpu.host.name, iterations, c_times, py_times)
+        return ExitBenchResult(detect().name, iterations, c_times, py_times)
 
 
 def bench_injection(count: int, rounds: int) -> list[str]:
@@ -110,17 +110,17 @@ def bench_injection(count: int, rounds: int) -> list[str]:
              f"guest log; latency = host TSC at the call -> guest handler TSC"]
     with Kvm() as kvm:
         lines[0] += f"; host {detect().name}"
-        results: dict[tuple[str, str], list[paths.PathMeasurement]] = {}
+        results: dict[tuple[str, str], list[delivery.PathMeasurement]] = {}
         for _ in range(rounds):
-            for path in paths.PATHS:
-                results.setdefault((path, "python"), []).append(paths.measure(kvm, path, count))
+            for path in delivery.PATHS:
+                results.setdefault((path, "python"), []).append(delivery.measure(kvm, path, count))
                 if path in ("msi", "irqfd"):
-                    results.setdefault((path, "c"), []).append(paths.measure_c_baseline(kvm, path, count))
-    lines.append(f"  {paths.TABLE_HEADER}")
-    merged = {key: paths.PathMeasurement.merge(runs) for key, runs in results.items()}
+                    results.setdefault((path, "c"), []).append(delivery.measure_c_baseline(kvm, path, count))
+    lines.append(f"  {delivery.TABLE_HEADER}")
+    merged = {key: delivery.PathMeasurement.merge(runs) for key, runs in results.items()}
     lines += [f"  {result.row()}" for result in merged.values()]
-    lines += ["  " + line for line in paths.TABLE_LEGEND.splitlines()]
-    lines += ["  " + line for line in paths.tsc_warning(list(merged.values()))]
+    lines += ["  " + line for line in delivery.TABLE_LEGEND.splitlines()]
+    lines += ["  " + line for line in delivery.tsc_warning(list(merged.values()))]
     for path in ("msi", "irqfd"):
         py, c = merged[path, "python"], merged[path, "c"]
         lines.append(f"  {path}: Python/C  rate {py.rate / c.rate:.3f}   p50 latency "

@@ -16,13 +16,12 @@ import argparse
 import sys
 import time
 
-from . import guests, paths, x86
-from .asm import Mode
-from .errors import HostLimitation, KvmUnavailableError, PyKvmError
-from .guests import GuestSession, LogRecord, StopKind
-from .irq import UserspaceIrqController
-from .kvm import Kvm
-from .layout import Command
+from . import delivery, guests, hosts, x86
+from .core.errors import HostLimitation, KvmUnavailableError, PyKvmError
+from .core.system import Kvm
+from .guests import Command, GuestSession, LogRecord, StopKind
+from .irqchip import UserspaceIrqController
+from .x86 import Mode
 
 DEMO_VECTORS = (0x20, 0x41, 0x80, 0xEC)
 WINDOW_VECTOR = 0x51
@@ -77,7 +76,7 @@ def _section(title: str) -> None:
 def run_demo(mode: str, path_count: int) -> int:
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu()
-        host = vcpu.host
+        host = hosts.detect()
         image = guests.load(mode)
         print(f"pykvm demo: {mode}-mode guest on /dev/kvm (vendor module {host.name}, "
               f"KVM API {kvm.api_version})")
@@ -109,19 +108,19 @@ def run_demo(mode: str, path_count: int) -> int:
 
 
 def _compare_paths(kvm: Kvm, count: int) -> None:
-    _section(f"4. the same vector ({paths.VECTOR:#x}) through each delivery path, {count} times each")
+    _section(f"4. the same vector ({delivery.VECTOR:#x}) through each delivery path, {count} times each")
     print("  The target vCPU spins in its own thread with IF=1 (no exits of its own), pinned to another "
           "host CPU\n  than the injector. Latency: host TSC before the inject call -> TSC in the guest "
           "handler.")
-    print(f"  {paths.TABLE_HEADER}")
+    print(f"  {delivery.TABLE_HEADER}")
     results = []
-    for path, title in paths.PATHS.items():
+    for path, title in delivery.PATHS.items():
         try:
-            results.append(paths.measure(kvm, path, count))
+            results.append(delivery.measure(kvm, path, count))
             print(f"  {results[-1].row()}")
         except PyKvmError as exc:
             print(f"  {title:38} failed: {exc}")
-    for line in paths.TABLE_LEGEND.splitlines() + paths.tsc_warning(results):
+    for line in delivery.TABLE_LEGEND.splitlines() + delivery.tsc_warning(results):
         print(f"  {line}")
     print("  kick: the vCPU leaves the guest to userspace (EINTR, a signal exit) and re-enters with the "
           "vector.\n  The kernel paths kick the vCPU inside the kernel (an exit that never reaches "

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pykvm import AssemblerError, assemble, layout
+from pykvm import AssemblerError, assemble
+from pykvm.guests import layout, protocol
 
 
 def test_labels_are_linear_addresses_at_origin():
@@ -24,8 +25,8 @@ def test_data_follows_code_contiguously():
 
 
 def test_defines_are_available_as_symbols_but_not_labels():
-    code = assemble("out %al, $PORT_SYNC\n", "long", 0, defines={"PORT_SYNC": layout.PORT_SYNC})
-    assert code.code == bytes([0xE6, layout.PORT_SYNC])
+    code = assemble("out %al, $PORT_SYNC\n", "long", 0, defines={"PORT_SYNC": protocol.PORT_SYNC})
+    assert code.code == bytes([0xE6, protocol.PORT_SYNC])
     assert "PORT_SYNC" not in code.symbols
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from pykvm import constants
-from pykvm.binding import ffi, lib
-from pykvm.ioctls import Ioctl
+from pykvm.core import constants
+from pykvm.core.binding import ffi, lib
+from pykvm.core.ioctls import Ioctl
 
 
 @pytest.mark.parametrize("ioctl", list(Ioctl), ids=lambda i: i.macro)

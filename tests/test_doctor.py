@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pykvm import conformance, doctor, host, probes
-from pykvm.host import VendorModule
+from pykvm import doctor
+from pykvm.hosts import conformance, facts, probes
+from pykvm.hosts.vendor import VendorModule
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "host-conformance.md"
 
@@ -22,19 +23,19 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "host-conformance.md"
 def observations(kvm_available):
     import pykvm
     with pykvm.Kvm() as kvm:
-        return probes.run_all(kvm)
+        return probes.run_probes(kvm)
 
 
 def test_every_host_fact_is_defined_by_exactly_one_row():
-    facts = [row.fact for row in conformance.EXPECTATIONS.values() if row.fact]
-    fields = [f.name for f in dataclasses.fields(host.HostInfo) if f.name != "vendor"]
-    assert sorted(facts) == sorted(fields)
+    names = [row.fact for row in conformance.EXPECTATIONS.values() if row.fact]
+    fields = [f.name for f in dataclasses.fields(facts.HostInfo) if f.name != "vendor"]
+    assert sorted(names) == sorted(fields)
 
 
 def test_facts_follow_the_table():
     row = conformance.EXPECTATIONS["irq_window"]
     for vendor in VendorModule:
-        fact = host.host_info(vendor).sends_irq_window_exits
+        fact = facts.host_info(vendor).sends_irq_window_exits
         known = row.known(vendor)
         assert (fact.holds, fact.verified, fact.reason) == (known.outcome == row.expected,
                                                             known.verified, known.source)
@@ -63,7 +64,7 @@ def test_scenarios_declare_exactly_the_probes_of_the_table():
 
 
 def test_missing_capability_marks_probes_unsupported_and_errors_mark_them_failed(monkeypatch):
-    from pykvm.errors import CapabilityMissing
+    from pykvm.core.errors import CapabilityMissing
 
     def lacks(kvm):
         raise CapabilityMissing("needs KVM_CAP_X")
@@ -72,7 +73,7 @@ def test_missing_capability_marks_probes_unsupported_and_errors_mark_them_failed
         raise RuntimeError("boom")
     monkeypatch.setattr(probes, "SCENARIOS", [(lacks, ("sti_shadow", "mov_ss_shadow")),
                                               (breaks, ("triple_fault",))])
-    observed = probes.run_all(kvm=None)
+    observed = probes.run_probes(kvm=None)
     assert {k: v.outcome for k, v in observed.items()} == {
         "sti_shadow": None, "mov_ss_shadow": None, "triple_fault": "probe failed"}
     assert "KVM_CAP_X" in observed["sti_shadow"].detail and "boom" in observed["triple_fault"].detail
@@ -93,7 +94,7 @@ def test_every_probe_has_a_row_and_no_probe_failed(observations):
 
 @pytest.mark.parametrize("probe", list(conformance.EXPECTATIONS))
 def test_probe_outcome_is_the_one_recorded_for_this_host(observations, probe):
-    vendor = host.detect_vendor()
+    vendor = facts.detect_vendor()
     row = conformance.EXPECTATIONS[probe]
     observed = observations[probe]
     # kvm_pvm / kvm_amd: measured outcomes; elsewhere the architectural expectation (unverified).
@@ -106,14 +107,14 @@ def test_doctor_prints_identity_capabilities_and_probes(kvm_available, capsys):
     out = capsys.readouterr().out
     for section in ("== host", "== capabilities", "== probes", "== summary"):
         assert section in out
-    assert f"vendor module   {host.detect_vendor().value}" in out
+    assert f"vendor module   {facts.detect_vendor().value}" in out
     assert "KVM_CAP_IRQCHIP" in out and "0 probe failed" in out
 
 
 def test_doctor_json(kvm_available, capsys):
     assert doctor.main(["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["host"]["vendor"] == host.detect_vendor().value and data["host"]["api_version"] == 12
+    assert data["host"]["vendor"] == facts.detect_vendor().value and data["host"]["api_version"] == 12
     assert {p["probe"] for p in data["probes"]} == set(conformance.EXPECTATIONS)
     assert all(p["verdict"] in ("conforms", "differs", "unsupported") for p in data["probes"])
 
@@ -128,7 +129,7 @@ def test_doctor_without_kvm_says_why_and_exits_2(monkeypatch, capsys):
 def test_probes_leak_no_fds_or_threads(kvm):
     import psutil
     process = psutil.Process()
-    probes.run_all(kvm)                         # warm up: lazily opened files, the kick handler
+    probes.run_probes(kvm)                         # warm up: lazily opened files, the kick handler
     fds, threads = process.num_fds(), process.num_threads()
-    probes.run_all(kvm)
+    probes.run_probes(kvm)
     assert (process.num_fds(), process.num_threads()) == (fds, threads)

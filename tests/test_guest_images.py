@@ -2,8 +2,10 @@
 
 import pytest
 
-from pykvm import guests, layout
-from pykvm.asm import Mode
+from pykvm import guests
+from pykvm.guests import images
+from pykvm.guests import layout
+from pykvm.x86 import Mode
 
 LABELS = ["entry", "sync_out", "sync_done", "sti_nop_sti", "sti_nop_nop", "sti_nop_end",
           "mov_ss_mov", "mov_ss_nop", "mov_ss_end", "hlt_hlt", "hlt_end", "sti_hlt_sti",
@@ -17,7 +19,7 @@ def test_image_is_packaged_with_its_source(mode):
     image = guests.load(mode)
     assert image.mode == Mode(mode)
     assert image.source.exists() and image.source.read_text().startswith("/*")
-    assert (guests.IMAGES_DIR / "common.inc").exists()
+    assert (images.IMAGES_DIR / "common.inc").exists()
     # the code must not run into the vector log
     assert layout.CODE + len(image.code) <= layout.LOG
 

@@ -2,23 +2,24 @@
 
 import pytest
 
-from pykvm import host as hostmod
-from pykvm.host import VendorModule
+from pykvm.hosts import facts
+from pykvm.hosts import limits, vendor
+from pykvm.hosts.vendor import VendorModule
 
 
 @pytest.mark.parametrize("module", ["kvm_intel", "kvm_amd", "kvm_pvm"])
 def test_vendor_from_sys_module(tmp_path, module):
     (tmp_path / "kvm").mkdir()
     (tmp_path / module).mkdir()
-    assert hostmod.detect_vendor(str(tmp_path)) == VendorModule(module)
+    assert vendor.detect_vendor(str(tmp_path)) == VendorModule(module)
 
 
 def test_no_vendor_module_is_unknown(tmp_path):
-    assert hostmod.detect_vendor(str(tmp_path)) == VendorModule.UNKNOWN
+    assert vendor.detect_vendor(str(tmp_path)) == VendorModule.UNKNOWN
 
 
 def test_pvm_differences_are_named_and_measured():
-    info = hostmod.host_info(VendorModule.PVM)
+    info = facts.host_info(VendorModule.PVM)
     assert not info.sends_irq_window_exits and info.sends_irq_window_exits.verified
     assert info.long_mode_interrupt_shadow          # honoured under single-step (doctor probe)
     assert len(info.differences()) == 8
@@ -26,15 +27,16 @@ def test_pvm_differences_are_named_and_measured():
 
 
 def test_intel_facts_are_labelled_unverified():
-    info = hostmod.host_info(VendorModule.INTEL)
+    info = facts.host_info(VendorModule.INTEL)
     assert info.sends_irq_window_exits and not info.sends_irq_window_exits.verified
     assert "unverified" in info.sends_irq_window_exits.reason
     assert info.differences() == []
 
 
 def test_entry_failure_decoding_per_vendor():
-    amd = hostmod.host_info(VendorModule.AMD)
-    assert "VMCB" in amd.explain_entry_failure(0xFFFFFFFFFFFFFFFF)
-    intel = hostmod.host_info(VendorModule.INTEL)
-    assert "invalid guest state" in intel.explain_entry_failure(0x80000021)
-    assert "unverified" in intel.explain_entry_failure(0x80000021)
+    amd = facts.host_info(VendorModule.AMD)
+    assert "VMCB" in limits.explain_entry_failure(amd, 0xFFFFFFFFFFFFFFFF)
+    intel = facts.host_info(VendorModule.INTEL)
+    text = limits.explain_entry_failure(intel, 0x80000021)
+    assert "invalid guest state" in text and "RFLAGS.IF=0" in text
+    assert "basic exit reason 7" in limits.explain_entry_failure(intel, 0x80000007)

@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
-from pykvm import hosts
-from pykvm.errors import PyKvmError
-from pykvm.hosts import ConsoleFilter, Markers
+from pykvm.hosts import tcg_amd as hosts
+from pykvm.core.errors import PyKvmError
+from pykvm.hosts.tcg_amd import ConsoleFilter, Markers
 
 APT_CACHE_SEARCH = """\
 linux-image-6.1.0-56-amd64 - Linux 6.1 for 64-bit PCs (signed)

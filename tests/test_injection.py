@@ -2,18 +2,18 @@
 
 Each test boots a packaged guest image (guests/*.S) and asserts what its
 handlers recorded: vector, order, interrupted RIP, RFLAGS, error code, CR2.
-Where this host's KVM is documented to differ (pykvm.host, ../shared/hosts.md)
+Where this host's KVM was measured to differ (pykvm.hosts.conformance)
 the test asserts the host's measured behaviour and says why.
 """
 
 import pytest
 
 from pykvm import HostLimitation, NotReadyForInjection, x86
-from pykvm.exits import DebugExit, FailEntryExit
+from pykvm.core.exits import DebugExit, FailEntryExit
 from pykvm.guests import StopKind
-from pykvm.host import VendorModule
-from pykvm.irq import UserspaceIrqController
-from pykvm.layout import Command
+from pykvm.hosts.vendor import VendorModule
+from pykvm.irqchip import UserspaceIrqController
+from pykvm.guests import Command
 
 MODES = ["real", "protected", "long"]
 EXTERNAL_VECTORS = range(0x20, 0x100)
@@ -156,7 +156,7 @@ def test_interrupt_refused_while_not_ready(boot, host, mode):
     with pytest.raises(NotReadyForInjection, match="already queued"):
         guest.vcpu.interrupt(0x41)
     if host.vendor in (VendorModule.PVM, VendorModule.AMD):
-        # measured (hosts.md): delivered at the next entry although the guest has IF=0
+        # measured (conformance: interrupt_not_ready): delivered at the next entry although the guest has IF=0
         guest.command(Command.NOP)
         (record,) = guest.log()
         assert record.vector == 0x40 and not record.interrupts_were_enabled

@@ -7,7 +7,7 @@ thread, an IPI from another vCPU, the LAPIC timer) and asserts what the
 guest's handler logged: vector, CPU, order and interrupted RIP, plus the
 LAPIC / IOAPIC state KVM reports (ISR, IRR, remote IRR).
 
-kvm_pvm note (../shared/hosts.md): with the in-kernel LAPIC this host injects a
+kvm_pvm note (pykvm.hosts.conformance, lapic_after_sti): with the in-kernel LAPIC this host injects a
 pending vector only at a VM entry, so a vector raised while the guest sits at a
 sync exit is taken at the instruction after the `out` (label `sync_done`).
 
@@ -20,14 +20,16 @@ import time
 
 import pytest
 
-from pykvm import apic, guests
-from pykvm.apic import ApicReg, DeliveryMode, RedirectionEntry, TimerMode
-from pykvm.constants import Cap, ExitReason, IrqchipId
-from pykvm.irq import UserspaceIrqController
+from pykvm import guests
+from pykvm.irqchip import DeliveryMode, MsiMessage, ioapic, lapic, pic, pit
+from pykvm.irqchip.ioapic import RedirectionEntry
+from pykvm.irqchip.lapic import ApicReg, DestinationShorthand, TimerMode
+from pykvm.core.constants import Cap, ExitReason, IrqchipId
+from pykvm.irqchip import UserspaceIrqController
 from pykvm.irqchip import IrqchipRoute, MsiRoute
 from pykvm.guests import StopKind
-from pykvm.layout import Command
-from pykvm.smp import command_in_thread
+from pykvm.guests import Command
+from pykvm.runtime import command_in_thread
 
 VECTOR = 0x41
 
@@ -52,7 +54,7 @@ def test_irq_line_through_the_ioapic(machine):
     guest.command(Command.NOP)
     [record] = guest.log()
     assert (record.vector, record.cpu, record.rip) == (VECTOR, 0, guest.address("sync_done"))
-    assert guest.vcpu.lapic.isr == frozenset()     # the handler EOId
+    assert lapic.read(guest.vcpu).isr == frozenset()     # the handler EOId
 
 
 def test_signal_msi_and_eoi_clears_isr(machine, host):
@@ -60,19 +62,19 @@ def test_signal_msi_and_eoi_clears_isr(machine, host):
     guest.apic_enable(auto_eoi=False)
     guest.command(Command.STI)
     assert guest.vcpu.vm.signal_msi(destination=0, vector=0x51) == 1
-    assert 0x51 in guest.vcpu.lapic.irr                       # accepted, not yet delivered
+    assert 0x51 in lapic.read(guest.vcpu).irr                       # accepted, not yet delivered
     guest.command(Command.NOP)
     assert vectors(guest) == [0x51]
-    lapic = guest.vcpu.lapic
-    assert 0x51 not in lapic.irr
+    state = lapic.read(guest.vcpu)
+    assert 0x51 not in state.irr
     if host.lapic_tracks_in_service:
-        assert lapic.isr == {0x51} and lapic.highest_isr == 0x51
+        assert state.isr == {0x51} and state.highest_isr == 0x51
         assert guest.apic_read(ApicReg.PPR) & 0xF0 == 0x50    # in service: PPR = its class
     else:
         # kvm_pvm (measured): nothing shows as in service, to KVM_GET_LAPIC or to the guest.
-        assert lapic.isr == frozenset() and guest.apic_read(ApicReg.PPR) == 0
+        assert state.isr == frozenset() and guest.apic_read(ApicReg.PPR) == 0
     guest.eoi()
-    assert guest.vcpu.lapic.isr == frozenset()
+    assert lapic.read(guest.vcpu).isr == frozenset()
     assert guest.apic_read(ApicReg.PPR) == 0
 
 
@@ -84,7 +86,7 @@ def test_two_pending_vectors_are_taken_highest_first(machine, host):
         guest.vcpu.vm.signal_msi(destination=0, vector=vector)
     guest.command(Command.NOP)
     assert vectors(guest) == []                               # IF=0: both wait in the IRR
-    assert guest.vcpu.lapic.irr >= {0x41, 0x81}
+    assert lapic.read(guest.vcpu).irr >= {0x41, 0x81}
     guest.command(Command.STI)
     guest.command(Command.NOP)
     if not host.lapic_delivers_when_unblocked:
@@ -109,7 +111,7 @@ def test_tpr_holds_back_lower_classes(machine, host):
     guest.command(Command.NOP)
     guest.command(Command.NOP)
     assert vectors(guest) == [0x61]
-    assert 0x45 in guest.vcpu.lapic.irr
+    assert 0x45 in lapic.read(guest.vcpu).irr
     guest.apic_write(ApicReg.TPR, 0)
     if not host.lapic_delivers_when_unblocked:
         assert vectors(guest) == [0x61]     # kvm_pvm: injected at the next entry, not at the TPR write
@@ -126,15 +128,15 @@ def test_masked_ioapic_pin_waits_until_unmasked(machine, host):
     vm.irq_line(17, 1)
     guest.command(Command.NOP)
     assert vectors(guest) == []
-    ioapic = vm.irqchip_state.ioapic
-    assert ioapic.redirection[17].masked and 17 in ioapic.irr
+    state = ioapic.read(vm)
+    assert state.redirection[17].masked and 17 in state.irr
     route_pin(guest, 17, 0x59, level=True, masked=False)
     guest.command(Command.NOP)
     assert vectors(guest) == [0x59]
-    assert vm.irqchip_state.ioapic.redirection[17].remote_irr     # level: waits for the EOI
+    assert ioapic.read(vm).redirection[17].remote_irr     # level: waits for the EOI
     vm.irq_line(17, 0)
     guest.eoi()
-    assert not vm.irqchip_state.ioapic.redirection[17].remote_irr
+    assert not ioapic.read(vm).redirection[17].remote_irr
     guest.command(Command.NOP)
     if host.lapic_tracks_in_service:
         assert vectors(guest) == [0x59]                             # line low: no second delivery
@@ -172,7 +174,7 @@ def test_irqfd_from_another_thread_wakes_a_halted_vcpu(machine):
     [guest] = machine()
     guest.apic_enable()
     vm = guest.vcpu.vm
-    vm.set_gsi_routing(vm.routes + (MsiRoute(100, apic.compose_msi(destination=0, vector=0x64)),))
+    vm.set_gsi_routing(vm.routes + (MsiRoute(100, MsiMessage.compose(destination=0, vector=0x64)),))
     with vm.irqfd(100) as irqfd:
         waiter = command_in_thread(guest, Command.WAIT_LOG, 1)    # sti; hlt in the kernel
         time.sleep(0.05)
@@ -221,9 +223,9 @@ def test_ipi_destinations(machine, x2apic):
     assert deliver([2], vector=0x72, destination=2) == [[], [], [0x72]]          # physical
     logical_mask = 0b110 if not x2apic else 0b110     # x2APIC cluster 0: bit = APIC ID
     assert deliver([1, 2], vector=0x73, destination=logical_mask, logical=True) == [[], [0x73], [0x73]]
-    assert deliver([1, 2], vector=0x74, shorthand=apic.DestinationShorthand.ALL_EXCLUDING_SELF) \
+    assert deliver([1, 2], vector=0x74, shorthand=DestinationShorthand.ALL_EXCLUDING_SELF) \
         == [[], [0x74], [0x74]]
-    assert deliver([0, 1, 2], vector=0x75, shorthand=apic.DestinationShorthand.ALL_INCLUDING_SELF) \
+    assert deliver([0, 1, 2], vector=0x75, shorthand=DestinationShorthand.ALL_INCLUDING_SELF) \
         == [[0x75], [0x75], [0x75]]
 
 
@@ -334,9 +336,9 @@ def test_real_mode_8259_through_irq_line(machine):
         vm.irq_line(gsi, 0)
         guest.command(Command.NOP)
     assert vectors(guest) == [0x21, 0x2C]
-    state = vm.irqchip_state
-    assert state.pic_master.irq_base == 0x20 and state.pic_slave.irq_base == 0x28
-    assert state.pic_master.isr == frozenset() and state.pic_slave.isr == frozenset()   # EOId
+    master, slave = pic.read(vm, IrqchipId.PIC_MASTER), pic.read(vm, IrqchipId.PIC_SLAVE)
+    assert master.irq_base == 0x20 and slave.irq_base == 0x28
+    assert master.isr == frozenset() and slave.isr == frozenset()   # EOId
 
 
 def test_pic_routing_entry_refused_in_split_mode(machine):
@@ -361,7 +363,7 @@ def test_split_irqchip_takes_msis_and_userspace_pic_interrupts(machine):
                                                                (0x46, 0, guest.address("sync_done"))]
     with pytest.raises(Exception, match="can only be routed to an MSI"):
         vm.irq_line(16, 1)
-    vm.set_gsi_routing(vm.routes + (MsiRoute(16, apic.compose_msi(destination=0, vector=0x47)),))
+    vm.set_gsi_routing(vm.routes + (MsiRoute(16, MsiMessage.compose(destination=0, vector=0x47)),))
     vm.irq_line(16, 1)
     vm.irq_line(16, 0)
     guest.command(Command.NOP)
@@ -374,11 +376,11 @@ def test_pit_ticks_through_the_8259_at_the_programmed_period(kvm):
     vm = kvm.create_vm(irqchip="kernel", pit=True)
     with vm:
         [guest] = guests.boot_cpus(vm, "real", 1)
-        assert vm.pit_channels[0].mode == 0xFF                 # never programmed
+        assert pit.channels(vm)[0].mode == 0xFF                 # never programmed
         guest.pic_init(master_base=0x20, slave_base=0x28)
         count = 11932                                          # 10 ms at 1.193182 MHz
-        vm.program_pit(count)
-        channel = vm.pit_channels[0]
+        pit.program(vm, count)
+        channel = pit.channels(vm)[0]
         assert (channel.count, channel.mode) == (count, 2)
         for _ in range(5):
             guest.command(Command.STI_HLT)
@@ -388,8 +390,8 @@ def test_pit_ticks_through_the_8259_at_the_programmed_period(kvm):
         # KVM's PIT re-injects ticks the guest was late to take, so one gap can be short after
         # a long one (seen under QEMU TCG); the mean period is what the PIT keeps.
         mean_gap = (log[-1].tsc - log[0].tsc) / (len(log) - 1) / (guest.vcpu.tsc_khz * 1000)
-        assert 0.5 * channel.period < mean_gap < 3 * channel.period, mean_gap
-        assert vm.irqchip_state.pic_master.isr == frozenset()  # the handler EOId
+        assert 0.5 * pit.period(channel) < mean_gap < 3 * pit.period(channel), mean_gap
+        assert pic.read(vm).isr == frozenset()  # the handler EOId
 
 
 @pytest.mark.parametrize("x2apic", [False, True], ids=["xapic", "x2apic"])
@@ -397,8 +399,8 @@ def test_self_ipi(machine, x2apic):
     [guest] = machine()
     guest.apic_enable(x2apic=x2apic)
     guest.command(Command.CLI)
-    guest.send_ipi(0x66, shorthand=apic.DestinationShorthand.SELF)
-    assert 0x66 in guest.vcpu.lapic.irr                   # pending on itself while IF=0
+    guest.send_ipi(0x66, shorthand=DestinationShorthand.SELF)
+    assert 0x66 in lapic.read(guest.vcpu).irr                   # pending on itself while IF=0
     guest.command(Command.STI)
     guest.command(Command.NOP)
     assert [(r.vector, r.cpu) for r in guest.log()] == [(0x66, 0)]
@@ -408,8 +410,8 @@ def test_ioeventfd_takes_a_guest_write_without_an_exit(machine):
     # With no in-kernel IOAPIC its MMIO page is nobody's: a guest write there would exit to
     # userspace. An ioeventfd on the index register swallows that write inside KVM; the
     # write to the data register that follows still exits, and proves the first one did not.
-    from pykvm.exits import MmioExit
-    from pykvm.layout import IOAPIC_BASE
+    from pykvm.core.exits import MmioExit
+    from pykvm.irqchip.ioapic import IOAPIC_DEFAULT_BASE as IOAPIC_BASE
     [guest] = machine(irqchip="none")
     vm = guest.vcpu.vm
     with vm.ioeventfd(IOAPIC_BASE, 4) as doorbell:

@@ -6,14 +6,15 @@ import time
 import psutil
 import pytest
 
-from pykvm import apic, guests
-from pykvm.constants import IrqchipId
-from pykvm.errors import (CommandTimeout, InvalidMsi, InvalidRouting, InvalidVector, IrqchipModeError,
+from pykvm import guests
+from pykvm.irqchip import MsiMessage, pit
+from pykvm.core.constants import IrqchipId
+from pykvm.core.errors import (CommandTimeout, InvalidMsi, InvalidRouting, InvalidVector, IrqchipModeError,
                           VcpuThreadError)
-from pykvm.exits import IoExit
+from pykvm.core.exits import IoExit
 from pykvm.irqchip import IrqchipRoute, MsiRoute
-from pykvm.layout import Command
-from pykvm.smp import VcpuThread
+from pykvm.guests import Command
+from pykvm.runtime import VcpuThread, run_vcpus
 
 
 def test_irqchip_after_the_first_vcpu_is_refused(vm):
@@ -41,13 +42,13 @@ def test_kvm_interrupt_with_the_kernel_pic_explains_enxio(kvm):
         assert "No such device or address" in str(info.value)     # KVM's own ENXIO, explained
 
 
-@pytest.mark.parametrize("call", ["irq_line", "signal_msi", "irqfd", "lapic", "irqchip_state"])
+@pytest.mark.parametrize("call", ["irq_line", "signal_msi", "irqfd", "get_lapic", "get_irqchip"])
 def test_kernel_paths_refused_without_an_in_kernel_irqchip(vm, call):
     vcpu = vm.create_vcpu()
     actions = {"irq_line": lambda: vm.irq_line(4, 1),
                "signal_msi": lambda: vm.signal_msi(destination=0, vector=0x40),
-               "irqfd": lambda: vm.irqfd(4), "lapic": lambda: vcpu.lapic,
-               "irqchip_state": lambda: vm.irqchip_state}
+               "irqfd": lambda: vm.irqfd(4), "get_lapic": lambda: vcpu.get_lapic(),
+               "get_irqchip": lambda: vm.get_irqchip(IrqchipId.IOAPIC)}
     with pytest.raises(IrqchipModeError, match="irqchip is 'none'; create the VM with irqchip="):
         actions[call]()
 
@@ -74,7 +75,7 @@ def test_invalid_routing_entries(kvm):
             vm.set_gsi_routing([IrqchipRoute(3, IrqchipId.IOAPIC, 30)])
         with pytest.raises(InvalidRouting, match="not a routing entry"):
             vm.set_gsi_routing([(3, 3)])
-        msi = apic.compose_msi(destination=0, vector=0x40)
+        msi = MsiMessage.compose(destination=0, vector=0x40)
         with pytest.raises(InvalidRouting, match="KVM refused the routing table"):
             vm.set_gsi_routing([MsiRoute(40, msi), MsiRoute(40, msi)])     # KVM's own EINVAL
         assert vm.routes[0] == IrqchipRoute(0, IrqchipId.PIC_MASTER, 0)   # table unchanged
@@ -90,11 +91,11 @@ def test_irqfd_on_a_closed_eventfd(kvm):
 
 def test_msi_with_reserved_bits(kvm):
     with kvm.create_vm(irqchip="kernel") as vm:
-        good = apic.compose_msi(destination=0, vector=0x40)
+        good = MsiMessage.compose(destination=0, vector=0x40)
         with pytest.raises(InvalidMsi):
-            vm.signal_msi(apic.MsiMessage(good.address_lo | 0x3, good.address_hi, good.data))
+            vm.signal_msi(MsiMessage(good.address_lo | 0x3, good.address_hi, good.data))
         with pytest.raises(InvalidMsi):
-            vm.signal_msi(apic.MsiMessage(good.address_lo, good.address_hi, good.data | 0x10000))
+            vm.signal_msi(MsiMessage(good.address_lo, good.address_hi, good.data | 0x10000))
         with pytest.raises(InvalidVector):
             vm.signal_msi(destination=0, vector=0x140)
 
@@ -106,14 +107,14 @@ def test_a_dying_vcpu_thread_is_reported(vcpu):
         VcpuThread(vcpu, target).result(timeout=5)
 
 
-def test_run_all_stops_a_vcpu_that_never_finishes(kvm):
+def test_run_vcpus_stops_a_vcpu_that_never_finishes(kvm):
     with kvm.create_vm(irqchip="kernel") as vm:
         bsp, ap = guests.boot_cpus(vm, "long", cpus=2)
         bsp.send(Command.DONE)
         ap.send(Command.SPIN, 2**32 - 1)              # no exits for minutes
         start = time.monotonic()
         with pytest.raises(VcpuThreadError, match="vCPU 1 did not finish within [0-9.]+ s and was stopped"):
-            vm.run_all(lambda vcpu, exit: isinstance(exit, IoExit), timeout=0.5)
+            run_vcpus(vm.vcpus, lambda vcpu, exit: isinstance(exit, IoExit), timeout=0.5)
         assert time.monotonic() - start < 3
 
 
@@ -134,13 +135,13 @@ def test_irqchip_objects_leak_no_fds(kvm):
 def test_pit_state_needs_a_pit_and_valid_values(kvm):
     with kvm.create_vm(irqchip="kernel") as vm:
         with pytest.raises(IrqchipModeError, match="no in-kernel PIT.*pit=True"):
-            vm.program_pit(1000)
+            pit.program(vm, 1000)
         vm.create_pit2()
         for bad, match in [(dict(count=0), "outside 1..65536"), (dict(count=10, mode=6), "modes 0-5"),
                            (dict(count=10, channel=3), "channels 0, 1, 2")]:
             with pytest.raises(ValueError, match=match):
-                vm.program_pit(**bad)
-        assert vm.pit_channels[0].mode == 0xFF                 # nothing was loaded
+                pit.program(vm, **bad)
+        assert pit.channels(vm)[0].mode == 0xFF                 # nothing was loaded
 
 
 def test_a_command_that_never_returns_times_out_instead_of_hanging(kvm):
@@ -156,7 +157,7 @@ def test_a_command_that_never_returns_times_out_instead_of_hanging(kvm):
 
 
 def test_watchdog_calls_only_expired_guards():
-    from pykvm.watchdog import Watchdog
+    from pykvm.runtime.watchdog import Watchdog
     watchdog, fired = Watchdog(), []
     with watchdog.guard(0.05, lambda: fired.append("slow")):
         time.sleep(0.2)

@@ -8,8 +8,9 @@ import psutil
 import pytest
 
 import pykvm
-from pykvm import Cap, layout, x86
-from pykvm.errors import (CapabilityMissing, ClosedError, GuestMemoryError, InvalidVector,
+from pykvm import Cap, x86
+from pykvm.guests import layout
+from pykvm.core.errors import (CapabilityMissing, ClosedError, GuestMemoryError, InvalidVector,
                           KvmError, KvmUnavailableError, MemorySlotOverlap, NotReadyForInjection)
 
 

@@ -2,7 +2,7 @@
 
 import struct
 
-from pykvm import layout
+from pykvm.guests import layout
 from pykvm.guests import parse_log, parse_record
 
 

@@ -18,11 +18,11 @@ import psutil
 import pytest
 
 import pykvm
-from pykvm.constants import Cap, StatsBase, StatsType, StatsUnit
-from pykvm.errors import CapabilityMissing, ClosedError, PyKvmError
-from pykvm.host import VendorModule
-from pykvm.layout import Command
-from pykvm.stats import (DeltaNotReady, StatDescriptor, Stats, StatsDelta, StatsFormatError,
+from pykvm.core.constants import Cap, StatsBase, StatsType, StatsUnit
+from pykvm.core.errors import CapabilityMissing, ClosedError, PyKvmError
+from pykvm.hosts.vendor import VendorModule
+from pykvm.guests import Command
+from pykvm.core.stats import (DeltaNotReady, StatDescriptor, Stats, StatsDelta, StatsFormatError,
                          UnknownStatistic)
 
 # The kernel's flag bits (include/uapi/linux/kvm.h), spelled out on purpose.

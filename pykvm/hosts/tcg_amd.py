@@ -1,13 +1,13 @@
 """``python -m pykvm.hosts tcg-amd -- COMMAND``: run a command on a second KVM host, kvm_amd.
 
-Why this exists: this project's machines offer only kvm_pvm, whose interrupt
-semantics differ from the architecture (``../shared/hosts.md`` section 1). The
+Why this exists: a machine may offer only one KVM, such as kvm_pvm, whose interrupt
+semantics differ from the architecture (:mod:`pykvm.hosts.conformance`). The
 upstream ``kvm_amd`` module is the standard host to compare with, and QEMU's
 software emulation (TCG) of AMD-V lets it run here: a stock Debian kernel
 boots under ``qemu-system-x86_64 -accel tcg -cpu max``, loads ``kvm_amd``,
 mounts this machine's ``/`` over 9p and runs the command chrooted into it, in
 the caller's working directory with the caller's Python and virtualenv
-(hosts.md section 2). The command's exit status comes back as the runner's.
+The command's exit status comes back as the runner's.
 
 Pieces, and where they come from:
 
@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
 
-from .errors import PyKvmError
+from ..core.errors import PyKvmError
 
 HOSTS = ("tcg-amd",)
 DEFAULT_TIMEOUT = 1200.0

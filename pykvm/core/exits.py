@@ -10,10 +10,13 @@ hypercall results) are checked against the vCPU's current exit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .constants import ExitReason, InternalErrorKind, IoDirection, SystemEventType
 from .state import record
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
 
 
 @record(slots=True)
@@ -131,8 +134,9 @@ class InternalErrorExit(Exit):
 
     ``insn_bytes`` are the instruction bytes KVM reported (emulation failures), or
     fetched from guest memory at the faulting RIP; ``explanation`` says what is
-    known about it on this host (see ``pykvm.host``); ``host_limit`` is True when
-    it is a documented limit of this host's KVM rather than a guest bug.
+    known about it on this host and ``host_limit`` is True when it is a documented
+    limit of this host's KVM rather than a guest bug: both are filled in by the
+    explainer the host layer registers (:func:`add_explainer`), not by the core.
     """
 
     reason: ClassVar = ExitReason.INTERNAL_ERROR
@@ -243,12 +247,31 @@ def _mmio(vcpu, run) -> MmioExit:
                     bytes(mmio.data[0:length]))
 
 
-def _fail_entry(vcpu, run) -> FailEntryExit:
-    reason = run.fail_entry.hardware_entry_failure_reason
-    return FailEntryExit(reason, run.fail_entry.cpu, vcpu.host.explain_entry_failure(reason))
+# Explainers: the core decodes what KVM reported; what an entry failure or an internal
+# error means on a given host is known a layer up (pykvm.hosts), which registers a
+# function here. They run only for these rare exits, never on the hot path.
+Explainer = Callable[["Vcpu", Exit], None]
+_EXPLAINERS: list[Explainer] = []
 
 
-def _internal(vcpu, run) -> InternalErrorExit:
+def add_explainer(explainer: Explainer) -> None:
+    """Have ``explainer(vcpu, exit)`` fill in ``explanation`` of FAIL_ENTRY and INTERNAL_ERROR exits."""
+    if explainer not in _EXPLAINERS:
+        _EXPLAINERS.append(explainer)
+
+
+def _explained(vcpu, exit: Exit) -> Exit:
+    for explainer in _EXPLAINERS:
+        explainer(vcpu, exit)
+    return exit
+
+
+def _fail_entry(vcpu, run) -> Exit:
+    fail = run.fail_entry
+    return _explained(vcpu, FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu))
+
+
+def _internal(vcpu, run) -> Exit:
     internal = run.internal
     data = tuple(internal.data[0:min(internal.ndata, 16)])
     insn = b""
@@ -256,7 +279,7 @@ def _internal(vcpu, run) -> InternalErrorExit:
         failure = run.emulation_failure
         if failure.ndata >= 2 and failure.flags & 1:
             insn = bytes(failure.insn_bytes[0:failure.insn_size])
-    return vcpu._explain_internal_error(InternalErrorExit(internal.suberror, data, 0, insn))
+    return _explained(vcpu, InternalErrorExit(internal.suberror, data, vcpu.regs.rip, insn))
 
 
 def _debug(vcpu, run) -> DebugExit:

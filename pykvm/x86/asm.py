@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .errors import AssemblerError
+from ..core.errors import AssemblerError
 
 
 class Mode(str, enum.Enum):

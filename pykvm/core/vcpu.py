@@ -14,16 +14,15 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from . import apic, exits
+from . import exits
 from .binding import ffi, lib
 from .constants import Cap, MpState
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
-from .errors import (ClosedError, InvalidVector, IrqchipModeError, KvmError, NotReadyForInjection,
+from .errors import (ClosedError, IrqchipModeError, KvmError, NotReadyForInjection,
                      StaleExitError, ioctl_error)
 from .fdobject import FdObject
-from .host import detect
+from .interrupts import IrqchipMode, check_vector
 from .ioctls import Ioctl
-from .irqchip import IrqchipMode
 from .state import Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
 from .stats import Stats
 
@@ -92,7 +91,6 @@ class Vcpu(FdObject):
         super().__init__(fd)
         self.vm = vm
         self.id = vcpu_id
-        self.host = detect()
         self._run_size = vm.kvm.vcpu_mmap_size
         err = ffi.new("int *")
         pointer = lib.pykvm_mmap(fd, self._run_size, err)
@@ -106,7 +104,7 @@ class Vcpu(FdObject):
         self._exit_sequence = 0
         self._queued: tuple[int, int] = (-1, 0)   # (exit sequence, vector) of the last KVM_INTERRUPT
         self.kvm_run = KvmRun(self)
-        self.irq_controller = None   # set by pykvm.irq.UserspaceIrqController
+        self.irq_controller = None   # set by pykvm.irqchip.controller.UserspaceIrqController
         self._running_thread = 0     # thread ident inside run(), 0 when none
 
     def describe(self) -> str:
@@ -158,19 +156,6 @@ class Vcpu(FdObject):
         else:
             for name, value in values.items():
                 setattr(getattr(run, field), name, value)
-
-    def _explain_internal_error(self, exit: exits.InternalErrorExit) -> exits.InternalErrorExit:
-        """Fill in RIP, instruction bytes and this host's explanation of an INTERNAL_ERROR."""
-        from .x86 import cpu_mode, linear_rip
-        sregs, regs = self.sregs, self.regs
-        exit.rip = regs.rip
-        if not exit.insn_bytes:
-            try:
-                exit.insn_bytes = self.vm.memory.read(linear_rip(sregs, regs.rip), 15)
-            except IndexError:
-                pass
-        exit.explanation, exit.host_limit = self.host.explain_internal_error(exit, cpu_mode(sregs))
-        return exit
 
     def kick(self) -> None:
         """Force ``run()`` to return an ``IntrExit`` soon, from any thread.
@@ -245,21 +230,25 @@ class Vcpu(FdObject):
         self._ioctl(Ioctl.NMI, hint="with an in-kernel irqchip, KVM_NMI needs the vCPU's LAPIC enabled")
 
     # -- LAPIC and statistics ------------------------------------------------------
-    @property
-    def lapic(self) -> apic.LapicState:
-        """``KVM_GET_LAPIC``, decoded (needs an in-kernel LAPIC: irqchip 'kernel' or 'split')."""
-        self.vm._require_irqchip(IrqchipMode.SPLIT, "vcpu.lapic")
+    def get_lapic(self) -> bytes:
+        """``KVM_GET_LAPIC``: the 1 KiB of LAPIC registers (decode with :func:`pykvm.irqchip.lapic.read`).
+
+        Needs an in-kernel LAPIC (irqchip 'kernel' or 'split').
+        """
+        self.vm._require_irqchip(IrqchipMode.SPLIT, "KVM_GET_LAPIC")
         cdata = ffi.new("struct kvm_lapic_state *")
         self._ioctl(Ioctl.GET_LAPIC, cdata)
-        # pykvm does not enable KVM_CAP_X2APIC_API, so KVM keeps the ID in bits 31:24 in both modes.
-        return apic.LapicState.from_bytes(bytes(ffi.buffer(cdata)), x2apic=False)
+        return bytes(ffi.buffer(cdata))
 
-    @lapic.setter
-    def lapic(self, value: "apic.LapicState | bytes") -> None:
-        self.vm._require_irqchip(IrqchipMode.SPLIT, "vcpu.lapic")
-        raw = value if isinstance(value, (bytes, bytearray)) else value.raw
+    def set_lapic(self, registers: bytes) -> None:
+        """``KVM_SET_LAPIC``: load 1 KiB of LAPIC registers."""
+        self.vm._require_irqchip(IrqchipMode.SPLIT, "KVM_SET_LAPIC")
         cdata = ffi.new("struct kvm_lapic_state *")
-        ffi.buffer(cdata)[:] = bytes(raw)
+        size = ffi.sizeof(cdata[0])
+        if len(registers) != size:
+            raise ValueError(f"set_lapic(registers=<{len(registers)} bytes>): KVM_SET_LAPIC takes "
+                             f"exactly {size} bytes, the whole register page from get_lapic()")
+        ffi.buffer(cdata)[:] = bytes(registers)
         self._ioctl(Ioctl.SET_LAPIC, cdata)
 
     @functools.cached_property
@@ -375,13 +364,6 @@ class Vcpu(FdObject):
         self.vm.kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
         control = (lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP) if enabled else 0
         self._ioctl(Ioctl.SET_GUEST_DEBUG, ffi.new("struct kvm_guest_debug *", {"control": control}))
-
-
-def check_vector(vector: int) -> None:
-    """Raise :class:`InvalidVector` unless ``vector`` is an integer in 0..255."""
-    if not isinstance(vector, int) or not 0 <= vector <= 255:
-        raise InvalidVector(f"interrupt vector {vector!r} is out of range: x86 vectors are "
-                            f"0..255 (external interrupts normally use 32..255)")
 
 
 def _run_hint(err: int) -> str:

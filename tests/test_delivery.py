@@ -10,14 +10,14 @@ import os
 
 import pytest
 
-from pykvm import bench, demo, paths
+from pykvm import bench, delivery, demo
 
 COUNT = 8
 
 
-@pytest.mark.parametrize("path", list(paths.PATHS))
+@pytest.mark.parametrize("path", list(delivery.PATHS))
 def test_each_path_delivers_every_interrupt(kvm, path):
-    result = paths.measure(kvm, path, COUNT)
+    result = delivery.measure(kvm, path, COUNT)
     assert result.count == COUNT                          # one log record per injection
     # (no sign check on the latencies: under QEMU TCG the guest and host TSCs disagree, which
     # tsc_warning() reports; see test_negative_latencies_are_reported_not_hidden)
@@ -36,31 +36,31 @@ def test_each_path_delivers_every_interrupt(kvm, path):
 
 @pytest.mark.parametrize("path", ["msi", "irqfd"])
 def test_c_injector_baseline_delivers(kvm, path):
-    result = paths.measure_c_baseline(kvm, path, COUNT)
+    result = delivery.measure_c_baseline(kvm, path, COUNT)
     assert (result.count, result.implementation) == (COUNT, "c")
     assert result.counters["irq_injections"] > 0 and result.counters["signal_exits"] == 0
 
 
 def test_c_baseline_covers_only_msi_and_irqfd(kvm):
     with pytest.raises(ValueError, match="msi and irqfd"):
-        paths.measure_c_baseline(kvm, "ipi", 1)
+        delivery.measure_c_baseline(kvm, "ipi", 1)
 
 
 def test_measuring_leaves_the_callers_cpu_affinity_alone(kvm):
     before = os.sched_getaffinity(0)
-    paths.measure(kvm, "msi", 2)
+    delivery.measure(kvm, "msi", 2)
     assert os.sched_getaffinity(0) == before
 
 
 def test_merge_adds_rounds():
-    one = paths.PathMeasurement("msi", [1000.0, 3000.0], 0.5, {"exits": 2, "signal_exits": 0,
+    one = delivery.PathMeasurement("msi", [1000.0, 3000.0], 0.5, {"exits": 2, "signal_exits": 0,
                                                                "irq_injections": 2})
-    two = paths.PathMeasurement("msi", [2000.0], 0.5, {"exits": 4, "signal_exits": 0,
+    two = delivery.PathMeasurement("msi", [2000.0], 0.5, {"exits": 4, "signal_exits": 0,
                                                        "irq_injections": 1})
-    merged = paths.PathMeasurement.merge([one, two])
+    merged = delivery.PathMeasurement.merge([one, two])
     assert (merged.count, merged.rate, merged.p50_us) == (3, 3.0, 2.0)
     assert merged.exits_per_interrupt == 2.0
-    assert merged.row().startswith(paths.PATHS["msi"])
+    assert merged.row().startswith(delivery.PATHS["msi"])
 
 
 def test_demo_prints_the_path_table_with_exits_from_the_stats_fd(kvm, capsys):
@@ -68,7 +68,7 @@ def test_demo_prints_the_path_table_with_exits_from_the_stats_fd(kvm, capsys):
     out = capsys.readouterr().out
     table = out[out.index("== 4."):out.index("== summary")]
     assert "exits/irq" in table and "failed" not in table
-    for title in paths.PATHS.values():
+    for title in delivery.PATHS.values():
         row = next(line for line in table.splitlines() if line.strip().startswith(title))
         impl, rate, p50, p99, exits_per_irq, *_ = row[len("  ") + 38:].split()
         assert impl == "python" and float(rate) > 0
@@ -80,12 +80,12 @@ def test_injection_benchmark_prints_rates_latencies_and_c_ratios(kvm):
     text = "\n".join(lines)
     for path in ("msi", "irqfd"):
         assert f"{path}: Python/C  rate" in text
-    assert sum(1 for line in lines if " python " in line) == len(paths.PATHS)
+    assert sum(1 for line in lines if " python " in line) == len(delivery.PATHS)
     assert sum(1 for line in lines if " c      " in line) == 2
 
 
 def test_negative_latencies_are_reported_not_hidden():
-    skewed = paths.PathMeasurement("msi", [-5000.0, 2000.0], 0.1, {"exits": 2})
-    fine = paths.PathMeasurement("irqfd", [1000.0], 0.1, {"exits": 1})
-    assert paths.tsc_warning([fine]) == []
-    assert "1 of 3 latencies are negative" in paths.tsc_warning([skewed, fine])[0]
+    skewed = delivery.PathMeasurement("msi", [-5000.0, 2000.0], 0.1, {"exits": 2})
+    fine = delivery.PathMeasurement("irqfd", [1000.0], 0.1, {"exits": 1})
+    assert delivery.tsc_warning([fine]) == []
+    assert "1 of 3 latencies are negative" in delivery.tsc_warning([skewed, fine])[0]

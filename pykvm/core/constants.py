@@ -9,6 +9,7 @@ binding, so a typo cannot survive.
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
 
 
 class Cap(enum.IntEnum):
@@ -215,3 +216,18 @@ def header_macro_names() -> dict[str, int]:
         names[prefix + "SHIFT"] = shift
     names["KVM_IOAPIC_NUM_PINS"] = IOAPIC_NUM_PINS
     return names
+
+
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def as_enum(kind: type[E], value: int) -> E | int:
+    """``kind(value)`` when ``value`` is one of its members, else the plain integer.
+
+    For fields a newer kernel (or the hardware) may fill with values this
+    version of pykvm has no name for.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        return value

@@ -1,10 +1,10 @@
 """Small guest scenarios that measure how this host's KVM delivers events.
 
-Why this exists: hosts legitimately differ (``../shared/hosts.md``) in when
+Why this exists: hosts legitimately differ (measured: :mod:`pykvm.hosts.conformance`) in when
 the interrupt window opens, where RIP points at an IO exit, which shadows they
 honour, and what their instruction emulator can run. ``python -m pykvm.doctor``
 runs every scenario here through pykvm itself and compares each outcome with
-the expectation in :mod:`pykvm.conformance`, so a test author can tell "KVM is
+the expectation in :mod:`pykvm.hosts.conformance`, so a test author can tell "KVM is
 broken" from "this host differs".
 
 Each scenario boots a packaged guest on a fresh VM and returns one or more
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from . import guests
-from .constants import Cap
-from .errors import CapabilityMissing, GuestError, HostLimitation
-from .exits import DebugExit, FailEntryExit, HltExit, ShutdownExit
-from .guests import GuestSession, StopKind
-from .layout import Command
-from .state import record
+from .. import guests
+from ..core.constants import Cap
+from ..core.errors import CapabilityMissing, GuestError, HostLimitation
+from ..core.exits import DebugExit, FailEntryExit, HltExit, ShutdownExit
+from ..core.state import record
+from ..guests import Command, GuestSession, StopKind
+from ..irqchip import lapic
 
 PROBE_VECTOR = 0x40
 MSI_VECTOR = 0x45
@@ -231,7 +231,7 @@ def lapic_in_service(kvm) -> dict[str, Observation]:
         guest.command(Command.STI)
         vm.signal_msi(destination=0, vector=MSI_VECTOR)
         guest.command(Command.NOP)
-        isr = guest.vcpu.lapic.isr
+        isr = lapic.read(guest.vcpu).isr
         guest.eoi()
         outcome = "in service until EOI" if MSI_VECTOR in isr else "not in service"
         return {"lapic_isr": Observation(outcome, f"KVM_GET_LAPIC ISR before EOI: "
@@ -424,7 +424,7 @@ def delivery_long(kvm) -> dict[str, Observation]:
     return _delivery(kvm, "long")
 
 
-def run_all(kvm) -> dict[str, Observation]:
+def run_probes(kvm) -> dict[str, Observation]:
     """Every scenario's probes: unsupported (outcome None) where the host lacks a capability,
     "probe failed" where a scenario broke unexpectedly (the doctor reports it, it does not stop)."""
     observed: dict[str, Observation] = {}

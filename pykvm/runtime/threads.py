@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from .errors import GuestCancelled, VcpuThreadError
-from .exits import Exit
+from ..core.errors import GuestCancelled, VcpuThreadError
+from ..core.exits import Exit
 
 KICK_GRACE = 1.0     # seconds a kicked vCPU thread gets to leave KVM_RUN and finish
 
@@ -100,7 +100,7 @@ def command_in_thread(session, command, arg: int = 0, arg2: int = 0) -> VcpuThre
     return VcpuThread(session.vcpu, _SessionCommand(session, command, arg, arg2))
 
 
-def run_all(vcpus: Iterable, handler: Callable[[Any, Exit], bool], timeout: float = 10.0) -> list[int]:
+def run_vcpus(vcpus: Iterable, handler: Callable[[Any, Exit], bool], timeout: float = 10.0) -> list[int]:
     """Run every vCPU in its own thread until ``handler(vcpu, exit)`` returns True for it.
 
     Returns the number of exits each vCPU made. Raises :class:`VcpuThreadError`

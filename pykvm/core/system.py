@@ -21,7 +21,12 @@ from .fdobject import FdObject
 from .ioctls import Ioctl
 
 if TYPE_CHECKING:
+    from .interrupts import IrqchipMode
     from .vm import Vm
+
+# Three pages just below the 4 GiB boundary, out of the guests' way (QEMU uses the same area).
+DEFAULT_TSS_ADDR = 0xFFFBD000
+DEFAULT_IDENTITY_MAP_ADDR = 0xFFFBC000
 
 DEFAULT_PATH = "/dev/kvm"
 
@@ -54,11 +59,9 @@ class Kvm(FdObject):
         """``check_extension(cap)``, raising :class:`CapabilityMissing` when it is absent."""
         value = self.check_extension(cap)
         if not value:
-            from .host import detect
             raise CapabilityMissing(
-                f"{purpose} needs KVM_CAP_{Cap(cap).name}, which this host's KVM "
-                f"({detect().name}) does not offer; run on a host that has it, or skip this "
-                f"feature")
+                f"{purpose} needs KVM_CAP_{Cap(cap).name}, which this host's KVM does not offer "
+                f"(KVM_CHECK_EXTENSION returned 0); run on a host that has it, or skip this feature")
         return value
 
     @functools.cached_property
@@ -80,10 +83,21 @@ class Kvm(FdObject):
                     raise
                 entries *= 2
 
-    def create_vm(self, memory_size: int | None = None, **options) -> "Vm":
-        """``KVM_CREATE_VM`` with pykvm's defaults; see :class:`pykvm.Vm` for options."""
+    def create_vm(self, memory_size: int | None = None, irqchip: "IrqchipMode | str" = "none",
+                  pit: bool = False, tss_addr: int | None = DEFAULT_TSS_ADDR,
+                  identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR) -> "Vm":
+        """``KVM_CREATE_VM`` with guest memory and, if asked, an in-kernel irqchip and PIT.
+
+        ``memory_size`` bytes of RAM at guest-physical 0 (16 MiB by default, 0 for
+        none); ``irqchip`` is ``"none"`` (userspace: ``vcpu.interrupt()``),
+        ``"kernel"`` (PICs, IOAPIC and LAPICs in KVM) or ``"split"`` (LAPICs in KVM
+        only); ``pit`` adds the in-kernel 8254 (needs ``"kernel"``); ``tss_addr``
+        and ``identity_map_addr`` place the pages VT-x needs for real mode (``None``:
+        leave unset). See :class:`pykvm.Vm`.
+        """
         from .vm import Vm
-        return Vm(self, memory_size=memory_size, **options)
+        return Vm(self, memory_size=memory_size, irqchip=irqchip, pit=pit, tss_addr=tss_addr,
+                  identity_map_addr=identity_map_addr)
 
 
 def _unavailable(exc: OSError, path: str) -> KvmUnavailableError:

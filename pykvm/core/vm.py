@@ -13,36 +13,23 @@ import errno
 import functools
 from typing import TYPE_CHECKING, Iterable
 
-from . import apic
 from .binding import ffi, lib
 from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
-from .cpuid import CpuidEntry
+from .cpuid import cpuid_for_vcpu
 from .errors import InvalidRouting, IrqchipModeError, KvmError, PyKvmError
 from .eventfds import Ioeventfd, Irqfd
 from .fdobject import FdObject
+from .interrupts import (IrqchipMode, IrqchipRoute, MsiMessage, MsiRoute, PitChannel, PitState, Route,
+                         default_routes)
 from .ioctls import Ioctl
-from .irqchip import IrqchipMode, IrqchipRoute, MsiRoute, PitChannel, Route, default_routes
 from .memory import GuestMemory
-from .state import record
 from .stats import Stats
 
 if TYPE_CHECKING:
-    from .kvm import Kvm
+    from .system import Kvm
     from .vcpu import Vcpu
 
 DEFAULT_MEMORY_SIZE = 16 << 20
-# Three pages just below the 4 GiB boundary, out of the guests' way (QEMU uses the same area).
-DEFAULT_TSS_ADDR = 0xFFFBD000
-DEFAULT_IDENTITY_MAP_ADDR = 0xFFFBC000
-
-
-@record
-class IrqchipState:
-    """``KVM_GET_IRQCHIP`` of all three in-kernel chips, decoded."""
-
-    pic_master: apic.PicState
-    pic_slave: apic.PicState
-    ioapic: apic.IoapicState
 
 
 class Vm(FdObject):
@@ -54,8 +41,8 @@ class Vm(FdObject):
     """
 
     def __init__(self, kvm: "Kvm", memory_size: int | None = None,
-                 tss_addr: int | None = DEFAULT_TSS_ADDR,
-                 identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR,
+                 tss_addr: int | None = None,
+                 identity_map_addr: int | None = None,
                  irqchip: IrqchipMode | str = IrqchipMode.NONE, pit: bool = False) -> None:
         try:
             mode = IrqchipMode(irqchip)
@@ -164,6 +151,25 @@ class Vm(FdObject):
                     hint="a VM has at most one PIT")
         self.has_pit = True
 
+    def get_pit2(self) -> PitState:
+        """``KVM_GET_PIT2``: the three 8254 channels (see :mod:`pykvm.irqchip.pit`)."""
+        state = self._pit_state2()
+        fields = [f.name for f in dataclasses.fields(PitChannel)]
+        return PitState(tuple(PitChannel(**{name: getattr(channel, name) for name in fields})
+                              for channel in state.channels), state.flags)
+
+    def set_pit2(self, state: PitState) -> None:
+        """``KVM_SET_PIT2``: load the 8254's state."""
+        if not isinstance(state, PitState) or len(state.channels) != 3:
+            raise TypeError(f"set_pit2(state={state!r}): pass a PitState with three channels, "
+                            f"e.g. dataclasses.replace() of vm.get_pit2()")
+        cdata = self._pit_state2()
+        for target, channel in zip(cdata.channels, state.channels):
+            for name, value in dataclasses.asdict(channel).items():
+                setattr(target, name, value)
+        cdata.flags = state.flags
+        self._ioctl(Ioctl.SET_PIT2, cdata)
+
     def _pit_state2(self):
         if not self.has_pit:
             raise IrqchipModeError("this VM has no in-kernel PIT; create it with "
@@ -171,29 +177,6 @@ class Vm(FdObject):
         state = ffi.new("struct kvm_pit_state2 *")
         self._ioctl(Ioctl.GET_PIT2, state)
         return state
-
-    @property
-    def pit_channels(self) -> tuple[PitChannel, ...]:
-        """``KVM_GET_PIT2``: the three 8254 channels (count, mode, gate ...)."""
-        return tuple(PitChannel.from_c(channel) for channel in self._pit_state2().channels)
-
-    def program_pit(self, count: int, mode: int = 2, channel: int = 0) -> None:
-        """``KVM_SET_PIT2``: load ``channel`` with ``count`` in ``mode``, as a guest's OUTs to 0x43/0x40 would.
-
-        Channel 0 drives GSI 0 (IRQ0 of the master 8259, IOAPIC pin 2): mode 2 (rate
-        generator) or 3 (square wave) fires every ``count`` / 1.193182 MHz seconds,
-        modes 0, 1 and 4 once.
-        """
-        if not 0 <= channel <= 2:
-            raise ValueError(f"PIT channel {channel} does not exist; the 8254 has channels 0, 1, 2")
-        if not 0 <= mode <= 5:
-            raise ValueError(f"PIT mode {mode} does not exist; the 8254 has modes 0-5")
-        if not 1 <= count <= 0x10000:
-            raise ValueError(f"PIT count {count} is outside 1..65536 (65536 is loaded as 0)")
-        state = self._pit_state2()
-        target = state.channels[channel]
-        target.mode, target.count, target.rw_mode, target.gate = mode, count & 0xFFFF, 3, 1
-        self._ioctl(Ioctl.SET_PIT2, state)
 
     def _require_irqchip(self, needed: IrqchipMode, what: str) -> None:
         ok = self.irqchip.ioapic_in_kernel if needed == IrqchipMode.KERNEL else self.irqchip.lapic_in_kernel
@@ -251,18 +234,20 @@ class Vm(FdObject):
             raise
         self.routes = routes
 
-    def signal_msi(self, message: apic.MsiMessage | None = None, **fields) -> int:
-        """``KVM_SIGNAL_MSI``: send one MSI, given as a message or as :func:`pykvm.apic.compose_msi` fields.
+    def signal_msi(self, message: MsiMessage | None = None, **fields) -> int:
+        """``KVM_SIGNAL_MSI``: send one MSI, given as a message or as :meth:`MsiMessage.compose` fields.
 
         Returns > 0 if delivered, 0 if the guest blocked it (e.g. LAPIC disabled).
         """
         self._require_irqchip(IrqchipMode.SPLIT, "vm.signal_msi()")
         self.kvm.require(Cap.SIGNAL_MSI, "vm.signal_msi()")
         if message is None:
-            message = apic.compose_msi(**fields)
+            message = MsiMessage.compose(**fields)
         elif fields:
-            raise TypeError("pass either an MsiMessage or compose_msi() fields, not both")
-        apic.validate_msi(message.address, message.data)
+            raise TypeError("vm.signal_msi(): pass either an MsiMessage or compose() fields, not both")
+        elif not isinstance(message, MsiMessage):
+            raise TypeError(f"vm.signal_msi(message={message!r}): expected an MsiMessage, "
+                            f"e.g. MsiMessage.compose(destination=0, vector=0x40)")
         return self._ioctl(Ioctl.SIGNAL_MSI, ffi.new("struct kvm_msi *", {
             "address_lo": message.address_lo, "address_hi": message.address_hi, "data": message.data}))
 
@@ -295,29 +280,22 @@ class Vm(FdObject):
         self._ioctl(Ioctl.GET_IRQCHIP, cdata)
         return cdata
 
-    @property
-    def irqchip_state(self) -> IrqchipState:
-        """``KVM_GET_IRQCHIP`` of both PICs and the IOAPIC, decoded (irqchip='kernel')."""
-        def raw(chip: IrqchipId, name: str) -> bytes:
-            cdata = self._get_chip(chip)
-            return bytes(ffi.buffer(ffi.addressof(cdata.chip, name)))
-        return IrqchipState(apic.PicState.from_bytes(raw(IrqchipId.PIC_MASTER, "pic")),
-                            apic.PicState.from_bytes(raw(IrqchipId.PIC_SLAVE, "pic")),
-                            apic.IoapicState.from_bytes(raw(IrqchipId.IOAPIC, "ioapic")))
-
-    def set_irqchip(self, chip: IrqchipId, state: "apic.PicState | apic.IoapicState") -> None:
-        """``KVM_SET_IRQCHIP``: load one chip's state (e.g. ``state.ioapic.with_entry(...)``)."""
+    def get_irqchip(self, chip: IrqchipId) -> bytes:
+        """``KVM_GET_IRQCHIP``: one in-kernel chip's raw state (decode with :mod:`pykvm.irqchip`)."""
+        chip = _irqchip_id(chip)
         cdata = self._get_chip(chip)
-        name = "ioapic" if chip == IrqchipId.IOAPIC else "pic"
-        raw = state.to_bytes()
-        ffi.buffer(ffi.addressof(cdata.chip, name))[:len(raw)] = raw
-        self._ioctl(Ioctl.SET_IRQCHIP, cdata)
+        return bytes(ffi.buffer(ffi.addressof(cdata.chip, _chip_field(chip))))
 
-    # -- SMP ------------------------------------------------------------------------
-    def run_all(self, handler, timeout: float = 10.0) -> list[int]:
-        """Run every vCPU in its own thread until ``handler(vcpu, exit)`` returns True (:func:`pykvm.smp.run_all`)."""
-        from .smp import run_all
-        return run_all(self.vcpus, handler, timeout)
+    def set_irqchip(self, chip: IrqchipId, raw: bytes) -> None:
+        """``KVM_SET_IRQCHIP``: load one chip's raw state (e.g. ``IoapicState.with_entry(...).raw``)."""
+        chip = _irqchip_id(chip)
+        cdata = self._get_chip(chip)
+        target = ffi.buffer(ffi.addressof(cdata.chip, _chip_field(chip)))
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) > len(target):
+            raise TypeError(f"set_irqchip(raw={raw!r:.40}): pass the chip's state as at most "
+                            f"{len(target)} bytes, e.g. pykvm.irqchip.ioapic.read(vm).raw")
+        target[:len(raw)] = bytes(raw)
+        self._ioctl(Ioctl.SET_IRQCHIP, cdata)
 
     # -- statistics --------------------------------------------------------------
     @functools.cached_property
@@ -336,24 +314,14 @@ class Vm(FdObject):
 
 
 
-CPUID1_ECX_TSC_DEADLINE = 1 << 24
+
+def _irqchip_id(chip: IrqchipId | int) -> IrqchipId:
+    try:
+        return IrqchipId(chip)
+    except ValueError:
+        raise ValueError(f"chip={chip!r} is not an in-kernel chip; use IrqchipId.PIC_MASTER, "
+                         f"PIC_SLAVE or IOAPIC") from None
 
 
-def cpuid_for_vcpu(entries: Iterable[CpuidEntry], vcpu_id: int, tsc_deadline: bool = False
-                   ) -> list[CpuidEntry]:
-    """KVM's supported CPUID with this vCPU's APIC ID in leaves 1 (EBX[31:24]) and 0xB/0x1F (EDX).
-
-    KVM reports the host CPU's values there; a VMM must put the vCPU's own. With
-    ``tsc_deadline`` (``KVM_CAP_TSC_DEADLINE_TIMER``) leaf 1 offers the TSC-deadline
-    timer, which api.rst says userspace must add itself: some hosts (kvm_amd)
-    leave it out of KVM_GET_SUPPORTED_CPUID although the LAPIC emulates it.
-    """
-    adjusted = []
-    for entry in entries:
-        if entry.function == 1:
-            entry = dataclasses.replace(entry, ebx=(entry.ebx & 0x00FFFFFF) | ((vcpu_id & 0xFF) << 24),
-                                        ecx=entry.ecx | (CPUID1_ECX_TSC_DEADLINE if tsc_deadline else 0))
-        elif entry.function in (0xB, 0x1F):
-            entry = dataclasses.replace(entry, edx=vcpu_id)
-        adjusted.append(entry)
-    return adjusted
+def _chip_field(chip: IrqchipId) -> str:
+    return "ioapic" if chip == IrqchipId.IOAPIC else "pic"

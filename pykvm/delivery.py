@@ -1,8 +1,8 @@
 """The same vector through five delivery paths, timed and counted.
 
-Why this exists: the study note behind pykvm contrasts kicking a vCPU out of
-the guest to inject from userspace with delivery the kernel does while the
-vCPU runs. This module makes that concrete for the demo and the benchmark:
+Why this exists: a VMM can kick a vCPU out of the guest to inject from
+userspace, or let the kernel deliver while the vCPU runs; the two differ in
+cost and in who decides the moment of injection. This module makes that concrete for the demo and the benchmark:
 for each path it delivers one vector many times to a long-mode guest that
 spins with interrupts on, and measures
 
@@ -26,14 +26,13 @@ import threading
 import time
 from typing import Callable
 
-from . import apic, guests
-from .binding import ffi, lib
-from .errors import PyKvmError
-from .guests import GuestSession, StopKind
-from .irq import UserspaceIrqController
-from .irqchip import MsiRoute
-from .layout import Command
-from .smp import VcpuThread
+from . import guests
+from .core.binding import ffi, lib
+from .core.errors import PyKvmError
+from .core.interrupts import MsiMessage, MsiRoute
+from .guests import Command, GuestSession, StopKind
+from .irqchip import UserspaceIrqController, ioapic, lapic
+from .runtime import VcpuThread
 
 VECTOR = 0x61
 SPIN_FOREVER = 2**32 - 1
@@ -268,24 +267,22 @@ def _injector(target: _Target) -> Callable[[], None]:
             vm.irq_line(target_pin, 0)
         return irq_line
     if target.path == "msi":
-        message = apic.compose_msi(destination=target.vcpu.id, vector=VECTOR)
+        message = MsiMessage.compose(destination=target.vcpu.id, vector=VECTOR)
         return lambda: vm.signal_msi(message)
     if target.path == "irqfd":
-        vm.set_gsi_routing(vm.routes + (MsiRoute(IRQFD_GSI, apic.compose_msi(
+        vm.set_gsi_routing(vm.routes + (MsiRoute(IRQFD_GSI, MsiMessage.compose(
             destination=target.vcpu.id, vector=VECTOR)),))
         return vm.irqfd(IRQFD_GSI).trigger
     if target.path == "ipi":
-        icr = apic.icr(VECTOR, destination=target.vcpu.id)
-        return lambda: target.sender.apic_write(apic.ApicReg.ICR_LOW, icr)
+        icr = lapic.icr(VECTOR, destination=target.vcpu.id)
+        return lambda: target.sender.apic_write(lapic.ApicReg.ICR_LOW, icr)
     raise ValueError(f"unknown delivery path {target.path!r}; choose one of {', '.join(PATHS)}")
 
 
 def _route_ioapic_pin(target: _Target, pin: int) -> None:
     """Program the IOAPIC pin from the host side (KVM_SET_IRQCHIP): edge, fixed, to the target."""
-    from .constants import IrqchipId
-    state = target.vm.irqchip_state.ioapic
-    entry = apic.RedirectionEntry(vector=VECTOR, destination=target.vcpu.id)
-    target.vm.set_irqchip(IrqchipId.IOAPIC, state.with_entry(pin, entry))
+    entry = ioapic.RedirectionEntry(vector=VECTOR, destination=target.vcpu.id)
+    ioapic.write(target.vm, ioapic.read(target.vm).with_entry(pin, entry))
 
 
 def measure(kvm, path: str, count: int = 200) -> PathMeasurement:
@@ -317,7 +314,7 @@ def measure_c_baseline(kvm, path: str, count: int = 200) -> PathMeasurement:
         raise ValueError("the C injector covers the msi and irqfd paths")
     target = _Target(kvm, path)
     try:
-        message = apic.compose_msi(destination=target.vcpu.id, vector=VECTOR)
+        message = MsiMessage.compose(destination=target.vcpu.id, vector=VECTOR)
         msi = ffi.new("struct kvm_msi *", {"address_lo": message.address_lo,
                                            "address_hi": message.address_hi, "data": message.data})
         if path == "irqfd":

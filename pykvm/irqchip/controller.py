@@ -17,12 +17,12 @@ import dataclasses
 import heapq
 from typing import TYPE_CHECKING
 
-from .constants import ExitReason
-from .state import record
-from .vcpu import check_vector
+from ..core.constants import ExitReason, as_enum
+from ..core.interrupts import check_vector
+from ..core.state import record
 
 if TYPE_CHECKING:
-    from .vcpu import Vcpu
+    from ..core.vcpu import Vcpu
 
 
 @record
@@ -73,11 +73,7 @@ class UserspaceIrqController:
         run = self.vcpu.kvm_run
         if self._pending and run.ready_for_interrupt_injection:
             vector = -heapq.heappop(self._pending)
-            reason = run.exit_reason
-            try:
-                reason = ExitReason(reason)
-            except ValueError:
-                pass
+            reason = as_enum(ExitReason, run.exit_reason)
             self.vcpu.interrupt(vector)
             self.injections.append(Injection(vector, reason, self.vcpu.regs.rip,
                                              self.vcpu._exit_sequence))

@@ -12,9 +12,11 @@ thread count steady.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
+import warnings
 from typing import Callable
 
 
@@ -26,6 +28,7 @@ class Watchdog:
         self._tokens = itertools.count()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self.failures: collections.deque[BaseException] = collections.deque(maxlen=16)
 
     def guard(self, seconds: float, expire: Callable[[], None]) -> "_Guard":
         """A context manager: ``expire()`` is called if its block is still running after ``seconds``."""
@@ -46,15 +49,26 @@ class Watchdog:
             self._deadlines.pop(token, None)
 
     def _watch(self) -> None:
-        with self._changed:
-            while True:
+        while True:
+            with self._changed:
                 now = time.monotonic()
                 due = [token for token, (deadline, _) in self._deadlines.items() if deadline <= now]
-                for token in due:
-                    _, expire = self._deadlines.pop(token)
-                    expire()
-                upcoming = min((deadline for deadline, _ in self._deadlines.values()), default=None)
-                self._changed.wait(None if upcoming is None else max(0.0, upcoming - now))
+                expired = [self._deadlines.pop(token)[1] for token in due]
+                if not expired:
+                    upcoming = min((deadline for deadline, _ in self._deadlines.values()), default=None)
+                    self._changed.wait(None if upcoming is None else max(0.0, upcoming - now))
+                    continue
+            for expire in expired:          # outside the lock: a callback may take its time
+                self._expire(expire)
+
+    def _expire(self, expire: Callable[[], None]) -> None:
+        """Call one callback; one that raises is reported and kept, and the watchdog goes on."""
+        try:
+            expire()
+        except Exception as exc:
+            self.failures.append(exc)
+            warnings.warn(f"pykvm watchdog: a deadline callback raised {type(exc).__name__}: {exc}",
+                          RuntimeWarning, stacklevel=1)
 
 
 class _Guard:

@@ -8,7 +8,7 @@ fix it, not a bare ImportError.
 from __future__ import annotations
 
 try:
-    from ._binding import ffi, lib  # noqa: F401  (re-exported)
+    from .._binding import ffi, lib  # noqa: F401  (re-exported)
 except ImportError as exc:  # pragma: no cover - depends on how pykvm was installed
     raise ImportError(
         "pykvm's compiled binding (pykvm._binding) is missing. It is built at install time "

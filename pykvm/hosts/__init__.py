@@ -1,0 +1,20 @@
+"""The hosts layer: which KVM this is, what it is known to do, live probes, and other hosts to run on.
+
+Why this exists: kvm_pvm, kvm_amd and kvm_intel do not behave alike, and pykvm
+never assumes which one it runs on. :mod:`~pykvm.hosts.vendor` detects the
+module; :mod:`~pykvm.hosts.conformance` is the one table of expected and
+measured behaviour per host, with each probe's scenario beside its row
+(:mod:`~pykvm.hosts.probes`); :mod:`~pykvm.hosts.facts` derives the named facts
+tests branch on; :mod:`~pykvm.hosts.limits` explains exits that are host limits;
+:mod:`~pykvm.hosts.tcg_amd` runs a command on kvm_amd under QEMU
+(``python -m pykvm.hosts tcg-amd -- CMD``).
+"""
+
+from ..core.exits import add_explainer
+from .facts import Behaviour, HostInfo, detect, host_info
+from .limits import explain_exit
+from .vendor import VendorModule, detect_vendor
+
+add_explainer(explain_exit)
+
+__all__ = ["Behaviour", "HostInfo", "detect", "host_info", "VendorModule", "detect_vendor"]

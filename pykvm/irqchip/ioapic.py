@@ -1,0 +1,99 @@
+"""The IOAPIC: redirection entries and ``KVM_GET_IRQCHIP``'s IOAPIC state decoded.
+
+Why this exists: "is pin 9 masked?", "is remote IRR set on the level-triggered
+pin?" are questions about bits of ``struct kvm_ioapic_state``. Layout from the
+82093AA IOAPIC datasheet and ``<asm/kvm.h>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import TYPE_CHECKING
+
+from ..core.constants import IOAPIC_NUM_PINS, IrqchipId
+from ..core.interrupts import DeliveryMode, check_vector
+from ..core.constants import as_enum
+from ..x86.vectors import vector_set
+
+if TYPE_CHECKING:
+    from ..core.vm import Vm
+
+IOAPIC_DEFAULT_BASE = 0xFEC00000    # index register; data register at +0x10
+
+
+# -- IOAPIC ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RedirectionEntry:
+    """One IOAPIC redirection table entry (64 bits)."""
+
+    vector: int
+    delivery_mode: DeliveryMode | int = DeliveryMode.FIXED
+    logical: bool = False
+    delivery_pending: bool = False
+    active_low: bool = False
+    remote_irr: bool = False
+    level_triggered: bool = False
+    masked: bool = False
+    destination: int = 0
+
+    def __post_init__(self) -> None:
+        check_vector(self.vector)
+        if not 0 <= self.destination <= 0xFF:
+            raise ValueError(f"IOAPIC destination {self.destination:#x} does not fit 8 bits")
+
+    @property
+    def bits(self) -> int:
+        return (self.vector | int(self.delivery_mode) << 8 | int(self.logical) << 11
+                | int(self.delivery_pending) << 12 | int(self.active_low) << 13
+                | int(self.remote_irr) << 14 | int(self.level_triggered) << 15
+                | int(self.masked) << 16 | self.destination << 56)
+
+    @classmethod
+    def from_bits(cls, value: int) -> "RedirectionEntry":
+        return cls(value & 0xFF, as_enum(DeliveryMode, value >> 8 & 7), bool(value >> 11 & 1), bool(value >> 12 & 1),
+                   bool(value >> 13 & 1), bool(value >> 14 & 1), bool(value >> 15 & 1),
+                   bool(value >> 16 & 1), value >> 56 & 0xFF)
+
+
+_IOAPIC_HEAD = struct.Struct("<QIIII")   # base_address, ioregsel, id, irr, pad
+
+
+@dataclasses.dataclass(frozen=True)
+class IoapicState:
+    """``struct kvm_ioapic_state`` decoded."""
+
+    base_address: int
+    ioregsel: int
+    id: int
+    irr: frozenset[int]
+    redirection: tuple[RedirectionEntry, ...]
+    raw: bytes = dataclasses.field(repr=False)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "IoapicState":
+        base, ioregsel, ioapic_id, irr, _ = _IOAPIC_HEAD.unpack_from(raw)
+        entries = struct.unpack_from(f"<{IOAPIC_NUM_PINS}Q", raw, _IOAPIC_HEAD.size)
+        return cls(base, ioregsel, ioapic_id, vector_set([irr]),
+                   tuple(RedirectionEntry.from_bits(e) for e in entries),
+                   bytes(raw[:_IOAPIC_HEAD.size + 8 * IOAPIC_NUM_PINS]))
+
+    def with_entry(self, pin: int, entry: RedirectionEntry) -> "IoapicState":
+        if not 0 <= pin < IOAPIC_NUM_PINS:
+            raise ValueError(f"the IOAPIC has pins 0..{IOAPIC_NUM_PINS - 1}, not {pin}")
+        data = bytearray(self.raw)
+        struct.pack_into("<Q", data, _IOAPIC_HEAD.size + 8 * pin, entry.bits)
+        return IoapicState.from_bytes(bytes(data))
+
+    def to_bytes(self) -> bytes:
+        return self.raw
+
+
+def read(vm: "Vm") -> IoapicState:
+    """``KVM_GET_IRQCHIP`` of the in-kernel IOAPIC, decoded (irqchip='kernel')."""
+    return IoapicState.from_bytes(vm.get_irqchip(IrqchipId.IOAPIC))
+
+
+def write(vm: "Vm", state: IoapicState) -> None:
+    """``KVM_SET_IRQCHIP`` of the in-kernel IOAPIC (e.g. ``read(vm).with_entry(pin, entry)``)."""
+    vm.set_irqchip(IrqchipId.IOAPIC, state.raw)

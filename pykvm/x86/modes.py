@@ -1,0 +1,156 @@
+"""CPU modes: put a vCPU straight into real, protected or long mode at an entry point.
+
+Why this exists: a test wants "this vCPU, in long mode, at this RIP, with a
+handler for #GP" in one call. The helpers write the GDT, TSS, IDT (or IVT) and
+identity page tables into guest memory and load the matching segment and
+control registers, so the guest starts directly in the requested mode (as the
+KVM selftests do), with no boot code of its own.
+
+Which guest-physical memory the helpers use is :mod:`pykvm.x86.system_area`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+from ..core.state import DTable, Regs, Segment, Sregs
+from .asm import Mode
+from .descriptors import check_handlers, flat_segment, gdt_bytes, interrupt_table, real_mode_vector_table
+from .paging import identity_page_tables
+from .system_area import (DEFAULT_STACK_TOP, GDT, IDT, IVT, PML4, SEL_CODE32, SEL_CODE64, SEL_DATA,
+                          SEL_TSS, TSS)
+
+if TYPE_CHECKING:
+    from ..core.memory import GuestMemory
+    from ..core.vcpu import Vcpu
+
+CR0_PE = 1 << 0
+CR0_MP = 1 << 1
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+CR4_OSFXSR = 1 << 9
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+RFLAGS_RESERVED = 1 << 1
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+
+Handlers = Mapping[int, int]
+
+
+def write_system_tables(memory: "GuestMemory", paging: bool) -> None:
+    """GDT, a zeroed TSS and (with ``paging``) the identity page tables, into guest memory."""
+    memory.write(GDT, gdt_bytes(TSS))
+    memory.fill(TSS, 0x1000)
+    if paging:
+        for address, table in identity_page_tables(PML4).items():
+            memory.write(address, table)
+
+
+def _enter(vcpu: "Vcpu", sregs: Sregs, rip: int, rsp: int) -> None:
+    vcpu.sregs = sregs
+    vcpu.regs = Regs(rip=rip, rsp=rsp, rflags=RFLAGS_RESERVED)
+
+
+def enter_real_mode(vcpu: "Vcpu", ip: int = 0, cs: int = 0x1000, sp: int = DEFAULT_STACK_TOP,
+                    handlers: Handlers | None = None) -> None:
+    """16-bit real mode at ``cs:ip``, data segments 0, SP=``sp``, IF=0, the IVT at 0.
+
+    ``handlers`` maps vectors to handler addresses (linear, below 1 MiB); their
+    IVT entries are written, the others are left as they are in memory.
+    """
+    handlers = dict(handlers or {})
+    check_handlers(handlers)
+    for vector, entry in real_mode_vector_table(handlers).items():
+        vcpu.vm.memory.write(IVT + 4 * vector, entry)
+    sregs = vcpu.sregs
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, Segment(base=0, limit=0xFFFF, selector=0, type=0x3))
+    sregs.cs = Segment(base=cs << 4, limit=0xFFFF, selector=cs, type=0xB)
+    sregs.idt = DTable(base=IVT, limit=0x3FF)
+    sregs.cr0 = (sregs.cr0 | CR0_ET) & ~(CR0_PE | CR0_PG)
+    sregs.cr4 = 0
+    sregs.efer = 0
+    _enter(vcpu, sregs, ip, sp)
+
+
+def enter_protected_mode(vcpu: "Vcpu", eip: int, esp: int = DEFAULT_STACK_TOP,
+                         handlers: Handlers | None = None, default_handler: int | None = None
+                         ) -> None:
+    """32-bit protected mode, flat 4 GiB segments, paging off, IF=0, a 256-gate IDT.
+
+    ``handlers`` maps vectors to handler addresses (interrupt gates), the other
+    vectors go to ``default_handler`` or have not-present gates.
+    """
+    _write_idt(vcpu, handlers, default_handler, SEL_CODE32, long_mode=False)
+    write_system_tables(vcpu.vm.memory, paging=False)
+    sregs = _flat_sregs(vcpu, SEL_CODE32, idt_limit=256 * 8 - 1)
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
+    sregs.cr4 = 0
+    sregs.efer = 0
+    _enter(vcpu, sregs, eip, esp)
+
+
+def enter_long_mode(vcpu: "Vcpu", rip: int, rsp: int = DEFAULT_STACK_TOP,
+                    handlers: Handlers | None = None, default_handler: int | None = None) -> None:
+    """64-bit long mode with identity paging of 0..4 GiB (xAPIC page included), IF=0, a 256-gate IDT.
+
+    ``handlers`` maps vectors to handler addresses (64-bit interrupt gates, IST
+    0), the other vectors go to ``default_handler`` or have not-present gates.
+    """
+    _write_idt(vcpu, handlers, default_handler, SEL_CODE64, long_mode=True)
+    write_system_tables(vcpu.vm.memory, paging=True)
+    sregs = _flat_sregs(vcpu, SEL_CODE64, idt_limit=256 * 16 - 1)
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR
+    sregs.cr3 = PML4
+    sregs.efer = EFER_LME | EFER_LMA
+    _enter(vcpu, sregs, rip, rsp)
+
+
+def _write_idt(vcpu: "Vcpu", handlers: Handlers | None, default_handler: int | None,
+               selector: int, long_mode: bool) -> None:
+    handlers = dict(handlers or {})
+    check_handlers(handlers)
+    if default_handler is not None:
+        check_handlers({0: default_handler})
+    vcpu.vm.memory.write(IDT, interrupt_table(handlers, selector, long_mode, default_handler))
+
+
+def _flat_sregs(vcpu: "Vcpu", code_selector: int, idt_limit: int) -> Sregs:
+    sregs = vcpu.sregs
+    sregs.cs = flat_segment(code_selector, TSS)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, flat_segment(SEL_DATA, TSS))
+    sregs.tr = flat_segment(SEL_TSS, TSS)
+    sregs.gdt = DTable(base=GDT, limit=len(gdt_bytes(TSS)) - 1)
+    sregs.idt = DTable(base=IDT, limit=idt_limit)
+    return sregs
+
+
+def enter_mode(vcpu: "Vcpu", mode: Mode | str, entry: int, handlers: Handlers | None = None) -> None:
+    """Put ``vcpu`` in ``mode`` at ``entry`` (an IP offset in CS 0x1000 for real mode)."""
+    mode = Mode(mode)
+    if mode == Mode.REAL:
+        enter_real_mode(vcpu, entry, handlers=handlers)
+    elif mode == Mode.PROTECTED:
+        enter_protected_mode(vcpu, entry, handlers=handlers)
+    else:
+        enter_long_mode(vcpu, entry, handlers=handlers)
+
+
+def cpu_mode(sregs: Sregs) -> Mode:
+    """The mode the segment and control registers describe (compatibility mode counts as protected)."""
+    if sregs.efer & EFER_LMA and sregs.cs.l:
+        return Mode.LONG
+    if sregs.cr0 & CR0_PE:
+        return Mode.PROTECTED
+    return Mode.REAL
+
+
+def linear_rip(sregs: Sregs, rip: int) -> int:
+    """The linear address of ``rip`` (CS base applies outside long mode)."""
+    return rip if cpu_mode(sregs) == Mode.LONG else (sregs.cs.base + rip) & 0xFFFFFFFF
