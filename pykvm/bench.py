@@ -79,7 +79,8 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
         code = assemble(EXIT_LOOP_GUEST, "long", FREE_MEMORY)
         vm.memory.write(FREE_MEMORY, code.code)
         x86.enter_long_mode(vcpu, FREE_MEMORY)
-        c_times, py_times = [], []
+        c_times: list[float] = []
+        py_times: list[float] = []
 
         def c_batch() -> None:
             done = lib.pykvm_bench_run_loop(vcpu.fd, vcpu._run, iterations, BENCH_PORT)
@@ -93,7 +94,8 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
                 if type(exit) is not IoExit or exit.port != BENCH_PORT:
                     raise PyKvmError(f"unexpected exit in the benchmark guest: {exit}")
 
-        c_batch(), python_batch()   # warm up both paths
+        c_batch()                   # warm up both paths
+        python_batch()
         for index in range(rounds):
             order = (c_batch, python_batch) if index % 2 == 0 else (python_batch, c_batch)
             for batch in order:

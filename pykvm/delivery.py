@@ -24,7 +24,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from . import guests
 from .core.binding import ffi, lib
@@ -95,7 +95,7 @@ class PathMeasurement:
         return self.per_interrupt("exits")
 
     @classmethod
-    def merge(cls, runs: list["PathMeasurement"]) -> "PathMeasurement":
+    def merge(cls, runs: list[PathMeasurement]) -> PathMeasurement:
         """Several rounds of one path and implementation as one measurement."""
         return cls(runs[0].path, [lat for run in runs for lat in run.latencies_ns],
                    sum(run.elapsed_s for run in runs),
@@ -240,8 +240,11 @@ class _Target:
 
     def latencies(self, sent_tsc: list[int], first_record: int) -> list[float]:
         records = self.session.records_since(first_record)
+        if len(records) != len(sent_tsc):
+            raise PyKvmError(f"{self.path}: {len(sent_tsc)} interrupts sent, {len(records)} logged by "
+                             f"the guest; latencies would pair the wrong records")
         return [(record.tsc - self.tsc_offset - sent) * 1e9 / self.tsc_hz
-                for record, sent in zip(records, sent_tsc)]
+                for record, sent in zip(records, sent_tsc, strict=True)]
 
     def close(self) -> None:
         try:
@@ -254,8 +257,11 @@ def _injector(target: _Target) -> Callable[[], None]:
     """The Python call that makes one interrupt for ``target.path``."""
     vm = target.vm
     if target.path == "kick":
+        controller = target.controller
+        assert controller is not None        # the kick target has one
+
         def kick() -> None:
-            target.controller.queue(VECTOR)
+            controller.queue(VECTOR)
             target.vcpu.kick()
         return kick
     if target.path == "irq_line":
@@ -275,7 +281,9 @@ def _injector(target: _Target) -> Callable[[], None]:
         return vm.irqfd(IRQFD_GSI).trigger
     if target.path == "ipi":
         icr = lapic.icr(VECTOR, destination=target.vcpu.id)
-        return lambda: target.sender.apic_write(lapic.ApicReg.ICR_LOW, icr)
+        sender = target.sender
+        assert sender is not None            # the IPI target has one
+        return lambda: sender.apic_write(lapic.ApicReg.ICR_LOW, icr)
     raise ValueError(f"unknown delivery path {target.path!r}; choose one of {', '.join(PATHS)}")
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 from . import delivery, guests, hosts, x86
+from .core.constants import ExitReason
 from .core.errors import HostLimitation, KvmUnavailableError, PyKvmError
 from .core.system import Kvm
 from .guests import Command, GuestSession, LogRecord, StopKind
@@ -169,16 +170,18 @@ def _window_scenario(session: GuestSession, timeline: Timeline,
         session.command(Command.NOP)
         records += timeline.flush()
     injection = controller.injections[-1]
+    after = (injection.after_exit.name if isinstance(injection.after_exit, ExitReason)
+             else f"exit reason {injection.after_exit}")
     (record,) = [r for r in records if r.vector == WINDOW_VECTOR]
     end = session.address("sti_nop_end")
-    print(f"  -> injected after the {injection.after_exit.name} exit at RIP {injection.rip:#x}; "
+    print(f"  -> injected after the {after} exit at RIP {injection.rip:#x}; "
           f"the guest took it at RIP {record.rip:#x}")
-    if injection.after_exit.name == "IRQ_WINDOW_OPEN":
+    if injection.after_exit == ExitReason.IRQ_WINDOW_OPEN:
         where = ("right after the nop in the STI shadow" if record.rip == end
                  else f"at {record.rip:#x}")
         return f"interrupt window: KVM_EXIT_IRQ_WINDOW_OPEN arrived, vector delivered {where}"
     return (f"interrupt window: no KVM_EXIT_IRQ_WINDOW_OPEN came; the vector was injected at the "
-            f"next exit reporting ready ({injection.after_exit.name}) and taken at "
+            f"next exit reporting ready ({after}) and taken at "
             f"RIP {record.rip:#x}, past the guest's sync `out`")
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pykvm import AssemblerError, assemble
-from pykvm.guests import layout, protocol
+from pykvm.guests import protocol
 
 
 def test_labels_are_linear_addresses_at_origin():

@@ -3,8 +3,7 @@
 import pytest
 
 from pykvm import guests
-from pykvm.guests import images
-from pykvm.guests import layout
+from pykvm.guests import images, layout
 from pykvm.x86 import Mode
 
 LABELS = ["entry", "sync_out", "sync_done", "sti_nop_sti", "sti_nop_nop", "sti_nop_end",

@@ -10,10 +10,9 @@ import pytest
 
 from pykvm import HostLimitation, NotReadyForInjection, x86
 from pykvm.core.exits import DebugExit, FailEntryExit
-from pykvm.guests import StopKind
+from pykvm.guests import Command, StopKind
 from pykvm.hosts.vendor import VendorModule
 from pykvm.irqchip import UserspaceIrqController
-from pykvm.guests import Command
 
 MODES = ["real", "protected", "long"]
 EXTERNAL_VECTORS = range(0x20, 0x100)

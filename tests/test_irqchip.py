@@ -21,14 +21,21 @@ import time
 import pytest
 
 from pykvm import guests
-from pykvm.irqchip import DeliveryMode, MsiMessage, ioapic, lapic, pic, pit
+from pykvm.core.constants import Cap, ExitReason, IrqchipId
+from pykvm.guests import Command, StopKind
+from pykvm.irqchip import (
+    DeliveryMode,
+    IrqchipRoute,
+    MsiMessage,
+    MsiRoute,
+    UserspaceIrqController,
+    ioapic,
+    lapic,
+    pic,
+    pit,
+)
 from pykvm.irqchip.ioapic import RedirectionEntry
 from pykvm.irqchip.lapic import ApicReg, DestinationShorthand, TimerMode
-from pykvm.core.constants import Cap, ExitReason, IrqchipId
-from pykvm.irqchip import UserspaceIrqController
-from pykvm.irqchip import IrqchipRoute, MsiRoute
-from pykvm.guests import StopKind
-from pykvm.guests import Command
 from pykvm.runtime import command_in_thread
 
 VECTOR = 0x41
@@ -218,7 +225,7 @@ def test_ipi_destinations(machine, x2apic):
             bsp.command(Command.CLI)
         for waiter in waiters:
             waiter.result(timeout=5)
-        return [[r.vector for r in cpu.records_since(count)] for cpu, count in zip(cpus, counts)]
+        return [[r.vector for r in cpu.records_since(count)] for cpu, count in zip(cpus, counts, strict=True)]
 
     assert deliver([2], vector=0x72, destination=2) == [[], [], [0x72]]          # physical
     logical_mask = 0b110 if not x2apic else 0b110     # x2APIC cluster 0: bit = APIC ID
@@ -263,7 +270,7 @@ def test_lapic_timer(machine, mode):
     assert elapsed >= ticks * period_ns / 1e9 * 0.9
     if mode == TimerMode.PERIODIC:
         tsc_hz = guest.vcpu.tsc_khz * 1000
-        gaps = [(b.tsc - a.tsc) / tsc_hz for a, b in zip(log, log[1:ticks])]
+        gaps = [(b.tsc - a.tsc) / tsc_hz for a, b in zip(log, log[1:ticks], strict=False)]
         assert all(0.5 * period_ns / 1e9 < gap < 3 * period_ns / 1e9 for gap in gaps), gaps
     else:
         guest.command(Command.STI)

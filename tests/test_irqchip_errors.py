@@ -7,13 +7,18 @@ import psutil
 import pytest
 
 from pykvm import guests
-from pykvm.irqchip import MsiMessage, pit
 from pykvm.core.constants import IrqchipId
-from pykvm.core.errors import (CommandTimeout, InvalidMsi, InvalidRouting, InvalidVector, IrqchipModeError,
-                          VcpuThreadError)
+from pykvm.core.errors import (
+    CommandTimeout,
+    InvalidMsi,
+    InvalidRouting,
+    InvalidVector,
+    IrqchipModeError,
+    VcpuThreadError,
+)
 from pykvm.core.exits import IoExit
-from pykvm.irqchip import IrqchipRoute, MsiRoute
 from pykvm.guests import Command
+from pykvm.irqchip import IrqchipRoute, MsiMessage, MsiRoute, pit
 from pykvm.runtime import VcpuThread, run_vcpus
 
 

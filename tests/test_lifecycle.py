@@ -9,9 +9,17 @@ import pytest
 
 import pykvm
 from pykvm import Cap, x86
+from pykvm.core.errors import (
+    CapabilityMissing,
+    ClosedError,
+    GuestMemoryError,
+    InvalidVector,
+    KvmError,
+    KvmUnavailableError,
+    MemorySlotOverlap,
+    NotReadyForInjection,
+)
 from pykvm.guests import layout
-from pykvm.core.errors import (CapabilityMissing, ClosedError, GuestMemoryError, InvalidVector,
-                          KvmError, KvmUnavailableError, MemorySlotOverlap, NotReadyForInjection)
 
 
 def test_objects_report_what_kvm_says(kvm):

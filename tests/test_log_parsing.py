@@ -2,8 +2,7 @@
 
 import struct
 
-from pykvm.guests import layout
-from pykvm.guests import parse_log, parse_record
+from pykvm.guests import layout, parse_log, parse_record
 
 
 def make_record(seq, vector, rip, error_code=None, cr2=None, cs=0x18, rflags=0x202, tsc=1234,

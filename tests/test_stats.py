@@ -20,10 +20,16 @@ import pytest
 import pykvm
 from pykvm.core.constants import Cap, StatsBase, StatsType, StatsUnit
 from pykvm.core.errors import CapabilityMissing, ClosedError, PyKvmError
-from pykvm.hosts.vendor import VendorModule
+from pykvm.core.stats import (
+    DeltaNotReady,
+    StatDescriptor,
+    Stats,
+    StatsDelta,
+    StatsFormatError,
+    UnknownStatistic,
+)
 from pykvm.guests import Command
-from pykvm.core.stats import (DeltaNotReady, StatDescriptor, Stats, StatsDelta, StatsFormatError,
-                         UnknownStatistic)
+from pykvm.hosts.vendor import VendorModule
 
 # The kernel's flag bits (include/uapi/linux/kvm.h), spelled out on purpose.
 TYPE_CUMULATIVE, TYPE_INSTANT, TYPE_PEAK, TYPE_LINEAR_HIST, TYPE_LOG_HIST = 0x0, 0x1, 0x2, 0x3, 0x4

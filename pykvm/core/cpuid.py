@@ -8,7 +8,7 @@ per-vCPU adjustments a VMM must make to what KVM reports.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 from .binding import ffi
 
@@ -43,7 +43,7 @@ def cpuid_to_c(entries: Iterable[CpuidEntry]):
     """A new ``struct kvm_cpuid2 *`` holding ``entries``."""
     entries = list(entries)
     cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
-    for c_entry, entry in zip(cpuid.entries, entries):
+    for c_entry, entry in zip(cpuid.entries, entries, strict=True):
         for name in _FIELDS:
             setattr(c_entry, name, getattr(entry, name))
     return cpuid

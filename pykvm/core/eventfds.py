@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import select
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .binding import ffi
 from .constants import IoeventfdFlag, IrqfdFlag
@@ -21,6 +21,9 @@ from .ioctls import Ioctl
 
 if TYPE_CHECKING:
     from .vm import Vm
+
+
+R = TypeVar("R", bound="EventfdRegistration")
 
 
 def _check_eventfd(fd: int, what: str) -> None:
@@ -39,7 +42,65 @@ def _wait(fd: int, timeout: float | None) -> int:
     return int.from_bytes(os.read(fd, 8), "little")
 
 
-class Irqfd:
+class EventfdRegistration:
+    """An eventfd registered with KVM: owned fds, unregistered and closed once, ``with``-able.
+
+    Subclasses say how to (de)register with :meth:`_assign`; the eventfds in
+    ``_owned`` are closed with the object, ``_fd`` (the registered one) may belong
+    to the caller.
+    """
+
+    _DEASSIGN = 0
+    _NAME = "eventfd"
+
+    def __init__(self, vm: Vm, fd: int, owned: tuple[int, ...]) -> None:
+        self.vm = vm
+        self._fd = fd
+        self._owned = owned
+        try:
+            self._assign(0)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def _assign(self, flags: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
+    def fd(self) -> int:
+        """The registered eventfd (write it, select on it)."""
+        if self._fd < 0:
+            raise ClosedError(f"this {self._NAME} is closed; create a new one with vm.{self._NAME}()")
+        return self._fd
+
+    def _close_fds(self) -> None:
+        for fd in self._owned:
+            if fd >= 0:
+                os.close(fd)
+        self._fd, self._owned = -1, ()
+
+    def close(self) -> None:
+        """Unregister from KVM (if the VM is still open) and close the eventfds. Safe twice."""
+        if self._fd < 0:
+            return
+        try:
+            if not self.vm.closed:
+                self._assign(self._DEASSIGN)
+        finally:
+            self._close_fds()
+
+    def __enter__(self: R) -> R:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Irqfd(EventfdRegistration):
     """``KVM_IRQFD``: writing :meth:`trigger` raises GSI ``gsi`` inside KVM.
 
     With ``resample=True`` (level-triggered lines, ``KVM_CAP_IRQFD_RESAMPLE``),
@@ -47,18 +108,17 @@ class Irqfd:
     line and signals :meth:`wait_resample`, after which the device may trigger again.
     """
 
-    def __init__(self, vm: "Vm", gsi: int, resample: bool = False, eventfd: int | None = None) -> None:
-        self.vm, self.gsi, self.resample = vm, gsi, resample
-        self._owns_fd = eventfd is None
+    _DEASSIGN = IrqfdFlag.DEASSIGN
+    _NAME = "irqfd"
+
+    def __init__(self, vm: Vm, gsi: int, resample: bool = False, eventfd: int | None = None) -> None:
+        self.gsi, self.resample = gsi, resample
         if eventfd is not None:
             _check_eventfd(eventfd, "irqfd eventfd")
-        self._fd = os.eventfd(0, os.EFD_CLOEXEC) if eventfd is None else eventfd
+        fd = os.eventfd(0, os.EFD_CLOEXEC) if eventfd is None else eventfd
         self._resample_fd = os.eventfd(0, os.EFD_CLOEXEC) if resample else -1
-        try:
-            self._assign(0)
-        except BaseException:
-            self._close_fds()
-            raise
+        owned = (self._resample_fd,) + ((fd,) if eventfd is None else ())
+        super().__init__(vm, fd, owned)
 
     def _assign(self, flags: int) -> None:
         if self.resample:
@@ -68,90 +128,42 @@ class Irqfd:
         self.vm._ioctl(Ioctl.IRQFD, arg, hint="irqfd needs an in-kernel irqchip and a routed GSI; "
                        "resample needs a level-triggered in-kernel IOAPIC or PIC line")
 
-    @property
-    def fd(self) -> int:
-        if self._fd < 0:
-            raise ClosedError("this irqfd is closed; create a new one with vm.irqfd()")
-        return self._fd
-
     def trigger(self) -> None:
         """Signal the eventfd: KVM raises the GSI (from any thread, no vCPU exit needed)."""
         os.write(self.fd, (1).to_bytes(8, "little"))
 
     def wait_resample(self, timeout: float | None = 1.0) -> bool:
         """Wait until the guest EOId the level interrupt (resample); False on timeout."""
-        if self._resample_fd < 0:
+        if not self.resample:
             raise InvalidRouting("this irqfd was created without resample=True")
-        self.fd  # closed check
+        self.fd                     # noqa: B018 (raises ClosedError once closed)
         return _wait(self._resample_fd, timeout) > 0
-
-    def _close_fds(self) -> None:
-        for fd, owned in ((self._fd, self._owns_fd), (self._resample_fd, True)):
-            if fd >= 0 and owned:
-                os.close(fd)
-        self._fd = self._resample_fd = -1
-
-    def close(self) -> None:
-        """Unregister from KVM (if the VM is still open) and close the eventfds. Safe twice."""
-        if self._fd < 0:
-            return
-        try:
-            if not self.vm.closed:
-                self._assign(IrqfdFlag.DEASSIGN)
-        finally:
-            self._close_fds()
-
-    def __enter__(self) -> "Irqfd":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Irqfd gsi={self.gsi} resample={self.resample} fd={self._fd}>"
 
 
-class Ioeventfd:
+class Ioeventfd(EventfdRegistration):
     """``KVM_IOEVENTFD``: a guest write to ``address`` (port if ``pio``) signals an eventfd in KVM."""
 
-    def __init__(self, vm: "Vm", address: int, length: int = 4, pio: bool = False,
+    _DEASSIGN = IoeventfdFlag.DEASSIGN
+    _NAME = "ioeventfd"
+
+    def __init__(self, vm: Vm, address: int, length: int = 4, pio: bool = False,
                  datamatch: int | None = None) -> None:
         if length not in (0, 1, 2, 4, 8):
             raise ValueError(f"ioeventfd length must be 0 (any), 1, 2, 4 or 8, not {length}")
-        self.vm, self.address, self.length, self.pio, self.datamatch = vm, address, length, pio, datamatch
+        self.address, self.length, self.pio, self.datamatch = address, length, pio, datamatch
         self._flags = (IoeventfdFlag.PIO if pio else 0) | (IoeventfdFlag.DATAMATCH if datamatch is not None else 0)
-        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            self._assign(0)
-        except BaseException:
-            os.close(self._fd)
-            self._fd = -1
-            raise
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        super().__init__(vm, fd, (fd,))
 
-    def _assign(self, extra: int) -> None:
+    def _assign(self, flags: int) -> None:
         arg = ffi.new("struct kvm_ioeventfd *", {
             "datamatch": self.datamatch or 0, "addr": self.address, "len": self.length,
-            "fd": self._fd, "flags": self._flags | extra})
+            "fd": self._fd, "flags": self._flags | flags})
         self.vm._ioctl(Ioctl.IOEVENTFD, arg, hint="the address range may overlap another ioeventfd")
 
     def wait(self, timeout: float | None = 1.0) -> int:
         """How many matching guest writes happened (waits up to ``timeout`` for the first)."""
-        if self._fd < 0:
-            raise ClosedError("this ioeventfd is closed")
-        return _wait(self._fd, timeout)
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        try:
-            if not self.vm.closed:
-                self._assign(IoeventfdFlag.DEASSIGN)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "Ioeventfd":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+        return _wait(self.fd, timeout)

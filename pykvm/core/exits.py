@@ -10,7 +10,8 @@ hypercall results) are checked against the vCPU's current exit.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .constants import ExitReason, InternalErrorKind, IoDirection, SystemEventType
 from .state import record
@@ -185,7 +186,7 @@ class MsrExit(ReplyingExit):
     msr_reason: int = 0
 
     @property
-    def reason(self) -> ExitReason:
+    def reason(self) -> ExitReason:  # type: ignore[override]  # one class for both MSR exits
         return ExitReason.X86_WRMSR if self.is_write else ExitReason.X86_RDMSR
 
     def reply(self, data: int = 0, error: bool = False) -> None:

@@ -61,7 +61,7 @@ class MsiMessage:
     def compose(cls, destination: int, vector: int,
                 delivery_mode: DeliveryMode = DeliveryMode.FIXED, logical: bool = False,
                 redirection_hint: bool = False, trigger_level: bool = False,
-                level_assert: bool = True) -> "MsiMessage":
+                level_assert: bool = True) -> MsiMessage:
         """Address 0xFEE<dest:8><rsvd:8><RH><DM>00, data <trigger><level><rsvd:3><mode:3><vector:8>.
 
         Destinations are 8-bit APIC IDs (extended x2APIC destinations in address_hi
@@ -234,5 +234,5 @@ class PitChannel:
 class PitState:
     """``struct kvm_pit_state2``: the three channels and KVM's PIT flags."""
 
-    channels: tuple[PitChannel, PitChannel, PitChannel]
+    channels: tuple[PitChannel, ...]     # three: channel 0 drives GSI 0
     flags: int

@@ -42,7 +42,7 @@ class MemorySlot:
 class GuestMemory:
     """The VM's guest-physical memory, ``vm.memory``."""
 
-    def __init__(self, vm: "Vm") -> None:
+    def __init__(self, vm: Vm) -> None:
         self._vm = vm
         self._slots: list[tuple[MemorySlot, object]] = []   # (slot, host pointer)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, TypeVar
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .binding import ffi
 
@@ -32,12 +34,28 @@ def _hexrepr(self) -> str:
     return f"{type(self).__name__}({', '.join(parts)})"
 
 
-def record(cls: type[T] | None = None, *, slots: bool = False):
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+elif TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+else:
+    def dataclass_transform(**_: Any) -> Callable[[T], T]:
+        return lambda function: function
+
+
+@overload
+def record(cls: type[T], *, slots: bool = False) -> type[T]: ...
+@overload
+def record(cls: None = None, *, slots: bool = False) -> Callable[[type[T]], type[T]]: ...
+
+
+@dataclass_transform()
+def record(cls: type[T] | None = None, *, slots: bool = False) -> Any:
     """A mutable dataclass whose repr shows integers in hex (``@record`` or ``@record(slots=True)``)."""
     def wrap(cls: type[T]) -> type[T]:
-        cls = dataclasses.dataclass(cls, slots=slots)
-        cls.__repr__ = _hexrepr
-        return cls
+        made = dataclasses.dataclass(cls, slots=slots)
+        made.__repr__ = _hexrepr  # type: ignore[method-assign]
+        return made
     return wrap if cls is None else wrap(cls)
 
 
@@ -195,9 +213,9 @@ class VcpuEvents:
 def from_c(cls: type[T], cdata: Any) -> T:
     """Copy a C struct into a new ``cls`` record, field by field (recursively)."""
     values = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # records are dataclasses
         value = getattr(cdata, f.name)
-        nested = _TYPES.get(f.type)
+        nested = _TYPES.get(f.type) if isinstance(f.type, str) else None
         if nested is not None:
             value = from_c(nested, value)
         elif not isinstance(value, int):  # a C array: of integers, or of byte rows

@@ -29,25 +29,34 @@ import difflib
 import os
 import struct
 import time
-from typing import Any, ItemsView, Iterable, Tuple, Union
+from collections.abc import ItemsView, Iterable
+from typing import Any
 
-from .constants import (STATS_BASE_SHIFT, STATS_TYPE_SHIFT, STATS_UNIT_SHIFT, Cap, StatsBase,
-                        StatsType, StatsUnit)
+from .constants import (
+    STATS_BASE_SHIFT,
+    STATS_TYPE_SHIFT,
+    STATS_UNIT_SHIFT,
+    Cap,
+    StatsBase,
+    StatsType,
+    StatsUnit,
+)
 from .errors import ClosedError, PyKvmError
 from .fdobject import FdObject
 from .ioctls import Ioctl
 
-# One statistic: a u64, or the buckets of a histogram (typing.Union: setup.py allows Python 3.9).
-Value = Union[int, Tuple[int, ...]]
+# One statistic: a u64, or the buckets of a histogram.
+Value = int | tuple[int, ...]
 
 _HEADER = struct.Struct("<6I")        # struct kvm_stats_header
-_DESC = struct.Struct("<IhHII")       # struct kvm_stats_desc without its name: flags, exponent, size, offset, bucket_size
+# struct kvm_stats_desc without its name: flags, exponent, size, offset, bucket_size
+_DESC = struct.Struct("<IhHII")
 _FIELD_MASK = 0xF                     # type, unit and base are 4-bit fields of a descriptor's flags
 _MAX_TABLE = 16 << 20                 # refuse absurd descriptor tables (a file that is not a stats fd)
 _HISTOGRAMS = (StatsType.LINEAR_HIST, StatsType.LOG_HIST)
 # Types whose values only grow, so that a difference over a block means something.
 _DIFFERENCED = (StatsType.CUMULATIVE,) + _HISTOGRAMS
-_NAMED_UNITS = {
+_NAMED_UNITS: dict[tuple[int, int], dict[int, str]] = {
     (StatsUnit.SECONDS, StatsBase.POW10): {0: "s", -3: "ms", -6: "us", -9: "ns"},
     (StatsUnit.BYTES, StatsBase.POW2): {0: "B", 10: "KiB", 20: "MiB", 30: "GiB"},
 }
@@ -108,7 +117,7 @@ class StatDescriptor:
     flags: int = 0
 
     @classmethod
-    def unpack(cls, table: bytes, start: int, name_size: int) -> "StatDescriptor":
+    def unpack(cls, table: bytes, start: int, name_size: int) -> StatDescriptor:
         """Decode the descriptor at ``table[start:]`` (16 bytes, then a ``name_size``-byte name)."""
         flags, exponent, size, offset, bucket_size = _DESC.unpack_from(table, start)
         raw_name = table[start + _DESC.size:start + _DESC.size + name_size]
@@ -153,7 +162,7 @@ class StatDescriptor:
             unit = ""
         if self.exponent == 0:
             return unit
-        radix = {StatsBase.POW10: "10", StatsBase.POW2: "2"}.get(self.base, f"base{self.base}")
+        radix = {int(StatsBase.POW10): "10", int(StatsBase.POW2): "2"}.get(self.base, f"base{self.base}")
         return f"x{radix}^{self.exponent} {unit}".rstrip()
 
     def bucket_ranges(self) -> tuple[tuple[int, int | None], ...]:
@@ -169,8 +178,9 @@ class StatDescriptor:
             bounds = [(0, 1)] + [(1 << (i - 1), 1 << i) for i in range(1, self.size)]
         else:
             raise ValueError(f"statistic {self.name!r} is not a histogram (type {self.kind})")
-        bounds[-1] = (bounds[-1][0], None)
-        return tuple(bounds)
+        ranges: list[tuple[int, int | None]] = list(bounds)
+        ranges[-1] = (bounds[-1][0], None)
+        return tuple(ranges)
 
     @property
     def kind(self) -> str:
@@ -217,7 +227,7 @@ class Stats(FdObject):
 
     # -- construction ---------------------------------------------------------------
     @classmethod
-    def open(cls, owner: Any) -> "Stats":
+    def open(cls, owner: Any) -> Stats:
         """``KVM_GET_STATS_FD`` on a :class:`~pykvm.Vm` or :class:`~pykvm.Vcpu`."""
         vm = getattr(owner, "vm", owner)
         kvm = getattr(vm, "kvm", None)
@@ -327,7 +337,7 @@ class Stats(FdObject):
         values = struct.unpack(f"<{desc.size}Q", raw)
         return values[0] if desc.size == 1 else values
 
-    def delta(self, *names: str) -> "StatsDelta":
+    def delta(self, *names: str) -> StatsDelta:
         """A context manager measuring what changes during its block: ``with stats.delta() as d:``.
 
         Reads every statistic (or only ``names``) on entry and on exit. Cumulative
@@ -359,7 +369,7 @@ class StatsDelta:
     _failure: str = dataclasses.field(default="", init=False)
 
     # -- the with block -------------------------------------------------------------
-    def __enter__(self) -> "StatsDelta":
+    def __enter__(self) -> StatsDelta:
         if self.start is not None:
             raise DeltaNotReady(f"this delta of {self.stats.describe()} was already used; "
                                 f"take a new one with stats.delta() for each block")
@@ -385,12 +395,15 @@ class StatsDelta:
 
     def _difference(self, name: str) -> Value:
         desc = self.stats.descriptors[name]
+        assert self.start is not None and self.end is not None   # set by __enter__ / __exit__
         before, after = self.start[name], self.end[name]
         if desc.type not in _DIFFERENCED:
             return after
-        if isinstance(after, tuple):
-            return tuple(a - b for a, b in zip(after, before))
-        return after - before
+        if isinstance(after, tuple) and isinstance(before, tuple):
+            return tuple(a - b for a, b in zip(after, before, strict=True))
+        if isinstance(after, int) and isinstance(before, int):
+            return after - before
+        raise StatsFormatError(f"statistic {name!r} changed shape between two reads")
 
     # -- results --------------------------------------------------------------------------
     def _ready(self) -> dict[str, Value]:
@@ -445,6 +458,7 @@ class StatsDelta:
         """Only what changed: nonzero counter / bucket differences, and instant or peak
         values that differ between the start and the end (given as their end value)."""
         values = self._ready()
+        assert self.start is not None and self.end is not None     # _ready() checked
         changed = {}
         for name, value in values.items():
             if self.stats.descriptors[name].type in _DIFFERENCED:
@@ -463,7 +477,7 @@ class StatsDelta:
             return f"<StatsDelta of {owner}: {state}>"
         changes = ", ".join(f"{name}={_signed(value, self.stats.descriptors[name])}"
                             for name, value in self.changed().items())
-        return f"StatsDelta({owner}, {self.seconds * 1e3:.3f} ms: {changes or 'no change'})"
+        return f"StatsDelta({owner}, {(self.seconds or 0.0) * 1e3:.3f} ms: {changes or 'no change'})"
 
 
 def _signed(value: Value, desc: StatDescriptor) -> str:

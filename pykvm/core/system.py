@@ -83,9 +83,9 @@ class Kvm(FdObject):
                     raise
                 entries *= 2
 
-    def create_vm(self, memory_size: int | None = None, irqchip: "IrqchipMode | str" = "none",
+    def create_vm(self, memory_size: int | None = None, irqchip: IrqchipMode | str = "none",
                   pit: bool = False, tss_addr: int | None = DEFAULT_TSS_ADDR,
-                  identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR) -> "Vm":
+                  identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR) -> Vm:
         """``KVM_CREATE_VM`` with guest memory and, if asked, an in-kernel irqchip and PIT.
 
         ``memory_size`` bytes of RAM at guest-physical 0 (16 MiB by default, 0 for
@@ -111,5 +111,5 @@ def _unavailable(exc: OSError, path: str) -> KvmUnavailableError:
                 f"(usually `kvm`: `sudo usermod -aG kvm $USER`, then log in again) or run as root")
     else:
         hint = f"cannot open {path}"
-    error = KvmUnavailableError(exc.errno, "open", path, hint)
+    error = KvmUnavailableError(exc.errno or 0, "open", path, hint)
     return error

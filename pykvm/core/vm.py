@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .binding import ffi, lib
 from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
@@ -19,8 +20,16 @@ from .cpuid import cpuid_for_vcpu
 from .errors import InvalidRouting, IrqchipModeError, KvmError, PyKvmError
 from .eventfds import Ioeventfd, Irqfd
 from .fdobject import FdObject
-from .interrupts import (IrqchipMode, IrqchipRoute, MsiMessage, MsiRoute, PitChannel, PitState, Route,
-                         default_routes)
+from .interrupts import (
+    IrqchipMode,
+    IrqchipRoute,
+    MsiMessage,
+    MsiRoute,
+    PitChannel,
+    PitState,
+    Route,
+    default_routes,
+)
 from .ioctls import Ioctl
 from .memory import GuestMemory
 from .stats import Stats
@@ -40,7 +49,7 @@ class Vm(FdObject):
     adds the in-kernel 8254 timer (``KVM_CREATE_PIT2``, needs ``"kernel"``).
     """
 
-    def __init__(self, kvm: "Kvm", memory_size: int | None = None,
+    def __init__(self, kvm: Kvm, memory_size: int | None = None,
                  tss_addr: int | None = None,
                  identity_map_addr: int | None = None,
                  irqchip: IrqchipMode | str = IrqchipMode.NONE, pit: bool = False) -> None:
@@ -53,7 +62,7 @@ class Vm(FdObject):
                                   hint="the host may be out of memory or limit the number of VMs")
         super().__init__(result)
         self.kvm = kvm
-        self.vcpus: list["Vcpu"] = []
+        self.vcpus: list[Vcpu] = []
         self.irqchip = IrqchipMode.NONE
         self.has_pit = False
         self.routes: tuple[Route, ...] = ()
@@ -88,7 +97,7 @@ class Vm(FdObject):
         """``KVM_SET_IDENTITY_MAP_ADDR``: 1 page VT-x uses for the EPT identity map."""
         self._ioctl(Ioctl.SET_IDENTITY_MAP_ADDR, ffi.new("__u64 *", addr))
 
-    def create_vcpu(self, vcpu_id: int | None = None, cpuid: bool = True) -> "Vcpu":
+    def create_vcpu(self, vcpu_id: int | None = None, cpuid: bool = True) -> Vcpu:
         """``KVM_CREATE_VCPU``; ``vcpu_id`` defaults to the next free one.
 
         With ``cpuid=True`` the vCPU gets every CPUID leaf KVM supports (needed
@@ -164,7 +173,7 @@ class Vm(FdObject):
             raise TypeError(f"set_pit2(state={state!r}): pass a PitState with three channels, "
                             f"e.g. dataclasses.replace() of vm.get_pit2()")
         cdata = self._pit_state2()
-        for target, channel in zip(cdata.channels, state.channels):
+        for target, channel in zip(cdata.channels, state.channels, strict=True):
             for name, value in dataclasses.asdict(channel).items():
                 setattr(target, name, value)
         cdata.flags = state.flags
@@ -222,7 +231,7 @@ class Vm(FdObject):
                 raise InvalidRouting(f"{route!r} is not a routing entry; use IrqchipRoute or MsiRoute")
             route.validate(self.irqchip)
         table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
-        for entry, route in zip(table.entries, routes):
+        for entry, route in zip(table.entries, routes, strict=True):
             route.to_c(entry)
         try:
             self._ioctl(Ioctl.SET_GSI_ROUTING, table)

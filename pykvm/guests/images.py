@@ -58,7 +58,7 @@ class GuestImage:
         return session
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(mode: Mode | str) -> GuestImage:
     """The packaged image for ``"real"``, ``"protected"`` or ``"long"`` mode."""
     try:
@@ -82,8 +82,8 @@ class BootedGuest:
     """
 
     cpus: list[GuestSession]
-    kvm: "Kvm"
-    vm: "Vm"
+    kvm: Kvm
+    vm: Vm
 
     def close(self) -> None:
         self.vm.close()
@@ -96,7 +96,7 @@ class BootedGuest:
         self.close()
 
 
-def boot_cpus(vm: "Vm", mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool = False
+def boot_cpus(vm: Vm, mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool = False
               ) -> list[GuestSession]:
     """Create ``cpus`` vCPUs on ``vm`` and boot the ``mode`` image on each (SMP: long mode only)."""
     image = load(mode)

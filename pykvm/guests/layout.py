@@ -21,8 +21,20 @@ import dataclasses
 
 from ..irqchip.ioapic import IOAPIC_DEFAULT_BASE as IOAPIC_BASE
 from ..x86.msr import APIC_BASE_MSR, TSC_DEADLINE_MSR, XAPIC_BASE
-from ..x86.system_area import (DEFAULT_STACK_TOP, FREE_MEMORY, GDT, IDT, IVT, PML4, SEL_CODE32,
-                               SEL_CODE64, SEL_DATA, SEL_TSS, SYSTEM_AREA_END, TSS)
+from ..x86.system_area import (
+    DEFAULT_STACK_TOP,
+    FREE_MEMORY,
+    GDT,
+    IDT,
+    IVT,
+    PML4,
+    SEL_CODE32,
+    SEL_CODE64,
+    SEL_DATA,
+    SEL_TSS,
+    SYSTEM_AREA_END,
+    TSS,
+)
 from . import protocol
 
 # --- memory map (guest-physical) -------------------------------------------

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..core.constants import MpState
 from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, IrqchipModeError
-from ..core.state import record
 from ..core.exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
+from ..core.state import record
 from ..irqchip.ioapic import RedirectionEntry
 from ..irqchip.lapic import ApicReg, icr
 from ..runtime.watchdog import WATCHDOG
@@ -84,7 +84,7 @@ class GuestSession:
     The real and protected images run on vCPU 0 only.
     """
 
-    def __init__(self, image: "GuestImage", vcpu: "Vcpu", notify: bool = False) -> None:
+    def __init__(self, image: GuestImage, vcpu: Vcpu, notify: bool = False) -> None:
         if image.mode != Mode.LONG and vcpu.id != 0:
             raise GuestError(f"the {image.mode.value}-mode image runs on vCPU 0 only (it has one "
                              f"mailbox and log below 1 MiB); boot the long-mode image on vCPU "

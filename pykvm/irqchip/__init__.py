@@ -8,8 +8,15 @@ Why this exists: the core hands out raw chip state (``vcpu.get_lapic()``,
 logic a VMM needs for the userspace-irqchip path (``KVM_INTERRUPT``).
 """
 
-from ..core.interrupts import (DeliveryMode, IrqchipMode, IrqchipRoute, MsiMessage, MsiRoute, Route,
-                               default_routes)
+from ..core.interrupts import (
+    DeliveryMode,
+    IrqchipMode,
+    IrqchipRoute,
+    MsiMessage,
+    MsiRoute,
+    Route,
+    default_routes,
+)
 from . import controller, ioapic, lapic, pic, pit
 from .controller import Injection, UserspaceIrqController
 

@@ -44,7 +44,7 @@ class UserspaceIrqController:
     the APIC rule: the higher vector first.
     """
 
-    def __init__(self, vcpu: "Vcpu") -> None:
+    def __init__(self, vcpu: Vcpu) -> None:
         if vcpu.irq_controller is not None:
             raise ValueError(f"vCPU {vcpu.id} already has an interrupt controller attached")
         self.vcpu = vcpu

@@ -11,9 +11,8 @@ import dataclasses
 import struct
 from typing import TYPE_CHECKING
 
-from ..core.constants import IOAPIC_NUM_PINS, IrqchipId
+from ..core.constants import IOAPIC_NUM_PINS, IrqchipId, as_enum
 from ..core.interrupts import DeliveryMode, check_vector
-from ..core.constants import as_enum
 from ..x86.vectors import vector_set
 
 if TYPE_CHECKING:
@@ -50,7 +49,7 @@ class RedirectionEntry:
                 | int(self.masked) << 16 | self.destination << 56)
 
     @classmethod
-    def from_bits(cls, value: int) -> "RedirectionEntry":
+    def from_bits(cls, value: int) -> RedirectionEntry:
         return cls(value & 0xFF, as_enum(DeliveryMode, value >> 8 & 7), bool(value >> 11 & 1), bool(value >> 12 & 1),
                    bool(value >> 13 & 1), bool(value >> 14 & 1), bool(value >> 15 & 1),
                    bool(value >> 16 & 1), value >> 56 & 0xFF)
@@ -71,14 +70,14 @@ class IoapicState:
     raw: bytes = dataclasses.field(repr=False)
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "IoapicState":
+    def from_bytes(cls, raw: bytes) -> IoapicState:
         base, ioregsel, ioapic_id, irr, _ = _IOAPIC_HEAD.unpack_from(raw)
         entries = struct.unpack_from(f"<{IOAPIC_NUM_PINS}Q", raw, _IOAPIC_HEAD.size)
         return cls(base, ioregsel, ioapic_id, vector_set([irr]),
                    tuple(RedirectionEntry.from_bits(e) for e in entries),
                    bytes(raw[:_IOAPIC_HEAD.size + 8 * IOAPIC_NUM_PINS]))
 
-    def with_entry(self, pin: int, entry: RedirectionEntry) -> "IoapicState":
+    def with_entry(self, pin: int, entry: RedirectionEntry) -> IoapicState:
         if not 0 <= pin < IOAPIC_NUM_PINS:
             raise ValueError(f"the IOAPIC has pins 0..{IOAPIC_NUM_PINS - 1}, not {pin}")
         data = bytearray(self.raw)
@@ -89,11 +88,11 @@ class IoapicState:
         return self.raw
 
 
-def read(vm: "Vm") -> IoapicState:
+def read(vm: Vm) -> IoapicState:
     """``KVM_GET_IRQCHIP`` of the in-kernel IOAPIC, decoded (irqchip='kernel')."""
     return IoapicState.from_bytes(vm.get_irqchip(IrqchipId.IOAPIC))
 
 
-def write(vm: "Vm", state: IoapicState) -> None:
+def write(vm: Vm, state: IoapicState) -> None:
     """``KVM_SET_IRQCHIP`` of the in-kernel IOAPIC (e.g. ``read(vm).with_entry(pin, entry)``)."""
     vm.set_irqchip(IrqchipId.IOAPIC, state.raw)

@@ -13,8 +13,8 @@ import enum
 import struct
 from typing import TYPE_CHECKING
 
-from ..core.interrupts import DeliveryMode, check_vector
 from ..core.constants import as_enum
+from ..core.interrupts import DeliveryMode, check_vector
 from ..x86.vectors import vector_set
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class LvtEntry:
     timer_mode: TimerMode | int | None = None
 
     @classmethod
-    def from_bits(cls, value: int, timer: bool = False) -> "LvtEntry":
+    def from_bits(cls, value: int, timer: bool = False) -> LvtEntry:
         timer_mode = as_enum(TimerMode, value >> 17 & 3) if timer else None
         return cls(value & 0xFF, as_enum(DeliveryMode, value >> 8 & 7), bool(value >> 12 & 1), bool(value >> 13 & 1),
                    bool(value >> 14 & 1), bool(value >> 15 & 1), bool(value >> 16 & 1), timer_mode)
@@ -135,7 +135,7 @@ class LapicState:
     raw: bytes = dataclasses.field(repr=False)
 
     @classmethod
-    def from_bytes(cls, raw: bytes, x2apic: bool = False) -> "LapicState":
+    def from_bytes(cls, raw: bytes, x2apic: bool = False) -> LapicState:
         """Decode; ``x2apic=True`` means the ID register holds the full 32-bit x2APIC ID (KVM_CAP_X2APIC_API)."""
         if len(raw) < LAPIC_SIZE:
             raise ValueError(f"LAPIC state is {LAPIC_SIZE} bytes, got {len(raw)}")
@@ -195,7 +195,7 @@ def icr(vector: int, delivery_mode: DeliveryMode = DeliveryMode.FIXED, destinati
     return low | destination << (32 if x2apic else 56)
 
 
-def read(vcpu: "Vcpu") -> LapicState:
+def read(vcpu: Vcpu) -> LapicState:
     """``KVM_GET_LAPIC`` of ``vcpu``, decoded (needs irqchip 'kernel' or 'split')."""
     # pykvm does not enable KVM_CAP_X2APIC_API, so KVM keeps the ID in bits 31:24 in both modes.
     return LapicState.from_bytes(vcpu.get_lapic(), x2apic=False)

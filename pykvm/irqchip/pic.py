@@ -46,7 +46,7 @@ class PicState:
     elcr_mask: int
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "PicState":
+    def from_bytes(cls, raw: bytes) -> PicState:
         return cls(*raw[:PIC_STATE_SIZE])
 
     def to_bytes(self) -> bytes:
@@ -65,7 +65,7 @@ class PicState:
         return vector_set([self.isr_bits])
 
 
-def read(vm: "Vm", chip: IrqchipId = IrqchipId.PIC_MASTER) -> PicState:
+def read(vm: Vm, chip: IrqchipId = IrqchipId.PIC_MASTER) -> PicState:
     """``KVM_GET_IRQCHIP`` of the master or slave in-kernel PIC, decoded (irqchip='kernel')."""
     if chip not in (IrqchipId.PIC_MASTER, IrqchipId.PIC_SLAVE):
         raise ValueError(f"pic.read(chip={chip!r}): choose IrqchipId.PIC_MASTER or PIC_SLAVE")

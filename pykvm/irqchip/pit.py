@@ -24,12 +24,12 @@ def period(channel: PitChannel) -> float:
     return (channel.count or 0x10000) / PIT_HZ
 
 
-def channels(vm: "Vm") -> tuple[PitChannel, ...]:
+def channels(vm: Vm) -> tuple[PitChannel, ...]:
     """``KVM_GET_PIT2``: the three channels (count, mode, gate, ...)."""
     return vm.get_pit2().channels
 
 
-def program(vm: "Vm", count: int, mode: int = 2, channel: int = 0) -> None:
+def program(vm: Vm, count: int, mode: int = 2, channel: int = 0) -> None:
     """Load ``channel`` with ``count`` in ``mode``, as a guest's OUTs to 0x43/0x40 would (``KVM_SET_PIT2``).
 
     Mode 2 (rate generator) or 3 (square wave) fires every ``count`` / 1.193182 MHz

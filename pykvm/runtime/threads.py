@@ -10,9 +10,11 @@ A thread that dies with an exception is reported the same way.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..core.errors import GuestCancelled, VcpuThreadError
 from ..core.exits import Exit
@@ -116,7 +118,7 @@ def run_vcpus(vcpus: Iterable, handler: Callable[[Any, Exit], bool], timeout: fl
                 break
         return exits
 
-    threads = [VcpuThread(vcpu, lambda stopping, vcpu=vcpu: loop(vcpu, stopping)) for vcpu in vcpus]
+    threads = [VcpuThread(vcpu, functools.partial(loop, vcpu)) for vcpu in vcpus]
     deadline = time.monotonic() + timeout
     results, failures = [], []
     for thread in threads:

@@ -17,7 +17,7 @@ import itertools
 import threading
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 
 class Watchdog:
@@ -30,7 +30,7 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self.failures: collections.deque[BaseException] = collections.deque(maxlen=16)
 
-    def guard(self, seconds: float, expire: Callable[[], None]) -> "_Guard":
+    def guard(self, seconds: float, expire: Callable[[], None]) -> _Guard:
         """A context manager: ``expire()`` is called if its block is still running after ``seconds``."""
         return _Guard(self, seconds, expire)
 

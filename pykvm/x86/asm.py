@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import AssemblerError
@@ -89,7 +90,7 @@ def _run(argv: list[str], what: str, workdir: str) -> str:
 
 def assemble(source: str, mode: Mode | str = Mode.LONG, origin: int = 0,
              defines: dict[str, int] | None = None,
-             include_dirs: list[str | os.PathLike] = ()) -> Assembled:
+             include_dirs: Sequence[str | os.PathLike[str]] = ()) -> Assembled:
     """Assemble ``source`` for ``mode`` and link it to run at ``origin``.
 
     ``defines`` become ``--defsym NAME=VALUE``; ``include_dirs`` are searched

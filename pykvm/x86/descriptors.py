@@ -9,7 +9,7 @@ and "64-Bit Mode IDT".
 from __future__ import annotations
 
 import struct
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..core.state import Segment
 from .system_area import SEL_CODE32, SEL_CODE64, SEL_DATA, SEL_TSS

@@ -11,14 +11,25 @@ Which guest-physical memory the helpers use is :mod:`pykvm.x86.system_area`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ..core.state import DTable, Regs, Segment, Sregs
 from .asm import Mode
 from .descriptors import check_handlers, flat_segment, gdt_bytes, interrupt_table, real_mode_vector_table
 from .paging import identity_page_tables
-from .system_area import (DEFAULT_STACK_TOP, GDT, IDT, IVT, PML4, SEL_CODE32, SEL_CODE64, SEL_DATA,
-                          SEL_TSS, TSS)
+from .system_area import (
+    DEFAULT_STACK_TOP,
+    GDT,
+    IDT,
+    IVT,
+    PML4,
+    SEL_CODE32,
+    SEL_CODE64,
+    SEL_DATA,
+    SEL_TSS,
+    TSS,
+)
 
 if TYPE_CHECKING:
     from ..core.memory import GuestMemory
@@ -41,7 +52,7 @@ RFLAGS_IF = 1 << 9
 Handlers = Mapping[int, int]
 
 
-def write_system_tables(memory: "GuestMemory", paging: bool) -> None:
+def write_system_tables(memory: GuestMemory, paging: bool) -> None:
     """GDT, a zeroed TSS and (with ``paging``) the identity page tables, into guest memory."""
     memory.write(GDT, gdt_bytes(TSS))
     memory.fill(TSS, 0x1000)
@@ -50,12 +61,12 @@ def write_system_tables(memory: "GuestMemory", paging: bool) -> None:
             memory.write(address, table)
 
 
-def _enter(vcpu: "Vcpu", sregs: Sregs, rip: int, rsp: int) -> None:
+def _enter(vcpu: Vcpu, sregs: Sregs, rip: int, rsp: int) -> None:
     vcpu.sregs = sregs
     vcpu.regs = Regs(rip=rip, rsp=rsp, rflags=RFLAGS_RESERVED)
 
 
-def enter_real_mode(vcpu: "Vcpu", ip: int = 0, cs: int = 0x1000, sp: int = DEFAULT_STACK_TOP,
+def enter_real_mode(vcpu: Vcpu, ip: int = 0, cs: int = 0x1000, sp: int = DEFAULT_STACK_TOP,
                     handlers: Handlers | None = None) -> None:
     """16-bit real mode at ``cs:ip``, data segments 0, SP=``sp``, IF=0, the IVT at 0.
 
@@ -77,7 +88,7 @@ def enter_real_mode(vcpu: "Vcpu", ip: int = 0, cs: int = 0x1000, sp: int = DEFAU
     _enter(vcpu, sregs, ip, sp)
 
 
-def enter_protected_mode(vcpu: "Vcpu", eip: int, esp: int = DEFAULT_STACK_TOP,
+def enter_protected_mode(vcpu: Vcpu, eip: int, esp: int = DEFAULT_STACK_TOP,
                          handlers: Handlers | None = None, default_handler: int | None = None
                          ) -> None:
     """32-bit protected mode, flat 4 GiB segments, paging off, IF=0, a 256-gate IDT.
@@ -94,7 +105,7 @@ def enter_protected_mode(vcpu: "Vcpu", eip: int, esp: int = DEFAULT_STACK_TOP,
     _enter(vcpu, sregs, eip, esp)
 
 
-def enter_long_mode(vcpu: "Vcpu", rip: int, rsp: int = DEFAULT_STACK_TOP,
+def enter_long_mode(vcpu: Vcpu, rip: int, rsp: int = DEFAULT_STACK_TOP,
                     handlers: Handlers | None = None, default_handler: int | None = None) -> None:
     """64-bit long mode with identity paging of 0..4 GiB (xAPIC page included), IF=0, a 256-gate IDT.
 
@@ -111,7 +122,7 @@ def enter_long_mode(vcpu: "Vcpu", rip: int, rsp: int = DEFAULT_STACK_TOP,
     _enter(vcpu, sregs, rip, rsp)
 
 
-def _write_idt(vcpu: "Vcpu", handlers: Handlers | None, default_handler: int | None,
+def _write_idt(vcpu: Vcpu, handlers: Handlers | None, default_handler: int | None,
                selector: int, long_mode: bool) -> None:
     handlers = dict(handlers or {})
     check_handlers(handlers)
@@ -120,7 +131,7 @@ def _write_idt(vcpu: "Vcpu", handlers: Handlers | None, default_handler: int | N
     vcpu.vm.memory.write(IDT, interrupt_table(handlers, selector, long_mode, default_handler))
 
 
-def _flat_sregs(vcpu: "Vcpu", code_selector: int, idt_limit: int) -> Sregs:
+def _flat_sregs(vcpu: Vcpu, code_selector: int, idt_limit: int) -> Sregs:
     sregs = vcpu.sregs
     sregs.cs = flat_segment(code_selector, TSS)
     for name in ("ds", "es", "fs", "gs", "ss"):
@@ -131,7 +142,7 @@ def _flat_sregs(vcpu: "Vcpu", code_selector: int, idt_limit: int) -> Sregs:
     return sregs
 
 
-def enter_mode(vcpu: "Vcpu", mode: Mode | str, entry: int, handlers: Handlers | None = None) -> None:
+def enter_mode(vcpu: Vcpu, mode: Mode | str, entry: int, handlers: Handlers | None = None) -> None:
     """Put ``vcpu`` in ``mode`` at ``entry`` (an IP offset in CS 0x1000 for real mode)."""
     mode = Mode(mode)
     if mode == Mode.REAL:

@@ -9,7 +9,7 @@ Interrupts".
 from __future__ import annotations
 
 import enum
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class Vector(enum.IntEnum):
