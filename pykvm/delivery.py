@@ -118,17 +118,15 @@ class PathMeasurement:
         """Interrupts delivered per second (one at a time, each waited for)."""
         return self.count / self.elapsed_s
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies_ns)
-        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
     @property
     def p50_us(self) -> float:
         return statistics.median(self.latencies_ns) / 1000
 
     @property
     def p99_us(self) -> float:
-        return self.percentile(99) / 1000
+        if len(self.latencies_ns) < 2:
+            return self.latencies_ns[0] / 1000
+        return statistics.quantiles(self.latencies_ns, n=100, method="inclusive")[98] / 1000
 
 
 def _cpu_split() -> tuple[set[int], set[int]] | None:

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .constants import ExitReason, InternalErrorKind, IoDirection, SystemEventType
+from .constants import ExitReason, InternalErrorKind, IoDirection, SystemEventType, as_enum
 from .state import record
 
 if TYPE_CHECKING:
@@ -150,10 +150,7 @@ class InternalErrorExit(Exit):
 
     @property
     def kind(self) -> InternalErrorKind | int:
-        try:
-            return InternalErrorKind(self.suberror)
-        except ValueError:
-            return self.suberror
+        return as_enum(InternalErrorKind, self.suberror)
 
 
 @record(slots=True)
@@ -290,11 +287,7 @@ def _debug(vcpu, run) -> DebugExit:
 
 def _system_event(vcpu, run) -> SystemEventExit:
     event = run.system_event
-    try:
-        kind = SystemEventType(event.type)
-    except ValueError:
-        kind = event.type
-    return SystemEventExit(kind, tuple(event.data[0:min(event.ndata, 16)]))
+    return SystemEventExit(as_enum(SystemEventType, event.type), tuple(event.data[0:min(event.ndata, 16)]))
 
 
 def _msr(vcpu, run) -> MsrExit:

@@ -40,6 +40,7 @@ from .constants import (
     StatsBase,
     StatsType,
     StatsUnit,
+    as_enum,
 )
 from .errors import ClosedError, PyKvmError
 from .fdobject import FdObject
@@ -75,13 +76,6 @@ class UnknownStatistic(PyKvmError, KeyError):
 
 class DeltaNotReady(PyKvmError):
     """A :class:`StatsDelta` used out of order: read before its block ended, never entered, or entered twice."""
-
-
-def _enum_or_int(enum_type: type, value: int):
-    try:
-        return enum_type(value)
-    except ValueError:
-        return value                   # a kind newer than pykvm: kept as its number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +117,9 @@ class StatDescriptor:
         raw_name = table[start + _DESC.size:start + _DESC.size + name_size]
         name = raw_name.split(b"\0", 1)[0].decode("ascii", "replace")
         return cls(name=name,
-                   type=_enum_or_int(StatsType, (flags >> STATS_TYPE_SHIFT) & _FIELD_MASK),
-                   unit=_enum_or_int(StatsUnit, (flags >> STATS_UNIT_SHIFT) & _FIELD_MASK),
-                   base=_enum_or_int(StatsBase, (flags >> STATS_BASE_SHIFT) & _FIELD_MASK),
+                   type=as_enum(StatsType, (flags >> STATS_TYPE_SHIFT) & _FIELD_MASK),
+                   unit=as_enum(StatsUnit, (flags >> STATS_UNIT_SHIFT) & _FIELD_MASK),
+                   base=as_enum(StatsBase, (flags >> STATS_BASE_SHIFT) & _FIELD_MASK),
                    exponent=exponent, size=size, offset=offset, bucket_size=bucket_size,
                    flags=flags)
 
