@@ -35,7 +35,7 @@ def _hexrepr(self) -> str:
 
 
 if sys.version_info >= (3, 11):
-    from typing import dataclass_transform
+    from typing import dataclass_transform  # novermin (guarded: Python >= 3.11)
 elif TYPE_CHECKING:
     from typing_extensions import dataclass_transform
 else:
