@@ -1,0 +1,47 @@
+"""Assertions on what a guest recorded, and running a guest to a chosen handler.
+
+Why this exists: every hardware test ends in "the guest took these vectors on
+these CPUs"; said once here, with a message that shows the whole log when it
+fails rather than a bare list comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..core.errors import GuestError
+from ..guests import GuestSession, GuestStop, StopKind
+
+
+def assert_delivered(session: GuestSession, expected: Iterable[tuple[int, int]], since: int = 0) -> None:
+    """Assert that the guest logged exactly ``expected`` ``(vector, cpu)`` pairs, in order.
+
+    ``since`` skips the records written before the log held that many.
+    """
+    wanted = [(int(vector), int(cpu)) for vector, cpu in expected]
+    records = session.records_since(since)
+    seen = [(record.vector, record.cpu) for record in records]
+    if seen != wanted:
+        shown = "\n  ".join(repr(record) for record in records) or "(nothing)"
+        raise AssertionError(f"vCPU {session.vcpu.id}: expected (vector, cpu) "
+                             f"{[(hex(v), c) for v, c in wanted]}, the guest logged:\n  {shown}")
+
+
+def run_until_vector(session: GuestSession, vector: int, max_exits: int = 10_000) -> GuestStop:
+    """Run until the handler of ``vector`` has logged it; the guest stops inside that handler.
+
+    Needs the session in notify mode (``guests.boot(..., notify=True)`` or the
+    ``guest`` marker's ``notify=True``): each handler then reports its vector with
+    an ``out`` before returning.
+    """
+    if not session.notify:
+        raise GuestError("run_until_vector() needs notify mode: boot the guest with notify=True "
+                         "(or set session.notify = True) so handlers report their vector")
+    for _ in range(max_exits):
+        stop = session.run_until(StopKind.VECTOR, StopKind.SYNC, StopKind.DONE)
+        if stop.kind == StopKind.VECTOR and stop.value == vector:
+            return stop
+        if stop.kind in (StopKind.SYNC, StopKind.DONE):
+            raise AssertionError(f"the guest reached {stop.describe()} without taking vector {vector:#x}; "
+                                 f"it logged {[hex(r.vector) for r in session.log()]}")
+    raise AssertionError(f"no handler of vector {vector:#x} within {max_exits} exits")

@@ -1,0 +1,130 @@
+"""The pytest plugin, as a user meets it: a test file with no conftest, run by pytest in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+USER_TEST = textwrap.dedent("""
+    import pytest
+    from pykvm import Cap
+    from pykvm.guests import Command
+    from pykvm.testing import assert_delivered
+
+    @pytest.mark.requires_cap(Cap.IRQCHIP)
+    @pytest.mark.guest(mode="long", irqchip="kernel")
+    def test_msi_reaches_the_guest(guest):
+        guest.apic_enable()
+        guest.command(Command.STI)
+        guest.vcpu.vm.signal_msi(destination=0, vector=0x45)
+        guest.command(Command.NOP)
+        assert_delivered(guest, [(0x45, 0)])
+""")
+
+
+def run_pytest(tmp_path, source: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_user.py").write_text(source)
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYKVM_REQUIRE_KVM", "PYKVM_DEVICE", "PYTEST_ADDOPTS")}
+    env.update(environ)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_user.py")], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_a_user_test_file_passes_with_the_plugin_alone(kvm_available, tmp_path):
+    result = run_pytest(tmp_path, USER_TEST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert "pykvm hardware tests: 1 passed, 0 failed, 0 skipped" in result.stdout
+
+
+def test_without_kvm_it_skips_with_a_reason(tmp_path):
+    result = run_pytest(tmp_path, USER_TEST, PYKVM_DEVICE=str(tmp_path / "no-such-kvm"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 skipped" in result.stdout and "no usable" in result.stdout and "no-such-kvm" in result.stdout
+
+
+def test_without_kvm_require_kvm_fails_instead(tmp_path):
+    result = run_pytest(tmp_path, USER_TEST, PYKVM_DEVICE=str(tmp_path / "no-such-kvm"),
+                        PYKVM_REQUIRE_KVM="1")
+    assert result.returncode == 1
+    assert "1 failed" in result.stdout and "PYKVM_REQUIRE_KVM=1 but this hardware test would skip" in result.stdout
+
+
+def test_host_limit_skips_with_the_hosts_reason_and_refuses_unknown_facts(kvm_available, tmp_path, host):
+    lacking = next((name for name in ("sends_irq_window_exits", "io_exit_rip_at_out", "protected_mode_iret")
+                    if not getattr(host, name)), None)
+    source = textwrap.dedent(f"""
+        import pytest
+
+        @pytest.mark.host_limit({lacking or "sends_irq_window_exits"!r})
+        def test_needs_the_fact(kvm):
+            pass
+
+        @pytest.mark.host_limit("no_such_fact")
+        def test_typo(kvm):
+            pass
+    """)
+    result = run_pytest(tmp_path, source)
+    assert "no_such_fact" in result.stdout and "no such host fact" in result.stdout
+    if lacking is None:
+        assert "1 passed" in result.stdout
+    else:
+        assert "1 skipped" in result.stdout and f"does not have {lacking}" in result.stdout
+
+
+def test_a_hung_guest_fails_at_its_deadline_and_the_run_goes_on(kvm_available, tmp_path):
+    # cli; hlt with the in-kernel irqchip: the vCPU sleeps in KVM_RUN and nothing wakes it;
+    # the command's own timeout is off, so only the test deadline can end it.
+    source = textwrap.dedent("""
+        import pytest
+        from pykvm.guests import Command
+
+        @pytest.mark.deadline(1)
+        @pytest.mark.guest(irqchip="kernel")
+        def test_hangs(guest):
+            guest.command(Command.HLT, timeout=None)
+
+        def test_next(kvm):
+            pass
+    """)
+    start = time.monotonic()
+    result = run_pytest(tmp_path, source)
+    assert time.monotonic() - start < 60
+    assert "TestDeadlineExceeded" in result.stdout and "deadline of 1 s" in result.stdout
+    assert "1 failed, 1 passed" in result.stdout
+
+
+def test_the_control_without_a_deadline_marker_uses_the_default(kvm_available, tmp_path):
+    # The same hang with PYKVM_TEST_DEADLINE=2 and no marker: the default deadline applies.
+    source = textwrap.dedent("""
+        from pykvm.guests import Command
+        import pytest
+
+        @pytest.mark.guest(irqchip="kernel")
+        def test_hangs(guest):
+            guest.command(Command.HLT, timeout=None)
+    """)
+    result = run_pytest(tmp_path, source, PYKVM_TEST_DEADLINE="2")
+    assert "deadline of 2 s" in result.stdout and "1 failed" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["real", "long"])
+def test_guest_fixture_indirect_parametrisation(kvm_available, tmp_path, mode):
+    source = textwrap.dedent(f"""
+        import pytest
+        from pykvm.guests import Command
+
+        @pytest.mark.parametrize("guest", [{mode!r}], indirect=True)
+        def test_mode(guest):
+            assert guest.image.mode.value == {mode!r}
+            guest.command(Command.NOP)
+    """)
+    result = run_pytest(tmp_path, source)
+    assert "1 passed" in result.stdout, result.stdout
