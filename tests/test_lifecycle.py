@@ -19,7 +19,6 @@ from pykvm.core.errors import (
     MemorySlotOverlap,
     NotReadyForInjection,
 )
-from pykvm.guests import layout
 
 
 def test_objects_report_what_kvm_says(kvm):
@@ -64,9 +63,7 @@ def test_close_is_idempotent_and_use_after_close_raises(kvm):
 
 def test_exit_kept_after_close_stays_readable_but_cannot_reply(vm):
     vcpu = vm.create_vcpu()
-    code = pykvm.assemble("in $0x60, %al\n", "long", layout.CODE)
-    vm.memory.write(layout.CODE, code.code)
-    x86.enter_long_mode(vcpu, layout.CODE)
+    x86.load_code(vcpu, "in $0x60, %al\n")
     exit = vcpu.run()
     assert isinstance(exit, pykvm.IoExit) and exit.port == 0x60 and not exit.is_out
     vcpu.close()
@@ -77,9 +74,7 @@ def test_exit_kept_after_close_stays_readable_but_cannot_reply(vm):
 
 def test_stale_exit_reply_is_refused(vm):
     vcpu = vm.create_vcpu()
-    code = pykvm.assemble("1: in $0x60, %al\n out %al, $0x61\n jmp 1b\n", "long", layout.CODE)
-    vm.memory.write(layout.CODE, code.code)
-    x86.enter_long_mode(vcpu, layout.CODE)
+    x86.load_code(vcpu, "1: in $0x60, %al\n out %al, $0x61\n jmp 1b\n")
     first = vcpu.run()
     first.reply(0x5A)
     echoed = vcpu.run()

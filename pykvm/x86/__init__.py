@@ -7,11 +7,19 @@ on top of it, so that "a long-mode vCPU at RIP with a #GP handler" is one call:
 
 from .asm import Assembled, Mode, assemble, assemble_file
 from .descriptors import idt_gate, interrupt_table
-from .modes import cpu_mode, enter_long_mode, enter_mode, enter_protected_mode, enter_real_mode, linear_rip
+from .modes import (
+    cpu_mode,
+    enter_long_mode,
+    enter_mode,
+    enter_protected_mode,
+    enter_real_mode,
+    linear_rip,
+    load_code,
+)
 from .system_area import DEFAULT_STACK_TOP, FREE_MEMORY
 from .vectors import ERROR_CODE_VECTORS, FIRST_EXTERNAL_VECTOR, Vector, vector_name
 
 __all__ = ["Assembled", "Mode", "assemble", "assemble_file", "idt_gate", "interrupt_table", "cpu_mode",
-           "enter_long_mode", "enter_mode", "enter_protected_mode", "enter_real_mode", "linear_rip",
+           "enter_long_mode", "enter_mode", "enter_protected_mode", "enter_real_mode", "linear_rip", "load_code",
            "DEFAULT_STACK_TOP", "FREE_MEMORY", "ERROR_CODE_VECTORS", "FIRST_EXTERNAL_VECTOR", "Vector",
            "vector_name"]

@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..core.state import DTable, Regs, Segment, Sregs
-from .asm import Mode
+from .asm import Assembled, Mode, assemble
 from .descriptors import check_handlers, flat_segment, gdt_bytes, interrupt_table, real_mode_vector_table
 from .paging import identity_page_tables
 from .system_area import (
     DEFAULT_STACK_TOP,
+    FREE_MEMORY,
     GDT,
     IDT,
     IVT,
@@ -165,3 +166,32 @@ def cpu_mode(sregs: Sregs) -> Mode:
 def linear_rip(sregs: Sregs, rip: int) -> int:
     """The linear address of ``rip`` (CS base applies outside long mode)."""
     return rip if cpu_mode(sregs) == Mode.LONG else (sregs.cs.base + rip) & 0xFFFFFFFF
+
+
+def load_code(vcpu: Vcpu, source: str, mode: Mode | str = Mode.LONG, entry: str | None = None,
+              origin: int = FREE_MEMORY, handlers: Mapping[int, str | int] | None = None) -> Assembled:
+    """Assemble ``source``, write it at ``origin``, and put ``vcpu`` in ``mode`` at ``entry``.
+
+    ``entry`` is a label (default: the first byte); ``handlers`` maps vectors to
+    labels or addresses. Real mode runs the code at CS:IP = ``origin >> 4``:0.
+    Returns the assembled code with its symbols, so a test can compare RIPs with
+    labels.
+    """
+    mode = Mode(mode)
+    code = assemble(source, mode, 0 if mode == Mode.REAL else origin)
+    vcpu.vm.memory.write(origin, code.code)
+
+    def address(value: str | int) -> int:
+        if isinstance(value, str):
+            address = code.address(value)
+            return origin + address if mode == Mode.REAL else address
+        return value
+    start = code.address(entry) if entry is not None else (0 if mode == Mode.REAL else origin)
+    resolved = {vector: address(target) for vector, target in (handlers or {}).items()}
+    if mode == Mode.REAL:
+        enter_real_mode(vcpu, start, cs=origin >> 4, handlers=resolved)
+    elif mode == Mode.PROTECTED:
+        enter_protected_mode(vcpu, start, handlers=resolved)
+    else:
+        enter_long_mode(vcpu, start, handlers=resolved)
+    return code
