@@ -13,12 +13,14 @@ from pykvm.core.errors import (
     CapabilityMissing,
     ClosedError,
     GuestMemoryError,
+    InvalidArgument,
     InvalidVector,
     KvmError,
     KvmUnavailableError,
     MemorySlotOverlap,
     NotReadyForInjection,
 )
+from pykvm.core.ioctls import Ioctl
 
 
 def test_objects_report_what_kvm_says(kvm):
@@ -110,10 +112,20 @@ def test_access_outside_memory(vm):
         vm.memory.write(0x80000000, b"x")
 
 
-def test_duplicate_vcpu_id_is_a_typed_kvm_error(vm):
+def test_duplicate_vcpu_id_is_refused_before_kvm_sees_it(vm):
     vm.create_vcpu(0)
-    with pytest.raises(KvmError) as info:
+    with pytest.raises(InvalidArgument, match="vcpu_id=0: this VM already has a vCPU with that id"):
         vm.create_vcpu(0)
+    assert vm.create_vcpu().id == 1                     # the next free id
+
+
+def test_kvm_errors_are_typed_and_name_the_ioctl(vm):
+    fd = vm._ioctl_value(Ioctl.CREATE_VCPU, 0)          # behind pykvm's checks: KVM's own EEXIST
+    try:
+        with pytest.raises(KvmError) as info:
+            vm._ioctl_value(Ioctl.CREATE_VCPU, 0)
+    finally:
+        os.close(fd)
     assert info.value.errno == errno.EEXIST
     assert info.value.ioctl == "KVM_CREATE_VCPU" and "Vm" in info.value.target
 

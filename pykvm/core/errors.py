@@ -81,6 +81,10 @@ class KvmUnavailableError(KvmError):
     """``/dev/kvm`` is missing or cannot be opened."""
 
 
+class KvmPermissionDenied(KvmUnavailableError, PermissionError):
+    """``/dev/kvm`` exists but this user may not open it (the hint follows its mode and owner)."""
+
+
 _ERRNO_CLASSES: dict[int, type[KvmError]] = {
     _errno.EINVAL: KvmInvalidArgument,
     _errno.ENOTTY: KvmNotSupported,
@@ -100,8 +104,14 @@ _ERRNO_CLASSES: dict[int, type[KvmError]] = {
 }
 
 
+FD_EXHAUSTION_HINT = ("the process is out of file descriptors: every VM and vCPU holds one; close those "
+                      "you no longer need, or raise the limit (`ulimit -n`)")
+
+
 def ioctl_error(err: int, ioctl: str, target: str, hint: str = "") -> KvmError:
     """The typed exception for errno ``err`` from ``ioctl`` on ``target``."""
+    if err in (_errno.EMFILE, _errno.ENFILE):
+        hint = FD_EXHAUSTION_HINT
     return _ERRNO_CLASSES.get(err, KvmError)(err, ioctl, target, hint)
 
 
@@ -174,3 +184,15 @@ class GuestCancelled(GuestError):
 
 class CommandTimeout(GuestCancelled):
     """A guest command did not reach its sync point in time; the vCPU was kicked out of KVM_RUN."""
+
+
+class InvalidArgument(PyKvmError, ValueError):
+    """An argument with the right type but a value pykvm or KVM cannot take (the message names it)."""
+
+
+class ArgumentTypeError(PyKvmError, TypeError):
+    """An argument of the wrong type (the message names it and the type expected)."""
+
+
+class VcpuBusyError(PyKvmError, RuntimeError):
+    """``run()`` was called on a vCPU that another thread is running."""

@@ -2,23 +2,40 @@
 
 Why this exists: tests write code and data into the guest and read back what
 the guest logged, by guest-physical address. Every access is bounds-checked
-against the slots (no raw pointer ever leaves this module), and every access
-after the VM is closed raises instead of touching unmapped memory.
+against the slots (no raw pointer ever leaves this module), and holds the
+memory's lock, which the VM's close takes before it unmaps: an access racing a
+close, from any thread, raises :class:`ClosedError` instead of touching
+unmapped memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
+from . import checks
 from .binding import ffi, lib
-from .errors import GuestMemoryError, MemorySlotOverlap, PyKvmError, ioctl_error
+from .errors import ClosedError, GuestMemoryError, InvalidArgument, MemorySlotOverlap, ioctl_error
 from .ioctls import Ioctl
 
 if TYPE_CHECKING:
     from .vm import Vm
 
 PAGE_SIZE = 4096
+MAX_GPA = (1 << 52) - 1          # the architectural limit of guest-physical addresses
+
+
+def available_memory() -> int:
+    """Bytes of host memory available for new allocations (``MemAvailable`` of /proc/meminfo)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62          # unknown: do not refuse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +61,36 @@ class GuestMemory:
 
     def __init__(self, vm: Vm) -> None:
         self._vm = vm
-        self._slots: list[tuple[MemorySlot, object]] = []   # (slot, host pointer)
+        self._slots: list[tuple[MemorySlot, Any]] = []   # (slot, host pointer)
+        self._lock = threading.RLock()                   # held by every access and by release
+        self._released = False
 
     @property
     def slots(self) -> tuple[MemorySlot, ...]:
         return tuple(slot for slot, _ in self._slots)
 
-    def add_slot(self, guest_phys_addr: int, size: int, readonly: bool = False) -> MemorySlot:
-        """Back ``[guest_phys_addr, +size)`` with fresh zeroed anonymous memory."""
+    def add_slot(self, guest_phys_addr: int, size: int, readonly: bool = False,
+                 allow_overcommit: bool = False) -> MemorySlot:
+        """Back ``[guest_phys_addr, +size)`` with fresh zeroed anonymous memory.
+
+        A slot larger than the host's available memory is refused unless
+        ``allow_overcommit=True`` (the mapping is lazy, but KVM and the guest can
+        touch all of it, and the host then runs out).
+        """
         self._vm._check_open()
-        if size <= 0 or size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE or guest_phys_addr < 0:
-            raise PyKvmError(f"memory slot {guest_phys_addr:#x}+{size:#x}: address and size "
-                             f"must be positive multiples of the {PAGE_SIZE}-byte page size")
+        checks.integer("guest_phys_addr", guest_phys_addr, 0, MAX_GPA, "a guest-physical address")
+        checks.integer("size", size, 1, MAX_GPA + 1, "a positive number of bytes, a multiple of 4096")
+        if size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE:
+            raise InvalidArgument(f"memory slot guest_phys_addr={guest_phys_addr:#x}, size={size:#x}: "
+                                  f"both must be multiples of the {PAGE_SIZE}-byte page size")
+        if guest_phys_addr + size > MAX_GPA + 1:
+            raise InvalidArgument(f"memory slot {guest_phys_addr:#x}+{size:#x} ends beyond the 52-bit "
+                                  f"guest-physical address space")
+        available = available_memory()
+        if size > available and not allow_overcommit:
+            raise InvalidArgument(f"size={size:#x} ({size / 2**30:.1f} GiB) is more than this host's "
+                                  f"available memory ({available / 2**30:.1f} GiB); use a smaller size, "
+                                  f"or pass allow_overcommit=True if the guest will touch little of it")
         for existing, _ in self._slots:
             if guest_phys_addr < existing.end and existing.guest_phys_addr < guest_phys_addr + size:
                 raise MemorySlotOverlap(
@@ -66,7 +101,7 @@ class GuestMemory:
         if pointer == ffi.NULL:
             raise ioctl_error(err[0], "mmap", f"{size:#x} bytes of guest memory",
                               "not enough memory for this slot")
-        slot = MemorySlot(len(self._slots), guest_phys_addr, size, readonly)
+        slot = MemorySlot(len(self._slots), guest_phys_addr, size, bool(readonly))
         region = ffi.new("struct kvm_userspace_memory_region *", {
             "slot": slot.slot, "flags": 2 if readonly else 0,  # KVM_MEM_READONLY
             "guest_phys_addr": guest_phys_addr, "memory_size": size,
@@ -80,14 +115,19 @@ class GuestMemory:
         return slot
 
     def _release(self) -> None:
-        slots, self._slots = self._slots, []
-        for slot, pointer in slots:
-            lib.pykvm_munmap(pointer, slot.size)
+        with self._lock:
+            self._released = True
+            slots, self._slots = self._slots, []
+            for slot, pointer in slots:
+                lib.pykvm_munmap(pointer, slot.size)
 
     # -- access -----------------------------------------------------------
-    def _locate(self, gpa: int, size: int):
-        """Host pointer for ``[gpa, gpa+size)``, which must lie inside one slot."""
-        self._vm._check_open()
+    def _locate(self, gpa: int, size: int) -> Any:
+        """Host pointer for ``[gpa, gpa+size)``, which must lie inside one slot (call with the lock held)."""
+        if self._released:
+            raise ClosedError("this VM's memory was released (the VM is closed); create a new VM")
+        checks.integer("gpa", gpa, 0, MAX_GPA, "a guest-physical address")
+        checks.integer("size", size, 0, MAX_GPA, "a number of bytes")
         for slot, pointer in self._slots:
             if slot.guest_phys_addr <= gpa and gpa + size <= slot.end:
                 return ffi.cast("uint8_t *", pointer) + (gpa - slot.guest_phys_addr)
@@ -96,27 +136,38 @@ class GuestMemory:
             f"(slots: {', '.join(map(repr, self.slots)) or 'none'}); add one with "
             f"vm.memory.add_slot() or create the VM with a larger memory_size")
 
-    def host_pointer(self, gpa: int, size: int):
-        """A cffi ``uint8_t *`` to ``size`` bytes at ``gpa`` (for C helpers such as the bench injector)."""
-        return self._locate(gpa, size)
+    def host_pointer(self, gpa: int, size: int) -> Any:
+        """A cffi ``uint8_t *`` to ``size`` bytes at ``gpa`` (for C helpers such as the bench injector).
+
+        The pointer is valid only while the VM is open: the caller must not use it past ``close()``.
+        """
+        with self._lock:
+            return self._locate(gpa, size)
 
     def read(self, gpa: int, size: int) -> bytes:
-        if size < 0:
-            raise GuestMemoryError(f"cannot read a negative size ({size})")
-        return ffi.buffer(self._locate(gpa, size), size)[:]
+        """``size`` bytes at guest-physical ``gpa``."""
+        with self._lock:
+            return ffi.buffer(self._locate(gpa, size), size)[:]
 
     def write(self, gpa: int, data: bytes) -> None:
-        data = bytes(data)
-        ffi.memmove(self._locate(gpa, len(data)), data, len(data))
+        """Write ``data`` at guest-physical ``gpa``."""
+        raw = checks.data("data", data)
+        with self._lock:
+            ffi.memmove(self._locate(gpa, len(raw)), raw, len(raw))
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set ``size`` bytes at ``gpa`` to ``byte``."""
-        ffi.memmove(self._locate(gpa, size), bytes([byte]) * size, size)
+        checks.integer("byte", byte, 0, 255)
+        with self._lock:
+            ffi.memmove(self._locate(gpa, size), bytes([byte]) * size, size)
 
     def read_int(self, gpa: int, size: int, signed: bool = False) -> int:
         return int.from_bytes(self.read(gpa, size), "little", signed=signed)
 
     def write_int(self, gpa: int, size: int, value: int) -> None:
+        bits = 8 * size
+        checks.integer("value", value, -(1 << (bits - 1)), (1 << bits) - 1,
+                       f"a {size}-byte integer, signed or unsigned")
         self.write(gpa, value.to_bytes(size, "little", signed=value < 0))
 
     def read_u8(self, gpa: int) -> int:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import stat
 from typing import TYPE_CHECKING
 
+from . import checks
 from .binding import ffi, lib
 from .constants import Cap
 from .cpuid import CpuidEntry, cpuid_from_c
-from .errors import CapabilityMissing, KvmUnavailableError, PyKvmError
+from .errors import CapabilityMissing, KvmPermissionDenied, KvmUnavailableError, PyKvmError
 from .fdobject import FdObject
 from .ioctls import Ioctl
 
@@ -35,7 +37,8 @@ class Kvm(FdObject):
     """An open ``/dev/kvm``. ``with Kvm() as kvm: vm = kvm.create_vm()``."""
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:
-        self.path = path
+        checks.instance("path", path, (str, os.PathLike), "the KVM device node, e.g. '/dev/kvm'")
+        self.path = os.fspath(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -53,7 +56,8 @@ class Kvm(FdObject):
 
     def check_extension(self, cap: Cap | int) -> int:
         """``KVM_CHECK_EXTENSION``: 0 if absent, else a positive, cap-specific value."""
-        return self._ioctl_value(Ioctl.CHECK_EXTENSION, int(cap))
+        return self._ioctl_value(Ioctl.CHECK_EXTENSION, checks.integer(
+            "cap", cap, 0, 0x7FFFFFFF, "a KVM_CAP_* number, e.g. pykvm.Cap.IRQCHIP"))
 
     def require(self, cap: Cap, purpose: str) -> int:
         """``check_extension(cap)``, raising :class:`CapabilityMissing` when it is absent."""
@@ -85,7 +89,8 @@ class Kvm(FdObject):
 
     def create_vm(self, memory_size: int | None = None, irqchip: IrqchipMode | str = "none",
                   pit: bool = False, tss_addr: int | None = DEFAULT_TSS_ADDR,
-                  identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR) -> Vm:
+                  identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR,
+                  allow_overcommit: bool = False) -> Vm:
         """``KVM_CREATE_VM`` with guest memory and, if asked, an in-kernel irqchip and PIT.
 
         ``memory_size`` bytes of RAM at guest-physical 0 (16 MiB by default, 0 for
@@ -93,11 +98,12 @@ class Kvm(FdObject):
         ``"kernel"`` (PICs, IOAPIC and LAPICs in KVM) or ``"split"`` (LAPICs in KVM
         only); ``pit`` adds the in-kernel 8254 (needs ``"kernel"``); ``tss_addr``
         and ``identity_map_addr`` place the pages VT-x needs for real mode (``None``:
-        leave unset). See :class:`pykvm.Vm`.
+        leave unset); ``allow_overcommit`` allows more RAM than the host has available.
+        See :class:`pykvm.Vm`.
         """
         from .vm import Vm
         return Vm(self, memory_size=memory_size, irqchip=irqchip, pit=pit, tss_addr=tss_addr,
-                  identity_map_addr=identity_map_addr)
+                  identity_map_addr=identity_map_addr, allow_overcommit=allow_overcommit)
 
 
 def _unavailable(exc: OSError, path: str) -> KvmUnavailableError:
@@ -107,9 +113,41 @@ def _unavailable(exc: OSError, path: str) -> KvmUnavailableError:
                 f"(`modprobe kvm_intel` or `modprobe kvm_amd`), enable virtualization in the "
                 f"firmware, or run on a host (or a VM with nested virtualization) that offers KVM")
     elif exc.errno in (errno.EACCES, errno.EPERM):
-        hint = (f"no permission to open {path}: add yourself to the group that owns it "
-                f"(usually `kvm`: `sudo usermod -aG kvm $USER`, then log in again) or run as root")
+        return KvmPermissionDenied(exc.errno, "open", path, permission_hint(path))
     else:
         hint = f"cannot open {path}"
-    error = KvmUnavailableError(exc.errno or 0, "open", path, hint)
-    return error
+    return KvmUnavailableError(exc.errno or 0, "open", path, hint)
+
+
+def permission_hint(path: str) -> str:
+    """What would let this user open ``path``, from the node's actual mode and owner."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return f"no permission to open {path}"
+    mode = stat.S_IMODE(info.st_mode)
+    owner, group = _user_name(info.st_uid), _group_name(info.st_gid)
+    where = f"{path} is {stat.filemode(info.st_mode)} {owner}:{group}"
+    if mode & 0o060 == 0o060:
+        return (f"no permission to open {path} ({where}): join its group `{group}` "
+                f"(`sudo usermod -aG {group} $USER`, then log in again) or run as root")
+    return (f"no permission to open {path} ({where}): no group grants read and write, so joining "
+            f"one does not help; run as root, or have root make the node group-accessible "
+            f"(`sudo chgrp kvm {path} && sudo chmod 0660 {path}`, or the distribution's udev rule "
+            f"for kvm) and join that group")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        import grp
+        return grp.getgrgid(gid).gr_name
+    except (ImportError, KeyError):
+        return str(gid)

@@ -14,13 +14,15 @@ import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from . import checks
 from .binding import ffi, lib
 from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
 from .cpuid import cpuid_for_vcpu
-from .errors import InvalidRouting, IrqchipModeError, KvmError, PyKvmError
+from .errors import InvalidArgument, InvalidRouting, IrqchipModeError, KvmError, PyKvmError
 from .eventfds import Ioeventfd, Irqfd
 from .fdobject import FdObject
 from .interrupts import (
+    MAX_IRQ_ROUTES,
     IrqchipMode,
     IrqchipRoute,
     MsiMessage,
@@ -31,7 +33,7 @@ from .interrupts import (
     default_routes,
 )
 from .ioctls import Ioctl
-from .memory import GuestMemory
+from .memory import MAX_GPA, GuestMemory
 from .stats import Stats
 
 if TYPE_CHECKING:
@@ -52,12 +54,23 @@ class Vm(FdObject):
     def __init__(self, kvm: Kvm, memory_size: int | None = None,
                  tss_addr: int | None = None,
                  identity_map_addr: int | None = None,
-                 irqchip: IrqchipMode | str = IrqchipMode.NONE, pit: bool = False) -> None:
+                 irqchip: IrqchipMode | str = IrqchipMode.NONE, pit: bool = False,
+                 allow_overcommit: bool = False) -> None:
         try:
             mode = IrqchipMode(irqchip)
         except ValueError:
-            raise ValueError(f"irqchip={irqchip!r}: choose one of "
-                             f"{', '.join(repr(m.value) for m in IrqchipMode)}") from None
+            raise InvalidArgument(f"irqchip={checks.shown(irqchip)}: choose one of "
+                                  f"{', '.join(repr(m.value) for m in IrqchipMode)}") from None
+        if memory_size is not None:
+            checks.integer("memory_size", memory_size, 0, MAX_GPA + 1,
+                           "bytes of RAM at guest-physical 0, a multiple of 4096 (0: none)")
+        for name, address in (("tss_addr", tss_addr), ("identity_map_addr", identity_map_addr)):
+            if address is not None:
+                checks.integer(name, address, 0, 0xFFFFFFFF - 0x3000, "a 32-bit guest-physical address "
+                               "outside guest RAM, or None")
+        if pit and mode != IrqchipMode.KERNEL:
+            raise IrqchipModeError(f"pit=True needs irqchip='kernel' (the PIT drives the in-kernel PIC "
+                                   f"and IOAPIC), but irqchip={mode.value!r}")
         result = kvm._ioctl_value(Ioctl.CREATE_VM, 0,
                                   hint="the host may be out of memory or limit the number of VMs")
         super().__init__(result)
@@ -81,7 +94,7 @@ class Vm(FdObject):
                 self.create_pit2()
             size = DEFAULT_MEMORY_SIZE if memory_size is None else memory_size
             if size:
-                self.memory.add_slot(0, size)
+                self.memory.add_slot(0, size, allow_overcommit=allow_overcommit)
         except BaseException:
             self.close()
             raise
@@ -91,10 +104,12 @@ class Vm(FdObject):
 
     def set_tss_addr(self, addr: int) -> None:
         """``KVM_SET_TSS_ADDR``: 3 pages VT-x uses to run real mode without unrestricted guest."""
-        self._ioctl_value(Ioctl.SET_TSS_ADDR, addr)
+        self._ioctl_value(Ioctl.SET_TSS_ADDR, checks.integer("addr", addr, 0, 0xFFFFFFFF - 0x3000,
+                                                             "a 32-bit guest-physical address"))
 
     def set_identity_map_addr(self, addr: int) -> None:
         """``KVM_SET_IDENTITY_MAP_ADDR``: 1 page VT-x uses for the EPT identity map."""
+        checks.integer("addr", addr, 0, 0xFFFFFFFF - 0x1000, "a 32-bit guest-physical address")
         self._ioctl(Ioctl.SET_IDENTITY_MAP_ADDR, ffi.new("__u64 *", addr))
 
     def create_vcpu(self, vcpu_id: int | None = None, cpuid: bool = True) -> Vcpu:
@@ -104,8 +119,18 @@ class Vm(FdObject):
         for long mode: KVM refuses EFER.LME when the guest's CPUID lacks LM).
         """
         from .vcpu import Vcpu
+        self._check_open()
         if vcpu_id is None:
-            vcpu_id = len(self.vcpus)
+            taken = {vcpu.id for vcpu in self.vcpus}
+            vcpu_id = next(i for i in range(len(self.vcpus) + 1) if i not in taken)
+        limit = self._max_vcpu_id
+        checks.integer("vcpu_id", vcpu_id, 0, limit - 1, f"this host's KVM_CAP_MAX_VCPU_ID is {limit}")
+        if any(vcpu.id == vcpu_id for vcpu in self.vcpus):
+            raise InvalidArgument(f"vcpu_id={vcpu_id}: this VM already has a vCPU with that id; ids are "
+                                  f"unique per VM (omit vcpu_id for the next free one)")
+        if len(self.vcpus) >= self._max_vcpus:     # closed ones count too: KVM keeps them until the VM goes
+            raise InvalidArgument(f"this VM already has {len(self.vcpus)} vCPUs, the most this host's KVM "
+                                  f"allows (KVM_CAP_MAX_VCPUS = {self._max_vcpus}); use another VM")
         vcpu = Vcpu(self, vcpu_id)
         self.vcpus.append(vcpu)
         if cpuid:
@@ -116,6 +141,14 @@ class Vm(FdObject):
                 vcpu.close()
                 raise
         return vcpu
+
+    @functools.cached_property
+    def _max_vcpu_id(self) -> int:
+        return self.kvm.check_extension(Cap.MAX_VCPU_ID) or self._max_vcpus
+
+    @functools.cached_property
+    def _max_vcpus(self) -> int:
+        return self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS) or 1
 
     # -- irqchip ----------------------------------------------------------------
     def create_irqchip(self) -> None:
@@ -149,6 +182,12 @@ class Vm(FdObject):
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on the VM."""
+        checks.integer("cap", cap, 0, 0x7FFFFFFF, "a KVM_CAP_* number, e.g. pykvm.Cap.SPLIT_IRQCHIP")
+        if len(args) > 4:
+            raise InvalidArgument(f"args: {len(args)} values, but struct kvm_enable_cap has 4")
+        for index, arg in enumerate(args):
+            checks.unsigned(f"args[{index}]", arg, 64)
+        checks.unsigned("flags", flags, 32)
         self._ioctl(Ioctl.ENABLE_CAP, ffi.new("struct kvm_enable_cap *",
                                               {"cap": int(cap), "flags": flags, "args": list(args)}))
 
@@ -202,6 +241,8 @@ class Vm(FdObject):
         number of CPUs it was delivered to, 0 coalesced (already pending), < 0
         masked or ignored; ``None`` on hosts without the capability.
         """
+        checks.integer("gsi", gsi, 0, MAX_IRQ_ROUTES - 1, "a GSI number")
+        checks.integer("level", level, 0, 1, "0 (low) or 1 (high)") if not isinstance(level, bool) else None
         self._require_irqchip(IrqchipMode.SPLIT, "vm.irq_line()")
         if not any(route.gsi == gsi for route in self.routes):
             routed = sorted({route.gsi for route in self.routes})
@@ -225,10 +266,16 @@ class Vm(FdObject):
         """``KVM_SET_GSI_ROUTING``: replace the whole GSI routing table (see :attr:`routes`)."""
         self._require_irqchip(IrqchipMode.SPLIT, "GSI routing")
         self.kvm.require(Cap.IRQ_ROUTING, "GSI routing")
+        checks.instance("routes", routes, (list, tuple), "a list of IrqchipRoute / MsiRoute, e.g. "
+                        "vm.routes + (MsiRoute(...),)")
         routes = tuple(routes)
-        for route in routes:
+        if len(routes) > MAX_IRQ_ROUTES:
+            raise InvalidRouting(f"routes: {len(routes)} entries, more than KVM's {MAX_IRQ_ROUTES} "
+                                 f"(KVM_MAX_IRQ_ROUTES); route fewer GSIs")
+        for index, route in enumerate(routes):
             if not isinstance(route, (IrqchipRoute, MsiRoute)):
-                raise InvalidRouting(f"{route!r} is not a routing entry; use IrqchipRoute or MsiRoute")
+                raise InvalidRouting(f"routes[{index}]={checks.shown(route)} is not a routing entry; "
+                                     f"use IrqchipRoute or MsiRoute")
             route.validate(self.irqchip)
         table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
         for entry, route in zip(table.entries, routes, strict=True):
@@ -237,9 +284,9 @@ class Vm(FdObject):
             self._ioctl(Ioctl.SET_GSI_ROUTING, table)
         except KvmError as exc:
             if exc.errno == errno.EINVAL:
-                raise InvalidRouting(f"KVM refused the routing table (EINVAL): a GSI may have two "
-                                     f"routes to the same chip, or an entry this host does not "
-                                     f"support; table: {routes}") from exc
+                raise InvalidRouting(f"KVM refused the routing table of {len(routes)} entries (EINVAL): "
+                                     f"a GSI may have two routes to the same chip, or an entry this "
+                                     f"host does not support; table: {checks.shown(routes)}") from exc
             raise
         self.routes = routes
 
@@ -262,6 +309,9 @@ class Vm(FdObject):
 
     def irqfd(self, gsi: int, resample: bool = False, eventfd: int | None = None) -> Irqfd:
         """``KVM_IRQFD``: an eventfd that raises ``gsi``; closed with the VM (or ``with``)."""
+        checks.integer("gsi", gsi, 0, MAX_IRQ_ROUTES - 1, "a routed GSI number")
+        if eventfd is not None:
+            checks.integer("eventfd", eventfd, 0, 0x7FFFFFFF, "an open eventfd's number, or None")
         self._require_irqchip(IrqchipMode.SPLIT, "vm.irqfd()")
         self.kvm.require(Cap.IRQFD, "vm.irqfd()")
         if resample:
@@ -275,6 +325,10 @@ class Vm(FdObject):
     def ioeventfd(self, address: int, length: int = 4, pio: bool = False,
                   datamatch: int | None = None) -> Ioeventfd:
         """``KVM_IOEVENTFD``: guest writes to ``address`` signal an eventfd with no userspace exit."""
+        checks.integer("address", address, 0, 0xFFFF if pio else MAX_GPA,
+                       "a port (pio=True) or a guest-physical address")
+        if datamatch is not None:
+            checks.unsigned("datamatch", datamatch, 64)
         self.kvm.require(Cap.IOEVENTFD, "vm.ioeventfd()")
         return self._own(Ioeventfd(self, address, length, pio, datamatch))
 
