@@ -14,7 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from . import checks
 from .binding import ffi
+from .errors import ArgumentTypeError, InvalidArgument
 
 T = TypeVar("T")
 
@@ -224,21 +226,44 @@ def from_c(cls: type[T], cdata: Any) -> T:
     return cls(**values)
 
 
-def to_c(obj: Any, cdata: Any) -> None:
-    """Copy a record into an existing C struct, field by field (recursively)."""
+def to_c(obj: Any, cdata: Any, path: str = "") -> None:
+    """Copy a record into an existing C struct, field by field (recursively).
+
+    A field that does not fit its C type raises a typed error naming it
+    (``Regs.rip=-1: ...``), never cffi's bare "can't convert negative number".
+    """
+    path = path or type(obj).__name__
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        name = f"{path}.{f.name}"
         if dataclasses.is_dataclass(value):
-            to_c(value, getattr(cdata, f.name))
+            to_c(value, getattr(cdata, f.name), name)
         elif isinstance(value, list):
             target = getattr(cdata, f.name)
+            if len(value) > len(target):
+                raise InvalidArgument(f"{name}: {len(value)} elements, the C array holds {len(target)}")
             for i, item in enumerate(value):
-                if isinstance(item, int):
-                    target[i] = item
-                else:
-                    ffi.memmove(target[i], bytes(item), len(item))
+                _store(f"{name}[{i}]", target, i, item)
         else:
-            setattr(cdata, f.name, value)
+            _store(name, cdata, f.name, value)
+
+
+def _store(name: str, target: Any, key: int | str, value: Any) -> None:
+    """``target[key] = value`` (or the attribute), with cffi's conversion errors named."""
+    try:
+        if isinstance(value, (bytes, bytearray)) and isinstance(key, int):
+            row = target[key]
+            if len(value) > ffi.sizeof(row):
+                raise InvalidArgument(f"{name}: {len(value)} bytes, the field holds {ffi.sizeof(row)}")
+            ffi.memmove(row, bytes(value), len(value))
+        elif isinstance(key, int):
+            target[key] = value
+        else:
+            setattr(target, key, value)
+    except OverflowError as exc:
+        raise InvalidArgument(f"{name}={checks.shown(value)} does not fit the C field ({exc})") from None
+    except TypeError as exc:
+        raise ArgumentTypeError(f"{name}={checks.shown(value)}: expected an integer ({exc})") from None
 
 
 _TYPES = {cls.__name__: cls for cls in (Regs, Segment, DTable, Sregs, Fpu, ExceptionEvent,
