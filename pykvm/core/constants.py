@@ -64,6 +64,7 @@ class Cap(enum.IntEnum):
     INTERNAL_ERROR_DATA = 40
     DIRTY_LOG_RING = 192
     MAX_VCPU_ID = 128
+    EXCEPTION_PAYLOAD = 164
 
 
 class ExitReason(enum.IntEnum):

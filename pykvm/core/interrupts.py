@@ -30,6 +30,53 @@ def check_vector(vector: int) -> None:
                             f"0..255 (external interrupts normally use 32..255)")
 
 
+# Exceptions for which the CPU pushes an error code in protected and long mode (never
+# in real mode): #DF 8, #TS 10, #NP 11, #SS 12, #GP 13, #PF 14, #AC 17, #CP 21, #VC 29,
+# #SX 30 (Intel SDM Vol. 3A 6.15, AMD APM Vol. 2 8.2). pykvm.x86.vectors re-exports it.
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+EXCEPTION_VECTORS = range(32)      # vectors KVM_SET_VCPU_EVENTS takes as exceptions
+NMI_VECTOR, DEBUG_VECTOR, PAGE_FAULT_VECTOR = 2, 1, 14
+PAYLOAD_VECTORS = frozenset({DEBUG_VECTOR, PAGE_FAULT_VECTOR})   # KVM's exception payloads
+
+
+def _plain_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_exception(vector: int, error_code: int | None = None, address: int | None = None) -> None:
+    """Raise :class:`InvalidVector` for an exception KVM_SET_VCPU_EVENTS must not be given.
+
+    Checks what needs no vCPU state: ``vector`` an integer 0..31 other than 2 (NMI),
+    ``error_code`` a 32-bit integer and only on :data:`ERROR_CODE_VECTORS`, ``address``
+    (the payload: CR2 for #PF, DR6 bits for #DB) a 64-bit integer and only on those
+    two. Whether an error-code vector may go without one depends on the CPU mode
+    (real mode pushes none); :meth:`pykvm.Vcpu.inject_exception` checks that.
+    """
+    if not _plain_int(vector) or vector not in EXCEPTION_VECTORS:
+        raise InvalidVector(f"inject_exception(vector={vector!r}): exceptions are the integer "
+                            f"vectors 0..31; deliver vectors 32..255 as interrupts "
+                            f"(vcpu.interrupt(), an MSI or an irqchip line)")
+    if vector == NMI_VECTOR:
+        raise InvalidVector("inject_exception(vector=2): vector 2 is the NMI, which KVM does not "
+                            "take as an exception; use vcpu.nmi()")
+    if error_code is not None:
+        if not _plain_int(error_code) or not 0 <= error_code <= 0xFFFFFFFF:
+            raise InvalidVector(f"inject_exception({vector}, error_code={error_code!r}): an error "
+                                f"code is an unsigned 32-bit integer (0..0xffffffff)")
+        if vector not in ERROR_CODE_VECTORS:
+            raise InvalidVector(f"inject_exception({vector}, error_code={error_code:#x}): vector "
+                                f"{vector} pushes no error code; drop error_code (the vectors "
+                                f"that take one are {sorted(ERROR_CODE_VECTORS)})")
+    if address is not None:
+        if vector not in PAYLOAD_VECTORS:
+            raise InvalidVector(f"inject_exception({vector}, address={address!r}): only #PF (14, "
+                                f"the faulting address for CR2) and #DB (1, the DR6 bits) carry "
+                                f"a payload; drop address")
+        if not _plain_int(address) or not 0 <= address < 1 << 64:
+            raise InvalidVector(f"inject_exception({vector}, address={address!r}): the address "
+                                f"is an unsigned 64-bit integer")
+
+
 class DeliveryMode(enum.IntEnum):
     """Interrupt delivery modes of MSIs, IOAPIC entries, LVT entries and the ICR."""
 

@@ -12,18 +12,28 @@ import errno
 import functools
 import signal
 import threading
-from typing import TYPE_CHECKING, Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from . import exits
 from .binding import ffi, lib
-from .constants import Cap, MpState
+from .constants import Cap, ExitReason, MpState
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
-from .errors import (ClosedError, IrqchipModeError, KvmError, NotReadyForInjection,
-                     StaleExitError, ioctl_error)
+from .errors import (
+    CapabilityMissing,
+    ClosedError,
+    InvalidVector,
+    IrqchipModeError,
+    KvmError,
+    NotReadyForInjection,
+    StaleExitError,
+    ioctl_error,
+)
 from .fdobject import FdObject
-from .interrupts import IrqchipMode, check_vector
+from .interrupts import DEBUG_VECTOR, ERROR_CODE_VECTORS, PAGE_FAULT_VECTOR, IrqchipMode, check_exception, check_vector
 from .ioctls import Ioctl
-from .state import Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
+from .state import ExceptionEvent, Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
 from .stats import Stats
 
 if TYPE_CHECKING:
@@ -35,6 +45,12 @@ KICK_SIGNAL = signal.SIGRTMIN + 4     # real-time signal pykvm sends to kick a v
 _kick_handler_lock = threading.Lock()
 _kick_handler_installed = False
 _DECODERS = exits.DECODERS
+# Exits whose instruction KVM finishes only at the next KVM_RUN (api.rst, "struct kvm_run":
+# the operation is complete, and guest state consistent, only after re-entering KVM_RUN).
+_UNFINISHED = frozenset({ExitReason.IO, ExitReason.MMIO, ExitReason.X86_RDMSR, ExitReason.X86_WRMSR,
+                         ExitReason.HYPERCALL})
+_NO_EXIT = -1                 # _last_result before the first KVM_RUN
+_PAYLOAD_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()   # VMs with KVM_CAP_EXCEPTION_PAYLOAD enabled
 _INTERRUPT_HINT = ("KVM_INTERRUPT only works with the userspace irqchip; with an in-kernel "
                    "PIC/IOAPIC use vm.irq_line() or MSI instead")
 
@@ -47,7 +63,7 @@ class KvmRun:
 
     __slots__ = ("_vcpu",)
 
-    def __init__(self, vcpu: "Vcpu") -> None:
+    def __init__(self, vcpu: Vcpu) -> None:
         self._vcpu = vcpu
 
     def _run(self):
@@ -85,7 +101,7 @@ class KvmRun:
 class Vcpu(FdObject):
     """A vCPU. Made by :meth:`pykvm.Vm.create_vcpu`."""
 
-    def __init__(self, vm: "Vm", vcpu_id: int) -> None:
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
         fd = vm._ioctl_value(Ioctl.CREATE_VCPU, vcpu_id,
                              hint="vCPU ids must be unique and below KVM_CAP_MAX_VCPU_ID")
         super().__init__(fd)
@@ -106,6 +122,8 @@ class Vcpu(FdObject):
         self.kvm_run = KvmRun(self)
         self.irq_controller = None   # set by pykvm.irqchip.controller.UserspaceIrqController
         self._running_thread = 0     # thread ident inside run(), 0 when none
+        self._last_result = _NO_EXIT  # what the last KVM_RUN returned: an exit reason or -errno
+        self._replied = -1           # exit sequence of the last reply written into kvm_run
 
     def describe(self) -> str:
         return f"Vcpu {self.id} of Vm (fd {self.vm._fd})"
@@ -126,10 +144,15 @@ class Vcpu(FdObject):
             raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
         if self.irq_controller is not None:
             self.irq_controller.before_entry()
+        return self._enter(run)
+
+    def _enter(self, run) -> exits.Exit:
+        """One ``KVM_RUN`` on ``run`` (no irq controller hook): the typed exit, ``IntrExit`` on EINTR."""
         self._exit_sequence += 1
         self._running_thread = _thread_id()
         result = _kvm_run(self._fd, run)
         self._running_thread = 0
+        self._last_result = result
         if result < 0:
             if result == -errno.EINTR:
                 run.immediate_exit = 0     # consumed: the kick (if any) has happened
@@ -148,6 +171,7 @@ class Vcpu(FdObject):
             raise StaleExitError("this exit was already followed by another KVM_RUN; "
                                  "answer an exit before calling run() again")
         run = self._run
+        self._replied = sequence
         if field == "io":
             start = run.io.data_offset
             self._run_buffer[start:start + len(values["data"])] = values["data"]
@@ -177,6 +201,45 @@ class Vcpu(FdObject):
                 signal.pthread_kill(thread, KICK_SIGNAL)
             except ProcessLookupError:
                 pass        # the thread left run() meanwhile; immediate_exit covers its next run
+
+    def complete_pending_exit(self) -> exits.Exit | None:
+        """Let KVM finish the instruction behind the last exit, without running the guest further.
+
+        After ``KVM_EXIT_IO``, ``KVM_EXIT_MMIO``, an MSR or a hypercall exit, KVM
+        finishes the instruction (stores an IN's data, steps RIP past it) only
+        at the next ``KVM_RUN``; until then guest state is not consistent and no
+        event should be set (api.rst, ``struct kvm_run``). This is that
+        ``KVM_RUN``, made with ``kvm_run.immediate_exit = 1``: KVM completes
+        the instruction, then returns EINTR before entering the guest.
+
+        Returns None when the last exit needs no completion (nothing is run),
+        else what the ``KVM_RUN`` returned: the ``IntrExit`` once the
+        instruction is finished, or a new exit when it needs another round trip
+        (the next element of a string IO, the second half of a split MMIO
+        access): answer that one and call again. The reply to an IN, an MMIO
+        read, RDMSR or a hypercall must already be written (``exit.reply()``),
+        since KVM reads it now: without one this raises
+        :class:`NotReadyForInjection`. A :meth:`kick` pending for the next
+        ``run()`` stays pending; the irq controller's hook does not run.
+        """
+        run = self._run
+        if run is None:
+            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
+        reason = self._last_result
+        if reason not in _UNFINISHED:
+            return None
+        if self._replied != self._exit_sequence and _needs_reply(run, reason):
+            raise NotReadyForInjection(
+                f"vCPU {self.id}'s last exit ({ExitReason(reason).name}) is a read that has not been "
+                f"answered; KVM would complete it with whatever kvm_run holds. Call the exit's "
+                f"reply() first, then complete_pending_exit()")
+        self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.complete_pending_exit()")
+        kicked = run.immediate_exit
+        run.immediate_exit = 1
+        try:
+            return self._enter(run)
+        finally:
+            run.immediate_exit = kicked
 
     # -- injection ------------------------------------------------------------
     def interrupt(self, vector: int, force: bool = False) -> None:
@@ -228,6 +291,112 @@ class Vcpu(FdObject):
         """``KVM_NMI``: make an NMI pending (delivered once the guest is not blocking NMIs)."""
         self.vm.kvm.require(Cap.USER_NMI, "vcpu.nmi()")
         self._ioctl(Ioctl.NMI, hint="with an in-kernel irqchip, KVM_NMI needs the vCPU's LAPIC enabled")
+
+    def inject_exception(self, vector: int, error_code: int | None = None, address: int | None = None,
+                         *, pending: bool | None = None) -> None:
+        """``KVM_SET_VCPU_EVENTS``: make exception ``vector`` (0..31) the vCPU's next event.
+
+        ``error_code`` is required for the vectors that push one
+        (:data:`pykvm.core.interrupts.ERROR_CODE_VECTORS`: #DF, #TS, #NP, #SS, #GP,
+        #PF, #AC, #CP, #VC, #SX) and refused for the others. In real mode
+        (CR0.PE=0) no exception pushes an error code (the IVT frame has no slot
+        for it; KVM drops ``has_error_code`` there), so ``error_code`` is
+        refused and never required. ``address`` is the payload: for #PF (14)
+        the faulting address that lands in CR2, for #DB (1) the DR6 bits to
+        set. NMIs are not exceptions here: vector 2 is refused (``nmi()``).
+        Each of these refusals is an :class:`InvalidVector` naming the argument,
+        raised before anything is changed: the arguments are checked before any
+        ioctl, what depends on the CPU mode after a ``KVM_GET_SREGS``.
+
+        **Pending or injected.** KVM holds an exception in one of two states. A
+        *pending* exception has not been delivered yet: at the next entry KVM
+        still decides what it becomes (a nested VM exit when L1 intercepts it,
+        #DF when it meets another fault) and applies its payload (CR2 / DR6) at
+        delivery, as the CPU does. An *injected* one is already being delivered
+        (KVM re-injects it as it is, e.g. after an exit in the middle of
+        delivery) and cannot be intercepted any more. Userspace can only set a
+        pending exception after enabling ``KVM_CAP_EXCEPTION_PAYLOAD`` on the
+        VM. ``pending=None`` (default) does that where the host has the
+        capability (``KVM_ENABLE_CAP`` once per VM, which also makes
+        ``vcpu.events`` report pending and injected apart for every vCPU of the
+        VM) and injects a pending exception with ``KVM_VCPUEVENT_VALID_PAYLOAD``;
+        ``pending=True`` requires that (:class:`CapabilityMissing` otherwise).
+        Without the capability, or with ``pending=False``, the exception is set
+        as injected and pykvm writes a #PF's ``address`` into CR2 itself with
+        ``KVM_SET_SREGS`` before the run (a #DB payload then needs DR6 written
+        through ``KVM_SET_DEBUGREGS``, which pykvm does not wrap: refused).
+
+        **After an IO or MMIO exit.** KVM finishes the exiting instruction only
+        at the next ``KVM_RUN``, so an exception set before that would meet a
+        half-done instruction. This method first calls
+        :meth:`complete_pending_exit` (``KVM_RUN`` with ``immediate_exit=1``:
+        the instruction completes, the guest does not run); answer an IN or
+        MMIO read before. The handler then sees RIP after that instruction.
+
+        Refused with :class:`NotReadyForInjection` when an exception is already
+        pending or injected (KVM_SET_VCPU_EVENTS would silently replace it).
+        KVM delivers a pending fault as the CPU does, with RFLAGS.RF set in the
+        pushed image; an injected one is pushed as it is. On kvm_intel only
+        bits 15:0 of an error code reach the guest (KVM's vmx code drops the
+        rest rather than fail the VM entry; not measured here).
+        """
+        check_exception(vector, error_code, address)
+        if pending is not None and not isinstance(pending, bool):
+            raise TypeError(f"inject_exception(pending={pending!r}): pass True, False or None")
+        if self._run is None:
+            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
+        kvm = self.vm.kvm
+        kvm.require(Cap.VCPU_EVENTS, "vcpu.inject_exception()")
+        if pending:
+            kvm.require(Cap.EXCEPTION_PAYLOAD, "inject_exception(pending=True)")
+        real_mode = not self.sregs.cr0 & 1
+        if real_mode and error_code is not None:
+            raise InvalidVector(f"inject_exception({vector}, error_code={error_code:#x}): vCPU "
+                                f"{self.id} is in real mode (CR0.PE=0), where exceptions push no "
+                                f"error code and KVM drops it; drop error_code")
+        if not real_mode and vector in ERROR_CODE_VECTORS and error_code is None:
+            raise InvalidVector(f"inject_exception({vector}): vector {vector} pushes an error code "
+                                f"in protected and long mode; pass error_code= (e.g. 0)")
+        use_payload = pending if pending is not None else bool(
+            kvm.check_extension(Cap.EXCEPTION_PAYLOAD))
+        if vector == DEBUG_VECTOR and address is not None and not use_payload:
+            message = (f"inject_exception(1, address={address:#x}): a #DB payload (DR6 bits) needs "
+                       f"KVM_CAP_EXCEPTION_PAYLOAD; without it set DR6 with KVM_SET_DEBUGREGS and "
+                       f"inject without address")
+            raise InvalidVector(message) if pending is False else CapabilityMissing(message)
+        self.complete_pending_exit()
+        events = self.events
+        current = events.exception
+        if current.injected or current.pending:
+            raise NotReadyForInjection(
+                f"vCPU {self.id} already has exception {current.nr} "
+                f"{'pending' if current.pending else 'injected'}; KVM_SET_VCPU_EVENTS would replace "
+                f"it. Run the vCPU first so that it is delivered")
+        events.exception = ExceptionEvent(injected=int(not use_payload), nr=vector,
+                                          has_error_code=int(error_code is not None),
+                                          pending=int(use_payload), error_code=error_code or 0)
+        # The other fields go back as KVM_GET_VCPU_EVENTS reported them (KVM always takes the
+        # injected interrupt and NMI fields); flags select nothing else (NMI pending, SIPI,
+        # shadow, SMM and triple fault stay as they are).
+        events.flags = 0
+        events.exception_has_payload, events.exception_payload = 0, 0
+        if use_payload:
+            self._enable_exception_payload()
+            events.flags = lib.KVM_VCPUEVENT_VALID_PAYLOAD
+            events.exception_has_payload = int(address is not None)
+            events.exception_payload = address or 0
+        elif vector == PAGE_FAULT_VECTOR and address is not None:
+            sregs = self.sregs
+            sregs.cr2 = address
+            self.sregs = sregs
+        self.events = events
+
+    def _enable_exception_payload(self) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD)`` on this vCPU's VM, once."""
+        vm = self.vm
+        if vm not in _PAYLOAD_VMS:
+            vm.enable_cap(Cap.EXCEPTION_PAYLOAD, 1)
+            _PAYLOAD_VMS.add(vm)
 
     # -- LAPIC and statistics ------------------------------------------------------
     def get_lapic(self) -> bytes:
@@ -364,6 +533,15 @@ class Vcpu(FdObject):
         self.vm.kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
         control = (lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP) if enabled else 0
         self._ioctl(Ioctl.SET_GUEST_DEBUG, ffi.new("struct kvm_guest_debug *", {"control": control}))
+
+
+def _needs_reply(run, reason: int) -> bool:
+    """Whether the exit in ``run`` gives the guest data userspace must write first."""
+    if reason == ExitReason.IO:
+        return run.io.direction == 0          # KVM_EXIT_IO_IN
+    if reason == ExitReason.MMIO:
+        return not run.mmio.is_write
+    return reason in (ExitReason.X86_RDMSR, ExitReason.HYPERCALL)
 
 
 def _run_hint(err: int) -> str:

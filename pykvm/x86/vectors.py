@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
+from ..core.interrupts import ERROR_CODE_VECTORS as ERROR_CODE_VECTORS  # re-exported: one name for the fact
+
 
 class Vector(enum.IntEnum):
     """Architectural exception vectors (mnemonics as in the Intel SDM)."""
@@ -37,8 +39,9 @@ class Vector(enum.IntEnum):
     CP = 21   # control protection
 
 
-# Exceptions that push an error code in protected and long mode (never in real mode).
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+# ERROR_CODE_VECTORS (imported from pykvm.core.interrupts, where the core's
+# inject_exception checks it): the exceptions that push an error code in protected and
+# long mode (never in real mode).
 FIRST_EXTERNAL_VECTOR = 32
 
 
