@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .binding import ffi
 from .constants import IoeventfdFlag, IrqfdFlag
-from .errors import ClosedError, InvalidRouting
+from .errors import ClosedError, InvalidArgument, InvalidRouting
 from .ioctls import Ioctl
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class Ioeventfd(EventfdRegistration):
     def __init__(self, vm: Vm, address: int, length: int = 4, pio: bool = False,
                  datamatch: int | None = None) -> None:
         if length not in (0, 1, 2, 4, 8):
-            raise ValueError(f"ioeventfd length must be 0 (any), 1, 2, 4 or 8, not {length}")
+            raise InvalidArgument(f"ioeventfd length must be 0 (any), 1, 2, 4 or 8, not {length}")
         self.address, self.length, self.pio, self.datamatch = address, length, pio, datamatch
         self._flags = (IoeventfdFlag.PIO if pio else 0) | (IoeventfdFlag.DATAMATCH if datamatch is not None else 0)
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

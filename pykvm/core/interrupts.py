@@ -116,7 +116,7 @@ class MsiMessage:
         """
         check_vector(vector)
         if not 0 <= destination <= 0xFF:
-            raise InvalidMsi(f"destination={destination:#x} does not fit the MSI's 8-bit "
+            raise InvalidMsi(f"destination={destination!r} does not fit the MSI's 8-bit "
                              f"destination field; use an APIC ID 0..255")
         address = (MSI_ADDRESS_BASE | destination << 12 | int(redirection_hint) << 3
                    | int(logical) << 2)

@@ -18,7 +18,7 @@ from . import checks
 from .binding import ffi, lib
 from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
 from .cpuid import cpuid_for_vcpu
-from .errors import InvalidArgument, InvalidRouting, IrqchipModeError, KvmError, PyKvmError
+from .errors import ArgumentTypeError, InvalidArgument, InvalidRouting, IrqchipModeError, KvmError, PyKvmError
 from .eventfds import Ioeventfd, Irqfd
 from .fdobject import FdObject
 from .interrupts import (
@@ -209,7 +209,7 @@ class Vm(FdObject):
     def set_pit2(self, state: PitState) -> None:
         """``KVM_SET_PIT2``: load the 8254's state."""
         if not isinstance(state, PitState) or len(state.channels) != 3:
-            raise TypeError(f"set_pit2(state={state!r}): pass a PitState with three channels, "
+            raise ArgumentTypeError(f"set_pit2(state={state!r}): pass a PitState with three channels, "
                             f"e.g. dataclasses.replace() of vm.get_pit2()")
         cdata = self._pit_state2()
         for target, channel in zip(cdata.channels, state.channels, strict=True):
@@ -300,9 +300,9 @@ class Vm(FdObject):
         if message is None:
             message = MsiMessage.compose(**fields)
         elif fields:
-            raise TypeError("vm.signal_msi(): pass either an MsiMessage or compose() fields, not both")
+            raise ArgumentTypeError("vm.signal_msi(): pass either an MsiMessage or compose() fields, not both")
         elif not isinstance(message, MsiMessage):
-            raise TypeError(f"vm.signal_msi(message={message!r}): expected an MsiMessage, "
+            raise ArgumentTypeError(f"vm.signal_msi(message={message!r}): expected an MsiMessage, "
                             f"e.g. MsiMessage.compose(destination=0, vector=0x40)")
         return self._ioctl(Ioctl.SIGNAL_MSI, ffi.new("struct kvm_msi *", {
             "address_lo": message.address_lo, "address_hi": message.address_hi, "data": message.data}))
@@ -355,7 +355,7 @@ class Vm(FdObject):
         cdata = self._get_chip(chip)
         target = ffi.buffer(ffi.addressof(cdata.chip, _chip_field(chip)))
         if not isinstance(raw, (bytes, bytearray)) or len(raw) > len(target):
-            raise TypeError(f"set_irqchip(raw={raw!r:.40}): pass the chip's state as at most "
+            raise ArgumentTypeError(f"set_irqchip(raw={raw!r:.40}): pass the chip's state as at most "
                             f"{len(target)} bytes, e.g. pykvm.irqchip.ioapic.read(vm).raw")
         target[:len(raw)] = bytes(raw)
         self._ioctl(Ioctl.SET_IRQCHIP, cdata)
@@ -382,7 +382,7 @@ def _irqchip_id(chip: IrqchipId | int) -> IrqchipId:
     try:
         return IrqchipId(chip)
     except ValueError:
-        raise ValueError(f"chip={chip!r} is not an in-kernel chip; use IrqchipId.PIC_MASTER, "
+        raise InvalidArgument(f"chip={chip!r} is not an in-kernel chip; use IrqchipId.PIC_MASTER, "
                          f"PIC_SLAVE or IOAPIC") from None
 
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.errors import GuestError, PyKvmError
+from ..core.errors import GuestError, InvalidArgument, PyKvmError
 from ..x86.asm import Mode
 from .session import GuestSession
 
@@ -64,7 +64,7 @@ def load(mode: Mode | str) -> GuestImage:
     try:
         mode = Mode(mode)
     except ValueError:
-        raise ValueError(f"no guest image for mode {mode!r}; choose one of {', '.join(MODES)}") from None
+        raise InvalidArgument(f"no guest image for mode {mode!r}; choose one of {', '.join(MODES)}") from None
     binary, meta = IMAGES_DIR / f"{mode.value}.bin", IMAGES_DIR / f"{mode.value}.json"
     if not binary.exists() or not meta.exists():
         raise PyKvmError(f"guest image {binary} is missing: the images are assembled at install "
@@ -101,7 +101,7 @@ def boot_cpus(vm: Vm, mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool 
     """Create ``cpus`` vCPUs on ``vm`` and boot the ``mode`` image on each (SMP: long mode only)."""
     image = load(mode)
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
-        raise ValueError(f"cpus={cpus!r}: boot at least one vCPU (an integer >= 1)")
+        raise InvalidArgument(f"cpus={cpus!r}: boot at least one vCPU (an integer >= 1)")
     if cpus > 1 and image.mode != Mode.LONG:
         raise GuestError(f"only the long-mode image is SMP-aware; boot {cpus} vCPUs with mode='long'")
     return [image.boot(vm.create_vcpu(), notify=notify) for _ in range(cpus)]

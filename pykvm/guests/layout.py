@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..core.errors import InvalidArgument
 from ..irqchip.ioapic import IOAPIC_DEFAULT_BASE as IOAPIC_BASE
 from ..x86.msr import APIC_BASE_MSR, TSC_DEADLINE_MSR, XAPIC_BASE
 from ..x86.system_area import (
@@ -84,7 +85,7 @@ class CpuArea:
 def cpu_area(cpu: int) -> CpuArea:
     """vCPU ``cpu``'s area: vCPU 0 uses MAILBOX / STACK_TOP / LOG, the others AP_AREAS."""
     if not 0 <= cpu < MAX_CPUS:
-        raise ValueError(f"vCPU {cpu} has no guest area: the images support vCPUs 0..{MAX_CPUS - 1}")
+        raise InvalidArgument(f"vCPU {cpu} has no guest area: the images support vCPUs 0..{MAX_CPUS - 1}")
     if cpu == 0:
         return CpuArea(MAILBOX, STACK_TOP, LOG)
     base = AP_AREAS + (cpu - 1) * AP_AREA_SIZE

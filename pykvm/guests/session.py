@@ -15,8 +15,9 @@ import enum
 import time
 from typing import TYPE_CHECKING
 
+from ..core import checks
 from ..core.constants import MpState
-from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, IrqchipModeError
+from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, InvalidArgument, IrqchipModeError
 from ..core.exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
 from ..core.state import record
 from ..irqchip.ioapic import RedirectionEntry
@@ -205,7 +206,13 @@ class GuestSession:
 
     def send(self, command: Command, arg: int = 0, arg2: int = 0) -> None:
         """Write the next command into the mailbox (executed at the next run)."""
-        command = Command(command)
+        try:
+            command = Command(command)
+        except ValueError:
+            raise InvalidArgument(f"command={checks.shown(command)}: not a guest command; use a "
+                                  f"pykvm.guests.Command member (e.g. Command.NOP)") from None
+        checks.unsigned("arg", arg, 64)
+        checks.unsigned("arg2", arg2, 64)
         if command in protocol.LONG_MODE_ONLY and self.image.mode != Mode.LONG:
             raise GuestError(f"Command.{command.name} exists only in the long-mode image "
                              f"(this is the {self.image.mode.value}-mode one)")

@@ -18,6 +18,7 @@ import heapq
 from typing import TYPE_CHECKING
 
 from ..core.constants import ExitReason, as_enum
+from ..core.errors import InvalidArgument
 from ..core.interrupts import check_vector
 from ..core.state import record
 
@@ -46,7 +47,7 @@ class UserspaceIrqController:
 
     def __init__(self, vcpu: Vcpu) -> None:
         if vcpu.irq_controller is not None:
-            raise ValueError(f"vCPU {vcpu.id} already has an interrupt controller attached")
+            raise InvalidArgument(f"vCPU {vcpu.id} already has an interrupt controller attached")
         self.vcpu = vcpu
         self._pending: list[int] = []        # heap of -vector
         self.injections: list[Injection] = []

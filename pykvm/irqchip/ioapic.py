@@ -12,6 +12,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from ..core.constants import IOAPIC_NUM_PINS, IrqchipId, as_enum
+from ..core.errors import InvalidArgument
 from ..core.interrupts import DeliveryMode, check_vector
 from ..x86.vectors import vector_set
 
@@ -39,7 +40,7 @@ class RedirectionEntry:
     def __post_init__(self) -> None:
         check_vector(self.vector)
         if not 0 <= self.destination <= 0xFF:
-            raise ValueError(f"IOAPIC destination {self.destination:#x} does not fit 8 bits")
+            raise InvalidArgument(f"IOAPIC destination {self.destination:#x} does not fit 8 bits")
 
     @property
     def bits(self) -> int:
@@ -79,7 +80,7 @@ class IoapicState:
 
     def with_entry(self, pin: int, entry: RedirectionEntry) -> IoapicState:
         if not 0 <= pin < IOAPIC_NUM_PINS:
-            raise ValueError(f"the IOAPIC has pins 0..{IOAPIC_NUM_PINS - 1}, not {pin}")
+            raise InvalidArgument(f"the IOAPIC has pins 0..{IOAPIC_NUM_PINS - 1}, not {pin}")
         data = bytearray(self.raw)
         struct.pack_into("<Q", data, _IOAPIC_HEAD.size + 8 * pin, entry.bits)
         return IoapicState.from_bytes(bytes(data))

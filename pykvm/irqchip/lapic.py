@@ -14,6 +14,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from ..core.constants import as_enum
+from ..core.errors import InvalidArgument
 from ..core.interrupts import DeliveryMode, check_vector
 from ..x86.vectors import vector_set
 
@@ -138,7 +139,7 @@ class LapicState:
     def from_bytes(cls, raw: bytes, x2apic: bool = False) -> LapicState:
         """Decode; ``x2apic=True`` means the ID register holds the full 32-bit x2APIC ID (KVM_CAP_X2APIC_API)."""
         if len(raw) < LAPIC_SIZE:
-            raise ValueError(f"LAPIC state is {LAPIC_SIZE} bytes, got {len(raw)}")
+            raise InvalidArgument(f"LAPIC state is {LAPIC_SIZE} bytes, got {len(raw)}")
         reg = lambda offset: read_register(raw, offset)   # noqa: E731
 
         def bitmap(base: int) -> frozenset[int]:
@@ -189,7 +190,7 @@ def icr(vector: int, delivery_mode: DeliveryMode = DeliveryMode.FIXED, destinati
     check_vector(vector)
     limit = 0xFFFFFFFF if x2apic else 0xFF
     if not 0 <= destination <= limit:
-        raise ValueError(f"ICR destination {destination:#x} does not fit ({'32' if x2apic else '8'} bits)")
+        raise InvalidArgument(f"ICR destination {destination:#x} does not fit ({'32' if x2apic else '8'} bits)")
     low = (vector | int(delivery_mode) << 8 | int(logical) << 11 | int(level_assert) << 14
            | int(trigger_level) << 15 | int(shorthand) << 18)
     return low | destination << (32 if x2apic else 56)

@@ -11,6 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from ..core.constants import IrqchipId
+from ..core.errors import InvalidArgument
 from ..x86.vectors import vector_set
 
 if TYPE_CHECKING:
@@ -68,5 +69,5 @@ class PicState:
 def read(vm: Vm, chip: IrqchipId = IrqchipId.PIC_MASTER) -> PicState:
     """``KVM_GET_IRQCHIP`` of the master or slave in-kernel PIC, decoded (irqchip='kernel')."""
     if chip not in (IrqchipId.PIC_MASTER, IrqchipId.PIC_SLAVE):
-        raise ValueError(f"pic.read(chip={chip!r}): choose IrqchipId.PIC_MASTER or PIC_SLAVE")
+        raise InvalidArgument(f"pic.read(chip={chip!r}): choose IrqchipId.PIC_MASTER or PIC_SLAVE")
     return PicState.from_bytes(vm.get_irqchip(chip))

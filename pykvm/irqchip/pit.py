@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from ..core.errors import InvalidArgument
 from ..core.interrupts import PitChannel
 
 if TYPE_CHECKING:
@@ -36,11 +37,11 @@ def program(vm: Vm, count: int, mode: int = 2, channel: int = 0) -> None:
     seconds, modes 0, 1 and 4 once.
     """
     if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel <= 2:
-        raise ValueError(f"channel={channel!r}: the 8254 has channels 0, 1, 2")
+        raise InvalidArgument(f"channel={channel!r}: the 8254 has channels 0, 1, 2")
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 5:
-        raise ValueError(f"mode={mode!r}: the 8254 has modes 0-5")
+        raise InvalidArgument(f"mode={mode!r}: the 8254 has modes 0-5")
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 0x10000:
-        raise ValueError(f"count={count!r} is outside 1..65536 (65536 is loaded as 0)")
+        raise InvalidArgument(f"count={count!r} is outside 1..65536 (65536 is loaded as 0)")
     state = vm.get_pit2()
     loaded = list(state.channels)
     loaded[channel] = dataclasses.replace(loaded[channel], mode=mode, count=count & 0xFFFF,

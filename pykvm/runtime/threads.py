@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..core.errors import GuestCancelled, VcpuThreadError
+from ..core import checks
+from ..core.errors import ArgumentTypeError, GuestCancelled, VcpuThreadError
 from ..core.exits import Exit
 
 KICK_GRACE = 1.0     # seconds a kicked vCPU thread gets to leave KVM_RUN and finish
@@ -30,6 +31,9 @@ class VcpuThread:
     """
 
     def __init__(self, vcpu, target: Callable[[threading.Event], Any], name: str = "") -> None:
+        if not callable(target):
+            raise ArgumentTypeError(f"target={checks.shown(target)}: expected a callable taking the "
+                                    f"stopping Event")
         self.vcpu = vcpu
         self.stopping = threading.Event()
         self._target = target
@@ -109,6 +113,9 @@ def run_vcpus(vcpus: Iterable, handler: Callable[[Any, Exit], bool], timeout: fl
     naming the vCPUs whose handler raised or that had not stopped by ``timeout``
     (those are kicked and stopped first, so nothing is left in KVM_RUN).
     """
+    if not callable(handler):
+        raise ArgumentTypeError(f"handler={checks.shown(handler)}: expected a callable "
+                                f"handler(vcpu, exit) -> bool")
     def loop(vcpu, stopping: threading.Event) -> int:
         exits = 0
         while not stopping.is_set():

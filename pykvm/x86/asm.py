@@ -18,7 +18,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..core.errors import AssemblerError
+from ..core import checks
+from ..core.errors import AssemblerError, InvalidArgument
 
 
 class Mode(str, enum.Enum):
@@ -98,7 +99,11 @@ def assemble(source: str, mode: Mode | str = Mode.LONG, origin: int = 0,
     with their messages (line numbers refer to ``source``, after a one-line
     ``.codeNN`` prologue that is accounted for).
     """
-    mode = Mode(mode)
+    checks.instance("source", source, str, "GNU-assembler text")
+    try:
+        mode = Mode(mode)
+    except ValueError:
+        raise InvalidArgument(f"mode={checks.shown(mode)}: choose 'real', 'protected' or 'long'") from None
     if origin < 0:
         raise AssemblerError(f"origin must be >= 0, got {origin:#x}")
     with tempfile.TemporaryDirectory(prefix="pykvm-asm-") as tmp:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
+from ..core.errors import InvalidArgument
 from ..core.state import Segment
 from .system_area import SEL_CODE32, SEL_CODE64, SEL_DATA, SEL_TSS
 
@@ -52,10 +53,10 @@ def idt_gate(handler: int, selector: int, long_mode: bool, gate_type: int = GATE
              ist: int = 0) -> bytes:
     """One IDT gate: 8 bytes (protected mode) or 16 bytes (long mode) pointing at ``handler``."""
     if not 0 <= handler < (1 << 64 if long_mode else 1 << 32):
-        raise ValueError(f"handler address {handler:#x} does not fit a "
+        raise InvalidArgument(f"handler address {handler:#x} does not fit a "
                          f"{'64' if long_mode else '32'}-bit gate")
     if not 0 <= ist <= 7 or (ist and not long_mode):
-        raise ValueError(f"ist={ist}: an IST index is 1..7, and exists only in long mode")
+        raise InvalidArgument(f"ist={ist}: an IST index is 1..7, and exists only in long mode")
     low = struct.pack("<HHBBH", handler & 0xFFFF, selector, ist, gate_type, handler >> 16 & 0xFFFF)
     return low + struct.pack("<II", handler >> 32, 0) if long_mode else low
 
@@ -81,7 +82,7 @@ def real_mode_vector_table(handlers: Mapping[int, int]) -> dict[int, bytes]:
     entries = {}
     for vector, handler in handlers.items():
         if not 0 <= handler < 0x100000:
-            raise ValueError(f"handlers[{vector}]={handler:#x}: a real-mode handler must lie "
+            raise InvalidArgument(f"handlers[{vector}]={handler:#x}: a real-mode handler must lie "
                              f"below 1 MiB")
         entries[vector] = struct.pack("<HH", handler & 0xFFFF, handler >> 4 & 0xF000)
     return entries
@@ -91,7 +92,7 @@ def check_handlers(handlers: Mapping[int, int]) -> None:
     """Raise ValueError for a vector outside 0..255 or a handler that is not an address."""
     for vector, handler in handlers.items():
         if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < VECTORS:
-            raise ValueError(f"handlers={{{vector!r}: ...}}: vectors are integers 0..255")
+            raise InvalidArgument(f"handlers={{{vector!r}: ...}}: vectors are integers 0..255")
         if isinstance(handler, bool) or not isinstance(handler, int) or handler < 0:
-            raise ValueError(f"handlers[{vector}]={handler!r}: a handler is a guest address "
+            raise InvalidArgument(f"handlers[{vector}]={handler!r}: a handler is a guest address "
                              f"(an integer, e.g. image.symbols['my_handler'])")
