@@ -7,6 +7,7 @@
  * Python exit path against, measured on the same vCPU in the same process.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
@@ -84,6 +85,70 @@ static int pykvm_run(int fd, struct kvm_run *run)
 {
     int r = ioctl(fd, KVM_RUN, 0);
     return r < 0 ? -errno : (int)run->exit_reason;
+}
+
+/* One vCPU's run guard: who may use its kvm_run page, and which thread is in KVM_RUN.
+ * state: 0 idle; 1 running (inside KVM_RUN, or its exit still being read); 2 closed.
+ * pykvm_run_guarded takes 0 -> 1 itself (unless the caller holds it already: held = 1),
+ * so two threads can never both run a vCPU, and
+ * leaves it at 1 until the caller has read the exit (pykvm_guard_release); close takes
+ * 0 -> 2 (pykvm_guard_close), so kvm_run is never unmapped under a reader. */
+struct pykvm_vcpu_guard {
+    int state;
+    int closing;              /* set first by close: no new run starts, even while state is 0 */
+    unsigned long thread;     /* pthread_self() of the thread inside KVM_RUN, 0 when none */
+};
+
+#define PYKVM_GUARD_BUSY (-100000)
+#define PYKVM_GUARD_CLOSED (-100001)
+
+static int pykvm_guard_acquire(struct pykvm_vcpu_guard *guard);
+
+static int pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcpu_guard *guard, int held)
+{
+    if (!held) {
+        int taken = pykvm_guard_acquire(guard);
+        if (taken)
+            return taken;
+    }
+    __atomic_store_n(&guard->thread, (unsigned long)pthread_self(), __ATOMIC_RELEASE);
+    int r = ioctl(fd, KVM_RUN, 0);
+    int err = errno;
+    __atomic_store_n(&guard->thread, 0UL, __ATOMIC_RELEASE);
+    return r < 0 ? -err : (int)run->exit_reason;
+}
+
+/* Take the guard without running (to write kvm_run or complete an exit); same results. */
+static int pykvm_guard_acquire(struct pykvm_vcpu_guard *guard)
+{
+    int idle = 0;
+    if (!__atomic_compare_exchange_n(&guard->state, &idle, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return idle == 2 ? PYKVM_GUARD_CLOSED : PYKVM_GUARD_BUSY;
+    if (__atomic_load_n(&guard->closing, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&guard->state, 0, __ATOMIC_RELEASE);
+        return PYKVM_GUARD_CLOSED;
+    }
+    return 0;
+}
+
+static void pykvm_guard_release(struct pykvm_vcpu_guard *guard)
+{
+    __atomic_store_n(&guard->state, 0, __ATOMIC_RELEASE);
+}
+
+/* Mark closing (no run starts any more), then 0 -> 2 if idle: returns 1 when the vCPU is
+ * now closed to runs, 0 while a run is still in progress (kick it and call again). */
+static int pykvm_guard_close(struct pykvm_vcpu_guard *guard)
+{
+    int idle = 0;
+    __atomic_store_n(&guard->closing, 1, __ATOMIC_RELEASE);
+    return __atomic_compare_exchange_n(&guard->state, &idle, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+           || __atomic_load_n(&guard->state, __ATOMIC_ACQUIRE) == 2;
+}
+
+static unsigned long pykvm_guard_thread(struct pykvm_vcpu_guard *guard)
+{
+    return __atomic_load_n(&guard->thread, __ATOMIC_ACQUIRE);
 }
 
 /* Shared mapping of fd (the vCPU's kvm_run) or, with fd < 0, anonymous memory. */

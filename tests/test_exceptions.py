@@ -154,12 +154,12 @@ def ioctls(monkeypatch):
                     issued.append(request.macro)
                     return _original(request, *args, **kwargs)
                 monkeypatch.setattr(target, method, wrapper)
-        kvm_run = vcpu_module._kvm_run
+        kvm_run = vcpu_module._run_guarded
 
-        def run(fd, run_struct):
+        def run(fd, run_struct, guard, held):
             issued.append("KVM_RUN")
-            return kvm_run(fd, run_struct)
-        monkeypatch.setattr(vcpu_module, "_kvm_run", run)
+            return kvm_run(fd, run_struct, guard, held)
+        monkeypatch.setattr(vcpu_module, "_run_guarded", run)
         return issued
     return record
 

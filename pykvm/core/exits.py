@@ -10,10 +10,13 @@ hypercall results) are checked against the vCPU's current exit.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from . import checks
 from .constants import ExitReason, InternalErrorKind, IoDirection, SystemEventType, as_enum
+from .errors import InvalidArgument
 from .state import record
 
 if TYPE_CHECKING:
@@ -38,36 +41,63 @@ class ReplyingExit(Exit):
         self.vcpu._write_exit_reply(self.sequence, field, values)
 
 
-@record(slots=True)
-class IoExit(ReplyingExit):
-    """``KVM_EXIT_IO``: port IO. ``data`` holds ``size * count`` bytes (OUT: what the guest wrote)."""
+class IoExit(tuple, Exit):
+    """``KVM_EXIT_IO``: port IO. ``data`` holds ``size * count`` bytes (OUT: what the guest wrote).
 
+    The commonest exit, so it is the cheapest to make: a tuple ``(port, direction,
+    size, count, data, vcpu, sequence)`` with named fields, built by ``Vcpu.run()``
+    in one step. Like every exit it is a copy: valid after the next run.
+    """
+
+    __slots__ = ()
     reason: ClassVar = ExitReason.IO
-    port: int = 0
-    direction: IoDirection = IoDirection.OUT
-    size: int = 1
-    count: int = 1
-    data: bytes = b""
+
+    def __new__(cls, vcpu: Any, sequence: int, port: int, direction: IoDirection = IoDirection.OUT,
+                size: int = 1, count: int = 1, data: bytes = b"") -> IoExit:
+        return tuple.__new__(cls, (port, direction, size, count, bytes(data), vcpu, sequence))
+
+    port = property(operator.itemgetter(0), doc="The IO port.")
+    direction = property(operator.itemgetter(1), doc="IoDirection.IN or OUT.")
+    size = property(operator.itemgetter(2), doc="Bytes per element (1, 2 or 4).")
+    count = property(operator.itemgetter(3), doc="Elements (> 1 for string IO: rep ins/outs).")
+    data = property(operator.itemgetter(4), doc="size * count bytes (OUT: written by the guest).")
+    vcpu = property(operator.itemgetter(5))
+    sequence = property(operator.itemgetter(6))
 
     @property
     def is_out(self) -> bool:
-        return self.direction == IoDirection.OUT
+        return self[1] == IoDirection.OUT
 
     @property
     def value(self) -> int:
         """The first element as a little-endian integer."""
-        return int.from_bytes(self.data[:self.size], "little")
+        return int.from_bytes(self[4][:self[2]], "little")
 
     def reply(self, data: bytes | int) -> None:
         """Answer an IN: bytes, or an integer sent as ``size``-byte little-endian elements."""
         if self.is_out:
-            raise ValueError(f"reply() answers an IN; this exit is an OUT to port {self.port:#x}")
-        if isinstance(data, int):
+            raise InvalidArgument(f"reply() answers an IN; this exit is an OUT to port {self.port:#x}")
+        if isinstance(data, int) and not isinstance(data, bool):
+            checks.unsigned("data", data, 8 * self.size)
             data = data.to_bytes(self.size, "little") * self.count
+        data = checks.data("data", data)
         if len(data) != self.size * self.count:
-            raise ValueError(f"an IN of {self.count} x {self.size} bytes needs "
-                             f"{self.size * self.count} bytes of data, got {len(data)}")
-        self._reply("io", data=data)
+            raise InvalidArgument(f"data: an IN of {self.count} x {self.size} bytes needs "
+                                  f"{self.size * self.count} bytes, got {len(data)}")
+        self.vcpu._write_exit_reply(self.sequence, "io", {"data": data})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IoExit) and self[:5] == other[:5] and self[6] == other[6]
+
+    def __hash__(self) -> int:
+        return hash(self[:5])
+
+    def __repr__(self) -> str:
+        return (f"IoExit(port={self.port:#x}, direction={self.direction.name}, size={self.size}, "
+                f"count={self.count}, data={self.data!r})")
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an IoExit refers to its vCPU and cannot be pickled")
 
 
 @record(slots=True)
@@ -225,17 +255,15 @@ class UnknownExit(Exit):
 
 # ---- decoding from struct kvm_run (called by Vcpu.run) --------------------------
 
-_DIRECTIONS = (IoDirection.IN, IoDirection.OUT)
+DIRECTIONS = (IoDirection.IN, IoDirection.OUT)      # by kvm_run.io.direction
 
 
 def _io(vcpu, run) -> IoExit:
-    # The hottest path in pykvm (one call per port-IO exit): no enum constructor calls.
+    # Vcpu.run() decodes IO exits itself (its hot path); this serves decode().
     io = run.io
-    size = io.size
-    count = io.count
     start = io.data_offset
-    return IoExit(vcpu, vcpu._exit_sequence, io.port, _DIRECTIONS[io.direction], size, count,
-                  vcpu._run_buffer[start:start + size * count])
+    return IoExit(vcpu, vcpu._exit_sequence, io.port, DIRECTIONS[io.direction], io.size, io.count,
+                  vcpu._run_buffer[start:start + io.size * io.count])
 
 
 def _mmio(vcpu, run) -> MmioExit:
@@ -310,7 +338,7 @@ _WINDOW = IrqWindowOpenExit()
 _SHUTDOWN = ShutdownExit()
 INTR = IntrExit()
 
-DECODERS = {
+DECODERS: dict[int, Callable[[Any, Any], Exit]] = {
     ExitReason.IO: _io,
     ExitReason.MMIO: _mmio,
     ExitReason.HLT: lambda vcpu, run: _HLT,

@@ -11,23 +11,28 @@ from __future__ import annotations
 import errno
 import functools
 import signal
+import struct
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from . import exits
+from . import checks, exits
 from .binding import ffi, lib
 from .constants import Cap, ExitReason, MpState
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
 from .errors import (
     CapabilityMissing,
     ClosedError,
+    InvalidArgument,
     InvalidVector,
     IrqchipModeError,
     KvmError,
     NotReadyForInjection,
     StaleExitError,
+    VcpuBusyError,
+    VcpuThreadError,
     ioctl_error,
 )
 from .fdobject import FdObject
@@ -39,8 +44,24 @@ from .stats import Stats
 if TYPE_CHECKING:
     from .vm import Vm
 
-_kvm_run = lib.pykvm_run
 _thread_id = threading.get_ident
+CLOSE_GRACE = 2.0                     # seconds close() waits for another thread to leave KVM_RUN
+# The hot path's decoding of KVM_EXIT_IO: kvm_run.io is {u8 direction, u8 size, u16 port,
+# u32 count, u64 data_offset} (<linux/kvm.h>; tests/test_binding.py checks the offsets).
+IO_LAYOUT = struct.Struct("<BBHIQ")
+_IO_FIELDS = IO_LAYOUT.unpack_from
+_IO_OFFSET = ffi.offsetof("struct kvm_run", "io")
+_EXIT_IO = int(ExitReason.IO)
+_DIRECTIONS = exits.DIRECTIONS
+_new_tuple = tuple.__new__
+_IoExit = exits.IoExit
+_run_guarded = lib.pykvm_run_guarded
+_guard_acquire = lib.pykvm_guard_acquire
+_guard_release = lib.pykvm_guard_release
+_guard_close = lib.pykvm_guard_close
+_guard_thread = lib.pykvm_guard_thread
+_GUARD_BUSY = lib.PYKVM_GUARD_BUSY          # -100000: taken by another thread
+_GUARD_CLOSED = lib.PYKVM_GUARD_CLOSED      # -100001: the vCPU is closed
 KICK_SIGNAL = signal.SIGRTMIN + 4     # real-time signal pykvm sends to kick a vCPU thread
 _kick_handler_lock = threading.Lock()
 _kick_handler_installed = False
@@ -53,6 +74,12 @@ _NO_EXIT = -1                 # _last_result before the first KVM_RUN
 _PAYLOAD_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()   # VMs with KVM_CAP_EXCEPTION_PAYLOAD enabled
 _INTERRUPT_HINT = ("KVM_INTERRUPT only works with the userspace irqchip; with an in-kernel "
                    "PIC/IOAPIC use vm.irq_line() or MSI instead")
+
+
+class EntryHook(Protocol):
+    """What ``run()`` calls before every ``KVM_RUN`` when attached as ``vcpu.irq_controller``."""
+
+    def before_entry(self) -> None: ...
 
 
 class KvmRun:
@@ -72,6 +99,11 @@ class KvmRun:
             raise ClosedError("this kvm_run view belongs to a closed Vcpu")
         return run
 
+    def _set_cr8(self, value: int) -> None:
+        checks.integer("cr8", value, 0, 15, "the task priority, 0..15")
+        with self._vcpu._map_lock:
+            self._run().cr8 = value
+
     request_interrupt_window = property(
         lambda self: self._run().request_interrupt_window,
         lambda self, value: setattr(self._run(), "request_interrupt_window", int(bool(value))),
@@ -80,8 +112,7 @@ class KvmRun:
         lambda self: self._run().immediate_exit,
         lambda self, value: setattr(self._run(), "immediate_exit", int(bool(value))),
         doc="In: make the next KVM_RUN return at once with EINTR (KVM_CAP_IMMEDIATE_EXIT).")
-    cr8 = property(lambda self: self._run().cr8,
-                   lambda self, value: setattr(self._run(), "cr8", value),
+    cr8 = property(lambda self: self._run().cr8, _set_cr8,
                    doc="In/out: the task-priority register (CR8).")
     ready_for_interrupt_injection = property(
         lambda self: self._run().ready_for_interrupt_injection,
@@ -107,6 +138,12 @@ class Vcpu(FdObject):
         super().__init__(fd)
         self.vm = vm
         self.id = vcpu_id
+        # The run guard (C, atomic): held by the thread inside run(), from KVM_RUN until its
+        # exit is read, and it names that thread for kicks. _map_lock: held by short accesses
+        # to kvm_run from any thread. close() takes both, after kicking a running thread out
+        # of KVM_RUN, before it unmaps kvm_run.
+        self._guard = ffi.new("struct pykvm_vcpu_guard *")
+        self._map_lock = threading.RLock()
         self._run_size = vm.kvm.vcpu_mmap_size
         err = ffi.new("int *")
         pointer = lib.pykvm_mmap(fd, self._run_size, err)
@@ -116,12 +153,13 @@ class Vcpu(FdObject):
             raise ioctl_error(err[0], "mmap", f"kvm_run of vCPU {vcpu_id}")
         self._run_pointer = pointer
         self._run = ffi.cast("struct kvm_run *", pointer)
+        self._run_c = self._run        # what C is given: never read once the guard says closed
+        self._run_fd = fd              # likewise: close() closes the guard before the fd
         self._run_buffer = ffi.buffer(pointer, self._run_size)
         self._exit_sequence = 0
         self._queued: tuple[int, int] = (-1, 0)   # (exit sequence, vector) of the last KVM_INTERRUPT
         self.kvm_run = KvmRun(self)
-        self.irq_controller = None   # set by pykvm.irqchip.controller.UserspaceIrqController
-        self._running_thread = 0     # thread ident inside run(), 0 when none
+        self.irq_controller: EntryHook | None = None   # e.g. pykvm.irqchip.UserspaceIrqController
         self._last_result = _NO_EXIT  # what the last KVM_RUN returned: an exit reason or -errno
         self._replied = -1           # exit sequence of the last reply written into kvm_run
 
@@ -131,28 +169,97 @@ class Vcpu(FdObject):
     def _release(self) -> None:
         if "stats" in self.__dict__:
             self.stats.close()
-        if self._run is not None:
+        if self._run is None:
+            return
+        if not self._close_guard():
+            # A thread is still inside KVM_RUN: never unmap kvm_run under it (that is a
+            # SIGSEGV). The page is left mapped; that thread's next run() raises ClosedError.
+            raise VcpuThreadError(f"Vcpu {self.id} was closed while another thread stayed inside "
+                                  f"KVM_RUN for {CLOSE_GRACE:g} s after kicks; its kvm_run page is "
+                                  f"left mapped")
+        with self._map_lock:
             self._run = None
             self._run_buffer = None
             lib.pykvm_munmap(self._run_pointer, self._run_size)
 
+    def _close_guard(self) -> bool:
+        """Close the run guard, kicking a thread in KVM_RUN out first; False if it never left."""
+        guard = self._guard
+        deadline = time.monotonic() + CLOSE_GRACE
+        next_kick = 0.0
+        while not _guard_close(guard):
+            now = time.monotonic()
+            if now > deadline:
+                return False
+            if now >= next_kick:              # again now and then: it may have been between runs
+                self._kick_out()
+                next_kick = now + 0.05
+            time.sleep(0.0005)
+        return True
+
+    def _kick_out(self) -> None:
+        """Make a KVM_RUN in progress on another thread return (no capability check)."""
+        with self._map_lock:
+            if self._run is not None:
+                self._run.immediate_exit = 1
+        thread = _guard_thread(self._guard)
+        if thread and thread != _thread_id():
+            _install_kick_handler()
+            try:
+                signal.pthread_kill(thread, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
     # -- running ------------------------------------------------------------
     def run(self) -> exits.Exit:
-        """``KVM_RUN`` until the next exit to userspace; returns the typed exit."""
-        run = self._run
-        if run is None:
-            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
-        if self.irq_controller is not None:
-            self.irq_controller.before_entry()
-        return self._enter(run)
+        """``KVM_RUN`` until the next exit to userspace; returns the typed exit.
 
-    def _enter(self, run) -> exits.Exit:
-        """One ``KVM_RUN`` on ``run`` (no irq controller hook): the typed exit, ``IntrExit`` on EINTR."""
-        self._exit_sequence += 1
-        self._running_thread = _thread_id()
-        result = _kvm_run(self._fd, run)
-        self._running_thread = 0
-        self._last_result = result
+        One thread at a time: a second thread calling ``run()`` meanwhile gets
+        :class:`VcpuBusyError`. ``close()`` from another thread kicks this one out
+        of ``KVM_RUN`` and waits for it; the next ``run()`` raises :class:`ClosedError`.
+        """
+        guard = self._guard
+        if self.irq_controller is None:
+            result = _run_guarded(self._run_fd, self._run_c, guard, 0)
+        else:
+            self._hold()
+            try:
+                self.irq_controller.before_entry()
+            except BaseException:
+                _guard_release(guard)
+                raise
+            result = _run_guarded(self._run_fd, self._run_c, guard, 1)
+        if result <= _GUARD_BUSY:             # the guard was not taken
+            raise self._busy() if result == _GUARD_BUSY else self._closed()
+        try:
+            sequence = self._exit_sequence = self._exit_sequence + 1
+            self._last_result = result
+            if result == _EXIT_IO:       # the hot path: one unpack, one tuple
+                buffer = self._run_buffer
+                direction, size, port, count, offset = _IO_FIELDS(buffer, _IO_OFFSET)
+                return _new_tuple(_IoExit, (port, _DIRECTIONS[direction], size, count,
+                                            buffer[offset:offset + size * count], self, sequence))
+            return self._exit(result)
+        finally:
+            _guard_release(guard)
+
+    def _hold(self) -> None:
+        """Take the run guard (for work on kvm_run that must not race a run or a close)."""
+        result = _guard_acquire(self._guard)
+        if result:
+            raise self._busy() if result == _GUARD_BUSY else self._closed()
+
+    def _busy(self) -> VcpuBusyError:
+        return VcpuBusyError(f"Vcpu {self.id} is already running on another thread (thread id "
+                             f"{_guard_thread(self._guard) or 'entering'}); one thread drives a vCPU: "
+                             f"call run() only from that thread, and kick() it from others")
+
+    def _closed(self) -> ClosedError:
+        return ClosedError(f"Vcpu {self.id} is closed; create a new one")
+
+    def _exit(self, result: int) -> exits.Exit:
+        """The typed exit for a KVM_RUN result other than an IO exit (guard held)."""
+        run = self._run_c
         if result < 0:
             if result == -errno.EINTR:
                 run.immediate_exit = 0     # consumed: the kick (if any) has happened
@@ -165,13 +272,16 @@ class Vcpu(FdObject):
 
     def _write_exit_reply(self, sequence: int, field: str, values: Mapping) -> None:
         """Write an exit's reply into kvm_run if that exit is still the current one."""
-        if self._run is None:
-            raise ClosedError(f"Vcpu {self.id} is closed; its exit can no longer be answered")
-        if sequence != self._exit_sequence:
-            raise StaleExitError("this exit was already followed by another KVM_RUN; "
-                                 "answer an exit before calling run() again")
-        run = self._run
-        self._replied = sequence
+        with self._map_lock:
+            if self._run is None:
+                raise ClosedError(f"Vcpu {self.id} is closed; its exit can no longer be answered")
+            if sequence != self._exit_sequence:
+                raise StaleExitError("this exit was already followed by another KVM_RUN; "
+                                     "answer an exit before calling run() again")
+            self._write_reply(self._run, field, values)
+            self._replied = sequence
+
+    def _write_reply(self, run, field: str, values: Mapping) -> None:
         if field == "io":
             start = run.io.data_offset
             self._run_buffer[start:start + len(values["data"])] = values["data"]
@@ -189,13 +299,14 @@ class Vcpu(FdObject):
         which makes KVM leave the guest with EINTR. Exactly what a VMM's
         "kick" does before injecting through the userspace path.
         """
-        run = self._run
-        if run is None:
-            raise ClosedError(f"Vcpu {self.id} is closed; there is nothing to kick")
         self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.kick()")
         _install_kick_handler()
-        run.immediate_exit = 1
-        thread = self._running_thread
+        with self._map_lock:
+            run = self._run
+            if run is None:
+                raise ClosedError(f"Vcpu {self.id} is closed; there is nothing to kick")
+            run.immediate_exit = 1
+        thread = _guard_thread(self._guard)
         if thread:
             try:
                 signal.pthread_kill(thread, KICK_SIGNAL)
@@ -234,12 +345,19 @@ class Vcpu(FdObject):
                 f"answered; KVM would complete it with whatever kvm_run holds. Call the exit's "
                 f"reply() first, then complete_pending_exit()")
         self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.complete_pending_exit()")
-        kicked = run.immediate_exit
-        run.immediate_exit = 1
+        self._hold()
         try:
-            return self._enter(run)
+            kicked = run.immediate_exit
+            run.immediate_exit = 1
+            try:
+                result = _run_guarded(self._run_fd, self._run_c, self._guard, 1)
+                self._exit_sequence += 1
+                self._last_result = result
+                return self._exit(result)
+            finally:
+                run.immediate_exit = kicked
         finally:
-            run.immediate_exit = kicked
+            _guard_release(self._guard)
 
     # -- injection ------------------------------------------------------------
     def interrupt(self, vector: int, force: bool = False) -> None:
@@ -415,7 +533,7 @@ class Vcpu(FdObject):
         cdata = ffi.new("struct kvm_lapic_state *")
         size = ffi.sizeof(cdata[0])
         if len(registers) != size:
-            raise ValueError(f"set_lapic(registers=<{len(registers)} bytes>): KVM_SET_LAPIC takes "
+            raise InvalidArgument(f"set_lapic(registers=<{len(registers)} bytes>): KVM_SET_LAPIC takes "
                              f"exactly {size} bytes, the whole register page from get_lapic()")
         ffi.buffer(cdata)[:] = bytes(registers)
         self._ioctl(Ioctl.SET_LAPIC, cdata)
@@ -437,10 +555,10 @@ class Vcpu(FdObject):
         self._ioctl(request, cdata)
         return from_c(record_type, cdata)
 
-    def _set(self, request: Ioctl, ctype: str, value) -> None:
+    def _set(self, request: Ioctl, ctype: str, value: object, hint: str = "") -> None:
         cdata = ffi.new(ctype)
         to_c(value, cdata)
-        self._ioctl(request, cdata)
+        self._ioctl(request, cdata, hint=hint)
 
     @property
     def regs(self) -> Regs:
@@ -449,6 +567,7 @@ class Vcpu(FdObject):
 
     @regs.setter
     def regs(self, value: Regs) -> None:
+        checks.instance("regs", value, Regs, "assign a pykvm.Regs (e.g. vcpu.regs with fields changed)")
         self._set(Ioctl.SET_REGS, "struct kvm_regs *", value)
 
     @property
@@ -458,7 +577,11 @@ class Vcpu(FdObject):
 
     @sregs.setter
     def sregs(self, value: Sregs) -> None:
-        self._set(Ioctl.SET_SREGS, "struct kvm_sregs *", value)
+        checks.instance("sregs", value, Sregs, "assign a pykvm.Sregs (e.g. vcpu.sregs with fields changed)")
+        self._set(Ioctl.SET_SREGS, "struct kvm_sregs *", value,
+                  hint="KVM found these segment/control registers inconsistent (e.g. CR0.PG without "
+                       "CR0.PE, EFER.LME without long-mode CPUID, a bad CS type); pykvm.x86.enter_*_mode "
+                       "sets consistent ones")
 
     @property
     def fpu(self) -> Fpu:
@@ -467,6 +590,7 @@ class Vcpu(FdObject):
 
     @fpu.setter
     def fpu(self, value: Fpu) -> None:
+        checks.instance("fpu", value, Fpu)
         self._set(Ioctl.SET_FPU, "struct kvm_fpu *", value)
 
     @property
@@ -480,8 +604,12 @@ class Vcpu(FdObject):
 
     @events.setter
     def events(self, value: VcpuEvents) -> None:
+        checks.instance("events", value, VcpuEvents, "assign a pykvm.VcpuEvents (e.g. vcpu.events changed)")
         self.vm.kvm.require(Cap.VCPU_EVENTS, "vcpu.events")
-        self._set(Ioctl.SET_VCPU_EVENTS, "struct kvm_vcpu_events *", value)
+        self._set(Ioctl.SET_VCPU_EVENTS, "struct kvm_vcpu_events *", value,
+                  hint="KVM refused the events: unknown bits in flags, a vector above 31 for an "
+                       "exception, or a pending and an injected exception at once; to inject an "
+                       "exception use vcpu.inject_exception()")
 
     @property
     def mp_state(self) -> MpState:
@@ -491,7 +619,12 @@ class Vcpu(FdObject):
 
     @mp_state.setter
     def mp_state(self, value: MpState) -> None:
-        self._ioctl(Ioctl.SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": int(value)}))
+        if isinstance(value, bool) or not isinstance(value, int) or value not in set(MpState):
+            raise InvalidArgument(f"mp_state={checks.shown(value)}: choose a pykvm.MpState member "
+                                  f"({', '.join(m.name for m in MpState)})")
+        self._ioctl(Ioctl.SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": int(value)}),
+                    hint="this state needs an in-kernel LAPIC (INIT_RECEIVED, SIPI_RECEIVED, HALTED) "
+                         "or is not offered by this host")
 
     @property
     def cpuid(self) -> tuple[CpuidEntry, ...]:
@@ -503,14 +636,18 @@ class Vcpu(FdObject):
 
     def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         """``KVM_SET_CPUID2`` (before the first run)."""
+        entries = list(entries)
+        for index, entry in enumerate(entries):
+            checks.instance(f"entries[{index}]", entry, CpuidEntry, "CpuidEntry records, e.g. from "
+                            "vcpu.cpuid or kvm.supported_cpuid")
         self._ioctl(Ioctl.SET_CPUID2, cpuid_to_c(entries),
                     hint="CPUID can only be set before the vCPU first runs")
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """``KVM_GET_MSRS``: the values of the given MSR indices."""
-        indices = list(indices)
+        indices = [checks.unsigned("index", index, 32, "an MSR number") for index in indices]
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
-        for entry, index in zip(msrs.entries, indices):
+        for entry, index in zip(msrs.entries, indices, strict=True):
             entry.index = index
         done = self._ioctl(Ioctl.GET_MSRS, msrs)
         if done != len(indices):
@@ -520,8 +657,12 @@ class Vcpu(FdObject):
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """``KVM_SET_MSRS``."""
+        checks.instance("values", values, Mapping, "a dict {MSR index: value}")
+        for index, value in values.items():
+            checks.unsigned("index", index, 32, "an MSR number")
+            checks.unsigned(f"values[{index:#x}]", value, 64)
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(values), "entries": len(values)})
-        for entry, (index, value) in zip(msrs.entries, values.items()):
+        for entry, (index, value) in zip(msrs.entries, values.items(), strict=True):
             entry.index, entry.data = index, value
         done = self._ioctl(Ioctl.SET_MSRS, msrs)
         if done != len(values):

@@ -8,9 +8,11 @@ pages for real mode on VT-x), and closes everything it owns when it is closed.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
 import functools
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,15 @@ from . import checks
 from .binding import ffi, lib
 from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
 from .cpuid import cpuid_for_vcpu
-from .errors import ArgumentTypeError, InvalidArgument, InvalidRouting, IrqchipModeError, KvmError, PyKvmError
+from .errors import (
+    ArgumentTypeError,
+    InvalidArgument,
+    InvalidRouting,
+    IrqchipModeError,
+    KvmError,
+    PyKvmError,
+    VcpuThreadError,
+)
 from .eventfds import Ioeventfd, Irqfd
 from .fdobject import FdObject
 from .interrupts import (
@@ -41,6 +51,21 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
 
 DEFAULT_MEMORY_SIZE = 16 << 20
+_OPEN_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_vms() -> None:
+    """At interpreter exit, close every VM still open while vCPU threads can still be kicked.
+
+    After this, Python's finalisation freezes daemon threads; a vCPU thread frozen
+    with its VM open would hold kvm_run mapped under a closing interpreter.
+    """
+    for vm in list(_OPEN_VMS):
+        try:
+            vm.close()
+        except Exception:       # noqa: BLE001 - exit must go on; the error was the VM's own
+            pass
 
 
 class Vm(FdObject):
@@ -74,6 +99,7 @@ class Vm(FdObject):
         result = kvm._ioctl_value(Ioctl.CREATE_VM, 0,
                                   hint="the host may be out of memory or limit the number of VMs")
         super().__init__(result)
+        _OPEN_VMS.add(self)
         self.kvm = kvm
         self.vcpus: list[Vcpu] = []
         self.irqchip = IrqchipMode.NONE
@@ -367,14 +393,20 @@ class Vm(FdObject):
         return Stats.open(self)
 
     def _release(self) -> None:
+        _OPEN_VMS.discard(self)
         for eventfd in self._eventfds:
             eventfd.close()
         if "stats" in self.__dict__:
             self.stats.close()
-        for vcpu in self.vcpus:
-            vcpu.close()
+        stuck: list[VcpuThreadError] = []
+        for vcpu in self.vcpus:         # each kicks its running thread out and waits for it
+            try:
+                vcpu.close()
+            except VcpuThreadError as exc:
+                stuck.append(exc)
+        if stuck:                       # a thread still in KVM_RUN: leave guest memory mapped too
+            raise stuck[0]
         self.memory._release()
-
 
 
 
