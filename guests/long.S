@@ -17,7 +17,8 @@
  *    MB_ARG2; step++. The step counter lives in %r15 (nothing else touches it).
  *    APIC commands go through apic_write / apic_read, which use xAPIC MMIO
  *    or x2APIC MSRs as MB_APIC_MODE says.
- * 3. every vector: stub -> handler_common, which appends a record to the log,
+ * 3. every vector: stub (saves RAX, RDX; rdtsc) -> handler_common, which
+ *    appends a record to the log (its TSC is the stub's),
  *    optionally `out`s the vector to PORT_VECTOR, resumes an expected
  *    exception at MB_FIXUP and returns with IRETQ.
  *
@@ -267,37 +268,50 @@ done_out:
     vector_stub_table STUB_SIZE, 1
 
 /*
- * On entry: (%rsp) = vector [| STUB_ERROR_CODE], 8 = error code (CPU's or the
- * stub's dummy), 16 = RIP, 24 = CS, 32 = RFLAGS, 40 = RSP, 48 = SS.
+ * On entry: edx:eax = the TSC the stub read (two pushes after the delivery);
+ * (%rsp) = vector [| STUB_ERROR_CODE], 8 = interrupted RDX, 16 = interrupted
+ * RAX, 24 = the CPU's error code if it pushed one, else RIP.
  */
 handler_common:
+    shl     $32, %rdx
+    or      %rdx, %rax                  /* rax = TSC at delivery; rdx is free */
     testl   $STUB_ERROR_CODE, (%rsp)
-    jz      frame_ready
+    jz      insert_error_code
     /* The stub expected a CPU error code. Software `int n` and injected
-     * external interrupts push none: then the slot after it holds CS (not
-     * RIP) and the one after that RFLAGS (bit 1 always set; a CS selector of
-     * RPL 0 has it clear). Insert a dummy so the frame is uniform. */
-    push    %rax
-    mov     %cs, %eax
-    cmp     %ax, 24(%rsp)
-    jne     1f
-    testb   $2, 32(%rsp)
-    jz      1f
-    pop     %rax
-    pushq   (%rsp)                      /* vector again, one slot lower */
-    movq    $0, 8(%rsp)                 /* dummy error code */
+     * external interrupts push none: then the slot after the saved RAX holds
+     * RIP, the next CS and the next RFLAGS (bit 1 always set; a CS selector
+     * of RPL 0 has it clear). */
+    mov     %cs, %edx
+    cmp     %dx, 32(%rsp)
+    jne     frame_ready
+    testb   $2, 40(%rsp)
+    jz      frame_ready
     andq    $0xFF, (%rsp)               /* untag: no CPU error code */
-    jmp     frame_ready
-1:  pop     %rax
+insert_error_code:                      /* a dummy 0 below the CPU's frame: move the */
+    sub     $8, %rsp                    /* stub's three slots down by one */
+    mov     8(%rsp), %rdx
+    mov     %rdx, (%rsp)
+    mov     16(%rsp), %rdx
+    mov     %rdx, 8(%rsp)
+    mov     24(%rsp), %rdx
+    mov     %rdx, 16(%rsp)
+    movq    $0, 24(%rsp)
 frame_ready:
-    push    %rax
+    push    %rax                        /* the TSC */
     push    %rbx
     push    %rcx
-    push    %rdx
     push    %rsi
     push    %rdi
     push    %r8
-    .set    FRAME, 7 * 8                /* the pushes above */
+    .set    FRAME, 6 * 8                /* the pushes above; then the uniform frame: */
+    .set    FRAME_TSC, 5 * 8
+    .set    F_RDX, FRAME + 8            /* (FRAME = vector) interrupted RDX, */
+    .set    F_RAX, FRAME + 16           /* interrupted RAX, */
+    .set    F_ERROR, FRAME + 24         /* error code (the CPU's or a dummy), */
+    .set    F_RIP, FRAME + 32           /* then the CPU's RIP, CS, RFLAGS, RSP, SS */
+    .set    F_CS, FRAME + 40
+    .set    F_RFLAGS, FRAME + 48
+    .set    F_RSP, FRAME + 56
 
     mov     MB_LOG(%r14), %r8           /* r8 = this CPU's log */
     mov     (%r8), %ebx                 /* ebx = count */
@@ -311,23 +325,21 @@ frame_ready:
     mov     %ebx, REC_SEQ(%rdi)
     movzbl  FRAME(%rsp), %eax
     mov     %ax, REC_VECTOR(%rdi)
-    mov     FRAME+24(%rsp), %rcx
+    mov     F_CS(%rsp), %rcx
     mov     %cx, REC_CS(%rdi)
-    mov     FRAME+8(%rsp), %rcx
+    mov     F_ERROR(%rsp), %rcx
     mov     %ecx, REC_ERROR_CODE(%rdi)
-    mov     FRAME+16(%rsp), %rcx
+    mov     F_RIP(%rsp), %rcx
     mov     %rcx, REC_RIP(%rdi)
-    mov     FRAME+32(%rsp), %rcx
+    mov     F_RFLAGS(%rsp), %rcx
     mov     %rcx, REC_RFLAGS(%rdi)
-    mov     FRAME+40(%rsp), %rcx
+    mov     F_RSP(%rsp), %rcx
     mov     %rcx, REC_RSP(%rdi)
     mov     MB_CPU(%r14), %ecx
     mov     %ecx, REC_CPU(%rdi)
     movl    $0, REC_CPU+4(%rdi)         /* rest of the record */
-    rdtsc
-    shl     $32, %rdx
-    or      %rdx, %rax
-    mov     %rax, REC_TSC(%rdi)
+    mov     FRAME_TSC(%rsp), %rcx       /* the stub's TSC */
+    mov     %rcx, REC_TSC(%rdi)
     movq    $0, REC_CR2(%rdi)
 
     xor     %esi, %esi                  /* esi = record flags */
@@ -346,7 +358,7 @@ frame_ready:
     mov     MB_FIXUP(%r14), %rcx        /* an expected exception: resume there */
     test    %rcx, %rcx
     jz      2f
-    mov     %rcx, FRAME+16(%rsp)
+    mov     %rcx, F_RIP(%rsp)
     movq    $0, MB_FIXUP(%r14)
     or      $REC_FLAG_FIXUP, %esi
 2:  mov     %esi, REC_FLAGS(%rdi)
@@ -371,11 +383,12 @@ handler_notify_out:
 3:  pop     %r8
     pop     %rdi
     pop     %rsi
-    pop     %rdx
     pop     %rcx
     pop     %rbx
-    pop     %rax
-    add     $16, %rsp                   /* vector, error code */
+    add     $8, %rsp                    /* the TSC */
+    mov     8(%rsp), %rdx
+    mov     16(%rsp), %rax
+    add     $32, %rsp                   /* vector, RDX, RAX, error code */
 handler_iret:
     iretq
 

@@ -11,7 +11,8 @@
  * 2. loop: MB_STEP = step; `out %eax, $PORT_SYNC` (eax = step); run the
  *    command the host left at MB_COMMAND / MB_ARG; step++. The step counter
  *    lives in %ebp (no command touches it; handlers preserve it).
- * 3. every vector: stub -> handler_common, which appends a record to the log,
+ * 3. every vector: stub (saves EAX, EDX; rdtsc) -> handler_common, which
+ *    appends a record to the log (its TSC is the stub's),
  *    optionally `out`s the vector to PORT_VECTOR, resumes an expected
  *    exception at MB_FIXUP and returns with IRET.
  *
@@ -139,32 +140,50 @@ done_out:
     vector_stub_table STUB_SIZE, 1
 
 /*
- * On entry: (%esp) = vector [| STUB_ERROR_CODE], 4 = error code (CPU's or the
- * stub's dummy), 8 = EIP, 12 = CS, 16 = EFLAGS. CPL 0 to CPL 0: no stack
- * switch, so the interrupted ESP is just above EFLAGS.
+ * On entry: edx:eax = the TSC the stub read (two pushes after the delivery);
+ * (%esp) = vector [| STUB_ERROR_CODE], 4 = interrupted EDX, 8 = interrupted
+ * EAX, 12 = the CPU's error code if it pushed one, else EIP. CPL 0 to CPL 0:
+ * no stack switch, so the interrupted ESP is just above EFLAGS.
  */
 handler_common:
     testl   $STUB_ERROR_CODE, (%esp)
-    jz      frame_ready
+    jz      insert_error_code
     /* The stub expected a CPU error code. Software `int n` and injected
-     * external interrupts push none: then the slot after it holds CS (not
-     * EIP) and the one after that EFLAGS (bit 1 always set; a CS selector of
-     * RPL 0 has it clear). Insert a dummy so the frame is uniform. */
-    push    %eax
-    mov     %cs, %eax
-    cmp     %ax, 12(%esp)
+     * external interrupts push none: then the slot after the saved EAX holds
+     * EIP, the next CS and the next EFLAGS (bit 1 always set; a CS selector
+     * of RPL 0 has it clear). */
+    push    %ecx
+    mov     %cs, %ecx
+    cmp     %cx, 4+16(%esp)
     jne     1f
-    testb   $2, 16(%esp)
+    testb   $2, 4+20(%esp)
     jz      1f
-    pop     %eax
-    pushl   (%esp)                      /* vector again, one slot lower */
-    movl    $0, 4(%esp)                 /* dummy error code */
+    pop     %ecx
     andl    $0xFF, (%esp)               /* untag: no CPU error code */
+    jmp     insert_error_code
+1:  pop     %ecx
     jmp     frame_ready
-1:  pop     %eax
+insert_error_code:                      /* a dummy 0 below the CPU's frame: move the */
+    sub     $4, %esp                    /* stub's three slots down by one */
+    push    %ecx
+    mov     8(%esp), %ecx
+    mov     %ecx, 4(%esp)
+    mov     12(%esp), %ecx
+    mov     %ecx, 8(%esp)
+    mov     16(%esp), %ecx
+    mov     %ecx, 12(%esp)
+    movl    $0, 16(%esp)
+    pop     %ecx
 frame_ready:
-    pushal
-    .set    FRAME, 8 * 4                /* pushal */
+    pushal                              /* its EAX and EDX slots hold the TSC */
+    .set    FRAME, 8 * 4                /* pushal; then the uniform frame: */
+    .set    FRAME_TSC_LO, 7 * 4         /* pushal's EAX */
+    .set    FRAME_TSC_HI, 5 * 4         /* pushal's EDX */
+    .set    F_ERROR, FRAME + 12         /* (FRAME = vector, +4 EDX, +8 EAX) error code, */
+    .set    F_EIP, FRAME + 16           /* then the CPU's EIP, CS, EFLAGS */
+    .set    F_CS, FRAME + 20
+    .set    F_EFLAGS, FRAME + 24
+    .set    F_ESP, FRAME + 28           /* where the interrupted ESP pointed */
 
     mov     LOG, %ebx                   /* ebx = count */
     mov     %ebx, %eax                  /* edi = LOG + header + (count % capacity) * size */
@@ -177,25 +196,26 @@ frame_ready:
     mov     %ebx, REC_SEQ(%edi)
     movzbl  FRAME(%esp), %eax
     mov     %ax, REC_VECTOR(%edi)
-    mov     FRAME+12(%esp), %ecx
+    mov     F_CS(%esp), %ecx
     mov     %cx, REC_CS(%edi)
-    mov     FRAME+4(%esp), %ecx
+    mov     F_ERROR(%esp), %ecx
     mov     %ecx, REC_ERROR_CODE(%edi)
-    mov     FRAME+8(%esp), %ecx
+    mov     F_EIP(%esp), %ecx
     mov     %ecx, REC_RIP(%edi)
     movl    $0, REC_RIP+4(%edi)
-    mov     FRAME+16(%esp), %ecx
+    mov     F_EFLAGS(%esp), %ecx
     mov     %ecx, REC_RFLAGS(%edi)
     movl    $0, REC_RFLAGS+4(%edi)
-    lea     FRAME+20(%esp), %ecx        /* ESP before the CPU pushed its frame */
+    lea     F_ESP(%esp), %ecx           /* ESP before the CPU pushed its frame */
     mov     %ecx, REC_RSP(%edi)
     movl    $0, REC_RSP+4(%edi)
     mov     MAILBOX+MB_CPU, %ecx
     mov     %ecx, REC_CPU(%edi)
     movl    $0, REC_CPU+4(%edi)         /* rest of the record */
-    rdtsc
-    mov     %eax, REC_TSC(%edi)
-    mov     %edx, REC_TSC+4(%edi)
+    mov     FRAME_TSC_LO(%esp), %ecx    /* the stub's TSC */
+    mov     %ecx, REC_TSC(%edi)
+    mov     FRAME_TSC_HI(%esp), %ecx
+    mov     %ecx, REC_TSC+4(%edi)
     movl    $0, REC_CR2(%edi)
     movl    $0, REC_CR2+4(%edi)
 
@@ -216,7 +236,7 @@ frame_ready:
     or      MAILBOX+MB_FIXUP+4, %ecx
     jz      2f
     mov     MAILBOX+MB_FIXUP, %ecx
-    mov     %ecx, FRAME+8(%esp)
+    mov     %ecx, F_EIP(%esp)
     movl    $0, MAILBOX+MB_FIXUP
     movl    $0, MAILBOX+MB_FIXUP+4
     or      $REC_FLAG_FIXUP, %esi
@@ -229,7 +249,9 @@ frame_ready:
 handler_notify_out:
     out     %al, $PORT_VECTOR
 3:  popal
-    add     $8, %esp                    /* vector, error code */
+    mov     4(%esp), %edx
+    mov     8(%esp), %eax
+    add     $16, %esp                   /* vector, EDX, EAX, error code */
 handler_iret:
     iretl
 

@@ -12,17 +12,17 @@
  * 2. loop: MB_STEP = step; `out %eax, $PORT_SYNC` (eax = step); run the
  *    command the host left at MB_COMMAND / MB_ARG; step++. The step counter
  *    lives in %ebp (no command touches it; handlers preserve it).
- * 3. every vector: stub -> handler_common, which appends a record to the log,
- *    optionally `out`s the vector to PORT_VECTOR, resumes an expected
- *    exception at MB_FIXUP and returns with IRET. Real mode never pushes an
- *    error code, so every stub pushes a dummy.
+ * 3. every vector: stub (saves EAX, EDX; rdtsc) -> handler_common, which
+ *    appends a record to the log (its TSC is the stub's), optionally `out`s
+ *    the vector to PORT_VECTOR, resumes an expected exception at MB_FIXUP and
+ *    returns with IRET. Real mode never pushes an error code (the record's is 0).
  *
- * Sizes: vector stubs 8 bytes (stub n at vector_stubs + 8*n); int_table
+ * Sizes: vector stubs 16 bytes (stub n at vector_stubs + 16*n); int_table
  * entries 4 bytes (`int $n` at int_table + 4*n).
  */
     .set    BITS, 16
     .include "common.inc"
-    .set    STUB_SIZE, 8
+    .set    STUB_SIZE, 16
     .set    LOG_SEG, LOG >> 4           /* ES value that reaches the log */
     .set    LOG_OFF, LOG & 0xF          /* offset of the log header in that segment */
 
@@ -142,15 +142,22 @@ done_out:
     vector_stub_table STUB_SIZE, 0
 
 /*
- * On entry (SS = 0): (%sp) = vector, 2 = dummy error code, 4 = IP, 6 = CS,
- * 8 = FLAGS; the interrupted SP is just above FLAGS.
+ * On entry (SS = 0): edx:eax = the TSC the stub read (two pushes after the
+ * delivery); (%sp) = vector, 2 = interrupted EDX, 6 = interrupted EAX,
+ * 10 = IP, 12 = CS, 14 = FLAGS; the interrupted SP is just above FLAGS.
  */
 handler_common:
     push    %ds
     push    %es
-    pushal
+    pushal                              /* its EAX and EDX slots hold the TSC */
     mov     %sp, %bp
-    .set    FRAME, 2 + 2 + 8 * 4        /* DS, ES, pushal */
+    .set    FRAME, 2 + 2 + 8 * 4        /* DS, ES, pushal; then the frame: */
+    .set    FRAME_TSC_LO, 7 * 4         /* pushal's EAX */
+    .set    FRAME_TSC_HI, 5 * 4         /* pushal's EDX */
+    .set    F_IP, FRAME + 10            /* (FRAME = vector, +2 EDX, +6 EAX) the CPU's IP, */
+    .set    F_CS, FRAME + 12            /* CS, FLAGS */
+    .set    F_FLAGS, FRAME + 14
+    .set    F_SP, FRAME + 16            /* where the interrupted SP pointed */
     xor     %ax, %ax
     mov     %ax, %ds                    /* DS = 0: mailbox */
     mov     $LOG_SEG, %ax
@@ -167,25 +174,26 @@ handler_common:
     mov     %ebx, %es:REC_SEQ(%di)
     movzbl  FRAME(%bp), %eax
     mov     %ax, %es:REC_VECTOR(%di)
-    mov     FRAME+6(%bp), %cx
+    mov     F_CS(%bp), %cx
     mov     %cx, %es:REC_CS(%di)
     movl    $0, %es:REC_ERROR_CODE(%di)
-    movzwl  FRAME+4(%bp), %ecx
+    movzwl  F_IP(%bp), %ecx
     mov     %ecx, %es:REC_RIP(%di)
     movl    $0, %es:REC_RIP+4(%di)
-    movzwl  FRAME+8(%bp), %ecx
+    movzwl  F_FLAGS(%bp), %ecx
     mov     %ecx, %es:REC_RFLAGS(%di)
     movl    $0, %es:REC_RFLAGS+4(%di)
-    lea     FRAME+10(%bp), %cx          /* SP before the CPU pushed its frame */
+    lea     F_SP(%bp), %cx              /* SP before the CPU pushed its frame */
     movzwl  %cx, %ecx
     mov     %ecx, %es:REC_RSP(%di)
     movl    $0, %es:REC_RSP+4(%di)
     mov     MAILBOX+MB_CPU, %ecx
     mov     %ecx, %es:REC_CPU(%di)
     movl    $0, %es:REC_CPU+4(%di)      /* rest of the record */
-    rdtsc
-    mov     %eax, %es:REC_TSC(%di)
-    mov     %edx, %es:REC_TSC+4(%di)
+    mov     FRAME_TSC_LO(%bp), %ecx     /* the stub's TSC */
+    mov     %ecx, %es:REC_TSC(%di)
+    mov     FRAME_TSC_HI(%bp), %ecx
+    mov     %ecx, %es:REC_TSC+4(%di)
     movl    $0, %es:REC_CR2(%di)        /* no page faults in real mode */
     movl    $0, %es:REC_CR2+4(%di)
 
@@ -197,7 +205,7 @@ handler_common:
     or      MAILBOX+MB_FIXUP+4, %ecx
     jz      2f
     mov     MAILBOX+MB_FIXUP, %cx
-    mov     %cx, FRAME+4(%bp)
+    mov     %cx, F_IP(%bp)
     movl    $0, MAILBOX+MB_FIXUP
     movl    $0, MAILBOX+MB_FIXUP+4
     or      $REC_FLAG_FIXUP, %esi
@@ -224,7 +232,9 @@ handler_notify_out:
 3:  popal
     pop     %es
     pop     %ds
-    add     $4, %sp                     /* vector, dummy error code */
+    add     $2, %sp                     /* vector */
+    pop     %edx
+    pop     %eax
 handler_iret:
     iret
 

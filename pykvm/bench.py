@@ -11,10 +11,11 @@ exit. Batches of the two alternate, and both the ratio of the medians and of
 the best batches are printed.
 
 ``injection``: interrupts delivered per second and p50/p99 latency (host TSC
-at the inject call -> guest handler TSC) for every delivery path of
-:mod:`pykvm.paths`. For the MSI and irqfd paths, the C injector
-(``pykvm_bench_inject``) runs against the same guest setup in the same run,
-and the Python/C ratios are printed.
+at the inject call -> TSC at the guest's vector stub, offset removed) for
+every delivery path and target state of :mod:`pykvm.delivery`, paced with
+random gaps, through the same :func:`pykvm.delivery.compare` as the demo. For
+the MSI and irqfd paths, the C injector (``pykvm_bench_inject``) runs against
+the same guest setup in the same run, and the Python/C ratios are printed.
 """
 
 from __future__ import annotations
@@ -107,26 +108,24 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
 
 
 def bench_injection(count: int, rounds: int) -> list[str]:
-    """Measure every path ``rounds`` times (C baselines interleaved); return the report lines."""
-    lines = [f"injection: {rounds} rounds x {count} interrupts per path, each waited for in the "
-             f"guest log; latency = host TSC at the call -> guest handler TSC"]
+    """Measure every path in every state ``rounds`` times (C baselines interleaved); the report lines.
+
+    The same :func:`pykvm.delivery.compare` as the demo's section 4, with the
+    same pacing; only the counts differ.
+    """
+    lines = [f"injection: {rounds} rounds x {count} paced interrupts per path and target state, each "
+             f"waited for in the guest log"]
     with Kvm() as kvm:
         lines[0] += f"; host {detect().name}"
-        results: dict[tuple[str, str], list[delivery.PathMeasurement]] = {}
-        for _ in range(rounds):
-            for path in delivery.PATHS:
-                results.setdefault((path, "python"), []).append(delivery.measure(kvm, path, count))
-                if path in ("msi", "irqfd"):
-                    results.setdefault((path, "c"), []).append(delivery.measure_c_baseline(kvm, path, count))
-    lines.append(f"  {delivery.TABLE_HEADER}")
-    merged = {key: delivery.PathMeasurement.merge(runs) for key, runs in results.items()}
-    lines += [f"  {result.row()}" for result in merged.values()]
-    lines += ["  " + line for line in delivery.TABLE_LEGEND.splitlines()]
-    lines += ["  " + line for line in delivery.tsc_warning(list(merged.values()))]
-    for path in ("msi", "irqfd"):
-        py, c = merged[path, "python"], merged[path, "c"]
-        lines.append(f"  {path}: Python/C  rate {py.rate / c.rate:.3f}   p50 latency "
-                     f"{py.p50_us / c.p50_us:.3f}   p99 latency {py.p99_us / c.p99_us:.3f}")
+        comparison = delivery.compare(kvm, count, rounds, c_baseline=True)
+    lines += ["  " + line for line in comparison.report()]
+    lines.append("  C injector baseline (pykvm_bench_inject), Python/C:")
+    for state in delivery.STATES:
+        for path in delivery.C_PATHS:
+            py, c = comparison.get(state, path), comparison.get(state, path, "c")
+            if py and c:
+                lines.append(f"  {delivery.STATE_SHORT[state]:28} {path:6} rate {py.rate / c.rate:.3f}   "
+                             f"p50 latency {py.p50_us / c.p50_us:.3f}   p99 latency {py.p99_us / c.p99_us:.3f}")
     return lines
 
 
@@ -138,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     exits.add_argument("--rounds", type=int, default=15, help="batches of each kind")
     injection = sub.add_parser("injection", help="rate and latency of each interrupt delivery path, "
                                                  "with a C injector baseline for MSI and irqfd")
-    injection.add_argument("--count", type=int, default=300, help="interrupts per path per round")
-    injection.add_argument("--rounds", type=int, default=3, help="rounds (paths interleaved)")
+    injection.add_argument("--count", type=int, default=300, help="interrupts per path and state per round")
+    injection.add_argument("--rounds", type=int, default=3, help="rounds (paths and states interleaved)")
     args = parser.parse_args(argv)
     try:
         if args.benchmark == "exits":

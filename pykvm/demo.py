@@ -5,8 +5,10 @@ pykvm guest image, injects vectors and an NMI, plays the interrupt-window
 scenario (guest CLI, host queues a vector, guest STI), and prints a timeline
 that pairs every host action and KVM exit with what the guest's own handler
 logged. Then it delivers one vector through each delivery path (userspace
-kick + KVM_INTERRUPT, KVM_IRQ_LINE, KVM_SIGNAL_MSI, irqfd, IPI) and prints per
-path the latency and the exits per interrupt from the stats fd, and finally
+kick + KVM_INTERRUPT, KVM_IRQ_LINE, KVM_SIGNAL_MSI, irqfd, IPI) to a vCPU
+that spins on another CPU, halts, or shares the injector's CPU, and prints per
+path and state the latency and the exits per interrupt from the stats fd, what
+those numbers say (derived from them, not written in advance), and finally
 names the host's vendor module and what it did differently.
 """
 
@@ -109,23 +111,14 @@ def run_demo(mode: str, path_count: int) -> int:
 
 
 def _compare_paths(kvm: Kvm, count: int) -> None:
-    _section(f"4. the same vector ({delivery.VECTOR:#x}) through each delivery path, {count} times each")
-    print("  The target vCPU spins in its own thread with IF=1 (no exits of its own), pinned to another "
-          "host CPU\n  than the injector. Latency: host TSC before the inject call -> TSC in the guest "
-          "handler.")
-    print(f"  {delivery.TABLE_HEADER}")
-    results = []
-    for path, title in delivery.PATHS.items():
-        try:
-            results.append(delivery.measure(kvm, path, count))
-            print(f"  {results[-1].row()}")
-        except PyKvmError as exc:
-            print(f"  {title:38} failed: {exc}")
-    for line in delivery.TABLE_LEGEND.splitlines() + delivery.tsc_warning(results):
+    _section(f"4. the same vector ({delivery.VECTOR:#x}) through each delivery path to a vCPU in three "
+             f"states, {count} times each")
+    print("  Measured by pykvm.delivery.compare(), as `python -m pykvm.bench injection` does with more "
+          "interrupts.\n  kick: the vCPU leaves the guest to userspace and re-enters with the vector "
+          "(KVM_INTERRUPT). The kernel\n  paths set the vector in the in-kernel LAPIC and, if the vCPU "
+          "is in the guest, kick it inside the kernel.")
+    for line in delivery.compare(kvm, count).report():
         print(f"  {line}")
-    print("  kick: the vCPU leaves the guest to userspace (EINTR, a signal exit) and re-enters with the "
-          "vector.\n  The kernel paths kick the vCPU inside the kernel (an exit that never reaches "
-          "userspace) and inject\n  at the next entry.")
 
 
 def _inject_sequence(session: GuestSession, timeline: Timeline) -> None:
