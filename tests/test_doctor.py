@@ -8,12 +8,20 @@ and for the host facts the other tests branch on.
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
 
 from pykvm import doctor
+from pykvm.core.errors import CapabilityMissing, GuestError
+from pykvm.core.exits import InternalErrorExit
+from pykvm.guests import LogRecord
 from pykvm.hosts import conformance, facts, probes
+from pykvm.hosts.probes import Observation, Outcome, Result, Scenario
+from pykvm.hosts.probes.exits import IrqWindow
+from pykvm.hosts.probes.harness import MSI_VECTOR, run_once, where_taken
+from pykvm.hosts.probes.shadows import Shadow
 from pykvm.hosts.vendor import VendorModule
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "host-conformance.md"
@@ -50,35 +58,95 @@ def test_unrecorded_hosts_get_the_expectation_labelled_unverified():
 
 def test_judge_verdicts():
     pvm = VendorModule.PVM
-    assert conformance.judge("irq_window", "exit after sti; nop", "", pvm).verdict == "conforms"
-    differs = conformance.judge("irq_window", "no window exit", "", pvm)
+    assert conformance.judge("irq_window", IrqWindow.AFTER_STI_NOP, "", pvm).verdict == "conforms"
+    differs = conformance.judge("irq_window", IrqWindow.NO_EXIT, "", pvm)
     assert differs.verdict == "differs" and differs.matches_record
     assert "ready_for_interrupt_injection" in differs.explanation
     unsupported = conformance.judge("sti_shadow", None, "CapabilityMissing: ...", pvm)
     assert unsupported.verdict == "unsupported" and not unsupported.matches_record
 
 
-def test_scenarios_declare_exactly_the_probes_of_the_table():
-    declared = [probe for _, names in probes.SCENARIOS for probe in names]
-    assert sorted(declared) == sorted(conformance.EXPECTATIONS)
+def test_each_row_speaks_its_familys_outcomes_and_each_probe_has_one_row():
+    rows = [row for scenario in probes.SCENARIOS for row in scenario.rows]
+    assert len(rows) == len(conformance.EXPECTATIONS) == 23
+    for row in rows:
+        family = type(row.expected)
+        assert issubclass(family, Outcome) and family is not Outcome, row.probe
+        outcomes = [known.outcome for known in row.hosts.values()] + list(row.explanations)
+        assert all(isinstance(outcome, family) for outcome in outcomes), row.probe
+    phrases = [member.value for row in rows for member in type(row.expected)]
+    assert Result.PROBE_FAILED.value not in phrases and Result.INTERNAL_ERROR.value not in phrases
 
 
-def test_missing_capability_marks_probes_unsupported_and_errors_mark_them_failed(monkeypatch):
-    from pykvm.core.errors import CapabilityMissing
+def test_outcomes_print_and_serialise_as_their_phrases():
+    assert str(Shadow.HELD) == f"{Shadow.HELD}" == "held for one instruction"
+    assert json.loads(json.dumps({"observed": Shadow.HELD})) == {"observed": "held for one instruction"}
 
+
+def _rows(*names):
+    return tuple(conformance.EXPECTATIONS[name] for name in names)
+
+
+def test_runner_turns_what_stopped_a_scenario_into_outcomes_and_never_raises():
     def lacks(kvm):
         raise CapabilityMissing("needs KVM_CAP_X")
 
     def breaks(kvm):
-        raise RuntimeError("boom")
-    monkeypatch.setattr(probes, "SCENARIOS", [(lacks, ("sti_shadow", "mov_ss_shadow")),
-                                              (breaks, ("triple_fault",))])
-    observed = probes.run_probes(kvm=None)
+        [_one] = [1, 2]       # the kind of bug a differing host once exposed
+
+    def emulation_fails(kvm):
+        exit = InternalErrorExit(suberror=1, rip=0x1000, insn_bytes=b"\x0f\x0b")
+        raise GuestError("KVM could not emulate the instruction at RIP 0x1000", exit)
+
+    def two_probes(kvm):
+        return Observation(Shadow.HELD, "a"), Observation(Shadow.HELD, "b")
+
+    observed = probes.run_probes(None, [Scenario(lacks, _rows("sti_shadow", "mov_ss_shadow")),
+                                        Scenario(breaks, _rows("triple_fault")),
+                                        Scenario(emulation_fails, _rows("int3_long")),
+                                        Scenario(two_probes, _rows("lapic_isr"))])
     assert {k: v.outcome for k, v in observed.items()} == {
-        "sti_shadow": None, "mov_ss_shadow": None, "triple_fault": "probe failed"}
-    assert "KVM_CAP_X" in observed["sti_shadow"].detail and "boom" in observed["triple_fault"].detail
-    verdict = conformance.judge("triple_fault", "probe failed", "boom", VendorModule.PVM).verdict
+        "sti_shadow": None, "mov_ss_shadow": None, "triple_fault": Result.PROBE_FAILED,
+        "int3_long": Result.INTERNAL_ERROR, "lapic_isr": Result.PROBE_FAILED}
+    assert "KVM_CAP_X" in observed["sti_shadow"].detail
+    assert "ValueError" in observed["triple_fault"].detail
+    assert "2 observations for 1 probes" in observed["lapic_isr"].detail
+    verdict = conformance.judge("triple_fault", Result.PROBE_FAILED, "boom", VendorModule.PVM).verdict
     assert verdict == "probe failed"
+    # An unexpected KVM_EXIT_INTERNAL_ERROR on an unmeasured host is a difference, with its evidence.
+    internal = observed["int3_long"]
+    verdict = conformance.judge("int3_long", internal.outcome, internal.detail, VendorModule.INTEL)
+    assert verdict.verdict == "differs" and not verdict.matches_record
+    assert "KVM_EXIT_INTERNAL_ERROR" in verdict.explanation and "RIP 0x1000" in internal.detail
+
+
+def test_a_run_into_an_internal_error_raises_it_for_the_runner():
+    exit = InternalErrorExit(suberror=1, rip=0x1000, explanation="KVM could not emulate the instruction")
+
+    class Session:                     # its next exit is KVM_EXIT_INTERNAL_ERROR
+        def run(self):
+            return types.SimpleNamespace(exit=exit)
+    with pytest.raises(GuestError, match="could not emulate") as info:
+        run_once(Session())
+    assert info.value.exit is exit
+
+
+def _record(seq, vector, rip):
+    return LogRecord(seq=seq, vector=vector, cs=0x18, error_code=None, rip=rip, rflags=0x202, tsc=0,
+                     cr2=None, rsp=0, cpu=0, fixed_up=False)
+
+
+def test_where_taken_reads_any_log():
+    places = {0x10: Shadow.HELD, 0x20: Shadow.TAKEN_AT_ONCE}
+
+    def seen(log):
+        return where_taken(log, MSI_VECTOR, places, Shadow.ELSEWHERE, Shadow.NOT_TAKEN, hex)
+    # a vector taken inside the shadow, then #DB after #DB from a trap flag its IRET restored
+    stale_trap = seen([_record(0, MSI_VECTOR, 0x20)] + [_record(i, 1, 0x30 + i) for i in range(1, 4)])
+    assert stale_trap == Observation(Shadow.TAKEN_AT_ONCE, "taken at 0x20; also logged: #DB (1) x3")
+    assert seen([_record(0, MSI_VECTOR, 0x10)]) == Observation(Shadow.HELD, "taken at 0x10")
+    assert seen([_record(0, MSI_VECTOR, 0x99)]).outcome == Shadow.ELSEWHERE
+    assert seen([]).outcome == Shadow.NOT_TAKEN
 
 
 def test_docs_table_is_generated_from_the_table():
@@ -88,7 +156,7 @@ def test_docs_table_is_generated_from_the_table():
 
 def test_every_probe_has_a_row_and_no_probe_failed(observations):
     assert set(observations) == set(conformance.EXPECTATIONS)
-    failed = {k: v.detail for k, v in observations.items() if v.outcome == "probe failed"}
+    failed = {k: v.detail for k, v in observations.items() if v.outcome == Result.PROBE_FAILED}
     assert failed == {}
 
 

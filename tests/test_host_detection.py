@@ -2,8 +2,7 @@
 
 import pytest
 
-from pykvm.hosts import facts
-from pykvm.hosts import limits, vendor
+from pykvm.hosts import facts, limits, vendor
 from pykvm.hosts.vendor import VendorModule
 
 

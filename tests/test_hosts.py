@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
-from pykvm.hosts import tcg_amd as hosts
 from pykvm.core.errors import PyKvmError
-from pykvm.hosts.tcg_amd import ConsoleFilter, Markers
+from pykvm.hosts.runner import cli, elf, errors, initramfs, kernel, qemu, tcg_amd, tools
+from pykvm.hosts.runner.console import ConsoleFilter, Markers
 
 APT_CACHE_SEARCH = """\
 linux-image-6.1.0-56-amd64 - Linux 6.1 for 64-bit PCs (signed)
@@ -67,71 +67,71 @@ def module(depends: str) -> bytes:
 # ---------------------------------------------------------------- kernel choice
 
 def test_newest_generic_kernel_is_chosen_and_signed_preferred():
-    packages = hosts.kernel_packages(APT_CACHE_SEARCH)
+    packages = kernel.kernel_packages(APT_CACHE_SEARCH)
     assert set(packages) == {"6.1.0-56-amd64", "6.1.0-9-amd64", "6.12.117+deb12-amd64",
                              "6.12.99+deb12-amd64"}      # no cloud, rt, dbg, meta or template
     assert packages["6.1.0-56-amd64"].name == "linux-image-6.1.0-56-amd64"          # signed wins
     assert packages["6.12.117+deb12-amd64"].name == "linux-image-6.12.117+deb12-amd64-unsigned"
-    newest = hosts.choose_kernel(packages, None)
-    assert newest == hosts.KernelPackage("linux-image-6.12.117+deb12-amd64-unsigned",
+    newest = kernel.choose_kernel(packages, None)
+    assert newest == kernel.KernelPackage("linux-image-6.12.117+deb12-amd64-unsigned",
                                          "6.12.117+deb12-amd64")
 
 
 def test_kernel_can_be_pinned_and_nothing_found_is_none():
-    packages = hosts.kernel_packages(APT_CACHE_SEARCH)
-    assert hosts.choose_kernel(packages, "6.1.0-56-amd64").release == "6.1.0-56-amd64"
-    assert hosts.choose_kernel(packages, "5.10.0-1-amd64") is None
-    assert hosts.choose_kernel(hosts.kernel_packages(""), None) is None
+    packages = kernel.kernel_packages(APT_CACHE_SEARCH)
+    assert kernel.choose_kernel(packages, "6.1.0-56-amd64").release == "6.1.0-56-amd64"
+    assert kernel.choose_kernel(packages, "5.10.0-1-amd64") is None
+    assert kernel.choose_kernel(kernel.kernel_packages(""), None) is None
 
 
 def test_release_order_is_numeric():
     releases = ["6.1.0-9-amd64", "6.12.99+deb12-amd64", "6.1.0-56-amd64", "6.12.117+deb12-amd64"]
-    assert sorted(releases, key=hosts.kernel_release_key) == [
+    assert sorted(releases, key=kernel.kernel_release_key) == [
         "6.1.0-9-amd64", "6.1.0-56-amd64", "6.12.99+deb12-amd64", "6.12.117+deb12-amd64"]
 
 
 def test_apt_offline_output_is_recognised():
-    assert hosts.offline("Err:1 http://deb.debian.org/debian bookworm InRelease\n"
+    assert tools.offline("Err:1 http://deb.debian.org/debian bookworm InRelease\n"
                          "  Temporary failure resolving 'deb.debian.org'")
-    assert not hosts.offline("E: Unable to locate package linux-image-9.9-amd64")
+    assert not tools.offline("E: Unable to locate package linux-image-9.9-amd64")
 
 
 # ---------------------------------------------------------------- modules and ELF
 
 def test_module_names_and_builtins():
-    assert hosts.module_name("kernel/arch/x86/kvm/kvm-amd.ko.xz") == "kvm_amd"
-    assert hosts.module_name("9pnet_virtio.ko") == "9pnet_virtio"
-    assert hosts.builtin_modules("kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_pci.ko\n") \
+    assert kernel.module_name("kernel/arch/x86/kvm/kvm-amd.ko.xz") == "kvm_amd"
+    assert kernel.module_name("9pnet_virtio.ko") == "9pnet_virtio"
+    assert kernel.builtin_modules("kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_pci.ko\n") \
         == {"virtio", "virtio_pci"}
 
 
 def test_elf_section_and_modinfo_depends():
     image = module("kvm,ccp")
-    assert hosts.elf_section(image, ".text") == b"\x90" * 8
-    assert hosts.modinfo_depends(hosts.elf_section(image, ".modinfo")) == ["kvm", "ccp"]
-    assert hosts.modinfo_depends(b"license=GPL\0depends=\0") == []
+    assert elf.elf_section(image, ".text") == b"\x90" * 8
+    assert kernel.modinfo_depends(elf.elf_section(image, ".modinfo")) == ["kvm", "ccp"]
+    assert kernel.modinfo_depends(b"license=GPL\0depends=\0") == []
     with pytest.raises(ValueError, match="no .modinfo section"):
-        hosts.elf_section(make_elf({".text": b""}), ".modinfo")
+        elf.elf_section(make_elf({".text": b""}), ".modinfo")
     with pytest.raises(ValueError, match="not a 64-bit"):
-        hosts.elf_section(b"#!/bin/sh\n", ".modinfo")
+        elf.elf_section(b"#!/bin/sh\n", ".modinfo")
 
 
 def test_static_elf_is_one_without_an_interpreter():
     pt_load, pt_interp = 1, 3
-    assert hosts.is_static_elf(make_elf(segment_types=(pt_load, pt_load)))
-    assert not hosts.is_static_elf(make_elf(segment_types=(pt_load, pt_interp)))
-    assert not hosts.is_static_elf(b"#!/bin/sh\n")
+    assert elf.is_static_elf(make_elf(segment_types=(pt_load, pt_load)))
+    assert not elf.is_static_elf(make_elf(segment_types=(pt_load, pt_interp)))
+    assert not elf.is_static_elf(b"#!/bin/sh\n")
 
 
 def test_load_order_puts_dependencies_first_once_and_skips_builtins():
     depends = {"kvm_amd": ["kvm", "ccp"], "kvm": ["irqbypass"], "ccp": [], "irqbypass": [],
                "9p": ["netfs", "9pnet"], "9pnet": ["netfs"], "netfs": [], "9pnet_virtio": ["9pnet"]}
-    order = hosts.load_order(["kvm-amd", "virtio_pci", "9pnet_virtio", "9p"], depends.__getitem__,
+    order = kernel.load_order(["kvm-amd", "virtio_pci", "9pnet_virtio", "9p"], depends.__getitem__,
                              frozenset({"virtio_pci"}))
     assert order == ["irqbypass", "kvm", "ccp", "kvm_amd", "netfs", "9pnet", "9pnet_virtio", "9p"]
 
 
-def test_collect_modules_reads_compressed_modules_and_fails_on_missing_ones(tmp_path, monkeypatch):
+def test_collect_modules_reads_compressed_modules_and_fails_on_missing_ones(tmp_path):
     tree = tmp_path / "6.0.0-1-amd64"
     (tree / "kernel").mkdir(parents=True)
     (tree / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
@@ -139,20 +139,18 @@ def test_collect_modules_reads_compressed_modules_and_fails_on_missing_ones(tmp_
              "overlay.ko": module("")}
     for name, data in files.items():
         (tree / "kernel" / name).write_bytes(data)
-    monkeypatch.setattr(hosts, "MODULE_ROOTS", ("kvm_amd", "virtio_pci", "overlay"))
-    order, images = hosts.collect_modules(tree)
+    order, images = kernel.collect_modules(tree, ("kvm_amd", "virtio_pci", "overlay"))
     assert order == ["kvm", "kvm_amd", "overlay"]
     assert images["kvm_amd"] == module("kvm")
-    monkeypatch.setattr(hosts, "MODULE_ROOTS", ("kvm_amd", "9p"))
-    with pytest.raises(hosts.InitramfsError, match="9p is neither built into 6.0.0-1-amd64"):
-        hosts.collect_modules(tree)
+    with pytest.raises(errors.InitramfsError, match="9p is neither built into 6.0.0-1-amd64"):
+        kernel.collect_modules(tree, ("kvm_amd", "9p"))
 
 
 def test_unknown_module_compression_names_the_file(tmp_path):
     path = tmp_path / "kvm.ko.zst"
     path.write_bytes(b"\x28\xb5\x2f\xfd")
-    with pytest.raises(hosts.InitramfsError, match="kvm.ko.zst"):
-        hosts.read_module(path)
+    with pytest.raises(errors.InitramfsError, match="kvm.ko.zst"):
+        kernel.read_module(path)
 
 
 # ---------------------------------------------------------------- environment and scripts
@@ -162,12 +160,12 @@ def test_guest_environment_passes_the_documented_variables_only():
                "PYTHONPATH": "/src", "PYKVM_REQUIRE_KVM": "1", "PYTEST_ADDOPTS": "-x",
                "LC_ALL": "C.UTF-8", "TERM": "xterm", "SSH_AUTH_SOCK": "/tmp/agent",
                "LD_PRELOAD": "/lib/evil.so", "PYKVM-BAD": "x"}
-    env = hosts.guest_environment(environ, stdout_is_tty=True)
+    env = initramfs.guest_environment(environ, stdout_is_tty=True)
     assert env == {"PATH": "/venv/bin:/usr/bin", "HOME": "/root", "VIRTUAL_ENV": "/venv",
                    "PYTHONPATH": "/src", "PYKVM_REQUIRE_KVM": "1", "PYTEST_ADDOPTS": "-x",
                    "LC_ALL": "C.UTF-8", "TERM": "xterm", "PYTHONDONTWRITEBYTECODE": "1"}
-    assert hosts.guest_environment({}, stdout_is_tty=False)["TERM"] == "dumb"
-    assert hosts.guest_environment({}, stdout_is_tty=False)["PATH"]
+    assert initramfs.guest_environment({}, stdout_is_tty=False)["TERM"] == "dumb"
+    assert initramfs.guest_environment({}, stdout_is_tty=False)["PATH"]
 
 
 def test_command_script_runs_the_exact_argv_in_cwd_with_exactly_env(tmp_path):
@@ -177,7 +175,7 @@ def test_command_script_runs_the_exact_argv_in_cwd_with_exactly_env(tmp_path):
             "sorted(k for k in os.environ if k.startswith('T_')), os.environ['T_VALUE'])))",
             "a b", "it's", "$HOME", "`id`", "x\ny", "*", ""]
     env = {"T_VALUE": "'; echo injected; '\n$(id)", "T_EMPTY": "", "PATH": os.environ["PATH"]}
-    script = hosts.command_script(argv, str(cwd), env)
+    script = initramfs.command_script(argv, str(cwd), env)
     result = subprocess.run(["env", "-i", "/bin/sh", "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == repr((argv[3:], str(cwd), ["T_EMPTY", "T_VALUE"],
@@ -186,18 +184,18 @@ def test_command_script_runs_the_exact_argv_in_cwd_with_exactly_env(tmp_path):
 
 def test_command_script_reports_the_exit_status_and_a_missing_directory():
     env = {"PATH": os.environ["PATH"]}
-    assert subprocess.run(["/bin/sh", "-c", hosts.command_script(["sh", "-c", "exit 3"], "/", env)]
+    assert subprocess.run(["/bin/sh", "-c", initramfs.command_script(["sh", "-c", "exit 3"], "/", env)]
                           ).returncode == 3
-    missing = hosts.command_script(["true"], "/nonexistent/dir", env)
+    missing = initramfs.command_script(["true"], "/nonexistent/dir", env)
     assert subprocess.run(["/bin/sh", "-c", missing], capture_output=True).returncode \
-        == hosts.EXIT_RUNNER_FAILED
+        == errors.EXIT_RUNNER_FAILED
     with pytest.raises(ValueError):
-        hosts.command_script([], "/", env)
+        initramfs.command_script([], "/", env)
 
 
 def test_init_script_is_valid_sh_and_runs_the_command_between_the_markers():
     markers = Markers("0123abcd")
-    init = hosts.init_script(markers)
+    init = tcg_amd.init_script(markers)
     assert subprocess.run(["/bin/sh", "-n"], input=init, text=True).returncode == 0
     lines = init.splitlines()
     start = lines.index(f'echo "{markers.start}"')
@@ -208,7 +206,7 @@ def test_init_script_is_valid_sh_and_runs_the_command_between_the_markers():
 
 
 def test_qemu_command_emulates_amd_v_and_shares_root_read_only(tmp_path):
-    command = hosts.qemu_command(tmp_path / "qemu", tmp_path / "vmlinuz", tmp_path / "initrd",
+    command = qemu.qemu_command(tmp_path / "qemu", tmp_path / "vmlinuz", tmp_path / "initrd",
                                  2048, 2)
     joined = " ".join(command)
     assert command[0] == str(tmp_path / "qemu")
@@ -277,27 +275,45 @@ def test_markers_are_fresh_per_run():
 # ---------------------------------------------------------------- command line
 
 def test_split_command_at_the_first_double_dash():
-    assert hosts.split_command(["tcg-amd", "--cpus", "1", "--", "pytest", "--", "-x"]) == (
+    assert cli.split_command(["tcg-amd", "--cpus", "1", "--", "pytest", "--", "-x"]) == (
         ["tcg-amd", "--cpus", "1"], ["pytest", "--", "-x"])
-    assert hosts.split_command(["tcg-amd", "--prepare"]) == (["tcg-amd", "--prepare"], [])
+    assert cli.split_command(["tcg-amd", "--prepare"]) == (["tcg-amd", "--prepare"], [])
 
 
 @pytest.mark.parametrize("argv", [["tcg-amd"], ["tcg-amd", "--cpus", "0", "--", "true"],
                                   ["other-host", "--", "true"]])
 def test_usage_errors_exit_2_before_doing_anything(argv, capsys):
     with pytest.raises(SystemExit) as exit:
-        hosts.main(argv)
+        cli.main(argv)
     assert exit.value.code == 2
     assert "usage: python -m pykvm.hosts HOST" in capsys.readouterr().err
 
 
 def test_runner_errors_are_pykvm_errors_that_carry_the_console_tail():
-    error = hosts.GuestTimeout("did not finish within 5 s", "last line")
-    assert isinstance(error, hosts.GuestFailed) and isinstance(error, PyKvmError)
+    error = errors.GuestTimeout("did not finish within 5 s", "last line")
+    assert isinstance(error, errors.GuestFailed) and isinstance(error, PyKvmError)
     assert error.tail == "last line" and str(error).endswith("last line")
-    assert issubclass(hosts.MirrorUnreachable, hosts.KernelUnavailable)
+    assert issubclass(errors.MirrorUnreachable, errors.KernelUnavailable)
 
 
 def test_console_tail_drops_terminal_escapes():
     output, console = run_console([b"\x1bc\x1b[?7l\x1b[2JSeaBIOS\r\nBooting from ROM..\x1bc\x1b[2J[ 3.1] Oops\r\n"])
     assert console.tail == "SeaBIOS\nBooting from ROM..[ 3.1] Oops"
+
+
+def test_init_mounts_the_root_qemu_shares_and_takes_another_root_as_well(tmp_path):
+    init = tcg_amd.init_script(MARKERS)
+    virtfs = qemu.qemu_command(tmp_path / "qemu", tmp_path / "vmlinuz", tmp_path / "initrd", 2048, 2)[-1]
+    tag = dict(option.split("=", 1) for option in virtfs.split(",") if "=" in option)["mount_tag"]
+    assert f"mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=262144,cache=loose {tag} /lower" in init
+    assert tcg_amd.NO_KVM in init
+    # a runner whose host root comes from a disk image gives its own mount command
+    disk = initramfs.init_script(MARKERS, 'mount -t ext4 -o ro /dev/vda /lower || fail "no root disk"',
+                                 "kvm_intel loaded but /dev/kvm is missing")
+    assert subprocess.run(["/bin/sh", "-n"], input=disk, text=True).returncode == 0
+    assert "mount -t 9p" not in disk and "/dev/vda /lower" in disk
+
+
+def test_tools_come_from_debian_packages():
+    assert set(tcg_amd.TOOL_PACKAGES) == {"qemu-system-x86_64", "busybox", "cpio"}
+    assert tools.offline("Could not resolve 'deb.debian.org'")

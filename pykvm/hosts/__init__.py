@@ -3,11 +3,12 @@
 Why this exists: kvm_pvm, kvm_amd and kvm_intel do not behave alike, and pykvm
 never assumes which one it runs on. :mod:`~pykvm.hosts.vendor` detects the
 module; :mod:`~pykvm.hosts.conformance` is the one table of expected and
-measured behaviour per host, with each probe's scenario beside its row
-(:mod:`~pykvm.hosts.probes`); :mod:`~pykvm.hosts.facts` derives the named facts
-tests branch on; :mod:`~pykvm.hosts.limits` explains exits that are host limits;
-:mod:`~pykvm.hosts.tcg_amd` runs a command on kvm_amd under QEMU
-(``python -m pykvm.hosts tcg-amd -- CMD``).
+measured behaviour per host, gathered from the probe families of
+:mod:`~pykvm.hosts.probes`, where each probe's row sits beside its scenario
+(:func:`~pykvm.hosts.probes.run_probes` runs them); :mod:`~pykvm.hosts.facts`
+derives the named facts tests branch on; :mod:`~pykvm.hosts.limits` explains
+exits that are host limits; :mod:`~pykvm.hosts.runner` runs a command on
+another host, kvm_amd under QEMU (``python -m pykvm.hosts tcg-amd -- CMD``).
 """
 
 from ..core.exits import add_explainer

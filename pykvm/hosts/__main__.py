@@ -2,6 +2,6 @@
 
 import sys
 
-from .tcg_amd import main
+from .runner.cli import main
 
 sys.exit(main())

@@ -69,7 +69,7 @@ def host_info(vendor: VendorModule) -> HostInfo:
     return HostInfo(vendor, **_facts(vendor))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detect() -> HostInfo:
     """The facts for this machine's KVM (cached)."""
     return host_info(detect_vendor())

@@ -75,7 +75,7 @@ def explain_internal_error(host: HostInfo, exit: InternalErrorExit, mode: Mode) 
     return f"KVM could not emulate the instruction {where}", False
 
 
-def explain_exit(vcpu: "Vcpu", exit: Exit) -> None:
+def explain_exit(vcpu: Vcpu, exit: Exit) -> None:
     """The explainer registered with the core: fills in ``explanation`` (and ``host_limit``)."""
     host = detect()
     if isinstance(exit, FailEntryExit):

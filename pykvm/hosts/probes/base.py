@@ -1,0 +1,138 @@
+"""What a probe is made of: its outcomes, its row of the conformance table, and its scenario.
+
+Why this exists: a probe's expected outcome and the guest code that measures
+it must use the same words, or a typo shows only as "NOT as recorded" on a live
+host. Each probe family (a module of :mod:`pykvm.hosts.probes`) names its
+outcomes once, as an :class:`Outcome` enum, and uses those names in its rows
+(:class:`Expectation`) and in its scenarios, which sit beside the rows.
+:func:`scenario` registers a scenario with the rows it reports;
+:mod:`pykvm.hosts.conformance` builds the table from them.
+
+This module imports nothing that runs guests, so the table stays light to build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+from ..vendor import VendorModule
+
+INTEL_EXPECTED = "expected from the Intel SDM and KVM's vmx code, unverified: not measured on kvm_intel"
+PVM_MEASURED = "measured on kvm_pvm by python -m pykvm.doctor (Linux 6.18, nested under KVM)"
+AMD_MEASURED = ("measured on kvm_amd (Debian Linux 6.12.117, under QEMU TCG -cpu max) by "
+                "python -m pykvm.hosts tcg-amd -- python -m pykvm.doctor")
+
+
+class Outcome(str, enum.Enum):
+    """A probe's outcome: a named phrase (the phrase is what the doctor prints and compares)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Result(Outcome):
+    """Outcomes the runner gives any probe whose scenario did not finish."""
+
+    PROBE_FAILED = "probe failed"                 # pykvm's scenario broke: a bug to fix
+    INTERNAL_ERROR = "KVM internal error"         # KVM stopped the guest: evidence about the host
+
+
+RESULT_EXPLANATIONS: dict[Outcome, str] = {
+    Result.INTERNAL_ERROR: "KVM ended the scenario with KVM_EXIT_INTERNAL_ERROR where the record "
+                           "has none (the exit is in what was seen)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What one probe saw: ``outcome`` (None: the host lacks what it needs) and ``detail``."""
+
+    outcome: Outcome | None
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Known:
+    """What pykvm recorded for one vendor module: the outcome, and how it is known."""
+
+    outcome: Outcome
+    source: str
+    verified: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Expectation:
+    """One probe: the architectural / documented outcome, its source, and what each host does."""
+
+    probe: str
+    title: str
+    expected: Outcome
+    source: str
+    hosts: dict[VendorModule, Known]
+    explanations: dict[Outcome, str] = dataclasses.field(default_factory=dict)
+    fact: str | None = None        # the HostInfo attribute this row defines
+
+    def known(self, vendor: VendorModule) -> Known:
+        """The recorded outcome for ``vendor``; the expectation itself (unverified) when none is recorded."""
+        if vendor in self.hosts:
+            return self.hosts[vendor]
+        if vendor == VendorModule.INTEL:
+            return Known(self.expected, INTEL_EXPECTED, False)
+        return Known(self.expected, "architectural expectation, not measured on this vendor module",
+                     False)
+
+    def explain(self, outcome: Outcome) -> str:
+        return self.explanations.get(outcome) or RESULT_EXPLANATIONS.get(
+            outcome, f"observed '{outcome}', expected '{self.expected}'")
+
+
+def measured(pvm: Outcome, amd: Outcome, intel: Outcome | None = None, pvm_note: str = ""
+             ) -> dict[VendorModule, Known]:
+    """A row's ``hosts``: measured on kvm_pvm and kvm_amd; for kvm_intel an expectation when given."""
+    hosts = {VendorModule.PVM: Known(pvm, PVM_MEASURED + (f"; {pvm_note}" if pvm_note else ""), True),
+             VendorModule.AMD: Known(amd, AMD_MEASURED, True)}
+    if intel is not None:
+        hosts[VendorModule.INTEL] = Known(intel, INTEL_EXPECTED, False)
+    return hosts
+
+
+ScenarioFunction = Callable[[object], "Observation | tuple[Observation, ...]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A guest scenario and the rows it reports, in the order of the observations it returns."""
+
+    function: ScenarioFunction
+    rows: tuple[Expectation, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(row.probe for row in self.rows)
+
+    def observe(self, kvm: object) -> dict[str, Observation]:
+        """Run the scenario: its observations keyed by probe."""
+        report = self.function(kvm)
+        observations = report if isinstance(report, tuple) else (report,)
+        if len(observations) != len(self.rows):
+            raise TypeError(f"scenario {self.name} returned {len(observations)} observations "
+                            f"for {len(self.rows)} probes")
+        return {row.probe: observation for row, observation in zip(self.rows, observations, strict=True)}
+
+
+# Every scenario, in registration order: the order of the table, the doctor and the docs.
+SCENARIOS: list[Scenario] = []
+
+
+def scenario(*rows: Expectation) -> Callable[[ScenarioFunction], ScenarioFunction]:
+    """Register the decorated function as the scenario that measures ``rows``.
+
+    It takes a :class:`pykvm.Kvm` and returns one :class:`Observation` per row, in
+    order (a tuple when it reports several).
+    """
+    def register(function: ScenarioFunction) -> ScenarioFunction:
+        SCENARIOS.append(Scenario(function, rows))
+        return function
+    return register

@@ -1,0 +1,116 @@
+"""Probes of KVM_RUN's exits and KVM_INTERRUPT with the userspace irqchip: io_exit_rip, irq_window,
+interrupt_not_ready.
+
+Why this exists: with no in-kernel irqchip, userspace injects interrupts itself,
+and depends on where KVM reports RIP, when it opens the interrupt window, and
+whether it checks IF before injecting. Hosts differ in all three.
+"""
+
+from __future__ import annotations
+
+from ...core.exits import FailEntryExit
+from ...guests import Command, StopKind
+from .base import Expectation, Observation, Outcome, measured, scenario
+from .harness import PROBE_VECTOR, boot, label, most_common, run_once
+
+
+class IoExitRip(Outcome):
+    AT_OUT = "at the out"
+    PAST_OUT = "past the out"
+    ELSEWHERE = "elsewhere"
+
+
+IO_EXIT_RIP = Expectation(
+    "io_exit_rip", "RIP reported at a KVM_EXIT_IO for `out`", IoExitRip.AT_OUT,
+    "api.rst 'kvm_run': an IO exit's instruction completes only on the next KVM_RUN; "
+    "x86.c kvm_fast_pio / complete_fast_pio_out",
+    measured(IoExitRip.PAST_OUT, IoExitRip.AT_OUT),
+    {IoExitRip.PAST_OUT: "the host reports RIP after the `out`; the instruction is already complete"},
+    "io_exit_rip_at_out")
+
+
+@scenario(IO_EXIT_RIP)
+def io_exit_rip(kvm) -> Observation:
+    """Where RIP points when KVM reports the guest's sync `out` as KVM_EXIT_IO."""
+    vm, guest = boot(kvm)
+    with vm:
+        stop = guest.command(Command.NOP)
+        places = {guest.address("sync_out"): IoExitRip.AT_OUT,
+                  guest.address("sync_done"): IoExitRip.PAST_OUT}
+        return Observation(places.get(stop.rip, IoExitRip.ELSEWHERE),
+                           f"RIP {stop.rip:#x} ({label(guest, stop.rip)})")
+
+
+class IrqWindow(Outcome):
+    AFTER_STI_NOP = "exit after sti; nop"
+    RIGHT_AFTER_STI = "exit right after sti"
+    ELSEWHERE = "exit elsewhere"
+    NO_EXIT = "no window exit"
+
+
+IRQ_WINDOW = Expectation(
+    "irq_window", "IRQ window exit after `sti; nop` (userspace irqchip)", IrqWindow.AFTER_STI_NOP,
+    "api.rst request_interrupt_window / KVM_EXIT_IRQ_WINDOW_OPEN; Intel SDM Vol. 3C "
+    "'interrupt-window exiting'; AMD APM Vol. 2 'virtual interrupt intercept (VINTR)'",
+    measured(IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP),
+    {IrqWindow.NO_EXIT: "the host never sends KVM_EXIT_IRQ_WINDOW_OPEN; inject at the next exit "
+                        "that reports ready_for_interrupt_injection=1",
+     IrqWindow.RIGHT_AFTER_STI: "the window opened inside the STI shadow"},
+    "sends_irq_window_exits")
+
+
+@scenario(IRQ_WINDOW)
+def irq_window(kvm) -> Observation:
+    """request_interrupt_window while IF=0, then the guest runs `sti; nop; out`."""
+    def trial() -> Observation:
+        vm, guest = boot(kvm)
+        with vm:
+            guest.command(Command.CLI)
+            guest.vcpu.kvm_run.request_interrupt_window = 1
+            guest.send(Command.STI_NOP)
+            stop = run_once(guest)
+            guest.vcpu.kvm_run.request_interrupt_window = 0
+            if stop.kind != StopKind.WINDOW:
+                return Observation(IrqWindow.NO_EXIT, f"next exit: {stop.describe()}")
+            outcome = {guest.address("sti_nop_end"): IrqWindow.AFTER_STI_NOP,
+                       guest.address("sti_nop_nop"): IrqWindow.RIGHT_AFTER_STI}.get(
+                           stop.rip, IrqWindow.ELSEWHERE)
+            guest.run_until(StopKind.SYNC)
+            return Observation(outcome, f"KVM_EXIT_IRQ_WINDOW_OPEN at RIP {stop.rip:#x} "
+                                        f"({label(guest, stop.rip)})")
+    return most_common(trial)
+
+
+class NotReady(Outcome):
+    HELD = "held while IF=0"
+    DELIVERED_WITH_IF_CLEAR = "delivered although IF=0"
+    DELIVERED_AFTER_STI = "delivered after STI"
+    ENTRY_FAILS = "VM entry fails"
+
+
+INTERRUPT_NOT_READY = Expectation(
+    "interrupt_not_ready", "KVM_INTERRUPT while the guest has IF=0", NotReady.HELD,
+    "Intel SDM Vol. 3A 6.8.1 (IF masks external interrupts); api.rst: inject only when "
+    "ready_for_interrupt_injection=1",
+    measured(NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS),
+    {NotReady.DELIVERED_WITH_IF_CLEAR: "KVM injects the event regardless of IF; userspace must wait "
+                                       "for ready_for_interrupt_injection=1 (pykvm refuses otherwise)",
+     NotReady.ENTRY_FAILS: "VT-x's VM-entry checks reject an external interrupt with RFLAGS.IF=0"})
+
+
+@scenario(INTERRUPT_NOT_READY)
+def interrupt_not_ready(kvm) -> Observation:
+    """KVM_INTERRUPT (forced) while the guest has IF=0, then KVM_RUN."""
+    vm, guest = boot(kvm)
+    with vm:
+        guest.command(Command.CLI)
+        guest.vcpu.interrupt(PROBE_VECTOR, force=True)
+        guest.send(Command.NOP)
+        stop = run_once(guest)
+        if isinstance(stop.exit, FailEntryExit):
+            return Observation(NotReady.ENTRY_FAILS, stop.describe())
+        log = guest.log()
+        if not log:
+            return Observation(NotReady.HELD, f"nothing logged; next exit {stop.describe()}")
+        return Observation(NotReady.DELIVERED_WITH_IF_CLEAR if not log[0].interrupts_were_enabled
+                           else NotReady.DELIVERED_AFTER_STI, f"{log[0]!r}")

@@ -1,0 +1,112 @@
+"""Probes of KVM_SET_GUEST_DEBUG single-stepping: single_step, step_sti_shadow, hlt_single_step.
+
+Why this exists: the shadow probes and many tests single-step guests, and hosts
+differ in where the trap comes after `sti` and in whether a stepped `hlt` halts.
+"""
+
+from __future__ import annotations
+
+from ...core.constants import Cap
+from ...core.exits import DebugExit, HltExit
+from ...guests import Command
+from .base import Expectation, Observation, Outcome, measured, scenario
+from .harness import boot, label, start_stepping, step, stop_stepping
+
+
+def _stepping_session(kvm):
+    """A VM with one booted vCPU on a host that can single-step (CapabilityMissing otherwise)."""
+    kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
+    return boot(kvm)
+
+
+class SingleStep(Outcome):
+    EVERY_INSTRUCTION = "one exit per instruction"
+    SKIPS = "skips instructions"
+
+
+SINGLE_STEP = Expectation(
+    "single_step", "KVM_SET_GUEST_DEBUG single-step", SingleStep.EVERY_INSTRUCTION,
+    "api.rst KVM_SET_GUEST_DEBUG, KVM_GUESTDBG_SINGLESTEP",
+    measured(SingleStep.EVERY_INSTRUCTION, SingleStep.EVERY_INSTRUCTION))
+
+
+@scenario(SINGLE_STEP)
+def single_step(kvm) -> Observation:
+    """Single-step a 2-iteration `dec; jnz` loop: one debug exit per instruction?"""
+    vm, guest = _stepping_session(kvm)
+    with vm:
+        rips = start_stepping(guest, Command.SPIN, "spin_end", 2)
+        stop_stepping(guest)
+        loop, end = guest.address("spin_loop"), guest.address("spin_end")
+        # dec; jnz twice: two stops at the loop head and two at the jnz after it
+        stepped = rips.count(loop) == 2 and len([rip for rip in rips if loop < rip < end]) == 2
+        return Observation(SingleStep.EVERY_INSTRUCTION if stepped else SingleStep.SKIPS,
+                           f"{len(rips)} debug exits, {rips.count(loop)} at spin_loop")
+
+
+class StepStiShadow(Outcome):
+    STOPS_IN_SHADOW = "stops in the shadow"
+    HELD_PAST_SHADOW = "trap held past the shadowed instruction"
+    ELSEWHERE = "elsewhere"
+
+
+STEP_STI_SHADOW = Expectation(
+    "step_sti_shadow", "single-step over `sti`: where the next debug exit comes",
+    StepStiShadow.STOPS_IN_SHADOW, "Intel SDM Vol. 3A 6.8.3 holds debug exceptions only after "
+    "MOV SS / POP SS; STI delays interrupts, not the single-step trap",
+    measured(StepStiShadow.STOPS_IN_SHADOW, StepStiShadow.HELD_PAST_SHADOW),
+    {StepStiShadow.HELD_PAST_SHADOW: "the host treats the STI shadow like MOV SS's and holds the "
+                                     "single-step trap over the next instruction"},
+    "single_step_stops_in_sti_shadow")
+
+
+@scenario(STEP_STI_SHADOW)
+def step_sti_shadow(kvm) -> Observation:
+    """Single-step over `sti` with IF=0: does the trap stop at the shadowed nop or after it?"""
+    vm, guest = _stepping_session(kvm)
+    with vm:
+        guest.command(Command.CLI)
+        start_stepping(guest, Command.STI_NOP, "sti_nop_sti")
+        rip = step(guest)
+        shadow = guest.vcpu.events.interrupt.shadow
+        stop_stepping(guest)
+        places = {guest.address("sti_nop_nop"): StepStiShadow.STOPS_IN_SHADOW,
+                  guest.address("sti_nop_end"): StepStiShadow.HELD_PAST_SHADOW}
+        return Observation(places.get(rip, StepStiShadow.ELSEWHERE),
+                           f"the step over sti stopped at {label(guest, rip)}, events shadow={shadow:#x}")
+
+
+class HltStep(Outcome):
+    HALTS = "halts"
+    DEBUG_EXIT_PAST_HLT = "debug exit past the hlt"
+    DEBUG_EXIT_ELSEWHERE = "debug exit elsewhere"
+    OTHER_EXIT = "other exit"
+
+
+HLT_SINGLE_STEP = Expectation(
+    "hlt_single_step", "HLT executed under single-step", HltStep.HALTS,
+    "Intel SDM Vol. 2A 'HLT' (the processor halts until an interrupt, NMI, SMI or INIT; the "
+    "single-step trap follows the completed instruction); api.rst KVM_EXIT_HLT",
+    measured(HltStep.DEBUG_EXIT_PAST_HLT, HltStep.HALTS),
+    {HltStep.DEBUG_EXIT_PAST_HLT: "KVM skips the hlt and reports the single-step first "
+                                  "(x86.c kvm_emulate_halt -> kvm_skip_emulated_instruction); "
+                                  "the vCPU never halts"})
+
+
+@scenario(HLT_SINGLE_STEP)
+def hlt_single_step(kvm) -> Observation:
+    """Single-step onto `hlt` with IF=1, then one more step: KVM_EXIT_HLT or a debug exit?"""
+    vm, guest = _stepping_session(kvm)
+    with vm:
+        vcpu = guest.vcpu
+        guest.command(Command.STI)
+        start_stepping(guest, Command.HLT, "hlt_hlt")
+        exit = vcpu.run()
+        rip = vcpu.regs.rip
+        vcpu.set_single_step(False)
+        if isinstance(exit, HltExit):
+            return Observation(HltStep.HALTS, f"KVM_EXIT_HLT at {label(guest, rip)}")
+        if isinstance(exit, DebugExit):
+            return Observation(HltStep.DEBUG_EXIT_PAST_HLT if rip == guest.address("hlt_end")
+                               else HltStep.DEBUG_EXIT_ELSEWHERE, f"KVM_EXIT_DEBUG at {label(guest, rip)}")
+        return Observation(HltStep.OTHER_EXIT, repr(exit))

@@ -1,0 +1,174 @@
+"""The tcg-amd host: upstream ``kvm_amd`` in a stock Debian kernel under QEMU's emulated AMD-V.
+
+Why this exists: a machine may offer only one KVM, such as kvm_pvm, whose interrupt
+semantics differ from the architecture (:mod:`pykvm.hosts.conformance`). The
+upstream ``kvm_amd`` module is the standard host to compare with, and QEMU's
+software emulation (TCG) of AMD-V lets it run here: a stock Debian kernel
+boots under ``qemu-system-x86_64 -accel tcg -cpu max``, loads ``kvm_amd``,
+mounts this machine's ``/`` over 9p and runs the command chrooted into it, in
+the caller's working directory with the caller's Python and virtualenv.
+The command's exit status comes back as the runner's.
+
+Pieces, and where they come from:
+
+* ``qemu-system-x86_64``, a static ``busybox`` and ``cpio``: Debian packages
+  ``qemu-system-x86``, ``busybox-static``, ``cpio``, installed with apt-get
+  when missing and running as root (:mod:`.tools`).
+* The newest ``linux-image-<version>-amd64`` in apt's lists, fetched with
+  ``apt-get download`` and unpacked with ``dpkg-deb -x`` (:mod:`.kernel`). Its
+  ``vmlinuz`` and an initramfs (busybox plus the modules ``kvm_amd``, 9p and
+  overlayfs need, decompressed: :mod:`.initramfs`) are cached in
+  ``$XDG_CACHE_HOME/pykvm/tcg-amd/<version>/``.
+* Per run, a second small archive holding ``/init`` and the command script is
+  appended to the cached initramfs, and QEMU runs it (:mod:`.qemu`).
+
+Inside the guest, the host's root is the read-only lower layer of an overlay
+whose upper layer is guest RAM: every path is writable there and every write
+is discarded at power-off. The command's stdout and stderr share the serial
+console, which is streamed to the caller's stdout (:mod:`.console`); the
+runner's own messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import initramfs, kernel, qemu
+from .console import Markers
+from .errors import KernelUnavailable
+from .tools import apt_update, ensure_tools, is_root, say
+
+NAME = "tcg-amd"
+# Debian package of each tool the runner needs.
+TOOL_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
+                 "cpio": "cpio"}
+# Modules the guest loads (with their dependencies), unless built in.
+MODULE_ROOTS = ("kvm_amd", "virtio_pci", "9pnet_virtio", "9p", "overlay")
+NO_KVM = "kvm_amd loaded but /dev/kvm is missing: does QEMU's -cpu offer SVM?"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tools:
+    """The located executables."""
+
+    qemu: Path
+    busybox: Path
+    cpio: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Everything needed to boot: tools, the cached kernel and base initramfs."""
+
+    tools: Tools
+    release: str
+    cache_dir: Path
+    vmlinuz: Path
+    initramfs: Path
+    reused: bool
+
+
+def init_script(markers: Markers) -> str:
+    """This host's ``/init``: load kvm_amd, overlay the root QEMU shares over 9p, run the command."""
+    return initramfs.init_script(markers, qemu.MOUNT_HOST_ROOT, NO_KVM)
+
+
+# ---------------------------------------------------------------- the cache
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/pykvm/tcg-amd``, else ``~/.cache/pykvm/tcg-amd``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pykvm" / NAME
+
+
+def _base_key(busybox: Path) -> str:
+    digest = hashlib.sha256(initramfs.BASE_LAYOUT.encode() + repr(MODULE_ROOTS).encode())
+    digest.update(busybox.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _cached(cache_dir: Path, key: str) -> tuple[Path, Path]:
+    return cache_dir / "vmlinuz", cache_dir / f"initramfs-{key}.cpio.gz"
+
+
+def _cached_release(root: Path, key: str, release: str | None) -> str | None:
+    """``release`` (None: the newest) if the cache holds it complete."""
+    releases = [entry.name for entry in root.glob("*")
+                if release in (None, entry.name) and all(p.exists() for p in _cached(entry, key))]
+    return max(releases, key=kernel.kernel_release_key, default=None)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def build_kernel_cache(package: kernel.KernelPackage, tools: Tools, cache_dir: Path, key: str) -> None:
+    """Download and unpack ``package``; cache its vmlinuz and the base initramfs in ``cache_dir``."""
+    with tempfile.TemporaryDirectory(prefix="pykvm-tcg-amd-") as work_name:
+        work = Path(work_name)
+        unpacked = kernel.download_kernel(package, work, NAME, cache_dir.parent)
+        order, images = kernel.collect_modules(unpacked.modules_dir, MODULE_ROOTS)
+        archive = initramfs.base_archive(work / "initramfs", tools.busybox, order, images, tools.cpio)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        vmlinuz_cache, initramfs_cache = _cached(cache_dir, key)
+        _write_atomically(initramfs_cache, archive)
+        _write_atomically(vmlinuz_cache, unpacked.vmlinuz.read_bytes())
+
+
+# ---------------------------------------------------------------- prepare and run
+
+def prepare(release: str | None = None) -> Prepared:
+    """Locate or install the tools; find, or fetch and build, the cached kernel and initramfs.
+
+    ``release`` pins the kernel (``6.1.0-56-amd64``); by default the newest in apt's lists.
+    """
+    located = ensure_tools(TOOL_PACKAGES)
+    tools = Tools(qemu=located["qemu-system-x86_64"], busybox=located["busybox"], cpio=located["cpio"])
+    root = cache_root()
+    key = _base_key(tools.busybox)
+    pinned_and_cached = release is not None and _cached_release(root, key, release) is not None
+    if _cached_release(root, key, release) is None and is_root():
+        # Nothing cached: a kernel will be downloaded. Refresh apt's lists first, so that
+        # a machine with stale lists neither picks a kernel the mirror no longer has nor
+        # an old one.
+        apt_update()
+    package = None if pinned_and_cached else kernel.find_kernel_package(release)
+    if package is None:
+        cached = _cached_release(root, key, release)
+        if cached is None:
+            wanted = f"linux-image-{release}" if release else f"{kernel.KERNEL_PACKAGE_PATTERN} package"
+            raise KernelUnavailable(
+                f"apt's lists have no {wanted} and {root} does not hold it; run `apt-get update` "
+                f"as root (it needs the Debian mirror), or pick a release that "
+                f"`apt-cache search --names-only '{kernel.KERNEL_PACKAGE_PATTERN}'` lists, then retry")
+        release = cached
+    else:
+        release = package.release
+    cache_dir = root / release
+    vmlinuz, base = _cached(cache_dir, key)
+    reused = vmlinuz.exists() and base.exists()
+    if not reused:
+        assert package is not None            # a release without a package is a cached one
+        build_kernel_cache(package, tools, cache_dir, key)
+    say(f"kernel {release}, cache {cache_dir} ({'reused' if reused else 'built now'})")
+    return Prepared(tools, release, cache_dir, vmlinuz, base, reused)
+
+
+def run(argv: list[str], release: str | None, memory_mib: int, cpus: int, timeout: float) -> int:
+    """Prepare, then run ``argv`` on kvm_amd in the caller's directory and environment."""
+    prepared = prepare(release)
+    markers = Markers.fresh()
+    env = initramfs.guest_environment(os.environ, sys.stdout.isatty())
+    script = initramfs.command_script(argv, os.getcwd(), env)
+    with tempfile.TemporaryDirectory(prefix="pykvm-tcg-amd-run-") as directory:
+        initrd = initramfs.run_initrd(prepared.initramfs, init_script(markers), script, Path(directory),
+                                      prepared.tools.cpio)
+        command = qemu.qemu_command(prepared.tools.qemu, prepared.vmlinuz, initrd, memory_mib, cpus)
+        return qemu.boot(command, markers, timeout, sys.stdout.buffer, NAME)
