@@ -95,35 +95,7 @@ cmd_raise:
     out     %eax, $PORT_ASSERT
     jmp     next_step
 
-do_raise_0:                             /* #DE: divide by zero */
-    set_fixup raise_0_end
-    xor     %edx, %edx
-    xor     %ecx, %ecx
-raise_0:
-    div     %ecx
-raise_0_end:
-    jmp     next_step
-
-do_raise_3:                             /* #BP: a trap, returns past the int3 itself */
-raise_3:
-    int3
-raise_3_end:
-    jmp     next_step
-
-do_raise_6:                             /* #UD */
-    set_fixup raise_6_end
-raise_6:
-    ud2
-raise_6_end:
-    jmp     next_step
-
-do_raise_13:                            /* #GP(0x1234): selector beyond the GDT limit */
-    set_fixup raise_13_end
-    mov     $0x1234, %eax
-raise_13:
-    mov     %eax, %ds
-raise_13_end:
-    jmp     next_step
+    raise_commands
 
 do_raise_14:                            /* #PF: read above the 4 GiB identity map */
     set_fixup raise_14_end

@@ -97,27 +97,7 @@ bad_raise:                              /* not raisable here: assert 0x100 | n *
     out     %eax, $PORT_ASSERT
     jmp     next_step
 
-do_raise_0:                             /* #DE: divide by zero */
-    set_fixup raise_0_end
-    xor     %dx, %dx
-    xor     %cx, %cx
-raise_0:
-    div     %cx
-raise_0_end:
-    jmp     next_step
-
-do_raise_3:                             /* #BP: a trap, returns past the int3 itself */
-raise_3:
-    int3
-raise_3_end:
-    jmp     next_step
-
-do_raise_6:                             /* #UD */
-    set_fixup raise_6_end
-raise_6:
-    ud2
-raise_6_end:
-    jmp     next_step
+    raise_commands
 
 /* INT: `int $MB_ARG` (low byte) through int_table. */
 cmd_int:
