@@ -71,29 +71,8 @@ next_step:
     inc     %r15d
     jmp     main_loop
 
-bad_command:                            /* not a Command: assert 0x200 | command */
-    or      $0x200, %eax
-    out     %eax, $PORT_ASSERT
-    jmp     next_step
-
     simple_commands
 
-/* RAISE: fault at raise_<n> and resume at raise_<n>_end through MB_FIXUP. */
-cmd_raise:
-    mov     %rcx, %rax
-    cmp     $0, %rax
-    je      do_raise_0
-    cmp     $3, %rax
-    je      do_raise_3
-    cmp     $6, %rax
-    je      do_raise_6
-    cmp     $13, %rax
-    je      do_raise_13
-    cmp     $14, %rax
-    je      do_raise_14
-    or      $0x100, %eax                /* not raisable here: assert 0x100 | n */
-    out     %eax, $PORT_ASSERT
-    jmp     next_step
 
     raise_commands
 
@@ -226,13 +205,7 @@ apic_read:
     or      %rdx, %rax
     ret
 
-cmd_done:
-    mov     %r15d, %eax
-done_out:
-    out     %eax, $PORT_DONE
-1:  cli
-    hlt
-    jmp     1b
+    done_command
 
     int_table_entries
 

@@ -74,28 +74,8 @@ next_step:
     inc     %ebp
     jmp     main_loop
 
-bad_command:                            /* not a Command: assert 0x200 | command */
-    or      $0x200, %eax
-    out     %eax, $PORT_ASSERT
-    jmp     next_step
-
     simple_commands
 
-/* RAISE: fault at raise_<n> and resume at raise_<n>_end through MB_FIXUP. */
-cmd_raise:
-    mov     MAILBOX+MB_ARG, %eax
-    cmpl    $0, MAILBOX+MB_ARG+4
-    jne     bad_raise
-    cmp     $0, %eax
-    je      do_raise_0
-    cmp     $3, %eax
-    je      do_raise_3
-    cmp     $6, %eax
-    je      do_raise_6
-bad_raise:                              /* not raisable here: assert 0x100 | n */
-    or      $0x100, %eax
-    out     %eax, $PORT_ASSERT
-    jmp     next_step
 
     raise_commands
 
@@ -108,13 +88,7 @@ cmd_int:
 int_done:
     jmp     next_step
 
-cmd_done:
-    mov     %ebp, %eax
-done_out:
-    out     %eax, $PORT_DONE
-1:  cli
-    hlt
-    jmp     1b
+    done_command
 
     int_table_entries
 
