@@ -325,7 +325,8 @@ int pykvm_run(int fd, struct kvm_run *run);
 struct pykvm_vcpu_guard { int state; int closing; unsigned long thread; };
 #define PYKVM_GUARD_BUSY ...
 #define PYKVM_GUARD_CLOSED ...
-int pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcpu_guard *guard, int held);
+#define PYKVM_PACKED_IO ...
+long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcpu_guard *guard, int held);
 int pykvm_guard_acquire(struct pykvm_vcpu_guard *guard);
 void pykvm_guard_release(struct pykvm_vcpu_guard *guard);
 int pykvm_guard_close(struct pykvm_vcpu_guard *guard);

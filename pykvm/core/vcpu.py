@@ -62,6 +62,7 @@ _guard_close = lib.pykvm_guard_close
 _guard_thread = lib.pykvm_guard_thread
 _GUARD_BUSY = lib.PYKVM_GUARD_BUSY          # -100000: taken by another thread
 _GUARD_CLOSED = lib.PYKVM_GUARD_CLOSED      # -100001: the vCPU is closed
+_PACKED_IO = lib.PYKVM_PACKED_IO            # results above it are packed IO exits
 KICK_SIGNAL = signal.SIGRTMIN + 4     # real-time signal pykvm sends to kick a vCPU thread
 _kick_handler_lock = threading.Lock()
 _kick_handler_installed = False
@@ -229,17 +230,17 @@ class Vcpu(FdObject):
                 _guard_release(guard)
                 raise
             result = _run_guarded(self._run_fd, self._run_c, guard, 1)
-        if result <= _GUARD_BUSY:             # the guard was not taken
+        if result > _PACKED_IO:          # the hot path: a one-element IO exit packed by C, guard released
+            sequence = self._exit_sequence = self._exit_sequence + 1
+            self._last_result = _EXIT_IO
+            size = result >> 9 & 7
+            return _new_tuple(_IoExit, (result >> 16 & 0xFFFF, _DIRECTIONS[result >> 8 & 1], size, 1,
+                                        (result >> 32).to_bytes(size, "little"), self, sequence))
+        if result <= _GUARD_BUSY:        # the guard was not taken
             raise self._busy() if result == _GUARD_BUSY else self._closed()
         try:
-            sequence = self._exit_sequence = self._exit_sequence + 1
-            self._last_result = result
-            if result == _EXIT_IO:       # the hot path: one unpack, one tuple
-                buffer = self._run_buffer
-                direction, size, port, count, offset = _IO_FIELDS(buffer, _IO_OFFSET)
-                return _new_tuple(_IoExit, (port, _DIRECTIONS[direction], size, count,
-                                            buffer[offset:offset + size * count], self, sequence))
-            return self._exit(result)
+            self._exit_sequence += 1
+            return self._decode(result)
         finally:
             _guard_release(guard)
 
@@ -257,9 +258,20 @@ class Vcpu(FdObject):
     def _closed(self) -> ClosedError:
         return ClosedError(f"Vcpu {self.id} is closed; create a new one")
 
-    def _exit(self, result: int) -> exits.Exit:
-        """The typed exit for a KVM_RUN result other than an IO exit (guard held)."""
+    def _decode(self, result: int) -> exits.Exit:
+        """The typed exit for a KVM_RUN result (with the guard held unless ``result`` is packed)."""
+        if result > _PACKED_IO:
+            self._last_result = _EXIT_IO
+            size = result >> 9 & 7
+            return exits.IoExit(self, self._exit_sequence, result >> 16 & 0xFFFF, _DIRECTIONS[result >> 8 & 1],
+                                size, 1, (result >> 32).to_bytes(size, "little"))
+        self._last_result = result
         run = self._run_c
+        if result == _EXIT_IO:           # string IO or wider elements: from kvm_run
+            buffer = self._run_buffer
+            direction, size, port, count, offset = _IO_FIELDS(buffer, _IO_OFFSET)
+            return _new_tuple(_IoExit, (port, _DIRECTIONS[direction], size, count,
+                                        buffer[offset:offset + size * count], self, self._exit_sequence))
         if result < 0:
             if result == -errno.EINTR:
                 run.immediate_exit = 0     # consumed: the kick (if any) has happened
@@ -346,18 +358,22 @@ class Vcpu(FdObject):
                 f"reply() first, then complete_pending_exit()")
         self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.complete_pending_exit()")
         self._hold()
+        released = False              # a packed IO result comes back with the guard released by C
         try:
             kicked = run.immediate_exit
             run.immediate_exit = 1
             try:
                 result = _run_guarded(self._run_fd, self._run_c, self._guard, 1)
+                released = result > _PACKED_IO
                 self._exit_sequence += 1
-                self._last_result = result
-                return self._exit(result)
+                return self._decode(result)
             finally:
-                run.immediate_exit = kicked
+                with self._map_lock:
+                    if self._run is not None:
+                        self._run.immediate_exit = kicked
         finally:
-            _guard_release(self._guard)
+            if not released:
+                _guard_release(self._guard)
 
     # -- injection ------------------------------------------------------------
     def interrupt(self, vector: int, force: bool = False) -> None:
