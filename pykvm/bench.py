@@ -29,6 +29,7 @@ import sys
 import time
 
 from . import delivery, x86
+from .cli import run_command
 from .core.binding import lib
 from .core.constants import Cap, ExitReason
 from .core.errors import PyKvmError
@@ -160,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     injection.add_argument("--count", type=int, default=300, help="interrupts per path and state per round")
     injection.add_argument("--rounds", type=int, default=3, help="rounds (paths and states interleaved)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
+        print(f"pykvm bench {args.benchmark}: measuring on this machine's KVM ...", flush=True)
         if args.benchmark == "exits":
             print(bench_exits(args.iterations, args.rounds).report())
         else:
             print("\n".join(bench_injection(args.count, args.rounds)))
-    except PyKvmError as exc:
-        print(f"pykvm.bench: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+    return run_command("pykvm bench", body)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ import sys
 import time
 
 from . import delivery, guests, hosts, x86
+from .cli import run_command
 from .core.constants import ExitReason
-from .core.errors import HostLimitation, KvmUnavailableError, PyKvmError
+from .core.errors import HostLimitation
 from .core.system import Kvm
 from .guests import Command, GuestSession, LogRecord, StopKind
 from .irqchip import UserspaceIrqController
@@ -204,14 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path-count", type=int, default=50, metavar="N",
                         help="interrupts per path in the path comparison (0 skips it; default 50)")
     args = parser.parse_args(argv)
-    try:
-        return run_demo(args.mode, args.path_count)
-    except KvmUnavailableError as exc:
-        print(f"pykvm demo: cannot use KVM: {exc}", file=sys.stderr)
-        return 2
-    except PyKvmError as exc:
-        print(f"pykvm demo: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    return run_command("pykvm demo", lambda: run_demo(args.mode, args.path_count))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ import platform
 import stat
 import sys
 
+from .cli import run_command
 from .core.constants import Cap
-from .core.errors import KvmUnavailableError, PyKvmError
+from .core.errors import KvmUnavailableError
 from .core.system import DEFAULT_PATH, Kvm
 from .hosts import conformance, probes
 from .hosts.vendor import VendorModule, detect_vendor
@@ -205,18 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(DOCS_HEADER + markdown_table())
         return 0
+    return run_command("pykvm doctor", lambda: run_doctor(args.json))
+
+
+def run_doctor(as_json: bool) -> int:
+    """Examine this host and print the report (or JSON); 1 if a probe failed."""
     try:
         with Kvm() as kvm:
             ident, caps, verdicts = identity(kvm), capabilities(kvm), examine(kvm)
     except KvmUnavailableError as exc:
-        print(f"pykvm doctor: cannot use KVM: {exc}", file=sys.stderr)
-        if args.json:
+        if as_json:
             print(json.dumps({"host": dataclasses.asdict(identity(None)), "error": str(exc)}, indent=1))
-        return 2
-    except PyKvmError as exc:
-        print(f"pykvm doctor: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
+        raise
+    if as_json:
         print(json.dumps({"host": dataclasses.asdict(ident), "capabilities": caps,
                           "probes": [dataclasses.asdict(v) for v in verdicts]}, indent=1))
     else:

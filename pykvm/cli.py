@@ -1,0 +1,47 @@
+"""How pykvm's commands end: the exit status and one line on stderr for every way a run can stop.
+
+Why this exists: ``python -m pykvm.demo``, ``doctor`` and ``bench`` must end
+cleanly whatever stops them: a missing ``/dev/kvm`` (status 2), a pykvm error
+(1, its message), Ctrl-C at any point (130, "interrupted": the ``with`` blocks
+have closed every VM on the way out, kicking vCPU threads first), or a closed
+pipe (``| head``). Never a traceback from deep inside, never a signal death.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from .core.errors import KvmUnavailableError, PyKvmError
+
+EXIT_ERROR = 1
+EXIT_NO_KVM = 2
+EXIT_INTERRUPTED = 130      # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def run_command(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's ``body`` and map how it ended to an exit status and a message on stderr."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        _say(f"\n{prog}: interrupted")
+        return EXIT_INTERRUPTED
+    except KvmUnavailableError as exc:
+        _say(f"{prog}: cannot use KVM: {exc}")
+        return EXIT_NO_KVM
+    except PyKvmError as exc:
+        _say(f"{prog}: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop writing, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+def _say(message: str) -> None:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
