@@ -20,6 +20,9 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 GUEST_MODES = ("real", "protected", "long")
 PACKAGES_BELOW = ("core", "x86", "irqchip", "runtime", "guests", "hosts")
+# The teaching labs: one folder per lab (its checker, sheet.md and starter.py), each a package.
+LAB_PACKAGES = ["pykvm.labs"] + sorted(f"pykvm.labs.{path.name}" for path in (HERE / "pykvm" / "labs").iterdir()
+                                       if (path / "__init__.py").is_file())
 
 
 def _load_build_modules():
@@ -71,7 +74,8 @@ setup(
     name="pykvm",
     version="0.1.0",
     description="Drive Linux KVM from Python: VMs, vCPUs, tiny guests, interrupt injection",
-    packages=["pykvm", "pykvm.testing"] + [f"pykvm.{sub}" for sub in PACKAGES_BELOW],
+    packages=["pykvm", "pykvm.testing"] + [f"pykvm.{sub}" for sub in PACKAGES_BELOW] + LAB_PACKAGES,
+    package_data={"pykvm.labs": ["*/sheet.md", "*/starter.py"]},
     entry_points={"pytest11": ["pykvm = pykvm.testing.plugin"]},
     python_requires=">=3.10",
     setup_requires=["cffi>=1.15"],

@@ -1,0 +1,80 @@
+"""Teaching labs: ``python -m pykvm.labs`` lists them, ``start N`` hands one out, ``check N`` grades it.
+
+Why this exists: the way to learn how an interrupt reaches a guest is to make it
+happen on a real ``/dev/kvm`` and be told, step by step, what the guest and KVM
+did. Each lab is a sheet (Markdown: goal, background, steps, questions), a
+starter (``lab.py`` with TODO gaps) and a checker: steps that run the
+student's code in a child process with a deadline (:mod:`pykvm.labs.runner`)
+and judge what happened in the guest (its vector log, its reports) and in KVM
+(the exits, the registers read back, the stats counters) as recorded by
+:data:`pykvm.labs.framework.TRACE`, never what the student's functions return.
+Every run randomises what it asks for (vectors, ports, values), so a
+hard-coded answer fails; ``--seed`` repeats a run.
+
+Adding a lab (one folder)
+-------------------------
+Create ``pykvm/labs/labNN_short_name/`` (``NN`` = the lab's number) with:
+
+``sheet.md``
+    What the student reads. Explain from scratch, in pykvm's words; say what
+    the student will see on each kind of host where hosts differ (name the
+    :class:`pykvm.hosts.HostInfo` fact), and end with questions answered by
+    running code.
+``starter.py``
+    Copied to the student's directory as ``lab.py``: runnable, with the
+    functions the checker calls (``solve(task)`` and friends) and clearly
+    marked ``TODO`` gaps that raise ``NotImplementedError("TODO: ...")``.
+``__init__.py``
+    Defines ``LAB = Lab(number, title, teaches, minutes, steps,
+    folder=lab_folder(__file__), requires=(Cap...,), support=...)``. Each
+    :class:`~pykvm.labs.framework.Step` has a title, a ``check(ctx)`` that
+    returns a detail or raises :class:`~pykvm.labs.framework.Fail`, and a hint
+    that teaches without giving the answer. Build the task in a scenario run
+    through ``ctx.once(key, scenario)`` (shared by the steps that judge it; name
+    the key after the student's function), draw its parameters from
+    ``ctx.random(key)``, call the student with ``ctx.call(name, task)``, and
+    judge ``ctx.trace`` (exits with registers, injections with the readiness
+    they were made in), the guest's memory and log, and ``ctx.host``'s facts.
+    ``support(host)`` says whether the host runs the lab fully.
+
+Put the reference solution in ``tests/labs_reference/labNN.py`` (never in the
+package: the student's copy must not contain it) and a wrong solution or two
+beside it; ``tests/test_labs.py`` picks them up. ``setup.py`` installs every
+lab folder found here, with its sheet and starter.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+import re
+
+from .framework import Fail, Lab, Step, Support
+
+__all__ = ["Fail", "Lab", "Step", "Support", "all_labs", "get_lab"]
+
+_LAB_PACKAGE = re.compile(r"lab(\d+)_\w+$")
+
+
+@functools.cache
+def all_labs() -> tuple[Lab, ...]:
+    """Every lab folder of this package, by number."""
+    labs = []
+    for info in pkgutil.iter_modules(__path__):
+        match = _LAB_PACKAGE.match(info.name)
+        if info.ispkg and match:
+            lab = importlib.import_module(f"{__name__}.{info.name}").LAB
+            if lab.number != int(match.group(1)):
+                raise ValueError(f"pykvm.labs.{info.name} defines lab {lab.number}; its folder says "
+                                 f"{int(match.group(1))}")
+            labs.append(lab)
+    return tuple(sorted(labs, key=lambda lab: lab.number))
+
+
+def get_lab(number: int) -> Lab:
+    for lab in all_labs():
+        if lab.number == number:
+            return lab
+    raise KeyError(f"there is no lab {number}; the labs are "
+                   f"{', '.join(str(lab.number) for lab in all_labs())} (python -m pykvm.labs)")

@@ -1,0 +1,124 @@
+"""``python -m pykvm.labs [list | start N [DIR] | check N [DIR]]``: the teaching labs.
+
+``list`` (the default) shows each lab: number, title, what it teaches, the
+estimated time, and whether this host can run it fully (from the host's facts
+and KVM capabilities, never from an assumed vendor). ``start N [DIR]`` copies
+lab N's sheet and starter into DIR (default ``./pykvm-lab-N``) and refuses to
+overwrite them. ``check N [DIR]`` runs the student's ``DIR/lab.py`` and prints
+the checklist; the exit status is 0 only when every step passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from ..core.errors import PyKvmError
+from ..core.system import Kvm
+from ..hosts import HostInfo, detect
+from . import all_labs, get_lab
+from .framework import SHEET_FILE, STUDENT_FILE, Lab, Support
+from .runner import DEFAULT_DEADLINE, check, format_report
+
+
+def host_support(lab: Lab, host: HostInfo, kvm: Kvm | None, kvm_problem: str) -> Support:
+    """Whether ``lab`` runs fully here: /dev/kvm usable, its capabilities present, its host facts."""
+    if kvm is None:
+        return Support(False, f"no: {kvm_problem}")
+    missing = [cap.name for cap in lab.requires if not kvm.check_extension(cap)]
+    if missing:
+        return Support(False, f"no: KVM lacks {', '.join('KVM_CAP_' + name for name in missing)}")
+    return lab.support(host)
+
+
+def list_labs(out=sys.stdout) -> int:
+    host = detect()
+    kvm: Kvm | None = None
+    problem = ""
+    try:
+        kvm = Kvm()
+    except (OSError, PyKvmError) as exc:
+        problem = str(exc).splitlines()[0]
+    try:
+        print(f"pykvm labs, on this host's KVM: {host.name}\n", file=out)
+        print(f"{'lab':>3}  {'title':<36} {'time':>7}  runs fully here?", file=out)
+        for lab in all_labs():
+            support = host_support(lab, host, kvm, problem)
+            verdict = "yes" if support.full else "partly" if not support.note.startswith("no:") else "no"
+            print(f"{lab.number:>3}  {lab.title:<36} {lab.minutes:>3} min  {verdict}", file=out)
+            for line in textwrap.wrap(f"teaches: {lab.teaches}", 90):
+                print(f"     {line}", file=out)
+            if support.note:
+                for line in textwrap.wrap(f"on {host.name}: {support.note.removeprefix('no: ')}", 90):
+                    print(f"     {line}", file=out)
+        print("\nstart one: python -m pykvm.labs start N [DIR]   "
+              "check it: python -m pykvm.labs check N [DIR]", file=out)
+    finally:
+        if kvm is not None:
+            kvm.close()
+    return 0
+
+
+def start_lab(number: int, directory: Path | None, out=sys.stdout) -> int:
+    lab = get_lab(number)
+    directory = directory or Path(f"pykvm-lab-{number}")
+    targets = {directory / SHEET_FILE: lab.sheet, directory / STUDENT_FILE: lab.starter}
+    existing = [path for path in targets if path.exists()]
+    if existing:
+        print(f"refusing to overwrite {', '.join(str(p) for p in existing)}: that may be your work. "
+              f"Pick another directory (python -m pykvm.labs start {number} OTHER_DIR) or move the "
+              f"files away first.", file=sys.stderr)
+        return 1
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, text in targets.items():
+        with open(path, "x") as file:     # "x": never replace a file that appeared meanwhile
+            file.write(text)
+    print(f"Lab {lab.number}: {lab.title}\n  {directory / SHEET_FILE}   read this first\n"
+          f"  {directory / STUDENT_FILE}     fill in the TODOs\n"
+          f"check your work: python -m pykvm.labs check {number} {directory}", file=out)
+    return 0
+
+
+def check_lab(number: int, directory: Path | None, seed: int | None, deadline: float, out=sys.stdout) -> int:
+    lab = get_lab(number)
+    path = directory or Path(f"pykvm-lab-{number}")
+    student = path if path.is_file() else path / STUDENT_FILE
+    if not student.is_file():
+        print(f"{student} does not exist; start the lab first: python -m pykvm.labs start {number} "
+              f"{path}", file=sys.stderr)
+        return 2
+    report = check(lab, student, seed=seed, deadline=deadline, host=detect().name)
+    print(format_report(report), file=out)
+    return 0 if report.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pykvm.labs", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("list", help="list the labs and whether this host runs them fully")
+    start = commands.add_parser("start", help="copy lab N's sheet and starter into DIR")
+    start.add_argument("number", type=int)
+    start.add_argument("directory", nargs="?", type=Path)
+    checker = commands.add_parser("check", help="check DIR/lab.py (or a file) against lab N")
+    checker.add_argument("number", type=int)
+    checker.add_argument("directory", nargs="?", type=Path)
+    checker.add_argument("--seed", type=int, help="repeat a run's random task")
+    checker.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE,
+                         help=f"seconds each step may take (default {DEFAULT_DEADLINE:g}, or "
+                              f"PYKVM_LAB_DEADLINE)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command in (None, "list"):
+            return list_labs()
+        if args.command == "start":
+            return start_lab(args.number, args.directory)
+        return check_lab(args.number, args.directory, args.seed, args.deadline)
+    except KeyError as exc:
+        print(exc.args[0], file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

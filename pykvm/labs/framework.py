@@ -1,0 +1,310 @@
+"""What a lab is made of, and what its checker steps are given when they run.
+
+Why this exists: a lab is a sheet, a starter and a list of checker steps; the
+steps run in a child process (:mod:`pykvm.labs.child`) next to the student's
+code and judge what happened in the guest and in KVM. This module holds the
+pieces a lab module uses: :class:`Lab`, :class:`Step`, :class:`Fail`, the
+step context :class:`Context` (the student's module, randomness, the host's
+facts, a :class:`Trace` of every vCPU, exit and injection) and
+:class:`Support` (can this host run the lab fully).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import random
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..core.constants import Cap
+from ..core.exits import Exit, IoExit
+from ..core.vcpu import Vcpu
+from ..hosts import HostInfo
+
+STUDENT_FILE = "lab.py"          # the starter's name in the student's directory
+SHEET_FILE = "sheet.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """Whether this host runs a lab fully, and what the student will see differ."""
+
+    full: bool
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One line of the checklist: ``check(ctx)`` returns a detail or raises :class:`Fail`.
+
+    ``hint`` is printed when the step fails: it teaches where to look, never the answer.
+    """
+
+    title: str
+    check: Callable[[Context], str | None]
+    hint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Lab:
+    """One lab: its folder holds ``sheet.md`` and ``starter.py`` beside the module defining it."""
+
+    number: int
+    title: str
+    teaches: str
+    minutes: int
+    steps: Sequence[Step]
+    folder: Path
+    requires: tuple[Cap, ...] = ()
+    support: Callable[[HostInfo], Support] = lambda host: Support(True)
+
+    @property
+    def sheet(self) -> str:
+        return (self.folder / "sheet.md").read_text()
+
+    @property
+    def starter(self) -> str:
+        return (self.folder / "starter.py").read_text()
+
+
+class Fail(Exception):
+    """A step failed: ``reason`` says what was seen; ``hint`` replaces the step's hint."""
+
+    def __init__(self, reason: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+class StudentError(Fail):
+    """The student's code raised (or an earlier run of it failed): the reason names where."""
+
+
+# -- the trace: what KVM did, recorded beside the student's code ---------------------------
+
+@dataclasses.dataclass
+class ExitRecord:
+    """One exit of a traced vCPU, with the registers KVM reported right after it."""
+
+    vcpu: int
+    exit: Exit
+    rip: int
+    linear_rip: int
+    rax: int
+    rbx: int
+    rcx: int
+    rdx: int
+    rsp: int
+    rflags: int
+    ready: int
+    if_flag: int
+    request_window: int
+    stats: dict[str, int] | None = None
+
+    @property
+    def kind(self) -> str:
+        return type(self.exit).__name__
+
+    @property
+    def port(self) -> int:
+        """The IO port of an IO exit, else -1."""
+        return self.exit.port if isinstance(self.exit, IoExit) else -1
+
+    @property
+    def value(self) -> int:
+        """What an OUT wrote (an IN: what kvm_run held), else -1."""
+        return self.exit.value if isinstance(self.exit, IoExit) else -1
+
+
+@dataclasses.dataclass
+class InjectionRecord:
+    """One KVM_INTERRUPT or KVM_NMI the student's code issued, and the state it was issued in."""
+
+    vcpu: int
+    kind: str                   # "interrupt" or "nmi"
+    vector: int
+    forced: bool
+    after_exits: int            # how many exits of that vCPU the trace had seen
+    ready: int                  # kvm_run.ready_for_interrupt_injection at the time
+    if_flag: int
+    rip: int
+
+
+class Trace:
+    """Every vCPU created, every exit and every injection, recorded by wrapping :class:`Vcpu`.
+
+    Installed once in the child process before the student's module is imported;
+    the checker reads it, never what the student's functions return.
+    """
+
+    def __init__(self) -> None:
+        self.vcpus: list[Vcpu] = []
+        self.exits: list[ExitRecord] = []
+        self.injections: list[InjectionRecord] = []
+        self.stats_names: tuple[str, ...] = ()      # stats read after each exit, if any
+        self.slots: dict[int, tuple] = {}           # id(vcpu) -> its VM's memory slots at its first exit
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
+        trace = self
+        original_init, original_run = Vcpu.__init__, Vcpu.run
+        original_interrupt, original_nmi = Vcpu.interrupt, Vcpu.nmi
+
+        def init(vcpu: Vcpu, *args: Any, **kwargs: Any) -> None:
+            original_init(vcpu, *args, **kwargs)
+            trace.vcpus.append(vcpu)
+
+        def run(vcpu: Vcpu) -> Exit:
+            exit = original_run(vcpu)
+            trace._record_exit(vcpu, exit)
+            return exit
+
+        def interrupt(vcpu: Vcpu, vector: int, force: bool = False) -> None:
+            trace._record_injection(vcpu, "interrupt", vector, force)
+            original_interrupt(vcpu, vector, force)
+
+        def nmi(vcpu: Vcpu) -> None:
+            trace._record_injection(vcpu, "nmi", 2, False)
+            original_nmi(vcpu)
+
+        Vcpu.__init__ = init             # type: ignore[method-assign, assignment]
+        Vcpu.run = run                   # type: ignore[method-assign, assignment]
+        Vcpu.interrupt = interrupt       # type: ignore[method-assign, assignment]
+        Vcpu.nmi = nmi                   # type: ignore[method-assign, assignment]
+
+    def clear(self) -> None:
+        self.slots.clear()
+        self.vcpus.clear()
+        self.exits.clear()
+        self.injections.clear()
+
+    def _record_exit(self, vcpu: Vcpu, exit: Exit) -> None:
+        from ..x86.modes import linear_rip
+        regs, sregs, run = vcpu.regs, vcpu.sregs, vcpu.kvm_run
+        stats = None
+        if self.stats_names:
+            values = vcpu.stats.read()
+            stats = {name: int(values[name]) for name in self.stats_names  # type: ignore[arg-type]
+                     if name in values}
+        self.slots.setdefault(id(vcpu), vcpu.vm.memory.slots)
+        self.exits.append(ExitRecord(vcpu.id, exit, regs.rip, linear_rip(sregs, regs.rip), regs.rax,
+                                     regs.rbx, regs.rcx, regs.rdx, regs.rsp, regs.rflags,
+                                     run.ready_for_interrupt_injection, run.if_flag,
+                                     run.request_interrupt_window, stats))
+
+    def _record_injection(self, vcpu: Vcpu, kind: str, vector: int, forced: bool) -> None:
+        run = vcpu.kvm_run
+        seen = sum(1 for record in self.exits if record.vcpu == vcpu.id)
+        self.injections.append(InjectionRecord(vcpu.id, kind, vector, bool(forced), seen,
+                                               run.ready_for_interrupt_injection, run.if_flag,
+                                               self.exits[-1].rip if self.exits else -1))
+
+
+TRACE = Trace()
+
+
+# -- the context a step runs in -------------------------------------------------------------
+
+class Context:
+    """What a step's ``check`` gets: the student's module, randomness, the host, the trace.
+
+    ``ctx.once(key, scenario)`` runs ``scenario(ctx)`` once per child process and
+    caches its result (or its failure) for the later steps that judge the same run;
+    ``ctx.call(name, *args)`` calls the student's function and turns an exception
+    into a :class:`StudentError` that points at the student's line.
+    """
+
+    def __init__(self, student_file: Path, seed: int, host: HostInfo, broken: dict[str, str],
+                 announce: Callable[[dict], None] = lambda message: None) -> None:
+        self.student_file = Path(student_file)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.host = host
+        self.trace = TRACE
+        self._broken = dict(broken)
+        self._cache: dict[str, tuple[bool, Any, int]] = {}
+        self._announce = announce
+        self._module: ModuleType | None = None
+        self.step = 0                 # the index of the step running now (set by the child)
+
+    def random(self, key: str) -> random.Random:
+        """A generator for scenario ``key``: the same seed gives the same task in any child."""
+        return random.Random(f"{self.seed}:{key}")
+
+    # -- the student's code -------------------------------------------------------------
+    def load(self) -> ModuleType:
+        """Import the student's file now (a scenario's first line: its failure is the step's)."""
+        return self.student
+
+    @property
+    def student(self) -> ModuleType:
+        if self._module is None:
+            self._module = self.once("import", lambda ctx: ctx._import())
+        return self._module
+
+    def _import(self) -> ModuleType:
+        name = "pykvm_lab_student"
+        spec = importlib.util.spec_from_file_location(name, self.student_file)
+        if spec is None or spec.loader is None:
+            raise Fail(f"cannot import {self.student_file}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as exc:   # noqa: B036 - SystemExit in a student's file is a failure too
+            raise StudentError(f"importing {self.student_file.name} raised {self.explain(exc)}") from None
+        return module
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Call the student's function ``name``; an exception becomes a :class:`StudentError`."""
+        function = getattr(self.student, name, None)
+        if not callable(function):
+            raise StudentError(f"{self.student_file.name} defines no function {name}()")
+        try:
+            return function(*args)
+        except BaseException as exc:   # noqa: B036
+            raise StudentError(f"{name}() raised {self.explain(exc)}") from None
+
+    def explain(self, exc: BaseException) -> str:
+        """``Type: message (lab.py line N)``: the student's innermost frame, if any."""
+        where = ""
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if Path(frame.filename).resolve() == self.student_file.resolve():
+                where = f" ({self.student_file.name} line {frame.lineno}: {(frame.line or '').strip()})"
+                break
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}{': ' + message if message else ''}{where}"
+
+    # -- runs shared by several steps ------------------------------------------------------------
+    def once(self, key: str, scenario: Callable[[Context], Any]) -> Any:
+        """``scenario(self)``, run once; its result, or (for later steps) "not checked" and why."""
+        if key in self._broken:
+            raise StudentError(f"not checked: {self._broken[key].splitlines()[0]}")
+        if key not in self._cache:
+            self._announce({"event": "begin", "key": key})
+            try:
+                self._cache[key] = (True, scenario(self), self.step)
+            except Fail as exc:
+                self._cache[key] = (False, exc, self.step)
+            except Exception as exc:   # the checker's own scenario broke: say so, do not crash
+                self._cache[key] = (False, Fail(f"the checker's scenario {key!r} failed: "
+                                                f"{type(exc).__name__}: {exc}"), self.step)
+            self._announce({"event": "end", "key": key})
+        ok, value, step = self._cache[key]
+        if ok:
+            return value
+        if step == self.step:
+            raise value
+        raise StudentError(f"not checked: step {step + 1} failed", value.hint)
+
+def lab_folder(module_file: str) -> Path:
+    """The folder of a lab module (``Path(__file__).parent``), where its sheet and starter are."""
+    return Path(module_file).resolve().parent

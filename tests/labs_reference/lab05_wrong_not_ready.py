@@ -1,0 +1,16 @@
+"""Lab 5, wrong: injects whenever something is pending, ready or not."""
+
+
+class Controller:
+    def __init__(self, vcpu) -> None:
+        self.vcpu = vcpu
+        self.pending: list[int] = []
+
+    def queue(self, vector: int) -> None:
+        if vector not in self.pending:
+            self.pending.append(vector)
+
+    def before_entry(self) -> None:
+        if self.pending:
+            self.vcpu.interrupt(self.pending.pop(0), force=True)
+        self.vcpu.kvm_run.request_interrupt_window = bool(self.pending)

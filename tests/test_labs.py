@@ -1,0 +1,238 @@
+"""The teaching labs (pykvm/labs): every checker fails the starter, passes the reference, fails a wrong solution.
+
+The reference and wrong solutions live in tests/labs_reference (never in the
+package). Each check runs the student's file in child processes on this
+machine's /dev/kvm, so these are hardware tests (the ``kvm`` fixture skips them
+where KVM is unusable); on a second host run this file under
+``python -m pykvm.hosts tcg-amd -- .venv/bin/python -m pytest tests/test_labs.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pykvm.labs import all_labs, get_lab
+from pykvm.labs.__main__ import main as labs_main
+from pykvm.labs.framework import SHEET_FILE, STUDENT_FILE
+from pykvm.labs.runner import check, format_report
+
+REFERENCE = Path(__file__).resolve().parent / "labs_reference"
+LABS = [lab.number for lab in all_labs()]
+
+# wrong solution -> (the 1-based step that must fail, a phrase its reason must contain)
+WRONG = {
+    "lab01_wrong_no_reply": (3, "IN read 0"),
+    "lab02_wrong_ret": (4, "never finished its loop"),
+    "lab02_wrong_vector": (2, "you injected vector 0x40"),
+    "lab03_wrong_error_code": (5, "a handler did not resume"),
+    "lab04_wrong_not_ready": (1, "force=True while the last exit reported"),
+    "lab05_wrong_no_window": (1, "request_interrupt_window was 0"),
+    "lab05_wrong_not_ready": (1, "while IF=0"),
+    "lab06_wrong_in_shadow": (2, "ready_for_interrupt_injection=0"),
+    "lab07_wrong_all_at_once": (2, "not inside an NMI handler"),
+}
+
+
+def _started(number: int, tmp_path: Path) -> Path:
+    directory = tmp_path / f"lab{number}"
+    assert labs_main(["start", str(number), str(directory)]) == 0
+    return directory / STUDENT_FILE
+
+
+def _student(tmp_path: Path, source: str) -> Path:
+    path = tmp_path / STUDENT_FILE
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+# -- the labs, without KVM ------------------------------------------------------------------
+
+def test_seven_labs_numbered_from_one():
+    assert LABS[:7] == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("number", LABS)
+def test_lab_folder_is_complete(number):
+    lab = get_lab(number)
+    assert lab.title and lab.teaches and lab.minutes > 0 and lab.steps
+    sheet = lab.sheet
+    assert sheet.startswith(f"# Lab {number}:") and "## Questions" in sheet and "## Steps" in sheet
+    assert "TODO" in lab.starter and "NotImplementedError" in lab.starter
+    compile(lab.starter, "starter.py", "exec")
+    assert all(step.hint for step in lab.steps)
+    assert (REFERENCE / f"lab{number:02d}.py").is_file(), "every lab has a reference solution"
+    assert any(name.startswith(f"lab{number:02d}_wrong") for name in WRONG), "and a wrong one"
+    assert "def solve_reference" not in lab.starter
+
+
+def test_setup_installs_every_lab_with_its_sheet_and_starter():
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert "LAB_PACKAGES" in setup and '"*/sheet.md", "*/starter.py"' in setup
+    folders = {p.name for p in (Path(__file__).resolve().parent.parent / "pykvm" / "labs").iterdir()
+               if (p / "__init__.py").is_file()}
+    assert {lab.folder.name for lab in all_labs()} == folders
+
+
+def test_start_copies_and_refuses_to_overwrite(tmp_path, capsys):
+    directory = tmp_path / "mine"
+    assert labs_main(["start", "1", str(directory)]) == 0
+    student = directory / STUDENT_FILE
+    assert student.read_text() == get_lab(1).starter
+    assert (directory / SHEET_FILE).read_text() == get_lab(1).sheet
+    student.write_text("# my work\n")
+    assert labs_main(["start", "1", str(directory)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert student.read_text() == "# my work\n"
+    (directory / STUDENT_FILE).unlink()                   # the sheet alone is still protected
+    assert labs_main(["start", "1", str(directory)]) == 1
+    assert not student.exists()
+
+
+def test_unknown_lab_and_missing_directory(tmp_path, capsys):
+    assert labs_main(["start", "99", str(tmp_path / "x")]) == 2
+    assert "there is no lab 99" in capsys.readouterr().err
+    assert labs_main(["check", "1", str(tmp_path / "nothing")]) == 2
+    assert "start the lab first" in capsys.readouterr().err
+
+
+# -- listing (opens /dev/kvm for the capabilities) -------------------------------------------
+
+def test_listing_says_what_each_lab_teaches_and_whether_it_runs_here(kvm, host):
+    result = subprocess.run([sys.executable, "-m", "pykvm.labs"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"on this host's KVM: {host.name}" in out
+    for lab in all_labs():
+        assert f"{lab.title}" in out and f"{lab.minutes} min" in out
+    assert out.count("teaches:") == len(all_labs())
+    lines = {line.split()[0]: line for line in out.splitlines() if line[:3].strip().isdigit()}
+    assert all(line.rstrip().endswith(("yes", "partly", "no")) for line in lines.values())
+    # derived from the host's facts, never from its name
+    assert lines["3"].rstrip().endswith("yes" if host.protected_mode_iret else "partly")
+    assert ("sends no KVM_EXIT_IRQ_WINDOW_OPEN" in out) == (not host.sends_irq_window_exits)
+
+
+# -- every lab: starter, reference, wrong solutions ------------------------------------------
+
+@pytest.mark.parametrize("number", LABS)
+def test_untouched_starter_fails_with_the_todo_and_the_hint(kvm, tmp_path, number):
+    lab = get_lab(number)
+    report = check(lab, _started(number, tmp_path))
+    first = report.results[0]
+    assert not report.passed and not first.passed
+    assert "NotImplementedError: TODO" in first.detail and "lab.py line" in first.detail
+    assert first.hint == lab.steps[0].hint
+    assert all(not result.passed for result in report.results)
+    assert "hint: " in format_report(report)
+
+
+@pytest.mark.parametrize("number", LABS)
+def test_reference_solution_passes(kvm, number):
+    report = check(get_lab(number), REFERENCE / f"lab{number:02d}.py")
+    assert report.passed, format_report(report)
+
+
+@pytest.mark.parametrize("name", sorted(WRONG))
+def test_wrong_solution_fails_the_step_it_gets_wrong(kvm, name):
+    step, phrase = WRONG[name]
+    report = check(get_lab(int(name[3:5])), REFERENCE / f"{name}.py")
+    failed = report.results[step - 1]
+    assert not report.passed
+    assert not failed.passed and phrase in failed.detail, format_report(report)
+
+
+def test_tasks_are_random_and_a_seed_repeats_one(kvm):
+    lab = get_lab(1)
+    reports = [check(lab, REFERENCE / "lab01.py", seed=seed) for seed in (1, 1, 2)]
+    details = [tuple(r.detail for r in report.results) for report in reports]
+    assert details[0][2] == details[1][2] != details[2][2]     # "the guest read 0x... and reported 0x..."
+
+
+def test_check_command_exit_status(kvm, tmp_path):
+    student = tmp_path / "solved" / STUDENT_FILE
+    student.parent.mkdir()
+    student.write_text((REFERENCE / "lab02.py").read_text())
+    passed = subprocess.run([sys.executable, "-m", "pykvm.labs", "check", "2", str(student.parent)],
+                            capture_output=True, text=True, timeout=300)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "lab complete" in passed.stdout
+    failing = subprocess.run([sys.executable, str(_started(2, tmp_path))], capture_output=True, text=True,
+                             timeout=300)                        # `python lab.py` runs the checker
+    assert failing.returncode == 1 and "[FAIL] 1." in failing.stdout
+
+
+# -- a student's code that hangs, raises or crashes ------------------------------------------
+
+def test_student_exception_is_a_failed_step_with_the_line(kvm, tmp_path):
+    path = _student(tmp_path, """
+        def solve(task):
+            raise ValueError("my own bug")
+    """)
+    report = check(get_lab(1), path)
+    assert "ValueError: my own bug (lab.py line 3" in report.results[0].detail
+    assert [r.detail for r in report.results[1:]] == ["not checked: step 1 failed"] * 3
+
+
+def test_student_hang_fails_the_step_within_the_deadline(kvm, tmp_path):
+    path = _student(tmp_path, """
+        def solve(task):
+            while True:
+                pass
+    """)
+    started = time.monotonic()
+    report = check(get_lab(1), path, deadline=3)
+    assert time.monotonic() - started < 3 + 60             # one deadline (and child start-up)
+    first = report.results[0]
+    assert not first.passed and "did not finish within 3 s" in first.detail
+    assert all("not checked: did not finish" in r.detail for r in report.results[1:])
+
+
+@pytest.mark.parametrize("crash", ["os.kill(os.getpid(), signal.SIGSEGV)", "os._exit(3)"])
+def test_student_crash_fails_the_step_with_the_reason(kvm, tmp_path, crash):
+    path = _student(tmp_path, f"""
+        import os
+        import signal
+
+        def solve(task):
+            print("about to crash")
+            {crash}
+    """)
+    report = check(get_lab(1), path, deadline=20)
+    first = report.results[0]
+    assert not first.passed
+    assert ("killed by SIGSEGV (segmentation fault" if "SIGSEGV" in crash else "exited with status 3") \
+        in first.detail
+    assert "about to crash" in first.detail                 # the student's output, as evidence
+    assert all(not r.passed and "not checked" in r.detail for r in report.results[1:])
+
+
+def test_crash_at_import_and_a_missing_function(kvm, tmp_path):
+    path = _student(tmp_path, "import os\nos.kill(os.getpid(), 11)\n")
+    report = check(get_lab(4), path, deadline=20)
+    assert "SIGSEGV" in report.results[0].detail and not report.passed
+    path.write_text("x = 1\n")
+    report = check(get_lab(4), path, deadline=20)
+    assert "defines no function inject_when_ready()" in report.results[0].detail
+
+
+def test_checks_leave_no_fds_or_processes_behind(kvm, tmp_path):
+    me = psutil.Process()
+    hang = _student(tmp_path, "def solve(task):\n    while True:\n        pass\n")
+    crash = tmp_path / "crash.py"
+    crash.write_text("import os, signal\ndef solve(task):\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    check(get_lab(1), REFERENCE / "lab01.py")               # warm up (imports, caches)
+    before = me.num_fds()
+    for path in (REFERENCE / "lab01.py", hang, crash, REFERENCE / "lab01_wrong_no_reply.py"):
+        check(get_lab(1), path, deadline=2)
+    assert me.num_fds() == before
+    assert me.children(recursive=True) == []
+    assert os.listdir(tmp_path)                              # (the files themselves are untouched)
