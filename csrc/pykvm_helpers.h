@@ -110,8 +110,8 @@ static void pykvm_guard_release(struct pykvm_vcpu_guard *guard);
  * into one number, so that Python reads nothing from kvm_run:
  *   bits 0-7 KVM_EXIT_IO, bit 8 direction, bits 9-11 size, bit 12 PYKVM_PACKED_IO,
  *   bits 16-31 port, bits 32-63 the element (little-endian).
- * A packed exit has already released the guard; for every other result the caller reads
- * kvm_run and then calls pykvm_guard_release. */
+ * A packed exit and an error (-errno, including EINTR) have already released the guard;
+ * for any other exit the caller reads kvm_run and then calls pykvm_guard_release. */
 #define PYKVM_PACKED_IO 0x1000
 
 static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcpu_guard *guard, int held)
@@ -125,8 +125,15 @@ static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcp
     int r = ioctl(fd, KVM_RUN, 0);
     int err = errno;
     __atomic_store_n(&guard->thread, 0UL, __ATOMIC_RELEASE);
-    if (r < 0)
+    if (r < 0) {
+        /* Nothing to read from kvm_run: give the guard back here, so that a Python
+         * exception raised right after this call (Ctrl-C's KeyboardInterrupt) cannot
+         * leave it taken. EINTR consumed the kick, if any. */
+        if (err == EINTR)
+            run->immediate_exit = 0;
+        pykvm_guard_release(guard);
         return -err;
+    }
     if (run->exit_reason == KVM_EXIT_IO && run->io.count == 1 && run->io.size <= 4) {
         uint32_t value = 0;
         memcpy(&value, (const char *)run + run->io.data_offset, run->io.size);

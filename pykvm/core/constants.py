@@ -202,11 +202,11 @@ PIC_PINS = 16           # GSIs 0-15 reach the two 8259s as well as the IOAPIC
 
 def header_macro_names() -> dict[str, int]:
     """Every member above under its header macro name (for the layout tests)."""
-    prefixes: dict[type[enum.IntEnum] | type[enum.IntFlag], str] = {Cap: "KVM_CAP_", ExitReason: "KVM_EXIT_", InternalErrorKind: "KVM_INTERNAL_ERROR_",
-                SystemEventType: "KVM_SYSTEM_EVENT_", MpState: "KVM_MP_STATE_",
-                IoDirection: "KVM_EXIT_IO_", IrqchipId: "KVM_IRQCHIP_",
-                RoutingType: "KVM_IRQ_ROUTING_", IrqfdFlag: "KVM_IRQFD_FLAG_",
-                IoeventfdFlag: "KVM_IOEVENTFD_FLAG_"}
+    prefixes: dict[type[enum.IntEnum] | type[enum.IntFlag], str] = {
+        Cap: "KVM_CAP_", ExitReason: "KVM_EXIT_", InternalErrorKind: "KVM_INTERNAL_ERROR_",
+        SystemEventType: "KVM_SYSTEM_EVENT_", MpState: "KVM_MP_STATE_", IoDirection: "KVM_EXIT_IO_",
+        IrqchipId: "KVM_IRQCHIP_", RoutingType: "KVM_IRQ_ROUTING_", IrqfdFlag: "KVM_IRQFD_FLAG_",
+        IoeventfdFlag: "KVM_IOEVENTFD_FLAG_"}
     names = {prefix + str(member.name): int(member)
              for enum_cls, prefix in prefixes.items() for member in enum_cls}
     # stats flags are stored shifted into their field

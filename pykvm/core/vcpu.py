@@ -63,6 +63,7 @@ _guard_thread = lib.pykvm_guard_thread
 _GUARD_BUSY = lib.PYKVM_GUARD_BUSY          # -100000: taken by another thread
 _GUARD_CLOSED = lib.PYKVM_GUARD_CLOSED      # -100001: the vCPU is closed
 _PACKED_IO = lib.PYKVM_PACKED_IO            # results above it are packed IO exits
+_HELD_BY_US = _PACKED_IO                    # run()'s marker: guard taken, KVM_RUN not yet returned
 KICK_SIGNAL = signal.SIGRTMIN + 4     # real-time signal pykvm sends to kick a vCPU thread
 _kick_handler_lock = threading.Lock()
 _kick_handler_installed = False
@@ -220,29 +221,30 @@ class Vcpu(FdObject):
         of ``KVM_RUN`` and waits for it; the next ``run()`` raises :class:`ClosedError`.
         """
         guard = self._guard
-        if self.irq_controller is None:
-            result = _run_guarded(self._run_fd, self._run_c, guard, 0)
-        else:
-            self._hold()
-            try:
-                self.irq_controller.before_entry()
-            except BaseException:
-                _guard_release(guard)
-                raise
-            result = _run_guarded(self._run_fd, self._run_c, guard, 1)
-        if result > _PACKED_IO:          # the hot path: a one-element IO exit packed by C, guard released
-            sequence = self._exit_sequence = self._exit_sequence + 1
-            self._last_result = _EXIT_IO
-            size = result >> 9 & 7
-            return _new_tuple(_IoExit, (result >> 16 & 0xFFFF, _DIRECTIONS[result >> 8 & 1], size, 1,
-                                        (result >> 32).to_bytes(size, "little"), self, sequence))
-        if result <= _GUARD_BUSY:        # the guard was not taken
-            raise self._busy() if result == _GUARD_BUSY else self._closed()
+        result = -1
         try:
+            if self.irq_controller is None:
+                result = _run_guarded(self._run_fd, self._run_c, guard, 0)
+            else:
+                self._hold()
+                result = _HELD_BY_US     # until KVM_RUN returns: the hook may raise
+                self.irq_controller.before_entry()
+                result = _run_guarded(self._run_fd, self._run_c, guard, 1)
+            if result > _PACKED_IO:      # the hot path: a one-element IO exit packed by C, guard released
+                sequence = self._exit_sequence = self._exit_sequence + 1
+                self._last_result = _EXIT_IO
+                size = result >> 9 & 7
+                return _new_tuple(_IoExit, (result >> 16 & 0xFFFF, _DIRECTIONS[result >> 8 & 1], size, 1,
+                                            (result >> 32).to_bytes(size, "little"), self, sequence))
+            if result <= _GUARD_BUSY:    # the guard was not taken
+                raise self._busy() if result == _GUARD_BUSY else self._closed()
             self._exit_sequence += 1
             return self._decode(result)
         finally:
-            _guard_release(guard)
+            # Ours to give back only for a plain exit (C gave it back for the rest): even when
+            # an exception (Ctrl-C) arrives between any two of the lines above.
+            if 0 <= result < _PACKED_IO or result == _HELD_BY_US:
+                _guard_release(guard)
 
     def _hold(self) -> None:
         """Take the run guard (for work on kvm_run that must not race a run or a close)."""
@@ -273,8 +275,7 @@ class Vcpu(FdObject):
             return _new_tuple(_IoExit, (port, _DIRECTIONS[direction], size, count,
                                         buffer[offset:offset + size * count], self, self._exit_sequence))
         if result < 0:
-            if result == -errno.EINTR:
-                run.immediate_exit = 0     # consumed: the kick (if any) has happened
+            if result == -errno.EINTR:     # C has cleared immediate_exit: the kick is consumed
                 return exits.INTR
             raise ioctl_error(-result, "KVM_RUN", self.describe(), _run_hint(-result))
         decoder = _DECODERS.get(result)
@@ -358,13 +359,13 @@ class Vcpu(FdObject):
                 f"reply() first, then complete_pending_exit()")
         self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.complete_pending_exit()")
         self._hold()
-        released = False              # a packed IO result comes back with the guard released by C
+        released = False              # C gives the guard back with a packed IO exit or an error
         try:
             kicked = run.immediate_exit
             run.immediate_exit = 1
             try:
                 result = _run_guarded(self._run_fd, self._run_c, self._guard, 1)
-                released = result > _PACKED_IO
+                released = result > _PACKED_IO or result < 0
                 self._exit_sequence += 1
                 return self._decode(result)
             finally:
