@@ -182,6 +182,14 @@ def test_student_exception_is_a_failed_step_with_the_line(kvm, tmp_path):
     assert [r.detail for r in report.results[1:]] == ["not checked: step 1 failed"] * 3
 
 
+def test_what_the_student_printed_is_shown_under_the_checklist(kvm):
+    report = check(get_lab(1), REFERENCE / "lab01_wrong_no_reply.py")
+    assert report.output == ""
+    report = check(get_lab(1), Path(__file__).resolve().parent / "labs_reference" / "lab01_printing.py")
+    assert report.passed and "task: Task(code=<" in report.output
+    assert "your code printed" in format_report(report)
+
+
 def test_student_hang_fails_the_step_within_the_deadline(kvm, tmp_path):
     path = _student(tmp_path, """
         def solve(task):

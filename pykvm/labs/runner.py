@@ -26,6 +26,7 @@ from pathlib import Path
 from .framework import Lab
 
 DEFAULT_DEADLINE = float(os.environ.get("PYKVM_LAB_DEADLINE", "30"))
+OUTPUT_LINES = 40          # lines of the student's output shown under the checklist
 STARTUP = 120.0            # seconds a child may take to import pykvm (slow on emulated hosts)
 
 
@@ -45,6 +46,7 @@ class Report:
     seed: int
     host: str
     results: tuple[StepResult, ...]
+    output: str = ""            # what the student's code printed (the last lines)
 
     @property
     def passed(self) -> bool:
@@ -108,8 +110,11 @@ class _Child:
         line, _, self.buffer = self.buffer.partition(b"\n")
         return json.loads(line)
 
-    def close(self) -> tuple[str, str]:
-        """Kill what is left of the child's process group, reap it; how it ended, and its last output."""
+    def close(self) -> tuple[str, str, str]:
+        """Kill what is left of the child's process group and reap it.
+
+        Returns how it ended, its last output as evidence of a crash (or ""), and its output.
+        """
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -118,9 +123,9 @@ class _Child:
         returncode = self.process.wait()
         os.close(self.read_end)
         ended = _signal_name(returncode) if returncode else "exited"
-        tail = _tail(self.output)
+        tail, printed = _tail(self.output), _tail(self.output, OUTPUT_LINES)
         self.output.close()
-        return ended, (f"; its last output:\n{tail}" if tail and returncode else "")
+        return ended, (f"; its last output:\n{tail}" if tail and returncode else ""), printed
 
 
 def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline: float = DEFAULT_DEADLINE,
@@ -133,6 +138,7 @@ def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline:
     broken: dict[str, str] = {}
     start = 0
     steps = lab.steps
+    printed: list[str] = []
     while start < len(steps):
         child = _Child(lab, student_file, seed, start, broken, python)
         current: int | None = None
@@ -167,7 +173,9 @@ def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline:
                 elif kind == "done":
                     break
         finally:
-            ended, output = child.close()
+            ended, output, text = child.close()
+            if text:
+                printed.append(text)
         if not problem:
             break
         if problem.endswith(" "):
@@ -184,7 +192,8 @@ def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline:
             broken[key] = reason
         start = current + 1
     ordered = tuple(results.get(i, StepResult(i, step.title, False, "not run")) for i, step in enumerate(steps))
-    return Report(lab, student_file, seed, host, ordered)
+    output = "\n".join("\n".join(printed).splitlines()[-OUTPUT_LINES:])
+    return Report(lab, student_file, seed, host, ordered, output)
 
 
 def format_report(report: Report) -> str:
@@ -203,6 +212,9 @@ def format_report(report: Report) -> str:
                 lines.append(f"         {'why:  ' if number == 0 else '      '}{text}")
             if result.hint:
                 lines.append(f"         hint: {result.hint}")
+    if report.output:
+        lines += ["", f"your code printed (the last {OUTPUT_LINES} lines at most):"]
+        lines += [f"  | {line}" for line in report.output.splitlines()]
     passed = sum(result.passed for result in report.results)
     lines += ["", f"{passed} of {len(report.results)} steps passed" +
               (": lab complete." if report.passed else ".")]

@@ -136,9 +136,8 @@ def check_hlt(ctx: Context) -> str:
 
 
 def _support(host) -> Support:
-    rip = ("reports RIP past the IN at the IO exit" if not host.io_exit_rip_at_out
-           else "reports RIP at the IN at the IO exit")
-    return Support(True, f"this host {rip} (sheet question 2)")
+    where = "at" if host.io_exit_rip_at_out else "past"
+    return Support(True, f"at an OUT exit this host reports RIP {where} the `out` (sheet question 2)")
 
 
 LAB = Lab(

@@ -180,7 +180,7 @@ LAB = Lab(
             "the FLAGS/CS/IP frame and IRET",
     requires=(Cap.USER_MEMORY,),
     support=lambda host: Support(True, "" if host.io_exit_rip_at_out else
-                                 "RIP is reported past the `out` at IO exits (sheet question 2)"),
+                                 "RIP is reported past the `out` at OUT exits (sheet question 2)"),
     steps=(
         Step("IVT entry task.vector points at your handler", check_ivt,
              "an IVT entry is 4 bytes at address 4 * vector: the offset (16 bits), then the segment "
