@@ -10,7 +10,9 @@ pipe (``| head``). Never a traceback from deep inside, never a signal death.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from .core.errors import KvmUnavailableError, PyKvmError
@@ -21,7 +23,20 @@ EXIT_INTERRUPTED = 130      # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
-    """Run a command's ``body`` and map how it ended to an exit status and a message on stderr."""
+    """Run a command's ``body`` and map how it ended to an exit status and a message on stderr.
+
+    Once the body has ended, a further Ctrl-C is ignored: Python restores the default
+    SIGINT action while it shuts down, and a Ctrl-C landing then would kill the
+    process by signal after the command had already finished.
+    """
+    try:
+        return _run(prog, body)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except KeyboardInterrupt:

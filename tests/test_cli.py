@@ -51,9 +51,18 @@ def test_sigint_at_random_moments_never_kills_by_signal(kvm_available, argv, win
 def test_run_command_maps_each_ending_to_a_status_and_a_line(capsys, raised, status, text):
     def body() -> int:
         raise raised
-    assert cli.run_command("prog", body) == status
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert cli.run_command("prog", body) == status
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert text in capsys.readouterr().err
 
 
 def test_run_command_passes_the_bodys_status_through():
-    assert cli.run_command("prog", lambda: 7) == 7
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert cli.run_command("prog", lambda: 7) == 7
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN   # a late Ctrl-C cannot kill the exit
+    finally:
+        signal.signal(signal.SIGINT, previous)
