@@ -74,7 +74,7 @@ setup(
     name="pykvm",
     version="0.1.0",
     description="Drive Linux KVM from Python: VMs, vCPUs, tiny guests, interrupt injection",
-    packages=["pykvm", "pykvm.testing"] + [f"pykvm.{sub}" for sub in PACKAGES_BELOW] + LAB_PACKAGES,
+    packages=["pykvm", "pykvm.testing", "pykvm.requests"] + [f"pykvm.{sub}" for sub in PACKAGES_BELOW] + LAB_PACKAGES,
     package_data={"pykvm.labs": ["*/sheet.md", "*/starter.py"]},
     entry_points={"pytest11": ["pykvm = pykvm.testing.plugin"]},
     python_requires=">=3.10",

@@ -245,6 +245,23 @@ class ExceptionExit(Exit):
 
 
 @record(slots=True)
+class TprAccessExit(Exit):
+    """``KVM_EXIT_TPR_ACCESS``: the guest read or wrote the xAPIC TPR (``set_tpr_access_reporting``)."""
+
+    reason: ClassVar = ExitReason.TPR_ACCESS
+    rip: int = 0
+    is_write: bool = False
+
+
+@record(slots=True)
+class IoapicEoiExit(Exit):
+    """``KVM_EXIT_IOAPIC_EOI``: the guest EOI'd a level-triggered vector of the userspace IOAPIC (split irqchip)."""
+
+    reason: ClassVar = ExitReason.IOAPIC_EOI
+    vector: int = 0
+
+
+@record(slots=True)
 class UnknownExit(Exit):
     """Any exit pykvm has no type for; ``exit_reason`` is the raw number."""
 
@@ -333,6 +350,23 @@ def _exception(vcpu, run) -> ExceptionExit:
     return ExceptionExit(run.ex.exception, run.ex.error_code)
 
 
+def _union(vcpu, layout):
+    """The fields of kvm_run's exit union (it starts where ``io`` does) unpacked with ``layout``."""
+    from .binding import ffi
+    return layout.unpack_from(vcpu._run_buffer, ffi.offsetof("struct kvm_run", "io"))
+
+
+def _tpr_access(vcpu, run) -> TprAccessExit:
+    from .uapi import RUN_TPR_ACCESS
+    rip, is_write = _union(vcpu, RUN_TPR_ACCESS)
+    return TprAccessExit(rip, bool(is_write))
+
+
+def _ioapic_eoi(vcpu, run) -> IoapicEoiExit:
+    from .uapi import RUN_EOI
+    return IoapicEoiExit(_union(vcpu, RUN_EOI)[0])
+
+
 _HLT = HltExit()
 _WINDOW = IrqWindowOpenExit()
 _SHUTDOWN = ShutdownExit()
@@ -353,6 +387,8 @@ DECODERS: dict[int, Callable[[Any, Any], Exit]] = {
     ExitReason.X86_WRMSR: _msr,
     ExitReason.HYPERCALL: _hypercall,
     ExitReason.EXCEPTION: _exception,
+    ExitReason.TPR_ACCESS: _tpr_access,
+    ExitReason.IOAPIC_EOI: _ioapic_eoi,
 }
 
 

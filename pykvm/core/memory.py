@@ -101,7 +101,8 @@ class GuestMemory:
         if pointer == ffi.NULL:
             raise ioctl_error(err[0], "mmap", f"{size:#x} bytes of guest memory",
                               "not enough memory for this slot")
-        slot = MemorySlot(len(self._slots), guest_phys_addr, size, bool(readonly))
+        used = {existing.slot for existing, _ in self._slots}
+        slot = MemorySlot(min(set(range(len(used) + 1)) - used), guest_phys_addr, size, bool(readonly))
         region = ffi.new("struct kvm_userspace_memory_region *", {
             "slot": slot.slot, "flags": 2 if readonly else 0,  # KVM_MEM_READONLY
             "guest_phys_addr": guest_phys_addr, "memory_size": size,
@@ -113,6 +114,40 @@ class GuestMemory:
             raise
         self._slots.append((slot, pointer))
         return slot
+
+    def _region(self, slot: MemorySlot, pointer: Any, flags: int, size: int) -> Any:
+        return ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot.slot, "flags": flags, "guest_phys_addr": slot.guest_phys_addr,
+            "memory_size": size, "userspace_addr": int(ffi.cast("uintptr_t", pointer))})
+
+    def _find(self, slot: int) -> tuple[MemorySlot, Any]:
+        for entry in self._slots:
+            if entry[0].slot == slot:
+                return entry
+        raise InvalidArgument(f"slot={slot!r}: no such memory slot (slots: {self.slots})")
+
+    def set_dirty_logging(self, slot: int, enabled: bool) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` with ``KVM_MEM_LOG_DIRTY_PAGES`` on or off for ``slot``.
+
+        Then ``vm.get_dirty_log(slot)`` returns the pages written since the last call.
+        """
+        self._vm._check_open()
+        with self._lock:
+            entry, pointer = self._find(slot)
+            flags = (2 if entry.readonly else 0) | (1 if enabled else 0)   # KVM_MEM_READONLY, LOG_DIRTY_PAGES
+            self._vm._ioctl(Ioctl.SET_USER_MEMORY_REGION, self._region(entry, pointer, flags, entry.size))
+
+    def remove_slot(self, slot: int) -> None:
+        """Delete memory slot ``slot`` (``KVM_SET_USER_MEMORY_REGION`` with size 0) and unmap its memory.
+
+        KVM invalidates every MMU root that may map it (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS on each vCPU).
+        """
+        self._vm._check_open()
+        with self._lock:
+            entry, pointer = self._find(slot)
+            self._vm._ioctl(Ioctl.SET_USER_MEMORY_REGION, self._region(entry, pointer, 0, 0))
+            self._slots.remove((entry, pointer))
+            lib.pykvm_munmap(pointer, entry.size)
 
     def _release(self) -> None:
         with self._lock:

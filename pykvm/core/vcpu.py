@@ -40,6 +40,7 @@ from .interrupts import DEBUG_VECTOR, ERROR_CODE_VECTORS, PAGE_FAULT_VECTOR, Irq
 from .ioctls import Ioctl
 from .state import ExceptionEvent, Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
 from .stats import Stats
+from .uapi import TPR_ACCESS_CTL, TPR_ACCESS_REPORTING_ENABLED, UapiIoctl, call
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -685,6 +686,26 @@ class Vcpu(FdObject):
         if done != len(values):
             raise ioctl_error(errno.EINVAL, "KVM_SET_MSRS", self.describe(),
                               f"MSR {list(values)[done]:#x} was refused by this host")
+
+    def kvmclock_ctrl(self) -> None:
+        """``KVM_KVMCLOCK_CTRL``: tell the guest it was paused (sets PVCLOCK_GUEST_STOPPED in its
+        kvmclock page at the next entry, so its soft-lockup watchdog does not fire).
+
+        Needs the guest to have enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW): EINVAL before.
+        """
+        call(self, UapiIoctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock "
+                                                  "(MSR 0x4b564d01 with bit 0 set)")
+
+    def smi(self) -> None:
+        """``KVM_SMI``: make a system-management interrupt pending (needs ``KVM_CAP_X86_SMM``)."""
+        self.vm.kvm.require(Cap.X86_SMM, "vcpu.smi()")
+        call(self, UapiIoctl.SMI)
+
+    def set_tpr_access_reporting(self, enabled: bool) -> None:
+        """``KVM_TPR_ACCESS_REPORTING``: report guest accesses to the xAPIC TPR as ``TprAccessExit``."""
+        self.vm._require_irqchip(IrqchipMode.SPLIT, "TPR access reporting")
+        call(self, UapiIoctl.TPR_ACCESS_REPORTING,
+             bytearray(TPR_ACCESS_CTL.pack(TPR_ACCESS_REPORTING_ENABLED if enabled else 0, 0)))
 
     def set_single_step(self, enabled: bool) -> None:
         """``KVM_SET_GUEST_DEBUG`` single-step: one ``DebugExit`` per guest instruction."""

@@ -45,6 +45,20 @@ from .interrupts import (
 from .ioctls import Ioctl
 from .memory import MAX_GPA, GuestMemory
 from .stats import Stats
+from .uapi import (
+    CLOCK_DATA,
+    DIRTY_LOG,
+    MSR_EXIT_REASON_FILTER,
+    MSR_FILTER_DEFAULT_ALLOW,
+    MSR_FILTER_DEFAULT_DENY,
+    MSR_FILTER_MAX_RANGES,
+    MSR_FILTER_RANGE,
+    MSR_FILTER_SIZE,
+    ClockData,
+    MsrFilterRange,
+    UapiIoctl,
+    call,
+)
 
 if TYPE_CHECKING:
     from .system import Kvm
@@ -385,6 +399,70 @@ class Vm(FdObject):
                             f"{len(target)} bytes, e.g. pykvm.irqchip.ioapic.read(vm).raw")
         target[:len(raw)] = bytes(raw)
         self._ioctl(Ioctl.SET_IRQCHIP, cdata)
+
+    # -- kvmclock, MSR filter, dirty log ----------------------------------------
+    def get_clock(self) -> ClockData:
+        """``KVM_GET_CLOCK``: the VM's kvmclock (ns), and whether it is TSC-stable (master clock)."""
+        self.kvm.require(Cap.ADJUST_CLOCK, "vm.get_clock()")
+        raw = bytearray(CLOCK_DATA.size)
+        call(self, UapiIoctl.GET_CLOCK, raw)
+        return ClockData.unpack(bytes(raw))
+
+    def set_clock(self, clock: int) -> None:
+        """``KVM_SET_CLOCK``: set the VM's kvmclock to ``clock`` ns (every vCPU's kvmclock page follows
+        at its next entry: KVM raises KVM_REQ_CLOCK_UPDATE on each)."""
+        checks.unsigned("clock", clock, 64, "nanoseconds of guest kvmclock time")
+        self.kvm.require(Cap.ADJUST_CLOCK, "vm.set_clock()")
+        call(self, UapiIoctl.SET_CLOCK, ClockData(clock).pack())
+
+    def enable_user_space_msr(self, reasons: int = MSR_EXIT_REASON_FILTER) -> None:
+        """``KVM_CAP_X86_USER_SPACE_MSR``: RDMSR/WRMSR that fail for ``reasons`` exit to userspace
+        (``MsrExit``) instead of injecting #GP; the default is accesses denied by the MSR filter."""
+        checks.unsigned("reasons", reasons, 32, "KVM_MSR_EXIT_REASON_* bits (pykvm.core.uapi)")
+        self.kvm.require(Cap.X86_USER_SPACE_MSR, "vm.enable_user_space_msr()")
+        self.enable_cap(Cap.X86_USER_SPACE_MSR, reasons)
+
+    def set_msr_filter(self, ranges: Iterable[MsrFilterRange] = (), default_allow: bool = True) -> None:
+        """``KVM_X86_SET_MSR_FILTER``: which guest MSR accesses KVM handles (bit set: allowed).
+
+        A denied access becomes an ``MsrExit`` (reason filter) after
+        :meth:`enable_user_space_msr`, a #GP in the guest otherwise. No ranges and
+        ``default_allow`` removes the filter. KVM raises KVM_REQ_MSR_FILTER_CHANGED
+        on every vCPU, which reloads its MSR intercepts before the next entry.
+        """
+        self.kvm.require(Cap.X86_MSR_FILTER, "vm.set_msr_filter()")
+        ranges = list(ranges)
+        if len(ranges) > MSR_FILTER_MAX_RANGES:
+            raise InvalidArgument(f"ranges: {len(ranges)}, but KVM takes at most {MSR_FILTER_MAX_RANGES}")
+        raw = bytearray(MSR_FILTER_SIZE)
+        raw[0:4] = (MSR_FILTER_DEFAULT_ALLOW if default_allow else MSR_FILTER_DEFAULT_DENY).to_bytes(4, "little")
+        bitmaps = []                      # kept alive until the ioctl has copied them
+        for index, entry in enumerate(ranges):
+            checks.instance(f"ranges[{index}]", entry, MsrFilterRange, "pykvm.core.uapi.MsrFilterRange")
+            bitmap = ffi.new("char[]", entry.padded_bitmap())
+            bitmaps.append(bitmap)
+            MSR_FILTER_RANGE.pack_into(raw, 8 + index * MSR_FILTER_RANGE.size, entry.flags, entry.nmsrs,
+                                       entry.base, int(ffi.cast("uintptr_t", bitmap)))
+        call(self, UapiIoctl.X86_SET_MSR_FILTER, bytes(raw),
+             hint="each range needs flags READ and/or WRITE and 1..0x10000 MSRs")
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the bitmap (bit per page) of pages written since the last call.
+
+        The slot must log dirty pages (``vm.memory.set_dirty_logging(slot, True)``);
+        fetching the log write-protects the pages again and flushes the TLBs
+        (KVM_REQ_TLB_FLUSH on each vCPU).
+        """
+        for candidate in self.memory.slots:
+            if candidate.slot == slot:
+                size = (candidate.size // 4096 + 63) // 64 * 8
+                break
+        else:
+            raise InvalidArgument(f"slot={slot!r}: this VM has no such memory slot ({self.memory.slots})")
+        bitmap = ffi.new("char[]", size)
+        call(self, UapiIoctl.GET_DIRTY_LOG, DIRTY_LOG.pack(slot, int(ffi.cast("uintptr_t", bitmap))),
+             hint="the slot must have dirty logging on: vm.memory.set_dirty_logging(slot, True)")
+        return ffi.buffer(bitmap, size)[:]
 
     # -- statistics --------------------------------------------------------------
     @functools.cached_property
