@@ -30,6 +30,7 @@ def interrupt_at_random(argv: list[str], seed: int, window: float) -> tuple[int,
     return process.returncode, err
 
 
+@pytest.mark.deadline(30 + 20 * RUNS)
 @pytest.mark.parametrize("argv, window", [(["pykvm.demo"], 2.5),
                                           (["pykvm.bench", "injection", "--count", "40", "--rounds", "1"], 4.0)],
                          ids=["demo", "bench"])
