@@ -159,7 +159,7 @@ def test_scenario_matches_the_table_and_its_control_shows_nothing(kvm, name):
         assert evidence["reason"] == uapi.MSR_EXIT_REASON_FILTER and not control.evidence["msr_exit"]
     elif name == "CLOCK_UPDATE":
         assert evidence["version_change"] >= 2 and evidence["version_change"] % 2 == 0
-        assert 10e9 <= evidence["system_time_jump"] < 11e9 and evidence["guest_stopped"]
+        assert 10e9 <= evidence["system_time_jump"] < 15e9 and evidence["guest_stopped"]   # + run time (TCG)
         assert evidence["pvclock_update_events"] in (None,) or evidence["pvclock_update_events"] >= 1
         assert control.evidence["system_time_jump"] < 1e9 and not control.evidence["guest_stopped"]
     elif name == "MMU_FREE_OBSOLETE_ROOTS":

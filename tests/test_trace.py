@@ -75,7 +75,7 @@ def trace_text(pid: int, other: int = 4242) -> str:
         f"     qemu-system-{other}   (   {other}) [000] .....  3467.762800: kvm_pio: rw=0x0 (0) port=0x60 (96) "
         f"size=0x1 (1) count=0x1 (1) val=0x0 (0)\n",
         f"   kworker/0:1-ev-{pid + 1} (-------) [000] d..1.  3467.762900: kvm_mmu_get_page: mmu_valid_gen=(1) "
-        f"gfn=0x4 (4) shift=0xff (-1) comm=vcpu thread\n",
+        f"gfn=0x4 (4) shift=\xff comm=vcpu thread\n",
     ])
 
 
@@ -86,6 +86,14 @@ def make_tracefs(root: Path) -> Path:
         (root / "events" / system / name / "format").write_text(text)
     (root / "instances").mkdir()
     return root
+
+
+def test_a_byte_printed_as_a_character_keeps_its_value(tmp_path):
+    fs = SyntheticTracefs(make_tracefs(tmp_path), "")
+    (tmp_path / "t").write_bytes(trace_text(100).encode("latin-1"))
+    formats, _ = trace.read_formats(tmp_path / "events", ["kvmmmu:kvm_mmu_get_page"])
+    [page] = trace.parse_trace(fs.read(tmp_path / "t"), formats)
+    assert page["shift"] == -1
 
 
 class SyntheticTracefs(trace.Tracefs):

@@ -166,6 +166,7 @@ def io_port(exit: Exit) -> int | None:
 
 EVENT_GUEST = """
 start:  sti
+        nop                      # the instruction after sti runs in its interrupt shadow
 loop:   out %al, $0x10           # ready: the host may inject now
         jmp loop
 handler:
@@ -423,12 +424,14 @@ def mmu_free_obsolete_roots(control: bool = False) -> Outcome:
         zaps = recording.named("kvmmmu:kvm_mmu_zap_all_fast")
         root_gfn = vcpu.sregs.cr3 >> 12
         pages = [e for e in recording.named("kvmmmu:kvm_mmu_get_page") if zaps and e.time >= zaps[0].time]
-        roots = [e for e in pages if e.fields.get("gfn") == root_gfn]
+        # A shadow-paging root shadows the guest's CR3 page; a TDP (NPT/EPT) root is direct, at gfn 0.
+        roots = [e for e in pages if e.fields.get("gfn") in (root_gfn, 0)]
         t.outcome.evidence.update(zap_all_fast=len(zaps), pages_after_zap=len(pages), new_roots=len(roots),
                                   first_new_root=roots[0].describe() if roots else None)
         if zaps:
             t.guest(f"kvm_mmu_zap_all_fast in the ioctl made every root obsolete; at the next entry "
-                    f"{len(roots)} new root(s) for CR3 gfn {root_gfn:#x}"
+                    f"a new root (gfn {roots[0].fields.get('gfn', 0) if roots else root_gfn:#x}) and "
+                    f"{max(len(pages) - 1, 0)} further page(s)"
                     + (f" (MMU generation {roots[0].fields.get('mmu_valid_gen')})" if roots else ""))
         return t.verdict(bool(zaps) and bool(roots),
                          "kvm_mmu_zap_all_fast at the deletion, then a new root (kvm_mmu_get_page for the "

@@ -224,6 +224,9 @@ def _field_value(field: Field, text: str) -> Any:
             return text
     if not field.is_string and re.fullmatch(r"-?\d+", text):
         return int(text)
+    if field.size == 1 and not field.is_array and len(text) == 1:     # a char-typed byte printed as %c
+        code = ord(text)
+        return field.convert(code - 0xDC00 if 0xDC80 <= code <= 0xDCFF else code)
     return text
 
 
@@ -358,7 +361,7 @@ class Tracefs:
             raise TraceError(f"writing {value!r} to {path} failed: {exc.strerror}") from exc
 
     def read(self, path: Path) -> str:
-        return path.read_text(errors="replace")
+        return path.read_text(errors="surrogateescape")     # a %c byte field keeps its value
 
 
 def process_threads(pid: int | None = None) -> list[int]:
