@@ -4,10 +4,13 @@ Two things are compiled at install time, both against what is on this machine:
 - ``pykvm._binding``: the cffi module (API mode) built from ``csrc/`` against
   the system's ``<linux/kvm.h>``;
 - the guest images: ``guests/*.S`` assembled with binutils into flat binaries
-  plus a JSON symbol table, shipped with their sources in ``pykvm/guests/images``.
+  plus a JSON symbol table, shipped with their sources in ``pykvm/guests/images``;
+- the Multiboot test kernels of ``python -m pykvm.boot``: ``guests/kernels/*.S``
+  into ELF32 images in ``pykvm/vmm/kernels``.
 """
 
 import importlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -52,6 +55,7 @@ class BuildExtAndGuests(build_ext):
         super().run()
         package_dir = HERE / "pykvm" if self.inplace else Path(self.build_lib) / "pykvm"
         self.build_guests(package_dir / "guests" / "images")
+        self.build_kernels(package_dir / "vmm" / "kernels")
 
     def build_guests(self, out_dir: Path) -> None:
         asm, layout = _load_build_modules()
@@ -69,12 +73,21 @@ class BuildExtAndGuests(build_ext):
                 sort_keys=True))
             print(f"pykvm: assembled guests/{mode}.S -> {len(image.code)} bytes")
 
+    def build_kernels(self, out_dir: Path) -> None:
+        """The Multiboot test kernels of ``python -m pykvm.boot`` (pykvm/vmm/testkernels.py, stdlib only)."""
+        spec = importlib.util.spec_from_file_location("_pykvm_testkernels", HERE / "pykvm" / "vmm" / "testkernels.py")
+        testkernels = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(testkernels)
+        built = testkernels.build_all(out_dir, HERE / "guests" / "kernels")
+        print(f"pykvm: assembled guests/kernels -> {', '.join(path.name for path in built)}")
+
 
 setup(
     name="pykvm",
     version="0.1.0",
     description="Drive Linux KVM from Python: VMs, vCPUs, tiny guests, interrupt injection",
-    packages=["pykvm", "pykvm.testing", "pykvm.requests"] + [f"pykvm.{sub}" for sub in PACKAGES_BELOW] + LAB_PACKAGES,
+    packages=["pykvm", "pykvm.testing", "pykvm.requests"] + [f"pykvm.{sub}" for sub in PACKAGES_BELOW] + LAB_PACKAGES
+    + ["pykvm.vmm"],
     package_data={"pykvm.labs": ["*/sheet.md", "*/starter.py"]},
     entry_points={"pytest11": ["pykvm = pykvm.testing.plugin"]},
     python_requires=">=3.10",

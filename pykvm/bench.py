@@ -160,12 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                                                  "with a C injector baseline for MSI and irqfd")
     injection.add_argument("--count", type=int, default=300, help="interrupts per path and state per round")
     injection.add_argument("--rounds", type=int, default=3, help="rounds (paths and states interleaved)")
+    boot = sub.add_parser("boot", help="time to the first serial byte and to exit, hello kernel, pykvm and QEMU")
+    boot.add_argument("--rounds", type=int, default=10, help="boots of each kind")
     args = parser.parse_args(argv)
 
     def body() -> int:
         print(f"pykvm bench {args.benchmark}: measuring on this machine's KVM ...", flush=True)
         if args.benchmark == "exits":
             print(bench_exits(args.iterations, args.rounds).report())
+        elif args.benchmark == "boot":
+            from .vmm.bench import bench_boot
+            print("\n".join(bench_boot(args.rounds)))
         else:
             print("\n".join(bench_injection(args.count, args.rounds)))
         return 0

@@ -1,0 +1,443 @@
+"""``Machine``: a small PC that boots a Multiboot kernel on KVM, one thread per vCPU.
+
+Why this exists: ``python -m pykvm.boot`` and tests that boot a kernel and
+assert its serial output share this. The machine is KVM's in-kernel irqchip
+(PIC, IOAPIC, LAPICs) and PIT plus the userspace devices of this package on
+the IO bus: COM1 (:mod:`.serial`), the debug-exit port (:mod:`.debug_exit`),
+fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), the test IRQ lines and echo
+port (:mod:`.testdev`), and ports 0x61 and 0x80 tolerated. Users add devices
+for more ports or MMIO ranges with :meth:`Machine.add_io` and
+:meth:`Machine.add_mmio` (an object with ``read(offset, size)`` and
+``write(offset, size, value)``). No firmware: the Multiboot loader
+(:mod:`.multiboot`) writes the kernel and its information, and the BSP starts
+at the entry point in 32-bit protected mode (EAX=0x2BADB002, EBX=info, flat
+segments, paging and interrupts off). Every vCPU is created before the guest
+starts; the APs wait in the in-kernel LAPIC for INIT and SIPI.
+
+:meth:`Machine.run` returns a :class:`BootResult`: the exit status (the
+guest's own through the debug-exit port, or one of the ``STATUS_*`` below),
+how the run ended and why, the serial transcript, the accesses no device
+claimed, and timings. Whatever ends it (the guest, a triple fault, a timeout,
+Ctrl-C), every vCPU thread is kicked out of ``KVM_RUN`` and joined before the
+VM is closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import os
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from ..core.errors import ClosedError, InvalidArgument, KvmBusy
+from ..core.exits import (
+    FailEntryExit,
+    InternalErrorExit,
+    IntrExit,
+    IoExit,
+    MmioExit,
+    ShutdownExit,
+    SystemEventExit,
+)
+from ..core.state import Regs, Segment
+from ..core.system import Kvm
+from ..runtime.threads import VcpuThread
+from . import cmos, debug_exit, fw_cfg, multiboot, serial, testdev
+from .bus import Device, IoBus, MmioBus, UnknownAccess
+
+STATUS_POWER_OFF = 0        # the guest asked KVM to shut down or reset (KVM_EXIT_SYSTEM_EVENT)
+STATUS_TRIPLE_FAULT = 4     # KVM_EXIT_SHUTDOWN
+STATUS_INTERNAL_ERROR = 6   # KVM_EXIT_INTERNAL_ERROR, FAIL_ENTRY, an unexpected exit, a device that raised
+STATUS_STRICT_IO = 8        # --strict-io: the guest touched a port or MMIO address no device claims
+STATUS_TIMEOUT = 124        # as timeout(1)
+DEFAULT_MEMORY_MIB = 128
+TOLERATED_PORTS = ((0x61, 1, "port 0x61 (system control B)"), (0x80, 1, "port 0x80 (POST code)"))
+CR0_PE, CR0_ET, CR0_PG = 1 << 0, 1 << 4, 1 << 31
+STDIN_POLL = 0.05
+
+
+class Ending(enum.Enum):
+    """How a run ended."""
+
+    EXIT_PORT = "debug-exit port"
+    POWER_OFF = "power off"
+    TRIPLE_FAULT = "triple fault"
+    INTERNAL_ERROR = "internal error"
+    STRICT_IO = "unknown IO (--strict-io)"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+@dataclasses.dataclass
+class BootResult:
+    """What a run gave: ``status`` (the process exit status), how it ended, the serial transcript."""
+
+    status: int
+    ending: Ending
+    message: str
+    exit_code: int | None               # the value written to the debug-exit port
+    serial: bytes
+    unknown: list[UnknownAccess]
+    exits: dict[int, int]               # exits to userspace per vCPU id
+    first_byte: float | None            # seconds from run() to the first serial byte
+    elapsed: float                      # seconds from run() to the end of the guest
+    error: BaseException | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The serial transcript as text (undecodable bytes replaced)."""
+        return self.serial.decode(errors="replace")
+
+    @property
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
+
+
+class _Tolerated:
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+class Machine:
+    """A PC for one Multiboot kernel: ``Machine("kernel.elf", cpus=2).run(timeout=10)``.
+
+    ``kernel`` is a path or the image's bytes; ``memory`` is in MiB; ``cmdline``
+    is the kernel's command line; ``modules`` are boot modules (paths or bytes,
+    e.g. an initrd). ``serial_output`` is a binary stream that gets every byte
+    the guest transmits as it comes (the transcript is kept either way);
+    ``stdin=True`` feeds this process's standard input to COM1 (a terminal is
+    put in cbreak mode meanwhile); ``strict_io`` makes the first access no device
+    claims end the run; ``trace`` is a text stream that gets one line per exit.
+    The kernel and modules are parsed here, so a bad image fails at once with a
+    :class:`~pykvm.vmm.multiboot.MultibootError`.
+    """
+
+    def __init__(self, kernel: str | os.PathLike | bytes, cpus: int = 1, memory: int = DEFAULT_MEMORY_MIB,
+                 cmdline: str = "", modules: Sequence[str | os.PathLike | bytes] = (), *,
+                 serial_output: IO[bytes] | None = None, stdin: bool = False, strict_io: bool = False,
+                 trace: IO[str] | None = None, kvm: Kvm | None = None) -> None:
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 255:
+            raise InvalidArgument(f"cpus={cpus!r}: expected 1 to 255 vCPUs")
+        if isinstance(memory, bool) or not isinstance(memory, int) or not 2 <= memory <= 1 << 20:
+            raise InvalidArgument(f"memory={memory!r}: expected MiB of RAM, 2 to 1048576")
+        if not isinstance(cmdline, str):
+            raise InvalidArgument(f"cmdline={cmdline!r}: expected a string")
+        name, data = _read(kernel, "kernel")
+        self.kernel_name = name
+        self.image = multiboot.parse(data, name)
+        self.cpus = cpus
+        self.memory = memory << 20
+        self.cmdline = cmdline
+        self.modules = []
+        for index, module in enumerate(modules):
+            module_name, module_data = _read(module, f"module {index}")
+            self.modules.append(multiboot.Module(module_data, module_name))
+        self.layout = multiboot.place(self.image, self.memory, cmdline, self.modules, name)
+        self.strict_io = strict_io
+        self._serial_output = serial_output
+        self._stdin = stdin
+        self._trace = trace
+        self._kvm = kvm
+        self.io = IoBus()
+        self.mmio = MmioBus()
+        self._lock = threading.RLock()          # devices are called from every vCPU thread
+        self._vm: Any = None
+        self._used = False
+        self.fw_cfg = fw_cfg.FwCfg.for_machine(self.memory, cpus, cpus, cmdline, self.layout.e820)
+        self.uart = serial.Uart16550(self._transmit, functools.partial(self._irq, serial.COM1_IRQ))
+        self.irq_lines = testdev.IrqLines(self._irq)
+        ranges = multiboot.ram_ranges(self.memory)
+        self.cmos = cmos.Cmos(ranges[0][1], sum(size for _, size in ranges[1:]))
+        self.add_io(serial.COM1, serial.PORTS, self.uart, "COM1 (16550A)")
+        self.add_io(debug_exit.PORT, debug_exit.PORTS, debug_exit.DebugExit(self._guest_exit), "debug exit")
+        self.add_io(fw_cfg.SELECTOR_PORT, fw_cfg.PORTS, self.fw_cfg, "fw_cfg")
+        self.add_io(cmos.INDEX_PORT, cmos.PORTS, self.cmos, "CMOS/RTC")
+        self.add_io(testdev.IRQ_BASE, testdev.IRQ_LINES, self.irq_lines, "test IRQ lines")
+        self.add_io(testdev.ECHO_PORT, testdev.ECHO_PORTS, testdev.EchoPort(), "test echo port")
+        for port, length, what in TOLERATED_PORTS:
+            self.add_io(port, length, _Tolerated(), what)
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self._serial = bytearray()
+        self._first_byte: float | None = None
+        self._start = 0.0
+        self._unknown: dict[tuple[str, int], UnknownAccess] = {}
+        self._done = threading.Event()
+        self._ending: tuple[Ending, int, str, int | None, BaseException | None] | None = None
+        self._end_time = 0.0
+        self._exits: dict[int, int] = {}
+
+    # -- devices ------------------------------------------------------------------
+    def add_io(self, base: int, length: int, device: Device, name: str = "") -> None:
+        """Put ``device`` on IO ports ``base .. base + length - 1`` (before :meth:`run`)."""
+        _check_device(device)
+        self.io.register(base, length, device, name)
+
+    def add_mmio(self, base: int, length: int, device: Device, name: str = "") -> None:
+        """Put ``device`` on guest-physical ``base .. base + length - 1``, outside RAM (before :meth:`run`)."""
+        _check_device(device)
+        for start, size in multiboot.ram_ranges(self.memory):
+            if base < start + size and start < base + length:
+                raise InvalidArgument(f"MMIO range {base:#x}+{length:#x} overlaps RAM at {start:#x}-"
+                                      f"{start + size:#x}; choose an address outside RAM (e.g. 0xd0000000)")
+        self.mmio.register(base, length, device, name)
+
+    def _transmit(self, data: bytes) -> None:
+        if self._first_byte is None:
+            self._first_byte = time.perf_counter() - self._start
+        self._serial += data
+        stream = self._serial_output
+        if stream is not None:
+            stream.write(data)
+            stream.flush()
+
+    def _irq(self, gsi: int, level: int) -> None:
+        vm = self._vm
+        if vm is not None:
+            vm.irq_line(gsi, level)
+
+    def _guest_exit(self, value: int) -> None:
+        self._finish(Ending.EXIT_PORT, debug_exit.status_of(value),
+                     f"the guest wrote {value:#x} to the debug-exit port", value)
+
+    # -- running ------------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> BootResult:
+        """Boot the kernel and run until it exits, faults, or ``timeout`` seconds pass; once per Machine."""
+        if self._used:
+            raise InvalidArgument("this Machine has already run; make a new one for another boot")
+        self._used = True
+        if timeout is not None and not timeout > 0:
+            raise InvalidArgument(f"timeout={timeout!r}: expected seconds > 0, or None for no limit")
+        self._start = time.perf_counter()
+        own_kvm = self._kvm is None
+        kvm = Kvm() if own_kvm else self._kvm
+        assert kvm is not None
+        threads: list[VcpuThread] = []
+        terminal = None
+        try:
+            ranges = multiboot.ram_ranges(self.memory)
+            with kvm.create_vm(memory_size=ranges[0][1], irqchip="kernel", pit=True) as vm:
+                for address, size in ranges[1:]:
+                    vm.memory.add_slot(address, size)
+                for address, data in self.layout.writes:
+                    vm.memory.write(address, data)
+                vcpus = [vm.create_vcpu() for _ in range(self.cpus)]
+                _enter_multiboot(vcpus[0], self.layout)
+                self._vm = vm
+                for vcpu in vcpus:
+                    threads.append(VcpuThread(vcpu, functools.partial(self._vcpu_loop, vcpu),
+                                              name=f"pykvm-boot-vcpu{vcpu.id}"))
+                if self._stdin:
+                    terminal = _cbreak(sys.stdin.fileno())
+                    threading.Thread(target=self._read_stdin, daemon=True, name="pykvm-boot-stdin").start()
+                try:
+                    if not self._done.wait(timeout):
+                        self._finish(Ending.TIMEOUT, STATUS_TIMEOUT,
+                                     f"the guest was still running after {timeout:g} s; stopped")
+                finally:
+                    self._stop(threads)
+                    self._vm = None
+        finally:
+            if terminal is not None:
+                terminal()
+            if own_kvm:
+                kvm.close()
+        assert self._ending is not None
+        ending, status, message, code, error = self._ending
+        return BootResult(status, ending, message, code, bytes(self._serial), list(self._unknown.values()),
+                          dict(self._exits), self._first_byte, self._end_time - self._start, error)
+
+    def _stop(self, threads: list[VcpuThread]) -> None:
+        self._done.set()
+        for thread in threads:
+            thread.stop()
+        for thread in threads:
+            thread.cancel()
+
+    def _finish(self, ending: Ending, status: int, message: str, code: int | None = None,
+                error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._ending is None:
+                self._end_time = time.perf_counter()
+                self._ending = (ending, status, message, code, error)
+            self._done.set()
+
+    def _vcpu_loop(self, vcpu, stopping: threading.Event) -> None:
+        run, done, ports, lock = vcpu.run, self._done, self.io._ports, self._lock
+        trace = self._trace
+        exits = 0
+        try:
+            while not done.is_set():
+                try:
+                    exit = run()
+                except KvmBusy:
+                    # EAGAIN: an AP left MP_STATE_UNINITIALIZED (INIT/SIPI arrived); run it again
+                    continue
+                exits += 1
+                if type(exit) is IoExit:
+                    if trace is not None:
+                        self._trace_io(vcpu, exit)
+                    port, is_out, size, count, data = exit[0], exit.is_out, exit[2], exit[3], exit[4]
+                    entry = ports.get(port)
+                    if entry is None:
+                        self._unknown_access(vcpu, "io", port, is_out, size)
+                        if not is_out:
+                            exit.reply(b"\xff" * (size * count))
+                        continue
+                    base, device, _ = entry
+                    with lock:
+                        if is_out:
+                            for index in range(0, size * count, size):
+                                device.write(port - base, size, int.from_bytes(data[index:index + size], "little"))
+                        else:
+                            mask = (1 << 8 * size) - 1
+                            exit.reply(b"".join((device.read(port - base, size) & mask).to_bytes(size, "little")
+                                                for _ in range(count)))
+                elif type(exit) is MmioExit:
+                    self._mmio(vcpu, exit)
+                elif type(exit) is IntrExit:
+                    continue
+                else:
+                    self._stopping_exit(vcpu, exit)
+                    return
+        except ClosedError:
+            pass                            # the VM is being closed under us: the run is over
+        except BaseException as exc:        # a device or handler raised: end the run, report it
+            self._finish(Ending.ERROR, STATUS_INTERNAL_ERROR,
+                         f"vCPU {vcpu.id}: {type(exc).__name__}: {exc}", error=exc)
+        finally:
+            self._exits[vcpu.id] = exits
+
+    def _mmio(self, vcpu, exit: MmioExit) -> None:
+        if self._trace is not None:
+            value = int.from_bytes(exit.data, "little")
+            self._trace.write(f"vcpu {vcpu.id}: mmio {'write' if exit.is_write else 'read'} {exit.phys_addr:#x} "
+                              f"size {exit.length}{f' value {value:#x}' if exit.is_write else ''}\n")
+        entry = self.mmio.lookup(exit.phys_addr)
+        if entry is None:
+            self._unknown_access(vcpu, "mmio", exit.phys_addr, exit.is_write, exit.length)
+            if not exit.is_write:
+                exit.reply(b"\xff" * exit.length)
+            return
+        base, device, _ = entry
+        with self._lock:
+            if exit.is_write:
+                device.write(exit.phys_addr - base, exit.length, int.from_bytes(exit.data, "little"))
+            else:
+                value = device.read(exit.phys_addr - base, exit.length) & ((1 << 8 * exit.length) - 1)
+                exit.reply(value.to_bytes(exit.length, "little"))
+
+    def _trace_io(self, vcpu, exit: IoExit) -> None:
+        assert self._trace is not None
+        value = f" value {exit.value:#x}" if exit.is_out else ""
+        self._trace.write(f"vcpu {vcpu.id}: {'out' if exit.is_out else 'in'} port {exit.port:#x} "
+                          f"size {exit.size}{f' count {exit.count}' if exit.count > 1 else ''}{value}\n")
+
+    def _unknown_access(self, vcpu, space: str, address: int, write: bool, size: int) -> None:
+        with self._lock:
+            record = self._unknown.get((space, address))
+            if record is not None:
+                record.count += 1
+                return
+            record = UnknownAccess(space, address, 1, vcpu.regs.rip, vcpu.id, write, size)
+            self._unknown[(space, address)] = record
+        if self.strict_io:
+            self._finish(Ending.STRICT_IO, STATUS_STRICT_IO, record.describe())
+
+    def _stopping_exit(self, vcpu, exit) -> None:
+        where = f"vCPU {vcpu.id}"
+        try:
+            where += f" at RIP {vcpu.regs.rip:#x}"
+        except Exception:          # noqa: BLE001 - the message is still worth giving
+            pass
+        if isinstance(exit, ShutdownExit):
+            self._finish(Ending.TRIPLE_FAULT, STATUS_TRIPLE_FAULT,
+                         f"triple fault (KVM_EXIT_SHUTDOWN) on {where}")
+        elif isinstance(exit, SystemEventExit):
+            kind = getattr(exit.type, "name", exit.type)
+            self._finish(Ending.POWER_OFF, STATUS_POWER_OFF, f"the guest requested {kind} on {where}")
+        elif isinstance(exit, InternalErrorExit):
+            self._finish(Ending.INTERNAL_ERROR, STATUS_INTERNAL_ERROR,
+                         f"KVM internal error (suberror {exit.suberror}) on {where}: "
+                         f"{exit.explanation or 'no explanation'}")
+        elif isinstance(exit, FailEntryExit):
+            self._finish(Ending.INTERNAL_ERROR, STATUS_INTERNAL_ERROR,
+                         f"KVM could not enter the guest on {where}: "
+                         f"{exit.explanation or hex(exit.hardware_entry_failure_reason)}")
+        else:
+            self._finish(Ending.INTERNAL_ERROR, STATUS_INTERNAL_ERROR, f"unexpected exit {exit} on {where}")
+
+    def _read_stdin(self) -> None:
+        fd = sys.stdin.fileno()
+        while not self._done.is_set():
+            try:
+                ready, _, _ = select.select([fd], [], [], STDIN_POLL)
+                if not ready:
+                    continue
+                with self._lock:
+                    room = self.uart.rx_room
+                if not room:
+                    time.sleep(STDIN_POLL)
+                    continue
+                data = os.read(fd, room)
+            except (OSError, ValueError):
+                return
+            if not data:
+                return
+            with self._lock:
+                self.uart.receive(data)
+
+
+def _check_device(device: object) -> None:
+    if not (callable(getattr(device, "read", None)) and callable(getattr(device, "write", None))):
+        raise InvalidArgument(f"device={device!r}: expected an object with read(offset, size) -> int and "
+                              f"write(offset, size, value)")
+
+
+def _read(source: str | os.PathLike | bytes, what: str) -> tuple[str, bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return what, bytes(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidArgument(f"{what}={source!r}: expected a path or the image's bytes")
+    path = Path(source)
+    try:
+        return str(path), path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"{what} {str(path)!r}: cannot read it: {exc.strerror}") from None
+
+
+def _enter_multiboot(vcpu, layout: multiboot.BootLayout) -> None:
+    """The Multiboot entry state: 32-bit protected mode, flat 4 GiB segments, paging and interrupts off."""
+    sregs = vcpu.sregs
+    sregs.cs = Segment(base=0, limit=0xFFFFFFFF, selector=0x08, type=0xB, present=1, dpl=0, db=1, s=1, g=1)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, Segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, db=1, s=1,
+                                     g=1))
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & ~CR0_PG
+    sregs.cr4 = 0
+    sregs.efer = 0
+    vcpu.sregs = sregs
+    vcpu.regs = Regs(rax=multiboot.LOADER_MAGIC, rbx=layout.info_address, rip=layout.entry, rflags=0x2)
+
+
+def _cbreak(fd: int) -> Callable[[], None] | None:
+    """Put terminal ``fd`` in cbreak mode (keys arrive at once, Ctrl-C still interrupts); the undo."""
+    try:
+        import termios
+        import tty
+        saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd)
+    except (ImportError, OSError):
+        return None
+    return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
