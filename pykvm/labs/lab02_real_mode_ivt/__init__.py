@@ -164,8 +164,10 @@ def check_return(ctx: Context) -> str:
                       f"last exit: {last.exit if last else 'none'}"))
     sp = done[0].value
     if sp != DEFAULT_STACK_TOP:
-        raise Fail(f"the main program ended with SP={sp:#x}, not {DEFAULT_STACK_TOP:#x}: "
-                   f"{DEFAULT_STACK_TOP - sp} bytes of the interrupt's frame were never popped")
+        left = DEFAULT_STACK_TOP - sp
+        raise Fail(f"the main program ended with SP={sp:#x}, not {DEFAULT_STACK_TOP:#x}: " +
+                   (f"{left} bytes of the interrupt's frame were never popped" if 0 < left <= 6 else
+                    "after your handler the stack was no longer the one the CPU interrupted"))
     if not done[0].rflags & 0x200:
         raise Fail("after your handler the main program ran with IF=0: the FLAGS the CPU saved "
                    "were never restored")
