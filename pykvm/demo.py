@@ -21,7 +21,8 @@ import time
 from . import delivery, guests, hosts, x86
 from .cli import run_command
 from .core.constants import ExitReason
-from .core.errors import HostLimitation
+from .core.errors import GuestError, HostLimitation
+from .core.exits import FailEntryExit
 from .core.system import Kvm
 from .guests import Command, GuestSession, LogRecord, StopKind
 from .irqchip import UserspaceIrqController
@@ -105,6 +106,16 @@ def run_demo(mode: str, path_count: int) -> int:
             print(f"  {limit}")
             observed.append("stopped at a documented host limit (above); the deliveries before it "
                             "were checked in the guest's log")
+        except GuestError as error:
+            if not isinstance(error.exit, FailEntryExit):
+                raise
+            # kvm_intel: the VM entry itself failed (e.g. an external interrupt injected while
+            # IF=0); pykvm.hosts.limits explains the hardware reason in the exit.
+            timeline.flush()
+            _section("the VM entry failed")
+            print(f"  {error.exit.explanation or error}")
+            observed.append("stopped at a failed VM entry (above); the deliveries before it were "
+                            "checked in the guest's log")
         if path_count:
             _compare_paths(kvm, path_count)
         _summary(session, host, observed)
@@ -189,13 +200,14 @@ def _summary(session: GuestSession, host, observed: list[str]) -> None:
         print(f"  observed: {line}")
     differences = host.differences()
     if differences:
-        print(f"  how {host.name} differs from VT-x / the architecture:")
+        reference = "the architecture" if host.vendor == hosts.VendorModule.INTEL else "VT-x / the architecture"
+        print(f"  how {host.name} differs from {reference}:")
         for text in differences:
             print(f"    - {text}")
     else:
-        verified = host.sends_irq_window_exits.verified
-        print(f"  {host.name}: no known departures from the architecture"
-              f"{'' if verified else ' (expected, unverified here)'}")
+        known = host.sends_irq_window_exits
+        print(f"  {host.name}: no known departures from the architecture in the facts above "
+              f"({known.reason if known.verified else 'expected, not measured on this vendor module'})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """``python -m pykvm.doctor``, its probes and the conformance table they are judged against.
 
 The hardware tests run every probe on this host and assert that the outcome is
-the one pykvm's table records for this vendor module (kvm_pvm, or kvm_amd under
-QEMU TCG): the table is where "what this host does" is defined, for the doctor
+the one pykvm's table records for this vendor module (kvm_pvm, kvm_amd under
+QEMU TCG, or kvm_intel under Bochs): the table is where "what this host does" is defined, for the doctor
 and for the host facts the other tests branch on.
 """
 
@@ -49,11 +49,25 @@ def test_facts_follow_the_table():
                                                             known.verified, known.source)
 
 
-def test_unrecorded_hosts_get_the_expectation_labelled_unverified():
+def test_every_vendor_module_is_measured_and_an_unknown_one_gets_the_expectation_unverified():
     for row in conformance.EXPECTATIONS.values():
-        intel = row.known(VendorModule.INTEL)
-        assert not intel.verified and "unverified" in intel.source
-        assert not row.known(VendorModule.UNKNOWN).verified
+        for vendor in (VendorModule.PVM, VendorModule.AMD, VendorModule.INTEL):
+            known = row.known(vendor)
+            assert known.verified and known.source.startswith(f"measured on {vendor.value} "), row.probe
+        unknown = row.known(VendorModule.UNKNOWN)
+        assert not unknown.verified and unknown.outcome == row.expected and "not measured" in unknown.source
+
+
+def test_where_the_emulator_under_kvm_intel_decided_the_record_says_so():
+    step = conformance.EXPECTATIONS["step_sti_shadow"].known(VendorModule.INTEL).source
+    assert "Bochs 2.7" in step and "shadow=0x0" in step and "0x2" in step and "27.3.4" in step
+    not_ready = conformance.EXPECTATIONS["interrupt_not_ready"].known(VendorModule.INTEL).source
+    assert "0x80000021" in not_ready and "enable_apicv=0" in not_ready
+
+
+def test_nothing_measured_is_called_unverified():
+    assert "unverified" not in DOCS.read_text()
+    assert "unverified" not in doctor.DOCS_HEADER + doctor.markdown_table()
 
 
 def test_judge_verdicts():
@@ -165,7 +179,7 @@ def test_probe_outcome_is_the_one_recorded_for_this_host(observations, probe):
     vendor = facts.detect_vendor()
     row = conformance.EXPECTATIONS[probe]
     observed = observations[probe]
-    # kvm_pvm / kvm_amd: measured outcomes; elsewhere the architectural expectation (unverified).
+    # kvm_pvm, kvm_amd, kvm_intel: measured outcomes; elsewhere the architectural expectation (unverified).
     assert observed.outcome == row.known(vendor).outcome, (
         f"{probe} on {vendor.value}: {observed.detail} ({row.known(vendor).source})")
 

@@ -21,6 +21,8 @@ from pykvm.core.exits import IntrExit, IoExit
 from pykvm.core.state import ExceptionEvent
 from pykvm.guests import Command
 
+pytestmark = pytest.mark.injection
+
 MODES = ["real", "protected", "long"]
 RFLAGS_RF = 1 << 16
 ADDRESS = 0xDEAD000      # a #PF's faulting address (CR2)

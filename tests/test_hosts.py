@@ -18,7 +18,21 @@ import sys
 import pytest
 
 from pykvm.core.errors import PyKvmError
-from pykvm.hosts.runner import cli, elf, errors, initramfs, kernel, qemu, tcg_amd, tools
+from pykvm.hosts.runner import (
+    bochs,
+    bochs_intel,
+    cache,
+    cli,
+    disk,
+    elf,
+    emulator,
+    errors,
+    initramfs,
+    kernel,
+    qemu,
+    tcg_amd,
+    tools,
+)
 from pykvm.hosts.runner.console import ConsoleFilter, Markers
 
 APT_CACHE_SEARCH = """\
@@ -317,3 +331,217 @@ def test_init_mounts_the_root_qemu_shares_and_takes_another_root_as_well(tmp_pat
 def test_tools_come_from_debian_packages():
     assert set(tcg_amd.TOOL_PACKAGES) == {"qemu-system-x86_64", "busybox", "cpio"}
     assert tools.offline("Could not resolve 'deb.debian.org'")
+
+
+# ---------------------------------------------------------------- shared: cache, emulator loop, console
+
+def test_cache_root_is_per_host_under_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache.cache_root("bochs-intel") == tmp_path / "pykvm" / "bochs-intel"
+    assert tcg_amd.cache_root() == tmp_path / "pykvm" / "tcg-amd"
+    assert bochs_intel.cache_root() == tmp_path / "pykvm" / "bochs-intel"
+
+
+def test_old_keys_are_pruned_and_the_current_one_kept(tmp_path):
+    for name in ("boot-aaa.iso", "boot-bbb.iso", "disk-1.img"):
+        (tmp_path / name).write_bytes(b"x")
+    assert cache.stale([tmp_path / "boot-aaa.iso", tmp_path / "boot-bbb.iso"], [tmp_path / "boot-bbb.iso"]) \
+        == [tmp_path / "boot-aaa.iso"]
+    assert cache.prune(tmp_path, "boot-*.iso", [tmp_path / "boot-bbb.iso"]) == [tmp_path / "boot-aaa.iso"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boot-bbb.iso", "disk-1.img"]
+    cache.write_atomically(tmp_path / "f", b"data")
+    assert (tmp_path / "f").read_bytes() == b"data" and len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.mark.parametrize("line", [b"[   12.345678] Kernel panic - not syncing: Attempted to kill init!\r\n",
+                                  b"[    9.100000] reboot: Power down\r\n",
+                                  b"[    9.1] reboot: System halted\r\n"])
+def test_console_sees_a_guest_that_can_run_nothing_more(line):
+    _, console = run_console([BOOT_NOISE, line[:10], line[10:]])     # split inside the line
+    assert console.guest_stopped and console.finished and console.exit_status is None
+
+
+def test_console_is_not_finished_by_boot_noise_or_the_commands_words():
+    output, console = run_console([BOOT_NOISE + MARKERS.start.encode() + b"\nreboot: Power down soon\n"])
+    assert not console.finished and output == b"reboot: Power down soon\n"
+
+
+def _emulator(script: str) -> list[str]:
+    return [sys.executable, "-c", script]
+
+
+def test_emulator_loop_returns_the_status_and_kills_an_emulator_that_stays(tmp_path):
+    printed = f"print('noise\\n{MARKERS.start}\\nout\\n{MARKERS.exit}7', flush=True); import time; time.sleep(60)"
+    out = tmp_path / "out"
+    with open(out, "wb") as output:
+        status = emulator.boot(_emulator(printed), MARKERS, 30, output, "test", grace=0.1)
+    assert status == 7 and out.read_bytes() == b"out\n"
+
+
+def test_emulator_loop_reads_a_fifo_and_reports_a_timeout_or_a_silent_death(tmp_path):
+    fifo = tmp_path / "com1"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        writes = f"open({str(fifo)!r}, 'w').write('{MARKERS.start}\\nvia fifo\\n{MARKERS.exit}0\\n')"
+        with open(tmp_path / "out", "wb") as output:
+            assert emulator.boot(_emulator(writes), MARKERS, 30, output, "test", console_fd=fd, grace=0) == 0
+        assert (tmp_path / "out").read_bytes() == b"via fifo\n"
+        with pytest.raises(errors.GuestTimeout, match="within 0.5 s"), open(os.devnull, "wb") as output:
+            emulator.boot(_emulator("import time; time.sleep(60)"), MARKERS, 0.5, output, "test", console_fd=fd)
+        with pytest.raises(errors.GuestFailed, match="exited with 3.*the log"), open(os.devnull, "wb") as output:
+            emulator.boot(_emulator("raise SystemExit(3)"), MARKERS, 30, output, "test", console_fd=fd,
+                          emulator_log=lambda: "the log")
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- bochs-intel
+
+def test_bochs_intel_init_reads_the_command_disk_and_shares_the_skeleton():
+    init = bochs_intel.init_script()
+    assert subprocess.run(["/bin/sh", "-n"], input=init, text=True).returncode == 0
+    # the skeleton is tcg-amd's: same markers (with the nonce from the command disk), overlay, chroot
+    shared = tcg_amd.init_script(Markers("$nonce")).splitlines()
+    lines = init.splitlines()
+    assert lines[-8:] == shared[-8:] and 'echo "PYKVM-HOSTS-START-$nonce"' in lines
+    assert "nonce=$(sed -n 2p /command.disk)" in init and "sed 1,3d /command.disk > /command.sh" in init
+    assert "insmod /lib/modules/kvm_intel.ko $(sed -n 3p /command.disk)" in init
+    assert init.index("insmod /lib/modules/kvm_intel.ko") < init.index("[ -c /dev/kvm ]")
+    assert bochs_intel.MOUNT_DISK_IMAGE in init and "mount -t 9p" not in init
+
+
+def test_bochs_intel_init_runs_the_command_disks_script_under_sh(tmp_path):
+    """The command disk's layout, read back by the same shell lines /init uses."""
+    script = initramfs.command_script(["sh", "-c", "echo hi; exit 4"], "/", {"PATH": os.environ["PATH"]})
+    data = disk.command_disk(Markers("abc123"), script, "enable_apicv=0 ept=1")
+    assert len(data) == disk.CYLINDER_BYTES == 504 * 1024
+    (tmp_path / "command.img").write_bytes(data)
+    reader = (f"cd {tmp_path} && tr -d '\\000' < command.img > command.disk && "
+              f"test \"$(head -c {len(disk.COMMAND_DISK_MAGIC)} command.img)\" = {disk.COMMAND_DISK_MAGIC} && "
+              "sed -n 2p command.disk && sed -n 3p command.disk && sed 1,3d command.disk > command.sh && "
+              'sh -c "$(cat command.sh)"')
+    result = subprocess.run(["/bin/sh", "-c", reader], capture_output=True, text=True)
+    assert result.returncode == 4 and result.stdout == "abc123\nenable_apicv=0 ept=1\nhi\n"
+    with pytest.raises(ValueError, match="one line"):
+        disk.command_disk(Markers("n"), script, "a\nb")
+    with pytest.raises(ValueError, match="exceeds"):
+        disk.command_disk(Markers("n"), "x" * disk.CYLINDER_BYTES, "")
+
+
+def test_bochsrc_runs_one_vmx_cpu_with_the_disks_the_iso_and_the_fifo(tmp_path):
+    build = bochs.Build(tmp_path / "bochs", tmp_path / "bios.bin", tmp_path / "vga.bin")
+    text = bochs.bochsrc(build, tmp_path / "boot.iso", tmp_path / "disk.img", tmp_path / "cmd.img",
+                         tmp_path / "com1", tmp_path / "log", 1024)
+    for needle in (f"model={bochs.CPU_MODEL}, count=1,", "megs: 1024",
+                   f"ata0-master: type=disk, path={tmp_path}/disk.img",
+                   f"ata0-slave: type=disk, path={tmp_path}/cmd.img", f"path={tmp_path}/boot.iso, status=inserted",
+                   f"com1: enabled=1, mode=file, dev={tmp_path}/com1", "display_library: nogui", "boot: cdrom",
+                   f"romimage: file={tmp_path}/bios.bin", "clock: sync=none"):
+        assert needle in text
+    assert "--enable-vmx=2" in bochs.CONFIGURE and "--with-nogui" in bochs.CONFIGURE
+
+
+def test_isolinux_boots_the_kernel_with_the_command_line_at_once():
+    cfg = bochs.isolinux_cfg(bochs_intel.KERNEL_COMMAND_LINE)
+    assert "TIMEOUT 0" in cfg and "KERNEL /vmlinuz" in cfg and "INITRD /initrd.cpio" in cfg
+    assert f"APPEND {bochs_intel.KERNEL_COMMAND_LINE}" in cfg
+    assert "acpi=off" in bochs_intel.KERNEL_COMMAND_LINE and "console=ttyS0" in bochs_intel.KERNEL_COMMAND_LINE
+
+
+def test_bochs_source_comes_from_a_private_apt_configuration(tmp_path):
+    options = bochs.private_apt_options(tmp_path)
+    assert f"Dir::Etc::SourceList={tmp_path}/sources.list" in options
+    assert "Dir::Etc::SourceParts=/dev/null" in options and f"Dir::State::Lists={tmp_path}/lists" in options
+    assert bochs.SOURCE_LINE.startswith("deb-src ") and " trixie " in bochs.SOURCE_LINE
+    assert bochs.tarball_version("bochs_3.0+dfsg.orig.tar.xz") == "3.0"
+    assert bochs.tarball_version("bochs-2.7.tar.gz") == "2.7"
+    assert len(bochs.tarball_version("bochs.tar")) == 8
+
+
+def test_kvm_intel_loads_without_apicv_by_default_and_one_cpu_is_enforced():
+    assert bochs_intel.DEFAULT_KVM_INTEL_PARAMETERS == "enable_apicv=0"
+    settings = cli.host_settings("bochs-intel", None, None, None, None)
+    assert settings == cli.Settings(1024, 1, 1800.0, "enable_apicv=0")
+    assert cli.host_settings("bochs-intel", None, None, None, "") == cli.Settings(1024, 1, 1800.0, "")
+    assert "one CPU" in cli.host_settings("bochs-intel", None, 2, None, None)
+    assert "for bochs-intel" in cli.host_settings("tcg-amd", None, None, None, "enable_apicv=0")
+    assert cli.host_settings("tcg-amd", None, None, 60, None) == cli.Settings(2048, 2, 60, None)
+
+
+def test_module_signatures_are_stripped_and_unsigned_modules_kept():
+    body = b"\x7fELF" + b"x" * 100
+    signature = b"S" * 7
+    info = bytes(8) + struct.pack(">I", len(signature))          # struct module_signature
+    signed = body + signature + info + b"~Module signature appended~\n"
+    assert initramfs.strip_module_signature(signed) == body
+    assert initramfs.strip_module_signature(body) == body
+
+
+def test_ldd_output_gives_the_libraries():
+    out = ("\tlinux-vdso.so.1 (0x00007ffd)\n"
+           "\tlibpython3.11.so.1.0 => /opt/python/lib/libpython3.11.so.1.0 (0x00007f9d)\n"
+           "\t/lib64/ld-linux-x86-64.so.2 (0x00007f9df77f4000)\n"
+           "\tlibfoo.so => not found\n")
+    assert disk.parse_ldd(out) == ["/opt/python/lib/libpython3.11.so.1.0", "/lib64/ld-linux-x86-64.so.2"]
+
+
+def test_excluded_names():
+    assert disk.excluded("test", disk.STDLIB_EXCLUDES) and disk.excluded("config-3.11-x86_64", disk.STDLIB_EXCLUDES)
+    assert not disk.excluded("testing.py", disk.STDLIB_EXCLUDES) and not disk.excluded("json", disk.STDLIB_EXCLUDES)
+    assert disk.excluded(".git", disk.TREE_EXCLUDES) and not disk.excluded("pykvm", disk.TREE_EXCLUDES)
+
+
+def test_disk_key_follows_edits_to_the_trees_but_not_the_base_pythons_timestamps():
+    entries = [disk.Entry("/src/a.py", "file", "/src/a.py"), disk.Entry("/py/lib/os.py", "file", "/py/lib/os.py"),
+               disk.Entry("/bin", "symlink", target="usr/bin")]
+    sizes = {"/src/a.py": 10, "/py/lib/os.py": 20}
+    key = disk.manifest_key(entries, sizes, {"/src/a.py": 1}, "cpython 3.11.7")
+    # the base Python: only its version, file list and sizes count
+    assert disk.manifest_key(entries, sizes, {"/src/a.py": 1}, "cpython 3.11.7") == key
+    assert disk.manifest_key(entries, sizes, {"/src/a.py": 1}, "cpython 3.11.8") != key
+    assert disk.manifest_key(entries, {**sizes, "/py/lib/os.py": 21}, {"/src/a.py": 1}, "cpython 3.11.7") != key
+    assert disk.manifest_key(entries[:2], sizes, {"/src/a.py": 1}, "cpython 3.11.7") != key
+    # the edited trees: their modification times count too
+    assert disk.manifest_key(entries, sizes, {"/src/a.py": 2}, "cpython 3.11.7") != key
+
+
+def test_disk_manifest_holds_the_trees_python_binutils_and_libraries_but_no_bytecode_in_the_key(tmp_path):
+    (tmp_path / "work" / "pkg" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "work" / "pkg" / "m.py").write_text("x = 1\n")
+    (tmp_path / "work" / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"pyc")
+    (tmp_path / "work" / ".git").mkdir()
+    (tmp_path / "work" / ".git" / "HEAD").write_text("ref")
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF")
+    found = disk.manifest(tmp_path / "work", busybox, ldd_cache=tmp_path / "ldd.json")
+    paths = {entry.path for entry in found.entries}
+    assert f"{tmp_path}/work/pkg/m.py" in paths and f"{tmp_path}/work/.git/HEAD" not in paths
+    assert [e.path for e in found.bytecode if str(tmp_path) in e.path] == \
+        [f"{tmp_path}/work/pkg/__pycache__/m.cpython-311.pyc"]
+    assert not any("__pycache__" in path for path in paths)
+    assert f"{tmp_path}/work/pkg/m.py" in found.edited
+    assert any(path.endswith("/python3") or "/python3." in path for path in paths)
+    assert {os.path.basename(p) for p in paths} >= {"os.py", "busybox", "sh", "passwd"}
+    assert any("libc.so" in path for path in paths)                  # from ldd
+    import shutil
+    if shutil.which("as"):
+        assert any(path.endswith(("/as", "-as")) for path in paths)
+    key = disk.image_key(found)
+    (tmp_path / "work" / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"rewritten pyc")
+    again = disk.manifest(tmp_path / "work", busybox, ldd_cache=tmp_path / "ldd.json")
+    assert disk.image_key(again) == key
+    os.utime(tmp_path / "work" / "pkg" / "m.py", ns=(1, 1))
+    assert disk.image_key(disk.manifest(tmp_path / "work", busybox, ldd_cache=tmp_path / "ldd.json")) != key
+
+
+def test_disk_image_is_whole_cylinders_with_room_to_spare():
+    size = disk.disk_bytes(100 * 2**20, 5000)
+    assert size % disk.CYLINDER_BYTES == 0 and size > 100 * 2**20 * 1.2
+
+
+def test_bochs_intel_tools_come_from_debian_packages():
+    assert bochs_intel.TOOL_PACKAGES[bochs_intel.ISOLINUX_BIN] == "isolinux"
+    assert {"genisoimage", "busybox", "cpio", "mkfs.ext4"} <= set(bochs_intel.TOOL_PACKAGES)
+    assert tools.locate_tool("/nonexistent/isolinux.bin") is None
+    assert tools.locate_tool(sys.executable) == __import__("pathlib").Path(sys.executable)

@@ -14,6 +14,8 @@ from pykvm.guests import Command, StopKind
 from pykvm.hosts.vendor import VendorModule
 from pykvm.irqchip import UserspaceIrqController
 
+pytestmark = pytest.mark.injection
+
 MODES = ["real", "protected", "long"]
 EXTERNAL_VECTORS = range(0x20, 0x100)
 
@@ -130,10 +132,12 @@ def test_nmi_is_blocked_until_iret(boot, host, mode):
         assert len(guest.log()) == 2
     else:
         # kvm_pvm: no NMI-window exit; after the IRET the NMI stays pending (unmasked) until
-        # the next entry into the guest.
-        assert len(guest.log()) == 1
-        assert (vcpu.events.nmi.pending, vcpu.events.nmi.masked) == (1, 0)
-        guest.command(Command.NOP)
+        # the next entry into the guest (an asynchronous host exit on a busy host is one).
+        if len(guest.log()) == 1:
+            assert (vcpu.events.nmi.pending, vcpu.events.nmi.masked) == (1, 0)
+            guest.command(Command.NOP)
+        else:
+            assert guest.log()[1].rip != guest.address("handler_iret")
     first, second = guest.log()
     assert first.vector == second.vector == x86.Vector.NMI
     assert first.rip == guest.address("sync_done")
@@ -160,9 +164,13 @@ def test_interrupt_refused_while_not_ready(boot, host, mode):
         (record,) = guest.log()
         assert record.vector == 0x40 and not record.interrupts_were_enabled
     else:
-        # VT-x: injecting an external interrupt with RFLAGS.IF=0 fails the VM entry's
-        # checks (Intel SDM) - expected, unverified here.
-        assert isinstance(guest.run().exit, FailEntryExit)
+        # kvm_intel (measured under Bochs 3.0): injecting an external interrupt with RFLAGS.IF=0
+        # fails the VM entry's check of guest RFLAGS (Intel SDM): KVM_EXIT_FAIL_ENTRY with
+        # reason 0x80000021, which pykvm.hosts.limits explains; the guest never ran.
+        exit = guest.run().exit
+        assert isinstance(exit, FailEntryExit) and exit.hardware_entry_failure_reason == 0x80000021
+        assert "RFLAGS.IF=0" in exit.explanation and "ready_for_interrupt_injection=1" in exit.explanation
+        assert guest.log() == []
 
 
 @pytest.mark.parametrize("mode", ["real", "long"])
@@ -231,7 +239,7 @@ def test_interrupt_wakes_hlt(boot, mode):
 def test_sti_shadow_seen_by_single_step(boot, host, mode):
     """Single-stepping `sti; nop`: the shadow as KVM_GET_VCPU_EVENTS and ready report it.
 
-    Where the host stops inside the shadow (kvm_pvm, VT-x expected), the events show
+    Where the host stops inside the shadow (kvm_pvm, kvm_intel: measured), the events show
     KVM_X86_SHADOW_INT_STI and ready=0 at the nop. kvm_amd under QEMU TCG (measured)
     holds the single-step trap over the shadowed nop, as for MOV SS, so the next stop
     is already past it, with the shadow gone.

@@ -8,7 +8,8 @@ measured behaviour per host, gathered from the probe families of
 (:func:`~pykvm.hosts.probes.run_probes` runs them); :mod:`~pykvm.hosts.facts`
 derives the named facts tests branch on; :mod:`~pykvm.hosts.limits` explains
 exits that are host limits; :mod:`~pykvm.hosts.runner` runs a command on
-another host, kvm_amd under QEMU (``python -m pykvm.hosts tcg-amd -- CMD``).
+another host: kvm_amd under QEMU (``python -m pykvm.hosts tcg-amd -- CMD``) or
+kvm_intel under Bochs (``python -m pykvm.hosts bochs-intel -- CMD``).
 """
 
 from ..core.exits import add_explainer

@@ -1,4 +1,4 @@
-"""``python -m pykvm.hosts tcg-amd -- COMMAND``: run a command on another KVM host."""
+"""``python -m pykvm.hosts (tcg-amd | bochs-intel) -- COMMAND``: run a command on another KVM host."""
 
 import sys
 

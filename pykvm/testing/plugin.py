@@ -51,6 +51,8 @@ _MARKERS = {
     "host_limit(*facts)": "skip unless this host has every named HostInfo fact",
     "guest(mode='long', cpus=1, notify=False, irqchip='none')": "what the guest fixture boots",
     "deadline(seconds)": "fail the test if it is still running after this many seconds",
+    "injection": "interrupt and exception injection with the userspace irqchip, checked in the guest's log "
+                 "(CI runs `-m injection` on the bochs-intel host)",
 }
 
 

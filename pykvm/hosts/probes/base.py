@@ -19,10 +19,12 @@ from collections.abc import Callable
 
 from ..vendor import VendorModule
 
-INTEL_EXPECTED = "expected from the Intel SDM and KVM's vmx code, unverified: not measured on kvm_intel"
 PVM_MEASURED = "measured on kvm_pvm by python -m pykvm.doctor (Linux 6.18, nested under KVM)"
 AMD_MEASURED = ("measured on kvm_amd (Debian Linux 6.12.117, under QEMU TCG -cpu max) by "
                 "python -m pykvm.hosts tcg-amd -- python -m pykvm.doctor")
+INTEL_MEASURED = ("measured on kvm_intel (Debian Linux 6.12.117, enable_apicv=0) under Bochs 3.0's "
+                  "emulated VMX by python -m pykvm.hosts bochs-intel -- python -m pykvm.doctor")
+UNMEASURED = "architectural expectation, not measured on this vendor module"
 
 
 class Outcome(str, enum.Enum):
@@ -78,24 +80,25 @@ class Expectation:
         """The recorded outcome for ``vendor``; the expectation itself (unverified) when none is recorded."""
         if vendor in self.hosts:
             return self.hosts[vendor]
-        if vendor == VendorModule.INTEL:
-            return Known(self.expected, INTEL_EXPECTED, False)
-        return Known(self.expected, "architectural expectation, not measured on this vendor module",
-                     False)
+        return Known(self.expected, UNMEASURED, False)
 
     def explain(self, outcome: Outcome) -> str:
         return self.explanations.get(outcome) or RESULT_EXPLANATIONS.get(
             outcome, f"observed '{outcome}', expected '{self.expected}'")
 
 
-def measured(pvm: Outcome, amd: Outcome, intel: Outcome | None = None, pvm_note: str = ""
+def measured(pvm: Outcome, amd: Outcome, intel: Outcome, pvm_note: str = "", intel_note: str = ""
              ) -> dict[VendorModule, Known]:
-    """A row's ``hosts``: measured on kvm_pvm and kvm_amd; for kvm_intel an expectation when given."""
-    hosts = {VendorModule.PVM: Known(pvm, PVM_MEASURED + (f"; {pvm_note}" if pvm_note else ""), True),
-             VendorModule.AMD: Known(amd, AMD_MEASURED, True)}
-    if intel is not None:
-        hosts[VendorModule.INTEL] = Known(intel, INTEL_EXPECTED, False)
-    return hosts
+    """A row's ``hosts``: what kvm_pvm, kvm_amd and kvm_intel did, each measured by the doctor.
+
+    A note says what else the measurement showed, such as where the emulator
+    under the host, not KVM, decided the outcome.
+    """
+    def source(measurement: str, note: str) -> str:
+        return measurement + (f"; {note}" if note else "")
+    return {VendorModule.PVM: Known(pvm, source(PVM_MEASURED, pvm_note), True),
+            VendorModule.AMD: Known(amd, AMD_MEASURED, True),
+            VendorModule.INTEL: Known(intel, source(INTEL_MEASURED, intel_note), True)}
 
 
 ScenarioFunction = Callable[[object], "Observation | tuple[Observation, ...]"]

@@ -28,7 +28,7 @@ class TripleFault(Outcome):
 TRIPLE_FAULT = Expectation(
     "triple_fault", "triple fault (IDT limit 0, then #DE)", TripleFault.SHUTDOWN,
     "api.rst KVM_EXIT_SHUTDOWN; Intel SDM Vol. 3A 'Interrupt 8 - Double Fault Exception'",
-    measured(TripleFault.SHUTDOWN, TripleFault.SHUTDOWN))
+    measured(TripleFault.SHUTDOWN, TripleFault.SHUTDOWN, TripleFault.SHUTDOWN))
 
 
 @scenario(TRIPLE_FAULT)
@@ -103,13 +103,14 @@ def _mode(mode: str, pvm_delivery: Delivery, pvm_software: Delivery, pvm_note: s
         (Expectation(f"delivery_{mode}", f"injected vector, {title}", Delivery.RETURNED,
                      "Intel SDM Vol. 3A ch. 6 (IDT) and Vol. 3B 'Real-Address Mode Operation' (IVT); "
                      "api.rst KVM_INTERRUPT",
-                     measured(pvm_delivery, Delivery.RETURNED, pvm_note=pvm_note), failing,
+                     measured(pvm_delivery, Delivery.RETURNED, Delivery.RETURNED, pvm_note=pvm_note), failing,
                      "protected_mode_iret" if mode == "protected" else None), _inject),
         (Expectation(f"int_n_{mode}", f"INT n, {title}", Delivery.RETURNED, software_source,
-                     measured(pvm_software, Delivery.RETURNED, pvm_note=pvm_note), failing,
+                     measured(pvm_software, Delivery.RETURNED, Delivery.RETURNED, pvm_note=pvm_note), failing,
                      "software_interrupts" if mode == "long" else None), _int_n),
         (Expectation(f"int3_{mode}", f"INT3, {title}", Delivery.RETURNED, software_source,
-                     measured(pvm_software, Delivery.RETURNED, pvm_note=pvm_note), failing), _int3),
+                     measured(pvm_software, Delivery.RETURNED, Delivery.RETURNED, pvm_note=pvm_note),
+                     failing), _int3),
     ]
     for row, trigger in rows:
         scenario(row)(functools.partial(_deliver, mode=mode, trigger=trigger))
@@ -126,7 +127,7 @@ class Ud2(Outcome):
 
 REAL_MODE_UD2 = Expectation(
     "real_mode_ud2", "UD2 in real mode", Ud2.DELIVERED, "Intel SDM Vol. 2B 'UD'",
-    measured(Ud2.EMULATION_ERROR, Ud2.DELIVERED),
+    measured(Ud2.EMULATION_ERROR, Ud2.DELIVERED, Ud2.DELIVERED),
     {Ud2.EMULATION_ERROR: "KVM's instruction emulator, which runs real mode on this host, "
                           "does not decode UD2"},
     "real_mode_ud2")

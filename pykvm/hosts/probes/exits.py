@@ -24,7 +24,7 @@ IO_EXIT_RIP = Expectation(
     "io_exit_rip", "RIP reported at a KVM_EXIT_IO for `out`", IoExitRip.AT_OUT,
     "api.rst 'kvm_run': an IO exit's instruction completes only on the next KVM_RUN; "
     "x86.c kvm_fast_pio / complete_fast_pio_out",
-    measured(IoExitRip.PAST_OUT, IoExitRip.AT_OUT),
+    measured(IoExitRip.PAST_OUT, IoExitRip.AT_OUT, IoExitRip.AT_OUT),
     {IoExitRip.PAST_OUT: "the host reports RIP after the `out`; the instruction is already complete"},
     "io_exit_rip_at_out")
 
@@ -52,7 +52,7 @@ IRQ_WINDOW = Expectation(
     "irq_window", "IRQ window exit after `sti; nop` (userspace irqchip)", IrqWindow.AFTER_STI_NOP,
     "api.rst request_interrupt_window / KVM_EXIT_IRQ_WINDOW_OPEN; Intel SDM Vol. 3C "
     "'interrupt-window exiting'; AMD APM Vol. 2 'virtual interrupt intercept (VINTR)'",
-    measured(IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP),
+    measured(IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP, IrqWindow.AFTER_STI_NOP),
     {IrqWindow.NO_EXIT: "the host never sends KVM_EXIT_IRQ_WINDOW_OPEN; inject at the next exit "
                         "that reports ready_for_interrupt_injection=1",
      IrqWindow.RIGHT_AFTER_STI: "the window opened inside the STI shadow"},
@@ -92,7 +92,12 @@ INTERRUPT_NOT_READY = Expectation(
     "interrupt_not_ready", "KVM_INTERRUPT while the guest has IF=0", NotReady.HELD,
     "Intel SDM Vol. 3A 6.8.1 (IF masks external interrupts); api.rst: inject only when "
     "ready_for_interrupt_injection=1",
-    measured(NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS),
+    measured(NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS,
+             intel_note="KVM_EXIT_FAIL_ENTRY with hardware_entry_failure_reason 0x80000021 (invalid "
+                        "guest state); Bochs's log names the check, 'VMENTER FAIL: VMCS guest interrupts "
+                        "blocked when injecting external interrupt': the SDM's VM-entry check of guest "
+                        "RFLAGS (Vol. 3C 'Checks on Guest RIP, RFLAGS, and SSP': IF must be 1 when an "
+                        "external interrupt is injected), an architectural check, not a Bochs one"),
     {NotReady.DELIVERED_WITH_IF_CLEAR: "KVM injects the event regardless of IF; userspace must wait "
                                        "for ready_for_interrupt_injection=1 (pykvm refuses otherwise)",
      NotReady.ENTRY_FAILS: "VT-x's VM-entry checks reject an external interrupt with RFLAGS.IF=0"})
@@ -108,7 +113,9 @@ def interrupt_not_ready(kvm) -> Observation:
         guest.send(Command.NOP)
         stop = run_once(guest)
         if isinstance(stop.exit, FailEntryExit):
-            return Observation(NotReady.ENTRY_FAILS, stop.describe())
+            return Observation(NotReady.ENTRY_FAILS, f"{stop.describe()}: hardware_entry_failure_reason "
+                                                     f"{stop.exit.hardware_entry_failure_reason:#x}, "
+                                                     f"{stop.exit.explanation}")
         log = guest.log()
         if not log:
             return Observation(NotReady.HELD, f"nothing logged; next exit {stop.describe()}")

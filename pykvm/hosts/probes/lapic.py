@@ -26,7 +26,7 @@ LAPIC_AFTER_STI = Expectation(
     "lapic_after_sti", "in-kernel LAPIC: a vector pending while IF=0, then `sti; nop; out`",
     LapicAfterSti.AFTER_SHADOW, "x86.c inject_pending_event / enable_irq_window: KVM asks for the "
     "interrupt window and injects as soon as it opens",
-    measured(LapicAfterSti.NEXT_ENTRY, LapicAfterSti.AFTER_SHADOW),
+    measured(LapicAfterSti.NEXT_ENTRY, LapicAfterSti.AFTER_SHADOW, LapicAfterSti.AFTER_SHADOW),
     {LapicAfterSti.NEXT_ENTRY: "the host injects pending LAPIC vectors only at a VM entry, so the "
                                "vector waits for the guest's next exit"},
     "lapic_delivers_when_unblocked")
@@ -58,7 +58,7 @@ LAPIC_ISR = Expectation(
     "lapic_isr", "in-kernel LAPIC: ISR bit while the handler has not EOId", LapicIsr.IN_SERVICE,
     "Intel SDM Vol. 3A, local APIC 'Interrupt Acceptance for Fixed Interrupts'; lapic.c "
     "kvm_get_apic_interrupt",
-    measured(LapicIsr.NOT_IN_SERVICE, LapicIsr.IN_SERVICE),
+    measured(LapicIsr.NOT_IN_SERVICE, LapicIsr.IN_SERVICE, LapicIsr.IN_SERVICE),
     {LapicIsr.NOT_IN_SERVICE: "the host's LAPIC does not track delivered vectors in the ISR, so level-"
                               "triggered lines re-deliver without an EOI"},
     "lapic_tracks_in_service")

@@ -26,13 +26,13 @@ class NmiWindow(Outcome):
 NMI_BLOCKING = Expectation(
     "nmi_blocking", "a second NMI while the first NMI's handler runs", NmiBlocking.HELD_UNTIL_IRET,
     "Intel SDM Vol. 3A 6.7.1 'Handling Multiple NMIs'",
-    measured(NmiBlocking.HELD_UNTIL_IRET, NmiBlocking.HELD_UNTIL_IRET))
+    measured(NmiBlocking.HELD_UNTIL_IRET, NmiBlocking.HELD_UNTIL_IRET, NmiBlocking.HELD_UNTIL_IRET))
 
 NMI_WINDOW = Expectation(
     "nmi_window", "when a held NMI is taken after the handler's IRET", NmiWindow.AFTER_IRET,
     "x86.c inject_pending_event / enable_nmi_window (NMI-window exiting, or IRET interception "
     "on SVM)",
-    measured(NmiWindow.NEXT_ENTRY, NmiWindow.AFTER_IRET),
+    measured(NmiWindow.NEXT_ENTRY, NmiWindow.AFTER_IRET, NmiWindow.AFTER_IRET),
     {NmiWindow.NEXT_ENTRY: "no NMI-window exit: the NMI waits (unmasked) until the next KVM_RUN"},
     "nmi_delivered_at_iret")
 

@@ -17,6 +17,10 @@ _TAIL_BYTES = 16384
 _TAIL_LINES = 40
 # Terminal escape sequences (SeaBIOS resets and clears the screen) and control characters.
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b.|[\x00-\x08\x0b-\x1f\x7f]")
+# Kernel lines after which the guest runs nothing more: a panic, or the power-off / halt /
+# reboot message (KERN_EMERG, so `dmesg -n 1` does not hide them). Bochs without ACPI cannot
+# power off and a panic there reboots, so the runner must see these itself.
+_GUEST_STOPPED = re.compile(rb"\[\s*\d+\.\d+\] (?:Kernel panic - not syncing|reboot: )")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +58,16 @@ class ConsoleFilter:
     start marker (boot noise), everything after it up to the exit marker. A
     partial marker at the end of a chunk is held back until the next chunk
     shows whether it is one. ``exit_status`` is set once the exit marker's line
-    is complete; ``error`` holds ``/init``'s error message, if it printed one.
+    is complete; ``error`` holds ``/init``'s error message, if it printed one;
+    ``guest_stopped`` is set by a kernel panic or power-off line. ``finished``:
+    nothing more will come that matters.
     """
 
     def __init__(self, markers: Markers) -> None:
         self.started = False
         self.exit_status: int | None = None
         self.error: str | None = None
+        self.guest_stopped = False
         self._start = markers.start.encode()
         self._exit = markers.exit.encode()
         self._error = markers.error.encode()
@@ -72,8 +79,16 @@ class ConsoleFilter:
         """The console's last lines, without carriage returns and terminal escape sequences."""
         return tail_lines(_CONTROL.sub("", self._tail.decode(errors="replace")))
 
+    @property
+    def finished(self) -> bool:
+        return self.exit_status is not None or self.error is not None or self.guest_stopped
+
     def feed(self, data: bytes) -> bytes:
         self._tail = (self._tail + data)[-_TAIL_BYTES:]
+        # from the start of the line the new data continues (a line may span chunks)
+        line_start = self._tail.rfind(b"\n", 0, max(0, len(self._tail) - len(data))) + 1
+        if not self.guest_stopped and _GUEST_STOPPED.search(self._tail, line_start):
+            self.guest_stopped = True
         if self.exit_status is not None:
             return b""
         self._pending += data

@@ -15,6 +15,7 @@ import gzip
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,15 +62,26 @@ def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str
     return "\n".join(lines) + "\n"
 
 
-def init_script(markers: Markers, mount_lower: str, no_kvm: str) -> str:
+# /init's default module loading: every module of the base archive, in load order.
+LOAD_MODULES = """for module in $(cat /lib/modules/load-order); do
+    insmod "/lib/modules/$module.ko" || fail "insmod $module failed (see the kernel messages above)"
+done"""
+
+
+def init_script(markers: Markers, mount_lower: str, no_kvm: str, load_modules: str = LOAD_MODULES) -> str:
     """The guest's ``/init``: load the modules, overlay the host's root, run /command.sh, power off.
 
     ``mount_lower`` is the shell command that mounts the host's root read-only on
     ``/lower`` (it may call ``fail``); ``no_kvm`` the error when ``/dev/kvm`` is
-    missing after the modules loaded. Failures print the error marker and power
-    off; the command's status is printed after the exit marker. ``stty -onlcr``
-    keeps the console from turning the command's ``\\n`` into ``\\r\\n``;
-    ``dmesg -n 1`` keeps kernel messages (other than panics) out of its output.
+    missing after the modules loaded; ``load_modules`` loads them (and, for a host
+    that reads its command from a disk, writes ``/command.sh``). The markers'
+    nonce may be a shell expansion (``$nonce``) that ``load_modules`` sets.
+    Failures print the error marker and power off; the command's status is
+    printed after the exit marker. ``stty -onlcr`` keeps the console from
+    turning the command's ``\\n`` into ``\\r\\n``; ``dmesg -n 1`` keeps kernel
+    messages (other than panics) out of its output. The last ``stty`` waits
+    until the console has sent everything (it sets the mode with TCSADRAIN):
+    ``poweroff -f`` does not, and a slow UART would lose the output's tail.
     """
     return f"""#!/bin/sh
 /bin/busybox --install -s /bin
@@ -82,9 +94,7 @@ fail() {{
 }}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-for module in $(cat /lib/modules/load-order); do
-    insmod "/lib/modules/$module.ko" || fail "insmod $module failed (see the kernel messages above)"
-done
+{load_modules}
 [ -c /dev/kvm ] || fail "{no_kvm}"
 mkdir -p /lower /rw /host
 {mount_lower}
@@ -103,25 +113,51 @@ dmesg -n 1
 echo "{markers.start}"
 env -i /bin/chroot /host /bin/sh -c "$(cat /command.sh)" </dev/null
 echo "{markers.exit}$?"
+stty -onlcr
 poweroff -f
 """
 
 
+_SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_module_signature(image: bytes) -> bytes:
+    """A module without its appended signature (``struct module_signature`` and the magic at its end).
+
+    The kernel then loads it without verifying it (and taints itself 'E'):
+    verification hashes the whole module, slow under an emulator.
+    """
+    if not image.endswith(_SIGNATURE_MAGIC):
+        return image
+    info_end = len(image) - len(_SIGNATURE_MAGIC)
+    sig_len, = struct.unpack_from(">I", image, info_end - 4)    # module_signature.sig_len (big-endian)
+    return image[:info_end - 12 - sig_len]
+
+
 # ---------------------------------------------------------------- the archives
 
-def cpio_gz(tree: Path, cpio: Path) -> bytes:
-    """``tree`` as a gzip-compressed newc cpio archive, every file owned by root."""
+def cpio_newc(tree: Path, cpio: Path) -> bytes:
+    """``tree`` as an uncompressed newc cpio archive, every file owned by root."""
     names = sorted(str(path.relative_to(tree)) for path in tree.rglob("*"))
     result = subprocess.run([str(cpio), "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=tree,
                             input="\n".join(names).encode() + b"\n", capture_output=True)
     if result.returncode != 0:
         raise HostRunnerError(f"cpio failed: {result.stderr.decode(errors='replace').strip()}")
-    return gzip.compress(result.stdout, compresslevel=6)
+    return result.stdout
+
+
+def cpio_gz(tree: Path, cpio: Path) -> bytes:
+    """``tree`` as a gzip-compressed newc cpio archive, every file owned by root."""
+    return gzip.compress(cpio_newc(tree, cpio), compresslevel=6)
 
 
 def base_archive(tree: Path, busybox: Path, order: Sequence[str], images: Mapping[str, bytes],
-                 cpio: Path) -> bytes:
-    """The cached part, built in the empty directory ``tree``: busybox, the modules and their load order."""
+                 cpio: Path, init: str | None = None, compress: bool = True) -> bytes:
+    """The cached part, built in the empty directory ``tree``: busybox, the modules and their load order.
+
+    ``init``: a ``/init`` to include (a host whose ``/init`` is the same on every run);
+    ``compress=False`` for a guest where decompressing costs more than loading.
+    """
     for directory in ("bin", "dev", "proc", "sys", "lib/modules"):
         (tree / directory).mkdir(parents=True)
     shutil.copy(busybox, tree / "bin" / "busybox")
@@ -129,7 +165,10 @@ def base_archive(tree: Path, busybox: Path, order: Sequence[str], images: Mappin
     for name in order:
         (tree / "lib" / "modules" / f"{name}.ko").write_bytes(images[name])
     (tree / "lib" / "modules" / "load-order").write_text("\n".join(order) + "\n")
-    return cpio_gz(tree, cpio)
+    if init is not None:
+        (tree / "init").write_text(init)
+        (tree / "init").chmod(0o755)
+    return cpio_gz(tree, cpio) if compress else cpio_newc(tree, cpio)
 
 
 def run_initrd(base: Path, init: str, script: str, directory: Path, cpio: Path) -> Path:

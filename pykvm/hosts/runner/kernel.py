@@ -70,6 +70,40 @@ def choose_kernel(packages: Mapping[str, KernelPackage], release: str | None) ->
     return packages[max(packages, key=kernel_release_key)] if packages else None
 
 
+def cached_release(root: Path, complete: Callable[[Path], bool], release: str | None) -> str | None:
+    """``release`` (None: the newest) if ``root/<release>`` holds a complete cache (``complete``)."""
+    releases = [entry.name for entry in root.glob("*")
+                if entry.is_dir() and release in (None, entry.name) and complete(entry)]
+    return max(releases, key=kernel_release_key, default=None)
+
+
+def resolve_kernel(root: Path, complete: Callable[[Path], bool], release: str | None
+                   ) -> tuple[str, KernelPackage | None]:
+    """The kernel release to boot, and its package when the cache ``root/<release>`` must be built.
+
+    A pinned ``release`` the cache holds is used without asking apt. Otherwise
+    the newest (or the pinned) package in apt's lists is chosen, refreshing the
+    lists first (as root) when nothing is cached, so that a machine with stale
+    lists neither picks a kernel the mirror no longer has nor an old one. When
+    apt offers none, the newest complete cache is used.
+    """
+    if release is not None and cached_release(root, complete, release) is not None:
+        return release, None
+    if cached_release(root, complete, release) is None and is_root():
+        apt_update()
+    package = find_kernel_package(release)
+    if package is None:
+        cached = cached_release(root, complete, release)
+        if cached is None:
+            wanted = f"linux-image-{release}" if release else f"{KERNEL_PACKAGE_PATTERN} package"
+            raise KernelUnavailable(
+                f"apt's lists have no {wanted} and {root} does not hold it; run `apt-get update` "
+                f"as root (it needs the Debian mirror), or pick a release that "
+                f"`apt-cache search --names-only '{KERNEL_PACKAGE_PATTERN}'` lists, then retry")
+        return cached, None
+    return package.release, None if complete(root / package.release) else package
+
+
 def find_kernel_package(release: str | None) -> KernelPackage | None:
     """The kernel image of ``release`` (None: the newest) in apt's lists, updating them first
     (as root) if it is not there."""

@@ -1,24 +1,13 @@
-"""QEMU: its command line, how the guest mounts the root QEMU shares, and the run loop.
+"""QEMU: its command line and how the guest mounts the root QEMU shares.
 
-Why this exists: the tcg-amd host is QEMU's TCG emulation of AMD-V. The run
-loop (:func:`boot`) starts the emulator, streams its serial console (its
-stdout) through a :class:`~.console.ConsoleFilter` to the caller, enforces the
-deadline, kills the emulator whatever happens, and turns a run that reported
-no status into :class:`~.errors.GuestFailed` with the console's tail.
+Why this exists: the tcg-amd host is QEMU's TCG emulation of AMD-V, booted
+straight into the kernel with the host's ``/`` shared over 9p; its serial
+console is QEMU's stdout, read by :func:`.emulator.boot`.
 """
 
 from __future__ import annotations
 
-import os
-import selectors
-import subprocess
-import tempfile
-import time
 from pathlib import Path
-from typing import BinaryIO
-
-from .console import ConsoleFilter, Markers
-from .errors import GuestFailed, GuestTimeout
 
 HOST_ROOT_TAG = "hostroot"
 # /init's command that mounts the root shared by qemu_command's -virtfs on /lower.
@@ -48,58 +37,3 @@ def qemu_command(qemu: Path, vmlinuz: Path, initrd: Path, memory_mib: int, cpus:
                    "multidevs=remap",
     ]
 
-
-def boot(command: list[str], markers: Markers, timeout: float, output: BinaryIO, host: str) -> int:
-    """Run the emulator ``command``, stream the command's output to ``output``, return its exit status.
-
-    ``host`` names the guest in errors.
-    """
-    console = ConsoleFilter(markers)
-    deadline = time.monotonic() + timeout
-    with tempfile.TemporaryFile() as emulator_stderr:
-        emulator = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=emulator_stderr)
-        try:
-            _pump(emulator, console, deadline, output)
-            emulator.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            if emulator.poll() is None:
-                emulator.kill()
-                emulator.wait()
-        if console.exit_status is not None:
-            return console.exit_status
-        if time.monotonic() >= deadline:
-            raise GuestTimeout(f"the {host} guest did not finish within {timeout:g} s; QEMU was "
-                               f"killed. Raise --timeout if the command is just slow under TCG",
-                               console.tail)
-        emulator_stderr.seek(0)
-        errors = emulator_stderr.read().decode(errors="replace").strip()
-        if console.error:
-            reason = f"/init failed: {console.error}"
-        elif not console.started:
-            reason = "the guest stopped before running the command (kernel panic or QEMU error?)"
-        else:
-            reason = "the guest stopped while the command ran (kernel panic?)"
-        raise GuestFailed(f"the {host} guest reported no exit status: {reason}; QEMU exited "
-                          f"with {emulator.returncode}" + (f", saying: {errors}" if errors else ""),
-                          console.tail)
-
-
-def _pump(emulator: subprocess.Popen, console: ConsoleFilter, deadline: float, output: BinaryIO) -> None:
-    """Copy the emulator's console through ``console`` to ``output`` until EOF or the deadline."""
-    assert emulator.stdout is not None
-    fd = emulator.stdout.fileno()
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not selector.select(remaining):
-                continue
-            data = os.read(fd, 65536)
-            if not data:
-                return
-            passed = console.feed(data)
-            if passed:
-                output.write(passed)
-                output.flush()

@@ -20,7 +20,8 @@ Pieces, and where they come from:
   overlayfs need, decompressed: :mod:`.initramfs`) are cached in
   ``$XDG_CACHE_HOME/pykvm/tcg-amd/<version>/``.
 * Per run, a second small archive holding ``/init`` and the command script is
-  appended to the cached initramfs, and QEMU runs it (:mod:`.qemu`).
+  appended to the cached initramfs, and QEMU runs it (:mod:`.qemu`,
+  :mod:`.emulator`).
 
 Inside the guest, the host's root is the read-only lower layer of an overlay
 whose upper layer is guest RAM: every path is writable there and every write
@@ -38,10 +39,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import initramfs, kernel, qemu
+from . import cache, emulator, initramfs, kernel, qemu
 from .console import Markers
-from .errors import KernelUnavailable
-from .tools import apt_update, ensure_tools, is_root, say
+from .tools import ensure_tools, say
 
 NAME = "tcg-amd"
 # Debian package of each tool the runner needs.
@@ -82,8 +82,7 @@ def init_script(markers: Markers) -> str:
 
 def cache_root() -> Path:
     """``$XDG_CACHE_HOME/pykvm/tcg-amd``, else ``~/.cache/pykvm/tcg-amd``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pykvm" / NAME
+    return cache.cache_root(NAME)
 
 
 def _base_key(busybox: Path) -> str:
@@ -96,19 +95,6 @@ def _cached(cache_dir: Path, key: str) -> tuple[Path, Path]:
     return cache_dir / "vmlinuz", cache_dir / f"initramfs-{key}.cpio.gz"
 
 
-def _cached_release(root: Path, key: str, release: str | None) -> str | None:
-    """``release`` (None: the newest) if the cache holds it complete."""
-    releases = [entry.name for entry in root.glob("*")
-                if release in (None, entry.name) and all(p.exists() for p in _cached(entry, key))]
-    return max(releases, key=kernel.kernel_release_key, default=None)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def build_kernel_cache(package: kernel.KernelPackage, tools: Tools, cache_dir: Path, key: str) -> None:
     """Download and unpack ``package``; cache its vmlinuz and the base initramfs in ``cache_dir``."""
     with tempfile.TemporaryDirectory(prefix="pykvm-tcg-amd-") as work_name:
@@ -118,8 +104,9 @@ def build_kernel_cache(package: kernel.KernelPackage, tools: Tools, cache_dir: P
         archive = initramfs.base_archive(work / "initramfs", tools.busybox, order, images, tools.cpio)
         cache_dir.mkdir(parents=True, exist_ok=True)
         vmlinuz_cache, initramfs_cache = _cached(cache_dir, key)
-        _write_atomically(initramfs_cache, archive)
-        _write_atomically(vmlinuz_cache, unpacked.vmlinuz.read_bytes())
+        cache.write_atomically(initramfs_cache, archive)
+        cache.write_atomically(vmlinuz_cache, unpacked.vmlinuz.read_bytes())
+        cache.prune(cache_dir, "initramfs-*.cpio.gz", [initramfs_cache])
 
 
 # ---------------------------------------------------------------- prepare and run
@@ -133,32 +120,14 @@ def prepare(release: str | None = None) -> Prepared:
     tools = Tools(qemu=located["qemu-system-x86_64"], busybox=located["busybox"], cpio=located["cpio"])
     root = cache_root()
     key = _base_key(tools.busybox)
-    pinned_and_cached = release is not None and _cached_release(root, key, release) is not None
-    if _cached_release(root, key, release) is None and is_root():
-        # Nothing cached: a kernel will be downloaded. Refresh apt's lists first, so that
-        # a machine with stale lists neither picks a kernel the mirror no longer has nor
-        # an old one.
-        apt_update()
-    package = None if pinned_and_cached else kernel.find_kernel_package(release)
-    if package is None:
-        cached = _cached_release(root, key, release)
-        if cached is None:
-            wanted = f"linux-image-{release}" if release else f"{kernel.KERNEL_PACKAGE_PATTERN} package"
-            raise KernelUnavailable(
-                f"apt's lists have no {wanted} and {root} does not hold it; run `apt-get update` "
-                f"as root (it needs the Debian mirror), or pick a release that "
-                f"`apt-cache search --names-only '{kernel.KERNEL_PACKAGE_PATTERN}'` lists, then retry")
-        release = cached
-    else:
-        release = package.release
+    release, package = kernel.resolve_kernel(root, lambda d: all(p.exists() for p in _cached(d, key)),
+                                             release)
     cache_dir = root / release
     vmlinuz, base = _cached(cache_dir, key)
-    reused = vmlinuz.exists() and base.exists()
-    if not reused:
-        assert package is not None            # a release without a package is a cached one
+    if package is not None:
         build_kernel_cache(package, tools, cache_dir, key)
-    say(f"kernel {release}, cache {cache_dir} ({'reused' if reused else 'built now'})")
-    return Prepared(tools, release, cache_dir, vmlinuz, base, reused)
+    say(f"kernel {release}, cache {cache_dir} ({'built now' if package else 'reused'})")
+    return Prepared(tools, release, cache_dir, vmlinuz, base, package is None)
 
 
 def run(argv: list[str], release: str | None, memory_mib: int, cpus: int, timeout: float) -> int:
@@ -171,4 +140,5 @@ def run(argv: list[str], release: str | None, memory_mib: int, cpus: int, timeou
         initrd = initramfs.run_initrd(prepared.initramfs, init_script(markers), script, Path(directory),
                                       prepared.tools.cpio)
         command = qemu.qemu_command(prepared.tools.qemu, prepared.vmlinuz, initrd, memory_mib, cpus)
-        return qemu.boot(command, markers, timeout, sys.stdout.buffer, NAME)
+        return emulator.boot(command, markers, timeout, sys.stdout.buffer, NAME,
+                             slow_hint="Raise --timeout if the command is just slow under TCG")

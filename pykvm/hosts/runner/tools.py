@@ -61,7 +61,12 @@ def apt_update() -> subprocess.CompletedProcess[str]:
 
 
 def locate_tool(name: str) -> Path | None:
-    """The executable ``name``; for busybox, only a statically linked one (it runs in the initramfs)."""
+    """The executable ``name``; for busybox, only a statically linked one (it runs in the initramfs).
+
+    An absolute ``name`` is a file a package installs (a boot loader image), located as is.
+    """
+    if name.startswith("/"):
+        return Path(name) if os.path.isfile(name) else None
     if name != "busybox":
         found = shutil.which(name)
         return Path(found) if found else None
