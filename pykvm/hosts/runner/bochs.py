@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .console import tail_lines
@@ -162,10 +163,12 @@ def build(cache: Path, tarball: Path) -> Build:
             jobs = max(1, min(os.cpu_count() or 1, 4))
             say(f"building Bochs {tarball_version(tarball.name)} (configure; make -j{jobs}: about 2 "
                 f"minutes on 2 cores, once)")
+            began = time.monotonic()
             _step(["./configure", *CONFIGURE, f"CXXFLAGS={CXXFLAGS}"], work, "configure")
             _step(["make", f"-j{jobs}"], work, "make")
             shutil.rmtree(tree, ignore_errors=True)
             os.replace(work, tree)
+            say(f"Bochs built in {time.monotonic() - began:.0f} s")
     found = Build(bochs, tree / BIOS, tree / VGABIOS)
     missing = [str(path) for path in (found.bochs, found.bios, found.vgabios) if not path.exists()]
     if missing:

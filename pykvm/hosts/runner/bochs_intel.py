@@ -39,6 +39,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import bochs, cache, disk, emulator, initramfs, kernel
@@ -164,7 +165,9 @@ def prepare(release: str | None = None) -> Prepared:
     if not reused:
         say(f"building the disk image ({len(found.entries)} entries: the working directory, the "
             f"virtualenv, Python {found.python_version.split()[-1]}, binutils)")
+        began = time.monotonic()
         disk.build_image(found, image, tools["mkfs.ext4"])
+        say(f"disk image built in {time.monotonic() - began:.0f} s")
         cache.prune(root, "disk-*.img", [image])
     say(f"kernel {release}, Bochs {build.bochs.parent.name}, cache {root} (ISO "
         f"{'built now' if package else 'reused'}, disk image of {image.stat().st_size >> 20} MiB "
