@@ -1,9 +1,12 @@
-"""The pure parts of ``python -m pykvm.hosts``: no QEMU, no apt, no kernel needed.
+"""The pure parts of ``python -m pykvm.hosts``: no QEMU, no Bochs, no apt, no kernel needed.
 
-The runner's decisions live in pure functions (kernel choice, module load
-order, the guest's ``/init`` and command scripts, the QEMU command line, the
-console filter); these tests pin them. The command script and ``/init`` are
-also checked by this machine's own ``sh``.
+The runners' decisions live in pure functions (kernel choice, module load
+order, the guests' ``/init`` and command scripts, the QEMU command line,
+bochsrc, the boot ISO's configuration, the disk image's manifest and key, the
+command disk, per-host settings, the console filter, cache pruning); these
+tests pin them. The command script, both ``/init`` scripts and the command
+disk's layout are also checked by this machine's own ``sh``, and the emulator
+run loop with a Python process standing in for the emulator.
 """
 
 from __future__ import annotations
