@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 
 from . import delivery, x86
-from .cli import run_command
+from .cli import exit_with, run_command
 from .core.binding import lib
 from .core.constants import Cap, ExitReason
 from .core.errors import PyKvmError
@@ -178,4 +177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

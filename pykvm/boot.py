@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import run_command
+from .cli import exit_with, run_command
 from .vmm.machine import DEFAULT_MEMORY_MIB, Ending, Machine
 
 PROG = "pykvm boot"
@@ -74,4 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

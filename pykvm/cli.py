@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 from .core.errors import KvmUnavailableError, PyKvmError
 
@@ -22,21 +22,21 @@ EXIT_NO_KVM = 2
 EXIT_INTERRUPTED = 130      # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def run_command(prog: str, body: Callable[[], int]) -> int:
-    """Run a command's ``body`` and map how it ended to an exit status and a message on stderr.
+def exit_with(status: int) -> NoReturn:
+    """End the process with ``status``; a Ctrl-C from now on is ignored.
 
-    Once the body has ended, a further Ctrl-C is ignored: Python restores the default
-    SIGINT action while it shuts down, and a Ctrl-C landing then would kill the
-    process by signal after the command had already finished.
+    For a command's ``if __name__ == "__main__"`` only: Python restores SIGINT's
+    default action while it shuts down, and a Ctrl-C landing then would kill the
+    process by signal after the command had already finished. (Never called from
+    ``main()``: a caller's process, pytest's say, must keep its Ctrl-C, and its
+    children would inherit an ignored SIGINT.)
     """
-    try:
-        return _run(prog, body)
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
 
 
-def _run(prog: str, body: Callable[[], int]) -> int:
+def run_command(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's ``body`` and map how it ended to an exit status and a message on stderr."""
     try:
         return body()
     except KeyboardInterrupt:

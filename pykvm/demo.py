@@ -15,11 +15,10 @@ names the host's vendor module and what it did differently.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from . import delivery, guests, hosts, x86
-from .cli import run_command
+from .cli import exit_with, run_command
 from .core.constants import ExitReason
 from .core.errors import GuestError, HostLimitation
 from .core.exits import FailEntryExit
@@ -221,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

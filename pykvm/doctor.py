@@ -25,9 +25,8 @@ import json
 import os
 import platform
 import stat
-import sys
 
-from .cli import run_command
+from .cli import exit_with, run_command
 from .core.constants import Cap
 from .core.errors import KvmUnavailableError
 from .core.system import DEFAULT_PATH, Kvm
@@ -252,4 +251,4 @@ def run_doctor(as_json: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -60,10 +60,14 @@ def test_run_command_maps_each_ending_to_a_status_and_a_line(capsys, raised, sta
     assert text in capsys.readouterr().err
 
 
-def test_run_command_passes_the_bodys_status_through():
+def test_run_command_passes_the_bodys_status_through_and_leaves_ctrl_c_alone():
     previous = signal.getsignal(signal.SIGINT)
-    try:
-        assert cli.run_command("prog", lambda: 7) == 7
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN   # a late Ctrl-C cannot kill the exit
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    assert cli.run_command("prog", lambda: 7) == 7
+    assert signal.getsignal(signal.SIGINT) is previous     # a caller (pytest) keeps its Ctrl-C
+
+
+def test_exit_with_ignores_a_late_ctrl_c():
+    code = ("import signal, sys\nfrom pykvm import cli\ntry:\n    cli.exit_with(3)\nfinally:\n"
+            "    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and result.stdout.strip() == "True", result

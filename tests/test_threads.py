@@ -130,7 +130,12 @@ def run_python(source: str, *, interrupt_after: float | None = None) -> subproce
                 break
         time.sleep(interrupt_after)
         process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:          # never leave a spinning child behind
+            process.kill()
+            process.communicate()
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 

@@ -14,7 +14,7 @@ import json
 import sys
 import textwrap
 
-from ..cli import run_command
+from ..cli import exit_with, run_command
 from ..hosts.vendor import detect_vendor
 from . import BY_NAME, OBSERVED, REQUESTS, Row, run_request
 from .scenarios import SCENARIOS, Outcome
@@ -93,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
