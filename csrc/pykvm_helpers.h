@@ -109,7 +109,7 @@ static void pykvm_guard_release(struct pykvm_vcpu_guard *guard);
  * commonest exit (KVM_EXIT_IO of one element of at most 4 bytes), the whole exit packed
  * into one number, so that Python reads nothing from kvm_run:
  *   bits 0-7 KVM_EXIT_IO, bit 8 direction, bits 9-11 size, bit 12 PYKVM_PACKED_IO,
- *   bits 16-31 port, bits 32-63 the element (little-endian).
+ *   bits 13-28 port, bits 29-60 the element (little-endian): always positive.
  * A packed exit and an error (-errno, including EINTR) have already released the guard;
  * for any other exit the caller reads kvm_run and then calls pykvm_guard_release. */
 #define PYKVM_PACKED_IO 0x1000
@@ -140,7 +140,7 @@ static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcp
         pykvm_guard_release(guard);      /* nothing more is read from kvm_run for this exit */
         return (long long)KVM_EXIT_IO | (long long)(run->io.direction & 1) << 8
                | (long long)run->io.size << 9 | PYKVM_PACKED_IO
-               | (long long)run->io.port << 16 | (long long)value << 32;
+               | (long long)run->io.port << 13 | (long long)value << 29;
     }
     return (long long)run->exit_reason;
 }

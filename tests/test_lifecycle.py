@@ -169,3 +169,12 @@ def test_no_fd_or_memory_leak_over_200_cycles(kvm_available):
     gc.collect()
     assert process.num_fds() == fds
     assert process.memory_info().rss - rss < 8 << 20
+
+
+@pytest.mark.parametrize("value", [0x80000001, 0xFFFFFFFF, 0x7FFFFFFF, 0])
+def test_io_exit_data_keeps_every_bit(vcpu, value):
+    # One-element IO exits come back packed from C: the top bit of a 32-bit OUT must survive.
+    x86.load_code(vcpu, f"mov ${value:#x}, %eax\n out %eax, $0x10\n mov $0xab, %al\n out %al, $0x11\n hlt\n")
+    wide, narrow = vcpu.run(), vcpu.run()
+    assert (wide.port, wide.size, wide.value, wide.is_out) == (0x10, 4, value, True)
+    assert (narrow.port, narrow.size, narrow.value) == (0x11, 1, 0xAB)

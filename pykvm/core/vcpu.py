@@ -235,8 +235,8 @@ class Vcpu(FdObject):
                 sequence = self._exit_sequence = self._exit_sequence + 1
                 self._last_result = _EXIT_IO
                 size = result >> 9 & 7
-                return _new_tuple(_IoExit, (result >> 16 & 0xFFFF, _DIRECTIONS[result >> 8 & 1], size, 1,
-                                            (result >> 32).to_bytes(size, "little"), self, sequence))
+                return _new_tuple(_IoExit, (result >> 13 & 0xFFFF, _DIRECTIONS[result >> 8 & 1], size, 1,
+                                            (result >> 29 & 0xFFFFFFFF).to_bytes(size, "little"), self, sequence))
             if result <= _GUARD_BUSY:    # the guard was not taken
                 raise self._busy() if result == _GUARD_BUSY else self._closed()
             self._exit_sequence += 1
@@ -266,8 +266,8 @@ class Vcpu(FdObject):
         if result > _PACKED_IO:
             self._last_result = _EXIT_IO
             size = result >> 9 & 7
-            return exits.IoExit(self, self._exit_sequence, result >> 16 & 0xFFFF, _DIRECTIONS[result >> 8 & 1],
-                                size, 1, (result >> 32).to_bytes(size, "little"))
+            return exits.IoExit(self, self._exit_sequence, result >> 13 & 0xFFFF, _DIRECTIONS[result >> 8 & 1],
+                                size, 1, (result >> 29 & 0xFFFFFFFF).to_bytes(size, "little"))
         self._last_result = result
         run = self._run_c
         if result == _EXIT_IO:           # string IO or wider elements: from kvm_run
