@@ -118,12 +118,16 @@ TABLE_LEGEND = ("p50/p99 us: host TSC before the inject call -> TSC read by the 
                 "userspace): ~1 when halted, ~0 when spinning")
 
 def tsc_warning(results: list[PathMeasurement]) -> list[str]:
-    """A warning when latencies came out negative (host and guest TSC disagree), else nothing."""
+    """Warnings: latencies that came out negative (host and guest TSC disagree), interrupts delivered twice."""
     negative = sum(result.negative_latencies for result in results)
-    if not negative:
-        return []
     total = sum(result.count for result in results)
-    return [f"warning: {negative} of {total} latencies are negative: the guest's TSC and the host's",
+    twice = sum(result.counters.get("duplicate_deliveries", 0) for result in results)
+    lines = [f"warning: the guest logged {twice} deliveries more than the {total} interrupts sent (an",
+             "interrupt taken twice; seen under QEMU TCG); each latency pairs a send with the first record",
+             "after it"] if twice else []
+    if not negative:
+        return lines
+    return lines + [f"warning: {negative} of {total} latencies are negative: the guest's TSC and the host's",
             "disagree here (seen under QEMU TCG, where each emulated CPU keeps its own TSC), so the",
             "latency columns are not meaningful on this host; rates, host round trips and counters still are"]
 
@@ -398,18 +402,23 @@ class _Target:
         with _pinned_injector(self.split), self.stats.delta(*COUNTERS) as counters:
             yield counters
 
-    def measurement(self, sent: list[int], seen: list[int], first_record: int, counters,
-                    implementation: str = "python") -> PathMeasurement:
-        records = self.session.records_since(first_record)
-        if len(records) != len(sent):
-            raise PyKvmError(f"{self.path}: {len(sent)} interrupts sent, {len(records)} logged by "
-                             f"the guest; latencies would pair the wrong records")
+    def measurement(self, sent: list[int], seen: list[int], positions: list[int], first_record: int,
+                    counters, implementation: str = "python") -> PathMeasurement:
+        """Pair each send with the first record written after it; count the records no send explains."""
+        logged = {record.seq: record for record in self.session.records_since(first_record)}
+        records = [logged.get(position) for position in positions]
+        if any(record is None or record.vector != VECTOR for record in records):
+            seen_vectors = sorted({hex(record.vector) for record in logged.values()})
+            raise PyKvmError(f"{self.path}: a send of {VECTOR:#x} has no record of it after it in the "
+                             f"guest log (vectors logged: {', '.join(seen_vectors) or 'none'})")
+        counters = {name: counters[name] for name in COUNTERS}
+        counters["duplicate_deliveries"] = sum(r.vector == VECTOR for r in logged.values()) - len(sent)
         scale = 1e9 / self.tsc_hz
-        latencies = [(record.tsc - self.offset.cycles - stamp) * scale
+        latencies = [(record.tsc - self.offset.cycles - stamp) * scale  # type: ignore[union-attr]
                      for record, stamp in zip(records, sent, strict=True)]
         round_trips = [(back - stamp) * scale for stamp, back in zip(sent, seen, strict=True)]
-        return PathMeasurement(self.path, self.state, latencies, round_trips,
-                               {name: counters[name] for name in COUNTERS}, implementation, [self.offset])
+        return PathMeasurement(self.path, self.state, latencies, round_trips, counters, implementation,
+                               [self.offset])
 
     def close(self) -> None:
         try:
@@ -468,20 +477,24 @@ def _route_ioapic_pin(target: _Target, pin: int) -> None:
 
 
 def _paced(target: _Target, count: int, pacing: Pacing, round_index: int,
-           send: Callable[[], int]) -> tuple[list[int], list[int]]:
+           send: Callable[[], int]) -> tuple[list[int], list[int], list[int]]:
     """``count`` paced deliveries: ``send()`` makes one and returns its host TSC; each is waited for.
 
-    Returns the host TSC of every send and of the moment its log record was seen.
+    Returns the host TSC of every send and of the moment its log record was seen,
+    and the log position each send's record took (the first record after the send:
+    a host that delivers one interrupt twice adds records no send is paired with).
     """
-    first = target.log_count
     gaps = pacing.gaps(target.path, target.state, round_index)
     sent: list[int] = []
     seen: list[int] = []
-    for i in range(count):
+    positions: list[int] = []
+    for _ in range(count):
         time.sleep(next(gaps))
+        before = target.log_count
         sent.append(send())
-        seen.append(target.wait_for(first + i + 1))
-    return sent, seen
+        positions.append(before)
+        seen.append(target.wait_for(before + 1))
+    return sent, seen, positions
 
 
 def measure(kvm, path: str, state: str = "spinning", count: int = 200, pacing: Pacing = PACING,
@@ -503,8 +516,8 @@ def measure(kvm, path: str, state: str = "spinning", count: int = 200, pacing: P
             return stamp
         first = target.log_count
         with target.deliveries() as counters:
-            sent, seen = _paced(target, count, pacing, round_index, send)
-        return target.measurement(sent, seen, first, counters)
+            sent, seen, positions = _paced(target, count, pacing, round_index, send)
+        return target.measurement(sent, seen, positions, first, counters)
     finally:
         target.close()
 
@@ -545,8 +558,8 @@ def measure_c_baseline(kvm, path: str, state: str = "spinning", count: int = 200
             return stamp[0]
         first = target.log_count
         with target.deliveries() as counters:
-            sent, seen = _paced(target, count, pacing, round_index, send)
-        return target.measurement(sent, seen, first, counters, "c")
+            sent, seen, positions = _paced(target, count, pacing, round_index, send)
+        return target.measurement(sent, seen, positions, first, counters, "c")
     finally:
         target.close()
 

@@ -225,3 +225,16 @@ def test_negative_latencies_are_reported_not_hidden():
     fine = delivery.PathMeasurement("irqfd", "spinning", [1000.0], [1e4], {"exits": 1})
     assert delivery.tsc_warning([fine]) == []
     assert "1 of 3 latencies are negative" in delivery.tsc_warning([skewed, fine])[0]
+
+
+def test_interrupts_delivered_twice_are_reported():
+    twice = delivery.PathMeasurement("msi", "spinning", [1000.0, 2000.0], [1e4, 1e4],
+                                     {"exits": 2, "duplicate_deliveries": 2})
+    fine = delivery.PathMeasurement("irqfd", "spinning", [1000.0], [1e4], {"exits": 1, "duplicate_deliveries": 0})
+    assert delivery.tsc_warning([fine]) == []
+    assert "2 deliveries more than the 3 interrupts sent" in delivery.tsc_warning([twice, fine])[0]
+
+
+def test_each_send_is_paired_with_the_first_record_after_it(kvm):
+    result = delivery.measure(kvm, "msi", "halted", 4)
+    assert result.count == 4 and result.counters["duplicate_deliveries"] >= 0
