@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import signal
-import struct
 import threading
 import time
 import weakref
@@ -47,11 +46,6 @@ if TYPE_CHECKING:
 
 _thread_id = threading.get_ident
 CLOSE_GRACE = 2.0                     # seconds close() waits for another thread to leave KVM_RUN
-# The hot path's decoding of KVM_EXIT_IO: kvm_run.io is {u8 direction, u8 size, u16 port,
-# u32 count, u64 data_offset} (<linux/kvm.h>; tests/test_binding.py checks the offsets).
-IO_LAYOUT = struct.Struct("<BBHIQ")
-_IO_FIELDS = IO_LAYOUT.unpack_from
-_IO_OFFSET = ffi.offsetof("struct kvm_run", "io")
 _EXIT_IO = int(ExitReason.IO)
 _DIRECTIONS = exits.DIRECTIONS
 _new_tuple = tuple.__new__
@@ -263,18 +257,13 @@ class Vcpu(FdObject):
 
     def _decode(self, result: int) -> exits.Exit:
         """The typed exit for a KVM_RUN result (with the guard held unless ``result`` is packed)."""
-        if result > _PACKED_IO:
+        if result > _PACKED_IO:          # from complete_pending_exit(); run() unpacks inline (hot path)
             self._last_result = _EXIT_IO
             size = result >> 9 & 7
             return exits.IoExit(self, self._exit_sequence, result >> 13 & 0xFFFF, _DIRECTIONS[result >> 8 & 1],
                                 size, 1, (result >> 29 & 0xFFFFFFFF).to_bytes(size, "little"))
         self._last_result = result
         run = self._run_c
-        if result == _EXIT_IO:           # string IO or wider elements: from kvm_run
-            buffer = self._run_buffer
-            direction, size, port, count, offset = _IO_FIELDS(buffer, _IO_OFFSET)
-            return _new_tuple(_IoExit, (port, _DIRECTIONS[direction], size, count,
-                                        buffer[offset:offset + size * count], self, self._exit_sequence))
         if result < 0:
             if result == -errno.EINTR:     # C has cleared immediate_exit: the kick is consumed
                 return exits.INTR
