@@ -15,6 +15,7 @@ IOAPIC tests use pins 16-23: GSIs 0-15 also reach the 8259s, whose ExtINT
 would arrive through LINT0 as well (the BSP's LVT0 is ExtINT after reset).
 """
 
+import statistics
 import threading
 import time
 
@@ -276,7 +277,12 @@ def test_lapic_timer(machine, mode):
     if mode == TimerMode.PERIODIC:
         tsc_hz = guest.vcpu.tsc_khz * 1000
         gaps = [(b.tsc - a.tsc) / tsc_hz for a, b in zip(log, log[1:ticks], strict=False)]
-        assert all(0.5 * period_ns / 1e9 < gap < 3 * period_ns / 1e9 for gap in gaps), gaps
+        # A periodic timer re-arms from its deadline, not from delivery: a tick
+        # taken late (the host busy, or delivery waiting for the next VM entry)
+        # shortens only the gap after it. So judge the median gap, and that the
+        # ticks never run ahead of the period grid.
+        assert 0.75 * period_ns / 1e9 < statistics.median(gaps) < 1.5 * period_ns / 1e9, gaps
+        assert sum(gaps) > (ticks - 1) * period_ns / 1e9 * 0.6, gaps
     else:
         guest.command(Command.STI)
         time.sleep(0.01)
