@@ -3,6 +3,9 @@
 import pykvm
 from pykvm import x86
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(3, 'IN read 0')]
+
 
 def solve(task) -> None:
     with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=0) as vm:

@@ -2,6 +2,9 @@
 
 import pykvm
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(2, 'you injected vector 0x40')]
+
 
 def handler_source(task) -> str:
     return f"""

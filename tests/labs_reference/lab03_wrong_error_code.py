@@ -3,6 +3,9 @@
 import pykvm
 from pykvm import x86
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(5, 'a handler did not resume')]
+
 
 def handlers_source(task) -> str:
     return f"""

@@ -2,6 +2,9 @@
 
 from pykvm.guests import Command
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(1, 'force=True while the last exit reported')]
+
 
 def inject_when_ready(task) -> None:
     task.guest.vcpu.interrupt(task.vector, force=True)

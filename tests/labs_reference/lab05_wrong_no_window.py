@@ -1,5 +1,8 @@
 """Lab 5, wrong: never asks for the interrupt window (and never clears it)."""
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(1, 'request_interrupt_window was 0')]
+
 
 class Controller:
     def __init__(self, vcpu) -> None:

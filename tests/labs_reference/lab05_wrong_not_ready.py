@@ -1,5 +1,8 @@
 """Lab 5, wrong: injects whenever something is pending, ready or not."""
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(1, 'while IF=0')]
+
 
 class Controller:
     def __init__(self, vcpu) -> None:

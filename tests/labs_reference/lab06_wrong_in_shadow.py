@@ -2,6 +2,9 @@
 
 from pykvm.guests import Command, StopKind
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(2, 'ready_for_interrupt_injection=0')]
+
 
 def _step_to(guest, label: str) -> None:
     for _ in range(64):

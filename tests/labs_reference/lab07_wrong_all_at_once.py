@@ -2,6 +2,9 @@
 
 from pykvm.guests import Command, StopKind
 
+# What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
+EXPECTED_FAILURES = [(2, 'not inside an NMI handler')]
+
 
 def nmis(task) -> None:
     guest, vcpu = task.guest, task.guest.vcpu
