@@ -163,6 +163,11 @@ class Timeline:
             self.add("trace", "not on this kernel: " + ", ".join(recording.missing))
         self.traced = recording
 
+    def unreachable(self, why: str) -> Outcome:
+        """This host lacks what the request needs (``why`` names it, checked now): trigger and control alike."""
+        self.outcome.verdict, self.outcome.why = UNREACHABLE, why
+        return self.outcome
+
     def verdict(self, seen: bool, why: str, absent_why: str = "") -> Outcome:
         """``observed`` when ``seen``; the control run's verdict says whether the evidence stayed absent."""
         outcome = self.outcome
