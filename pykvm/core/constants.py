@@ -65,6 +65,13 @@ class Cap(enum.IntEnum):
     DIRTY_LOG_RING = 192
     MAX_VCPU_ID = 128
     EXCEPTION_PAYLOAD = 164
+    MULTI_ADDRESS_SPACE = 118
+    HYPERV = 44
+    HYPERV_TIME = 96
+    HYPERV_SYNIC = 123
+    HYPERV_SYNIC2 = 148
+    HYPERV_CPUID = 167
+    SYS_HYPERV_CPUID = 191
 
 
 class ExitReason(enum.IntEnum):
@@ -113,6 +120,14 @@ class SystemEventType(enum.IntEnum):
     WAKEUP = 4
     SUSPEND = 5
     SEV_TERM = 6
+
+
+class HypervExitType(enum.IntEnum):
+    """``KVM_EXIT_HYPERV_*`` types of a HYPERV exit."""
+
+    SYNIC = 1
+    HCALL = 2
+    SYNDBG = 3
 
 
 class MpState(enum.IntEnum):
@@ -204,7 +219,8 @@ def header_macro_names() -> dict[str, int]:
     """Every member above under its header macro name (for the layout tests)."""
     prefixes: dict[type[enum.IntEnum] | type[enum.IntFlag], str] = {
         Cap: "KVM_CAP_", ExitReason: "KVM_EXIT_", InternalErrorKind: "KVM_INTERNAL_ERROR_",
-        SystemEventType: "KVM_SYSTEM_EVENT_", MpState: "KVM_MP_STATE_", IoDirection: "KVM_EXIT_IO_",
+        SystemEventType: "KVM_SYSTEM_EVENT_", HypervExitType: "KVM_EXIT_HYPERV_",
+        MpState: "KVM_MP_STATE_", IoDirection: "KVM_EXIT_IO_",
         IrqchipId: "KVM_IRQCHIP_", RoutingType: "KVM_IRQ_ROUTING_", IrqfdFlag: "KVM_IRQFD_FLAG_",
         IoeventfdFlag: "KVM_IOEVENTFD_FLAG_"}
     names = {prefix + str(member.name): int(member)

@@ -73,6 +73,11 @@ class KvmInterrupted(KvmError):
     """EINTR: a signal interrupted the ioctl."""
 
 
+class KvmVmDead(KvmError):
+    """EIO: KVM gave up on the VM (``kvm_vm_dead()``: an internal failure such as an SMI without SMRAM)
+    and refuses every further ioctl on it and its vCPUs; only closing it is left."""
+
+
 class KvmPermissionError(KvmError, PermissionError):
     """EACCES / EPERM."""
 
@@ -101,6 +106,7 @@ _ERRNO_CLASSES: dict[int, type[KvmError]] = {
     _errno.EINTR: KvmInterrupted,
     _errno.EACCES: KvmPermissionError,
     _errno.EPERM: KvmPermissionError,
+    _errno.EIO: KvmVmDead,
 }
 
 
@@ -108,10 +114,16 @@ FD_EXHAUSTION_HINT = ("the process is out of file descriptors: every VM and vCPU
                       "you no longer need, or raise the limit (`ulimit -n`)")
 
 
+VM_DEAD_HINT = ("the VM is dead (KVM_REQ_VM_DEAD): KVM marked it unusable after an internal failure and "
+                "refuses every further ioctl on it and its vCPUs; close it and create a new VM")
+
+
 def ioctl_error(err: int, ioctl: str, target: str, hint: str = "") -> KvmError:
     """The typed exception for errno ``err`` from ``ioctl`` on ``target``."""
     if err in (_errno.EMFILE, _errno.ENFILE):
         hint = FD_EXHAUSTION_HINT
+    elif err == _errno.EIO and not hint:
+        hint = VM_DEAD_HINT
     return _ERRNO_CLASSES.get(err, KvmError)(err, ioctl, target, hint)
 
 

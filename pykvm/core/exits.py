@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import checks
-from .constants import ExitReason, InternalErrorKind, IoDirection, SystemEventType, as_enum
+from .constants import ExitReason, HypervExitType, InternalErrorKind, IoDirection, SystemEventType, as_enum
 from .errors import InvalidArgument
 from .state import record
 
@@ -262,6 +262,37 @@ class IoapicEoiExit(Exit):
 
 
 @record(slots=True)
+class HypervExit(Exit):
+    """``KVM_EXIT_HYPERV``: Hyper-V emulation needs userspace (``vcpu.enable_cap(Cap.HYPERV_SYNIC)``).
+
+    For ``type == HypervExitType.SYNIC`` the guest wrote the SynIC MSR ``msr``
+    (SCONTROL, SIEFP or SIMP): ``control``, ``evt_page`` and ``msg_page`` are the
+    SynIC's registers after the write. ``words`` is the exit's union as six u64
+    (the hypercall and debugger exits' fields, in the header's order).
+    """
+
+    reason: ClassVar = ExitReason.HYPERV
+    type: HypervExitType | int = 0
+    words: tuple = ()
+
+    @property
+    def msr(self) -> int:
+        return self.words[0] & 0xFFFFFFFF
+
+    @property
+    def control(self) -> int:
+        return self.words[1]
+
+    @property
+    def evt_page(self) -> int:
+        return self.words[2]
+
+    @property
+    def msg_page(self) -> int:
+        return self.words[3]
+
+
+@record(slots=True)
 class UnknownExit(Exit):
     """Any exit pykvm has no type for; ``exit_reason`` is the raw number."""
 
@@ -367,6 +398,12 @@ def _ioapic_eoi(vcpu, run) -> IoapicEoiExit:
     return IoapicEoiExit(_union(vcpu, RUN_EOI)[0])
 
 
+def _hyperv(vcpu, run) -> HypervExit:
+    from .uapi import RUN_HYPERV
+    kind, *words = _union(vcpu, RUN_HYPERV)
+    return HypervExit(as_enum(HypervExitType, kind), tuple(words))
+
+
 _HLT = HltExit()
 _WINDOW = IrqWindowOpenExit()
 _SHUTDOWN = ShutdownExit()
@@ -389,6 +426,7 @@ DECODERS: dict[int, Callable[[Any, Any], Exit]] = {
     ExitReason.EXCEPTION: _exception,
     ExitReason.TPR_ACCESS: _tpr_access,
     ExitReason.IOAPIC_EOI: _ioapic_eoi,
+    ExitReason.HYPERV: _hyperv,
 }
 
 

@@ -11,8 +11,9 @@ import os
 import threading
 from typing import Any
 
+from . import checks
 from .binding import ffi, lib
-from .errors import ClosedError, ioctl_error
+from .errors import ClosedError, InvalidArgument, ioctl_error
 from .ioctls import Ioctl
 
 
@@ -91,3 +92,14 @@ class FdObject:
         if result < 0:
             raise ioctl_error(-result, request.macro, self.describe(), hint)
         return result
+
+    def _enable_cap(self, cap: int, args: tuple[int, ...], flags: int, hint: str = "") -> None:
+        """``KVM_ENABLE_CAP`` on this fd (a VM's or a vCPU's: the same ioctl and struct on both)."""
+        checks.integer("cap", cap, 0, 0x7FFFFFFF, "a KVM_CAP_* number, e.g. pykvm.Cap.SPLIT_IRQCHIP")
+        if len(args) > 4:
+            raise InvalidArgument(f"args: {len(args)} values, but struct kvm_enable_cap has 4")
+        for index, arg in enumerate(args):
+            checks.unsigned(f"args[{index}]", arg, 64)
+        checks.unsigned("flags", flags, 32)
+        self._ioctl(Ioctl.ENABLE_CAP, ffi.new("struct kvm_enable_cap *",
+                                              {"cap": int(cap), "flags": flags, "args": list(args)}), hint)

@@ -42,6 +42,7 @@ class Ioctl(enum.IntEnum):
     CHECK_EXTENSION = _io(0x03)
     GET_VCPU_MMAP_SIZE = _io(0x04)
     GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
+    GET_SUPPORTED_HV_CPUID = _iowr(0xC1, "struct kvm_cpuid2")   # also a vCPU ioctl
     # VM
     CREATE_VCPU = _io(0x41)
     SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import checks
 from .binding import ffi, lib
-from .errors import ClosedError, GuestMemoryError, InvalidArgument, MemorySlotOverlap, ioctl_error
+from .constants import Cap
+from .errors import CapabilityMissing, ClosedError, GuestMemoryError, InvalidArgument, MemorySlotOverlap, ioctl_error
 from .ioctls import Ioctl
 
 if TYPE_CHECKING:
@@ -40,12 +41,16 @@ def available_memory() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MemorySlot:
-    """One KVM memory slot: guest-physical ``[guest_phys_addr, end)``."""
+    """One KVM memory slot: guest-physical ``[guest_phys_addr, end)`` of ``address_space``.
+
+    ``slot`` is KVM's slot field: the address space in bits 16 and up, the slot's id below.
+    """
 
     slot: int
     guest_phys_addr: int
     size: int
     readonly: bool = False
+    address_space: int = 0
 
     @property
     def end(self) -> int:
@@ -53,7 +58,8 @@ class MemorySlot:
 
     def __repr__(self) -> str:
         return (f"MemorySlot({self.slot}: {self.guest_phys_addr:#x}-{self.end:#x}"
-                f"{', readonly' if self.readonly else ''})")
+                f"{', readonly' if self.readonly else ''}"
+                f"{f', address space {self.address_space}' if self.address_space else ''})")
 
 
 class GuestMemory:
@@ -70,14 +76,25 @@ class GuestMemory:
         return tuple(slot for slot, _ in self._slots)
 
     def add_slot(self, guest_phys_addr: int, size: int, readonly: bool = False,
-                 allow_overcommit: bool = False) -> MemorySlot:
+                 allow_overcommit: bool = False, address_space: int = 0) -> MemorySlot:
         """Back ``[guest_phys_addr, +size)`` with fresh zeroed anonymous memory.
 
         A slot larger than the host's available memory is refused unless
         ``allow_overcommit=True`` (the mapping is lazy, but KVM and the guest can
-        touch all of it, and the host then runs out).
+        touch all of it, and the host then runs out). ``address_space=1`` is x86's
+        system-management view (``KVM_CAP_MULTI_ADDRESS_SPACE``): a vCPU in SMM sees
+        only the slots of address space 1, e.g. SMRAM at SMBASE; read and write them
+        with ``read(..., address_space=1)`` and ``write(..., address_space=1)``.
         """
         self._vm._check_open()
+        if address_space:
+            spaces = self._vm.kvm.check_extension(Cap.MULTI_ADDRESS_SPACE)
+            checks.integer("address_space", address_space, 0, 0xFFFF, "0, or 1 for x86's SMM view")
+            if address_space >= max(spaces, 1):
+                raise CapabilityMissing(
+                    f"address_space={address_space}: this host's KVM has {max(spaces, 1)} address space(s) "
+                    f"(KVM_CAP_MULTI_ADDRESS_SPACE={spaces}); x86 has a second one, for SMM, only where "
+                    f"KVM_CAP_X86_SMM is offered; use address_space=0")
         checks.integer("guest_phys_addr", guest_phys_addr, 0, MAX_GPA, "a guest-physical address")
         checks.integer("size", size, 1, MAX_GPA + 1, "a positive number of bytes, a multiple of 4096")
         if size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE:
@@ -92,6 +109,8 @@ class GuestMemory:
                                   f"available memory ({available / 2**30:.1f} GiB); use a smaller size, "
                                   f"or pass allow_overcommit=True if the guest will touch little of it")
         for existing, _ in self._slots:
+            if existing.address_space != address_space:
+                continue
             if guest_phys_addr < existing.end and existing.guest_phys_addr < guest_phys_addr + size:
                 raise MemorySlotOverlap(
                     f"memory slot {guest_phys_addr:#x}-{guest_phys_addr + size:#x} overlaps "
@@ -101,8 +120,9 @@ class GuestMemory:
         if pointer == ffi.NULL:
             raise ioctl_error(err[0], "mmap", f"{size:#x} bytes of guest memory",
                               "not enough memory for this slot")
-        used = {existing.slot for existing, _ in self._slots}
-        slot = MemorySlot(min(set(range(len(used) + 1)) - used), guest_phys_addr, size, bool(readonly))
+        used = {existing.slot & 0xFFFF for existing, _ in self._slots if existing.address_space == address_space}
+        slot = MemorySlot(address_space << 16 | min(set(range(len(used) + 1)) - used), guest_phys_addr, size,
+                          bool(readonly), address_space)
         region = ffi.new("struct kvm_userspace_memory_region *", {
             "slot": slot.slot, "flags": 2 if readonly else 0,  # KVM_MEM_READONLY
             "guest_phys_addr": guest_phys_addr, "memory_size": size,
@@ -157,14 +177,14 @@ class GuestMemory:
                 lib.pykvm_munmap(pointer, slot.size)
 
     # -- access -----------------------------------------------------------
-    def _locate(self, gpa: int, size: int) -> Any:
+    def _locate(self, gpa: int, size: int, address_space: int = 0) -> Any:
         """Host pointer for ``[gpa, gpa+size)``, which must lie inside one slot (call with the lock held)."""
         if self._released:
             raise ClosedError("this VM's memory was released (the VM is closed); create a new VM")
         checks.integer("gpa", gpa, 0, MAX_GPA, "a guest-physical address")
         checks.integer("size", size, 0, MAX_GPA, "a number of bytes")
         for slot, pointer in self._slots:
-            if slot.guest_phys_addr <= gpa and gpa + size <= slot.end:
+            if slot.address_space == address_space and slot.guest_phys_addr <= gpa and gpa + size <= slot.end:
                 return ffi.cast("uint8_t *", pointer) + (gpa - slot.guest_phys_addr)
         raise GuestMemoryError(
             f"guest-physical {gpa:#x}-{gpa + size:#x} is not inside one memory slot "
@@ -179,16 +199,16 @@ class GuestMemory:
         with self._lock:
             return self._locate(gpa, size)
 
-    def read(self, gpa: int, size: int) -> bytes:
-        """``size`` bytes at guest-physical ``gpa``."""
+    def read(self, gpa: int, size: int, address_space: int = 0) -> bytes:
+        """``size`` bytes at guest-physical ``gpa`` (of ``address_space``: 1 is SMRAM's, see ``add_slot``)."""
         with self._lock:
-            return ffi.buffer(self._locate(gpa, size), size)[:]
+            return ffi.buffer(self._locate(gpa, size, address_space), size)[:]
 
-    def write(self, gpa: int, data: bytes) -> None:
-        """Write ``data`` at guest-physical ``gpa``."""
+    def write(self, gpa: int, data: bytes, address_space: int = 0) -> None:
+        """Write ``data`` at guest-physical ``gpa`` (of ``address_space``: 1 is SMRAM's, see ``add_slot``)."""
         raw = checks.data("data", data)
         with self._lock:
-            ffi.memmove(self._locate(gpa, len(raw)), raw, len(raw))
+            ffi.memmove(self._locate(gpa, len(raw), address_space), raw, len(raw))
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set ``size`` bytes at ``gpa`` to ``byte``."""

@@ -87,6 +87,20 @@ class Kvm(FdObject):
                     raise
                 entries *= 2
 
+    @functools.cached_property
+    def supported_hv_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """``KVM_GET_SUPPORTED_HV_CPUID``: the Hyper-V CPUID leaves (0x40000000-0x4000000A) KVM emulates.
+
+        Merge them into a vCPU's CPUID (``vcpu.set_cpuid``) to give the guest
+        Hyper-V's MSRs (crash, reset, SynIC, synthetic timers). Needs
+        ``KVM_CAP_SYS_HYPERV_CPUID``: :class:`CapabilityMissing` without it.
+        """
+        self.require(Cap.SYS_HYPERV_CPUID, "kvm.supported_hv_cpuid")
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": lib.KVM_MAX_CPUID_ENTRIES,
+                                                "entries": lib.KVM_MAX_CPUID_ENTRIES})
+        self._ioctl(Ioctl.GET_SUPPORTED_HV_CPUID, cpuid)
+        return cpuid_from_c(cpuid)
+
     def create_vm(self, memory_size: int | None = None, irqchip: IrqchipMode | str = "none",
                   pit: bool = False, tss_addr: int | None = DEFAULT_TSS_ADDR,
                   identity_map_addr: int | None = DEFAULT_IDENTITY_MAP_ADDR,

@@ -37,6 +37,9 @@ TPR_ACCESS_CTL = struct.Struct("<II32x")
 # kvm_run's exit union: tpr_access { u64 rip; u32 is_write; u32 pad; }, eoi { u8 vector; }
 RUN_TPR_ACCESS = struct.Struct("<QI")
 RUN_EOI = struct.Struct("<B")
+# kvm_run's exit union: hyperv { u32 type; u32 pad; union { synic { u32 msr; u32 pad; u64 control, evt_page,
+# msg_page; }, hcall, syndbg } }: the type, then the union as the 6 u64 words of its largest member (syndbg)
+RUN_HYPERV = struct.Struct("<I4x6Q")
 
 # Flags and values of the header, named as there without KVM_.
 CLOCK_TSC_STABLE = 2

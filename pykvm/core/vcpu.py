@@ -685,6 +685,11 @@ class Vcpu(FdObject):
         call(self, UapiIoctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock "
                                                   "(MSR 0x4b564d01 with bit 0 set)")
 
+    def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on this vCPU (per-vCPU capabilities, e.g. ``Cap.HYPERV_SYNIC``)."""
+        self._enable_cap(cap, args, flags, hint="the host may not offer this capability (see kvm.check_extension), "
+                                                 "or it must be enabled before the vCPU first runs")
+
     def smi(self) -> None:
         """``KVM_SMI``: make a system-management interrupt pending (needs ``KVM_CAP_X86_SMM``)."""
         self.vm.kvm.require(Cap.X86_SMM, "vcpu.smi()")

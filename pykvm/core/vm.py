@@ -222,14 +222,7 @@ class Vm(FdObject):
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on the VM."""
-        checks.integer("cap", cap, 0, 0x7FFFFFFF, "a KVM_CAP_* number, e.g. pykvm.Cap.SPLIT_IRQCHIP")
-        if len(args) > 4:
-            raise InvalidArgument(f"args: {len(args)} values, but struct kvm_enable_cap has 4")
-        for index, arg in enumerate(args):
-            checks.unsigned(f"args[{index}]", arg, 64)
-        checks.unsigned("flags", flags, 32)
-        self._ioctl(Ioctl.ENABLE_CAP, ffi.new("struct kvm_enable_cap *",
-                                              {"cap": int(cap), "flags": flags, "args": list(args)}))
+        self._enable_cap(cap, args, flags)
 
     def create_pit2(self) -> None:
         """``KVM_CREATE_PIT2``: the in-kernel 8254 timer, wired to GSI 0 (needs irqchip='kernel')."""
