@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import random
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +23,11 @@ from types import ModuleType
 from typing import Any
 
 from ..core.constants import Cap
+from ..core.eventfds import Irqfd
 from ..core.exits import Exit, IoExit
+from ..core.interrupts import MsiMessage
 from ..core.vcpu import Vcpu
+from ..core.vm import Vm
 from ..hosts import HostInfo
 
 STUDENT_FILE = "lab.py"          # the starter's name in the student's directory
@@ -105,6 +109,7 @@ class ExitRecord:
     if_flag: int
     request_window: int
     stats: dict[str, int] | None = None
+    thread: int = 0             # threading.get_ident() of the thread whose KVM_RUN returned it
 
     @property
     def kind(self) -> str:
@@ -135,6 +140,18 @@ class InjectionRecord:
     rip: int
 
 
+@dataclasses.dataclass
+class SendRecord:
+    """One interrupt sent through the VM rather than a vCPU: KVM_SIGNAL_MSI, KVM_IRQ_LINE or an irqfd write."""
+
+    kind: str                   # "signal_msi", "irq_line" or "irqfd"
+    thread: int                 # threading.get_ident() of the sending thread
+    gsi: int                    # the GSI raised (irq_line, irqfd), -1 for an MSI
+    message: MsiMessage | None  # the MSI sent (signal_msi)
+    level: int                  # the line level (irq_line), 1 otherwise
+    after_exits: int            # how many exits (of any vCPU) the trace had seen
+
+
 class Trace:
     """Every vCPU created, every exit and every injection, recorded by wrapping :class:`Vcpu`.
 
@@ -146,6 +163,7 @@ class Trace:
         self.vcpus: list[Vcpu] = []
         self.exits: list[ExitRecord] = []
         self.injections: list[InjectionRecord] = []
+        self.sends: list[SendRecord] = []
         self.stats_names: tuple[str, ...] = ()      # stats read after each exit, if any
         self.slots: dict[int, tuple] = {}           # id(vcpu) -> its VM's memory slots at its first exit
         self._installed = False
@@ -157,6 +175,7 @@ class Trace:
         trace = self
         original_init, original_run = Vcpu.__init__, Vcpu.run
         original_interrupt, original_nmi = Vcpu.interrupt, Vcpu.nmi
+        original_msi, original_line, original_trigger = Vm.signal_msi, Vm.irq_line, Irqfd.trigger
 
         def init(vcpu: Vcpu, *args: Any, **kwargs: Any) -> None:
             original_init(vcpu, *args, **kwargs)
@@ -175,6 +194,23 @@ class Trace:
             trace._record_injection(vcpu, "nmi", 2, False)
             original_nmi(vcpu)
 
+        def signal_msi(vm: Vm, message: MsiMessage | None = None, **fields: Any) -> int:
+            result = original_msi(vm, message, **fields)
+            trace._record_send("signal_msi", -1, message or MsiMessage.compose(**fields), 1)
+            return result
+
+        def irq_line(vm: Vm, gsi: int, level: int | bool) -> int | None:
+            result = original_line(vm, gsi, level)
+            trace._record_send("irq_line", gsi, None, int(level))
+            return result
+
+        def trigger(irqfd: Irqfd) -> None:
+            original_trigger(irqfd)
+            trace._record_send("irqfd", irqfd.gsi, None, 1)
+
+        Vm.signal_msi = signal_msi       # type: ignore[method-assign, assignment]
+        Vm.irq_line = irq_line           # type: ignore[method-assign, assignment]
+        Irqfd.trigger = trigger          # type: ignore[method-assign, assignment]
         Vcpu.__init__ = init             # type: ignore[method-assign, assignment]
         Vcpu.run = run                   # type: ignore[method-assign, assignment]
         Vcpu.interrupt = interrupt       # type: ignore[method-assign, assignment]
@@ -185,6 +221,7 @@ class Trace:
         self.vcpus.clear()
         self.exits.clear()
         self.injections.clear()
+        self.sends.clear()
 
     def _record_exit(self, vcpu: Vcpu, exit: Exit) -> None:
         from ..x86.modes import linear_rip
@@ -198,7 +235,10 @@ class Trace:
         self.exits.append(ExitRecord(vcpu.id, exit, regs.rip, linear_rip(sregs, regs.rip), regs.rax,
                                      regs.rbx, regs.rcx, regs.rdx, regs.rsp, regs.rflags,
                                      run.ready_for_interrupt_injection, run.if_flag,
-                                     run.request_interrupt_window, stats))
+                                     run.request_interrupt_window, stats, threading.get_ident()))
+
+    def _record_send(self, kind: str, gsi: int, message: MsiMessage | None, level: int) -> None:
+        self.sends.append(SendRecord(kind, threading.get_ident(), gsi, message, level, len(self.exits)))
 
     def _record_injection(self, vcpu: Vcpu, kind: str, vector: int, forced: bool) -> None:
         run = vcpu.kvm_run
