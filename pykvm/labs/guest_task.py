@@ -17,9 +17,16 @@ from ..guests import GuestSession, boot_cpus
 @contextlib.contextmanager
 def booted(mode: str = "long", notify: bool = False, irqchip: str = "none") -> Iterator[GuestSession]:
     """A fresh Kvm, VM and vCPU with the ``mode`` image booted to its first sync point; all closed after."""
-    with Kvm() as kvm, kvm.create_vm(irqchip=irqchip) as vm:
-        [session] = boot_cpus(vm, mode, 1, notify=notify)
+    with booted_cpus(1, mode, notify, irqchip) as [session]:
         yield session
+
+
+@contextlib.contextmanager
+def booted_cpus(cpus: int, mode: str = "long", notify: bool = False,
+                irqchip: str = "kernel") -> Iterator[list[GuestSession]]:
+    """Like :func:`booted` with ``cpus`` vCPUs on one VM (an in-kernel irqchip by default): one session each."""
+    with Kvm() as kvm, kvm.create_vm(irqchip=irqchip) as vm:
+        yield boot_cpus(vm, mode, cpus, notify=notify)
 
 
 def handler_range(guest: GuestSession) -> range:
