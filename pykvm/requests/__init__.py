@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pykvm
-
 from ..hosts.vendor import VendorModule, detect_vendor
 from .scenarios import NO_EFFECT, NOT_IMPLEMENTED, OBSERVED, ROWS, SCENARIOS, UNREACHABLE, Outcome, Request
 
@@ -60,10 +58,6 @@ def run_request(request: Request, vendor: VendorModule | None = None) -> Row:
     if scenario is not None:
         outcome = scenario()
         return Row(request, outcome.verdict, outcome.why, outcome)
-    if request.needs == "SMM":
-        with pykvm.Kvm() as kvm:
-            if not kvm.check_extension(pykvm.Cap.X86_SMM):
-                return Row(request, UNREACHABLE, "needs SMM: this host has no KVM_CAP_X86_SMM (checked now)")
     needs = f" (needs {request.needs})" if request.needs else ""
     return Row(request, NOT_IMPLEMENTED, f"pykvm has no scenario for it yet{needs}")
 

@@ -1,0 +1,104 @@
+"""Hyper-V requests (HV_CRASH, HV_RESET, HV_EXIT, HV_STIMER) and the core API they need.
+
+The typed KVM_EXIT_HYPERV, KVM_GET_SUPPORTED_HV_CPUID and per-vCPU
+KVM_ENABLE_CAP; then each scenario's evidence against its control. On a host
+without Hyper-V emulation both runs report the missing capability.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pykvm import Cap
+from pykvm.core import exits, uapi
+from pykvm.core.binding import ffi
+from pykvm.core.constants import HypervExitType, SystemEventType
+from pykvm.core.errors import CapabilityMissing, InvalidArgument, KvmError
+from pykvm.requests import UNREACHABLE
+from pykvm.requests.scenarios import hyperv
+
+HV_SIGNATURE = 0x31237648     # "Hv#1" in leaf 0x40000001 EAX
+
+
+class _FakeVcpu:
+    def __init__(self, payload: bytes) -> None:
+        self._run_buffer = bytes(ffi.offsetof("struct kvm_run", "io")) + payload + bytes(64)
+
+
+def test_hyperv_exit_decodes_the_synic_fields():
+    raw = uapi.RUN_HYPERV.pack(1, 0x40000083, 1, 0x21001, 0x20001, 0, 0)
+    exit = exits._hyperv(_FakeVcpu(raw), None)
+    assert exit.type == HypervExitType.SYNIC and exit.msr == 0x40000083
+    assert (exit.control, exit.evt_page, exit.msg_page) == (1, 0x21001, 0x20001)
+    assert uapi.RUN_HYPERV.size == 56 and exits.DECODERS[exits.ExitReason.HYPERV] is exits._hyperv
+
+
+def test_supported_hv_cpuid(kvm):
+    if not kvm.check_extension(Cap.SYS_HYPERV_CPUID):
+        with pytest.raises(CapabilityMissing, match="KVM_CAP_SYS_HYPERV_CPUID"):
+            kvm.supported_hv_cpuid
+        return
+    leaves = {entry.function: entry for entry in kvm.supported_hv_cpuid}
+    assert leaves[0x40000001].eax == HV_SIGNATURE
+    assert min(leaves) == 0x40000000 and leaves[0x40000000].eax >= 0x40000005
+
+
+def test_vcpu_enable_cap_checks_and_names_the_ioctl(vcpu):
+    with pytest.raises(InvalidArgument, match="struct kvm_enable_cap has 4"):
+        vcpu.enable_cap(Cap.HYPERV_SYNIC, 0, 0, 0, 0, 0)
+    with pytest.raises(KvmError, match="KVM_ENABLE_CAP"):   # SynIC needs the in-kernel LAPIC (or is absent)
+        vcpu.enable_cap(Cap.HYPERV_SYNIC)
+
+
+def test_without_hyperv_every_run_names_the_missing_capability(kvm):
+    if kvm.check_extension(Cap.SYS_HYPERV_CPUID):
+        pytest.skip("this host emulates Hyper-V: the scenarios run (tests below)")
+    for scenario in hyperv.SCENARIOS.values():
+        for control in (False, True):
+            outcome = scenario(control=control)
+            assert outcome.verdict == UNREACHABLE and "KVM_CAP_SYS_HYPERV_CPUID" in outcome.why
+
+
+@pytest.mark.requires_cap(Cap.SYS_HYPERV_CPUID)
+def test_crash_msr_gives_a_crash_event_with_its_parameters():
+    outcome, control = hyperv.hv_crash(), hyperv.hv_crash(control=True)
+    assert outcome.evidence["system_event"] == SystemEventType.CRASH
+    assert outcome.evidence["params"] == list(hyperv.CRASH_PARAMS)
+    assert control.evidence["system_event"] is None and control.evidence["params"] == list(hyperv.CRASH_PARAMS)
+    assert (outcome.verdict, control.verdict) == ("observed", "absent")
+
+
+@pytest.mark.requires_cap(Cap.SYS_HYPERV_CPUID)
+def test_reset_msr_gives_a_reset_event():
+    outcome, control = hyperv.hv_reset(), hyperv.hv_reset(control=True)
+    assert outcome.evidence["system_event"] == SystemEventType.RESET
+    assert control.evidence["system_event"] is None
+    assert (outcome.verdict, control.verdict) == ("observed", "absent")
+
+
+@pytest.mark.requires_cap(Cap.SYS_HYPERV_CPUID, Cap.HYPERV_SYNIC)
+def test_scontrol_write_exits_to_userspace():
+    outcome, control = hyperv.hv_exit(), hyperv.hv_exit(control=True)
+    assert outcome.evidence == {"hyperv_exit": True, "type": HypervExitType.SYNIC, "msr": 0x40000080, "control": 1}
+    assert control.evidence["hyperv_exit"] is False
+    assert (outcome.verdict, control.verdict) == ("observed", "absent")
+
+
+@pytest.mark.requires_cap(Cap.SYS_HYPERV_CPUID, Cap.HYPERV_SYNIC)
+def test_synthetic_timer_posts_its_message():
+    outcome, control = hyperv.hv_stimer(), hyperv.hv_stimer(control=True)
+    evidence, message = outcome.evidence, outcome.evidence["message"]
+    assert message["type"] == hyperv.HVMSG_TIMER_EXPIRED and message["timer_index"] == 0
+    assert message["payload_size"] == 24 and message["expiration_time"] == evidence["count"] > 0
+    assert message["delivery_time"] >= evidence["count"]
+    assert evidence["config_after"] & 1 == 0                   # a one-shot timer disables itself on expiry
+    assert evidence["vector_pending"]                          # SINT2's vector reached the LAPIC's IRR
+    if evidence["trace"] is not None:
+        assert evidence["trace"]["kvm:kvm_hv_stimer_start_one_shot"] >= 1
+        assert evidence["trace"]["kvm:kvm_hv_stimer_expiration"] >= 1
+    assert outcome.verdict == "observed"
+    assert control.evidence["message"]["type"] == 0 and control.evidence["count"] == 0
+    assert not control.evidence["vector_pending"]
+    if control.evidence["trace"] is not None:
+        assert control.evidence["trace"]["kvm:kvm_hv_stimer_expiration"] == 0
+    assert control.verdict == "absent"
