@@ -1,0 +1,326 @@
+"""Lab 12, Timers: the in-kernel LAPIC timer (periodic, one-shot, TSC-deadline) and the PIT through the 8259.
+
+Why this exists: a guest's clock interrupts come from timers KVM emulates in
+the kernel; the student programs each one from inside the guest (or the PIT
+from the host) and the checker reads the guest's TSC-stamped vector log and
+KVM's view of the timer registers (``KVM_GET_LAPIC``, the TSC-deadline MSR,
+``KVM_GET_PIT2``), never what the student's functions return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Iterator
+
+from ...core.constants import Cap
+from ...core.errors import CommandTimeout
+from ...core.system import Kvm
+from ...core.vm import Vm
+from ...guests import Command, GuestSession, LogRecord, boot_cpus
+from ...irqchip import lapic, pic, pit
+from ...irqchip.lapic import ApicReg, TimerMode
+from ...x86.msr import TSC_DEADLINE_MSR, TSC_MSR
+from ..framework import Context, Fail, Lab, Step, Support, lab_folder
+
+DIVIDES = (1, 2, 4, 8)       # a raw divisor written as the encoding is always 4x or more too slow
+TICKS = 7                    # periodic ticks judged: 6 gaps
+WAIT = 10.0                  # seconds the guest may wait for the ticks asked of it
+LVT_MASKED = 1 << 16
+
+
+@dataclasses.dataclass
+class Task:
+    guest: GuestSession
+    vector: int
+    period_ns: int = 0           # periodic / one-shot: the interval asked for
+    divide: int = 1              # the divide configuration the student must use
+    delay_tsc: int = 0           # TSC-deadline: ticks of the guest TSC from "now"
+    tsc_khz: int = 0
+    pit_count: int = 0           # PIT: the reload value for the period
+    vm: Vm | None = None
+
+    def __repr__(self) -> str:
+        fields = [f"vector={self.vector:#x}"]
+        if self.period_ns:
+            fields += [f"period_ns={self.period_ns}", f"divide={self.divide}"]
+        if self.delay_tsc:
+            fields += [f"delay_tsc={self.delay_tsc}", f"tsc_khz={self.tsc_khz}"]
+        if self.pit_count:
+            fields += [f"pit_count={self.pit_count}"]
+        return f"Task({', '.join(fields)})"
+
+
+@contextlib.contextmanager
+def _lapic_guest() -> Iterator[GuestSession]:
+    with Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+        [guest] = boot_cpus(vm, "long", 1)
+        guest.apic_enable()
+        yield guest
+
+
+def _guest_tsc(guest: GuestSession) -> int:
+    return guest.vcpu.get_msrs([TSC_MSR])[TSC_MSR]
+
+
+def _wait(guest: GuestSession, count: int) -> bool:
+    """Let the guest halt with IF=1 until its log holds ``count`` records; False if WAIT seconds passed.
+
+    After False the session is cancelled (the guest is still waiting): send it nothing more.
+    """
+    try:
+        guest.command(Command.WAIT_LOG, count, timeout=WAIT)
+    except CommandTimeout:
+        return False
+    return True
+
+
+def _gaps_ns(log: list[LogRecord], tsc_khz: int) -> list[float]:
+    return [(b.tsc - a.tsc) * 1e6 / tsc_khz for a, b in zip(log, log[1:], strict=False)]
+
+
+def _mode(state: lapic.LapicState) -> str:
+    mode = state.lvt["timer"].timer_mode
+    return mode.name if isinstance(mode, TimerMode) else str(mode)
+
+
+def _no_ticks(state: lapic.LapicState, vector: int) -> str:
+    timer = state.lvt["timer"]
+    if timer.masked:
+        return "the timer's LVT entry is masked (bit 16 set): the timer counts but never interrupts"
+    if timer.vector != vector:
+        return f"the timer's LVT entry holds vector {timer.vector:#x}, not task.vector={vector:#x}"
+    if state.timer_initial == 0 and timer.timer_mode != TimerMode.TSC_DEADLINE:
+        return "the initial count is 0: writing TIMER_INITIAL is what starts the timer"
+    return f"LVT timer {timer}, initial count {state.timer_initial}"
+
+
+# -- periodic ------------------------------------------------------------------------
+
+def _periodic(ctx: Context) -> dict:
+    rng = ctx.random("periodic")
+    ctx.load()
+    with _lapic_guest() as guest:
+        divide = rng.choice(DIVIDES)
+        task = Task(guest, rng.randrange(0x40, 0xF0), period_ns=rng.randrange(16, 40) * 128_000, divide=divide)
+        ctx.call("periodic", task)
+        ticked = _wait(guest, TICKS)
+        state = lapic.read(guest.vcpu)
+        if ticked:
+            guest.apic_write(ApicReg.LVT_TIMER, LVT_MASKED)      # stop it before the log is read
+        return {"task": task, "log": guest.log()[:TICKS], "lapic": state, "tsc_khz": guest.vcpu.tsc_khz}
+
+
+def check_periodic_vector(ctx: Context) -> str:
+    run = ctx.once("periodic", _periodic)
+    task, log = run["task"], run["log"]
+    if not log:
+        raise Fail(f"the guest waited {WAIT:g} s with IF=1 and took no interrupt: "
+                   f"{_no_ticks(run['lapic'], task.vector)}")
+    wrong = sorted({r.vector for r in log if r.vector != task.vector})
+    if wrong:
+        raise Fail(f"the guest took {[hex(v) for v in wrong]}; the timer was to raise task.vector={task.vector:#x}")
+    if len(log) < TICKS:
+        raise Fail(f"only {len(log)} tick(s) in {WAIT:g} s: a periodic timer keeps firing "
+                   f"(LVT mode {_mode(run['lapic'])})")
+    return f"{len(log)} ticks of vector {task.vector:#x}"
+
+
+def check_periodic_period(ctx: Context) -> str:
+    run = ctx.once("periodic", _periodic)
+    task, log, state = run["task"], run["log"], run["lapic"]
+    if len(log) < TICKS:
+        raise Fail("not enough ticks to measure (step 1)")
+    gaps = _gaps_ns(log, run["tsc_khz"])
+    median, period = statistics.median(gaps), task.period_ns
+    programmed = state.timer_initial * state.timer_divide
+    shown = ", ".join(f"{g / 1e6:.2f}" for g in gaps)
+    if not 0.75 * period < median < 1.5 * period:
+        raise Fail(f"the median gap between ticks is {median / 1e6:.3f} ms (gaps {shown} ms), "
+                   f"{median / period:.2f} x task.period_ns={period / 1e6:.3f} ms; KVM holds initial count "
+                   f"{state.timer_initial} and divide {state.timer_divide}: {programmed / 1e6:.3f} ms per tick")
+    if sum(gaps) < 0.6 * (len(gaps)) * period:
+        raise Fail(f"{len(gaps)} gaps took {sum(gaps) / 1e6:.3f} ms, less than the period allows")
+    if programmed != period or state.timer_divide != task.divide:
+        raise Fail(f"the ticks are on time, but KVM holds initial count {state.timer_initial} with divide "
+                   f"{state.timer_divide}; the task asked divide {task.divide}")
+    return (f"median gap {median / 1e6:.3f} ms for {period / 1e6:.3f} ms asked (gaps {shown} ms); "
+            f"KVM: {state.timer_initial} x {state.timer_divide} ns")
+
+
+# -- one-shot ------------------------------------------------------------------------
+
+def _one_shot(ctx: Context) -> dict:
+    rng = ctx.random("one_shot")
+    ctx.load()
+    with _lapic_guest() as guest:
+        task = Task(guest, rng.randrange(0x40, 0xF0), period_ns=rng.randrange(24, 80) * 128_000,
+                    divide=rng.choice(DIVIDES))
+        before = _guest_tsc(guest)
+        ctx.call("one_shot", task)
+        armed = lapic.read(guest.vcpu)
+        if not _wait(guest, 1):
+            return {"task": task, "first": [], "armed": armed}
+        first = guest.log()
+        guest.command(Command.STI)                 # long enough for a periodic timer to fire again
+        time.sleep(4 * task.period_ns / 1e9)
+        guest.command(Command.NOP)
+        guest.command(Command.CLI)
+        after = lapic.read(guest.vcpu)
+        guest.apic_write(ApicReg.LVT_TIMER, LVT_MASKED)
+        return {"task": task, "before": before, "first": first, "log": guest.log(), "armed": armed,
+                "after": after, "tsc_khz": guest.vcpu.tsc_khz}
+
+
+def check_one_shot(ctx: Context) -> str:
+    run = ctx.once("one_shot", _one_shot)
+    task, log, armed, after = run["task"], run["log"], run["armed"], run["after"]
+    if not run["first"]:
+        raise Fail(f"no interrupt within {WAIT:g} s: {_no_ticks(armed, task.vector)}")
+    if [r.vector for r in log] != [task.vector]:
+        raise Fail(f"the guest took {[hex(r.vector) for r in log]} over {4 * task.period_ns / 1e6:.1f} ms more "
+                   f"with IF=1; a one-shot timer raises task.vector={task.vector:#x} once"
+                   + (f" (LVT mode {_mode(armed)})" if len(log) > 1 else ""))
+    waited = (log[0].tsc - run["before"]) * 1e6 / run["tsc_khz"]
+    if waited < 0.9 * task.period_ns:
+        raise Fail(f"it fired {waited / 1e6:.3f} ms after your code was called, before the "
+                   f"{task.period_ns / 1e6:.3f} ms asked: KVM holds initial count {armed.timer_initial} "
+                   f"with divide {armed.timer_divide}")
+    if armed.timer_initial * armed.timer_divide != task.period_ns or armed.timer_divide != task.divide:
+        raise Fail(f"KVM holds initial count {armed.timer_initial} with divide {armed.timer_divide}: "
+                   f"{armed.timer_initial * armed.timer_divide} ns, not {task.period_ns} ns with divide {task.divide}")
+    if after.timer_current != 0:
+        raise Fail(f"after it fired, the current count is {after.timer_current}, not 0: the timer restarted")
+    return (f"one tick {waited / 1e6:.3f} ms after the call ({task.period_ns / 1e6:.3f} ms asked), none in the "
+            f"next {4 * task.period_ns / 1e6:.1f} ms; current count 0 afterwards")
+
+
+# -- TSC deadline ----------------------------------------------------------------------
+
+def _tsc_deadline(ctx: Context) -> dict:
+    rng = ctx.random("tsc_deadline")
+    ctx.load()
+    with _lapic_guest() as guest:
+        vcpu = guest.vcpu
+        offered = any(leaf.function == 1 and leaf.ecx >> 24 & 1 for leaf in vcpu.cpuid)
+        if not offered:
+            return {"offered": False}
+        tsc_khz = vcpu.tsc_khz
+        task = Task(guest, rng.randrange(0x40, 0xF0), delay_tsc=rng.randrange(2000, 8000) * tsc_khz // 1000,
+                    tsc_khz=tsc_khz)
+        before = _guest_tsc(guest)
+        ctx.call("tsc_deadline", task)
+        armed = lapic.read(vcpu)
+        deadline = vcpu.get_msrs([TSC_DEADLINE_MSR])[TSC_DEADLINE_MSR]
+        _wait(guest, 1)                            # the VM is closed next: a timeout needs no clean-up
+        after = vcpu.get_msrs([TSC_DEADLINE_MSR])[TSC_DEADLINE_MSR]
+        return {"offered": True, "task": task, "before": before, "log": guest.log(), "armed": armed,
+                "deadline": deadline, "after": after}
+
+
+def check_tsc_deadline(ctx: Context) -> str:
+    run = ctx.once("tsc_deadline", _tsc_deadline)
+    if not run["offered"]:
+        return "not offered here (CPUID.1:ECX bit 24 is 0, KVM_CAP_TSC_DEADLINE_TIMER absent): nothing to check"
+    task, log, armed = run["task"], run["log"], run["armed"]
+    mode = armed.lvt["timer"].timer_mode
+    if not log:
+        why = _no_ticks(armed, task.vector)
+        if mode != TimerMode.TSC_DEADLINE:
+            why = f"the LVT timer entry is in {_mode(armed)} mode: in any other mode the deadline MSR is ignored"
+        elif run["deadline"] == 0:
+            why = "IA32_TSC_DEADLINE read back 0 after your code: no deadline was written"
+        raise Fail(f"no interrupt within {WAIT:g} s: {why}")
+    if [r.vector for r in log] != [task.vector]:
+        raise Fail(f"the guest took {[hex(r.vector) for r in log]}, not task.vector={task.vector:#x} once")
+    early = run["before"] + task.delay_tsc - log[0].tsc
+    if early > task.tsc_khz // 10:                 # 100 us: KVM may fire a little early and spin
+        raise Fail(f"it fired {early * 1000 // task.tsc_khz} us before the guest TSC reached "
+                   f"rdtsc + task.delay_tsc: the deadline is an absolute TSC value")
+    if run["after"] != 0:
+        raise Fail(f"IA32_TSC_DEADLINE still holds {run['after']:#x} after the timer fired")
+    late_us = (log[0].tsc - run["before"] - task.delay_tsc) * 1000 // task.tsc_khz
+    return (f"fired at TSC {log[0].tsc:#x}, {late_us} us after the earliest possible deadline; "
+            f"IA32_TSC_DEADLINE read back {run['deadline']:#x} while armed, 0 after")
+
+
+# -- the PIT --------------------------------------------------------------------------
+
+def _pit(ctx: Context) -> dict:
+    rng = ctx.random("pit")
+    ctx.load()
+    with Kvm() as kvm, kvm.create_vm(irqchip="kernel", pit=True) as vm:
+        [guest] = boot_cpus(vm, "real", 1)
+        base = rng.randrange(4, 15) * 8
+        period = rng.randrange(10, 21) / 1000
+        task = Task(guest, base, pit_count=round(period * pit.PIT_HZ), vm=vm)
+        ctx.call("pit", task)
+        missing = ""
+        for _ in range(6):
+            try:
+                guest.command(Command.STI_HLT, timeout=WAIT)
+            except CommandTimeout:
+                missing = f"the guest halted with IF=1 for {WAIT:g} s and no interrupt woke it"
+                break
+            guest.command(Command.CLI)
+        return {"task": task, "log": guest.log(), "missing": missing, "channel": pit.channels(vm)[0],
+                "pic": pic.read(vm), "tsc_khz": guest.vcpu.tsc_khz}
+
+
+def check_pit(ctx: Context) -> str:
+    run = ctx.once("pit", _pit)
+    task, log, channel, master = run["task"], run["log"], run["channel"], run["pic"]
+    wrong = sorted({r.vector for r in log if r.vector != task.vector})
+    if wrong:
+        raise Fail(f"the guest took {[hex(v) for v in wrong]}; IRQ0 of a master 8259 based at "
+                   f"{task.vector:#x} is vector {task.vector:#x} (the 8259 reports base {master.irq_base:#x})")
+    if run["missing"] or len(log) < 6:
+        state = (f"PIT channel 0 mode {channel.mode:#x} count {channel.count}; master 8259 base "
+                 f"{master.irq_base:#x}, mask {master.imr_bits:#04x}")
+        raise Fail(f"{run['missing'] or f'only {len(log)} ticks'}: {state}")
+    expected = task.pit_count / pit.PIT_HZ
+    mean = (log[-1].tsc - log[0].tsc) / (len(log) - 1) / (run["tsc_khz"] * 1000)
+    if channel.count != task.pit_count & 0xFFFF or channel.mode not in (2, 3):
+        raise Fail(f"KVM's PIT channel 0 holds count {channel.count} in mode {channel.mode}; "
+                   f"the task asked count {task.pit_count} in a periodic mode (2 or 3)")
+    if not 0.7 * expected < mean < 2.0 * expected:
+        raise Fail(f"the mean gap between ticks is {mean * 1e3:.2f} ms; count {channel.count} "
+                   f"is {pit.period(channel) * 1e3:.2f} ms at {pit.PIT_HZ} Hz")
+    return (f"6 ticks of vector {task.vector:#x}, mean gap {mean * 1e3:.2f} ms for "
+            f"{pit.period(channel) * 1e3:.2f} ms (count {channel.count}, mode {channel.mode})")
+
+
+def _support(host) -> Support:
+    if host.lapic_delivers_when_unblocked:
+        return Support(True, "a timer that fires while the guest runs interrupts it at once; the TSC-deadline "
+                             "step checks only where KVM offers that mode")
+    return Support(True, "in-kernel LAPIC vectors are delivered only at VM entries here: a tick can come "
+                         "late, and the periodic check judges the median gap for that reason")
+
+
+LAB = Lab(
+    number=12, title="Timers: LAPIC timer, TSC-deadline and the PIT", minutes=60, folder=lab_folder(__file__),
+    teaches="the LAPIC timer (LVT, divide configuration, initial count at KVM's 1 GHz bus; periodic and "
+            "one-shot), the TSC-deadline MSR, the 8254 PIT through the 8259, and judging timer periods "
+            "from TSC stamps",
+    requires=(Cap.IRQCHIP, Cap.PIT2),
+    support=_support,
+    steps=(
+        Step("the periodic LAPIC timer raises task.vector, again and again", check_periodic_vector,
+             "the LVT timer entry holds the vector, the mode (bits 18:17) and the mask (bit 16); writing the "
+             "initial count starts the timer"),
+        Step("the ticks come every task.period_ns (median gap)", check_periodic_period,
+             "KVM's APIC timer counts at 1 GHz: one count lasts `divide` ns. The divide configuration "
+             "register is an encoding (bits 0, 1 and 3), not the divisor itself (sheet.md)"),
+        Step("a one-shot timer fires once, after task.period_ns", check_one_shot,
+             "one-shot is mode 0 in the LVT; the count runs down once and stops at 0"),
+        Step("the TSC-deadline timer fires when the guest TSC passes the deadline", check_tsc_deadline,
+             "TSC-deadline is mode 2 in the LVT; then the initial count is ignored and the guest writes an "
+             "absolute TSC value to IA32_TSC_DEADLINE (Command.TSC_DEADLINE adds rdtsc for you)"),
+        Step("the PIT ticks through the 8259 at task.pit_count", check_pit,
+             "the 8259 turns IRQ0 into its base vector + 0 (guest.pic_init); pykvm.irqchip.pit.program "
+             "loads channel 0 (mode 2 is a rate generator)"),
+    ),
+)
