@@ -1,0 +1,100 @@
+"""The APIC request scenarios: what each trigger produced and its control did not, figure by figure.
+
+REPORT_TPR_ACCESS, IOAPIC_EOI_EXIT and SCAN_IOAPIC are judged on the exits
+KVM returned (payloads, order), the LAPIC state from KVM_GET_LAPIC and, where
+tracefs is usable, the kernel's trace events; LOAD_EOI_EXITMAP, APICV_UPDATE
+and APIC_PAGE_RELOAD on the APIC-virtualization switches read from
+/sys/module at the same time.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pykvm import Cap
+from pykvm.requests import NO_EFFECT, OBSERVED, UNREACHABLE
+from pykvm.requests.scenarios import apic
+
+pytestmark = pytest.mark.requires_cap(Cap.SPLIT_IRQCHIP, Cap.IRQ_ROUTING, Cap.SIGNAL_MSI)
+
+
+def _in_time(report: dict) -> bool:
+    """The exit came at once, or while the guest was still in the spin that follows the access."""
+    return report["prompt"] or 0 < report["spins_before_exit"] < apic.SPIN
+
+
+def test_each_tpr_access_exits_with_its_rip_and_direction(kvm):
+    outcome = apic.report_tpr_access()
+    assert outcome.verdict == OBSERVED, outcome.steps
+    reports = outcome.evidence["reports"]
+    assert [(r["label"], r["is_write"]) for r in reports] == [("tpr_read", False), ("tpr_write", True)]
+    assert reports[0]["rip"] < reports[1]["rip"]
+    assert all(_in_time(r) for r in reports), reports
+    assert outcome.evidence["tpr"] == 0x20                    # the write reached the LAPIC
+
+    control = apic.report_tpr_access(control=True)
+    assert control.verdict == "absent" and control.evidence["reports"] == []
+    assert control.evidence["tpr"] == 0x20                    # the same accesses happened, unreported
+
+
+def test_the_eoi_of_a_level_vector_exits_and_an_edge_one_does_not(kvm):
+    outcome = apic.ioapic_eoi_exit()
+    assert outcome.verdict == OBSERVED, outcome.steps
+    evidence = outcome.evidence
+    assert evidence["eoi_vectors"] == [apic.VECTOR] and evidence["handler_ran"]
+    assert evidence["level_in_tmr"] and evidence["pending_in_irr"]
+    assert evidence["prompt"] or 0 < evidence["spins_before_exit"] < apic.SPIN
+
+    control = apic.ioapic_eoi_exit(control=True)
+    assert control.verdict == "absent"
+    assert control.evidence["eoi_vectors"] == [] and control.evidence["handler_ran"]
+    assert control.evidence["pending_in_irr"] and not control.evidence["level_in_tmr"]
+    for run in (evidence, control.evidence):                  # the guest EOI'd the vector once in both runs
+        assert run["guest_eoi_events"] in (None, 1)
+
+
+def test_a_routing_update_rescans_and_marks_the_level_vector(kvm):
+    outcome = apic.scan_ioapic()
+    assert outcome.verdict == OBSERVED, outcome.steps
+    evidence = outcome.evidence
+    assert evidence["eoi_vectors"] == [apic.VECTOR] and evidence["level_in_tmr"]
+    assert evidence["route_reads_while_running"] in (None, 1)    # the rescan decoding the one reserved route
+
+    control = apic.scan_ioapic(control=True)
+    assert control.verdict == "absent"
+    assert control.evidence["eoi_vectors"] == [] and control.evidence["handler_ran"]
+    assert control.evidence["level_in_tmr"]                   # the same level MSI arrived, unmarked
+    assert control.evidence["route_reads_while_running"] in (None, 0)
+
+
+def test_load_eoi_exitmap_follows_each_scan_and_matters_only_with_apicv(kvm):
+    outcome = apic.load_eoi_exitmap()
+    control = apic.load_eoi_exitmap(control=True)
+    assert outcome.evidence["scanned"] and not control.evidence["scanned"]
+    assert control.verdict == "absent"
+    if outcome.evidence["apicv"]:
+        assert outcome.verdict == OBSERVED
+    else:
+        assert outcome.verdict == NO_EFFECT and "APIC virtualization is off" in outcome.why
+
+
+def test_apicv_switches_are_read_from_sys_module(tmp_path):
+    (tmp_path / "kvm_amd" / "parameters").mkdir(parents=True)
+    (tmp_path / "kvm_amd" / "parameters" / "avic").write_text("N\n")
+    assert apic.apicv_parameters(str(tmp_path)) == {"kvm_amd avic": "N"}
+    (tmp_path / "kvm_intel" / "parameters").mkdir(parents=True)
+    (tmp_path / "kvm_intel" / "parameters" / "enable_apicv").write_text("Y\n")
+    assert apic.apicv_parameters(str(tmp_path))["kvm_intel enable_apicv"] == "Y"
+    assert apic.apicv_parameters(str(tmp_path / "none")) == {}
+
+
+def test_apicv_requests_say_what_this_host_lacks(kvm):
+    parameters = apic.apicv_parameters()
+    apicv_on = any(v in ("Y", "1") for k, v in parameters.items() if not k.endswith("flexpriority"))
+    update = apic.apicv_update()
+    if not apicv_on:
+        assert update.verdict == UNREACHABLE and "read now" in update.why
+    intel_page = any(v in ("Y", "1") for k, v in parameters.items() if k.startswith("kvm_intel"))
+    reload = apic.apic_page_reload()
+    if not intel_page:
+        assert reload.verdict == UNREACHABLE and "kvm_intel" in reload.why
