@@ -15,6 +15,7 @@ IOAPIC tests use pins 16-23: GSIs 0-15 also reach the 8259s, whose ExtINT
 would arrive through LINT0 as well (the BSP's LVT0 is ExtINT after reset).
 """
 
+import signal
 import statistics
 import threading
 import time
@@ -23,6 +24,7 @@ import pytest
 
 from pykvm import guests
 from pykvm.core.constants import Cap, ExitReason, IrqchipId
+from pykvm.core.vcpu import KICK_SIGNAL, install_kick_handler
 from pykvm.guests import Command, StopKind
 from pykvm.irqchip import (
     DeliveryMode,
@@ -321,6 +323,33 @@ def test_kick_interrupts_a_guest_spinning_without_exits(machine, kvm):
     spin = guest.address("spin_loop")
     assert spin <= vcpu.regs.rip <= spin + 4         # stopped in the middle of the loop
     assert delta["signal_exits"] >= 1
+
+
+@pytest.mark.parametrize("immediate_exit", [True, False], ids=["immediate_exit", "signal_only"])
+def test_hand_made_kick_before_kvm_run(machine, immediate_exit):
+    # A kick by hand (install_kick_handler, immediate_exit, pthread_kill) that reaches the vCPU's
+    # thread before it enters KVM_RUN: with immediate_exit KVM_RUN returns at once without entering
+    # (no signal exit); the control without it loses the kick, and the guest spins on.
+    [guest] = machine(irqchip="none")
+    vcpu = guest.vcpu
+    guest.send(Command.SPIN, 2**32 - 1)
+    install_kick_handler()
+    go, exits = threading.Event(), []
+    runner = threading.Thread(target=lambda: (go.wait(5), exits.append(vcpu.run())))
+    with vcpu.stats.delta("signal_exits") as delta:
+        runner.start()
+        if immediate_exit:
+            vcpu.kvm_run.immediate_exit = 1
+        signal.pthread_kill(runner.ident, KICK_SIGNAL)     # the thread is still waiting for go
+        go.set()
+        runner.join(0.5)
+        lost = runner.is_alive()
+        if lost:
+            vcpu.kick()
+            runner.join(5)
+    assert not runner.is_alive() and type(exits[0]).__name__ == "IntrExit"
+    assert lost == (not immediate_exit)
+    assert delta["signal_exits"] == (0 if immediate_exit else 1)    # the control's exit is pykvm's kick
 
 
 def test_userspace_kick_then_interrupt(machine):

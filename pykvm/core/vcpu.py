@@ -201,7 +201,7 @@ class Vcpu(FdObject):
                 self._run.immediate_exit = 1
         thread = _guard_thread(self._guard)
         if thread and thread != _thread_id():
-            _install_kick_handler()
+            install_kick_handler()
             try:
                 signal.pthread_kill(thread, KICK_SIGNAL)
             except ProcessLookupError:
@@ -303,7 +303,7 @@ class Vcpu(FdObject):
         "kick" does before injecting through the userspace path.
         """
         self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.kick()")
-        _install_kick_handler()
+        install_kick_handler()
         with self._map_lock:
             run = self._run
             if run is None:
@@ -725,8 +725,13 @@ def _run_hint(err: int) -> str:
     return ""
 
 
-def _install_kick_handler() -> None:
-    """Install the no-op C handler for KICK_SIGNAL once per process."""
+def install_kick_handler() -> None:
+    """Install the no-op C handler for KICK_SIGNAL once per process (``kick()`` calls it itself).
+
+    With it, ``signal.pthread_kill(thread, KICK_SIGNAL)`` only interrupts what that thread is
+    blocked in (``KVM_RUN`` returns EINTR); without a handler a real-time signal's default action
+    ends the process. Call it before kicking a vCPU thread by hand.
+    """
     global _kick_handler_installed
     with _kick_handler_lock:
         if not _kick_handler_installed:
