@@ -4,7 +4,9 @@ Why this exists: it is the first thing a person runs on a KVM host. It boots a
 pykvm guest image, injects vectors and an NMI, plays the interrupt-window
 scenario (guest CLI, host queues a vector, guest STI), and prints a timeline
 that pairs every host action and KVM exit with what the guest's own handler
-logged. Then it delivers one vector through each delivery path (userspace
+logged. It follows one MSI along KVM's path in KVM's own trace events
+(:mod:`pykvm.interrupt_path`; it names the events this host does not emit).
+Then it delivers one vector through each delivery path (userspace
 kick + KVM_INTERRUPT, KVM_IRQ_LINE, KVM_SIGNAL_MSI, irqfd, IPI) to a vCPU
 that spins on another CPU, halts, or shares the injector's CPU, and prints per
 path and state the latency and the exits per interrupt from the stats fd, what
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import delivery, guests, hosts, x86
+from . import delivery, guests, hosts, interrupt_path, x86
 from .cli import exit_with, run_command
 from .core.constants import ExitReason
 from .core.errors import GuestError, HostLimitation
@@ -25,6 +27,7 @@ from .core.exits import FailEntryExit
 from .core.system import Kvm
 from .guests import Command, GuestSession, LogRecord, StopKind
 from .irqchip import UserspaceIrqController
+from .runtime import trace
 from .x86 import Mode
 
 DEMO_VECTORS = (0x20, 0x41, 0x80, 0xEC)
@@ -115,14 +118,32 @@ def run_demo(mode: str, path_count: int) -> int:
             print(f"  {error.exit.explanation or error}")
             observed.append("stopped at a failed VM entry (above); the deliveries before it were "
                             "checked in the guest's log")
+        observed.append(_traced_path())
         if path_count:
             _compare_paths(kvm, path_count)
         _summary(session, host, observed)
     return 0
 
 
+def _traced_path() -> str:
+    _section(f"4. one MSI along KVM's path, in KVM's own trace events (in-kernel irqchip, vector "
+             f"{interrupt_path.VECTOR:#x})")
+    try:
+        path = interrupt_path.trace_interrupt()
+    except trace.TracingUnavailable as exc:
+        print(f"  {exc}")
+        return f"trace timeline: not recorded ({exc})"
+    for line in path.report():
+        print(f"  {line}")
+    if path.injection is not None:
+        return ("trace timeline: the LAPIC accepted the vector, vcpu_enter_guest() injected it "
+                "(kvm_inj_virq), the next kvm_entry entered the guest, its handler logged it")
+    return (f"trace timeline: {len(path.recording.events)} events; this host does not emit "
+            f"{', '.join(path.not_emitted) or 'none of them missing'}")
+
+
 def _compare_paths(kvm: Kvm, count: int) -> None:
-    _section(f"4. the same vector ({delivery.VECTOR:#x}) through each delivery path to a vCPU in three "
+    _section(f"5. the same vector ({delivery.VECTOR:#x}) through each delivery path to a vCPU in three "
              f"states, {count} times each")
     print("  Measured by pykvm.delivery.compare(), as `python -m pykvm.bench injection` does with more "
           "interrupts.\n  kick: the vCPU leaves the guest to userspace and re-enters with the vector "

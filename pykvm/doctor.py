@@ -9,7 +9,9 @@ from "this host legitimately differs". The doctor prints:
 * the capabilities pykvm uses, each with the feature it gates;
 * every probe of :mod:`pykvm.hosts.probes` run live, judged against the table
   in :mod:`pykvm.hosts.conformance`: probe | expected | observed | verdict, and
-  a line for each difference.
+  a line for each difference;
+* which of KVM's trace events on one MSI's path this host emits
+  (:mod:`pykvm.interrupt_path`).
 
 ``--json`` prints the same for machines; ``--markdown`` prints the table of
 what every vendor module does (the one in ``docs/host-conformance.md``).
@@ -26,12 +28,14 @@ import os
 import platform
 import stat
 
+from . import interrupt_path
 from .cli import exit_with, run_command
 from .core.constants import Cap
 from .core.errors import KvmUnavailableError
 from .core.system import DEFAULT_PATH, Kvm
 from .hosts import conformance, probes
 from .hosts.vendor import VendorModule, detect_vendor
+from .runtime import trace
 
 # The capabilities pykvm uses, with what each one gates.
 CAPABILITIES: list[tuple[Cap, str]] = [
@@ -233,20 +237,42 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("pykvm doctor", lambda: run_doctor(args.json))
 
 
+def traced_path() -> dict:
+    """Which of KVM's trace events on one MSI's path this host emits (pykvm.interrupt_path)."""
+    try:
+        path = interrupt_path.trace_interrupt()
+    except trace.TracingUnavailable as exc:
+        return {"recorded": False, "why": str(exc)}
+    return {"recorded": True, "vector_logged": [r.vector for r in path.records] == [path.vector],
+            "emitted": [name for name in interrupt_path.PATH_EVENTS if name in path.fired],
+            "not_emitted": list(path.not_emitted)}
+
+
+def trace_lines(traced: dict) -> list[str]:
+    lines = ["", "== trace events on one MSI's path (python -m pykvm.demo prints the timeline)"]
+    if not traced["recorded"]:
+        return lines + [f"  not recorded: {traced['why']}"]
+    return lines + [f"  emitted      {', '.join(traced['emitted']) or 'none'}",
+                    f"  not emitted  {', '.join(traced['not_emitted']) or 'none'}",
+                    f"  the guest logged the vector: {'yes' if traced['vector_logged'] else 'NO'}"]
+
+
 def run_doctor(as_json: bool) -> int:
     """Examine this host and print the report (or JSON); 1 if a probe failed."""
     try:
         with Kvm() as kvm:
             ident, caps, verdicts = identity(kvm), capabilities(kvm), examine(kvm)
+        traced = traced_path()
     except KvmUnavailableError as exc:
         if as_json:
             print(json.dumps({"host": dataclasses.asdict(identity(None)), "error": str(exc)}, indent=1))
         raise
     if as_json:
         print(json.dumps({"host": dataclasses.asdict(ident), "capabilities": caps,
-                          "probes": [dataclasses.asdict(v) for v in verdicts]}, indent=1))
+                          "probes": [dataclasses.asdict(v) for v in verdicts], "trace": traced}, indent=1))
     else:
         print(report(ident, caps, verdicts))
+        print("\n".join(trace_lines(traced)))
     return 1 if any(v.verdict == "probe failed" for v in verdicts) else 0
 
 

@@ -195,7 +195,7 @@ def test_demo_and_bench_measure_with_the_same_code_and_parameters(kvm, monkeypat
     assert {call[1:4] for call in calls["bench"] if call[0] == "c"} == \
         {(path, state, delivery.PACING) for path in delivery.C_PATHS for state in delivery.STATES}
     # and both print the same report: table per state, offset, host-clock check, conclusions
-    table = demo_out[demo_out.index("== 4."):demo_out.index("== summary")]
+    table = demo_out[demo_out.index("== 5."):demo_out.index("== summary")]
     for text in (table, "\n".join(bench_lines)):
         assert "failed" not in text
         for title in delivery.STATES.values():

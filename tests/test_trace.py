@@ -256,3 +256,9 @@ def test_no_instance_is_left_when_the_block_raises(vcpu):
             1 / 0
     assert not t.instance.exists()
     assert trace.leftover_instances() == []
+
+
+@pytest.mark.parametrize("text", ["'a'(97)", "'a' (97)", "a (97)", "(97)", "0x61 (97)"])
+def test_a_u8_printed_quoted_or_bare_keeps_its_value(text):
+    vec = trace.Field("vec", "__u8", 16, 1, False)
+    assert trace._field_value(vec, text) == 97

@@ -207,8 +207,8 @@ def _show(value: Any) -> str:
 
 _LINE = re.compile(r"^\s*(?P<comm>.+)-(?P<pid>\d+)\s+(?:\(\s*(?P<tgid>[\d-]+)\)\s+)?\[(?P<cpu>\d+)\]\s+"
                    r"(?:(?P<flags>\S+)\s+)?(?P<time>\d+\.\d+):\s+(?P<event>\w+):\s?(?P<rest>.*)$")
-# "0x1 (1)"; a one-byte field prints as a character (or nothing) then "(1)".
-_NUMBER = re.compile(r"^(?:(?P<hex>-?0x[0-9a-fA-F]+)|.)?\s*(?:\((?P<dec>-?\d+)\))?$")
+# "0x1 (1)"; a one-byte field prints as a character, bare or quoted ('a'), or nothing, then "(1)".
+_NUMBER = re.compile(r"^(?:(?P<hex>-?0x[0-9a-fA-F]+)|'[^']{0,4}'|.)?\s*(?:\((?P<dec>-?\d+)\))?$")
 
 
 def _field_value(field: Field, text: str) -> Any:
