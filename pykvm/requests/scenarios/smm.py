@@ -182,7 +182,7 @@ REQUESTS = (
     request(
         "SMI",
         "kvm_inject_smi() from KVM_SMI (x86.c) or an SMI delivered by the LAPIC (lapic.c)",
-        "process_smi() (smm.c) sets smi_pending; inject_pending_event() calls enter_smm()",
+        "process_smi() (smm.c: the SMI becomes pending), then enter_smm() from inject_pending_event() (x86.c)",
         "SMRAM in address space 1 at SMBASE 0x30000 with a handler at 0x38000, then KVM_SMI",
         "events smi.pending after the ioctl; the handler's port exit with smi.smm=1 and its marker in SMRAM; "
         "the saved RIP in the state-save area; trace kvm_smm_transition entering, then leaving at RSM",
