@@ -548,3 +548,21 @@ def test_bochs_intel_tools_come_from_debian_packages():
     assert {"genisoimage", "busybox", "cpio", "mkfs.ext4"} <= set(bochs_intel.TOOL_PACKAGES)
     assert tools.locate_tool("/nonexistent/isolinux.bin") is None
     assert tools.locate_tool(sys.executable) == __import__("pathlib").Path(sys.executable)
+
+
+def test_kvm_amd_takes_parameters_for_a_run_and_refuses_unsafe_ones():
+    default = tcg_amd.init_script(MARKERS)
+    assert default == tcg_amd.init_script(MARKERS, "") and "parameters=" not in default
+    init = tcg_amd.init_script(MARKERS, "npt=0 avic=1")
+    assert subprocess.run(["/bin/sh", "-n"], input=init, text=True).returncode == 0
+    assert '[ "$module" = kvm_amd ] && parameters="npt=0 avic=1"' in init
+    assert 'insmod "/lib/modules/$module.ko" $parameters' in init
+    assert init.index("insmod") < init.index("[ -c /dev/kvm ]")
+    settings = cli.host_settings("tcg-amd", None, None, None, None, "npt=0")
+    assert settings == cli.Settings(2048, 2, 1200.0, None, "npt=0")
+    assert cli.host_settings("tcg-amd", None, None, None, None) == cli.Settings(2048, 2, 1200.0, None, "")
+    assert "for tcg-amd" in cli.host_settings("bochs-intel", None, None, None, None, "npt=0")
+    for unsafe in ("npt=0; reboot", "npt=$(id)", "a\nb", " npt=0"):
+        assert "--kvm-amd-parameters" in cli.host_settings("tcg-amd", None, None, None, None, unsafe)
+        with pytest.raises(ValueError, match="name=value"):
+            tcg_amd.init_script(MARKERS, unsafe)

@@ -3,7 +3,7 @@
 Why this exists: one entry point for every host runner (tcg-amd, bochs-intel),
 with the same options, exit statuses (the command's own; 124 timeout, 125
 runner failure, 130 Ctrl-C) and the guarantee that the emulator is killed in
-every case. What differs per host (its defaults, kvm_intel's parameters) is
+every case. What differs per host (its defaults, kvm_intel's or kvm_amd's parameters) is
 decided by :func:`host_settings`, a pure function.
 """
 
@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kvm-intel-parameters", metavar="PARAMETERS",
                         help=f"bochs-intel: kvm_intel's module parameters (default "
                              f"'{bochs_intel.DEFAULT_KVM_INTEL_PARAMETERS}'; '' for the module's own)")
+    parser.add_argument("--kvm-amd-parameters", metavar="PARAMETERS",
+                        help="tcg-amd: kvm_amd's module parameters, e.g. 'npt=0' for shadow paging (default: "
+                             "the module's own)")
     return parser
 
 
@@ -109,16 +112,25 @@ class Settings:
     cpus: int
     timeout: float
     kvm_intel_parameters: str | None
+    kvm_amd_parameters: str = ""
 
 
 def host_settings(host: str, memory: int | None, cpus: int | None, timeout: float | None,
-                  kvm_intel_parameters: str | None) -> Settings | str:
+                  kvm_intel_parameters: str | None, kvm_amd_parameters: str | None = None) -> Settings | str:
     """The settings of a run on ``host``, or why the options do not fit it (a usage error)."""
     default_memory, default_cpus, default_timeout = HOST_DEFAULTS[host]
     settings = Settings(default_memory if memory is None else memory, default_cpus if cpus is None else cpus,
                         default_timeout if timeout is None else timeout, kvm_intel_parameters)
     if settings.cpus < 1 or settings.memory_mib < 256 or settings.timeout <= 0:
         return "--cpus must be >= 1, --memory >= 256 and --timeout > 0"
+    if kvm_amd_parameters is not None:
+        if host != tcg_amd.NAME:
+            return f"--kvm-amd-parameters is for tcg-amd; {host} loads kvm_intel"
+        try:
+            settings = dataclasses.replace(settings,
+                                           kvm_amd_parameters=tcg_amd.check_kvm_amd_parameters(kvm_amd_parameters))
+        except ValueError as exc:
+            return f"--kvm-amd-parameters: {exc}"
     if host == bochs_intel.NAME:
         if settings.cpus != 1:
             return ("bochs-intel runs one CPU: Bochs's SMP build showed the guest one CPU without ACPI, "
@@ -138,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(options)
     if not args.prepare and not command:
         parser.error("give the command to run after --, or --prepare")
-    settings = host_settings(args.host, args.memory, args.cpus, args.timeout, args.kvm_intel_parameters)
+    settings = host_settings(args.host, args.memory, args.cpus, args.timeout, args.kvm_intel_parameters,
+                             args.kvm_amd_parameters)
     if isinstance(settings, str):
         parser.error(settings)
     # SIGTERM unwinds like Ctrl-C, so QEMU is killed rather than orphaned.
@@ -151,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert settings.kvm_intel_parameters is not None
             return bochs_intel.run(command, args.kernel, settings.memory_mib, settings.timeout,
                                    settings.kvm_intel_parameters)
-        return tcg_amd.run(command, args.kernel, settings.memory_mib, settings.cpus, settings.timeout)
+        return tcg_amd.run(command, args.kernel, settings.memory_mib, settings.cpus, settings.timeout,
+                           settings.kvm_amd_parameters)
     except GuestTimeout as exc:
         say(str(exc))
         return EXIT_TIMEOUT

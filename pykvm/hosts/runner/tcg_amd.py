@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +51,9 @@ TOOL_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-st
 # Modules the guest loads (with their dependencies), unless built in.
 MODULE_ROOTS = ("kvm_amd", "virtio_pci", "9pnet_virtio", "9p", "overlay")
 NO_KVM = "kvm_amd loaded but /dev/kvm is missing: does QEMU's -cpu offer SVM?"
+# kvm_amd's module parameters for a run (``--kvm-amd-parameters``, e.g. npt=0 for shadow paging):
+# empty, or space-separated words of a shell-safe alphabet.
+KVM_AMD_PARAMETERS = re.compile(r"([\w.,=-]+( [\w.,=-]+)*)?", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +77,30 @@ class Prepared:
     reused: bool
 
 
-def init_script(markers: Markers) -> str:
-    """This host's ``/init``: load kvm_amd, overlay the root QEMU shares over 9p, run the command."""
-    return initramfs.init_script(markers, qemu.MOUNT_HOST_ROOT, NO_KVM)
+def check_kvm_amd_parameters(parameters: str) -> str:
+    """``parameters`` when they are plain ``name=value`` words (they go unquoted on /init's insmod line)."""
+    if not KVM_AMD_PARAMETERS.fullmatch(parameters):
+        raise ValueError(f"kvm_amd parameters {parameters!r}: give space-separated name=value words of letters, "
+                         "digits and _ . , - (e.g. 'npt=0')")
+    return parameters
+
+
+def load_modules(kvm_amd_parameters: str) -> str:
+    """/init's module loading: every module of the base archive, kvm_amd with ``kvm_amd_parameters``."""
+    if not check_kvm_amd_parameters(kvm_amd_parameters):
+        return initramfs.LOAD_MODULES
+    return f"""for module in $(cat /lib/modules/load-order); do
+    parameters=""
+    [ "$module" = kvm_amd ] && parameters="{kvm_amd_parameters}"
+    insmod "/lib/modules/$module.ko" $parameters \\
+        || fail "insmod $module $parameters failed (see the kernel messages above)"
+done"""
+
+
+def init_script(markers: Markers, kvm_amd_parameters: str = "") -> str:
+    """This host's ``/init``: load kvm_amd (with ``kvm_amd_parameters``), overlay the root QEMU shares over 9p,
+    run the command."""
+    return initramfs.init_script(markers, qemu.MOUNT_HOST_ROOT, NO_KVM, load_modules(kvm_amd_parameters))
 
 
 # ---------------------------------------------------------------- the cache
@@ -130,15 +155,18 @@ def prepare(release: str | None = None) -> Prepared:
     return Prepared(tools, release, cache_dir, vmlinuz, base, package is None)
 
 
-def run(argv: list[str], release: str | None, memory_mib: int, cpus: int, timeout: float) -> int:
-    """Prepare, then run ``argv`` on kvm_amd in the caller's directory and environment."""
+def run(argv: list[str], release: str | None, memory_mib: int, cpus: int, timeout: float,
+        kvm_amd_parameters: str = "") -> int:
+    """Prepare, then run ``argv`` on kvm_amd (loaded with ``kvm_amd_parameters``) in the caller's directory
+    and environment."""
+    check_kvm_amd_parameters(kvm_amd_parameters)
     prepared = prepare(release)
     markers = Markers.fresh()
     env = initramfs.guest_environment(os.environ, sys.stdout.isatty())
     script = initramfs.command_script(argv, os.getcwd(), env)
     with tempfile.TemporaryDirectory(prefix="pykvm-tcg-amd-run-") as directory:
-        initrd = initramfs.run_initrd(prepared.initramfs, init_script(markers), script, Path(directory),
-                                      prepared.tools.cpio)
+        initrd = initramfs.run_initrd(prepared.initramfs, init_script(markers, kvm_amd_parameters), script,
+                                      Path(directory), prepared.tools.cpio)
         command = qemu.qemu_command(prepared.tools.qemu, prepared.vmlinuz, initrd, memory_mib, cpus)
         return emulator.boot(command, markers, timeout, sys.stdout.buffer, NAME,
                              slow_hint="Raise --timeout if the command is just slow under TCG")
