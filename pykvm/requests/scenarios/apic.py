@@ -319,15 +319,14 @@ def apicv_update(control: bool = False) -> Outcome:
 
 
 def apic_page_reload(control: bool = False) -> Outcome:
-    """KVM_REQ_APIC_PAGE_RELOAD: kvm_intel's APIC-access page moved; no other module has that page."""
+    """KVM_REQ_APIC_PAGE_RELOAD: the host MM invalidated KVM's APIC-access page, which exists only with APICv/AVIC."""
     t = Timeline("APIC_PAGE_RELOAD", control)
-    parameters = {k: v for k, v in apicv_parameters().items() if k.startswith("kvm_intel")}
+    parameters = apicv_parameters()
     if not any(value in ("Y", "1") for value in parameters.values()):
-        have = _switches(parameters) if parameters else f"the vendor module is {detect_vendor().value}"
-        return t.unreachable(f"needs kvm_intel's APIC-access page (flexpriority or enable_apicv): {have} (read "
-                             "now); only VMX has set_apic_access_page_addr, the hook this request exists for")
+        return t.unreachable(f"needs KVM's APIC-access page, allocated only with kvm_intel flexpriority/enable_apicv "
+                             f"or kvm_amd avic: {_switches(parameters)} (read now), so there is no page to move")
     t.outcome.verdict, t.outcome.why = NOT_IMPLEMENTED, (
-        f"kvm_intel has an APIC-access page here ({_switches(parameters)}) but pykvm cannot yet make the host "
+        f"KVM has an APIC-access page here ({_switches(parameters)}) but pykvm cannot yet make the host "
         "invalidate it")
     return t.outcome
 
@@ -409,17 +408,18 @@ REQUESTS = (
     ),
     request(
         "APIC_PAGE_RELOAD",
-        "kvm_unmap_gfn_range() (mmu.c): the host MM invalidates the APIC-access page's memslot",
-        "kvm_vcpu_reload_apic_access_page()",
-        "kvm_intel with flexpriority or APICv (module parameters, read now)",
+        "kvm_unmap_gfn_range() (mmu/mmu.c): an MMU-notifier invalidation covers KVM's private APIC-access memslot",
+        "kvm_vcpu_reload_apic_access_page() -> the vendor's set_apic_access_page_addr (VMX only)",
+        "kvm_intel flexpriority/APICv or kvm_amd AVIC (module parameters, read now); then the host moves the page",
         "none here: no APIC-access page",
-        "Intel's 'virtualize APIC accesses' points the VMCS at the host page backing the guest's APIC page. "
-        "If the host migrates or reclaims that page, the MMU notifier raises KVM_REQ_APIC_PAGE_RELOAD on all "
-        "vCPUs, which write the new address into the VMCS before entering. Only VMX has the hook "
-        "(set_apic_access_page_addr); kvm_amd and kvm_pvm never make the request.",
+        "Intel's 'virtualize APIC accesses' (and AMD's AVIC) make the CPU handle guest accesses to the APIC "
+        "page through a host page that KVM allocates in a private memslot. If the host migrates or reclaims "
+        "that page, the MMU notifier raises KVM_REQ_APIC_PAGE_RELOAD on all vCPUs, and each writes the new "
+        "physical address into its VMCS before entering (only VMX implements the reload; with AVIC the "
+        "request is raised and does nothing). Without APICv, flexpriority or AVIC the page is never allocated.",
         UNREACHABLE,
         UNREACHABLE,
-        needs="Intel VMX (APIC-access page)",
+        needs="APICv, flexpriority or AVIC (the APIC-access page)",
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {
