@@ -476,7 +476,7 @@ REQUESTS = (
         "(its companion TLB_FLUSH_CURRENT counts tlb_flush +1), but kvm_pvm runs this guest's code in "
         "KVM's emulator: the PTE write is emulated (VM stat mmu_pte_write +1, the new page is read at "
         "once, no stale translation), no shadow page goes unsync, and kvm_mmu_sync_roots() has nothing "
-        "to do. With kvm_amd loaded with npt=0 (measured under tcg-amd): observed, "
+        "to do. With kvm_amd loaded with npt=0 (tcg-amd --kvm-amd-parameters npt=0): observed, "
         "kvm_mmu_unsync_page at the PTE write and kvm_mmu_sync_page after MOV CR3, and the guest saw the "
         "architecture's stale entry: it read the old page after the write and the new one only after the "
         "MOV CR3 (the control read the old page three times, its table still unsync).",
@@ -502,8 +502,9 @@ REQUESTS = (
         "translating through the new one; the control rotates through five roots so that every switch "
         "misses the cache. load_pdptrs() also raises it for PAE guests. kvm_pvm: observed (7 of 8 "
         "switches loaded a cached root; 8 lookups in the control). kvm_amd with its default npt=Y: a guest "
-        "MOV CR3 does not exit, so it is unreachable (parameter read now). With npt=0 (measured under "
-        "tcg-amd): observed, the same figures, the guest translating in hardware through each root.",
+        "MOV CR3 does not exit, so it is unreachable (parameter read now). With npt=0 (tcg-amd "
+        "--kvm-amd-parameters npt=0): observed, the same figures, the guest translating in hardware "
+        "through each root.",
         OBSERVED,
         UNREACHABLE,
         needs="shadow paging (kvm_amd npt=0, kvm_intel ept=0, or kvm_pvm)",
