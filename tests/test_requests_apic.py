@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import pytest
 
-from pykvm import Cap
+from pykvm import Cap, x86
+from pykvm.core.exits import IoExit, TprAccessExit
+from pykvm.irqchip.lapic import ApicReg
 from pykvm.requests import NO_EFFECT, OBSERVED, UNREACHABLE
 from pykvm.requests.scenarios import apic
+from pykvm.requests.scenarios.common import PORT_HANDLER, PORT_READY, is_port, machine
+from pykvm.x86.msr import XAPIC_BASE
 
 pytestmark = pytest.mark.requires_cap(Cap.SPLIT_IRQCHIP, Cap.IRQ_ROUTING, Cap.SIGNAL_MSI)
 
@@ -98,3 +102,31 @@ def test_apicv_requests_say_what_this_host_lacks(kvm):
     reload = apic.apic_page_reload()
     if not intel_page:
         assert reload.verdict == UNREACHABLE and "kvm_intel" in reload.why
+
+
+NO_SPIN_GUEST = f"""
+        mov ${XAPIC_BASE:#x}, %ebx
+        out %al, ${PORT_READY:#x}
+tpr_read:
+        mov {ApicReg.TPR:#x}(%rbx), %eax
+1:      out %al, ${PORT_HANDLER:#x}       # an exit right after the access
+        jmp 1b
+"""
+
+
+def test_a_tpr_report_overtaken_by_another_exit_carries_that_exits_bytes(kvm):
+    """Why the scenario's guest spins: KVM writes the payload when it makes the request, not when it exits."""
+    with machine("split") as (vm, vcpu):
+        code = x86.load_code(vcpu, NO_SPIN_GUEST)
+        assert is_port(PORT_READY)(vcpu.run())
+        vcpu.set_tpr_access_reporting(True)
+        exits = [vcpu.run(), vcpu.run()]
+    kinds = [type(exit) for exit in exits]
+    if kinds == [TprAccessExit, IoExit]:                # the request was handled at the next entry
+        assert exits[0] == TprAccessExit(code.symbols["tpr_read"], False)
+    else:                                               # the OUT's exit came first, in the same batch
+        assert kinds == [IoExit, TprAccessExit], exits
+        io = exits[0]
+        assert isinstance(io, IoExit) and io.port == PORT_HANDLER
+        # kvm_run's union now holds struct kvm_run.io: direction, size, port, count where rip was
+        assert exits[1] == TprAccessExit(1 | 1 << 8 | PORT_HANDLER << 16 | 1 << 32, True)

@@ -130,8 +130,12 @@ def report_tpr_access(control: bool = False) -> Outcome:
         t.outcome.evidence.update(reports=reports, tpr=tpr)
         wanted = [("tpr_read", False), ("tpr_write", True)]
         seen = [(r["label"], r["is_write"]) for r in reports] == wanted
+        late = [r for r in reports if not r["prompt"]]
         return t.verdict(seen, "two KVM_EXIT_TPR_ACCESS: the read at tpr_read, then the write at tpr_write "
-                               "(rip and is_write as KVM recorded them when the request was made)")
+                               "(rip and is_write as KVM recorded them when the request was made)"
+                               + (f"; {len(late)} came late, during the guest's spin (guest code runs in batches: "
+                                  "without the spin the next exit would come first and overwrite the payload)"
+                                  if late else ""))
 
 
 # ---- the EOI scenarios: IOAPIC_EOI_EXIT, SCAN_IOAPIC, LOAD_EOI_EXITMAP --------------------------
