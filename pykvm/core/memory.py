@@ -10,15 +10,26 @@ unmapped memory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import checks
 from .binding import ffi, lib
 from .constants import Cap
-from .errors import CapabilityMissing, ClosedError, GuestMemoryError, InvalidArgument, MemorySlotOverlap, ioctl_error
+from .errors import (
+    CapabilityMissing,
+    ClosedError,
+    GuestMemoryError,
+    InvalidArgument,
+    MemorySlotOverlap,
+    PyKvmError,
+    ioctl_error,
+)
 from .ioctls import Ioctl
+from .userfault import PageProvider
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -70,6 +81,7 @@ class GuestMemory:
         self._slots: list[tuple[MemorySlot, Any]] = []   # (slot, host pointer)
         self._lock = threading.RLock()                   # held by every access and by release
         self._released = False
+        self._providers: list[PageProvider] = []         # closed before the memory is unmapped
 
     @property
     def slots(self) -> tuple[MemorySlot, ...]:
@@ -157,6 +169,25 @@ class GuestMemory:
             flags = (2 if entry.readonly else 0) | (1 if enabled else 0)   # KVM_MEM_READONLY, LOG_DIRTY_PAGES
             self._vm._ioctl(Ioctl.SET_USER_MEMORY_REGION, self._region(entry, pointer, flags, entry.size))
 
+    def provide_pages(self, slot: int, provide: Callable[[int], bytes], deadline: float = 10.0) -> PageProvider:
+        """Serve ``slot``'s pages, on their first touch, from ``provide(gpa)`` (userfaultfd and a thread).
+
+        Pages already written are not affected. KVM waits for a missing page (or,
+        with async page faults, lets the guest wait); ``provide`` returns up to a
+        page of bytes and may sleep. Read missing pages from the host with the
+        returned provider's ``read()`` (``memory.read`` would hold the GIL the
+        serving thread needs). Close the provider (a context manager) when done;
+        closing the VM closes it too. See :mod:`pykvm.core.userfault`.
+        """
+        self._vm._check_open()
+        with self._lock:
+            entry, pointer = self._find(slot)
+            base = entry.guest_phys_addr
+            provider = PageProvider(int(ffi.cast("uintptr_t", pointer)), entry.size,
+                                    lambda offset: provide(base + offset), deadline)
+            self._providers.append(provider)
+            return provider
+
     def remove_slot(self, slot: int) -> None:
         """Delete memory slot ``slot`` (``KVM_SET_USER_MEMORY_REGION`` with size 0) and unmap its memory.
 
@@ -172,6 +203,10 @@ class GuestMemory:
     def _release(self) -> None:
         with self._lock:
             self._released = True
+            providers, self._providers = self._providers, []
+            for provider in providers:
+                with contextlib.suppress(PyKvmError):   # its error was the caller's to collect
+                    provider.close()
             slots, self._slots = self._slots, []
             for slot, pointer in slots:
                 lib.pykvm_munmap(pointer, slot.size)
