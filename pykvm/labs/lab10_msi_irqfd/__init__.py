@@ -237,8 +237,10 @@ def check_halted(ctx: Context) -> str:
 
 
 def _support(host) -> Support:
-    return Support(True, "MSIs, GSI routes and irqfds are delivered by the in-kernel LAPIC; a halted vCPU "
-                         "waits inside KVM_RUN")
+    if host.lapic_delivers_when_unblocked:
+        return Support(True, "the in-kernel LAPIC injects as soon as the guest can take the vector")
+    return Support(True, "the in-kernel LAPIC injects only at a VM entry: a halted vCPU is woken (and so "
+                         "entered) at once, a vCPU at a sync exit takes the MSI at its next run")
 
 
 LAB = Lab(

@@ -278,8 +278,10 @@ def _support(host) -> Support:
     cpus = len(os.sched_getaffinity(0))
     if cpus < 2:
         return Support(False, f"this process may use {cpus} CPU: states (a) and (b) need a second one")
+    late = "" if host.lapic_delivers_when_unblocked else \
+        "; a spinning vCPU takes in-kernel interrupts only at its next VM entry here"
     return Support(True, f"{cpus} CPUs usable; the numbers depend on the host and its load (the checker "
-                         f"compares yours with its own, within {MAGNITUDE:g}x)")
+                         f"compares yours with its own, within {MAGNITUDE:g}x){late}")
 
 
 LAB = Lab(
