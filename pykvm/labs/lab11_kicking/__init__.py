@@ -227,8 +227,9 @@ def _judge_state(ctx: Context, state: str) -> str:
     if (checker >= DECISIVE and yours <= 1 / DECISIVE) or (checker <= 1 / DECISIVE and yours >= DECISIVE):
         raise Fail(f"kick/{task.kernel_path} p50 ratio: yours {yours:.2f}, the checker's {checker:.2f}: they "
                    f"point opposite ways")
-    return f"{', '.join(lines)}; kick/{task.kernel_path} {yours:.1f}x (checker {checker:.1f}x); " + \
-        _exit_summary(task, mine)
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (f"{', '.join(lines)}; kick/{task.kernel_path} {yours:.1f}x (checker {checker:.1f}x); "
+            f"{_exit_summary(task, mine)}; {task.count} interrupts per measurement, load average {load}")
 
 
 def _userspace_exits(measured: Measured, kind: type) -> int:
