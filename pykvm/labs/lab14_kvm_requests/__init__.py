@@ -93,7 +93,11 @@ def available(kvm: Kvm) -> list[str]:
 def _asked(ctx: Context) -> list[str]:
     with Kvm() as kvm:
         names = available(kvm)
-    return ctx.random("trigger").sample(names, min(ASKED, len(names)))
+    if not names:
+        caps = sorted({cap.name for needs in NEEDS.values() for cap in needs})
+        raise Fail(f"this host can raise none of {', '.join(EVIDENCE)} here (capabilities: {', '.join(caps)})")
+    rng = ctx.random("trigger")
+    return rng.sample(names, ASKED) if len(names) >= ASKED else [rng.choice(names) for _ in range(ASKED)]
 
 
 def _pvclock(vm: Vm) -> tuple[int, int, int]:
@@ -141,10 +145,7 @@ def _moved(window: dict) -> list[str]:
 
 def _scenario(index: int) -> Callable[[Context], dict]:
     def scenario(ctx: Context) -> dict:
-        asked = _asked(ctx)
-        if index >= len(asked):
-            return {"name": None}
-        name = asked[index]
+        name = _asked(ctx)[index]
         vector = ctx.random(f"trigger:{index}").randrange(0x30, 0xF0)
         ctx.load()
         with Kvm() as kvm, kvm.create_vm() as vm:
@@ -183,8 +184,6 @@ def _check(index: int) -> Callable[[Context], str]:
     def check(ctx: Context) -> str:
         run = ctx.once(f"trigger:{index}", _scenario(index))
         name = run["name"]
-        if name is None:
-            return "this host offers only one request for this lab: nothing to ask here"
         wanted = EVIDENCE[name]
         control, window = run["control"], run["window"]
         if _moved(control):
@@ -205,8 +204,6 @@ def check_predictions(ctx: Context) -> str:
     said = []
     for index, run in enumerate(runs):
         name = run["name"]
-        if name is None:
-            continue
         prediction = ctx.call("evidence", name)
         moved = _moved(run["window"])
         if EVIDENCE[name] not in moved:
