@@ -75,7 +75,8 @@ class KvmInterrupted(KvmError):
 
 class KvmVmDead(KvmError):
     """EIO: KVM gave up on the VM (``kvm_vm_dead()``: an internal failure such as an SMI without SMRAM)
-    and refuses every further ioctl on it and its vCPUs; only closing it is left."""
+    and refuses every further ioctl on it and its vCPUs; only closing it is left. (A forked child using
+    its parent's VM gets EIO too: KVM serves a VM only to the process that created it.)"""
 
 
 class KvmPermissionError(KvmError, PermissionError):

@@ -89,7 +89,7 @@ def smi(control: bool = False) -> Outcome:
                 t.host("KVM_SMI (KVM raises KVM_REQ_SMI)")
                 vcpu.smi()
             pending = vcpu.events.smi.pending
-            t.add("host", f"KVM_GET_VCPU_EVENTS: smi.pending={pending}")
+            t.host(f"KVM_GET_VCPU_EVENTS: smi.pending={pending}")
             smm_at_handler = None
             handler_value = None
             for _ in range(4):
