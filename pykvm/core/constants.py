@@ -72,6 +72,8 @@ class Cap(enum.IntEnum):
     HYPERV_SYNIC2 = 148
     HYPERV_CPUID = 167
     SYS_HYPERV_CPUID = 191
+    PMU_EVENT_FILTER = 173
+    PMU_CAPABILITY = 225
 
 
 class ExitReason(enum.IntEnum):

@@ -37,6 +37,9 @@ TPR_ACCESS_CTL = struct.Struct("<II32x")
 # kvm_run's exit union: tpr_access { u64 rip; u32 is_write; u32 pad; }, eoi { u8 vector; }
 RUN_TPR_ACCESS = struct.Struct("<QI")
 RUN_EOI = struct.Struct("<B")
+# struct kvm_pmu_event_filter { u32 action; u32 nevents; u32 fixed_counter_bitmap; u32 flags; u32 pad[4];
+#                               u64 events[]; }
+PMU_EVENT_FILTER = struct.Struct("<IIII16x")
 # kvm_run's exit union: hyperv { u32 type; u32 pad; union { synic { u32 msr; u32 pad; u64 control, evt_page,
 # msg_page; }, hcall, syndbg } }: the type, then the union as the 6 u64 words of its largest member (syndbg)
 RUN_HYPERV = struct.Struct("<I4x6Q")
@@ -57,6 +60,9 @@ VCPUEVENT_VALID_NMI_PENDING = 0x1
 VCPUEVENT_VALID_SMM = 0x8
 VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
 TPR_ACCESS_REPORTING_ENABLED = 1
+PMU_EVENT_ALLOW = 0
+PMU_EVENT_DENY = 1
+PMU_EVENT_FILTER_MAX_EVENTS = 300     # KVM's limit (E2BIG above it); not in the UAPI header
 
 
 class UapiIoctl(enum.IntEnum):
@@ -69,6 +75,7 @@ class UapiIoctl(enum.IntEnum):
     GET_DIRTY_LOG = IOC(IOC_WRITE, KVMIO, 0x42, DIRTY_LOG.size)
     TPR_ACCESS_REPORTING = IOC(IOC_READ | IOC_WRITE, KVMIO, 0x92, TPR_ACCESS_CTL.size)
     SMI = IOC(IOC_NONE, KVMIO, 0xB7, 0)
+    SET_PMU_EVENT_FILTER = IOC(IOC_WRITE, KVMIO, 0xB2, PMU_EVENT_FILTER.size)
 
     @property
     def macro(self) -> str:

@@ -54,6 +54,10 @@ from .uapi import (
     MSR_FILTER_MAX_RANGES,
     MSR_FILTER_RANGE,
     MSR_FILTER_SIZE,
+    PMU_EVENT_ALLOW,
+    PMU_EVENT_DENY,
+    PMU_EVENT_FILTER,
+    PMU_EVENT_FILTER_MAX_EVENTS,
     ClockData,
     MsrFilterRange,
     UapiIoctl,
@@ -438,6 +442,25 @@ class Vm(FdObject):
                                        entry.base, int(ffi.cast("uintptr_t", bitmap)))
         call(self, UapiIoctl.X86_SET_MSR_FILTER, bytes(raw),
              hint="each range needs flags READ and/or WRITE and 1..0x10000 MSRs")
+
+    def set_pmu_event_filter(self, events: Iterable[int] = (), deny: bool = True,
+                             fixed_counter_bitmap: int = 0) -> None:
+        """``KVM_SET_PMU_EVENT_FILTER``: which hardware events the guest's vPMU counters may count.
+
+        ``events`` are event-select codes (event | unit mask << 8, as programmed
+        in a counter's event-select MSR); ``deny=True`` forbids them, ``False``
+        allows only them. KVM raises KVM_REQ_PMU on every vCPU, which reprograms
+        every counter against the new filter before the next entry.
+        """
+        self.kvm.require(Cap.PMU_EVENT_FILTER, "vm.set_pmu_event_filter()")
+        codes = [checks.unsigned(f"events[{index}]", event, 64, "an event-select code")
+                 for index, event in enumerate(events)]
+        if len(codes) > PMU_EVENT_FILTER_MAX_EVENTS:
+            raise InvalidArgument(f"events: {len(codes)}, but KVM takes at most {PMU_EVENT_FILTER_MAX_EVENTS}")
+        checks.unsigned("fixed_counter_bitmap", fixed_counter_bitmap, 32, "a bit per fixed counter")
+        raw = PMU_EVENT_FILTER.pack(PMU_EVENT_DENY if deny else PMU_EVENT_ALLOW, len(codes), fixed_counter_bitmap,
+                                    0) + b"".join(code.to_bytes(8, "little") for code in codes)
+        call(self, UapiIoctl.SET_PMU_EVENT_FILTER, raw)
 
     def get_dirty_log(self, slot: int) -> bytes:
         """``KVM_GET_DIRTY_LOG``: the bitmap (bit per page) of pages written since the last call.
