@@ -14,7 +14,7 @@ import pytest
 from pykvm import Cap, x86
 from pykvm.core.exits import IoExit, TprAccessExit
 from pykvm.irqchip.lapic import ApicReg
-from pykvm.requests import NO_EFFECT, OBSERVED, UNREACHABLE
+from pykvm.requests import NO_EFFECT, NOT_IMPLEMENTED, OBSERVED, UNREACHABLE
 from pykvm.requests.scenarios import apic
 from pykvm.requests.scenarios.common import PORT_HANDLER, PORT_READY, is_port, machine
 from pykvm.x86.msr import XAPIC_BASE
@@ -90,6 +90,14 @@ def test_apicv_switches_are_read_from_sys_module(tmp_path):
     (tmp_path / "kvm_intel" / "parameters" / "enable_apicv").write_text("Y\n")
     assert apic.apicv_parameters(str(tmp_path))["kvm_intel enable_apicv"] == "Y"
     assert apic.apicv_parameters(str(tmp_path / "none")) == {}
+
+
+def test_with_apicv_on_the_requests_pykvm_cannot_trigger_say_so(monkeypatch):
+    monkeypatch.setattr(apic, "apicv_parameters", lambda sys_module=apic.SYS_MODULE: {"kvm_amd avic": "Y"})
+    for scenario in (apic.apicv_update, apic.apic_page_reload):
+        outcome = scenario()
+        assert outcome.verdict == NOT_IMPLEMENTED and "kvm_amd avic=Y" in outcome.why
+        assert scenario(control=True).verdict == "absent"
 
 
 def test_apicv_requests_say_what_this_host_lacks(kvm):
