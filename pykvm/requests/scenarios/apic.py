@@ -20,6 +20,7 @@ from typing import Any
 
 import pykvm
 from pykvm import Cap, x86
+from pykvm.core.constants import IOAPIC_NUM_PINS
 from pykvm.core.exits import Exit, IoapicEoiExit, IoExit, TprAccessExit
 from pykvm.core.interrupts import MsiMessage, MsiRoute
 from pykvm.hosts.vendor import detect_vendor
@@ -44,22 +45,18 @@ from .common import (
 
 SPIN = 5000             # loop iterations after each APIC access: longer than kvm_pvm's batch of guest code
 VECTOR = 0x45           # the vector the EOI scenarios deliver
-GSI = 5                 # below the 24 GSIs pykvm's split irqchip reserves for the userspace IOAPIC
+GSI = 5                 # below the IOAPIC_NUM_PINS GSIs pykvm's split irqchip reserves for the userspace IOAPIC
 SYS_MODULE = "/sys/module"
 
 
-def _split_machine_missing(kvm: pykvm.Kvm) -> str:
-    """Why this host cannot run a split-irqchip scenario ('' when it can), checked now."""
-    for cap in (Cap.SPLIT_IRQCHIP, Cap.IRQ_ROUTING, Cap.SIGNAL_MSI):
-        if not kvm.check_extension(cap):
-            return f"needs a split irqchip with MSI routes: this host has no KVM_CAP_{cap.name} (checked now)"
-    return ""
-
-
 def _unreachable_without_split(t: Timeline) -> Outcome | None:
+    """``t.unreachable(...)`` naming the capability a split-irqchip scenario lacks here (checked now), else None."""
     with pykvm.Kvm() as kvm:
-        missing = _split_machine_missing(kvm)
-    return t.unreachable(missing) if missing else None
+        for cap in (Cap.SPLIT_IRQCHIP, Cap.IRQ_ROUTING, Cap.SIGNAL_MSI):
+            if not kvm.check_extension(cap):
+                return t.unreachable(f"needs a split irqchip with MSI routes: this host has no KVM_CAP_{cap.name} "
+                                     "(checked now)")
+    return None
 
 
 # ---- REPORT_TPR_ACCESS -----------------------------------------------------------
@@ -361,7 +358,7 @@ REQUESTS = (
         "IOAPIC_EOI_EXIT",
         "kvm_ioapic_send_eoi() (lapic.c), on the EOI of a vector in the vCPU's EOI-exit set, split irqchip",
         "vcpu_enter_guest(): exit KVM_EXIT_IOAPIC_EOI",
-        f"split irqchip, level MSI route on GSI {GSI} (< 24, the IOAPIC's), KVM_IRQ_LINE, the guest EOIs",
+        f"split irqchip, level MSI route on GSI {GSI} (< {IOAPIC_NUM_PINS}: the IOAPIC's), KVM_IRQ_LINE, guest EOIs",
         "KVM_EXIT_IOAPIC_EOI with the vector; none for an edge route (control); TMR, trace kvm_eoi",
         "With the IOAPIC in userspace, a level-triggered interrupt stays asserted in the IOAPIC (remote IRR) "
         "until the guest EOIs it, and only the kernel's LAPIC sees that EOI. apic_set_eoi() calls "
