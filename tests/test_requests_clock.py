@@ -13,6 +13,7 @@ import os
 import pytest
 
 from pykvm import Cap
+from pykvm.requests import NO_EFFECT
 from pykvm.requests.scenarios import clock
 from pykvm.runtime import trace
 
@@ -121,3 +122,10 @@ def test_migrate_timer_restarts_the_lapic_hrtimer_on_each_new_cpu(kvm, runs):
     assert evidence["restarts_on"] == evidence["moves"] and len(evidence["moves"]) == clock.MOVES, evidence
     assert evidence["cancelled_first"] and len(evidence["expiries"]) == 1    # the same deadline, moved
     assert control.verdict == "absent" and control.evidence["restarts_on"] == []
+
+
+def test_records_that_never_settle_give_no_verdict_either_way(kvm, monkeypatch):
+    monkeypatch.setattr(clock, "spin", lambda *args: [clock.RecordChange(0.0, 1, 2)])   # a host that keeps updating
+    outcome, control = clock.global_clock_update(), clock.global_clock_update(control=True)
+    assert outcome.verdict == NO_EFFECT and "kept changing" in outcome.why
+    assert control.verdict == "present" and control.evidence == {"settled": False}
