@@ -95,9 +95,16 @@ def test_cached_roots_are_loaded_without_a_lookup_and_uncached_ones_are_looked_u
 
 # ---- UPDATE_CPU_DIRTY_LOGGING ---------------------------------------------------
 
-def test_update_cpu_dirty_logging_is_unreachable_without_pml(kvm):
+def test_update_cpu_dirty_logging_turns_pml_on_where_kvm_intel_has_it(kvm):
+    outcome = mmu.update_cpu_dirty_logging()
+    control = mmu.update_cpu_dirty_logging(control=True)
     pml = mmu.module_parameter(*mmu.PML_PARAMETER)
-    if pml in ("Y", "1"):
-        pytest.skip("kvm_intel has PML here: the request is reachable")
-    for outcome in (mmu.update_cpu_dirty_logging(), mmu.update_cpu_dirty_logging(control=True)):
-        assert outcome.verdict == UNREACHABLE and "kvm_intel" in outcome.why and "pml" in outcome.why
+    if pml not in ("Y", "1"):                             # kvm_amd, kvm_pvm, kvm_intel pml=N
+        for result in (outcome, control):
+            assert result.verdict == UNREACHABLE and "kvm_intel" in result.why and "pml" in result.why
+        return
+    evidence, quiet = _traced(outcome), _traced(control)
+    assert outcome.verdict == OBSERVED and control.verdict == "absent"
+    assert evidence["pml_full"] >= 1 and quiet["pml_full"] == 0
+    assert evidence["dirty_pages"] == mmu.PML_PAGES      # logged by PML, without a write fault per page
+    assert evidence.get("pf_taken", 0) < mmu.PML_PAGES // 2

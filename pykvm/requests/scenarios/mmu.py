@@ -33,7 +33,6 @@ from .common import (
     DATA,
     EXTRA_SLOT_GPA,
     NO_EFFECT,
-    NOT_IMPLEMENTED,
     OBSERVED,
     PORT_HANDLER,
     PORT_READY,
@@ -395,8 +394,23 @@ def load_mmu_pgd(control: bool = False) -> Outcome:
 
 # ---- UPDATE_CPU_DIRTY_LOGGING ---------------------------------------------------
 
+PML_REGION, PML_PAGES = 0x400000, 1536      # 6 MiB: three times the 512 entries of the PML buffer
+PML_GUEST = f"""
+round:  mov ${PML_REGION:#x}, %rbx
+        mov ${PML_PAGES}, %ecx
+dirty:  incq (%rbx)                     # one write to each 4 KiB page
+        add ${PAGE_SIZE:#x}, %rbx
+        loop dirty
+        out %al, ${PORT_READY:#x}
+        jmp round
+"""
+
+
 def update_cpu_dirty_logging(control: bool = False) -> Outcome:
-    """Only kvm_intel with PML raises it; elsewhere it is unreachable, with the parameter read now."""
+    """The first slot to log dirty pages makes KVM raise KVM_REQ_UPDATE_CPU_DIRTY_LOGGING (kvm_intel with PML).
+
+    Elsewhere it is unreachable, with kvm_intel's ``pml`` parameter read now.
+    """
     t = Timeline("UPDATE_CPU_DIRTY_LOGGING", control)
     module, name = PML_PARAMETER
     pml = module_parameter(module, name)
@@ -405,10 +419,33 @@ def update_cpu_dirty_logging(control: bool = False) -> Outcome:
                              f"{module} is not loaded; this host's dirty logging write-protects pages instead")
     if pml not in ("Y", "1"):
         return t.unreachable(f"needs Intel PML: {module} {name}={pml} (read now)")
-    t.outcome.verdict = NOT_IMPLEMENTED
-    t.outcome.why = (f"{module} {name}={pml}: reachable here, but pykvm has no evidence of the PML switch yet "
-                     "(a PML-full exit after 512 logged writes)")
-    return t.outcome
+    with machine() as (vm, vcpu):
+        x86.load_code(vcpu, PML_GUEST)
+        run_until(vcpu, t, is_port(PORT_READY))
+        t.guest(f"wrote each of {PML_PAGES} pages at {PML_REGION:#x}: KVM maps them all writable")
+        with t.trace("kvm:kvm_pml_full") as recording, vcpu.stats.delta() as delta:
+            if control:
+                t.host("nothing (control)")
+            else:
+                vm.memory.set_dirty_logging(0, True)
+                t.host("KVM_SET_USER_MEMORY_REGION slot 0 with KVM_MEM_LOG_DIRTY_PAGES: the first slot that logs")
+            t.guest(f"writes the {PML_PAGES} pages again")
+            run_until(vcpu, t, is_port(PORT_READY))
+        stats = t.stats("vCPU", delta, ("exits", "pf_taken"))
+        t.outcome.evidence.update(stats, pml=pml)
+        if not control:
+            bitmap = vm.get_dirty_log(0)
+            first = PML_REGION // PAGE_SIZE
+            dirty = sum(bitmap[page // 8] >> (page % 8) & 1 for page in range(first, first + PML_PAGES))
+            t.outcome.evidence.update(dirty_pages=dirty)
+            t.host(f"KVM_GET_DIRTY_LOG slot 0: {dirty} of the {PML_PAGES} pages dirty")
+        if recording is None:
+            t.outcome.evidence.update(traced=False)
+            return t.verdict(False, f"needs trace events ({t.trace_problem})")
+        full = recording.count("kvm:kvm_pml_full")
+        t.outcome.evidence.update(pml_full=full)
+        return t.verdict(full >= 1, "PML-full exits (kvm:kvm_pml_full) while the guest dirtied the logged pages: "
+                                    "the request turned page-modification logging on in the VMCS")
 
 REQUESTS = (
     request(
@@ -514,8 +551,10 @@ REQUESTS = (
         "kvm_mmu_update_cpu_dirty_logging() (x86.c) when the first memslot starts dirty logging or the "
         "last one stops, only where the vendor module logs writes in hardware (cpu_dirty_log_size)",
         "vmx_update_cpu_dirty_logging()",
-        "KVM_MEM_LOG_DIRTY_PAGES on a slot, on kvm_intel with pml=Y",
-        "none here: checked live, /sys/module/kvm_intel/parameters/pml",
+        "the guest dirties 1536 mapped pages after the host sets KVM_MEM_LOG_DIRTY_PAGES on slot 0 "
+        "(control: no logging); kvm_intel with pml=Y only",
+        "trace kvm:kvm_pml_full (PML-full exits), vCPU pf_taken, KVM_GET_DIRTY_LOG; elsewhere "
+        "/sys/module/kvm_intel/parameters/pml read now",
         "Intel's page-modification logging (PML) lets the CPU record the guest-physical address of each "
         "page it dirties in a 512-entry buffer, instead of KVM write-protecting every logged page and "
         "taking a fault per first write. The PML enable bit lives in each vCPU's VMCS, so when dirty "
@@ -523,7 +562,10 @@ REQUESTS = (
         "each toggles the bit before its next entry (vmx_update_cpu_dirty_logging(), deferred while the "
         "vCPU runs a nested guest). kvm_amd and kvm_pvm have no such hardware log (cpu_dirty_log_size 0): "
         "they write-protect instead and never make the request, so the scenario reports it unreachable "
-        "after reading /sys/module/kvm_intel/parameters/pml now.",
+        "after reading /sys/module/kvm_intel/parameters/pml now. On kvm_intel with pml=Y (bochs-intel): "
+        "observed; the guest wrote 1536 already-mapped pages after the host turned logging on, KVM took "
+        "3 PML-full exits (kvm:kvm_pml_full, one per 512 entries) and no page fault, and KVM_GET_DIRTY_LOG "
+        "held all 1536 pages; without logging (control) no PML-full exit.",
         UNREACHABLE,
         UNREACHABLE,
         needs="Intel VMX with PML (kvm_intel pml=Y)",
