@@ -73,7 +73,7 @@ class Cap(enum.IntEnum):
     HYPERV_CPUID = 167
     SYS_HYPERV_CPUID = 191
     PMU_EVENT_FILTER = 173
-    PMU_CAPABILITY = 225
+    PMU_CAPABILITY = 212
 
 
 class ExitReason(enum.IntEnum):
