@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pykvm.labs import all_labs, get_lab
+from pykvm.labs import all_labs, get_lab, runner
 from pykvm.labs.__main__ import main as labs_main
 from pykvm.labs.framework import SHEET_FILE, STUDENT_FILE
 from pykvm.labs.runner import check, format_report
@@ -211,6 +211,7 @@ def test_student_hang_fails_the_step_within_the_deadline(kvm, tmp_path):
     assert time.monotonic() - started < 3 + 60             # one deadline (and child start-up)
     first = report.results[0]
     assert not first.passed and "did not finish within 3 s" in first.detail
+    assert first.hint == runner.HANG_HINT != get_lab(1).steps[0].hint     # how to find a hang, not step 1's topic
     assert all("not checked: did not finish" in r.detail for r in report.results[1:])
 
 

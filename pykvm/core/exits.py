@@ -61,11 +61,13 @@ class IoExit(tuple, Exit):
     size = property(operator.itemgetter(2), doc="Bytes per element (1, 2 or 4).")
     count = property(operator.itemgetter(3), doc="Elements (> 1 for string IO: rep ins/outs).")
     data = property(operator.itemgetter(4), doc="size * count bytes (OUT: written by the guest).")
-    vcpu = property(operator.itemgetter(5))
-    sequence = property(operator.itemgetter(6))
+    vcpu = property(operator.itemgetter(5), doc="The Vcpu whose run() returned this exit.")
+    sequence = property(operator.itemgetter(6), doc="Which exit of that vCPU this is (1, 2, ...); reply() "
+                                                     "refuses once a later run() has begun.")
 
     @property
     def is_out(self) -> bool:
+        """True for OUT (the guest wrote ``data``), False for IN (the guest waits for ``reply()``)."""
         return self[1] == IoDirection.OUT
 
     @property

@@ -128,6 +128,14 @@ class _Child:
         return ended, (f"; its last output:\n{tail}" if tail and returncode else ""), printed
 
 
+# A step stopped at its deadline is seldom about the step's own topic: say how to find where it hung.
+HANG_HINT = ("code that never finishes is usually a run() loop waiting for an exit that never comes: print "
+             "each exit with the guest's RIP (print(exit, hex(vcpu.regs.rip))) and look at the last ones; "
+             "the same exit over and over (e.g. an OUT to port 0 at a growing RIP) means the guest is "
+             "running where you did not put code: check the address you loaded it at and where the "
+             "registers you set make it start")
+
+
 def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline: float = DEFAULT_DEADLINE,
           python: str = sys.executable, host: str = "") -> Report:
     """Run every step of ``lab`` against ``student_file``; never hangs, never raises for the student's code."""
@@ -187,7 +195,8 @@ def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline:
         inside = [key for key in running if key != "import"]
         reason = problem + (f" (in the run of {inside[-1]}())" if inside else
                             " (while importing your file)" if running else "") + output
-        results[current] = StepResult(current, steps[current].title, False, reason, steps[current].hint)
+        hint = HANG_HINT if problem.startswith("did not finish") else steps[current].hint
+        results[current] = StepResult(current, steps[current].title, False, reason, hint)
         for key in running:             # every step that judges these runs is "not checked"
             broken[key] = reason
         start = current + 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ..core import checks
 from ..core.state import DTable, Regs, Segment, Sregs
 from .asm import Assembled, Mode, assemble
 from .descriptors import check_handlers, flat_segment, gdt_bytes, interrupt_table, real_mode_vector_table
@@ -74,6 +75,8 @@ def enter_real_mode(vcpu: Vcpu, ip: int = 0, cs: int = 0x1000, sp: int = DEFAULT
     ``handlers`` maps vectors to handler addresses (linear, below 1 MiB); their
     IVT entries are written, the others are left as they are in memory.
     """
+    fix = "real-mode CS and IP are 16-bit: the code runs at CS * 16 + IP, so put the high part in CS"
+    ip, cs = checks.unsigned("ip", ip, 16, fix), checks.unsigned("cs", cs, 16, fix)
     handlers = dict(handlers or {})
     check_handlers(handlers)
     for vector, entry in real_mode_vector_table(handlers).items():

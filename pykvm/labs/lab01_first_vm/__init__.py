@@ -125,8 +125,8 @@ def check_hlt(ctx: Context) -> str:
         raise Fail(f"KVM_EXIT_HLT at linear {halt.linear_rip:#x}, not after the guest's hlt "
                    f"({task.address + symbols['end']:#x})")
     if (halt.rbx & 0xFFFFFFFF) != task.answer ^ key:
-        raise Fail(f"at the hlt KVM reports EBX={halt.rbx & 0xFFFFFFFF:#x}; the guest computed "
-                   f"{task.answer ^ key:#x} from the answer")
+        raise Fail(f"at the hlt KVM reports EBX={halt.rbx & 0xFFFFFFFF:#x}; had the guest read task.answer, "
+                   f"EBX would be {task.answer ^ key:#x} (if step 3 failed, this follows from it)")
     stats = halt.stats or {}
     seen = exits.index(halt) + 1
     if stats.get("exits", seen) < seen or stats.get("halt_exits", 1) < 1:

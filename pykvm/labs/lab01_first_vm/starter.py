@@ -1,4 +1,4 @@
-"""Lab 1: First VM. Read sheet.md first; fill in the TODOs; check with `python lab.py`.
+"""Lab 1: First VM. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`.
 
 The checker calls solve(task) in a child process with a random task and
 watches what KVM does; what solve() returns is ignored.
@@ -14,7 +14,8 @@ def solve(task) -> None:
     # TODO 1: open /dev/kvm (pykvm.Kvm()), create a VM with memory_size=0 and add ONE
     #         memory slot of task.memory_size bytes at guest-physical address 0.
     # TODO 2: write task.code into guest memory at task.address.
-    # TODO 3: create a vCPU; enter real mode with CS*16 + IP == task.address.
+    # TODO 3: create a vCPU; enter real mode with CS*16 + IP == task.address
+    #         (CS and IP are 16-bit: 0..0xFFFF each).
     # TODO 4: loop over vcpu.run(): answer the IN from task.port with task.answer,
     #         continue past the OUT, stop at the HltExit.
     raise NotImplementedError("TODO 1-4 in solve(): create the VM, load the code, run it (sheet.md)")
