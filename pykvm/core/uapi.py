@@ -40,6 +40,9 @@ RUN_EOI = struct.Struct("<B")
 # struct kvm_pmu_event_filter { u32 action; u32 nevents; u32 fixed_counter_bitmap; u32 flags; u32 pad[4];
 #                               u64 events[]; }
 PMU_EVENT_FILTER = struct.Struct("<IIII16x")
+# struct kvm_nested_state { u16 flags; u16 format; u32 size; union { vmx; svm { u64 vmcb_pa; }; u8 pad[120]; } hdr;
+#                           u8 data[]; }  (data: for SVM the 4096-byte vmcb12, control area then save area at 0x400)
+NESTED_STATE = struct.Struct("<HHI120s")
 # kvm_run's exit union: hyperv { u32 type; u32 pad; union { synic { u32 msr; u32 pad; u64 control, evt_page,
 # msg_page; }, hcall, syndbg } }: the type, then the union as the 6 u64 words of its largest member (syndbg)
 RUN_HYPERV = struct.Struct("<I4x6Q")
@@ -63,6 +66,9 @@ TPR_ACCESS_REPORTING_ENABLED = 1
 PMU_EVENT_ALLOW = 0
 PMU_EVENT_DENY = 1
 PMU_EVENT_FILTER_MAX_EVENTS = 300     # KVM's limit (E2BIG above it); not in the UAPI header
+NESTED_FORMAT_VMX, NESTED_FORMAT_SVM = 0, 1
+NESTED_GUEST_MODE, NESTED_RUN_PENDING, NESTED_GIF_SET = 0x1, 0x2, 0x100
+NESTED_SVM_VMCB_SIZE = 0x1000
 
 
 class UapiIoctl(enum.IntEnum):
@@ -76,6 +82,8 @@ class UapiIoctl(enum.IntEnum):
     TPR_ACCESS_REPORTING = IOC(IOC_READ | IOC_WRITE, KVMIO, 0x92, TPR_ACCESS_CTL.size)
     SMI = IOC(IOC_NONE, KVMIO, 0xB7, 0)
     SET_PMU_EVENT_FILTER = IOC(IOC_WRITE, KVMIO, 0xB2, PMU_EVENT_FILTER.size)
+    GET_NESTED_STATE = IOC(IOC_READ | IOC_WRITE, KVMIO, 0xBE, NESTED_STATE.size)
+    SET_NESTED_STATE = IOC(IOC_WRITE, KVMIO, 0xBF, NESTED_STATE.size)
 
     @property
     def macro(self) -> str:
@@ -126,6 +134,46 @@ class MsrFilterRange:
         """The bitmap as KVM reads it: whole longs (BITS_TO_LONGS(nmsrs) * 8 bytes)."""
         size = (self.nmsrs + 63) // 64 * 8
         return self.bitmap[:size].ljust(size, b"\x00")
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedState:
+    """``struct kvm_nested_state``: a vCPU's nested-virtualization state (``KVM_GET/SET_NESTED_STATE``).
+
+    ``header`` is the vendor's 120-byte header (SVM: the guest-physical
+    address of L1's vmcb12), ``data`` what follows it (SVM: vmcb12's control
+    area, then at 0x400 the L1 state saved at VMRUN). With ``NESTED_GUEST_MODE``
+    the vCPU's registers are the L2 guest's.
+    """
+
+    flags: int
+    format: int
+    header: bytes = bytes(120)
+    data: bytes = b""
+
+    @classmethod
+    def svm(cls, vmcb_pa: int, vmcb12: bytes, guest_mode: bool = True, gif: bool = True) -> NestedState:
+        """SVM state: in guest mode (L2 runs) under the vmcb12 at ``vmcb_pa``, whose contents are ``vmcb12``."""
+        flags = (NESTED_GUEST_MODE if guest_mode else 0) | (NESTED_GIF_SET if gif else 0)
+        return cls(flags, NESTED_FORMAT_SVM, vmcb_pa.to_bytes(8, "little").ljust(120, b"\x00"),
+                   bytes(vmcb12).ljust(NESTED_SVM_VMCB_SIZE, b"\x00") if guest_mode else b"")
+
+    @property
+    def guest_mode(self) -> bool:
+        return bool(self.flags & NESTED_GUEST_MODE)
+
+    @property
+    def vmcb_pa(self) -> int:
+        """SVM: the guest-physical address of vmcb12."""
+        return int.from_bytes(self.header[:8], "little")
+
+    def pack(self) -> bytes:
+        return NESTED_STATE.pack(self.flags, self.format, NESTED_STATE.size + len(self.data), self.header) + self.data
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> NestedState:
+        flags, format, size, header = NESTED_STATE.unpack_from(raw)
+        return cls(flags, format, header, bytes(raw[NESTED_STATE.size:size]))
 
 
 def call(owner: Any, request: UapiIoctl, arg: bytes | bytearray | int | None = None, hint: str = "") -> int:

@@ -39,7 +39,7 @@ from .interrupts import DEBUG_VECTOR, ERROR_CODE_VECTORS, PAGE_FAULT_VECTOR, Irq
 from .ioctls import Ioctl
 from .state import ExceptionEvent, Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
 from .stats import Stats
-from .uapi import TPR_ACCESS_CTL, TPR_ACCESS_REPORTING_ENABLED, UapiIoctl, call
+from .uapi import NESTED_STATE, TPR_ACCESS_CTL, TPR_ACCESS_REPORTING_ENABLED, NestedState, UapiIoctl, call
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -684,6 +684,28 @@ class Vcpu(FdObject):
         """
         call(self, UapiIoctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock "
                                                   "(MSR 0x4b564d01 with bit 0 set)")
+
+    def get_nested_state(self) -> NestedState:
+        """``KVM_GET_NESTED_STATE``: the vCPU's nested-virtualization state (L1's VMCB/VMCS, guest mode)."""
+        size = self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.get_nested_state()")
+        raw = bytearray(size)
+        raw[4:8] = size.to_bytes(4, "little")
+        call(self, UapiIoctl.GET_NESTED_STATE, raw)
+        return NestedState.unpack(bytes(raw))
+
+    def set_nested_state(self, state: NestedState) -> None:
+        """``KVM_SET_NESTED_STATE``: restore nested state; in guest mode the vCPU's registers are L2's.
+
+        KVM checks the state like a VM entry would and raises
+        KVM_REQ_GET_NESTED_STATE_PAGES: before the next entry it maps the pages
+        the state refers to (SVM: L1's MSR permission map).
+        """
+        checks.instance("state", state, NestedState, "a pykvm.core.uapi.NestedState, e.g. NestedState.svm(...)")
+        self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.set_nested_state()")
+        call(self, UapiIoctl.SET_NESTED_STATE, state.pack(),
+             hint=f"KVM refused the state: it needs nested virtualization (kvm_amd/kvm_intel nested=1), the "
+                  f"vendor's format, EFER.SVME (or VMXON) in the vCPU and a consistent VMCB/VMCS "
+                  f"({NESTED_STATE.size}-byte header + data)")
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on this vCPU (per-vCPU capabilities, e.g. ``Cap.HYPERV_SYNIC``)."""
