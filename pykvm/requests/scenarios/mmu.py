@@ -529,7 +529,7 @@ REQUESTS = (
         "the guest switches CR3 8 times between two roots (control: 8 switches through five roots, more "
         "than KVM caches)",
         "trace kvmmmu:kvm_mmu_get_page of 4-level roots: one lookup for 8 switches (8 in the control); the "
-        "guest reads each root's own marker page through ROOT_VA",
+        "guest reads, through each root, the marker page only that root maps",
         "KVM keeps the current root and up to three previous roots (prev_roots) per MMU. When the guest "
         "loads a CR3 whose shadow root is among them, kvm_mmu_new_pgd() (mmu/mmu.c) swaps it in without "
         "building anything and raises KVM_REQ_LOAD_MMU_PGD; at the next entry kvm_mmu_load_pgd() writes "
