@@ -16,6 +16,7 @@ import dataclasses
 
 from ..hosts.vendor import VendorModule, detect_vendor
 from .scenarios import NO_EFFECT, NOT_IMPLEMENTED, OBSERVED, ROWS, SCENARIOS, UNREACHABLE, Outcome, Request
+from .scenarios.mmu import two_dimensional_paging
 
 # The order vcpu_enter_guest() checks the requests in (Linux 6.12), as the table lists them.
 ORDER = ("VM_DEAD", "GET_NESTED_STATE_PAGES", "MMU_FREE_OBSOLETE_ROOTS", "MIGRATE_TIMER", "MASTERCLOCK_UPDATE",
@@ -46,8 +47,13 @@ class Row:
 
 
 def expected(request: Request, vendor: VendorModule | None = None) -> str:
-    """What was measured for ``request`` on ``vendor`` before (the table), NOT_IMPLEMENTED when unknown."""
+    """What was measured for ``request`` on ``vendor`` before (the table), NOT_IMPLEMENTED when unknown.
+
+    For kvm_amd without NPT (``npt=0``, read now) the row's ``amd_shadow`` verdict, where it has one.
+    """
     vendor = detect_vendor() if vendor is None else vendor
+    if vendor == VendorModule.AMD and request.amd_shadow and not two_dimensional_paging():
+        return request.amd_shadow
     return request.expected.get(vendor, NOT_IMPLEMENTED)
 
 

@@ -20,20 +20,26 @@ from . import BY_NAME, OBSERVED, REQUESTS, Row, run_request
 from .scenarios import SCENARIOS, Outcome
 
 
-def _list(as_json: bool) -> int:
+def _list(as_json: bool, min_observed: int) -> int:
     vendor = detect_vendor()
     rows = [run_request(request, vendor) for request in REQUESTS]
+    observed = sum(row.verdict == OBSERVED for row in rows)
     if as_json:
-        json.dump({"host": vendor.value, "requests": [row.as_dict() for row in rows]}, sys.stdout, indent=1)
+        json.dump({"host": vendor.value, "observed": observed, "requests": [row.as_dict() for row in rows]},
+                  sys.stdout, indent=1)
         print()
-        return 0
-    print(f"KVM's requests on {vendor.value} (verdicts measured now; `show NAME` for a timeline)\n")
-    for row in rows:
-        _print_row(row)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row.verdict] = counts.get(row.verdict, 0) + 1
-    print(f"{len(rows)} requests: " + ", ".join(f"{count} {verdict}" for verdict, count in counts.items()))
+    else:
+        print(f"KVM's requests on {vendor.value} (verdicts measured now; `show NAME` for a timeline)\n")
+        for row in rows:
+            _print_row(row)
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row.verdict] = counts.get(row.verdict, 0) + 1
+        print(f"{len(rows)} requests: " + ", ".join(f"{count} {verdict}" for verdict, count in counts.items()))
+    if observed < min_observed:
+        print(f"pykvm.requests: {observed} requests observed on {vendor.value}, fewer than --min-observed "
+              f"{min_observed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -82,6 +88,8 @@ def _show(name: str, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pykvm.requests", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--min-observed", type=int, default=0, metavar="N",
+                        help="exit with status 1 when fewer than N requests are observed (for CI)")
     sub = parser.add_subparsers(dest="command")
     show = sub.add_parser("show", help="run one request's scenario and print its timeline")
     show.add_argument("name", help="e.g. MMU_FREE_OBSOLETE_ROOTS")
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "show":
         return run_command("pykvm.requests", lambda: _show(args.name, args.json or args.show_json))
-    return run_command("pykvm.requests", lambda: _list(args.json))
+    return run_command("pykvm.requests", lambda: _list(args.json, args.min_observed))
 
 
 if __name__ == "__main__":

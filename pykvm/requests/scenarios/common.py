@@ -51,6 +51,7 @@ class Request:
     explanation: str
     expected: dict[VendorModule, str] = dataclasses.field(default_factory=dict)
     needs: str = ""  # what a host lacks when the request is not reachable there
+    amd_shadow: str = ""  # the verdict on kvm_amd loaded with npt=0 (shadow paging), where it differs
 
 
 def request(
@@ -63,9 +64,15 @@ def request(
     pvm: str = NOT_IMPLEMENTED,
     amd: str = NOT_IMPLEMENTED,
     needs: str = "",
+    amd_shadow: str = "",
 ) -> Request:
-    """A table row; ``pvm`` and ``amd`` are the verdicts measured on those hosts before (expectations)."""
-    return Request(name, made_in, handled_in, trigger, evidence, explanation, {PVM: pvm, AMD: amd}, needs)
+    """A table row; ``pvm`` and ``amd`` are the verdicts measured on those hosts before (expectations).
+
+    ``amd`` is kvm_amd as loaded by default (npt=Y); ``amd_shadow`` the verdict measured with npt=0
+    where it differs (the shadow-paging-only requests).
+    """
+    return Request(name, made_in, handled_in, trigger, evidence, explanation, {PVM: pvm, AMD: amd}, needs,
+                   amd_shadow)
 
 
 @dataclasses.dataclass

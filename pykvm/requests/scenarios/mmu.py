@@ -520,6 +520,7 @@ REQUESTS = (
         NO_EFFECT,
         UNREACHABLE,
         needs="shadow paging (kvm_amd npt=0, kvm_intel ept=0, or kvm_pvm)",
+        amd_shadow=OBSERVED,
     ),
     request(
         "LOAD_MMU_PGD",
@@ -545,6 +546,7 @@ REQUESTS = (
         OBSERVED,
         UNREACHABLE,
         needs="shadow paging (kvm_amd npt=0, kvm_intel ept=0, or kvm_pvm)",
+        amd_shadow=OBSERVED,
     ),
     request(
         "UPDATE_CPU_DIRTY_LOGGING",
