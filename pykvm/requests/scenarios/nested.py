@@ -116,8 +116,9 @@ def get_nested_state_pages(control: bool = False) -> Outcome:
         regs = vcpu.regs
         regs.rip, regs.rsp, regs.rflags = code.address("l2"), L2_STACK, 0x2
         vcpu.regs = regs
-        t.host(f"L1 state: EFER.SVME set; vmcb12 at {VMCB12:#x} intercepts HLT (and VMRUN), MSR map at {MSRPM:#x} "
-               f"intercepts RDMSR {MSR_FS_BASE:#x}; vCPU registers: L2 at {regs.rip:#x}")
+        t.host(f"L1 state: EFER.SVME set; vmcb12 at {VMCB12:#x} intercepts HLT, MSR accesses through the map "
+               f"(and VMRUN); MSR map at {MSRPM:#x} intercepts RDMSR {MSR_FS_BASE:#x}; vCPU registers: L2 at "
+               f"{regs.rip:#x}")
         if control:
             t.host("no KVM_SET_NESTED_STATE (control): the same registers run as L1")
         else:
