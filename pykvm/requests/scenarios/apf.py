@@ -247,7 +247,7 @@ def apf_halt(control: bool = False) -> Outcome:
 REQUESTS = (
     request(
         "APF_HALT",
-        "kvm_mmu_faultin_pfn(): a fault on a gfn with an async PF outstanding; "
+        "the MMU fault path (__kvm_mmu_faultin_pfn, mmu.c): a fault on a gfn with an async PF outstanding; "
         "kvm_arch_async_page_not_present() when 'page not present' cannot be delivered",
         "vcpu_enter_guest(): apf.halted = true, the vCPU blocks (vcpu_block) until the page is ready",
         "guest enables async PF, reads a userfaultfd page provided 300 ms late, and retries at once after "
