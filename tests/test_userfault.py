@@ -120,3 +120,21 @@ def test_a_guest_reads_a_page_that_arrives_late(vm, vcpu):
         exit = vcpu.run()
     assert isinstance(exit, IoExit) and exit.value == 0x2002000   # the provider got the guest-physical address
     assert [fault.address - provider.address for fault in provider.faults] == [2 * PAGE_SIZE]
+
+
+def test_vm_memory_reads_and_writes_a_missing_page_without_hanging(vm):
+    slot = vm.memory.add_slot(0x2000000, 4 * PAGE_SIZE)
+    result: dict = {}
+
+    def host_access() -> None:
+        result["read"] = vm.memory.read(0x2001000, 8)             # faults: the provider must get the GIL
+        vm.memory.write(0x2003000, b"written")
+        result["written"] = vm.memory.read(0x2003000, 7)
+
+    with vm.memory.provide_pages(slot.slot, lambda gpa: gpa.to_bytes(8, "little")) as provider:
+        worker = threading.Thread(target=host_access, daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+        assert not worker.is_alive(), "vm.memory.read of a missing page hung"
+    assert result == {"read": (0x2001000).to_bytes(8, "little"), "written": b"written"}
+    assert sorted(fault.address - provider.address for fault in provider.faults) == [PAGE_SIZE, 3 * PAGE_SIZE]

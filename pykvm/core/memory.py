@@ -11,6 +11,7 @@ unmapped memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -175,8 +176,8 @@ class GuestMemory:
         Pages already written are not affected. KVM waits for a missing page (or,
         with async page faults, lets the guest wait); ``provide`` returns up to a
         page of bytes and may sleep. Read missing pages from the host with the
-        returned provider's ``read()`` (``memory.read`` would hold the GIL the
-        serving thread needs). Close the provider (a context manager) when done;
+        provider's ``read()`` or with ``vm.memory.read``: while a provider exists,
+        memory copies release the GIL, which the serving thread needs. Close the provider (a context manager) when done;
         closing the VM closes it too. See :mod:`pykvm.core.userfault`.
         """
         self._vm._check_open()
@@ -237,19 +238,34 @@ class GuestMemory:
     def read(self, gpa: int, size: int, address_space: int = 0) -> bytes:
         """``size`` bytes at guest-physical ``gpa`` (of ``address_space``: 1 is SMRAM's, see ``add_slot``)."""
         with self._lock:
-            return ffi.buffer(self._locate(gpa, size, address_space), size)[:]
+            pointer = self._locate(gpa, size, address_space)
+            if not self._providers:
+                return ffi.buffer(pointer, size)[:]
+            out = ctypes.create_string_buffer(size)
+            self._copy_without_gil(ctypes.addressof(out), int(ffi.cast("uintptr_t", pointer)), size)
+            return out.raw
 
     def write(self, gpa: int, data: bytes, address_space: int = 0) -> None:
         """Write ``data`` at guest-physical ``gpa`` (of ``address_space``: 1 is SMRAM's, see ``add_slot``)."""
         raw = checks.data("data", data)
         with self._lock:
-            ffi.memmove(self._locate(gpa, len(raw), address_space), raw, len(raw))
+            pointer = self._locate(gpa, len(raw), address_space)
+            if not self._providers:
+                ffi.memmove(pointer, raw, len(raw))
+                return
+            source = ctypes.create_string_buffer(raw, len(raw))
+            self._copy_without_gil(int(ffi.cast("uintptr_t", pointer)), ctypes.addressof(source), len(raw))
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set ``size`` bytes at ``gpa`` to ``byte``."""
         checks.integer("byte", byte, 0, 255)
-        with self._lock:
-            ffi.memmove(self._locate(gpa, size), bytes([byte]) * size, size)
+        self.write(gpa, bytes([byte]) * size)
+
+    @staticmethod
+    def _copy_without_gil(destination: int, source: int, size: int) -> None:
+        """memmove through ctypes, a foreign call that releases the GIL: a page not yet provided
+        (``provide_pages``) faults, and the provider's thread needs the GIL to serve it."""
+        ctypes.memmove(destination, source, size)
 
     def read_int(self, gpa: int, size: int, signed: bool = False) -> int:
         return int.from_bytes(self.read(gpa, size), "little", signed=signed)
