@@ -215,8 +215,9 @@ class PageProvider:
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset``, waiting (without the GIL) for pages not yet provided.
 
-        Use this, not ``ffi.buffer`` or ``vm.memory.read``, for a page that may still be missing: those
-        copy while holding the GIL, which the serving thread needs, so they would wait forever.
+        Use this (or ``vm.memory.read``, which does the same while a provider exists), not ``ffi.buffer``,
+        for a page that may still be missing: a copy holding the GIL, which the serving thread needs,
+        would wait forever.
         """
         checks.integer("offset", offset, 0, self.size - 1, f"an offset inside the {self.size:#x}-byte range")
         checks.integer("size", size, 0, self.size - offset, "a length that stays inside the range")
