@@ -33,6 +33,13 @@ REFERENCE = Path(__file__).resolve().parent / "labs_reference"
 # took over 30 s for one lab 3 step that takes 18 s alone (students get 30 s, PYKVM_LAB_DEADLINE).
 SLOW_HOST = 120.0
 LABS = [lab.number for lab in all_labs()]
+INJECTION_LABS = range(4, 9)         # ready or not .. exceptions from the host: also run on the VT-x host
+
+
+def _by_lab(values, number_of) -> list:
+    """Parameters for every lab (or wrong solution); the injection labs' carry the ``injection`` mark."""
+    return [pytest.param(value, marks=[pytest.mark.injection] if number_of(value) in INJECTION_LABS else [])
+            for value in values]
 
 
 
@@ -133,7 +140,7 @@ def test_listing_says_what_each_lab_teaches_and_whether_it_runs_here(kvm, host):
 
 # -- every lab: starter, reference, wrong solutions ------------------------------------------
 
-@pytest.mark.parametrize("number", LABS)
+@pytest.mark.parametrize("number", _by_lab(LABS, int))
 def test_untouched_starter_fails_with_the_todo_and_the_hint(kvm, tmp_path, number):
     lab = get_lab(number)
     report = check(lab, _started(number, tmp_path), deadline=SLOW_HOST)
@@ -145,16 +152,25 @@ def test_untouched_starter_fails_with_the_todo_and_the_hint(kvm, tmp_path, numbe
     assert "hint: " in format_report(report)
 
 
-@pytest.mark.parametrize("number", LABS)
+@pytest.mark.parametrize("number", _by_lab(LABS, int))
 def test_reference_solution_passes(kvm, number):
     report = check(get_lab(number), REFERENCE / f"lab{number:02d}.py", deadline=SLOW_HOST)
     assert report.passed, format_report(report)
 
 
-@pytest.mark.parametrize("name", sorted(WRONG))
-def test_wrong_solution_fails_the_step_it_gets_wrong(kvm, name):
+def _wrong_solution(name: str, directory: Path) -> Path:
+    """The wrong solution ``name`` as a student's file: its lab's reference with the wrong part appended."""
+    path = directory / name / STUDENT_FILE
+    path.parent.mkdir()
+    path.write_text((REFERENCE / f"{name[:5]}.py").read_text() + f"\n\n# ---- {name}.py: the mistake ----\n"
+                    + (REFERENCE / f"{name}.py").read_text())
+    return path
+
+
+@pytest.mark.parametrize("name", _by_lab(sorted(WRONG), lambda name: int(name[3:5])))
+def test_wrong_solution_fails_the_step_it_gets_wrong(kvm, tmp_path, name):
     outcomes = WRONG[name]
-    report = check(get_lab(int(name[3:5])), REFERENCE / f"{name}.py", deadline=SLOW_HOST)
+    report = check(get_lab(int(name[3:5])), _wrong_solution(name, tmp_path), deadline=SLOW_HOST)
     assert not report.passed
     assert any(not report.results[step - 1].passed and phrase in report.results[step - 1].detail
                for step, phrase in outcomes), format_report(report)
@@ -192,8 +208,8 @@ def test_student_exception_is_a_failed_step_with_the_line(kvm, tmp_path):
     assert [r.detail for r in report.results[1:]] == ["not checked: step 1 failed"] * 3
 
 
-def test_what_the_student_printed_is_shown_under_the_checklist(kvm):
-    report = check(get_lab(1), REFERENCE / "lab01_wrong_no_reply.py")
+def test_what_the_student_printed_is_shown_under_the_checklist(kvm, tmp_path):
+    report = check(get_lab(1), _wrong_solution("lab01_wrong_no_reply", tmp_path))
     assert report.output == ""
     report = check(get_lab(1), Path(__file__).resolve().parent / "labs_reference" / "lab01_printing.py")
     assert report.passed and "task: Task(code=<" in report.output
@@ -250,7 +266,7 @@ def test_checks_leave_no_fds_or_processes_behind(kvm, tmp_path):
     crash.write_text("import os, signal\ndef solve(task):\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
     check(get_lab(1), REFERENCE / "lab01.py")               # warm up (imports, caches)
     before = me.num_fds()
-    for path in (REFERENCE / "lab01.py", hang, crash, REFERENCE / "lab01_wrong_no_reply.py"):
+    for path in (REFERENCE / "lab01.py", hang, crash, _wrong_solution("lab01_wrong_no_reply", tmp_path)):
         check(get_lab(1), path, deadline=2)
     assert me.num_fds() == before
     assert me.children(recursive=True) == []

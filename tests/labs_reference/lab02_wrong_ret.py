@@ -1,6 +1,5 @@
 """Lab 2, wrong: the handler returns with ret, not iret."""
 
-import pykvm
 
 # What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
 # After `ret` the guest runs on with CS and FLAGS left on its stack: on kvm_pvm it takes #GP and
@@ -17,18 +16,3 @@ def handler_source(task) -> str:
         pop %bp
         ret                      # wrong: leaves CS and FLAGS on the stack
     """
-
-
-def solve(task) -> None:
-    code = pykvm.assemble(handler_source(task), "real", origin=0)
-    task.vm.memory.write(task.handler_address, code.code)
-    task.vm.memory.write_u16(4 * task.vector, 0)
-    task.vm.memory.write_u16(4 * task.vector + 2, task.handler_address >> 4)
-    injected = False
-    while True:
-        exit = task.vcpu.run()
-        if isinstance(exit, pykvm.HltExit):
-            return
-        if not injected and task.vcpu.kvm_run.ready_for_interrupt_injection:
-            task.vcpu.interrupt(task.vector)
-            injected = True

@@ -6,17 +6,6 @@ import pykvm
 EXPECTED_FAILURES = [(2, 'you injected vector 0x40')]
 
 
-def handler_source(task) -> str:
-    return f"""
-        push %bp
-        mov %sp, %bp
-        mov 2(%bp), %ax          # the interrupted IP: the CPU pushed FLAGS, CS, IP
-        out %ax, ${task.report_port:#x}
-        pop %bp
-        iret
-    """
-
-
 def solve(task) -> None:
     code = pykvm.assemble(handler_source(task), "real", origin=0)
     task.vm.memory.write(task.handler_address, code.code)

@@ -1,7 +1,5 @@
 """Lab 3, wrong: the #GP handler forgets to drop the error code before iretq."""
 
-import pykvm
-from pykvm import x86
 
 # What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
 EXPECTED_FAILURES = [(5, 'a handler did not resume')]
@@ -35,13 +33,3 @@ pf_handler:
         mov %rsi, (%rsp)
         iretq
 """
-
-
-def solve(task) -> None:
-    code = pykvm.assemble(handlers_source(task), "long", origin=task.handler_address)
-    task.vm.memory.write(task.handler_address, code.code)
-    x86.enter_long_mode(task.vcpu, task.entry, handlers={
-        0: code.symbols["de_handler"], 13: code.symbols["gp_handler"], 14: code.symbols["pf_handler"]})
-    for _ in range(100):
-        if isinstance(task.vcpu.run(), pykvm.HltExit):
-            return

@@ -8,13 +8,3 @@ EXPECTED_FAILURES = [(1, 'trigger mode edge, not level')]
 
 def route(task) -> None:
     task.guest.ioapic_route(task.pin, RedirectionEntry(vector=task.vector, level_triggered=False))
-
-
-def pulse(task) -> None:
-    task.vm.irq_line(task.pin, 1)
-    task.vm.irq_line(task.pin, 0)
-
-
-def acknowledge(task) -> None:
-    task.vm.irq_line(task.pin, 0)      # the device is serviced: its line goes low first
-    task.guest.eoi()                   # then the EOI clears remote IRR

@@ -1,13 +1,8 @@
 """Lab 9, wrong: the line is raised but never lowered, by pulse() and by acknowledge()."""
 
-from pykvm.irqchip.ioapic import RedirectionEntry
 
 # What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
 EXPECTED_FAILURES = [(2, 'pulse #2'), (3, 'still high')]
-
-
-def route(task) -> None:
-    task.guest.ioapic_route(task.pin, RedirectionEntry(vector=task.vector, level_triggered=task.level))
 
 
 def pulse(task) -> None:

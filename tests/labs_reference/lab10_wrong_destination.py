@@ -3,7 +3,7 @@
 import time
 
 from pykvm.guests import Command
-from pykvm.irqchip import MsiMessage, MsiRoute
+from pykvm.irqchip import MsiMessage
 from pykvm.runtime import command_in_thread
 
 # What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
@@ -12,15 +12,6 @@ EXPECTED_FAILURES = [(1, "the task's destination is APIC ID")]
 
 def msi(destination: int, vector: int) -> MsiMessage:
     return MsiMessage(address_lo=0xFEE00000, address_hi=destination, data=vector)
-
-
-def send_msi(task) -> None:
-    task.vm.signal_msi(msi(task.destination, task.vector))
-
-
-def route(task) -> None:
-    vm = task.vm
-    vm.set_gsi_routing(vm.routes + (MsiRoute(task.gsi, msi(task.destination, task.vector)),))
 
 
 def wake(task) -> None:

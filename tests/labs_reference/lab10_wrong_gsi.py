@@ -3,19 +3,11 @@
 import time
 
 from pykvm.guests import Command
-from pykvm.irqchip import MsiMessage, MsiRoute
+from pykvm.irqchip import MsiRoute
 from pykvm.runtime import command_in_thread
 
 # What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
 EXPECTED_FAILURES = [(2, "has no route")]
-
-
-def msi(destination: int, vector: int) -> MsiMessage:
-    return MsiMessage(address_lo=0xFEE00000 | destination << 12, address_hi=0, data=vector)
-
-
-def send_msi(task) -> None:
-    task.vm.signal_msi(msi(task.destination, task.vector))
 
 
 def route(task) -> None:

@@ -1,6 +1,5 @@
 """Lab 12, wrong: leaves the mask bit of the LVT timer entry set."""
 
-from lab12 import DIVIDE_ENCODING, one_shot, pit, tsc_deadline  # noqa: F401
 
 from pykvm.irqchip.lapic import ApicReg, TimerMode
 

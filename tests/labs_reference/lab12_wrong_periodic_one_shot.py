@@ -1,6 +1,5 @@
 """Lab 12, wrong: programs a periodic timer where a one-shot was asked."""
 
-from lab12 import periodic, pit, start_lapic_timer, tsc_deadline  # noqa: F401
 
 from pykvm.irqchip.lapic import TimerMode
 

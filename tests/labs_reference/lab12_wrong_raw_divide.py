@@ -1,6 +1,5 @@
 """Lab 12, wrong: writes the divisor itself into TIMER_DIVIDE instead of its encoding."""
 
-from lab12 import one_shot, pit, tsc_deadline  # noqa: F401
 
 from pykvm.irqchip.lapic import ApicReg, TimerMode
 

@@ -1,6 +1,5 @@
 """Lab 13, wrong: sends the SIPI without an INIT first."""
 
-from lab13 import send_ipi, send_startup  # noqa: F401
 
 # What the checker must say: [(the 1-based step that fails, a phrase its reason contains), ...]; any one.
 EXPECTED_FAILURES = [(1, "no INIT reached it")]
