@@ -29,6 +29,14 @@ _SOFTWARE_INTERRUPT_OPCODES = (b"\xcc", b"\xcd", b"\xce")
 _UD2 = b"\x0f\x0b"
 VMX_ENTRY_FAILURE = 1 << 31       # set in the exit reason of a failed VM entry
 VMX_INVALID_GUEST_STATE = 33
+# kvm_intel reports the VM-instruction error (Intel SDM Vol. 3C 31.4) when VMLAUNCH/VMRESUME itself fails.
+VMX_INSTRUCTION_ERRORS = {
+    7: ("VM entry with invalid control fields. One cause pykvm users meet: an exception injected with "
+        "KVM_SET_VCPU_EVENTS whose has_error_code does not match its vector (the SDM's checks on the "
+        "VM-entry interruption-information field: only #DF, #TS, #NP, #SS, #GP, #PF and #AC deliver "
+        "an error code, and they must)"),
+    8: "VM entry with invalid host-state fields",
+}
 
 
 def explain_entry_failure(host: HostInfo, reason: int) -> str:
@@ -40,6 +48,8 @@ def explain_entry_failure(host: HostInfo, reason: int) -> str:
             return "VMRUN failed (SVM_EXIT_ERR): the VMCB's guest state is invalid"
         return f"SVM exit code {reason:#x}"
     if host.vendor == VendorModule.INTEL:
+        if not reason & VMX_ENTRY_FAILURE and reason in VMX_INSTRUCTION_ERRORS:
+            return f"VMLAUNCH/VMRESUME failed (VM-instruction error {reason}): {VMX_INSTRUCTION_ERRORS[reason]}"
         basic = reason & 0xFFFF
         if basic == VMX_INVALID_GUEST_STATE:
             return (f"VM entry failed ({reason:#x}): invalid guest state. An external interrupt "
