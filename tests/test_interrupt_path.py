@@ -66,3 +66,17 @@ def test_doctor_reports_which_path_events_fire(traced):
     section = result.stdout[result.stdout.index("== trace events on one MSI's path"):]
     assert "kvm:kvm_msi_set_irq" in section.splitlines()[1]         # emitted on every host
     assert "the guest logged the vector: yes" in section
+
+
+def test_demo_prints_the_timeline_or_says_what_is_not_emitted(traced):
+    result = subprocess.run([sys.executable, "-m", "pykvm.demo", "--path-count", "0"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    section = result.stdout[result.stdout.index("== 4. one MSI along KVM's path"):result.stdout.index("== summary")]
+    assert "kvm_msi_set_irq" in section and "kvm_apic_accept_irq" in section and "guest  handler" in section
+    if "kvm_entry: VM entry" in section:           # the note's path, in order, up to the handler's report
+        order = [section.index(name) for name in ("kvm_msi_set_irq:", "kvm_apic_accept_irq:", "kvm_inj_virq:",
+                                                  "kvm_entry:", "kvm_userspace_exit:")]
+        assert order == sorted(order), section
+    else:
+        assert "not emitted on this host: " in section and "kvm:kvm_entry" in section
