@@ -64,8 +64,13 @@ TIMER_MESSAGE = struct.Struct("<IBB2xQI4xQQ")
 MESSAGE_SLOT = DATA + STIMER_SINT * 256   # the SIMP page holds one 256-byte message per SINT
 
 
-def hyperv_missing(kvm: pykvm.Kvm, synic: bool = False) -> str:
+def hyperv_missing(synic: bool = False) -> str:
     """Why this host cannot run a Hyper-V scenario ('' when it can), checked now."""
+    with pykvm.Kvm() as kvm:
+        return _hyperv_missing(kvm, synic)
+
+
+def _hyperv_missing(kvm: pykvm.Kvm, synic: bool) -> str:
     if not kvm.check_extension(Cap.SYS_HYPERV_CPUID):
         return ("needs Hyper-V emulation: this host has no KVM_CAP_SYS_HYPERV_CPUID "
                 "(KVM_GET_SUPPORTED_HV_CPUID, checked now)")
@@ -108,9 +113,7 @@ def crash_guest(trigger: bool) -> str:
 def hv_crash(control: bool = False) -> Outcome:
     """A guest write of CRASH_CTL with CRASH_NOTIFY raises KVM_REQ_HV_CRASH: a SYSTEM_EVENT exit of type CRASH."""
     t = Timeline("HV_CRASH", control)
-    with pykvm.Kvm() as kvm:
-        missing = hyperv_missing(kvm)
-    if missing:
+    if missing := hyperv_missing():
         return t.unreachable(missing)
     with machine() as (vm, vcpu):
         give_hyperv_cpuid(vcpu)
@@ -129,9 +132,7 @@ def hv_crash(control: bool = False) -> Outcome:
 def hv_reset(control: bool = False) -> Outcome:
     """A guest write of 1 to HV_X64_MSR_RESET raises KVM_REQ_HV_RESET: a SYSTEM_EVENT exit of type RESET."""
     t = Timeline("HV_RESET", control)
-    with pykvm.Kvm() as kvm:
-        missing = hyperv_missing(kvm)
-    if missing:
+    if missing := hyperv_missing():
         return t.unreachable(missing)
     with machine() as (vm, vcpu):
         give_hyperv_cpuid(vcpu)
@@ -154,9 +155,7 @@ def synic_machine_setup(vcpu: pykvm.Vcpu) -> None:
 def hv_exit(control: bool = False) -> Outcome:
     """A guest write of a SynIC MSR raises KVM_REQ_HV_EXIT: KVM_EXIT_HYPERV (SYNIC) tells userspace."""
     t = Timeline("HV_EXIT", control)
-    with pykvm.Kvm() as kvm:
-        missing = hyperv_missing(kvm, synic=True)
-    if missing:
+    if missing := hyperv_missing(synic=True):
         return t.unreachable(missing)
     with machine(irqchip="kernel") as (vm, vcpu):
         synic_machine_setup(vcpu)
@@ -199,9 +198,7 @@ def read_timer_message(vm: pykvm.Vm) -> dict[str, int]:
 def hv_stimer(control: bool = False) -> Outcome:
     """An expired synthetic timer raises KVM_REQ_HV_STIMER: KVM posts the timer message in the SIMP page."""
     t = Timeline("HV_STIMER", control)
-    with pykvm.Kvm() as kvm:
-        missing = hyperv_missing(kvm, synic=True)
-    if missing:
+    if missing := hyperv_missing(synic=True):
         return t.unreachable(missing)
     with machine(irqchip="kernel") as (vm, vcpu):
         synic_machine_setup(vcpu)

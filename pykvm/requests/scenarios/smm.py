@@ -51,8 +51,13 @@ loop:   out %al, ${PORT_READY:#x}
 """
 
 
-def smm_missing(kvm: pykvm.Kvm) -> str:
+def smm_missing() -> str:
     """Why this host cannot run an SMM scenario ('' when it can), checked now."""
+    with pykvm.Kvm() as kvm:
+        return _smm_missing(kvm)
+
+
+def _smm_missing(kvm: pykvm.Kvm) -> str:
     if not kvm.check_extension(Cap.X86_SMM):
         return "needs SMM: this host has no KVM_CAP_X86_SMM (checked now)"
     if kvm.check_extension(Cap.MULTI_ADDRESS_SPACE) < 2:
@@ -72,9 +77,7 @@ def add_smram(vm: pykvm.Vm) -> None:
 def smi(control: bool = False) -> Outcome:
     """KVM_SMI raises KVM_REQ_SMI: at the next entry the vCPU enters SMM and runs the handler in SMRAM."""
     t = Timeline("SMI", control)
-    with pykvm.Kvm() as kvm:
-        missing = smm_missing(kvm)
-    if missing:
+    if missing := smm_missing():
         return t.unreachable(missing)
     with machine() as (vm, vcpu):
         add_smram(vm)
@@ -126,9 +129,7 @@ def open_fds() -> int:
 def vm_dead(control: bool = False) -> Outcome:
     """An SMI with no SMRAM in address space 1: enter_smm() cannot save the state and calls kvm_vm_dead()."""
     t = Timeline("VM_DEAD", control)
-    with pykvm.Kvm() as kvm:
-        missing = smm_missing(kvm)
-    if missing:
+    if missing := smm_missing():
         return t.unreachable(missing)
     fds_before = open_fds()
     errors: dict[str, str] = {}
