@@ -1,4 +1,4 @@
-"""Lab 10: MSI, GSI routing and irqfd. Read sheet.md first; fill in the TODOs; check with `python lab.py`."""
+"""Lab 10: MSI, GSI routing and irqfd. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
 
 import time  # noqa: F401
 
