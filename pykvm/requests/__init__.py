@@ -5,7 +5,7 @@ a set of per-vCPU request bits that other code raised (an ioctl, a timer, an
 MMU notifier, another vCPU). This table names each request, where it is made
 and handled (kernel 6.12 sources), how pykvm raises it and what evidence shows
 it was handled; :mod:`pykvm.requests.scenarios` runs the scenarios. The
-``expected`` column holds what was measured on kvm_pvm and kvm_amd; verdicts
+``expected`` column holds what was measured on kvm_pvm, kvm_amd and kvm_intel; verdicts
 printed by ``python -m pykvm.requests`` are measured in that run, and the tests
 compare the two.
 """

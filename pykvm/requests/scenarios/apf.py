@@ -262,6 +262,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="async page faults",
+        intel=OBSERVED,
     ),
     request(
         "APF_READY",
@@ -284,6 +285,7 @@ REQUESTS = (
         pvm=OBSERVED,
         amd=OBSERVED,
         needs="async page faults",
+        intel=OBSERVED,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {"APF_HALT": apf_halt, "APF_READY": apf_ready}

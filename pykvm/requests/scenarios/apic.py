@@ -353,6 +353,7 @@ REQUESTS = (
         "running guest code in batches enters again first.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "IOAPIC_EOI_EXIT",
@@ -367,6 +368,7 @@ REQUESTS = (
         "clear remote IRR and re-deliver the line if it is still high. Edge vectors are never marked.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "SCAN_IOAPIC",
@@ -382,6 +384,7 @@ REQUESTS = (
         "vector is not marked and its EOI stays in the kernel.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "LOAD_EOI_EXITMAP",
@@ -396,6 +399,7 @@ REQUESTS = (
         NO_EFFECT,
         NO_EFFECT,
         needs="APICv",
+        intel=NO_EFFECT,
     ),
     request(
         "APICV_UPDATE",
@@ -411,6 +415,7 @@ REQUESTS = (
         UNREACHABLE,
         UNREACHABLE,
         needs="APICv",
+        intel=UNREACHABLE,
     ),
     request(
         "APIC_PAGE_RELOAD",

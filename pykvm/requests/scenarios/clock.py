@@ -32,6 +32,7 @@ from .common import (
     PVCLOCK,
     PVCLOCK_GUEST_STOPPED,
     PVCLOCK_TSC_STABLE,
+    UNREACHABLE,
     Outcome,
     Timeline,
     io_port,
@@ -412,6 +413,7 @@ REQUESTS = (
         "read and the guest's view agree.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "GLOBAL_CLOCK_UPDATE",
@@ -431,6 +433,7 @@ REQUESTS = (
         "that all come online or migrate at once.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "MASTERCLOCK_UPDATE",
@@ -450,6 +453,7 @@ REQUESTS = (
         "new snapshot and decide whether the master clock is usable, then KVM_REQ_CLOCK_UPDATE on each vCPU.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "STEAL_UPDATE",
@@ -461,6 +465,7 @@ REQUESTS = (
         "the request each time the vCPU is loaded on a host CPU and writes the record before entering.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "MIGRATE_TIMER",
@@ -478,6 +483,7 @@ REQUESTS = (
         "the symbol on kvm_pvm's kernel and an address on kvm_amd's (Debian 6.12), resolved in /proc/kallsyms.",
         OBSERVED,
         OBSERVED,
+        intel=UNREACHABLE,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {

@@ -36,7 +36,7 @@ PVCLOCK_TSC_STABLE, PVCLOCK_GUEST_STOPPED = 1, 2
 EXTRA_SLOT_GPA = 0x2000000  # a second memory slot, above the default 16 MiB
 
 
-PVM, AMD = VendorModule.PVM, VendorModule.AMD
+PVM, AMD, INTEL = VendorModule.PVM, VendorModule.AMD, VendorModule.INTEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +64,17 @@ def request(
     pvm: str = NOT_IMPLEMENTED,
     amd: str = NOT_IMPLEMENTED,
     needs: str = "",
+    intel: str = NOT_IMPLEMENTED,
     amd_shadow: str = "",
 ) -> Request:
-    """A table row; ``pvm`` and ``amd`` are the verdicts measured on those hosts before (expectations).
+    """A table row; ``pvm``, ``amd`` and ``intel`` are the verdicts measured on those hosts before.
 
     ``amd`` is kvm_amd as loaded by default (npt=Y); ``amd_shadow`` the verdict measured with npt=0
-    where it differs (the shadow-paging-only requests).
+    where it differs (the shadow-paging-only requests). ``intel`` is kvm_intel under Bochs
+    (``python -m pykvm.hosts bochs-intel``: one host CPU, EPT and PML on, APICv off).
     """
-    return Request(name, made_in, handled_in, trigger, evidence, explanation, {PVM: pvm, AMD: amd}, needs,
-                   amd_shadow)
+    return Request(name, made_in, handled_in, trigger, evidence, explanation,
+                   {PVM: pvm, AMD: amd, INTEL: intel}, needs, amd_shadow)
 
 
 @dataclasses.dataclass

@@ -136,6 +136,7 @@ REQUESTS = (
         "would wait for an unrelated exit.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "NMI",
@@ -148,6 +149,7 @@ REQUESTS = (
         "race-free against the vCPU thread.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "TRIPLE_FAULT",
@@ -160,6 +162,7 @@ REQUESTS = (
         "effect without guest code running.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {"EVENT": event, "NMI": nmi, "TRIPLE_FAULT": triple_fault}

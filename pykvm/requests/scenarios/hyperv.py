@@ -253,6 +253,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="Hyper-V emulation",
+        intel=OBSERVED,
     ),
     request(
         "HV_RESET",
@@ -267,6 +268,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="Hyper-V emulation",
+        intel=OBSERVED,
     ),
     request(
         "HV_EXIT",
@@ -283,6 +285,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="Hyper-V emulation",
+        intel=OBSERVED,
     ),
     request(
         "HV_STIMER",
@@ -300,6 +303,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="Hyper-V emulation",
+        intel=OBSERVED,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {

@@ -458,6 +458,7 @@ REQUESTS = (
         "KVM_REQ_TLB_FLUSH (with a kick) makes each vCPU flush all its guest TLB entries before it runs again.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "TLB_FLUSH_CURRENT",
@@ -478,6 +479,7 @@ REQUESTS = (
         "accepts SMEP although its KVM_GET_SUPPORTED_CPUID leaf 7 does not offer it.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "MMU_FREE_OBSOLETE_ROOTS",
@@ -492,6 +494,7 @@ REQUESTS = (
         "(no walk of the old tables under the lock); the request is what makes it safe.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
     request(
         "MMU_SYNC",
@@ -521,6 +524,7 @@ REQUESTS = (
         UNREACHABLE,
         needs="shadow paging (kvm_amd npt=0, kvm_intel ept=0, or kvm_pvm)",
         amd_shadow=OBSERVED,
+        intel=UNREACHABLE,
     ),
     request(
         "LOAD_MMU_PGD",
@@ -547,6 +551,7 @@ REQUESTS = (
         UNREACHABLE,
         needs="shadow paging (kvm_amd npt=0, kvm_intel ept=0, or kvm_pvm)",
         amd_shadow=OBSERVED,
+        intel=UNREACHABLE,
     ),
     request(
         "UPDATE_CPU_DIRTY_LOGGING",
@@ -571,6 +576,7 @@ REQUESTS = (
         UNREACHABLE,
         UNREACHABLE,
         needs="Intel VMX with PML (kvm_intel pml=Y)",
+        intel=OBSERVED,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {

@@ -70,6 +70,7 @@ REQUESTS = (
         "so the very next RDMSR is filtered.",
         OBSERVED,
         OBSERVED,
+        intel=OBSERVED,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {"MSR_FILTER_CHANGED": msr_filter_changed}

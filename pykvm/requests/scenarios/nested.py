@@ -177,6 +177,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="nested virtualization",
+        intel=UNREACHABLE,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {"GET_NESTED_STATE_PAGES": get_nested_state_pages}

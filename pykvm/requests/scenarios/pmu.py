@@ -144,6 +144,7 @@ REQUESTS = (
         pvm=NO_EFFECT,
         amd=NO_EFFECT,
         needs="a vPMU",
+        intel=NO_EFFECT,
     ),
     request(
         "PMI",
@@ -158,6 +159,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=UNREACHABLE,
         needs="a vPMU",
+        intel=UNREACHABLE,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {"PMU": pmu, "PMI": pmi}

@@ -179,6 +179,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="SMM",
+        intel=OBSERVED,
     ),
     request(
         "SMI",
@@ -197,6 +198,7 @@ REQUESTS = (
         pvm=UNREACHABLE,
         amd=OBSERVED,
         needs="SMM",
+        intel=OBSERVED,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {"SMI": smi, "VM_DEAD": vm_dead}
