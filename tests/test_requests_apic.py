@@ -2,9 +2,10 @@
 
 REPORT_TPR_ACCESS, IOAPIC_EOI_EXIT and SCAN_IOAPIC are judged on the exits
 KVM returned (payloads, order), the LAPIC state from KVM_GET_LAPIC and, where
-tracefs is usable, the kernel's trace events; LOAD_EOI_EXITMAP, APICV_UPDATE
-and APIC_PAGE_RELOAD on the APIC-virtualization switches read from
-/sys/module at the same time.
+tracefs is usable, the kernel's trace events; LOAD_EOI_EXITMAP and
+APICV_UPDATE on the APIC-virtualization switches read from /sys/module at the
+same time; APIC_PAGE_RELOAD on the Rss of KVM's APIC-access page in this
+process's smaps (kvm_intel with flexpriority) or on those switches elsewhere.
 """
 
 from __future__ import annotations
@@ -94,10 +95,40 @@ def test_apicv_switches_are_read_from_sys_module(tmp_path):
 
 def test_with_apicv_on_the_requests_pykvm_cannot_trigger_say_so(monkeypatch):
     monkeypatch.setattr(apic, "apicv_parameters", lambda sys_module=apic.SYS_MODULE: {"kvm_amd avic": "Y"})
-    for scenario in (apic.apicv_update, apic.apic_page_reload):
-        outcome = scenario()
-        assert outcome.verdict == NOT_IMPLEMENTED and "kvm_amd avic=Y" in outcome.why
-        assert scenario(control=True).verdict == "absent"
+    outcome = apic.apicv_update()
+    assert outcome.verdict == NOT_IMPLEMENTED and "kvm_amd avic=Y" in outcome.why
+    assert apic.apicv_update(control=True).verdict == "absent"
+    # AVIC has the page but no set_apic_access_page_addr: kvm_unmap_gfn_range() never raises the reload
+    reload = apic.apic_page_reload()
+    assert reload.verdict == UNREACHABLE and "kvm_amd avic=Y" in reload.why and "flexpriority" in reload.why
+
+
+def test_a_page_reload_without_kvms_mapping_found_says_why(kvm, monkeypatch):
+    switches = {"kvm_intel enable_apicv": "N", "kvm_intel flexpriority": "Y"}
+    monkeypatch.setattr(apic, "apicv_parameters", lambda sys_module=apic.SYS_MODULE: switches)
+    monkeypatch.setattr(apic, "apic_access_mapping", lambda before, after: (None, []))
+    outcome = apic.apic_page_reload()
+    assert outcome.verdict == NOT_IMPLEMENTED and "cannot tell which is KVM's APIC-access page" in outcome.why
+    assert apic.apic_page_reload(control=True).verdict == "absent"
+
+
+def test_dropping_kvms_apic_access_page_makes_the_next_entry_fault_it_back(kvm):
+    parameters = apic.apicv_parameters()
+    outcome = apic.apic_page_reload()
+    control = apic.apic_page_reload(control=True)
+    if parameters.get("kvm_intel flexpriority") not in ("Y", "1"):
+        assert outcome.verdict == control.verdict == UNREACHABLE
+        assert "APIC-access page" in outcome.why or "flexpriority" in outcome.why
+        return
+    assert outcome.verdict == OBSERVED, outcome.steps
+    evidence = outcome.evidence
+    assert "/dev/zero (deleted)" in evidence["mapping"] and "4 KiB" in evidence["mapping"]
+    assert evidence["rss_kb"]["before_run"] == 0 and evidence["rss_kb"]["after_run"] == 4
+    assert evidence["unmap_events"] in (None, 1) and evidence["guest_ok"]
+    assert control.verdict == "absent", control.steps
+    rss = control.evidence["rss_kb"]
+    assert rss["ready"] == rss["before_run"] == rss["after_run"] == 4      # never dropped, never faulted again
+    assert control.evidence["unmap_events"] in (None, 0) and control.evidence["guest_ok"]
 
 
 def test_apicv_requests_say_what_this_host_lacks(kvm):
@@ -106,7 +137,7 @@ def test_apicv_requests_say_what_this_host_lacks(kvm):
     update = apic.apicv_update()
     if not apicv_on:
         assert update.verdict == UNREACHABLE and "read now" in update.why
-    intel_page = any(v in ("Y", "1") for k, v in parameters.items() if k.startswith("kvm_intel"))
+    intel_page = parameters.get("kvm_intel flexpriority") in ("Y", "1")
     reload = apic.apic_page_reload()
     if not intel_page:
         assert reload.verdict == UNREACHABLE and "kvm_intel" in reload.why

@@ -26,7 +26,9 @@ from pykvm.core.interrupts import MsiMessage, MsiRoute
 from pykvm.hosts.vendor import detect_vendor
 from pykvm.irqchip import lapic
 from pykvm.irqchip.lapic import ApicReg
+from pykvm.runtime import hostmaps, trace
 from pykvm.x86.msr import XAPIC_BASE
+from pykvm.x86.paging import PAGE_SIZE
 
 from .common import (
     NO_EFFECT,
@@ -326,15 +328,103 @@ def apicv_update(control: bool = False) -> Outcome:
                               "that flips an inhibit yet")
 
 
+# ---- APIC_PAGE_RELOAD -----------------------------------------------------------
+
+RELOAD_GUEST = f"""
+        out %al, ${PORT_READY:#x}
+        mov ${SPIN}, %ecx                     # the guest never touches its APIC page (0xfee00000)
+1:      loop 1b
+        mov $0x600d, %eax
+        out %al, ${PORT_HANDLER:#x}
+        hlt
+"""
+GUEST_DONE = 0x600D     # what RELOAD_GUEST leaves in RAX when it reached PORT_HANDLER
+
+
+def _flexpriority(parameters: dict[str, str]) -> bool:
+    return parameters.get("kvm_intel flexpriority") in ("Y", "1")
+
+
+def apic_access_mapping(before: list[hostmaps.Mapping], after: list[hostmaps.Mapping]) -> \
+        tuple[hostmaps.Mapping | None, list[hostmaps.Mapping]]:
+    """KVM's APIC-access page among the mappings vCPU creation added: the one new 4 KiB shared anonymous one.
+
+    Returns it (None unless exactly one matches) and every new mapping, to say why when none or several do.
+    """
+    new = hostmaps.new_mappings(before, after)
+    pages = [m for m in new if m.shared_anonymous and m.size == PAGE_SIZE]
+    return (pages[0] if len(pages) == 1 else None), new
+
+
+def _covering(recording: trace.Recording, address: int) -> int:
+    """How many kvm_unmap_hva_range events of ``recording`` covered ``address``."""
+    return sum(1 for e in recording.named("kvm:kvm_unmap_hva_range") if e["start"] <= address < e["end"])
+
+
 def apic_page_reload(control: bool = False) -> Outcome:
-    """KVM_REQ_APIC_PAGE_RELOAD: the host MM invalidated KVM's APIC-access page, which exists only with APICv/AVIC."""
+    """madvise(MADV_DONTNEED) on KVM's APIC-access page: KVM_REQ_APIC_PAGE_RELOAD looks it up again at entry.
+
+    kvm_intel with flexpriority only: its vCPU creation maps the page into this
+    process (``vm_mmap``), found as the new 4 KiB ``/dev/zero (deleted)``
+    mapping. Evidence: the page leaves this process's page table (smaps Rss
+    4 -> 0 kB) and comes back during the next KVM_RUN though the guest never
+    touches it (vmx_set_apic_access_page_addr() faults it in to get its
+    address), and a kvm_unmap_hva_range event covers it.
+    """
     t = Timeline("APIC_PAGE_RELOAD", control)
     parameters = apicv_parameters()
     if not any(value in ("Y", "1") for value in parameters.values()):
         return t.unreachable(f"needs KVM's APIC-access page, allocated only with kvm_intel flexpriority/enable_apicv "
                              f"or kvm_amd avic: {_switches(parameters)} (read now), so there is no page to move")
-    return _no_trigger_yet(t, f"KVM has an APIC-access page here ({_switches(parameters)}) but pykvm cannot "
-                              "yet make the host invalidate it")
+    if not _flexpriority(parameters):
+        return t.unreachable(f"needs kvm_intel's flexpriority: {_switches(parameters)} (read now); only VMX with it "
+                             "implements set_apic_access_page_addr, and kvm_unmap_gfn_range() raises the request "
+                             "only then (kvm_amd's AVIC page is invalidated without it)")
+    if (missing := _unreachable_without_split(t)) is not None:
+        return missing
+    with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+        before = hostmaps.read_maps()
+        vcpu = vm.create_vcpu()
+        page, new = apic_access_mapping(before, hostmaps.read_maps())
+        t.host("KVM_CREATE_VCPU (split irqchip: a LAPIC in KVM); new mappings of this process: "
+               + ("; ".join(m.describe() for m in new) or "none"))
+        if page is None:
+            return _no_trigger_yet(t, f"kvm_intel has flexpriority here ({_switches(parameters)}) but vCPU creation "
+                                      f"added {len(new)} mapping(s) and not exactly one 4 KiB shared anonymous one "
+                                      "(/dev/zero (deleted)), so pykvm cannot tell which is KVM's APIC-access page")
+        rss = {"created": hostmaps.resident_kb(page)}
+        t.host(f"KVM's APIC-access page (private memslot, GPA {XAPIC_BASE:#x}) is mapped at {page.start:#x}; "
+               f"Rss {rss['created']} kB")
+        x86.load_code(vcpu, RELOAD_GUEST)
+        run_until(vcpu, t, is_port(PORT_READY))
+        rss["ready"] = hostmaps.resident_kb(page)
+        t.guest(f"the guest reached READY (first entry done); the page's Rss: {rss['ready']} kB")
+        with t.trace("kvm:kvm_unmap_hva_range") as recording:
+            if control:
+                t.host("nothing (control): the page stays mapped")
+            else:
+                hostmaps.madvise_dontneed(page.start, page.size)
+                t.host(f"madvise({page.start:#x}, {page.size}, MADV_DONTNEED): the MMU notifier runs "
+                       "kvm_unmap_gfn_range() on the private memslot (KVM raises KVM_REQ_APIC_PAGE_RELOAD)")
+            rss["before_run"] = hostmaps.resident_kb(page)
+            t.host(f"the page's Rss before KVM_RUN: {rss['before_run']} kB")
+            exit = run_until(vcpu, t, is_port(PORT_HANDLER))
+        rss["after_run"] = hostmaps.resident_kb(page)
+        guest_ok = isinstance(exit, IoExit) and vcpu.regs.rax == GUEST_DONE
+        t.guest(f"the guest ran to its end without touching 0xfee00000 (RAX {vcpu.regs.rax:#x}); the page's Rss "
+                f"after KVM_RUN: {rss['after_run']} kB")
+        covering = _covering(recording, page.start) if recording is not None else None
+        if covering is not None:
+            t.add("note", f"{covering} kvm_unmap_hva_range event(s) covered the page")
+        t.outcome.evidence.update(mapping=page.describe(), rss_kb=rss, unmap_events=covering, guest_ok=guest_ok)
+        dropped = rss["before_run"] == 0 < rss["after_run"] == page.size // 1024
+        seen = dropped and guest_ok and covering in (None, 1)
+        return t.verdict(seen, f"the page left this process's page table (Rss {rss['ready']} -> "
+                               f"{rss['before_run']} kB) and was back after KVM_RUN ({rss['after_run']} kB) although "
+                               "the guest never touched it: vmx_set_apic_access_page_addr(), run for the request, "
+                               "faulted it in to write its address into the VMCS"
+                               + ("; one kvm_unmap_hva_range event covered it" if covering else
+                                  f" (no trace: {t.trace_problem})" if covering is None else ""))
 
 
 REQUESTS = (
@@ -419,18 +509,36 @@ REQUESTS = (
     ),
     request(
         "APIC_PAGE_RELOAD",
-        "kvm_unmap_gfn_range() (mmu/mmu.c): an MMU-notifier invalidation covers KVM's private APIC-access memslot",
-        "kvm_vcpu_reload_apic_access_page() -> the vendor's set_apic_access_page_addr (VMX only)",
-        "kvm_intel flexpriority/APICv or kvm_amd AVIC (module parameters, read now); then the host moves the page",
-        "none here: no APIC-access page",
-        "Intel's 'virtualize APIC accesses' (and AMD's AVIC) make the CPU handle guest accesses to the APIC "
-        "page through a host page that KVM allocates in a private memslot. If the host migrates or reclaims "
-        "that page, the MMU notifier raises KVM_REQ_APIC_PAGE_RELOAD on all vCPUs, and each writes the new "
-        "physical address into its VMCS before entering (only VMX implements the reload; with AVIC the "
-        "request is raised and does nothing). Without APICv, flexpriority or AVIC the page is never allocated.",
+        "kvm_unmap_gfn_range() (mmu/mmu.c): an MMU-notifier invalidation covers KVM's private APIC-access memslot "
+        "and the vendor module has set_apic_access_page_addr (kvm_intel with flexpriority); also "
+        "vmx_set_virtual_apic_mode() when the LAPIC enters xAPIC mode (vCPU reset)",
+        "kvm_vcpu_reload_apic_access_page() -> vmx_set_apic_access_page_addr()",
+        "split irqchip on kvm_intel flexpriority=Y (read now); the new 4 KiB /dev/zero (deleted) mapping that "
+        "KVM_CREATE_VCPU added to this process is KVM's APIC-access page; madvise(MADV_DONTNEED) on it, then KVM_RUN",
+        "the page's smaps Rss 4 -> 0 kB after the madvise, 4 kB again after KVM_RUN (the guest never touches "
+        "0xfee00000); one kvm:kvm_unmap_hva_range event covering it; the guest still runs to its end",
+        "Intel's 'virtualize APIC accesses' (flexpriority, and APICv) makes the CPU turn guest accesses to the "
+        "APIC page into APIC-access exits or virtualized accesses, recognising the page by its host physical "
+        "address, which the VMCS holds. KVM backs GPA 0xfee00000 with a page of a private memslot "
+        "(APIC_ACCESS_PAGE_PRIVATE_MEMSLOT) that __x86_set_memory_region() maps with vm_mmap(MAP_SHARED | "
+        "MAP_ANONYMOUS) into the process creating the first vCPU, so it shows in /proc/self/maps as a 4 KiB "
+        "'/dev/zero (deleted)' mapping; the page is not pinned. When the host MM unmaps or migrates it, the MMU "
+        "notifier reaches kvm_unmap_gfn_range(), which raises KVM_REQ_APIC_PAGE_RELOAD on all vCPUs, and before "
+        "its next entry each runs vmx_set_apic_access_page_addr(): it looks the page up again through the "
+        "memslot (gfn_to_pfn_memslot(), faulting it back into the VMM's page table) and writes its address into "
+        "the VMCS. The scenario's madvise(MADV_DONTNEED) only drops the page-table entry (a shared mapping keeps "
+        "the page), so the address written back is the same; the fault-in is what shows. Only VMX implements the "
+        "reload: kvm_amd's AVIC page is invalidated without the request (SVM has no set_apic_access_page_addr), "
+        "and without flexpriority, APICv or AVIC there is no page at all (kvm_pvm). On kvm_intel with "
+        "flexpriority=Y (bochs-intel): observed; KVM_CREATE_VCPU added two mappings, the 12 KiB kvm_run and the "
+        "4 KiB page (Rss 4 kB already: 6.12's kvm_alloc_apic_access_page() looks it up once); after the madvise "
+        "its Rss was 0 kB, one kvm_unmap_hva_range event covered exactly the page, and after the next KVM_RUN "
+        "the Rss was 4 kB again while the guest ran to its end without touching 0xfee00000; without the madvise "
+        "(control) 4 kB throughout and no event covering the page.",
         UNREACHABLE,
         UNREACHABLE,
-        needs="APICv, flexpriority or AVIC (the APIC-access page)",
+        needs="kvm_intel with flexpriority (the APIC-access page and its VMCS address)",
+        intel=OBSERVED,
     ),
 )
 SCENARIOS: dict[str, Callable[..., Outcome]] = {
