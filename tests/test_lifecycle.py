@@ -3,6 +3,7 @@
 import errno
 import gc
 import os
+import sys
 
 import psutil
 import pytest
@@ -178,3 +179,31 @@ def test_io_exit_data_keeps_every_bit(vcpu, value):
     wide, narrow = vcpu.run(), vcpu.run()
     assert (wide.port, wide.size, wide.value, wide.is_out) == (0x10, 4, value, True)
     assert (narrow.port, narrow.size, narrow.value) == (0x11, 1, 0xAB)
+
+
+def test_ctrl_c_inside_vcpu_construction_closes_its_fd_without_a_traceback(vm, monkeypatch):
+    # A Ctrl-C can land on any line of Vcpu.__init__: here right after KVM_CREATE_VCPU gave the
+    # fd, before kvm_run is mapped. The half-built vCPU is closed when collected, silently.
+    import pykvm.core.vcpu as vcpu_module
+    real_ffi = vcpu_module.ffi
+
+    class InterruptedFfi:
+        def __getattr__(self, name):
+            return getattr(real_ffi, name)
+
+        def new(self, ctype, *args):
+            if ctype == "struct pykvm_vcpu_guard *":
+                raise KeyboardInterrupt
+            return real_ffi.new(ctype, *args)
+
+    unraisable = []                 # what __del__ raised: Python would print it as a traceback
+    fds = psutil.Process().num_fds()
+    monkeypatch.setattr(vcpu_module, "ffi", InterruptedFfi())
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(KeyboardInterrupt):
+        vm.create_vcpu(0)
+    gc.collect()
+    monkeypatch.undo()
+    assert psutil.Process().num_fds() == fds
+    assert not unraisable, [(u.exc_type, u.exc_value) for u in unraisable]
+    assert vm.create_vcpu(1).regs.rip is not None          # the VM goes on

@@ -23,8 +23,11 @@ class FdObject:
     _fd: int
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        # The lock first: from the moment _fd is set, __del__ may close (a Ctrl-C can land on
+        # any line of a subclass's __init__). Subclasses set what their _release() reads
+        # before calling this, for the same reason.
         self._close_lock = threading.Lock()
+        self._fd = fd
 
     # -- identity used in error messages ------------------------------------
     def describe(self) -> str:

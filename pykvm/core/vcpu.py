@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import checks, exits
 from .binding import ffi, lib
@@ -130,6 +130,7 @@ class Vcpu(FdObject):
     """A vCPU. Made by :meth:`pykvm.Vm.create_vcpu`."""
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self._run: Any = None          # kvm_run, once mapped (_release reads it)
         fd = vm._ioctl_value(Ioctl.CREATE_VCPU, vcpu_id,
                              hint="vCPU ids must be unique and below KVM_CAP_MAX_VCPU_ID")
         super().__init__(fd)
@@ -145,7 +146,6 @@ class Vcpu(FdObject):
         err = ffi.new("int *")
         pointer = lib.pykvm_mmap(fd, self._run_size, err)
         if pointer == ffi.NULL:
-            self._run = None
             self.close()
             raise ioctl_error(err[0], "mmap", f"kvm_run of vCPU {vcpu_id}")
         self._run_pointer = pointer

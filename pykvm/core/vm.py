@@ -114,17 +114,17 @@ class Vm(FdObject):
         if pit and mode != IrqchipMode.KERNEL:
             raise IrqchipModeError(f"pit=True needs irqchip='kernel' (the PIT drives the in-kernel PIC "
                                    f"and IOAPIC), but irqchip={mode.value!r}")
+        self.kvm = kvm                 # what _release reads exists before the fd does
+        self.vcpus: list[Vcpu] = []
+        self._eventfds: list[Irqfd | Ioeventfd] = []
+        self.memory = GuestMemory(self)
         result = kvm._ioctl_value(Ioctl.CREATE_VM, 0,
                                   hint="the host may be out of memory or limit the number of VMs")
         super().__init__(result)
         _OPEN_VMS.add(self)
-        self.kvm = kvm
-        self.vcpus: list[Vcpu] = []
         self.irqchip = IrqchipMode.NONE
         self.has_pit = False
         self.routes: tuple[Route, ...] = ()
-        self._eventfds: list[Irqfd | Ioeventfd] = []
-        self.memory = GuestMemory(self)
         try:
             if identity_map_addr is not None:
                 self.set_identity_map_addr(identity_map_addr)
