@@ -40,7 +40,7 @@ def test_dontneed_drops_a_shared_page_from_the_page_table_and_keeps_its_contents
         assert hostmaps.resident_kb(page) == 0            # nothing touched yet
         memory[0] = 0x5A
         assert hostmaps.resident_kb(page) == mmap.PAGESIZE // 1024
-        hostmaps.madvise_dontneed(page.start, page.size)
+        hostmaps.madvise_dontneed(page)
         assert hostmaps.resident_kb(page) == 0
         assert memory[0] == 0x5A                          # shmem kept the page; the read mapped it again
         assert hostmaps.resident_kb(page) == mmap.PAGESIZE // 1024
@@ -49,7 +49,13 @@ def test_dontneed_drops_a_shared_page_from_the_page_table_and_keeps_its_contents
 
 
 def test_madvise_refuses_what_it_cannot_advise():
-    with pytest.raises(hostmaps.HostMapsError, match="page-aligned"):
-        hostmaps.madvise_dontneed(0x1001, 4096)
-    with pytest.raises(hostmaps.HostMapsError, match="must be mapped"):
-        hostmaps.madvise_dontneed(0x1000, 4096)          # page 1 is never mapped: ENOMEM
+    with pytest.raises(hostmaps.HostMapsError, match="pass a Mapping"):
+        hostmaps.madvise_dontneed(0x1000)                # an address: which mapping is not known
+    private = next(m for m in hostmaps.read_maps() if not m.shared)
+    with pytest.raises(hostmaps.HostMapsError, match="is private"):
+        hostmaps.madvise_dontneed(private)               # Python's own memory: never zeroed
+    before = hostmaps.read_maps()
+    with mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED):
+        [page] = [m for m in hostmaps.new_mappings(before, hostmaps.read_maps()) if m.shared_anonymous]
+    with pytest.raises(hostmaps.HostMapsError, match="no longer in"):
+        hostmaps.madvise_dontneed(page)                  # unmapped since it was read

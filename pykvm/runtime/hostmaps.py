@@ -13,7 +13,7 @@ this process::
     before = hostmaps.read_maps()
     vcpu = vm.create_vcpu()
     page = [m for m in hostmaps.new_mappings(before, hostmaps.read_maps()) if m.shared_anonymous][0]
-    hostmaps.madvise_dontneed(page.start, page.size)
+    hostmaps.madvise_dontneed(page)
     assert hostmaps.resident_kb(page) == 0
 """
 
@@ -116,21 +116,27 @@ def resident_kb(mapping: Mapping, path: str = PROC_SMAPS) -> int:
     return rss
 
 
-def madvise_dontneed(address: int, length: int) -> None:
-    """``madvise(MADV_DONTNEED)`` on ``[address, address + length)`` of this process.
+def madvise_dontneed(mapping: Mapping) -> None:
+    """``madvise(MADV_DONTNEED)`` on the whole of ``mapping``, a shared mapping of this process.
 
-    Drops the range's pages from this process's page table (a shared mapping
-    keeps the pages themselves; the next access maps them again) and runs the
-    MMU notifiers registered on the process first, KVM's among them.
+    Drops its pages from this process's page table (a shared mapping keeps the
+    pages themselves; the next access maps them again) and runs the MMU
+    notifiers registered on the process first, KVM's among them. Only a shared
+    mapping that is still mapped as read is accepted: on private memory
+    MADV_DONTNEED would zero what Python or a library keeps there.
     """
-    page = os.sysconf("SC_PAGE_SIZE")
-    if address % page or length <= 0:
-        raise HostMapsError(f"madvise needs a page-aligned address and a positive length: got {address:#x}, "
-                            f"{length} (page size {page})")
+    if not isinstance(mapping, Mapping):
+        raise HostMapsError(f"mapping={mapping!r}: pass a Mapping from hostmaps.read_maps() or new_mappings()")
+    if not mapping.shared:
+        raise HostMapsError(f"mapping {mapping.describe()} is private: MADV_DONTNEED would zero its contents "
+                            "under whatever uses it; only shared mappings (perms ending in 's') are advised")
+    current = {(m.start, m.end, m.perms, m.path) for m in read_maps()}
+    if (mapping.start, mapping.end, mapping.perms, mapping.path) not in current:
+        raise HostMapsError(f"mapping {mapping.describe()} is no longer in {PROC_MAPS}: it was unmapped or "
+                            "changed; read the maps again")
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_DONTNEED) != 0:
+    if libc.madvise(ctypes.c_void_p(mapping.start), ctypes.c_size_t(mapping.size), MADV_DONTNEED) != 0:
         err = ctypes.get_errno()
-        raise HostMapsError(f"madvise({address:#x}, {length}, MADV_DONTNEED) failed: {os.strerror(err)}; "
-                            "the range must be mapped in this process (read /proc/self/maps again) and not "
-                            "locked (munlock it first)")
+        raise HostMapsError(f"madvise({mapping.start:#x}, {mapping.size}, MADV_DONTNEED) failed: "
+                            f"{os.strerror(err)}; the mapping must not be locked (munlock it first)")

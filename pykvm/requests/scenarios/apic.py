@@ -403,7 +403,7 @@ def apic_page_reload(control: bool = False) -> Outcome:
             if control:
                 t.host("nothing (control): the page stays mapped")
             else:
-                hostmaps.madvise_dontneed(page.start, page.size)
+                hostmaps.madvise_dontneed(page)
                 t.host(f"madvise({page.start:#x}, {page.size}, MADV_DONTNEED): the MMU notifier runs "
                        "kvm_unmap_gfn_range() on the private memslot (KVM raises KVM_REQ_APIC_PAGE_RELOAD)")
             rss["before_run"] = hostmaps.resident_kb(page)
