@@ -173,8 +173,10 @@ def test_scenario_matches_the_table_and_its_control_shows_nothing(kvm, name):
         assert evidence["remote_tlb_flush_requests"] >= 1 and evidence["tlb_flush"] >= 1
         assert control.evidence["remote_tlb_flush_requests"] == 0
     elif name == "STEAL_UPDATE":
+        # each KVM_RUN loads the vCPU: one update (+2) at least, more if the host preempted the
+        # vCPU thread during the run (seen once in CI with the machine busy)
         versions = evidence["versions"]
-        assert all(b - a == 2 for a, b in zip(versions, versions[1:], strict=False))
+        assert all(b - a >= 2 and (b - a) % 2 == 0 for a, b in zip(versions, versions[1:], strict=False))
         assert set(control.evidence["versions"]) == {0}
 
 

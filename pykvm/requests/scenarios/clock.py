@@ -300,7 +300,8 @@ def steal_update(control: bool = False) -> Outcome:
         t.outcome.evidence.update(versions=versions)
         return t.verdict(
             versions[-1] > versions[0] and versions[-1] % 2 == 0,
-            "the steal-time record's version grows by 2 per KVM_RUN",
+            "the steal-time record's version grows by 2 per KVM_RUN (by 2 per update: more where the host "
+            "scheduled the vCPU thread out and back in during a run, which loads the vCPU again)",
         )
 
 
