@@ -14,8 +14,8 @@ from pykvm.core import exits, uapi
 from pykvm.core.binding import ffi
 from pykvm.core.constants import HypervExitType, SystemEventType
 from pykvm.core.errors import CapabilityMissing, InvalidArgument, KvmError
-from pykvm.requests import UNREACHABLE
 from pykvm.requests.scenarios import hyperv
+from pykvm.testing import scenario_and_control
 
 HV_SIGNATURE = 0x31237648     # "Hv#1" in leaf 0x40000001 EAX
 
@@ -50,18 +50,8 @@ def test_vcpu_enable_cap_checks_and_names_the_ioctl(vcpu):
         vcpu.enable_cap(Cap.HYPERV_SYNIC)
 
 
-def _runs(kvm, scenario, *caps):
-    """The scenario's run and control where this host has ``caps``; else both must name what is missing."""
-    if all(kvm.check_extension(cap) for cap in caps):
-        return scenario(), scenario(control=True)
-    for control in (False, True):
-        outcome = scenario(control=control)
-        assert outcome.verdict == UNREACHABLE and "KVM_CAP_" in outcome.why, outcome
-    return None
-
-
 def test_crash_msr_gives_a_crash_event_with_its_parameters(kvm):
-    if (runs := _runs(kvm, hyperv.hv_crash, Cap.SYS_HYPERV_CPUID)) is None:
+    if (runs := scenario_and_control(kvm, hyperv.hv_crash, Cap.SYS_HYPERV_CPUID)) is None:
         return                                  # no Hyper-V emulation here (kvm_pvm): said, checked in _runs
     outcome, control = runs
     assert outcome.evidence["system_event"] == SystemEventType.CRASH
@@ -71,7 +61,7 @@ def test_crash_msr_gives_a_crash_event_with_its_parameters(kvm):
 
 
 def test_reset_msr_gives_a_reset_event(kvm):
-    if (runs := _runs(kvm, hyperv.hv_reset, Cap.SYS_HYPERV_CPUID)) is None:
+    if (runs := scenario_and_control(kvm, hyperv.hv_reset, Cap.SYS_HYPERV_CPUID)) is None:
         return
     outcome, control = runs
     assert outcome.evidence["system_event"] == SystemEventType.RESET
@@ -80,7 +70,7 @@ def test_reset_msr_gives_a_reset_event(kvm):
 
 
 def test_scontrol_write_exits_to_userspace(kvm):
-    if (runs := _runs(kvm, hyperv.hv_exit, Cap.SYS_HYPERV_CPUID, Cap.HYPERV_SYNIC)) is None:
+    if (runs := scenario_and_control(kvm, hyperv.hv_exit, Cap.SYS_HYPERV_CPUID, Cap.HYPERV_SYNIC)) is None:
         return
     outcome, control = runs
     assert outcome.evidence == {"hyperv_exit": True, "type": HypervExitType.SYNIC, "msr": 0x40000080, "control": 1}
@@ -89,7 +79,7 @@ def test_scontrol_write_exits_to_userspace(kvm):
 
 
 def test_synthetic_timer_posts_its_message(kvm):
-    if (runs := _runs(kvm, hyperv.hv_stimer, Cap.SYS_HYPERV_CPUID, Cap.HYPERV_SYNIC)) is None:
+    if (runs := scenario_and_control(kvm, hyperv.hv_stimer, Cap.SYS_HYPERV_CPUID, Cap.HYPERV_SYNIC)) is None:
         return
     outcome, control = runs
     evidence, message = outcome.evidence, outcome.evidence["message"]

@@ -12,8 +12,8 @@ import pytest
 
 from pykvm import Cap
 from pykvm.core.errors import CapabilityMissing, InvalidArgument, KvmVmDead, MemorySlotOverlap, ioctl_error
-from pykvm.requests import UNREACHABLE
 from pykvm.requests.scenarios import smm
+from pykvm.testing import scenario_and_control
 
 
 def test_eio_is_a_dead_vm_and_says_so():
@@ -40,18 +40,8 @@ def test_second_address_space_slots(kvm, vm):
         vm.memory.add_slot(smm.SMBASE, 0x1000, address_space=-1)
 
 
-def _runs(kvm, scenario):
-    """The scenario's run and control where this host has SMM; else both must name what is missing."""
-    if kvm.check_extension(Cap.X86_SMM):
-        return scenario(), scenario(control=True)
-    for control in (False, True):
-        outcome = scenario(control=control)
-        assert outcome.verdict == UNREACHABLE and "KVM_CAP_X86_SMM" in outcome.why, outcome
-    return None
-
-
 def test_smi_runs_the_smm_handler_and_rsm_returns(kvm):
-    if (runs := _runs(kvm, smm.smi)) is None:
+    if (runs := scenario_and_control(kvm, smm.smi, Cap.X86_SMM, missing="KVM_CAP_X86_SMM")) is None:
         return                                  # no SMM here (kvm_pvm): said, checked in _runs
     outcome, control = runs
     evidence = outcome.evidence
@@ -69,7 +59,7 @@ def test_smi_runs_the_smm_handler_and_rsm_returns(kvm):
 
 
 def test_smi_without_smram_kills_the_vm_and_close_leaks_nothing(kvm):
-    if (runs := _runs(kvm, smm.vm_dead)) is None:
+    if (runs := scenario_and_control(kvm, smm.vm_dead, Cap.X86_SMM, missing="KVM_CAP_X86_SMM")) is None:
         return
     outcome, control = runs
     assert outcome.evidence["errors"] == {"KVM_RUN": "KvmVmDead", "KVM_GET_REGS": "KvmVmDead",

@@ -1,15 +1,20 @@
-"""Assertions on what a guest recorded, and running a guest to a chosen handler.
+"""Assertions on what a guest recorded, running a guest to a chosen handler, and a request scenario with its control.
 
 Why this exists: every hardware test ends in "the guest took these vectors on
 these CPUs"; said once here, with a message that shows the whole log when it
-fails rather than a bare list comparison.
+fails rather than a bare list comparison. A test of a KVM request scenario
+(:mod:`pykvm.requests`) either gets its run and control, or checks that both
+name the capability the host lacks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from ..core.constants import Cap
 from ..core.errors import GuestError
+from ..core.system import Kvm
 from ..guests import GuestSession, GuestStop, StopKind
 
 
@@ -45,3 +50,19 @@ def run_until_vector(session: GuestSession, vector: int, max_exits: int = 10_000
             raise AssertionError(f"the guest reached {stop.describe()} without taking vector {vector:#x}; "
                                  f"it logged {[hex(r.vector) for r in session.log()]}")
     raise AssertionError(f"no handler of vector {vector:#x} within {max_exits} exits")
+
+
+def scenario_and_control(kvm: Kvm, scenario: Callable[..., Any], *caps: Cap,
+                         missing: str = "KVM_CAP_") -> tuple[Any, Any] | None:
+    """A request scenario's run and its control (``control=True``) where ``kvm`` has every one of ``caps``.
+
+    Elsewhere both must report the request unreachable with ``missing`` in
+    their reason (the capability they lack), and this returns None.
+    """
+    if all(kvm.check_extension(cap) for cap in caps):
+        return scenario(), scenario(control=True)
+    from ..requests.scenarios.common import UNREACHABLE  # the requests tool only where a test uses it
+    for control in (False, True):
+        outcome = scenario(control=control)
+        assert outcome.verdict == UNREACHABLE and missing in outcome.why, outcome
+    return None
