@@ -36,11 +36,14 @@ from .common import (
     OBSERVED,
     PORT_HANDLER,
     PORT_READY,
+    SYS_MODULE,
     UNREACHABLE,
     Outcome,
     Timeline,
+    is_on,
     is_port,
     machine,
+    module_parameter,
     request,
     run_until,
 )
@@ -48,7 +51,6 @@ from .common import (
 SPIN = 5000             # loop iterations after each APIC access: longer than kvm_pvm's batch of guest code
 VECTOR = 0x45           # the vector the EOI scenarios deliver
 GSI = 5                 # below the IOAPIC_NUM_PINS GSIs pykvm's split irqchip reserves for the userspace IOAPIC
-SYS_MODULE = "/sys/module"
 
 
 def _unreachable_without_split(t: Timeline) -> Outcome | None:
@@ -259,7 +261,7 @@ def scan_ioapic(control: bool = False) -> Outcome:
                                + (f"; the trace shows the scan reading the route ({reads} read)" if reads else ""))
 
 
-def apicv_parameters(sys_module: str = SYS_MODULE) -> dict[str, str]:
+def apicv_parameters(sys_module: Path | str = SYS_MODULE) -> dict[str, str]:
     """The loaded vendor module's APIC-virtualization switches, read now: e.g. ``{"kvm_amd avic": "N"}``.
 
     kvm_amd's ``avic`` and kvm_intel's ``enable_apicv`` are cleared at load
@@ -268,9 +270,9 @@ def apicv_parameters(sys_module: str = SYS_MODULE) -> dict[str, str]:
     """
     found = {}
     for module, parameter in (("kvm_intel", "enable_apicv"), ("kvm_intel", "flexpriority"), ("kvm_amd", "avic")):
-        path = Path(sys_module, module, "parameters", parameter)
-        if path.exists():
-            found[f"{module} {parameter}"] = path.read_text().strip()
+        value = module_parameter(module, parameter, sys_module)
+        if value is not None:
+            found[f"{module} {parameter}"] = value
     return found
 
 
@@ -280,7 +282,7 @@ def _switches(parameters: dict[str, str]) -> str:
 
 
 def _apicv_on(parameters: dict[str, str]) -> bool:
-    return any(value in ("Y", "1") for name, value in parameters.items() if not name.endswith("flexpriority"))
+    return any(is_on(value) for name, value in parameters.items() if not name.endswith("flexpriority"))
 
 
 def load_eoi_exitmap(control: bool = False) -> Outcome:
@@ -342,7 +344,7 @@ GUEST_DONE = 0x600D     # what RELOAD_GUEST leaves in RAX when it reached PORT_H
 
 
 def _flexpriority(parameters: dict[str, str]) -> bool:
-    return parameters.get("kvm_intel flexpriority") in ("Y", "1")
+    return is_on(parameters.get("kvm_intel flexpriority"))
 
 
 def apic_access_mapping(before: list[hostmaps.Mapping], after: list[hostmaps.Mapping]) -> \
@@ -373,7 +375,7 @@ def apic_page_reload(control: bool = False) -> Outcome:
     """
     t = Timeline("APIC_PAGE_RELOAD", control)
     parameters = apicv_parameters()
-    if not any(value in ("Y", "1") for value in parameters.values()):
+    if not any(is_on(value) for value in parameters.values()):
         return t.unreachable(f"needs KVM's APIC-access page, allocated only with kvm_intel flexpriority/enable_apicv "
                              f"or kvm_amd avic: {_switches(parameters)} (read now), so there is no page to move")
     if not _flexpriority(parameters):

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import struct
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykvm
@@ -34,6 +35,20 @@ MSR_KVM_STEAL_TIME = 0x4B564D03
 PVCLOCK = struct.Struct("<IIQQIbB2x")  # struct pvclock_vcpu_time_info
 PVCLOCK_TSC_STABLE, PVCLOCK_GUEST_STOPPED = 1, 2
 EXTRA_SLOT_GPA = 0x2000000  # a second memory slot, above the default 16 MiB
+SYS_MODULE = Path("/sys/module")
+
+
+def module_parameter(module: str, name: str, sys_module: Path | str = SYS_MODULE) -> str | None:
+    """``/sys/module/<module>/parameters/<name>`` read now, or None when the module or parameter is absent."""
+    try:
+        return (Path(sys_module) / module / "parameters" / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def is_on(value: str | None) -> bool:
+    """Whether a boolean or integer module parameter's text says on ("Y" or "1")."""
+    return value in ("Y", "1")
 
 
 PVM, AMD, INTEL = VendorModule.PVM, VendorModule.AMD, VendorModule.INTEL

@@ -36,18 +36,20 @@ from .common import (
     OBSERVED,
     PORT_HANDLER,
     PORT_READY,
+    SYS_MODULE,
     UNREACHABLE,
     Outcome,
     Timeline,
+    is_on,
     is_port,
     machine,
+    module_parameter,
     request,
     run_until,
 )
 
 CR4_SMEP = 1 << 20            # supervisor-mode execution prevention
 CPUID7_EBX_SMEP = 1 << 7      # CPUID.(EAX=7,ECX=0):EBX, SMEP supported
-SYS_MODULE = Path("/sys/module")
 # The vendor module parameter that turns two-dimensional paging on (AMD NPT, Intel EPT).
 TDP_PARAMETERS = (("kvm_amd", "npt"), ("kvm_intel", "ept"))
 PML_PARAMETER = ("kvm_intel", "pml")
@@ -55,19 +57,11 @@ ROOT_LEVEL = 4                # role.level of a 4-level root (role bits 0-3 of a
 ROLE_LEVEL_MASK = 0xF
 
 
-def module_parameter(module: str, name: str, sys_module: Path = SYS_MODULE) -> str | None:
-    """``/sys/module/<module>/parameters/<name>`` read now, or None when the module or parameter is absent."""
-    try:
-        return (sys_module / module / "parameters" / name).read_text().strip()
-    except OSError:
-        return None
-
-
 def two_dimensional_paging(sys_module: Path = SYS_MODULE) -> str:
     """``"kvm_amd npt=Y"`` (or ``kvm_intel ept=Y``) when the loaded vendor module uses NPT/EPT, read now; else ""."""
     for module, name in TDP_PARAMETERS:
         value = module_parameter(module, name, sys_module)
-        if value in ("Y", "1"):
+        if is_on(value):
             return f"{module} {name}={value}"
     return ""
 
@@ -417,7 +411,7 @@ def update_cpu_dirty_logging(control: bool = False) -> Outcome:
     if pml is None:
         return t.unreachable(f"needs Intel PML: no /sys/module/{module}/parameters/{name} (read now), so "
                              f"{module} is not loaded; this host's dirty logging write-protects pages instead")
-    if pml not in ("Y", "1"):
+    if not is_on(pml):
         return t.unreachable(f"needs Intel PML: {module} {name}={pml} (read now)")
     with machine() as (vm, vcpu):
         x86.load_code(vcpu, PML_GUEST)
