@@ -128,3 +128,20 @@ def test_guest_fixture_indirect_parametrisation(kvm_available, tmp_path, mode):
     """)
     result = run_pytest(tmp_path, source)
     assert "1 passed" in result.stdout, result.stdout
+
+
+def test_the_summary_counts_lost_wakeups(kvm_available, tmp_path):
+    # How pykvm reports a halted vCPU that went on only when re-entered (pykvm.irqchip.waiting): counted, not hidden.
+    source = USER_TEST + textwrap.dedent("""
+        import warnings
+        from pykvm.irqchip.waiting import LostWakeup
+
+        def test_a_lost_wakeup(kvm):
+            warnings.warn(LostWakeup("Command.WAIT_LOG on vCPU 0: the vCPU stayed halted for 20 s"))
+    """)
+    result = run_pytest(tmp_path, source)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pykvm hardware tests: 2 passed, 0 failed, 0 skipped, 1 lost wake-ups" in result.stdout
+    assert "LostWakeup: Command.WAIT_LOG on vCPU 0" in result.stdout                # in pytest's warnings summary
+    strict = run_pytest(tmp_path, source, PYTEST_ADDOPTS="-W error::pykvm.irqchip.waiting.LostWakeup")
+    assert strict.returncode == 1 and "1 failed, 1 passed" in strict.stdout

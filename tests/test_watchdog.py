@@ -1,13 +1,19 @@
-"""The command watchdog: one thread keeps every deadline, and a callback that raises cannot stop it."""
+"""The command watchdog: one thread keeps every deadline, a callback that raises cannot stop it, and a timeout
+says what the halted vCPU was waiting for."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
+from pykvm import guests
+from pykvm.core.constants import MpState
 from pykvm.core.errors import ClosedError, CommandTimeout
 from pykvm.guests import Command
+from pykvm.irqchip import lapic, waiting
+from pykvm.irqchip.lapic import ApicReg
 from pykvm.runtime.watchdog import Watchdog
 
 
@@ -36,7 +42,6 @@ def test_control_a_guard_left_in_time_never_fires():
 def test_command_timeouts_still_work_after_a_callback_raised(kvm):
     # The reproducer: a deadline whose kick() met a closed vCPU killed the shared watchdog thread,
     # and every later CommandTimeout silently never fired.
-    from pykvm import guests
     from pykvm.runtime.watchdog import WATCHDOG
 
     def broken() -> None:
@@ -50,3 +55,77 @@ def test_command_timeouts_still_work_after_a_callback_raised(kvm):
         with pytest.raises(CommandTimeout):
             guest.command(Command.HLT, timeout=0.3)      # cli; hlt: only the deadline ends it
         assert time.monotonic() - start < 5
+
+
+def test_a_timeout_says_the_awaited_interrupt_never_came(kvm):
+    # cli; hlt and nothing sent: the vCPU is halted with nothing pending.
+    with kvm.create_vm(irqchip="kernel") as vm:
+        [guest] = guests.boot_cpus(vm, "long", 1)
+        guest.apic_enable()
+        with pytest.raises(CommandTimeout, match=r"At the deadline: mp_state HALTED, IF=0; LAPIC .*irr=\[\]"
+                                                 r".*Nothing deliverable was pending: the awaited interrupt never "
+                                                 r"came"):
+            guest.command(Command.HLT, timeout=0.3)
+
+
+def test_a_timeout_names_the_vector_a_deaf_guest_left_pending(kvm):
+    # The same halt with an MSI sent meanwhile: the vector waits in the IRR, and IF=0 is why.
+    with kvm.create_vm(irqchip="kernel") as vm:
+        [guest] = guests.boot_cpus(vm, "long", 1)
+        guest.apic_enable()
+        threading.Timer(0.1, lambda: vm.signal_msi(destination=0, vector=0x41)).start()
+        with pytest.raises(CommandTimeout, match=r"irr=\[0x41\].*Vector 0x41 was pending but the guest halted "
+                                                 r"with IF=0"):
+            guest.command(Command.HLT, timeout=0.5)
+        assert waiting.read(guest.vcpu).irr == {0x41}
+
+
+@pytest.mark.parametrize("mp_state, interrupts_enabled, injected, irr, ppr, lost", [
+    (MpState.HALTED, True, None, {0x41}, 0x00, True),       # deliverable, IF=1, still halted: lost
+    (MpState.HALTED, True, 0x41, set(), 0x00, True),        # queued for injection, still halted: lost
+    (MpState.HALTED, True, None, {0x41}, 0x40, False),      # the PPR's class blocks 0x41: rightly asleep
+    (MpState.HALTED, False, None, {0x41}, 0x00, False),     # IF=0: rightly asleep
+    (MpState.HALTED, True, None, set(), 0x00, False),       # nothing came
+    (MpState.RUNNABLE, True, None, {0x41}, 0x00, False),    # not halted at all
+])
+def test_a_lost_wakeup_is_a_halted_vcpu_with_a_deliverable_vector_and_if_set(
+        mp_state, interrupts_enabled, injected, irr, ppr, lost):
+    state = waiting.WaitState(mp_state, interrupts_enabled, injected, frozenset(irr), frozenset(), ppr, 0, "LAPIC")
+    assert state.lost_wakeup is lost
+    assert ("lost wake-up" in state.describe()) is lost
+
+
+def _interrupt_without_a_wakeup(monkeypatch, vector: int) -> None:
+    """Make the vector pending (KVM_SET_LAPIC, the vCPU outside KVM_RUN) just as the deadline reads the wait:
+    an interrupt that came while nothing woke the halted vCPU, the defect the grace run exists for."""
+    read = waiting.read
+
+    def arrived_unnoticed(vcpu):
+        chip = lapic.read(vcpu)
+        word = ApicReg.IRR + 0x10 * (vector // 32)
+        vcpu.set_lapic(chip.with_register(word, lapic.read_register(chip.raw, word) | 1 << vector % 32))
+        return read(vcpu)
+    monkeypatch.setattr(waiting, "read", arrived_unnoticed)
+
+
+def test_a_halted_vcpu_whose_interrupt_came_unnoticed_goes_on_with_a_lost_wakeup_warning(kvm, monkeypatch):
+    with kvm.create_vm(irqchip="kernel") as vm:
+        [guest] = guests.boot_cpus(vm, "long", 1)
+        guest.apic_enable()
+        _interrupt_without_a_wakeup(monkeypatch, 0x41)
+        with pytest.warns(waiting.LostWakeup, match=r"Command.WAIT_LOG on vCPU 0: the vCPU stayed halted for "
+                                                    r"0.3 s.*mp_state HALTED, IF=1.*Vector 0x41 was deliverable"):
+            guest.command(Command.WAIT_LOG, 1, timeout=0.3)
+        assert [record.vector for record in guest.log()] == [0x41]        # the guest took it, once re-entered
+
+
+def test_a_halted_vcpu_with_nothing_pending_still_times_out_without_a_warning(kvm, recwarn):
+    # The control: the same wait, no interrupt: the grace run ends in CommandTimeout, and nothing is excused.
+    with kvm.create_vm(irqchip="kernel") as vm:
+        [guest] = guests.boot_cpus(vm, "long", 1)
+        guest.apic_enable()
+        with pytest.raises(CommandTimeout, match=r"Command.WAIT_LOG did not reach a sync point within 0.3 s, nor "
+                                                 r"in 0.3 s more .*mp_state HALTED, IF=1"):
+            guest.command(Command.WAIT_LOG, 1, timeout=0.3)
+        assert guest.log() == []
+    assert not [w for w in recwarn if issubclass(w.category, waiting.LostWakeup)]

@@ -195,7 +195,12 @@ class GuestCancelled(GuestError):
     """A guest session was cancelled (kicked out of KVM_RUN) while it waited for the guest."""
 
 
-class CommandTimeout(GuestCancelled):
+class RunTimeout(GuestCancelled):
+    """The vCPU did not reach the awaited exit in time; it was kicked out of KVM_RUN (the message says what it
+    was waiting for)."""
+
+
+class CommandTimeout(RunTimeout):
     """A guest command did not reach its sync point in time; the vCPU was kicked out of KVM_RUN."""
 
 

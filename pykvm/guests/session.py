@@ -20,6 +20,7 @@ from ..core.constants import MpState
 from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, InvalidArgument, IrqchipModeError
 from ..core.exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
 from ..core.state import record
+from ..irqchip import waiting
 from ..irqchip.ioapic import RedirectionEntry
 from ..irqchip.lapic import ApicReg, icr
 from ..runtime.watchdog import WATCHDOG
@@ -226,11 +227,36 @@ class GuestSession:
 
         A command still running after ``timeout`` seconds (a ``hlt`` waiting for an
         interrupt that never comes, say) is ended: the vCPU is kicked out of KVM_RUN
-        and :class:`CommandTimeout` raised. ``timeout=None`` waits for ever.
+        and :class:`CommandTimeout` raised, saying what the vCPU waited for
+        (:mod:`pykvm.irqchip.waiting`). A vCPU halted at the deadline is first run
+        once more, for :func:`~pykvm.irqchip.waiting.grace` seconds: if it then
+        reaches the sync point, its event had been pending all along, and the
+        command returns with a :class:`~pykvm.irqchip.waiting.LostWakeup` warning.
+        ``timeout=None`` waits for ever.
         """
         self.send(command, arg, arg2)
         if timeout is None:
             return self.run_until(StopKind.SYNC, StopKind.DONE)
+        name = f"Command.{Command(command).name}"
+        try:
+            return self._run_to_sync(timeout)
+        except CommandTimeout as exc:
+            halted, words = waiting.read_halted(self.vcpu)
+            if halted is None:
+                raise CommandTimeout(f"{name} did not reach a sync point within {timeout:g} s ({exc}); the session "
+                                     f"is cancelled. At the deadline: {words}") from exc
+            self.cancelled = False
+            try:
+                stop = self._run_to_sync(waiting.grace(timeout))
+            except CommandTimeout as again:
+                raise CommandTimeout(f"{name} did not reach a sync point within {timeout:g} s, nor in "
+                                     f"{waiting.grace(timeout):g} s more ({again}); the session is cancelled. At "
+                                     f"the deadline: {words}") from exc
+            waiting.warn_lost_wakeup(f"{name} on vCPU {self.vcpu.id}", timeout, halted)
+            return stop
+
+    def _run_to_sync(self, timeout: float) -> GuestStop:
+        """run_until the next sync point or DONE; CommandTimeout (the session cancelled) after ``timeout`` s."""
         expired = []
 
         def expire() -> None:
@@ -242,9 +268,7 @@ class GuestSession:
         except GuestCancelled as exc:
             if not expired:
                 raise
-            raise CommandTimeout(f"Command.{Command(command).name} did not reach a sync point within "
-                                 f"{timeout:g} s (vCPU {self.vcpu.id} stopped at step {self.step}, "
-                                 f"{exc}); the session is cancelled") from exc
+            raise CommandTimeout(f"vCPU {self.vcpu.id} stopped at step {self.step}, {exc}") from exc
 
     # -- interrupt controllers, from inside the guest --------------------------------
     def apic_enable(self, x2apic: bool = False, auto_eoi: bool = True) -> None:

@@ -70,9 +70,16 @@ def device() -> str:
 
 
 class _HardwareCount:
+    """The outcomes of hardware tests, and the lost wake-ups (pykvm.irqchip.waiting.LostWakeup) the run warned."""
+
     def __init__(self) -> None:
         self.counts = {"passed": 0, "failed": 0, "skipped": 0}
+        self.lost_wakeups = 0
         self.collected = False
+
+    def pytest_warning_recorded(self, warning_message: Any) -> None:
+        if warning_message.category.__name__ == "LostWakeup":     # by name: the plugin imports no pykvm here
+            self.lost_wakeups += 1
 
 
 _COUNT_KEY = pytest.StashKey[_HardwareCount]()
@@ -81,7 +88,8 @@ _COUNT_KEY = pytest.StashKey[_HardwareCount]()
 def pytest_configure(config: pytest.Config) -> None:
     for marker, text in _MARKERS.items():
         config.addinivalue_line("markers", f"{marker}: {text}")
-    config.stash[_COUNT_KEY] = _HardwareCount()
+    config.stash[_COUNT_KEY] = count = _HardwareCount()
+    config.pluginmanager.register(count, "pykvm-hardware-count")
 
 
 def _is_hardware(item: pytest.Item) -> bool:
@@ -123,7 +131,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     counts = count.counts
     terminalreporter.write_line(
         f"pykvm hardware tests: {counts['passed']} passed, {counts['failed']} failed, "
-        f"{counts['skipped']} skipped (host: {host}, "
+        f"{counts['skipped']} skipped, {count.lost_wakeups} lost wake-ups (host: {host}, "
         f"PYKVM_REQUIRE_KVM={'1' if _require_kvm(config) else '0'})")
 
 

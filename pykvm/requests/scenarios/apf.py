@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable
 
 from pykvm import x86
+from pykvm.core.errors import RunTimeout
 from pykvm.core.exits import IoExit
+from pykvm.core.userfault import PageFault
 
 from .common import (
     DATA,
@@ -167,27 +169,39 @@ def _async_pf(name: str, control: bool, wait_for_ready: bool, enable: bool = Tru
                        f"after the first fault")
             started = time.monotonic()
             with t.trace(*EVENTS) as recording, vcpu.stats.delta() as delta:
-                exit = run_until(vcpu, t, is_port(PORT_VALUE), limit=10)
+                try:
+                    exit = run_until(vcpu, t, is_port(PORT_VALUE), limit=10)
+                except RunTimeout as exc:
+                    raise RunTimeout(f"{exc}; userfaults served meanwhile: "
+                                     f"{_faults_in_words(provider.faults, started)}", exc.exit) from exc
             elapsed = time.monotonic() - started
         assert isinstance(exit, IoExit)
         stats = t.stats("vCPU", delta, ("halt_exits", "halt_wakeup", "halt_successful_poll", "exits"))
         seen = dict(zip(RECORD_FIELDS, RECORD_LAYOUT.unpack(vm.memory.read(RECORD, RECORD_LAYOUT.size)), strict=True))
-        vcpu_thread = threading.get_native_id()
-        faults: list[dict[str, str | float]] = [
-            {"thread": "the vCPU thread" if f.thread == vcpu_thread else f"kernel thread {f.thread}",
-             "after_ms": round((f.time - started) * 1000)} for f in provider.faults]
+        faults = _faults(provider.faults, started)
     t.guest(f"#PF 'page not present': {seen['not_present']} (token {seen['not_present_token']:#x}); "
             f"'page ready' interrupts: {seen['ready']} ({seen['wake_all']} with the 'wake all' token "
             f"{WAKE_ALL_TOKEN:#x}; last token {seen['ready_token']:#x}); other #PF: "
             f"{seen['ordinary_pf']}; value read {seen['value']:#x}")
     t.add("note", f"KVM_RUN until the value: {elapsed * 1000:.0f} ms; userfaults: "
-          + (", ".join(f"{f['thread']} at +{f['after_ms']} ms" for f in faults) or "none"))
+          + _faults_in_words(provider.faults, started))
     counts = {event.split(":")[1]: recording.count(event) for event in EVENTS} if recording else {}
     evidence.update(seen, **stats, faults=faults, run_ms=round(elapsed * 1000), traced=recording is not None,
                     **counts)
     evidence["async"] = any(f["thread"] != "the vCPU thread" for f in faults)
     t.outcome.evidence.update(evidence)
     return t, evidence
+
+
+def _faults(faults: list[PageFault], started: float) -> list[dict[str, str | float]]:
+    """Who took each userfault (the vCPU thread or a kernel worker), and when after ``started``."""
+    vcpu_thread = threading.get_native_id()
+    return [{"thread": "the vCPU thread" if f.thread == vcpu_thread else f"kernel thread {f.thread}",
+             "after_ms": round((f.time - started) * 1000)} for f in faults]
+
+
+def _faults_in_words(faults: list[PageFault], started: float) -> str:
+    return ", ".join(f"{f['thread']} at +{f['after_ms']} ms" for f in _faults(faults, started)) or "none"
 
 
 @functools.cache

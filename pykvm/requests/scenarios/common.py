@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pykvm
+from pykvm.core.errors import RunTimeout
 from pykvm.core.exits import Exit, IoExit
 from pykvm.core.stats import StatsDelta
 from pykvm.hosts.vendor import VendorModule
+from pykvm.irqchip import waiting
 from pykvm.runtime import trace
+from pykvm.runtime.watchdog import WATCHDOG
 
 OBSERVED = "observed"
 NO_EFFECT = "raised, no visible effect here"
@@ -210,13 +213,54 @@ def machine(irqchip: str = "none", memory_size: int | None = None) -> Iterator[t
         yield vm, vm.create_vcpu()
 
 
-def run_until(vcpu: pykvm.Vcpu, timeline: Timeline, accept: Callable[[Exit], bool], limit: int = 50) -> Exit:
-    """Run until an exit ``accept`` takes (every exit goes on the timeline)."""
-    for _ in range(limit):
-        exit = vcpu.run()
-        if accept(exit):
-            return timeline.exit(exit)
-    raise pykvm.PyKvmError(f"no matching exit in {limit} runs")
+RUN_DEADLINE = 60.0      # seconds one run_until() may take: each is a short guest step, even under emulation
+
+
+def run_until(vcpu: pykvm.Vcpu, timeline: Timeline, accept: Callable[[Exit], bool], limit: int = 50,
+              deadline: float = RUN_DEADLINE) -> Exit:
+    """Run until an exit ``accept`` takes (every exit goes on the timeline).
+
+    A guest still inside ``KVM_RUN`` after ``deadline`` seconds (halted for an
+    interrupt that does not come, say) is kicked out, and :class:`RunTimeout`
+    says what it was waiting for. A vCPU halted then is run once more, as
+    :meth:`pykvm.guests.GuestSession.command` does: reaching the exit in that
+    grace means a lost wake-up, which the timeline notes and
+    :class:`~pykvm.irqchip.waiting.LostWakeup` warns.
+    """
+    runs = iter(range(limit))          # the exits allowed, shared by the run and its grace
+    try:
+        return _run_until(vcpu, timeline, accept, runs, deadline)
+    except RunTimeout as exc:
+        halted, words = waiting.read_halted(vcpu)
+        what = f"{timeline.outcome.request}: the vCPU did not reach the awaited exit within {deadline:g} s"
+        if halted is None:
+            raise RunTimeout(f"{what} ({exc}). At the deadline: {words}", exc.exit) from exc
+        try:
+            exit = _run_until(vcpu, timeline, accept, runs, waiting.grace(deadline))
+        except RunTimeout as again:
+            raise RunTimeout(f"{what}, nor in {waiting.grace(deadline):g} s more ({again}). At the deadline: "
+                             f"{words}", exc.exit) from exc
+        timeline.add("note", f"a lost wake-up: halted {deadline:g} s, the vCPU went on once re-entered ({words})")
+        waiting.warn_lost_wakeup(timeline.outcome.request, deadline, halted)
+        return exit
+
+
+def _run_until(vcpu: pykvm.Vcpu, timeline: Timeline, accept: Callable[[Exit], bool], runs: Iterator[int],
+               deadline: float) -> Exit:
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        vcpu.kick()
+    with WATCHDOG.guard(deadline, expire):
+        for _ in runs:
+            exit = vcpu.run()
+            if expired:
+                raise RunTimeout(f"kicked at RIP {vcpu.regs.rip:#x}", exit)
+            if accept(exit):
+                return timeline.exit(exit)
+    raise pykvm.PyKvmError(f"{timeline.outcome.request}: the guest made all its allowed exits (run_until's "
+                           f"limit) without the awaited one")
 
 
 def is_port(port: int) -> Callable[[Exit], bool]:
