@@ -238,5 +238,5 @@ def test_a_scenario_step_that_never_ends_times_out_and_says_why():
         x86.load_code(vcpu, "cli\nhlt\nout %al, $0x10\n")
         t = Timeline("TEST", control=False)
         with pytest.raises(RunTimeout, match=r"TEST: the vCPU did not reach the awaited exit within 0.3 s, nor in "
-                                             r"0.3 s more .*mp_state HALTED, IF=0.*the awaited interrupt never came"):
+                                             r"0.3 s more .*mp_state HALTED, IF=0.*the awaited interrupt had not come"):
             run_until(vcpu, t, is_port(0x10), deadline=0.3)

@@ -4,7 +4,7 @@ Why this exists: when a guest waits in ``hlt`` for an interrupt and the
 deadline passes, "timed out" alone does not say whose fault it is. Read once
 the vCPU is out of ``KVM_RUN`` (kicked), KVM's own state separates the cases:
 
-* the vCPU is halted and no interrupt is pending: the event never came (a
+* the vCPU is halted and no interrupt is pending: the event has not come (a
   timer never armed, an interrupt never sent, a masked line);
 * the vCPU is halted, IF=1, and a vector the guest can take sits in the LAPIC's
   IRR or in KVM's injection slot: the event came and KVM's wake-up of the
@@ -50,21 +50,19 @@ def warn_lost_wakeup(what: str, deadline: float, state: WaitState) -> None:
     """Warn :class:`LostWakeup`: ``what`` stayed halted ``deadline`` seconds, then went on once re-entered."""
     warnings.warn(LostWakeup(f"{what}: the vCPU stayed halted for {deadline:g} s, then went on as soon as it "
                              f"entered KVM_RUN again, so its event had been pending and the host had not woken it "
-                             f"(a lost wake-up). At the deadline: {state.describe()}"), stacklevel=3)
+                             f"(a lost wake-up). At the deadline: {state.registers()}"), stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)
 class WaitState:
-    """A stopped vCPU's wait: its MP state, IF, and what KVM holds for it (vectors, timer count)."""
+    """A stopped vCPU's wait: its MP state, IF, and what KVM holds for it (a queued vector, the LAPIC)."""
 
     mp_state: MpState | None
     interrupts_enabled: bool
     injected_vector: int | None         # KVM_GET_VCPU_EVENTS: an interrupt already queued for injection
     irr: frozenset[int]                 # the in-kernel LAPIC's requests (empty without one)
-    isr: frozenset[int]
     ppr: int
-    timer_current: int | None           # the LAPIC timer's current count (None without an in-kernel LAPIC)
-    lapic: str                          # the LAPIC's registers in words, or why they are unknown
+    lapic: str                          # the LAPIC's registers in words (timer count too), or why they are unknown
 
     @property
     def deliverable(self) -> int | None:
@@ -79,20 +77,25 @@ class WaitState:
         """Halted with IF=1 and a deliverable vector: the event came, the halted vCPU was not woken for it."""
         return self.mp_state == MpState.HALTED and self.interrupts_enabled and self.deliverable is not None
 
-    def describe(self) -> str:
+    def registers(self) -> str:
+        """The state read, without a verdict."""
         state = self.mp_state.name if self.mp_state is not None else "unknown"
         words = f"mp_state {state}, IF={int(self.interrupts_enabled)}"
         if self.injected_vector is not None:
             words += f", vector {self.injected_vector:#x} queued for injection"
-        words += f"; {self.lapic}"
+        return f"{words}; {self.lapic}"
+
+    def describe(self) -> str:
+        """The state and what it means for a wait that missed its deadline."""
+        words = self.registers()
         if self.lost_wakeup:
             return (f"{words}. Vector {self.deliverable:#x} was deliverable while the vCPU stayed halted: the "
-                    f"interrupt came and KVM did not wake the vCPU for it (a lost wake-up in the host)")
+                    f"interrupt came and the host did not wake the vCPU for it (a lost wake-up)")
         if self.mp_state == MpState.HALTED and self.deliverable is not None:
             return (f"{words}. Vector {self.deliverable:#x} was pending but the guest halted with IF=0: only an "
                     f"NMI, SMI or INIT wakes it")
         if self.mp_state == MpState.HALTED:
-            return f"{words}. Nothing deliverable was pending: the awaited interrupt never came"
+            return f"{words}. Nothing deliverable was pending in the LAPIC: the awaited interrupt had not come"
         return f"{words}. The vCPU was not halted: the guest was busy, not waiting"
 
 
@@ -106,11 +109,9 @@ def read(vcpu: Vcpu) -> WaitState:
     injected = events.interrupt.nr if events.interrupt.injected else None
     interrupts_enabled = bool(vcpu.regs.rflags & RFLAGS_IF)
     if not vcpu.vm.irqchip.lapic_in_kernel:
-        return WaitState(mp_state, interrupts_enabled, injected, frozenset(), frozenset(), 0, None,
-                         "no in-kernel LAPIC")
+        return WaitState(mp_state, interrupts_enabled, injected, frozenset(), 0, "no in-kernel LAPIC")
     chip = lapic.read(vcpu)
-    return WaitState(mp_state, interrupts_enabled, injected, chip.irr, chip.isr, chip.ppr, chip.timer_current,
-                     chip.describe())
+    return WaitState(mp_state, interrupts_enabled, injected, chip.irr, chip.ppr, chip.describe())
 
 
 def read_halted(vcpu: Vcpu) -> tuple[WaitState | None, str]:
