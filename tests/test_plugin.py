@@ -130,21 +130,39 @@ def test_guest_fixture_indirect_parametrisation(kvm_available, tmp_path, mode):
     assert "1 passed" in result.stdout, result.stdout
 
 
+LOST_WAKEUP_TEST = USER_TEST + textwrap.dedent("""
+    import warnings
+    from pykvm.irqchip.waiting import LostWakeup
+
+    def test_a_lost_wakeup(kvm):
+        warnings.warn(LostWakeup("Command.WAIT_LOG on vCPU 0: the vCPU stayed halted for 20 s"))
+
+    def test_not_hardware():
+        pass
+""")
+
+
 def test_the_summary_counts_lost_wakeups(kvm_available, tmp_path):
     # How pykvm reports a halted vCPU that went on only when re-entered (pykvm.irqchip.waiting): counted, not hidden.
-    source = USER_TEST + textwrap.dedent("""
-        import warnings
-        from pykvm.irqchip.waiting import LostWakeup
-
-        def test_a_lost_wakeup(kvm):
-            warnings.warn(LostWakeup("Command.WAIT_LOG on vCPU 0: the vCPU stayed halted for 20 s"))
-    """)
+    source = LOST_WAKEUP_TEST
     result = run_pytest(tmp_path, source)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "pykvm hardware tests: 2 passed, 0 failed, 0 skipped, 1 lost wake-ups" in result.stdout
     assert "LostWakeup: Command.WAIT_LOG on vCPU 0" in result.stdout                # in pytest's warnings summary
     strict = run_pytest(tmp_path, source, PYTEST_ADDOPTS="-W error::pykvm.irqchip.waiting.LostWakeup")
-    assert strict.returncode == 1 and "1 failed, 1 passed" in strict.stdout
+    assert strict.returncode == 1 and "1 failed, 2 passed" in strict.stdout
+
+
+def test_the_summary_counts_what_pytest_xdist_workers_ran(kvm_available, tmp_path):
+    # The workers run the tests; the controlling process prints the line from their reports and warnings.
+    result = run_pytest(tmp_path, LOST_WAKEUP_TEST, PYTEST_ADDOPTS="-n 2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bringing up nodes" in result.stdout, result.stdout                   # xdist ran it
+    assert "pykvm hardware tests: 2 passed, 0 failed, 0 skipped, 1 lost wake-ups" in result.stdout
+    failing = run_pytest(tmp_path, LOST_WAKEUP_TEST, PYKVM_DEVICE=str(tmp_path / "no-such-kvm"),
+                         PYKVM_REQUIRE_KVM="1", PYTEST_ADDOPTS="-n 2")
+    assert failing.returncode == 1 and "1 passed, 2 errors" in failing.stdout, failing.stdout
+    assert "pykvm hardware tests: 0 passed, 2 failed, 0 skipped, 0 lost wake-ups" in failing.stdout
 
 
 @pytest.mark.parametrize("vendor, rflags, passes", [

@@ -22,6 +22,7 @@ import pykvm
 from pykvm import x86
 from pykvm.core.errors import ClosedError, VcpuBusyError
 from pykvm.runtime import VcpuThread
+from pykvm.testing import popen_interruptible
 
 SPIN = "1: jmp 1b\n"                    # a guest that never exits by itself
 
@@ -122,8 +123,8 @@ def test_a_vcpu_thread_error_does_not_leave_the_vcpu_running(kvm):
 
 
 def run_python(source: str, *, interrupt_after: float | None = None) -> subprocess.CompletedProcess[str]:
-    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source)], text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = popen_interruptible([sys.executable, "-c", textwrap.dedent(source)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if interrupt_after is not None:
         for line in process.stdout:               # wait until the script says it is spinning
             if line.startswith("spinning"):

@@ -17,6 +17,6 @@ recorded::
         assert_delivered(guest, [(0x45, 0)])
 """
 
-from .helpers import assert_delivered, run_until_vector, scenario_and_control
+from .helpers import assert_delivered, popen_interruptible, run_until_vector, scenario_and_control
 
-__all__ = ["assert_delivered", "run_until_vector", "scenario_and_control"]
+__all__ = ["assert_delivered", "popen_interruptible", "run_until_vector", "scenario_and_control"]

@@ -1,15 +1,19 @@
-"""Assertions on what a guest recorded, running a guest to a chosen handler, and a request scenario with its control.
+"""Assertions on what a guest recorded, running a guest to a chosen handler, a request scenario with its control,
+and a child process a test can Ctrl-C.
 
 Why this exists: every hardware test ends in "the guest took these vectors on
 these CPUs"; said once here, with a message that shows the whole log when it
 fails rather than a bare list comparison. A test of a KVM request scenario
 (:mod:`pykvm.requests`) either gets its run and control, or checks that both
-name the capability the host lacks.
+name the capability the host lacks. A test that sends SIGINT to a command
+must not depend on how the suite itself was started.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import signal
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..core.constants import Cap
@@ -90,3 +94,21 @@ def scenario_and_control(kvm: Kvm, scenario: Callable[..., Any], *caps: Cap,
         outcome = scenario(control=control)
         assert outcome.verdict == UNREACHABLE and missing in outcome.why, outcome
     return None
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def popen_interruptible(args: Sequence[str], **options: Any) -> subprocess.Popen[str]:
+    """``subprocess.Popen(args, text=True, **options)`` for a child the test will send SIGINT (a Ctrl-C).
+
+    The child starts with SIGINT at its default disposition. Without that it would inherit the suite's:
+    a shell's background job (``pytest &``, as CI runs) starts with SIGINT ignored, an ignored signal stays
+    ignored across ``exec``, and the child would never see the Ctrl-C the test sends::
+
+        process = popen_interruptible([sys.executable, "-m", "pykvm.demo"], stdout=subprocess.PIPE)
+        process.stdout.readline()            # wait for its first line: it is running
+        process.send_signal(signal.SIGINT)
+    """
+    return subprocess.Popen(args, text=True, preexec_fn=_default_sigint, **options)

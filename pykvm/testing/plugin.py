@@ -53,6 +53,9 @@ _MARKERS = {
     "deadline(seconds)": "fail the test if it is still running after this many seconds",
     "injection": "interrupt and exception injection with the userspace irqchip, checked in the guest's log "
                  "(CI runs `-m injection` on the bochs-intel host)",
+    "host_independent": "a hardware test whose outcome cannot differ between KVM hosts (a lab's starter or wrong "
+                        "solution, Ctrl-C handling, a command's exit status): CI runs it on one host only; "
+                        "`-m 'hardware and not host_independent'` picks what can differ on a host",
 }
 
 
@@ -70,16 +73,27 @@ def device() -> str:
 
 
 class _HardwareCount:
-    """The outcomes of hardware tests, and the lost wake-ups (pykvm.irqchip.waiting.LostWakeup) the run warned."""
+    """The outcomes of hardware tests, and the lost wake-ups (pykvm.irqchip.waiting.LostWakeup) the run warned.
+
+    It counts the reports pytest logs, not the items it runs, so the count is whole under pytest-xdist too:
+    the workers run the tests, and their reports and warnings reach the controlling process's hooks.
+    """
 
     def __init__(self) -> None:
         self.counts = {"passed": 0, "failed": 0, "skipped": 0}
         self.lost_wakeups = 0
-        self.collected = False
+        self.seen = False
 
     def pytest_warning_recorded(self, warning_message: Any) -> None:
-        if warning_message.category.__name__ == "LostWakeup":     # by name: the plugin imports no pykvm here
+        if getattr(warning_message.category, "__name__", "") == "LostWakeup":   # by name: no pykvm import here
             self.lost_wakeups += 1
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if "hardware" not in report.keywords:
+            return
+        self.seen = True
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            self.counts[report.outcome] += 1
 
 
 _COUNT_KEY = pytest.StashKey[_HardwareCount]()
@@ -102,7 +116,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _is_hardware(item):
             item.add_marker(pytest.mark.hardware)
-            config.stash[_COUNT_KEY].collected = True
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -115,13 +128,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"PYKVM_REQUIRE_KVM=1 but this hardware test would skip: {reason}"
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        item.config.stash[_COUNT_KEY].counts[report.outcome] += 1
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     count = config.stash[_COUNT_KEY]
-    if not count.collected:
+    if not count.seen:
         return
     try:
         from ..hosts import detect
