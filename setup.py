@@ -89,7 +89,7 @@ setup(
     python_requires=">=3.10",
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "ioctl-opt>=1.2"],
-    extras_require={"test": ["pytest>=7", "psutil>=5.9"],
+    extras_require={"test": ["pytest>=7", "psutil>=5.9", "pytest-xdist>=3.5"],
                     "lint": ["ruff>=0.5", "mypy>=1.10", "vermin>=1.6"]},
     cffi_modules=["csrc/build_binding.py:ffibuilder"],
     cmdclass={"build_ext": BuildExtAndGuests},
