@@ -99,11 +99,33 @@ class _HardwareCount:
 _COUNT_KEY = pytest.StashKey[_HardwareCount]()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("pykvm").addoption(
+        "--kvm-unit-tests", metavar="KUT_DIR", dest="kvm_unit_tests",
+        help="collect each entry of KUT_DIR/x86/unittests.cfg (a built kvm-unit-tests tree) as a test booted "
+             "by pykvm; alone, or beside the paths given")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for marker, text in _MARKERS.items():
         config.addinivalue_line("markers", f"{marker}: {text}")
     config.stash[_COUNT_KEY] = count = _HardwareCount()
     config.pluginmanager.register(count, "pykvm-hardware-count")
+    tree = config.getoption("kvm_unit_tests", None)
+    if tree:
+        from .kut import config_path
+        cfg = str(config_path(tree))
+        explicit = config.args_source == pytest.Config.ArgsSource.ARGS
+        config.args[:] = [*config.args, cfg] if explicit else [cfg]
+
+
+def pytest_collect_file(file_path: Any, parent: pytest.Collector) -> pytest.Collector | None:
+    tree = parent.config.getoption("kvm_unit_tests", None)
+    if tree and file_path.name == "unittests.cfg":
+        from .kut import UnittestsCfg, config_path
+        if file_path == config_path(tree):
+            return UnittestsCfg.from_parent(parent, path=file_path)
+    return None
 
 
 def _is_hardware(item: pytest.Item) -> bool:

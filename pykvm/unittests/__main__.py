@@ -1,0 +1,118 @@
+"""``python -m pykvm.unittests KUT_DIR [TEST ...]``: kvm-unit-tests' x86 suite booted by pykvm, no QEMU needed.
+
+Why this exists: engineers who test KVM hosts already have a hardware test
+suite, kvm-unit-tests, and its runner needs QEMU. This reads the tree's own
+``x86/unittests.cfg`` and boots each entry's kernel with pykvm's Machine,
+printing one line per entry in the runner's own words. ``--qemu`` runs the
+same entries under QEMU too (through the tree's ``x86/run``) and prints a
+parity table; ``--tap`` and ``--junit`` write reports for CI systems.
+
+Exit status: 0 when no entry failed under pykvm (passes and skips only), 1
+when one did, 2 for a bad command line or tree, 130 on Ctrl-C. (The tree's
+``run_tests.sh`` itself exits 0 whatever its tests did.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import difflib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..cli import exit_with, run_command
+from .config import ConfigError, Entry, read_config
+from .report import Parity, junit, parity_table, tap
+from .runner import Outcome, Verdict, run_pykvm, run_qemu
+
+PROG = "pykvm unittests"
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pykvm.unittests", description=__doc__.split("\n\n")[0],
+                                     epilog="exit status: 0 no failure, 1 a failure under pykvm, 2 bad usage, "
+                                            "130 Ctrl-C")
+    parser.add_argument("tree", metavar="KUT_DIR", help="a built kvm-unit-tests tree (./configure && make)")
+    parser.add_argument("tests", nargs="*", metavar="TEST", help="entries to run (default: all of them)")
+    parser.add_argument("-g", "--group", help="only the entries of this group (also runs its nodefault ones)")
+    parser.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="entries run at once (default 1)")
+    parser.add_argument("--timeout", type=float, metavar="S", help="every entry's timeout (default: the cfg's)")
+    parser.add_argument("--qemu", nargs="?", const="", metavar="BINARY",
+                        help="also run each entry under QEMU (the tree's x86/run; BINARY, else PATH's "
+                             "qemu-system-x86_64) and print a parity table")
+    parser.add_argument("--tap", metavar="FILE", help="write pykvm's results as TAP 13")
+    parser.add_argument("--junit", metavar="FILE", help="write pykvm's results as JUnit XML")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each test's output under its line")
+    parser.add_argument("-l", "--list", action="store_true", help="list the selected entries and exit")
+    return parser
+
+
+def select(entries: Sequence[Entry], names: Sequence[str], group: str | None) -> list[Entry]:
+    """The entries named (in the cfg's order), or all; only those in ``group`` when one is given."""
+    known = {entry.name for entry in entries}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        close = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}
+        hints = "; ".join(f"{name!r}" + (f" (did you mean {', '.join(match)}?)" if match else "")
+                          for name, match in close.items())
+        raise ConfigError(f"no such entry in x86/unittests.cfg: {hints}; --list shows them")
+    chosen = [entry for entry in entries if not names or entry.name in names]
+    return [entry for entry in chosen if group is None or group in entry.groups]
+
+
+def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[Outcome, Outcome | None]]:
+    def run(entry: Entry) -> tuple[Outcome, Outcome | None]:
+        mine = run_pykvm(entry, tree, args.timeout, args.group)
+        theirs = run_qemu(entry, tree, args.timeout, args.group, args.qemu or None) if args.qemu is not None \
+            else None
+        return mine, theirs
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.jobs < 1:
+        parser().error(f"-j {args.jobs}: run at least one entry at a time")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        parser().error(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
+    tree = Path(args.tree).resolve()
+
+    def body() -> int:
+        try:
+            entries = select(read_config(tree), args.tests, args.group)
+        except ConfigError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 2
+        if args.list:
+            for entry in entries:
+                print(entry.name)
+            return 0
+        outcomes: list[Outcome] = []
+        parities: list[Parity] = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for mine, theirs in pool.map(_runner(args, tree), entries):
+                outcomes.append(mine)
+                print(mine.line(), flush=True)
+                if args.verbose and mine.output:
+                    print("\n".join(f"  | {line}" for line in mine.output.splitlines()), flush=True)
+                if theirs is not None:
+                    parities.append(Parity(mine, theirs))
+        if parities:
+            print()
+            print(parity_table(parities))
+        if args.tap:
+            Path(args.tap).write_text(tap(outcomes))
+        if args.junit:
+            Path(args.junit).write_text(junit(outcomes))
+        counts = {verdict: sum(o.verdict == verdict for o in outcomes) for verdict in Verdict}
+        print(f"{PROG}: {counts[Verdict.PASS]} passed, {counts[Verdict.FAIL]} failed, "
+              f"{counts[Verdict.SKIP]} skipped (pykvm, {len(outcomes)} entries of {tree / 'x86' / 'unittests.cfg'})")
+        return 1 if counts[Verdict.FAIL] else 0
+    return run_command(PROG, body)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    exit_with(main())

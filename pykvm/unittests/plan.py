@@ -1,0 +1,126 @@
+"""What one unittests.cfg entry asks of the machine, in pykvm's terms, or why pykvm cannot give it.
+
+Why this exists: an entry's QEMU parameters (``-cpu``, ``-m``, ``-machine``,
+``-device`` ...) describe the PC the test expects. Each one pykvm's
+:class:`~pykvm.vmm.Machine` can give becomes a keyword of it; each one it
+cannot give is a named reason to skip the entry, never a silent difference.
+QEMU's own defaults as kvm-unit-tests starts it (``x86/run``: pc-testdev, the
+debug-exit port, pci-testdev, 128 MiB, the PIT discarding lost ticks) are the
+Machine's defaults too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..vmm.machine import DEFAULT_MEMORY_MIB, Machine
+from .config import Entry, shell_words
+
+_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgGtT]?)[bB]?$")
+_MIB = {"": 1, "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+# Devices QEMU's x86/run always adds, and the Machine always has.
+BUILT_IN_DEVICES = ("pc-testdev", "isa-debug-exit", "pci-testdev")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The Machine for one entry: its keywords, the kernel's arguments, and what pykvm lacks for it."""
+
+    kernel: Path
+    cpus: int
+    memory: int                 # MiB
+    args: str                   # the kernel's command line after its own name (test_args)
+    options: dict[str, object]  # further Machine keywords (cpu=..., pit=..., devices=...)
+    missing: tuple[str, ...]    # why pykvm cannot run this entry as QEMU would; empty when it can
+
+    def machine(self, **extra: object) -> Machine:
+        return Machine(self.kernel, cpus=self.cpus, memory=self.memory, cmdline=self.args,
+                       **self.options, **extra)  # type: ignore[arg-type]
+
+
+def plan(entry: Entry, tree: Path) -> Plan:
+    """The plan for ``entry`` of the kvm-unit-tests tree ``tree``."""
+    words = shell_words(entry.qemu_params, tree)
+    smp = shell_words(entry.smp, tree)
+    cpus = int(smp[0]) if len(smp) == 1 and smp[0].isdigit() else 0
+    missing: list[str] = [] if cpus > 0 else [f"smp = {entry.smp!r} is not a number of CPUs"]
+    memory = DEFAULT_MEMORY_MIB
+    options: dict[str, object] = {}
+    for option, value in _options(words, missing):
+        if option == "-m":
+            memory = _memory(value, missing)
+        elif option == "-smp":
+            cpus = int(value.split(",")[0]) if value.split(",")[0].isdigit() else cpus
+        elif option == "-cpu":
+            _keyword(options, "cpu", value, missing, f"-cpu {value}: pykvm's Machine has no CPU models")
+        elif option in ("-machine", "-M"):
+            _machine(value, options, missing)
+        elif option == "-device":
+            _device(value, options, missing)
+        elif option == "-enable-kvm":
+            pass                                    # pykvm is always KVM
+        else:
+            missing.append(f"{option} {value}".strip() + ": a QEMU option pykvm's Machine does not model")
+    args = " ".join(shell_words(entry.test_args, tree))
+    return Plan(entry.kernel(tree), max(cpus, 1), memory, args, options, tuple(missing))
+
+
+_TAKES_VALUE = {"-m", "-smp", "-cpu", "-machine", "-M", "-device", "-overcommit", "-initrd", "-global",
+                "-append", "-object", "-chardev", "-numa", "-accel"}
+
+
+def _options(words: list[str], missing: list[str]) -> Iterator[tuple[str, str]]:
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if word in _TAKES_VALUE:
+            if index + 1 >= len(words):
+                missing.append(f"{word} has no value")
+                return
+            yield word, words[index + 1]
+            index += 2
+        else:
+            yield word, ""
+            index += 1
+
+
+def _memory(value: str, missing: list[str]) -> int:
+    match = _MEMORY.match(value.split(",")[0])
+    if match is None:
+        missing.append(f"-m {value}: not a size pykvm reads (e.g. 2048, 4g)")
+        return DEFAULT_MEMORY_MIB
+    return int(float(match.group(1)) * _MIB[match.group(2).lower()])
+
+
+def _keyword(options: dict[str, object], name: str, value: object, missing: list[str], why: str) -> None:
+    """``options[name] = value`` where the Machine takes that keyword; else ``why`` is missing."""
+    if name in inspect.signature(Machine.__init__).parameters:
+        options[name] = value
+    else:
+        missing.append(why)
+
+
+def _machine(value: str, options: dict[str, object], missing: list[str]) -> None:
+    for part in value.split(","):
+        key, _, setting = part.partition("=")
+        if key in ("pc", "accel") or (key == "accel" and setting == "kvm"):
+            continue
+        if key == "pit" and setting in ("off", "on"):
+            _keyword(options, "pit", setting == "on", missing, "-machine pit=off: pykvm's Machine always has a PIT")
+        elif key == "vmport" and setting in ("off", "on"):
+            _device(f"vmport={setting}", options, missing)
+        else:
+            missing.append(f"-machine {part}: pykvm's Machine is an i440FX-like PC without that option")
+
+
+def _device(value: str, options: dict[str, object], missing: list[str]) -> None:
+    name = value.split(",")[0]
+    if name in BUILT_IN_DEVICES:
+        return
+    earlier = options.get("devices", ())
+    devices = (*earlier, value) if isinstance(earlier, tuple) else (value,)
+    _keyword(options, "devices", devices, missing, f"-device {name}: pykvm's Machine has no such device")

@@ -1,0 +1,103 @@
+"""What a kvm-unit-tests run under pykvm prints and writes: the parity table against QEMU, TAP and JUnit XML.
+
+Why this exists: a run is read by people (one ``run_tests.sh`` line per
+entry, and with ``--qemu`` a table of where pykvm and QEMU agree and why they
+do not) and by CI systems (TAP 13, JUnit XML). Each format is made here from
+the same :class:`~pykvm.unittests.runner.Outcome` records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import xml.etree.ElementTree as ElementTree
+from collections import Counter
+from collections.abc import Sequence
+
+from .runner import Outcome, Verdict
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    """One entry under pykvm and under QEMU, compared."""
+
+    pykvm: Outcome
+    qemu: Outcome
+
+    @property
+    def same_status(self) -> bool:
+        return self.pykvm.verdict == self.qemu.verdict and self.pykvm.summary == self.qemu.summary
+
+    @property
+    def same_lines(self) -> bool:
+        return Counter(self.pykvm.results) == Counter(self.qemu.results)
+
+    def judgement(self) -> str:
+        """'match', or what differs (the status, the lines), for the table's last column."""
+        if self.same_status and self.same_lines:
+            return "match"
+        parts = []
+        if not self.same_status:
+            parts.append("status")
+        if not self.same_lines:
+            mine, theirs = Counter(self.pykvm.results), Counter(self.qemu.results)
+            parts.append(f"lines (+{sum((mine - theirs).values())} -{sum((theirs - mine).values())})")
+        if self.same_lines and "internal error" in (self.pykvm.reason + self.qemu.reason).lower():
+            parts.append("KVM internal error: same lines, pykvm stops at once where QEMU waits for its timeout")
+        return "differ: " + ", ".join(parts)
+
+
+def _cell(outcome: Outcome) -> str:
+    counts = outcome.counts()
+    shown = f"{outcome.verdict.value} {outcome.status if outcome.status is not None else '-'}"
+    return f"{shown} {counts['PASS']}/{counts['FAIL']}/{counts['SKIP']} {outcome.seconds:.1f}s"
+
+
+def parity_table(rows: Sequence[Parity]) -> str:
+    """A text table: entry, QEMU and pykvm (verdict, status, PASS/FAIL/SKIP lines, seconds), judgement."""
+    header = ("entry", "QEMU", "pykvm", "")
+    lines = [header] + [(row.pykvm.name, _cell(row.qemu), _cell(row.pykvm), row.judgement()) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(3)]
+    text = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in lines]
+    matched = sum(row.judgement() == "match" for row in rows)
+    qemu_time = sum(row.qemu.seconds for row in rows)
+    pykvm_time = sum(row.pykvm.seconds for row in rows)
+    text.append(f"{matched} of {len(rows)} entries match (verdict, summary and PASS/FAIL/SKIP lines); "
+                f"QEMU {qemu_time:.1f} s, pykvm {pykvm_time:.1f} s")
+    return "\n".join(text)
+
+
+def tap(outcomes: Sequence[Outcome]) -> str:
+    """TAP version 13, one test point per entry (a skip is ``ok ... # SKIP reason``)."""
+    lines = ["TAP version 13", f"1..{len(outcomes)}"]
+    for number, outcome in enumerate(outcomes, 1):
+        detail = outcome.summary or (f"({outcome.reason})" if outcome.reason else "")
+        if outcome.verdict == Verdict.SKIP:
+            lines.append(f"ok {number} - {outcome.name} # SKIP {outcome.reason or outcome.summary}")
+        else:
+            ok = "ok" if outcome.verdict == Verdict.PASS else "not ok"
+            lines.append(f"{ok} {number} - {outcome.name}: {detail}".rstrip(": "))
+    return "\n".join(lines) + "\n"
+
+
+def junit(outcomes: Sequence[Outcome], suite: str = "kvm-unit-tests") -> str:
+    """JUnit XML: a testsuite with a testcase per entry, the test's output as its system-out."""
+    root = ElementTree.Element("testsuite", name=suite, tests=str(len(outcomes)),
+                               failures=str(sum(o.verdict == Verdict.FAIL for o in outcomes)),
+                               skipped=str(sum(o.verdict == Verdict.SKIP for o in outcomes)),
+                               time=f"{sum(o.seconds for o in outcomes):.3f}")
+    for outcome in outcomes:
+        case = ElementTree.SubElement(root, "testcase", classname=suite, name=outcome.name,
+                                      time=f"{outcome.seconds:.3f}")
+        if outcome.verdict == Verdict.FAIL:
+            ElementTree.SubElement(case, "failure", message=outcome.line()).text = "\n".join(
+                line for line in outcome.results if line.startswith("FAIL"))
+        elif outcome.verdict == Verdict.SKIP:
+            ElementTree.SubElement(case, "skipped", message=outcome.reason or outcome.summary)
+        if outcome.output:
+            ElementTree.SubElement(case, "system-out").text = _printable(outcome.output)
+    return ElementTree.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _printable(text: str) -> str:
+    """XML 1.0 has no place for most control characters a guest may print."""
+    return "".join(ch if ch in "\t\n\r" or ch >= " " else f"\\x{ord(ch):02x}" for ch in text)

@@ -1,0 +1,188 @@
+"""Run unittests.cfg entries to kvm-unit-tests' verdicts: under pykvm's Machine, or under QEMU for comparison.
+
+Why this exists: an engineer reads kvm-unit-tests' results as its own runner
+prints them (``PASS name (N tests, M unexpected failures)``, ``FAIL``,
+``SKIP name (reason)``), so both runs end in the same :class:`Outcome`:
+
+- the status as ``run_tests.sh`` reads it: a write of v to the debug-exit port
+  gives (v << 1) | 1; 1 (the test's ``exit(0)``) is a pass, 77 a skip, 124 a
+  timeout, 127 an ``abort()``, anything else a failure;
+- the summary, the last ``SUMMARY:`` line among the final five, in brackets;
+- the ``PASS:``/``FAIL:``/``SKIP:`` lines the test printed, to compare runs;
+- where pykvm itself stopped the guest (a KVM internal error, a triple
+  fault), that stop, named.
+
+The entry's conditions are checked first, as ``run_tests.sh`` does (arch,
+``nodefault`` group, ``accel``, ``check`` files, ``disabled_if``), then what
+pykvm lacks for it (:mod:`.plan`): each a SKIP with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from ..core.errors import InvalidArgument
+from ..vmm.machine import Ending
+from .config import ARCH, Entry, shell_true
+from .plan import plan
+
+STATUS_PASS_RAW = 1             # the debug-exit value 0, the test's exit(0)
+STATUS_SKIP = 77
+STATUS_TIMEOUT = 124
+STATUS_ABORT = 127
+_RESULT_LINE = re.compile(r"^(PASS|FAIL|SKIP|XFAIL|XPASS): ?(.*)$")
+
+
+class Verdict(enum.Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How one entry ended under one runner (``pykvm`` or ``qemu``)."""
+
+    name: str
+    runner: str
+    verdict: Verdict
+    status: int | None          # the debug-exit status (odd), pykvm's own ending (even), None if not run
+    summary: str = ""           # "(14 tests, 1 unexpected failures)", or "" when the test printed none
+    reason: str = ""            # why it was skipped or how it was stopped, when there is no summary
+    output: str = ""            # everything the test printed
+    seconds: float = 0.0
+
+    @property
+    def results(self) -> list[str]:
+        """The test's own ``PASS:``/``FAIL:``/``SKIP:`` lines (``XFAIL``/``XPASS`` too), in order."""
+        return [line.rstrip("\r") for line in self.output.splitlines() if _RESULT_LINE.match(line.rstrip("\r"))]
+
+    def counts(self) -> dict[str, int]:
+        found = {"PASS": 0, "FAIL": 0, "SKIP": 0}
+        for line in self.results:
+            kind = line.split(":")[0]
+            found[{"XFAIL": "PASS", "XPASS": "FAIL"}.get(kind, kind)] += 1
+        return found
+
+    def line(self) -> str:
+        """The line ``run_tests.sh`` would print for it (without colours)."""
+        if self.summary and not self.reason:
+            return f"{self.verdict.value} {self.name} {self.summary}"
+        return f"{self.verdict.value} {self.name}" + (f" ({self.reason})" if self.reason else "")
+
+
+def summary_of(output: str) -> str:
+    """The summary ``run_tests.sh`` extracts: a ``SUMMARY:`` line among the last five, in brackets."""
+    for line in output.splitlines()[-5:]:
+        if line.startswith("SUMMARY: "):
+            return f"({line[len('SUMMARY: '):].rstrip(chr(13))})"
+    return ""
+
+
+def verdict_of(status: int) -> Verdict:
+    return Verdict.PASS if status == STATUS_PASS_RAW else Verdict.SKIP if status == STATUS_SKIP else Verdict.FAIL
+
+
+def skip_reason(entry: Entry, tree: Path, group: str | None = None) -> str:
+    """Why ``run_tests.sh`` would skip ``entry`` on this machine, or ""."""
+    if "nodefault" in entry.groups and group is None:
+        return "test marked as manual run only"
+    if entry.arch and entry.arch != ARCH:
+        return f"{entry.arch} only"
+    if entry.accel and entry.accel.split(",")[0] != "kvm":
+        return f"{entry.accel} only, but ACCEL=kvm"
+    if entry.disabled_if and shell_true(entry.disabled_if, tree):
+        return f"disabled because: {entry.disabled_if}"
+    for condition in entry.check:
+        path, _, value = condition.partition("=")
+        try:
+            actual = Path(path).read_text().strip()
+        except OSError:
+            actual = None
+        if actual != value:
+            return f"{path} not equal to {value}"
+    if not entry.kernel(tree).is_file():
+        return f"Test file '{entry.kernel(tree)}' not found"
+    return ""
+
+
+def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str | None = None) -> Outcome:
+    """``entry`` booted by pykvm's Machine (in this process); ``timeout`` overrides the entry's."""
+    reason = skip_reason(entry, tree, group)
+    if reason:
+        return Outcome(entry.name, "pykvm", Verdict.SKIP, None, reason=reason)
+    try:
+        machine_plan = plan(entry, tree)
+        if machine_plan.missing:
+            return Outcome(entry.name, "pykvm", Verdict.SKIP, None,
+                           reason="pykvm lacks " + "; ".join(machine_plan.missing))
+        machine = machine_plan.machine()
+    except InvalidArgument as exc:
+        return Outcome(entry.name, "pykvm", Verdict.SKIP, None, reason=f"pykvm cannot build its machine: {exc}")
+    started = time.monotonic()
+    result = machine.run(timeout=timeout or entry.timeout)
+    seconds = time.monotonic() - started
+    output = result.text
+    if result.ending == Ending.EXIT_PORT:
+        return Outcome(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
+                       output=output, seconds=seconds)
+    if result.ending == Ending.TIMEOUT:
+        reason = f"timeout; duration={timeout or entry.timeout:g}s"
+    else:
+        reason = f"{result.ending.value}: {result.message}"
+    return Outcome(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds)
+
+
+def qemu_command(entry: Entry, tree: Path, timeout: float | None = None) -> str:
+    """The shell command ``run_tests.sh`` runs for ``entry`` (its ``get_cmdline``), to run in ``tree``."""
+    seconds = timeout or entry.timeout
+    parts = [f"TESTNAME={shlex.quote(entry.name)}", f"TIMEOUT={seconds:g}s", f"MACHINE={shlex.quote(entry.machine)}",
+             "ACCEL=kvm", "./x86/run", shlex.quote(f"x86/{entry.file}"), f"-smp {entry.smp}"]
+    if entry.test_args:
+        parts.append(f"-append {entry.test_args}")
+    parts.append(entry.qemu_params)
+    return " ".join(part for part in parts if part)
+
+
+def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str | None = None,
+             qemu: str | None = None) -> Outcome:
+    """``entry`` under QEMU, through the tree's own ``x86/run`` (``qemu`` names the binary, else PATH's)."""
+    reason = skip_reason(entry, tree, group)
+    if reason:
+        return Outcome(entry.name, "qemu", Verdict.SKIP, None, reason=reason)
+    environment = dict(os.environ, QEMU=qemu) if qemu else dict(os.environ)
+    started = time.monotonic()
+    seconds = timeout or entry.timeout
+    try:
+        done = subprocess.run(["bash", "-c", qemu_command(entry, tree, timeout)], cwd=tree, env=environment,
+                              capture_output=True, stdin=subprocess.DEVNULL, timeout=seconds + 30)
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace")
+        return Outcome(entry.name, "qemu", Verdict.FAIL, STATUS_TIMEOUT, reason=f"timeout; duration={seconds:g}s",
+                       output=output, seconds=time.monotonic() - started)
+    output = done.stdout.decode(errors="replace")
+    status = done.returncode
+    # x86/run reports run_tests.sh's scale (0 pass, 77 skip, 124 timeout, >128 a signal, else a failure);
+    # give the debug-exit status pykvm reports: a pass is 1 there.
+    raw = STATUS_PASS_RAW if status == 0 else status
+    if status in (1, 2):
+        # QEMU (1) or the run script (2) failed before the test ran: an option or CPU feature QEMU refuses
+        # here. run_tests.sh skips such an entry with QEMU's last word, and so does this.
+        lines = [line for line in done.stderr.decode(errors="replace").splitlines()
+                 if line.strip() and "warning" not in line.lower()] or output.strip().splitlines()
+        return Outcome(entry.name, "qemu", Verdict.SKIP, raw, reason=lines[-1] if lines else "QEMU did not start",
+                       output=output, seconds=time.monotonic() - started)
+    reason = f"timeout; duration={seconds:g}s" if status == STATUS_TIMEOUT else ""
+    stopped = [line for line in done.stderr.decode(errors="replace").splitlines()
+               if line.startswith(("KVM internal error", "KVM: entry failed"))]
+    if stopped:          # QEMU stops the vCPU there and waits: the timeout follows
+        reason = f"{stopped[0].strip()}" + (f"; then {reason}" if reason else "")
+    return Outcome(entry.name, "qemu", verdict_of(raw), raw, summary_of(output), reason=reason, output=output,
+                   seconds=time.monotonic() - started)

@@ -1,0 +1,207 @@
+"""kvm-unit-tests on pykvm (pykvm.unittests): the cfg as the tree's runner reads it, verdicts, reports, the command.
+
+A tree made here holds pykvm's own ``exitcode`` test kernel under cfg
+entries, so the verdicts are checked against a kernel whose exit is known:
+``exit=0`` is kvm-unit-tests' pass (status 1), ``exit=1`` a failure (3),
+``exit=38`` a skip (77). With ``PYKVM_KUT_DIR`` naming a built kvm-unit-tests
+tree, a few real entries run too, and the pytest option collects that tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from pykvm.unittests import ConfigError, Verdict, read_config, run_pykvm
+from pykvm.unittests.__main__ import main
+from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout, shell_words
+from pykvm.unittests.plan import plan
+from pykvm.unittests.report import Parity, junit, parity_table, tap
+from pykvm.unittests.runner import Outcome, qemu_command, skip_reason, summary_of
+from pykvm.vmm import testkernels
+
+CFG = '''\
+##############################################################################
+# a comment
+[passes]
+file = exitcode.flat
+test_args = exit=0
+groups = quick
+
+[fails]
+file = exitcode.flat
+smp = 2
+test_args = 'exit=1'
+timeout = 30s
+
+[skips]
+file = exitcode.flat
+test_args = "exit=38"
+groups = quick other
+
+[hangs]
+file = exitcode.flat
+test_args = hang
+timeout = 1
+
+[i386_only]
+file = exitcode.flat
+arch = i386
+
+[manual]
+file = exitcode.flat
+groups = nodefault
+
+[needs_a_device]
+file = exitcode.flat
+qemu_params = -device edu -m 256
+
+[block]
+file = exitcode.flat
+qemu_params = """-m 64
+-enable-kvm"""
+'''
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A kvm-unit-tests-shaped tree: x86/unittests.cfg and the exitcode kernel as x86/exitcode.flat."""
+    (tmp_path / "x86").mkdir()
+    (tmp_path / "x86" / "unittests.cfg").write_text(CFG)
+    shutil.copyfile(testkernels.path("exitcode"), tmp_path / "x86" / "exitcode.flat")
+    return tmp_path
+
+
+# -- the cfg ------------------------------------------------------------------------------------
+
+def test_the_cfg_is_read_as_the_trees_runner_reads_it(tree):
+    entries = {entry.name: entry for entry in read_config(tree)}
+    assert list(entries) == ["passes", "fails", "skips", "hangs", "i386_only", "manual", "needs_a_device", "block"]
+    assert entries["fails"].smp == "2" and entries["fails"].timeout == 30
+    assert entries["skips"].groups == ("quick", "other") and entries["passes"].timeout == DEFAULT_TIMEOUT
+    assert entries["block"].qemu_params == "-m 64 -enable-kvm"           # a triple-quoted block
+    assert shell_words(entries["skips"].test_args, tree) == ["exit=38"]  # quotes removed by the shell
+    assert shell_words("10000000 `echo 42`", tree) == ["10000000", "42"]     # backticks, as eval does
+
+
+def test_bad_cfgs_and_trees_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="tree=.*does not exist.*run_tests.sh"):
+        read_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"\[broken\] has no 'file = NAME.flat'"):
+        parse_config("[broken]\nsmp = 1\n")
+    with pytest.raises(ConfigError, match="never closed"):
+        parse_config('[x]\nfile = a.flat\nqemu_params = """-m 1\n')
+    with pytest.raises(ConfigError, match="timeout = '-3'"):
+        parse_timeout("-3", "timeout")
+    assert parse_timeout("2m", "timeout") == 120 and parse_timeout("1.5", "timeout") == 1.5
+
+
+def test_the_plan_turns_qemu_parameters_into_machine_keywords_or_named_reasons(tree):
+    entries = {entry.name: entry for entry in read_config(tree)}
+    block = plan(entries["block"], tree)
+    assert (block.memory, block.cpus, block.missing) == (64, 1, ())
+    assert plan(entries["fails"], tree).cpus == 2 and plan(entries["fails"], tree).args == "exit=1"
+    device = plan(entries["needs_a_device"], tree)
+    assert device.memory == 256 and any("-device edu" in reason for reason in device.missing)
+
+
+def test_the_runners_conditions_skip_as_run_tests_sh_does(tree):
+    entries = {entry.name: entry for entry in read_config(tree)}
+    assert skip_reason(entries["i386_only"], tree) == "i386 only"
+    assert skip_reason(entries["manual"], tree) == "test marked as manual run only"
+    assert skip_reason(entries["manual"], tree, group="nodefault") == ""      # named by its group: it runs
+    assert skip_reason(entries["passes"], tree) == ""
+
+
+def test_the_qemu_command_is_the_trees_own_x86_run_line(tree):
+    entry = read_config(tree)[1]
+    assert qemu_command(entry, tree) == ("TESTNAME=fails TIMEOUT=30s MACHINE='' ACCEL=kvm ./x86/run "
+                                         "x86/exitcode.flat -smp 2 -append 'exit=1'")
+
+
+def test_summary_is_a_summary_line_among_the_last_five():
+    assert summary_of("PASS: a\nSUMMARY: 3 tests, 1 unexpected failures\n") == "(3 tests, 1 unexpected failures)"
+    assert summary_of("SUMMARY: 3 tests\n1\n2\n3\n4\n5\n") == ""           # too early: the runner misses it too
+
+
+# -- verdicts from a kernel whose exit is known (hardware) ---------------------------------------
+
+@pytest.mark.parametrize("name, verdict, status", [("passes", Verdict.PASS, 1), ("fails", Verdict.FAIL, 3),
+                                                   ("skips", Verdict.SKIP, 77)])
+def test_the_debug_exit_status_is_the_verdict(kvm_available, tree, name, verdict, status):
+    entry = next(entry for entry in read_config(tree) if entry.name == name)
+    outcome = run_pykvm(entry, tree)
+    assert (outcome.verdict, outcome.status) == (verdict, status), outcome
+    assert "command line:" in outcome.output and outcome.line().startswith(f"{verdict.value} {name}")
+
+
+def test_a_hang_is_a_timeout_failure_and_a_skipped_entry_is_not_booted(kvm_available, tree):
+    entries = {entry.name: entry for entry in read_config(tree)}
+    hang = run_pykvm(entries["hangs"], tree)
+    assert hang.verdict == Verdict.FAIL and hang.line() == "FAIL hangs (timeout; duration=1s)"
+    device = run_pykvm(entries["needs_a_device"], tree)
+    assert device.verdict == Verdict.SKIP and device.status is None and "-device edu" in device.reason
+
+
+def test_the_command_prints_the_runners_lines_writes_reports_and_exits_1_on_a_failure(kvm_available, tree,
+                                                                                        tmp_path, capsys):
+    status = main([str(tree), "passes", "fails", "skips", "-j", "2", "--tap", str(tmp_path / "t.tap"),
+                   "--junit", str(tmp_path / "j.xml")])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert out.splitlines()[:3] == ["PASS passes", "FAIL fails", "SKIP skips"]     # the cfg's order
+    assert "1 passed, 1 failed, 1 skipped" in out
+    assert (tmp_path / "t.tap").read_text().splitlines()[1:] == [
+        "1..3", "ok 1 - passes", "not ok 2 - fails", "ok 3 - skips # SKIP "]
+    suite = ElementTree.parse(tmp_path / "j.xml").getroot()
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
+    assert main([str(tree), "-g", "quick"]) == 0                  # passes and skips only: status 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["PASS passes", "SKIP skips"]
+
+
+def test_the_command_refuses_unknown_entries_and_lists_them(tree, capsys):
+    assert main([str(tree), "passess"]) == 2
+    assert "no such entry" in capsys.readouterr().err
+    assert main([str(tree), "--list", "-g", "other"]) == 0
+    assert capsys.readouterr().out == "skips\n"
+
+
+def test_parity_names_what_differs():
+    same = Outcome("a", "pykvm", Verdict.PASS, 1, "(2 tests)", output="PASS: x\nPASS: y\n")
+    other = Outcome("a", "qemu", Verdict.FAIL, 3, "(2 tests, 1 unexpected failures)", output="PASS: x\nFAIL: y\n")
+    assert Parity(same, same).judgement() == "match"
+    assert Parity(same, other).judgement() == "differ: status, lines (+1 -1)"
+    table = parity_table([Parity(same, same), Parity(same, other)])
+    assert "1 of 2 entries match" in table and "PASS 1 2/0/0" in table and "FAIL 3 1/1/0" in table
+    assert tap([other]).splitlines()[2] == "not ok 1 - a: (2 tests, 1 unexpected failures)"
+    assert "\\x1b" in junit([Outcome("b", "pykvm", Verdict.PASS, 1, output="\x1b[31m")])
+
+
+# -- a real kvm-unit-tests tree (PYKVM_KUT_DIR) ----------------------------------------------------
+
+# Not hardware tests by the plugin's rule (no pykvm fixture): a missing tree is a skip even under
+# PYKVM_REQUIRE_KVM=1, and CI sets PYKVM_KUT_DIR where it has built one.
+KUT = os.environ.get("PYKVM_KUT_DIR", "")
+needs_kut = pytest.mark.skipif(not KUT, reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")
+
+
+@needs_kut
+@pytest.mark.parametrize("name, summary", [("smptest", "(1 tests)"), ("setjmp", "(10 tests)")])
+def test_real_entries_pass_with_their_summary(name, summary):
+    entry = next(entry for entry in read_config(KUT) if entry.name == name)
+    outcome = run_pykvm(entry, Path(KUT))
+    assert outcome.line() == f"PASS {name} {summary}", outcome.output
+
+
+@needs_kut
+def test_pytest_collects_an_item_per_entry(tmp_path):
+    names = [entry.name for entry in read_config(KUT)]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--co",
+                           "--kvm-unit-tests", KUT], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert f"{len(names)} tests collected" in done.stdout, done.stdout + done.stderr
