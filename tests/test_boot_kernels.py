@@ -172,6 +172,7 @@ def test_ctrl_c_ends_the_command_with_130(kvm, cpus):
     assert "interrupted" in errors and "Traceback" not in errors
 
 
+@pytest.mark.host_independent        # the command's words; the triple fault itself is checked above
 def test_the_command_reports_a_triple_fault_and_unknown_io(kvm):
     done = boot_command(str(testkernels.path("exitcode")), "--append", "triple", "--trace-exits")
     assert done.returncode == 4

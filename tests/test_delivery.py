@@ -170,6 +170,7 @@ def test_conclusions_are_derived_from_the_numbers():
     assert "1 faster, 0 slower" in "\n".join(swapped)
 
 
+@pytest.mark.host_independent
 def test_demo_and_bench_measure_with_the_same_code_and_parameters(kvm, monkeypatch, capsys):
     calls = {"demo": [], "bench": []}
     caller = ["demo"]

@@ -152,6 +152,7 @@ def test_capability_the_host_lacks_is_a_typed_error(kvm):
         kvm.require(absent[0], "this test")
 
 
+@pytest.mark.host_independent        # this process's fds and memory: pykvm's own bookkeeping
 def test_no_fd_or_memory_leak_over_200_cycles(kvm_available):
     process = psutil.Process()
 

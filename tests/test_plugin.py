@@ -142,6 +142,7 @@ LOST_WAKEUP_TEST = USER_TEST + textwrap.dedent("""
 """)
 
 
+@pytest.mark.host_independent        # the plugin's accounting
 def test_the_summary_counts_lost_wakeups(kvm_available, tmp_path):
     # How pykvm reports a halted vCPU that went on only when re-entered (pykvm.irqchip.waiting): counted, not hidden.
     source = LOST_WAKEUP_TEST
@@ -153,6 +154,7 @@ def test_the_summary_counts_lost_wakeups(kvm_available, tmp_path):
     assert strict.returncode == 1 and "1 failed, 2 passed" in strict.stdout
 
 
+@pytest.mark.host_independent
 def test_the_summary_counts_what_pytest_xdist_workers_ran(kvm_available, tmp_path):
     # The workers run the tests; the controlling process prints the line from their reports and warnings.
     result = run_pytest(tmp_path, LOST_WAKEUP_TEST, PYTEST_ADDOPTS="-n 2")

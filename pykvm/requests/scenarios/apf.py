@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pykvm import x86
 from pykvm.core.errors import RunTimeout
@@ -168,12 +169,16 @@ def _async_pf(name: str, control: bool, wait_for_ready: bool, enable: bool = Tru
                 t.host(f"page {PROVIDED_PAGE:#x} is missing: userfaultfd serves it {DELAY * 1000:.0f} ms "
                        f"after the first fault")
             started = time.monotonic()
+            stuck: RunTimeout | None = None
             with t.trace(*EVENTS) as recording, vcpu.stats.delta() as delta:
                 try:
                     exit = run_until(vcpu, t, is_port(PORT_VALUE), limit=10)
                 except RunTimeout as exc:
-                    raise RunTimeout(f"{exc}; userfaults served meanwhile: "
-                                     f"{_faults_in_words(provider.faults, started)}", exc.exit) from exc
+                    stuck = exc
+            if stuck is not None:       # what the guest and KVM had done by then, for the reader of the failure
+                raise RunTimeout(f"{stuck}; userfaults served meanwhile: "
+                                 f"{_faults_in_words(provider.faults, started)}; {_progress(vm, recording)}",
+                                 stuck.exit) from stuck
             elapsed = time.monotonic() - started
         assert isinstance(exit, IoExit)
         stats = t.stats("vCPU", delta, ("halt_exits", "halt_wakeup", "halt_successful_poll", "exits"))
@@ -191,6 +196,17 @@ def _async_pf(name: str, control: bool, wait_for_ready: bool, enable: bool = Tru
     evidence["async"] = any(f["thread"] != "the vCPU thread" for f in faults)
     t.outcome.evidence.update(evidence)
     return t, evidence
+
+
+def _progress(vm: Any, recording: Any) -> str:
+    """The guest's record, its async-PF slot and the trace so far: which step of the protocol did not happen."""
+    seen = dict(zip(RECORD_FIELDS, RECORD_LAYOUT.unpack(vm.memory.read(RECORD, RECORD_LAYOUT.size)), strict=True))
+    flags, token = struct.unpack("<II", vm.memory.read(DATA, 8))
+    events = recording.summary() if recording is not None else "not traced"
+    return (f"the guest saw {seen['not_present']} 'page not present' #PF (token {seen['not_present_token']:#x}) "
+            f"and {seen['ready']} 'page ready' interrupts ({seen['wake_all']} 'wake all'; last token "
+            f"{seen['ready_token']:#x}); its async-PF slot holds flags {flags:#x}, token {token:#x} (KVM delivers "
+            f"the next 'page ready' only into a slot whose token is 0); trace: {events}")
 
 
 def _faults(faults: list[PageFault], started: float) -> list[dict[str, str | float]]:
