@@ -176,7 +176,7 @@ def test_parity_names_what_differs():
     same = Outcome("a", "pykvm", Verdict.PASS, 1, "(2 tests)", output="PASS: x\nPASS: y\n")
     other = Outcome("a", "qemu", Verdict.FAIL, 3, "(2 tests, 1 unexpected failures)", output="PASS: x\nFAIL: y\n")
     assert Parity(same, same).judgement() == "match"
-    assert Parity(same, other).judgement() == "differ: status, lines (+1 -1)"
+    assert Parity(same, other).judgement() == "differ: verdict FAIL under QEMU, lines (+1 -1 against QEMU)"
     table = parity_table([Parity(same, same), Parity(same, other)])
     assert "1 of 2 entries match" in table and "PASS 1 2/0/0" in table and "FAIL 3 1/1/0" in table
     assert tap([other]).splitlines()[2] == "not ok 1 - a: (2 tests, 1 unexpected failures)"
@@ -205,3 +205,30 @@ def test_pytest_collects_an_item_per_entry(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--co",
                            "--kvm-unit-tests", KUT], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert f"{len(names)} tests collected" in done.stdout, done.stdout + done.stderr
+
+
+FAKE_QEMU_RUN = """#!/bin/bash
+# Stands in for the tree's x86/run: prints what the test would and exits as x86/run does (0 pass, 3 fail).
+echo "TESTNAME=$TESTNAME ACCEL=$ACCEL $*" >> "$(dirname "$0")/calls"
+case "$*" in
+    *exit=1*) [ -f "$(dirname "$0")/qemu-passes" ] && exit 0; echo "exiting with 1"; exit 3 ;;
+    *) exit 0 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("qemu_passes, status", [(False, 0), (True, 1)])
+def test_with_qemu_only_a_difference_from_qemu_fails_the_run(kvm_available, tree, capsys, qemu_passes, status):
+    run = tree / "x86" / "run"
+    run.write_text(FAKE_QEMU_RUN)
+    run.chmod(0o755)
+    if qemu_passes:
+        (tree / "x86" / "qemu-passes").touch()
+    assert main([str(tree), "passes", "fails", "--qemu", "--qemu-where", "failed"]) == status
+    out = capsys.readouterr().out
+    calls = (tree / "x86" / "calls").read_text().splitlines()
+    assert calls == ["TESTNAME=fails ACCEL=kvm x86/exitcode.flat -smp 2 -append exit=1"]     # the failure only
+    if qemu_passes:        # QEMU does better: pykvm's failure is pykvm's
+        assert "0 of 1 entries compared match QEMU; differ: fails" in out and "verdict PASS under QEMU" in out
+    else:                  # QEMU fails it too, with the same lines: the host's failure, not pykvm's
+        assert "1 of 1 entries compared match QEMU" in out

@@ -8,8 +8,9 @@ same entries under QEMU too (through the tree's ``x86/run``) and prints a
 parity table; ``--tap`` and ``--junit`` write reports for CI systems.
 
 Exit status: 0 when no entry failed under pykvm (passes and skips only), 1
-when one did, 2 for a bad command line or tree, 130 on Ctrl-C. (The tree's
-``run_tests.sh`` itself exits 0 whatever its tests did.)
+when one did (with ``--qemu``: when an entry compared differs from QEMU's
+verdict or PASS/FAIL/SKIP lines), 2 for a bad command line or tree, 130 on
+Ctrl-C. (The tree's ``run_tests.sh`` itself exits 0 whatever its tests did.)
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="entries run at once (default 1)")
     parser.add_argument("--timeout", type=float, metavar="S", help="every entry's timeout (default: the cfg's)")
     parser.add_argument("--qemu", nargs="?", const="", metavar="BINARY",
-                        help="also run each entry under QEMU (the tree's x86/run; BINARY, else PATH's "
-                             "qemu-system-x86_64) and print a parity table")
+                        help="also run entries under QEMU (the tree's x86/run; BINARY, else PATH's "
+                             "qemu-system-x86_64), print a parity table, and exit 1 where they differ "
+                             "instead of where pykvm failed")
+    parser.add_argument("--qemu-where", choices=("all", "failed"), default="all",
+                        help="with --qemu: every entry (all), or only those that failed under pykvm (failed: "
+                             "a failure QEMU shares, with the same lines, is the host's, not pykvm's)")
     parser.add_argument("--tap", metavar="FILE", help="write pykvm's results as TAP 13")
     parser.add_argument("--junit", metavar="FILE", help="write pykvm's results as JUnit XML")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each test's output under its line")
@@ -65,9 +70,8 @@ def select(entries: Sequence[Entry], names: Sequence[str], group: str | None) ->
 def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[Outcome, Outcome | None]]:
     def run(entry: Entry) -> tuple[Outcome, Outcome | None]:
         mine = run_pykvm(entry, tree, args.timeout, args.group)
-        theirs = run_qemu(entry, tree, args.timeout, args.group, args.qemu or None) if args.qemu is not None \
-            else None
-        return mine, theirs
+        compare = args.qemu is not None and (args.qemu_where == "all" or mine.verdict == Verdict.FAIL)
+        return mine, run_qemu(entry, tree, args.timeout, args.group, args.qemu or None) if compare else None
     return run
 
 
@@ -107,9 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.junit:
             Path(args.junit).write_text(junit(outcomes))
         counts = {verdict: sum(o.verdict == verdict for o in outcomes) for verdict in Verdict}
+        lacking = sum(o.reason.startswith("pykvm lacks") for o in outcomes)
         print(f"{PROG}: {counts[Verdict.PASS]} passed, {counts[Verdict.FAIL]} failed, "
-              f"{counts[Verdict.SKIP]} skipped (pykvm, {len(outcomes)} entries of {tree / 'x86' / 'unittests.cfg'})")
-        return 1 if counts[Verdict.FAIL] else 0
+              f"{counts[Verdict.SKIP]} skipped ({lacking} for what pykvm lacks) under pykvm, "
+              f"{len(outcomes)} entries of {tree / 'x86' / 'unittests.cfg'}")
+        if args.qemu is None:
+            return 1 if counts[Verdict.FAIL] else 0
+        differing = [row.pykvm.name for row in parities if not row.matches]
+        print(f"{PROG}: {len(parities) - len(differing)} of {len(parities)} entries compared match QEMU"
+              + (f"; differ: {', '.join(differing)}" if differing else ""))
+        return 1 if differing else 0
     return run_command(PROG, body)
 
 
