@@ -274,8 +274,7 @@ class Machine:
             self._done.set()
 
     def _vcpu_loop(self, vcpu, stopping: threading.Event) -> None:
-        run, done, ports, lock = vcpu.run, self._done, self.io._ports, self._lock
-        trace = self._trace
+        run, done = vcpu.run, self._done
         exits = 0
         try:
             while not done.is_set():
@@ -286,24 +285,7 @@ class Machine:
                     continue
                 exits += 1
                 if type(exit) is IoExit:
-                    if trace is not None:
-                        self._trace_io(vcpu, exit)
-                    port, is_out, size, count, data = exit[0], exit.is_out, exit[2], exit[3], exit[4]
-                    entry = ports.get(port)
-                    if entry is None:
-                        self._unknown_access(vcpu, "io", port, is_out, size)
-                        if not is_out:
-                            exit.reply(b"\xff" * (size * count))
-                        continue
-                    base, device, _ = entry
-                    with lock:
-                        if is_out:
-                            for index in range(0, size * count, size):
-                                device.write(port - base, size, int.from_bytes(data[index:index + size], "little"))
-                        else:
-                            mask = (1 << 8 * size) - 1
-                            exit.reply(b"".join((device.read(port - base, size) & mask).to_bytes(size, "little")
-                                                for _ in range(count)))
+                    self._port_io(vcpu, exit)
                 elif type(exit) is MmioExit:
                     self._mmio(vcpu, exit)
                 elif type(exit) is IntrExit:
@@ -318,6 +300,29 @@ class Machine:
                          f"vCPU {vcpu.id}: {type(exc).__name__}: {exc}", error=exc)
         finally:
             self._exits[vcpu.id] = exits
+
+    def _port_io(self, vcpu, exit: IoExit) -> None:
+        """One device access per element, in order: string IO (``rep ins``/``rep outs``) has ``count`` > 1."""
+        if self._trace is not None:
+            self._trace_io(vcpu, exit)
+        port, is_out, size, count = exit[0], exit.is_out, exit[2], exit[3]
+        entry = self.io._ports.get(port)
+        if entry is None:
+            self._unknown_access(vcpu, "io", port, is_out, size, count)
+            if not is_out:
+                exit.reply(b"\xff" * (size * count))
+            return
+        base, device, _ = entry
+        offset = port - base
+        with self._lock:
+            if is_out:
+                data = exit[4]
+                for start in range(0, size * count, size):
+                    device.write(offset, size, int.from_bytes(data[start:start + size], "little"))
+            else:
+                mask = (1 << 8 * size) - 1
+                exit.reply(b"".join((device.read(offset, size) & mask).to_bytes(size, "little")
+                                    for _ in range(count)))
 
     def _mmio(self, vcpu, exit: MmioExit) -> None:
         if self._trace is not None:
@@ -340,17 +345,23 @@ class Machine:
 
     def _trace_io(self, vcpu, exit: IoExit) -> None:
         assert self._trace is not None
-        value = f" value {exit.value:#x}" if exit.is_out else ""
+        if not exit.is_out:
+            value = ""
+        elif exit.count > 1:
+            value = f" data {exit.data.hex()}"
+        else:
+            value = f" value {exit.value:#x}"
         self._trace.write(f"vcpu {vcpu.id}: {'out' if exit.is_out else 'in'} port {exit.port:#x} "
                           f"size {exit.size}{f' count {exit.count}' if exit.count > 1 else ''}{value}\n")
 
-    def _unknown_access(self, vcpu, space: str, address: int, write: bool, size: int) -> None:
+    def _unknown_access(self, vcpu, space: str, address: int, write: bool, size: int, count: int = 1) -> None:
+        """Count ``count`` accesses (the elements of a string IO) to an address no device claims."""
         with self._lock:
             record = self._unknown.get((space, address))
             if record is not None:
-                record.count += 1
+                record.count += count
                 return
-            record = UnknownAccess(space, address, 1, vcpu.regs.rip, vcpu.id, write, size)
+            record = UnknownAccess(space, address, count, vcpu.regs.rip, vcpu.id, write, size)
             self._unknown[(space, address)] = record
         if self.strict_io:
             self._finish(Ending.STRICT_IO, STATUS_STRICT_IO, record.describe())
