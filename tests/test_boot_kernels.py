@@ -47,8 +47,29 @@ def test_the_a_out_kludge_image_boots_the_same(kvm):
 @pytest.mark.parametrize("code", [0, 3, 42, 127])
 def test_exit_code_is_the_guests_own(kvm, cpus, code):
     result = boot(kvm, "exitcode", cpus, cmdline=f"console=ttyS0 exit={code}")
-    assert result.lines == [f"command line: console=ttyS0 exit={code}", f"exiting with {code}"]
+    kernel = testkernels.path("exitcode")
+    assert result.lines == [f"command line: {kernel} console=ttyS0 exit={code}", f"exiting with {code}"]
     assert (result.status, result.exit_code) == ((code << 1 | 1) & 0xFF, code)
+
+
+def test_the_command_line_is_the_kernels_path_then_the_arguments_as_qemu_gives_it(kvm, tmp_path, monkeypatch):
+    # QEMU 7.2's Multiboot loader: "-kernel PATH -append ARGS" gives "PATH ARGS", and "PATH " without -append.
+    # The path is the one given, not resolved; kernels take its first word as argv[0] and skip it.
+    directory = tmp_path / "exit=9"
+    directory.mkdir()
+    kernel = directory / "hang.elf"
+    kernel.write_bytes(testkernels.path("exitcode").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    relative = "./exit=9/../exit=9/hang.elf"
+    result = Machine(relative, kvm=kvm, cmdline="exit=2").run(timeout=TIMEOUT)
+    assert result.lines == [f"command line: {relative} exit=2", "exiting with 2"]
+    # Control: the same words as arguments are read; without any, the line ends in QEMU's space.
+    result = Machine(kernel, kvm=kvm, cmdline="x exit=9").run(timeout=TIMEOUT)
+    assert (result.lines[-1], result.exit_code) == ("exiting with 9", 9)
+    result = Machine(kernel, kvm=kvm).run(timeout=TIMEOUT)
+    assert (result.lines, result.exit_code) == ([f"command line: {kernel} "], 0)
+    result = Machine(kernel.read_bytes(), kvm=kvm, cmdline="exit=4").run(timeout=TIMEOUT)
+    assert result.lines[0] == "command line: kernel exit=4"     # an image given as bytes is "kernel"
 
 
 @pytest.mark.parametrize("cpus", SMP)
@@ -139,17 +160,18 @@ def boot_command(*args: str, timeout: float = 120) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize("cpus", SMP)
 def test_the_command_prints_serial_and_exits_with_the_guests_status(kvm, cpus):
-    done = boot_command(str(testkernels.path("exitcode")), "--smp", str(cpus), "--append", "exit=5",
-                        "--timeout", str(TIMEOUT))
-    assert done.stdout == "command line: exit=5\nexiting with 5\n"
+    kernel = str(testkernels.path("exitcode"))
+    done = boot_command(kernel, "--smp", str(cpus), "--append", "exit=5", "--timeout", str(TIMEOUT))
+    assert done.stdout == f"command line: {kernel} exit=5\nexiting with 5\n"
     assert (done.returncode, done.stderr) == (11, "")
 
 
 @pytest.mark.host_independent
 @pytest.mark.parametrize("cpus", SMP)
 def test_the_command_times_out_with_124(kvm, cpus):
-    done = boot_command(str(testkernels.path("exitcode")), "--append", "hang", "--smp", str(cpus), "--timeout", "1")
-    assert done.stdout == "command line: hang\nhalting forever\n"
+    kernel = str(testkernels.path("exitcode"))
+    done = boot_command(kernel, "--append", "hang", "--smp", str(cpus), "--timeout", "1")
+    assert done.stdout == f"command line: {kernel} hang\nhalting forever\n"
     assert done.returncode == 124, done.stderr
     assert "timeout" in done.stderr
 
@@ -157,12 +179,13 @@ def test_the_command_times_out_with_124(kvm, cpus):
 @pytest.mark.host_independent
 @pytest.mark.parametrize("cpus", SMP)
 def test_ctrl_c_ends_the_command_with_130(kvm, cpus):
-    process = popen_interruptible([sys.executable, "-m", "pykvm.boot", str(testkernels.path("exitcode")), "--smp",
-                                   str(cpus), "--append", "hang"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    kernel = str(testkernels.path("exitcode"))
+    process = popen_interruptible([sys.executable, "-m", "pykvm.boot", kernel, "--smp", str(cpus), "--append", "hang"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert process.stdout is not None
-        assert process.stdout.readline() == "command line: hang\n"
+        assert process.stdout.readline() == f"command line: {kernel} hang\n"
         assert process.stdout.readline() == "halting forever\n"
         process.send_signal(signal.SIGINT)
         _, errors = process.communicate(timeout=30)
