@@ -4,8 +4,8 @@ Unit tests (no KVM) decode a fake ``kvm_run`` and drive the Machine's IO
 dispatch with hand-made exits; hardware tests run small guests that move
 buffers through a port with ``rep outs``/``rep ins`` of each size, directly on
 a vCPU and through :class:`pykvm.vmm.Machine` to a bus device, and check what
-the device saw and what landed in guest memory. With ``PYKVM_KUT_DIR`` set,
-kvm-unit-tests' ``emulator`` flat runs its string IO checks.
+the device saw and what landed in guest memory. (kvm-unit-tests' ``emulator``
+flat, with its ``rep outsb`` checks, is booted in ``tests/test_kut_boot.py``.)
 """
 
 from __future__ import annotations
