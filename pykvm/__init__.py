@@ -13,6 +13,10 @@ probes, other hosts); the tools (``python -m pykvm.demo``, ``doctor``,
 ``bench``) sit on top.
 """
 
+# First: importing it guards the imports below (a Ctrl-C ends `python -m pykvm.boot` with 130, no traceback).
+from . import startup  # noqa: F401
+
+# isort: split
 from . import guests, hosts, irqchip, runtime, x86
 from .core.constants import Cap, ExitReason, IoDirection, MpState
 from .core.errors import (

@@ -6,17 +6,28 @@ status. The status is the guest's own: a write of v to the debug-exit port
 0xf4 gives (v << 1) | 1, as QEMU's isa-debug-exit. pykvm's own endings are
 even: 0 the guest powered off (KVM system event), 4 a triple fault, 6 a KVM
 internal error or failed entry, 8 the first unknown access under
---strict-io, 124 --timeout, 130 Ctrl-C; 1 is a pykvm error (a bad kernel, a
-bad option), 2 no usable /dev/kvm. Accesses no device claimed are listed on
-stderr at the end. See :mod:`pykvm.vmm` for the machine and its devices.
+--strict-io, 124 --timeout, 130 Ctrl-C (also while pykvm is still being
+imported); 1 is a pykvm error (a bad kernel, a file that is not one), 2 no
+usable /dev/kvm or, from argparse, a bad option. Accesses no device claimed
+are listed on stderr at the end. See :mod:`pykvm.vmm` for the machine and
+its devices.
+
+The kernel's Multiboot command line is ``KERNEL ARGS``: the path as given,
+a space, then ``--append``'s text, as QEMU's Multiboot loader makes it
+(kvm-unit-tests take the first word as argv[0]). ``--timeout`` counts from
+before the kernel is read. The kernel and each ``--initrd`` must be regular
+files no larger than the guest's RAM.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 
 from .cli import exit_with, run_command
+from .startup import imports_done
 from .vmm.machine import DEFAULT_MEMORY_MIB, Ending, Machine
 
 PROG = "pykvm boot"
@@ -31,6 +42,27 @@ def _positive(kind):
     return convert
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds, e.g. 10 or 2.5") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite number of seconds > 0 (leave the option "
+                                         f"out for no limit)")
+    return value
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        shown = text.encode(errors="surrogateescape")
+        raise argparse.ArgumentTypeError(f"{shown!r}: not valid UTF-8; pass the command line as UTF-8 "
+                                         f"text") from None
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pykvm.boot", description=__doc__.split("\n\n")[0],
                                      epilog="exit status: (v << 1) | 1 for a write of v to port 0xf4; 0 power "
@@ -40,11 +72,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--smp", type=_positive(int), default=1, metavar="N", help="vCPUs (default 1)")
     parser.add_argument("--memory", type=_positive(int), default=DEFAULT_MEMORY_MIB, metavar="MiB",
                         help=f"RAM in MiB (default {DEFAULT_MEMORY_MIB})")
-    parser.add_argument("--append", default="", metavar="ARGS", help="the kernel command line")
+    parser.add_argument("--append", type=_utf8, default="", metavar="ARGS",
+                        help="the kernel's arguments: its Multiboot command line is 'KERNEL ARGS', as QEMU's")
     parser.add_argument("--initrd", action="append", default=[], metavar="FILE",
                         help="a boot module (repeat for more)")
-    parser.add_argument("--timeout", type=_positive(float), metavar="S",
-                        help="stop the guest after S seconds, status 124")
+    parser.add_argument("--timeout", type=_seconds, metavar="S",
+                        help="stop the guest S seconds after loading began, status 124")
     parser.add_argument("--trace-exits", action="store_true", help="one line per exit to userspace on stderr")
     parser.add_argument("--strict-io", action="store_true",
                         help="end the run (status 8) at the first port or MMIO access no device claims")
@@ -55,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
+        imports_done()                  # from here on, Ctrl-C is a KeyboardInterrupt run_command handles
+        begun = time.perf_counter()     # --timeout counts the loading too
         machine = Machine(args.kernel, cpus=args.smp, memory=args.memory, cmdline=args.append,
                           modules=args.initrd, serial_output=sys.stdout.buffer, stdin=sys.stdin.isatty(),
                           strict_io=args.strict_io, trace=sys.stderr if args.trace_exits else None)
-        result = machine.run(timeout=args.timeout)
+        result = machine.run(timeout=args.timeout, begun=begun)
         for access in result.unknown:
             print(f"{PROG}: {access.describe()}", file=sys.stderr)
         if result.ending != Ending.EXIT_PORT:

@@ -7,8 +7,12 @@ this process still creates and runs a VM.
 
 from __future__ import annotations
 
+import math
+import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +38,7 @@ from pykvm.core.interrupts import IrqchipRoute, MsiMessage, MsiRoute
 from pykvm.guests import Command
 from pykvm.irqchip import ioapic, lapic, pit
 from pykvm.runtime import VcpuThread, run_vcpus
+from pykvm.vmm import Machine, MultibootError, testkernels
 
 
 @dataclass
@@ -46,6 +51,7 @@ class World:
     vcpu: pykvm.Vcpu          # of vm
     plain_vcpu: pykvm.Vcpu    # of plain
     session: guests.GuestSession   # long-mode image on a second vCPU of plain
+    files: Path               # "fifo" (a named pipe) and "3mib" (3 MiB, sparse)
 
 
 def _sregs_with(**changes: Any) -> Callable[[World], None]:
@@ -56,6 +62,15 @@ def _sregs_with(**changes: Any) -> Callable[[World], None]:
             setattr(getattr(sregs, target) if target else sregs, field, value)
         w.plain_vcpu.sregs = sregs
     return apply
+
+
+def _hello() -> Path:
+    return testkernels.path("hello")
+
+
+# A Multiboot image (header address fields) of 64 bytes whose bss reaches 3 GiB: memsz 0xbff00000 at 1 MiB.
+_BIG_BSS = struct.pack("<8I", 0x1BADB002, 0x10000, -(0x1BADB002 + 0x10000) & 0xFFFFFFFF, 0x100000, 0x100000, 0,
+                       0xC0000000, 0x100020) + b"\xf4" * 32
 
 
 def _set(attribute: str, value: Any) -> Callable[[World], None]:
@@ -175,16 +190,41 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     ("assemble-mode", lambda w: pykvm.assemble("nop", "vm86"), ValueError, "vm86"),
     ("run-vcpus-handler", lambda w: run_vcpus([w.plain_vcpu], None), TypeError, "handler=None"),
     ("vcpu-thread-target", lambda w: VcpuThread(w.plain_vcpu, None), TypeError, "target=None"),
+    # -- the Machine's kernel, modules and run ----------------------------------------------------
+    ("machine-kernel-fifo", lambda w: Machine(w.files / "fifo"), InvalidArgument, "fifo': is a FIFO"),
+    ("machine-kernel-device", lambda w: Machine("/dev/zero"), InvalidArgument,
+     "kernel '/dev/zero': is a character device"),
+    ("machine-kernel-directory", lambda w: Machine(w.files), InvalidArgument, "is a directory"),
+    ("machine-module-fifo", lambda w: Machine(_hello(), modules=[w.files / "fifo"]), InvalidArgument,
+     "module 0 '"),
+    ("machine-kernel-above-ram", lambda w: Machine(w.files / "3mib", memory=2), InvalidArgument,
+     "3145728 bytes, more than the guest's RAM (2 MiB)"),
+    ("machine-module-above-ram", lambda w: Machine(_hello(), memory=2, modules=[w.files / "3mib"]),
+     InvalidArgument, "module 0 '"),
+    ("machine-kernel-bytes-above-ram", lambda w: Machine(bytes(3 << 20), memory=2), InvalidArgument,
+     "more than the guest's RAM"),
+    ("machine-bss-above-ram", lambda w: Machine(_BIG_BSS), MultibootError, "0x100000-0xc0000000) is outside memory"),
+    ("machine-cmdline-not-utf8", lambda w: Machine(_hello(), cmdline="quiet \udcff"), InvalidArgument,
+     "cmdline='quiet \\udcff': not encodable as UTF-8"),
+    ("machine-timeout-inf", lambda w: Machine(_hello(), kvm=w.kvm).run(timeout=math.inf), InvalidArgument,
+     "timeout=inf"),
+    ("machine-timeout-nan", lambda w: Machine(_hello(), kvm=w.kvm).run(timeout=math.nan), InvalidArgument,
+     "timeout=nan"),
+    ("machine-timeout-zero", lambda w: Machine(_hello(), kvm=w.kvm).run(timeout=0), InvalidArgument,
+     "timeout=0"),
 ]
 
 
 @pytest.fixture
-def world(kvm):
+def world(kvm, tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with open(tmp_path / "3mib", "wb") as sparse:
+        sparse.truncate(3 << 20)
     with kvm.create_vm(irqchip="kernel", pit=True) as vm, kvm.create_vm() as plain:
         vcpu = vm.create_vcpu()
         plain_vcpu = plain.create_vcpu()
         session = guests.load("long").boot(plain.create_vcpu())
-        yield World(kvm, vm, plain, vcpu, plain_vcpu, session)
+        yield World(kvm, vm, plain, vcpu, plain_vcpu, session, tmp_path)
 
 
 def test_there_are_at_least_sixty_cases():

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
+from pykvm import startup
+from pykvm.boot import main
 from pykvm.testing import popen_interruptible
 from pykvm.vmm import Ending, Machine, testkernels
 from pykvm.vmm.multiboot import e820_map
@@ -47,8 +51,29 @@ def test_the_a_out_kludge_image_boots_the_same(kvm):
 @pytest.mark.parametrize("code", [0, 3, 42, 127])
 def test_exit_code_is_the_guests_own(kvm, cpus, code):
     result = boot(kvm, "exitcode", cpus, cmdline=f"console=ttyS0 exit={code}")
-    assert result.lines == [f"command line: console=ttyS0 exit={code}", f"exiting with {code}"]
+    kernel = testkernels.path("exitcode")
+    assert result.lines == [f"command line: {kernel} console=ttyS0 exit={code}", f"exiting with {code}"]
     assert (result.status, result.exit_code) == ((code << 1 | 1) & 0xFF, code)
+
+
+def test_the_command_line_is_the_kernels_path_then_the_arguments_as_qemu_gives_it(kvm, tmp_path, monkeypatch):
+    # QEMU 7.2's Multiboot loader: "-kernel PATH -append ARGS" gives "PATH ARGS", and "PATH " without -append.
+    # The path is the one given, not resolved; kernels take its first word as argv[0] and skip it.
+    directory = tmp_path / "exit=9"
+    directory.mkdir()
+    kernel = directory / "hang.elf"
+    kernel.write_bytes(testkernels.path("exitcode").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    relative = "./exit=9/../exit=9/hang.elf"
+    result = Machine(relative, kvm=kvm, cmdline="exit=2").run(timeout=TIMEOUT)
+    assert result.lines == [f"command line: {relative} exit=2", "exiting with 2"]
+    # Control: the same words as arguments are read; without any, the line ends in QEMU's space.
+    result = Machine(kernel, kvm=kvm, cmdline="x exit=9").run(timeout=TIMEOUT)
+    assert (result.lines[-1], result.exit_code) == ("exiting with 9", 9)
+    result = Machine(kernel, kvm=kvm).run(timeout=TIMEOUT)
+    assert (result.lines, result.exit_code) == ([f"command line: {kernel} "], 0)
+    result = Machine(kernel.read_bytes(), kvm=kvm, cmdline="exit=4").run(timeout=TIMEOUT)
+    assert result.lines[0] == "command line: kernel exit=4"     # an image given as bytes is "kernel"
 
 
 @pytest.mark.parametrize("cpus", SMP)
@@ -139,17 +164,18 @@ def boot_command(*args: str, timeout: float = 120) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize("cpus", SMP)
 def test_the_command_prints_serial_and_exits_with_the_guests_status(kvm, cpus):
-    done = boot_command(str(testkernels.path("exitcode")), "--smp", str(cpus), "--append", "exit=5",
-                        "--timeout", str(TIMEOUT))
-    assert done.stdout == "command line: exit=5\nexiting with 5\n"
+    kernel = str(testkernels.path("exitcode"))
+    done = boot_command(kernel, "--smp", str(cpus), "--append", "exit=5", "--timeout", str(TIMEOUT))
+    assert done.stdout == f"command line: {kernel} exit=5\nexiting with 5\n"
     assert (done.returncode, done.stderr) == (11, "")
 
 
 @pytest.mark.host_independent
 @pytest.mark.parametrize("cpus", SMP)
 def test_the_command_times_out_with_124(kvm, cpus):
-    done = boot_command(str(testkernels.path("exitcode")), "--append", "hang", "--smp", str(cpus), "--timeout", "1")
-    assert done.stdout == "command line: hang\nhalting forever\n"
+    kernel = str(testkernels.path("exitcode"))
+    done = boot_command(kernel, "--append", "hang", "--smp", str(cpus), "--timeout", "1")
+    assert done.stdout == f"command line: {kernel} hang\nhalting forever\n"
     assert done.returncode == 124, done.stderr
     assert "timeout" in done.stderr
 
@@ -157,12 +183,13 @@ def test_the_command_times_out_with_124(kvm, cpus):
 @pytest.mark.host_independent
 @pytest.mark.parametrize("cpus", SMP)
 def test_ctrl_c_ends_the_command_with_130(kvm, cpus):
-    process = popen_interruptible([sys.executable, "-m", "pykvm.boot", str(testkernels.path("exitcode")), "--smp",
-                                   str(cpus), "--append", "hang"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    kernel = str(testkernels.path("exitcode"))
+    process = popen_interruptible([sys.executable, "-m", "pykvm.boot", kernel, "--smp", str(cpus), "--append", "hang"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert process.stdout is not None
-        assert process.stdout.readline() == "command line: hang\n"
+        assert process.stdout.readline() == f"command line: {kernel} hang\n"
         assert process.stdout.readline() == "halting forever\n"
         process.send_signal(signal.SIGINT)
         _, errors = process.communicate(timeout=30)
@@ -180,3 +207,144 @@ def test_the_command_reports_a_triple_fault_and_unknown_io(kvm):
     assert "out port 0x3f8" in done.stderr
     done = boot_command(str(testkernels.path("exitcode")), "--append", "unknown", "--strict-io")
     assert done.returncode == 8 and "unknown port 0x1234" in done.stderr
+
+
+# ---- the host side, bounded --------------------------------------------------------------------------
+
+# sitecustomize for a child: SIGINT itself when the import of the module named in PYKVM_TEST_SIGINT_AT
+# starts, so a Ctrl-C lands inside that import at the same moment every run.
+SIGINT_AT_IMPORT = """
+import os, signal, sys
+
+class _SigintAt:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == os.environ.get("PYKVM_TEST_SIGINT_AT"):
+            sys.meta_path.remove(_SigintAt)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, _SigintAt)
+"""
+
+
+def interrupted_at_import(tmp_path, module: str, argv: list[str]) -> tuple[int, str]:
+    (tmp_path / "sitecustomize.py").write_text(SIGINT_AT_IMPORT)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    process = popen_interruptible([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE,
+                                  env={**os.environ, "PYTHONPATH": path, "PYKVM_TEST_SIGINT_AT": module})
+    try:
+        _, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, errors
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("module", ["pykvm.guests", "pykvm.core.vcpu", "pykvm.vmm.machine", "pykvm.boot"])
+def test_ctrl_c_while_the_command_imports_pykvm_ends_it_with_130(tmp_path, module):
+    kernel = str(testkernels.path("exitcode"))
+    status, errors = interrupted_at_import(tmp_path, module, ["-m", "pykvm.boot", kernel, "--append", "hang",
+                                                              "--timeout", "30"])
+    assert (status, errors) == (130, "\npykvm boot: interrupted\n")
+
+
+@pytest.mark.host_independent
+def test_ctrl_c_while_a_program_imports_pykvm_is_its_own_keyboard_interrupt(tmp_path):
+    # The control: the same Ctrl-C in the same import of a program that is not a pykvm command is left alone.
+    status, errors = interrupted_at_import(tmp_path, "pykvm.guests", ["-c", "import pykvm"])
+    assert status == -signal.SIGINT and "Traceback" in errors and "KeyboardInterrupt" in errors
+
+
+@pytest.mark.host_independent
+def test_ctrl_c_at_once_ends_the_command_as_a_ctrl_c(kvm):
+    # Sent as the child starts: before Python installs its handler SIGINT kills it (a shell's 130 as well),
+    # from pykvm's first import on the command exits 130 itself; never a traceback either way.
+    process = popen_interruptible([sys.executable, "-m", "pykvm.boot", str(testkernels.path("exitcode")),
+                                   "--append", "hang", "--timeout", "30"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        process.send_signal(signal.SIGINT)
+        _, errors = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode in (130, -signal.SIGINT), errors
+    assert "Traceback" not in errors
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-1", "0", "ten"])
+def test_the_command_refuses_a_timeout_that_is_not_finite_seconds(capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        main([str(testkernels.path("hello")), f"--timeout={value}"])
+    assert exited.value.code == 2
+    assert "argument --timeout" in capsys.readouterr().err
+
+
+def test_the_command_refuses_an_append_that_is_not_utf8(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([str(testkernels.path("hello")), "--append", os.fsdecode(b"quiet \xff\xfe")])
+    assert exited.value.code == 2
+    assert "argument --append: b'quiet \\xff\\xfe': not valid UTF-8" in capsys.readouterr().err
+
+
+@pytest.fixture
+def odd_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with open(tmp_path / "3mib", "wb") as sparse:
+        sparse.truncate(3 << 20)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, words", [
+    (["{fifo}"], "kernel '{fifo}': is a FIFO (named pipe)"),
+    (["/dev/zero"], "kernel '/dev/zero': is a character device"),
+    (["{hello}", "--initrd", "{fifo}"], "module 0 '{fifo}': is a FIFO"),
+    (["{big}", "--memory", "2"], "kernel '{big}': 3145728 bytes, more than the guest's RAM (2 MiB)"),
+    (["{hello}", "--memory", "2", "--initrd", "{big}"], "module 0 '{big}': 3145728 bytes, more than"),
+])
+def test_the_command_refuses_a_kernel_or_initrd_that_is_not_a_file_it_can_load(capsys, odd_files, args, words):
+    names = {"fifo": odd_files / "fifo", "big": odd_files / "3mib", "hello": testkernels.path("hello")}
+    assert main([arg.format(**names) for arg in args]) == 1          # at once: no read of a stream
+    assert f"InvalidArgument: {words.format(**names)}" in capsys.readouterr().err
+
+
+BIG_BSS = struct.pack("<8I", 0x1BADB002, 0x10000, -(0x1BADB002 + 0x10000) & 0xFFFFFFFF, 0x100000, 0x100000, 0,
+                      0xC0000000, 0x100020) + b"\xf4" * 32       # 64 bytes of file, bss up to 3 GiB: then hlt
+
+
+@pytest.mark.host_independent
+def test_a_kernel_with_gigabytes_of_bss_is_not_allocated_by_the_host(kvm, tmp_path):
+    # Before: 42 s and 6 GiB of RSS building the zeros, before --timeout 1 had even begun.
+    kernel = tmp_path / "bss.bin"
+    kernel.write_bytes(BIG_BSS)
+    measure = ("import resource, subprocess, sys\nstatus = subprocess.run(sys.argv[1:]).returncode\n"
+               "print('measured', status, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "pykvm.boot", str(kernel),
+                           "--memory", "4096", "--timeout", "1"], capture_output=True, text=True, timeout=120)
+    _, status, max_rss_kib = done.stdout.split()[-3:]
+    assert int(status) == 124, done.stderr
+    assert int(max_rss_kib) < 512 << 10
+    done = boot_command(str(kernel), "--timeout", "1")          # with the default 128 MiB: refused at once
+    assert done.returncode == 1 and "is outside memory" in done.stderr
+
+
+def test_the_timeout_counts_from_when_the_caller_says_it_began(kvm):
+    begun = time.perf_counter() - 10
+    result = Machine(testkernels.path("exitcode"), kvm=kvm, cmdline="exit=3").run(timeout=5, begun=begun)
+    assert result.ending == Ending.TIMEOUT and result.elapsed < 5
+    # Control: counted from the run itself, the same kernel has all the time it needs.
+    result = Machine(testkernels.path("exitcode"), kvm=kvm, cmdline="exit=3").run(timeout=5)
+    assert (result.ending, result.exit_code) == (Ending.EXIT_PORT, 3)
+
+
+@pytest.mark.parametrize("argv0, original, command", [
+    ("-m", ["python", "-X", "importtime", "-m", "pykvm.boot", "k.elf"], "pykvm.boot"),
+    ("-m", ["python", "-mpykvm.boot", "k.elf"], "pykvm.boot"),
+    ("-c", ["python", "-c", "import pykvm", "-m", "pykvm.boot"], None),
+    ("run.py", ["python", "run.py", "-m", "pykvm.boot"], None),
+])
+def test_the_import_guard_knows_which_module_python_runs(monkeypatch, argv0, original, command):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    monkeypatch.setattr(sys, "orig_argv", original)
+    assert startup.running_command() == command

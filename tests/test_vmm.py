@@ -6,6 +6,7 @@ entry outside memory, ...) must each raise a typed error naming what is wrong.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -166,6 +167,38 @@ def test_a_nul_in_the_command_line_is_refused():
 def test_a_command_line_too_long_for_the_boot_area_is_refused():
     with pytest.raises(MultibootError, match="shorten"):
         multiboot.place(multiboot.parse(KERNEL), 8 << 20, "x" * 40000)
+
+
+def test_the_command_line_is_the_kernel_then_its_arguments_as_qemu_makes_it():
+    assert multiboot.command_line("x86/vmexit.flat", "cpuid") == "x86/vmexit.flat cpuid"
+    assert multiboot.command_line("x86/dummy.flat") == "x86/dummy.flat "        # QEMU keeps the space
+    assert multiboot.command_line("./k", " a  b ") == "./k  a  b "              # the arguments verbatim
+
+
+def test_a_command_line_keeps_an_undecodable_paths_bytes():
+    layout = multiboot.place(multiboot.parse(KERNEL), 8 << 20, multiboot.command_line(os.fsdecode(b"k\xff.elf"), "x"))
+    assert any(b"k\xff.elf x\0" in data for _, data in layout.writes)
+    with pytest.raises(MultibootError, match="not encodable as UTF-8"):
+        multiboot.place(multiboot.parse(KERNEL), 8 << 20, "\ud800")
+
+
+def test_the_machine_gives_the_kernel_its_path_as_argv0(tmp_path):
+    from pykvm.vmm import Machine
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(KERNEL)
+    machine = Machine(kernel, cmdline="cpuid")
+    assert (machine.cmdline, machine.boot_cmdline) == ("cpuid", f"{kernel} cpuid")
+    assert any(f"{kernel} cpuid\0".encode() in data for _, data in machine.layout.writes)
+    assert Machine(KERNEL).boot_cmdline == "kernel "
+
+
+def test_a_segments_bss_costs_no_memory_before_the_run():
+    # 64 bytes of file, 3 GiB of memsz: the layout writes the file's bytes; RAM's zeros are the bss.
+    big = elf([(0x100000, bytes(64), 0xBFF00000)], 0x100010)
+    layout = multiboot.place(multiboot.parse(big), 4 << 30)
+    assert sum(len(data) for _, data in layout.writes) < 4096
+    with pytest.raises(MultibootError, match="outside memory"):
+        multiboot.place(multiboot.parse(big), (3 << 30) - (1 << 20))     # 1 MiB short: refused, nothing allocated
 
 
 # ---- fw_cfg ------------------------------------------------------------------------------------

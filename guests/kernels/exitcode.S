@@ -1,4 +1,6 @@
 /* exitcode: end the way the Multiboot command line says, after printing what it read.
+ * The first word is the kernel's name (argv[0], as QEMU's and pykvm's loaders give it) and is
+ * skipped; then the first of these found ends the run:
  *   exit=N    write N (decimal) to the debug-exit port: status (N << 1) | 1
  *   triple    load an empty IDT and fault: a triple fault
  *   unknown   touch unknown port 0x1234 and unknown MMIO at 0xd0000000, then exit=0
@@ -18,6 +20,13 @@
     call    putc32
     test    %esi, %esi
     jz      exit_zero
+skip_name:                              /* past argv[0]: up to the first space */
+    cmpb    $0, (%esi)
+    je      exit_zero
+    cmpb    $0x20, (%esi)
+    je      next_word
+    inc     %esi
+    jmp     skip_name
     /* find a word: "exit=", "triple" or "unknown" */
 next_word:
     cmpb    $0, (%esi)

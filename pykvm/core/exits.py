@@ -56,6 +56,9 @@ class IoExit(tuple, Exit):
                 size: int = 1, count: int = 1, data: bytes = b"") -> IoExit:
         return tuple.__new__(cls, (port, direction, size, count, bytes(data), vcpu, sequence))
 
+    def __init__(self, *fields: Any, **named: Any) -> None:
+        """Nothing to do: ``__new__`` set every field. (``Exit.__init__`` would refuse the arguments.)"""
+
     port = property(operator.itemgetter(0), doc="The IO port.")
     direction = property(operator.itemgetter(1), doc="IoDirection.IN or OUT.")
     size = property(operator.itemgetter(2), doc="Bytes per element (1, 2 or 4).")

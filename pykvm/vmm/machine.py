@@ -27,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import os
 import select
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import IO, Any
 
 from ..core.errors import ClosedError, InvalidArgument, KvmBusy
@@ -112,14 +113,21 @@ class Machine:
     """A PC for one Multiboot kernel: ``Machine("kernel.elf", cpus=2).run(timeout=10)``.
 
     ``kernel`` is a path or the image's bytes; ``memory`` is in MiB; ``cmdline``
-    is the kernel's command line; ``modules`` are boot modules (paths or bytes,
-    e.g. an initrd). ``serial_output`` is a binary stream that gets every byte
-    the guest transmits as it comes (the transcript is kept either way);
-    ``stdin=True`` feeds this process's standard input to COM1 (a terminal is
-    put in cbreak mode meanwhile); ``strict_io`` makes the first access no device
-    claims end the run; ``trace`` is a text stream that gets one line per exit.
-    The kernel and modules are parsed here, so a bad image fails at once with a
-    :class:`~pykvm.vmm.multiboot.MultibootError`.
+    is what QEMU's ``-append`` gives: the kernel's Multiboot command line is
+    ``"KERNEL CMDLINE"`` (:func:`~pykvm.vmm.multiboot.command_line`), KERNEL
+    being the path as given (``"kernel"`` for an image given as bytes), which
+    kvm-unit-tests and other Multiboot kernels take as argv[0]; fw_cfg's
+    command-line item holds ``cmdline`` alone. ``modules`` are boot modules
+    (paths or bytes, e.g. an initrd). A kernel or module path must be a
+    regular file no larger than the guest's RAM (never a FIFO or a device).
+    ``serial_output`` is a binary stream that gets every byte the guest
+    transmits as it comes (the transcript is kept either way); ``stdin=True``
+    feeds this process's standard input to COM1 (a terminal is put in cbreak
+    mode meanwhile); ``strict_io`` makes the first access no device claims end
+    the run; ``trace`` is a text stream that gets one line per exit. The kernel
+    and modules are read and parsed here, so a bad image fails at once with an
+    :class:`~pykvm.core.errors.InvalidArgument` (a file that is not one) or a
+    :class:`~pykvm.vmm.multiboot.MultibootError` (an image that is not one).
     """
 
     def __init__(self, kernel: str | os.PathLike | bytes, cpus: int = 1, memory: int = DEFAULT_MEMORY_MIB,
@@ -130,19 +138,19 @@ class Machine:
             raise InvalidArgument(f"cpus={cpus!r}: expected 1 to 255 vCPUs")
         if isinstance(memory, bool) or not isinstance(memory, int) or not 2 <= memory <= 1 << 20:
             raise InvalidArgument(f"memory={memory!r}: expected MiB of RAM, 2 to 1048576")
-        if not isinstance(cmdline, str):
-            raise InvalidArgument(f"cmdline={cmdline!r}: expected a string")
-        name, data = _read(kernel, "kernel")
-        self.kernel_name = name
-        self.image = multiboot.parse(data, name)
+        _check_cmdline(cmdline)
         self.cpus = cpus
         self.memory = memory << 20
+        name, data = _read(kernel, "kernel", self.memory)
+        self.kernel_name = name
+        self.image = multiboot.parse(data, name)
         self.cmdline = cmdline
+        self.boot_cmdline = multiboot.command_line(name, cmdline)      # what the kernel reads
         self.modules = []
         for index, module in enumerate(modules):
-            module_name, module_data = _read(module, f"module {index}")
+            module_name, module_data = _read(module, f"module {index}", self.memory)
             self.modules.append(multiboot.Module(module_data, module_name))
-        self.layout = multiboot.place(self.image, self.memory, cmdline, self.modules, name)
+        self.layout = multiboot.place(self.image, self.memory, self.boot_cmdline, self.modules, name)
         self.strict_io = strict_io
         self._serial_output = serial_output
         self._stdin = stdin
@@ -212,14 +220,21 @@ class Machine:
                      f"the guest wrote {value:#x} to the debug-exit port", value)
 
     # -- running ------------------------------------------------------------------
-    def run(self, timeout: float | None = None) -> BootResult:
-        """Boot the kernel and run until it exits, faults, or ``timeout`` seconds pass; once per Machine."""
+    def run(self, timeout: float | None = None, *, begun: float | None = None) -> BootResult:
+        """Boot the kernel and run until it exits, faults, or ``timeout`` seconds pass; once per Machine.
+
+        ``timeout`` counts from ``begun`` (a ``time.perf_counter()`` value; default: this call), so a
+        caller can count the loading in, as ``python -m pykvm.boot --timeout`` does; setting up the
+        VM and writing the kernel into it count either way.
+        """
         if self._used:
             raise InvalidArgument("this Machine has already run; make a new one for another boot")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise InvalidArgument(f"timeout={timeout!r}: expected a finite number of seconds > 0, or None "
+                                  f"for no limit")
         self._used = True
-        if timeout is not None and not timeout > 0:
-            raise InvalidArgument(f"timeout={timeout!r}: expected seconds > 0, or None for no limit")
         self._start = time.perf_counter()
+        deadline = None if timeout is None else (self._start if begun is None else begun) + timeout
         own_kvm = self._kvm is None
         kvm = Kvm() if own_kvm else self._kvm
         assert kvm is not None
@@ -242,7 +257,8 @@ class Machine:
                     terminal = _cbreak(sys.stdin.fileno())
                     threading.Thread(target=self._read_stdin, daemon=True, name="pykvm-boot-stdin").start()
                 try:
-                    if not self._done.wait(timeout):
+                    left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                    if not self._done.wait(left):
                         self._finish(Ending.TIMEOUT, STATUS_TIMEOUT,
                                      f"the guest was still running after {timeout:g} s; stopped")
                 finally:
@@ -274,8 +290,7 @@ class Machine:
             self._done.set()
 
     def _vcpu_loop(self, vcpu, stopping: threading.Event) -> None:
-        run, done, ports, lock = vcpu.run, self._done, self.io._ports, self._lock
-        trace = self._trace
+        run, done = vcpu.run, self._done
         exits = 0
         try:
             while not done.is_set():
@@ -286,24 +301,7 @@ class Machine:
                     continue
                 exits += 1
                 if type(exit) is IoExit:
-                    if trace is not None:
-                        self._trace_io(vcpu, exit)
-                    port, is_out, size, count, data = exit[0], exit.is_out, exit[2], exit[3], exit[4]
-                    entry = ports.get(port)
-                    if entry is None:
-                        self._unknown_access(vcpu, "io", port, is_out, size)
-                        if not is_out:
-                            exit.reply(b"\xff" * (size * count))
-                        continue
-                    base, device, _ = entry
-                    with lock:
-                        if is_out:
-                            for index in range(0, size * count, size):
-                                device.write(port - base, size, int.from_bytes(data[index:index + size], "little"))
-                        else:
-                            mask = (1 << 8 * size) - 1
-                            exit.reply(b"".join((device.read(port - base, size) & mask).to_bytes(size, "little")
-                                                for _ in range(count)))
+                    self._port_io(vcpu, exit)
                 elif type(exit) is MmioExit:
                     self._mmio(vcpu, exit)
                 elif type(exit) is IntrExit:
@@ -318,6 +316,29 @@ class Machine:
                          f"vCPU {vcpu.id}: {type(exc).__name__}: {exc}", error=exc)
         finally:
             self._exits[vcpu.id] = exits
+
+    def _port_io(self, vcpu, exit: IoExit) -> None:
+        """One device access per element, in order: string IO (``rep ins``/``rep outs``) has ``count`` > 1."""
+        if self._trace is not None:
+            self._trace_io(vcpu, exit)
+        port, is_out, size, count = exit[0], exit.is_out, exit[2], exit[3]
+        entry = self.io._ports.get(port)
+        if entry is None:
+            self._unknown_access(vcpu, "io", port, is_out, size, count)
+            if not is_out:
+                exit.reply(b"\xff" * (size * count))
+            return
+        base, device, _ = entry
+        offset = port - base
+        with self._lock:
+            if is_out:
+                data = exit[4]
+                for start in range(0, size * count, size):
+                    device.write(offset, size, int.from_bytes(data[start:start + size], "little"))
+            else:
+                mask = (1 << 8 * size) - 1
+                exit.reply(b"".join((device.read(offset, size) & mask).to_bytes(size, "little")
+                                    for _ in range(count)))
 
     def _mmio(self, vcpu, exit: MmioExit) -> None:
         if self._trace is not None:
@@ -340,17 +361,23 @@ class Machine:
 
     def _trace_io(self, vcpu, exit: IoExit) -> None:
         assert self._trace is not None
-        value = f" value {exit.value:#x}" if exit.is_out else ""
+        if not exit.is_out:
+            value = ""
+        elif exit.count > 1:
+            value = f" data {exit.data.hex()}"
+        else:
+            value = f" value {exit.value:#x}"
         self._trace.write(f"vcpu {vcpu.id}: {'out' if exit.is_out else 'in'} port {exit.port:#x} "
                           f"size {exit.size}{f' count {exit.count}' if exit.count > 1 else ''}{value}\n")
 
-    def _unknown_access(self, vcpu, space: str, address: int, write: bool, size: int) -> None:
+    def _unknown_access(self, vcpu, space: str, address: int, write: bool, size: int, count: int = 1) -> None:
+        """Count ``count`` accesses (the elements of a string IO) to an address no device claims."""
         with self._lock:
             record = self._unknown.get((space, address))
             if record is not None:
-                record.count += 1
+                record.count += count
                 return
-            record = UnknownAccess(space, address, 1, vcpu.regs.rip, vcpu.id, write, size)
+            record = UnknownAccess(space, address, count, vcpu.regs.rip, vcpu.id, write, size)
             self._unknown[(space, address)] = record
         if self.strict_io:
             self._finish(Ending.STRICT_IO, STATUS_STRICT_IO, record.describe())
@@ -405,16 +432,58 @@ def _check_device(device: object) -> None:
                               f"write(offset, size, value)")
 
 
-def _read(source: str | os.PathLike | bytes, what: str) -> tuple[str, bytes]:
+def _check_cmdline(cmdline: object) -> None:
+    if not isinstance(cmdline, str):
+        raise InvalidArgument(f"cmdline={cmdline!r}: expected a string")
+    try:
+        cmdline.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"cmdline={cmdline!r}: not encodable as UTF-8 (a lone surrogate, e.g. from "
+                              f"undecodable bytes); pass text") from None
+
+
+_NOT_A_FILE = ((stat.S_ISFIFO, "a FIFO (named pipe): reading it would block or never end"),
+               (stat.S_ISCHR, "a character device: reading it could never end"),
+               (stat.S_ISBLK, "a block device"),
+               (stat.S_ISDIR, "a directory"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _read(source: str | os.PathLike | bytes, what: str, limit: int) -> tuple[str, bytes]:
+    """(the path as given, the bytes) of a kernel or module: a regular file of at most ``limit`` bytes."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return what, bytes(source)
+        data = bytes(source)
+        if len(data) > limit:
+            raise InvalidArgument(f"{what}: {len(data)} bytes, more than the guest's RAM ({limit >> 20} MiB); "
+                                  f"pass the right image or give the machine more memory")
+        return what, data
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidArgument(f"{what}={source!r}: expected a path or the image's bytes")
-    path = Path(source)
+    name = os.fspath(source)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
     try:
-        return str(path), path.read_bytes()
+        _check_file(name, what, os.stat(name), limit)
+        # O_NONBLOCK: if the path became a FIFO since the stat, opening it must not wait for a writer.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            _check_file(name, what, os.fstat(fd), limit)
+            data = file.read(limit + 1)
     except OSError as exc:
-        raise InvalidArgument(f"{what} {str(path)!r}: cannot read it: {exc.strerror}") from None
+        raise InvalidArgument(f"{what} {name!r}: cannot read it: {exc.strerror}") from None
+    if len(data) > limit:
+        raise InvalidArgument(f"{what} {name!r}: grew past the guest's RAM ({limit >> 20} MiB) while read")
+    return name, data
+
+
+def _check_file(name: str, what: str, status: os.stat_result, limit: int) -> None:
+    for test, kind in _NOT_A_FILE:
+        if test(status.st_mode):
+            raise InvalidArgument(f"{what} {name!r}: is {kind}; pass a regular file (copy a stream to a "
+                                  f"file first)")
+    if status.st_size > limit:
+        raise InvalidArgument(f"{what} {name!r}: {status.st_size} bytes, more than the guest's RAM "
+                              f"({limit >> 20} MiB); pass the right file or give the machine more memory")
 
 
 def _enter_multiboot(vcpu, layout: multiboot.BootLayout) -> None:

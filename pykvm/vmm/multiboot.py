@@ -88,9 +88,9 @@ class Module:
 
 @dataclasses.dataclass(frozen=True)
 class BootLayout:
-    """Everything to write into guest memory, and the registers' values, for one boot."""
+    """Everything to write into guest memory (fresh, zeroed RAM), and the registers' values, for one boot."""
 
-    writes: tuple[tuple[int, bytes], ...]      # (address, bytes), image segments included
+    writes: tuple[tuple[int, bytes], ...]      # (address, bytes) for zeroed RAM: segments' bss is not in it
     entry: int
     info_address: int
     e820: tuple[tuple[int, int, int], ...]
@@ -272,8 +272,9 @@ def place(image: Image, memory: int, cmdline: str = "", modules: Sequence[Module
                                  f"EBDA, VGA, ROMs), which is not RAM in the memory map")
     if not image.entry < low:
         raise MultibootError(f"{name}: entry point {image.entry:#x} is outside memory (RAM ends at {low:#x})")
-    writes = [(segment.address, segment.data + bytes(segment.memory_size - len(segment.data)))
-              for segment in image.segments]
+    # Only the file's bytes: the rest of each segment (its bss) is RAM's zeros, never a buffer here,
+    # so a small image that claims gigabytes costs nothing before it runs.
+    writes = [(segment.address, segment.data) for segment in image.segments if segment.data]
     # Modules: after the kernel, page-aligned, in order.
     placed = []
     cursor = _align(max(image.end, HOLE_END), PAGE)
@@ -317,8 +318,23 @@ def place(image: Image, memory: int, cmdline: str = "", modules: Sequence[Module
     return BootLayout(tuple(writes), image.entry, BOOT_AREA, e820, tuple(placed))
 
 
+def command_line(kernel: str, append: str = "") -> str:
+    """The Multiboot command line for ``kernel`` booted with ``append``: ``"KERNEL APPEND"``.
+
+    As QEMU's Multiboot loader makes it (observed with QEMU 7.2): the kernel's
+    path as given to ``-kernel``, one space, then the ``-append`` text verbatim;
+    the space stays when there is no ``-append`` (``"x86/dummy.flat "``).
+    kvm-unit-tests and other Multiboot kernels take the first word as argv[0].
+    """
+    return f"{kernel} {append}"
+
+
 def _c_string(text: str, what: str) -> bytes:
-    encoded = text.encode()
+    try:
+        encoded = text.encode("utf-8", "surrogateescape")     # a path's undecodable bytes go as they were
+    except UnicodeEncodeError:
+        raise MultibootError(f"{what} {text!r} is not encodable as UTF-8; pass text (or the path's own "
+                             f"bytes as os.fsdecode gives them)") from None
     if b"\0" in encoded:
         raise MultibootError(f"{what} {text!r} contains a NUL byte, which would end it early")
     return encoded + b"\0"
