@@ -178,7 +178,15 @@ def test_parity_names_what_differs():
     assert Parity(same, same).judgement() == "match"
     assert Parity(same, other).judgement() == "differ: verdict FAIL under QEMU, lines (+1 -1 against QEMU)"
     table = parity_table([Parity(same, same), Parity(same, other)])
-    assert "1 of 2 entries match" in table and "PASS 1 2/0/0" in table and "FAIL 3 1/1/0" in table
+    assert "1 of the 2 entries QEMU ran to a verdict match it" in table
+    assert "PASS 1 2/0/0" in table and "FAIL 3 1/1/0" in table
+    aborted = Outcome("a", "qemu", Verdict.FAIL, 134)            # QEMU itself died (SIGABRT): nothing to compare
+    timed_out = Outcome("a", "qemu", Verdict.FAIL, 124, reason="timeout; duration=90s")
+    assert not Parity(same, aborted).differs and "ended by signal 6" in Parity(same, aborted).judgement()
+    assert not Parity(same, timed_out).differs and "timed out" in Parity(same, timed_out).judgement()
+    stopped = Outcome("a", "qemu", Verdict.FAIL, 124, reason="KVM internal error. Suberror: 1; then timeout")
+    mine = Outcome("a", "pykvm", Verdict.FAIL, 6, reason="internal error: KVM internal error (suberror 1)")
+    assert Parity(mine, stopped).judgement().startswith("match: KVM internal error in both")
     assert tap([other]).splitlines()[2] == "not ok 1 - a: (2 tests, 1 unexpected failures)"
     assert "\\x1b" in junit([Outcome("b", "pykvm", Verdict.PASS, 1, output="\x1b[31m")])
 
@@ -229,6 +237,7 @@ def test_with_qemu_only_a_difference_from_qemu_fails_the_run(kvm_available, tree
     calls = (tree / "x86" / "calls").read_text().splitlines()
     assert calls == ["TESTNAME=fails ACCEL=kvm x86/exitcode.flat -smp 2 -append exit=1"]     # the failure only
     if qemu_passes:        # QEMU does better: pykvm's failure is pykvm's
-        assert "0 of 1 entries compared match QEMU; differ: fails" in out and "verdict PASS under QEMU" in out
+        assert "0 of the 1 entries QEMU ran to a verdict match it; differ: fails" in out
+        assert "verdict PASS under QEMU" in out
     else:                  # QEMU fails it too, with the same lines: the host's failure, not pykvm's
-        assert "1 of 1 entries compared match QEMU" in out
+        assert "1 of the 1 entries QEMU ran to a verdict match it" in out

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Sequence
 
-from .runner import Outcome, Verdict
+from .runner import STATUS_TIMEOUT, Outcome, Verdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +32,34 @@ class Parity:
         return Counter(self.pykvm.results) == Counter(self.qemu.results)
 
     @property
+    def qemu_decided(self) -> bool:
+        """Whether QEMU ran the entry to a verdict: a skip, or a debug-exit status (1 pass, 3 fail, 127 abort()...).
+
+        QEMU that timed out without a KVM internal error, or that itself aborted or was killed (a status over
+        128), gave no verdict to compare with.
+        """
+        status = self.qemu.status
+        if self.qemu.verdict == Verdict.SKIP or "internal error" in self.qemu.reason:
+            return True
+        return status is not None and status % 2 == 1 and status < 128 and status != STATUS_TIMEOUT
+
+    @property
     def matches(self) -> bool:
         """The same verdict and the same PASS/FAIL/SKIP lines (the statuses may differ, as below)."""
         return self.same_verdict and self.same_lines
 
+    @property
+    def differs(self) -> bool:
+        """A difference to answer for: QEMU reached a verdict and pykvm's verdict or lines are not the same."""
+        return self.qemu_decided and not self.matches
+
     def judgement(self) -> str:
         """'match' (with how the statuses differ, if they do), or what differs, for the table's last column."""
+        if not self.qemu_decided:
+            status = self.qemu.status or 0
+            why = "timed out" if status == STATUS_TIMEOUT else \
+                f"was ended by signal {status - 128}" if status > 128 else f"ended with status {status}"
+            return f"no verdict from QEMU to compare: it {why}"
         if self.matches:
             if "internal error" in self.pykvm.reason and self.pykvm.status != self.qemu.status:
                 return (f"match: KVM internal error in both; pykvm stops at once (status {self.pykvm.status}), "
@@ -64,10 +86,12 @@ def parity_table(rows: Sequence[Parity]) -> str:
     lines = [header] + [(row.pykvm.name, _cell(row.qemu), _cell(row.pykvm), row.judgement()) for row in rows]
     widths = [max(len(line[column]) for line in lines) for column in range(3)]
     text = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in lines]
-    matched = sum(row.matches for row in rows)
+    matched = sum(row.qemu_decided and row.matches for row in rows)
+    decided = sum(row.qemu_decided for row in rows)
     qemu_time = sum(row.qemu.seconds for row in rows)
     pykvm_time = sum(row.pykvm.seconds for row in rows)
-    text.append(f"{matched} of {len(rows)} entries match (verdict and PASS/FAIL/SKIP lines); "
+    text.append(f"{matched} of the {decided} entries QEMU ran to a verdict match it (verdict and PASS/FAIL/SKIP "
+                f"lines; {len(rows) - decided} without one); "
                 f"QEMU {qemu_time:.1f} s, pykvm {pykvm_time:.1f} s")
     return "\n".join(text)
 
