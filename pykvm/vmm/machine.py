@@ -4,8 +4,9 @@ Why this exists: ``python -m pykvm.boot`` and tests that boot a kernel and
 assert its serial output share this. The machine is KVM's in-kernel irqchip
 (PIC, IOAPIC, LAPICs) and PIT plus the userspace devices of this package on
 the IO bus: COM1 (:mod:`.serial`), the debug-exit port (:mod:`.debug_exit`),
-fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), the test IRQ lines and echo
-port (:mod:`.testdev`), and ports 0x61 and 0x80 tolerated. Users add devices
+fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), pc-testdev's IRQ lines, echo
+and flush-page ports and MMIO scratch window (:mod:`.testdev`), and
+ports 0x61 and 0x80 tolerated. Users add devices
 for more ports or MMIO ranges with :meth:`Machine.add_io` and
 :meth:`Machine.add_mmio` (an object with ``read(offset, size)`` and
 ``write(offset, size, value)``). No firmware: the Multiboot loader
@@ -163,7 +164,9 @@ class Machine:
         self.add_io(fw_cfg.SELECTOR_PORT, fw_cfg.PORTS, self.fw_cfg, "fw_cfg")
         self.add_io(cmos.INDEX_PORT, cmos.PORTS, self.cmos, "CMOS/RTC")
         self.add_io(testdev.IRQ_BASE, testdev.IRQ_LINES, self.irq_lines, "test IRQ lines")
-        self.add_io(testdev.ECHO_PORT, testdev.ECHO_PORTS, testdev.EchoPort(), "test echo port")
+        self.add_io(testdev.ECHO_PORT, testdev.ECHO_PORTS, testdev.Scratch(testdev.ECHO_PORTS), "test echo port")
+        self.add_io(testdev.FLUSH_PORT, testdev.FLUSH_PORTS, testdev.FlushPage(self._memory), "test flush page")
+        self.add_mmio(testdev.IORAM_BASE, testdev.IORAM_SIZE, testdev.Scratch(testdev.IORAM_SIZE), "test MMIO")
         for port, length, what in TOLERATED_PORTS:
             self.add_io(port, length, _Tolerated(), what)
         self._reset_run_state()
@@ -192,6 +195,10 @@ class Machine:
                 raise InvalidArgument(f"MMIO range {base:#x}+{length:#x} overlaps RAM at {start:#x}-"
                                       f"{start + size:#x}; choose an address outside RAM (e.g. 0xd0000000)")
         self.mmio.register(base, length, device, name)
+
+    def _memory(self) -> Any:
+        vm = self._vm
+        return None if vm is None else vm.memory
 
     def _transmit(self, data: bytes) -> None:
         if self._first_byte is None:
