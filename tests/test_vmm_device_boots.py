@@ -1,10 +1,11 @@
-"""Hardware tests of pc-testdev's MMIO window and flush port.
+"""Hardware tests of pc-testdev's MMIO window and flush port, PCI with pci-testdev, and the VMware backdoor.
 
 Small guests assembled here (32-bit, paging off, loaded as Multiboot a.out
 kernels) report what they read to a probe port the test adds; each device's
 effect is checked against a control without it. Then kvm-unit-tests' own
-``emulator`` and ``lam`` flats, when ``PYKVM_KUT_DIR`` names a built
-kvm-unit-tests tree (else those skip).
+``emulator``, ``lam``, ``vmexit`` (pci-mem, pci-io) and ``vmware_backdoors``
+flats, when ``PYKVM_KUT_DIR`` names a built kvm-unit-tests tree (else those
+skip).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from pykvm import x86
 from pykvm.core.binding import ffi
+from pykvm.core.constants import Cap
 from pykvm.core.exits import IoExit
 from pykvm.runtime import trace
 from pykvm.vmm import Ending, Machine
@@ -116,6 +118,101 @@ def test_a_flush_makes_kvm_unmap_the_page_and_keeps_its_contents(vm, vcpu, flush
     assert len(pages) == (2 if flush else 0)           # one per change of protection
 
 
+# ---- PCI and pci-testdev -----------------------------------------------------------------------
+
+def config_read(register_address: int) -> str:
+    return f"mov ${register_address:#x}, %eax\n mov $0xcf8, %dx\n out %eax, %dx\n mov $0xcfc, %dx\n in %dx, %eax\n" \
+           f" out %eax, ${PROBE}\n"
+
+
+SCAN = config_read(0x80000000) + config_read(0x80001000) + config_read(0x80001010) + config_read(0x80001014)
+
+
+@pytest.mark.parametrize("device", [True, False])
+def test_the_guest_finds_pci_testdev_and_its_bars_only_when_added(kvm, device):
+    values, _ = boot(kvm, SCAN, devices=["pci-testdev"] if device else [])
+    if device:
+        assert values == [0x12378086, 0x00051B36, 0xFEBFF000, 0xC001]
+    else:
+        assert values == [0x12378086] + [0xFFFFFFFF] * 3
+
+
+def memory_test(number: int) -> str:
+    """As lib/pci-testdev.c on the memory BAR: select test ``number``, report its width, write 16 times,
+    report the count."""
+    return f"""
+        mov $0xfebff000, %ebx
+        movb ${number}, (%ebx)
+        movzbl 1(%ebx), %eax
+        out %eax, ${PROBE}
+        mov 8(%ebx), %esi
+        mov 4(%ebx), %edi
+        add %ebx, %edi
+        mov $16, %ecx
+    2:  mov %esi, (%edi)
+        loop 2b
+        {report("12(%ebx)")}
+    """
+
+
+def io_test(number: int) -> str:
+    """The same on the IO BAR."""
+    return f"""
+        mov $0xc000, %dx
+        mov ${number}, %al
+        out %al, %dx
+        mov $0xc001, %dx
+        in %dx, %al
+        movzbl %al, %eax
+        out %eax, ${PROBE}
+        mov $0xc008, %dx
+        in %dx, %eax
+        mov %eax, %esi
+        mov $0xc004, %dx
+        in %dx, %eax
+        lea 0xc000(%eax), %edx
+        mov $16, %ecx
+    2:  mov %esi, %eax
+        out %eax, %dx
+        loop 2b
+        mov $0xc00c, %dx
+        in %dx, %eax
+        out %eax, ${PROBE}
+    """
+
+
+def test_pci_testdev_counts_exiting_writes_and_ioeventfds_keep_the_others_in_kvm(kvm):
+    if not kvm.check_extension(Cap.IOEVENTFD):
+        pytest.skip("this KVM has no KVM_CAP_IOEVENTFD")
+    body = "".join(memory_test(number) + io_test(number) for number in range(4))
+    values, _ = boot(kvm, body, devices=["pci-testdev"])
+    pairs = list(zip(values[::2], values[1::2], strict=True))      # (width, count) per test and BAR
+    # no-eventfd: all 16 writes reach the device; the eventfd tests' writes stay in KVM; 3 is no test
+    assert pairs == [(4, 16), (4, 16), (4, 0), (4, 0), (4, 0), (4, 0), (0, 0), (0, 0)]
+
+
+# ---- VMware backdoor -------------------------------------------------------------------------
+
+def backdoor(command: int) -> str:
+    return f"""
+        mov $0x564d5868, %eax
+        mov $0xdeadbeef, %ebx
+        mov ${command:#x}, %ecx
+        mov $0x5658, %dx
+        in (%dx), %eax
+        out %eax, ${PROBE}
+        mov %ebx, %eax
+        out %eax, ${PROBE}
+        mov %ecx, %eax
+        out %eax, ${PROBE}
+    """
+
+
+def test_the_backdoor_answers_get_version_in_the_registers(kvm):
+    values, _ = boot(kvm, backdoor(10) + backdoor(0xFFF))
+    assert values == [6, 0x564D5868, 2] + [0xFFFFFFFF, 0xDEADBEEF, 0xFFF]
+
+
 # ---- kvm-unit-tests ----------------------------------------------------------------------------
 
 def kut_flat(name: str) -> Path:
@@ -148,3 +245,22 @@ def test_kut_emulator_passes_its_mmio_tests(kvm):
 def test_kut_lam(kvm):
     result = kut(kvm, "lam")
     assert result.status == PASS and "SUMMARY: 16 tests, 1 skipped" in result.lines
+
+
+@pytest.mark.parametrize("device", [True, False])
+def test_kut_vmexit_times_pci_testdev_only_when_added(kvm, device):
+    # The first word is an unknown test name, which vmexit ignores (whether or not it is argv[0]).
+    result = kut(kvm, "vmexit", cmdline="vmexit pci-mem pci-io", devices=["pci-testdev"] if device else [])
+    timed = [match.groups() for line in result.lines if (match := re.fullmatch(r"(\S+):(pci-mem|pci-io) \d+", line))]
+    if device:
+        assert "pci-testdev at 0x10 membar febff000 iobar c000" in result.lines
+        assert timed == [(f"{kind}-{test}", bar) for kind, bar in (("mmio", "pci-mem"), ("portio", "pci-io"))
+                         for test in ("no-eventfd", "wildcard-eventfd", "datamatch-eventfd")]
+    else:
+        assert "pci-testdev at" not in result.text and timed == []
+
+
+def test_kut_vmware_backdoors_get_version_from_the_kernel(kvm):
+    result = kut(kvm, "vmware_backdoors")
+    assert "PASS: vmware_backdoors: port_test: CMD_GETVERSION kernel" in result.lines
+    assert "PASS: vmware_backdoors: port_test: RANDOM port user" in result.lines
