@@ -28,7 +28,7 @@ import time
 
 from .cli import exit_with, run_command
 from .startup import imports_done
-from .vmm.machine import DEFAULT_MEMORY_MIB, Ending, Machine
+from .vmm.machine import DEFAULT_MEMORY_MIB, OPTIONAL_DEVICES, Ending, Machine
 
 PROG = "pykvm boot"
 
@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace-exits", action="store_true", help="one line per exit to userspace on stderr")
     parser.add_argument("--strict-io", action="store_true",
                         help="end the run (status 8) at the first port or MMIO access no device claims")
+    parser.add_argument("--device", action="append", default=[], choices=OPTIONAL_DEVICES, metavar="NAME",
+                        help=f"add an optional device, as QEMU's -device (repeat for more): "
+                             f"{', '.join(OPTIONAL_DEVICES)}")
     return parser
 
 
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         begun = time.perf_counter()     # --timeout counts the loading too
         machine = Machine(args.kernel, cpus=args.smp, memory=args.memory, cmdline=args.append,
                           modules=args.initrd, serial_output=sys.stdout.buffer, stdin=sys.stdin.isatty(),
-                          strict_io=args.strict_io, trace=sys.stderr if args.trace_exits else None)
+                          strict_io=args.strict_io, trace=sys.stderr if args.trace_exits else None,
+                          devices=args.device)
         result = machine.run(timeout=args.timeout, begun=begun)
         for access in result.unknown:
             print(f"{PROG}: {access.describe()}", file=sys.stderr)

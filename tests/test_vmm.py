@@ -16,7 +16,7 @@ from pykvm.vmm.bus import IoBus, MmioBus
 from pykvm.vmm.cmos import Cmos
 from pykvm.vmm.debug_exit import status_of
 from pykvm.vmm.serial import Uart16550
-from pykvm.vmm.testdev import EchoPort, IrqLines
+from pykvm.vmm.testdev import IrqLines, Scratch
 
 MAGIC = multiboot.HEADER_MAGIC
 
@@ -311,19 +311,19 @@ def test_debug_exit_status_and_test_devices():
     irq.write(10, 1, 0x80)
     irq.write(3, 1, 0)
     assert lines == [(10, 1), (10, 1), (3, 0)] and irq.read(10, 1) == 1
-    echo = EchoPort()
+    echo = Scratch(4)
     echo.write(0, 4, 0xDEADBEEF)
     assert (echo.read(0, 4), echo.read(0, 2), echo.read(2, 1)) == (0xDEADBEEF, 0xBEEF, 0xAD)
 
 
 def test_buses_refuse_overlaps_and_find_devices():
     io = IoBus()
-    echo = EchoPort()
+    echo = Scratch(4)
     io.register(0xE0, 4, echo, "echo")
     with pytest.raises(ValueError, match="already claimed by 'echo'"):
-        io.register(0xE3, 2, EchoPort())
+        io.register(0xE3, 2, Scratch(4))
     with pytest.raises(ValueError, match="0-0xffff"):
-        io.register(0xFFFF, 2, EchoPort())
+        io.register(0xFFFF, 2, Scratch(4))
     assert io.lookup(0xE2) == (0xE0, echo, "echo") and io.lookup(0xE4) is None
     mmio = MmioBus()
     mmio.register(0xD0000000, 0x1000, echo, "a")
@@ -344,11 +344,11 @@ def test_machine_arguments_are_checked_before_kvm_is_touched():
         Machine("/nonexistent/kernel.elf")
     machine = Machine(KERNEL, memory=16)
     with pytest.raises(ValueError, match="overlaps RAM"):
-        machine.add_mmio(0x800000, 0x1000, EchoPort())
+        machine.add_mmio(0x800000, 0x1000, Scratch(4))
     with pytest.raises(ValueError, match="read\\(offset, size\\)"):
         machine.add_io(0x300, 1, object())
     with pytest.raises(ValueError, match="COM1"):
-        machine.add_io(0x3F8, 1, EchoPort())
+        machine.add_io(0x3F8, 1, Scratch(4))
 
 
 def test_the_command_refuses_a_bad_kernel_with_status_1(tmp_path, capsys):

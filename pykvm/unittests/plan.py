@@ -17,13 +17,14 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..vmm.machine import DEFAULT_MEMORY_MIB, Machine
+from ..vmm.machine import DEFAULT_MEMORY_MIB, OPTIONAL_DEVICES, Machine
 from .config import Entry, shell_words
 
 _MEMORY = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgGtT]?)[bB]?$")
 _MIB = {"": 1, "k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
-# Devices QEMU's x86/run always adds, and the Machine always has.
-BUILT_IN_DEVICES = ("pc-testdev", "isa-debug-exit", "pci-testdev")
+# Devices QEMU's x86/run adds to every run: the first two the Machine always has, the rest it adds on request.
+BUILT_IN_DEVICES = ("pc-testdev", "isa-debug-exit")
+X86_RUN_DEVICES = ("pci-testdev",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ def plan(entry: Entry, tree: Path) -> Plan:
     cpus = int(smp[0]) if len(smp) == 1 and smp[0].isdigit() else 0
     missing: list[str] = [] if cpus > 0 else [f"smp = {entry.smp!r} is not a number of CPUs"]
     memory = DEFAULT_MEMORY_MIB
-    options: dict[str, object] = {}
+    options: dict[str, object] = {"devices": X86_RUN_DEVICES}
     for option, value in _options(words, missing):
         if option == "-m":
             memory = _memory(value, missing)
@@ -111,16 +112,19 @@ def _machine(value: str, options: dict[str, object], missing: list[str]) -> None
             continue
         if key == "pit" and setting in ("off", "on"):
             _keyword(options, "pit", setting == "on", missing, "-machine pit=off: pykvm's Machine always has a PIT")
-        elif key == "vmport" and setting in ("off", "on"):
-            _device(f"vmport={setting}", options, missing)
+        elif key == "vmport" and setting == "on":
+            continue                                # the Machine always has the VMware backdoor port
         else:
             missing.append(f"-machine {part}: pykvm's Machine is an i440FX-like PC without that option")
 
 
 def _device(value: str, options: dict[str, object], missing: list[str]) -> None:
     name = value.split(",")[0]
-    if name in BUILT_IN_DEVICES:
+    devices = options["devices"]
+    assert isinstance(devices, tuple)
+    if name in BUILT_IN_DEVICES or name in devices:
         return
-    earlier = options.get("devices", ())
-    devices = (*earlier, value) if isinstance(earlier, tuple) else (value,)
-    _keyword(options, "devices", devices, missing, f"-device {name}: pykvm's Machine has no such device")
+    if name in OPTIONAL_DEVICES and value == name:
+        options["devices"] = (*devices, name)
+    else:
+        missing.append(f"-device {value}: pykvm's Machine has no such device")

@@ -4,8 +4,11 @@ Why this exists: ``python -m pykvm.boot`` and tests that boot a kernel and
 assert its serial output share this. The machine is KVM's in-kernel irqchip
 (PIC, IOAPIC, LAPICs) and PIT plus the userspace devices of this package on
 the IO bus: COM1 (:mod:`.serial`), the debug-exit port (:mod:`.debug_exit`),
-fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), the test IRQ lines and echo
-port (:mod:`.testdev`), and ports 0x61 and 0x80 tolerated. Users add devices
+fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), pc-testdev's IRQ lines, echo
+and flush-page ports and MMIO scratch window (:mod:`.testdev`), the VMware
+backdoor port (:mod:`.vmware_backdoor`), PCI bus 0 with its host bridge
+(:mod:`.pci`; ``devices=("pci-testdev",)`` adds :mod:`.pci_testdev`), and
+ports 0x61 and 0x80 tolerated. Users add devices
 for more ports or MMIO ranges with :meth:`Machine.add_io` and
 :meth:`Machine.add_mmio` (an object with ``read(offset, size)`` and
 ``write(offset, size, value)``). No firmware: the Multiboot loader
@@ -50,7 +53,7 @@ from ..core.exits import (
 from ..core.state import Regs, Segment
 from ..core.system import Kvm
 from ..runtime.threads import VcpuThread
-from . import cmos, debug_exit, fw_cfg, multiboot, serial, testdev
+from . import cmos, debug_exit, fw_cfg, multiboot, pci, pci_testdev, serial, testdev, vmware_backdoor
 from .bus import Device, IoBus, MmioBus, UnknownAccess
 
 STATUS_POWER_OFF = 0        # the guest asked KVM to shut down or reset (KVM_EXIT_SYSTEM_EVENT)
@@ -61,6 +64,7 @@ STATUS_TIMEOUT = 124        # as timeout(1)
 DEFAULT_MEMORY_MIB = 128
 TOLERATED_PORTS = ((0x61, 1, "port 0x61 (system control B)"), (0x80, 1, "port 0x80 (POST code)"))
 CR0_PE, CR0_ET, CR0_PG = 1 << 0, 1 << 4, 1 << 31
+OPTIONAL_DEVICES = ("pci-testdev",)     # Machine(devices=...), python -m pykvm.boot --device
 STDIN_POLL = 0.05
 
 
@@ -124,7 +128,9 @@ class Machine:
     transmits as it comes (the transcript is kept either way); ``stdin=True``
     feeds this process's standard input to COM1 (a terminal is put in cbreak
     mode meanwhile); ``strict_io`` makes the first access no device claims end
-    the run; ``trace`` is a text stream that gets one line per exit. The kernel
+    the run; ``trace`` is a text stream that gets one line per exit.
+    ``devices`` names optional devices to add, as QEMU's ``-device``:
+    ``"pci-testdev"`` (:mod:`.pci_testdev`). The kernel
     and modules are read and parsed here, so a bad image fails at once with an
     :class:`~pykvm.core.errors.InvalidArgument` (a file that is not one) or a
     :class:`~pykvm.vmm.multiboot.MultibootError` (an image that is not one).
@@ -133,7 +139,7 @@ class Machine:
     def __init__(self, kernel: str | os.PathLike | bytes, cpus: int = 1, memory: int = DEFAULT_MEMORY_MIB,
                  cmdline: str = "", modules: Sequence[str | os.PathLike | bytes] = (), *,
                  serial_output: IO[bytes] | None = None, stdin: bool = False, strict_io: bool = False,
-                 trace: IO[str] | None = None, kvm: Kvm | None = None) -> None:
+                 trace: IO[str] | None = None, kvm: Kvm | None = None, devices: Sequence[str] = ()) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 255:
             raise InvalidArgument(f"cpus={cpus!r}: expected 1 to 255 vCPUs")
         if isinstance(memory, bool) or not isinstance(memory, int) or not 2 <= memory <= 1 << 20:
@@ -171,9 +177,19 @@ class Machine:
         self.add_io(fw_cfg.SELECTOR_PORT, fw_cfg.PORTS, self.fw_cfg, "fw_cfg")
         self.add_io(cmos.INDEX_PORT, cmos.PORTS, self.cmos, "CMOS/RTC")
         self.add_io(testdev.IRQ_BASE, testdev.IRQ_LINES, self.irq_lines, "test IRQ lines")
-        self.add_io(testdev.ECHO_PORT, testdev.ECHO_PORTS, testdev.EchoPort(), "test echo port")
+        self.add_io(testdev.ECHO_PORT, testdev.ECHO_PORTS, testdev.Scratch(testdev.ECHO_PORTS), "test echo port")
+        self.add_io(testdev.FLUSH_PORT, testdev.FLUSH_PORTS, testdev.FlushPage(self._memory), "test flush page")
+        self.add_mmio(testdev.IORAM_BASE, testdev.IORAM_SIZE, testdev.Scratch(testdev.IORAM_SIZE), "test MMIO")
         for port, length, what in TOLERATED_PORTS:
             self.add_io(port, length, _Tolerated(), what)
+        self._current = threading.local()       # .vcpu: the vCPU of this thread
+        self.add_io(vmware_backdoor.PORT, vmware_backdoor.PORTS, vmware_backdoor.VmwareBackdoor(self._current_vcpu),
+                    "VMware backdoor")
+        self.pci = pci.PciHost()
+        if "pci-testdev" in _check_devices(devices):
+            self.pci.add(pci_testdev.DEVICE, pci_testdev.PciTestdev(lambda: self._vm))
+        for claim in self.pci.claims():
+            (self.add_io if claim.io else self.add_mmio)(claim.base, claim.length, claim.device, claim.name)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -200,6 +216,13 @@ class Machine:
                 raise InvalidArgument(f"MMIO range {base:#x}+{length:#x} overlaps RAM at {start:#x}-"
                                       f"{start + size:#x}; choose an address outside RAM (e.g. 0xd0000000)")
         self.mmio.register(base, length, device, name)
+
+    def _current_vcpu(self) -> Any:
+        return self._current.vcpu
+
+    def _memory(self) -> Any:
+        vm = self._vm
+        return None if vm is None else vm.memory
 
     def _transmit(self, data: bytes) -> None:
         if self._first_byte is None:
@@ -251,7 +274,7 @@ class Machine:
                 _enter_multiboot(vcpus[0], self.layout)
                 self._vm = vm
                 for vcpu in vcpus:
-                    threads.append(VcpuThread(vcpu, functools.partial(self._vcpu_loop, vcpu),
+                    threads.append(VcpuThread(vcpu, functools.partial(self._vcpu_thread, vcpu),
                                               name=f"pykvm-boot-vcpu{vcpu.id}"))
                 if self._stdin:
                     terminal = _cbreak(sys.stdin.fileno())
@@ -288,6 +311,10 @@ class Machine:
                 self._end_time = time.perf_counter()
                 self._ending = (ending, status, message, code, error)
             self._done.set()
+
+    def _vcpu_thread(self, vcpu, stopping: threading.Event) -> None:
+        self._current.vcpu = vcpu
+        self._vcpu_loop(vcpu, stopping)
 
     def _vcpu_loop(self, vcpu, stopping: threading.Event) -> None:
         run, done = vcpu.run, self._done
@@ -424,6 +451,17 @@ class Machine:
                 return
             with self._lock:
                 self.uart.receive(data)
+
+
+def _check_devices(devices: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(devices, str) or not isinstance(devices, (list, tuple)) or \
+            not all(isinstance(name, str) for name in devices):
+        raise InvalidArgument(f"devices={devices!r}: expected a list of device names, e.g. ['pci-testdev']")
+    for name in devices:
+        if name not in OPTIONAL_DEVICES or devices.count(name) > 1:
+            problem = "is named twice" if name in OPTIONAL_DEVICES else "is not a device pykvm has"
+            raise InvalidArgument(f"devices: {name!r} {problem}; choose from {', '.join(OPTIONAL_DEVICES)}")
+    return tuple(devices)
 
 
 def _check_device(device: object) -> None:
