@@ -13,6 +13,8 @@ import pytest
 
 from pykvm.core.errors import InvalidArgument
 from pykvm.vmm import acpi, multiboot
+from pykvm.vmm.machine import Machine
+from pykvm.vmm.testkernels import path as kernel_path
 
 PLATFORM = dict(apic_ids=(0, 1, 2), pm1_event_port=0x600, pm1_control_port=0x604, pm_timer_port=0x608,
                 pm_timer_bits=32, reset_port=0xCF9, reset_value=6, sleep_states=((3, 1), (5, 7)),
@@ -145,6 +147,14 @@ def test_the_waking_vectors_are_read_from_the_facs():
     facs[12:16] = (0x1000).to_bytes(4, "little")
     facs[24:32] = (0x123456789).to_bytes(8, "little")
     assert acpi.waking_vectors(bytes(facs)) == (0x1000, 0x123456789)
+
+
+def test_the_machine_builds_tables_for_its_vcpus():
+    machine = Machine(kernel_path("hello"), cpus=4)
+    memory = low_memory(machine.acpi)
+    _, madt = tables_by_signature(memory)[b"APIC"]
+    assert [madt[offset + 3] for offset in range(44, 44 + 4 * 8, 8)] == [0, 1, 2, 3]
+    assert (acpi.FACS_ADDRESS, acpi.facs()) in machine.acpi.writes
 
 
 @pytest.mark.parametrize(("change", "message"), [
