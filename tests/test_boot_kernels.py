@@ -103,7 +103,7 @@ def test_unknown_port_and_mmio_are_listed_with_their_rip(kvm, strict):
 def test_fw_cfg_gives_cpus_ram_cmdline_and_e820(kvm, cpus):
     result = boot(kvm, "fwcfg", cpus, memory=64, cmdline="quiet root=/dev/null")
     expected = ["fw_cfg: signature QEMU", f"fw_cfg: NB_CPUS {cpus}, MAX_CPUS {cpus}, RAM 64 MiB",
-                "fw_cfg: command line: quiet root=/dev/null", "fw_cfg: etc/e820 has 4 entries"]
+                "fw_cfg: command line: quiet root=/dev/null", f"fw_cfg: etc/e820 has {len(e820_map(64 << 20))} entries"]
     expected += [f"e820: {address:#018x} length {length:#018x} type {kind}"
                  for address, length, kind in e820_map(64 << 20)]
     assert result.lines == expected

@@ -25,7 +25,7 @@ from pykvm.vmm import Ending, Machine
 from pykvm.vmm.testdev import FlushPage, Scratch
 
 TIMEOUT = 60.0
-PROBE = 0x90
+PROBE = 0xA8            # below 0x100: the guest writes it with `out %eax, $PROBE`
 PASS = 1                # the guest wrote 0 to the debug-exit port
 PAGE = 0x300000
 

@@ -7,12 +7,15 @@ the IO bus: COM1 (:mod:`.serial`), the debug-exit port (:mod:`.debug_exit`),
 fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), pc-testdev's IRQ lines, echo
 and flush-page ports and MMIO scratch window (:mod:`.testdev`), the VMware
 backdoor port (:mod:`.vmware_backdoor`), PCI bus 0 with its host bridge
-(:mod:`.pci`; ``devices=("pci-testdev",)`` adds :mod:`.pci_testdev`), and
+(:mod:`.pci`; ``devices=("pci-testdev",)`` adds :mod:`.pci_testdev`), the ACPI
+tables (:mod:`.acpi`), PM1 block and PM timer (:mod:`.pm1`, :mod:`.pm_timer`),
+the reset ports (:mod:`.reset`), the HPET on the MMIO bus (:mod:`.hpet`), and
 ports 0x61 and 0x80 tolerated. Users add devices
 for more ports or MMIO ranges with :meth:`Machine.add_io` and
 :meth:`Machine.add_mmio` (an object with ``read(offset, size)`` and
 ``write(offset, size, value)``). No firmware: the Multiboot loader
-(:mod:`.multiboot`) writes the kernel and its information, and the BSP starts
+(:mod:`.multiboot`) writes the kernel and its information, the machine the
+ACPI tables that describe it (:mod:`.acpi`), and the BSP starts
 at the entry point in 32-bit protected mode (EAX=0x2BADB002, EBX=info, flat
 segments, paging and interrupts off). Every vCPU is created before the guest
 starts; the APs wait in the in-kernel LAPIC for INIT and SIPI.
@@ -53,10 +56,25 @@ from ..core.exits import (
 from ..core.state import Regs, Segment
 from ..core.system import Kvm
 from ..runtime.threads import VcpuThread
-from . import cmos, debug_exit, fw_cfg, multiboot, pci, pci_testdev, serial, testdev, vmware_backdoor
+from . import (
+    acpi,
+    cmos,
+    debug_exit,
+    fw_cfg,
+    hpet,
+    multiboot,
+    pci,
+    pci_testdev,
+    pm1,
+    pm_timer,
+    reset,
+    serial,
+    testdev,
+    vmware_backdoor,
+)
 from .bus import Device, IoBus, MmioBus, UnknownAccess
 
-STATUS_POWER_OFF = 0        # the guest asked KVM to shut down or reset (KVM_EXIT_SYSTEM_EVENT)
+STATUS_POWER_OFF = 0        # KVM_EXIT_SYSTEM_EVENT, ACPI S5, or a reset (QEMU -no-reboot exits 0 too)
 STATUS_TRIPLE_FAULT = 4     # KVM_EXIT_SHUTDOWN
 STATUS_INTERNAL_ERROR = 6   # KVM_EXIT_INTERNAL_ERROR, FAIL_ENTRY, an unexpected exit, a device that raised
 STATUS_STRICT_IO = 8        # --strict-io: the guest touched a port or MMIO address no device claims
@@ -73,6 +91,7 @@ class Ending(enum.Enum):
 
     EXIT_PORT = "debug-exit port"
     POWER_OFF = "power off"
+    RESET = "reset"
     TRIPLE_FAULT = "triple fault"
     INTERNAL_ERROR = "internal error"
     STRICT_IO = "unknown IO (--strict-io)"
@@ -180,6 +199,7 @@ class Machine:
         self.add_io(testdev.ECHO_PORT, testdev.ECHO_PORTS, testdev.Scratch(testdev.ECHO_PORTS), "test echo port")
         self.add_io(testdev.FLUSH_PORT, testdev.FLUSH_PORTS, testdev.FlushPage(self._memory), "test flush page")
         self.add_mmio(testdev.IORAM_BASE, testdev.IORAM_SIZE, testdev.Scratch(testdev.IORAM_SIZE), "test MMIO")
+        self._add_platform()
         for port, length, what in TOLERATED_PORTS:
             self.add_io(port, length, _Tolerated(), what)
         self._current = threading.local()       # .vcpu: the vCPU of this thread
@@ -203,6 +223,24 @@ class Machine:
         self._exits: dict[int, int] = {}
 
     # -- devices ------------------------------------------------------------------
+    def _add_platform(self) -> None:
+        """The ACPI devices, the reset ports, and the ACPI tables describing them (``self.acpi``)."""
+        self.pm1 = pm1.Pm1(self._sleep)
+        self.pm_timer = pm_timer.PmTimer()
+        self.hpet = hpet.Hpet()
+        self.add_io(pm1.EVENT_PORT, pm1.PORTS, self.pm1, "ACPI PM1a event/control")
+        self.add_io(pm_timer.PORT, pm_timer.PORTS, self.pm_timer, "ACPI PM timer")
+        self.add_io(reset.PORT_92, 1, reset.SystemControlA(self._reset), "port 0x92 (system control A)")
+        self.add_io(reset.RESET_CONTROL_PORT, 1, reset.ResetControl(self._reset), "reset control (0xcf9)")
+        self.add_io(reset.KBC_COMMAND_PORT, 1, reset.KeyboardController(self._reset), "8042 command/status")
+        self.add_mmio(hpet.BASE, hpet.SIZE, self.hpet, "HPET")
+        self.acpi = acpi.build(acpi.Platform(
+            apic_ids=tuple(range(self.cpus)),       # vCPU ids 0..n-1, and KVM's APIC ID is the vCPU id
+            pm1_event_port=pm1.EVENT_PORT, pm1_control_port=pm1.CONTROL_PORT, pm_timer_port=pm_timer.PORT,
+            pm_timer_bits=self.pm_timer.bits, reset_port=reset.RESET_CONTROL_PORT, reset_value=reset.ACPI_VALUE,
+            sleep_states=((3, pm1.SleepType.S3), (5, pm1.SleepType.S5)),
+            hpet_address=hpet.BASE, hpet_block_id=self.hpet.capabilities & 0xFFFFFFFF))
+
     def add_io(self, base: int, length: int, device: Device, name: str = "") -> None:
         """Put ``device`` on IO ports ``base .. base + length - 1`` (before :meth:`run`)."""
         _check_device(device)
@@ -242,6 +280,16 @@ class Machine:
         self._finish(Ending.EXIT_PORT, debug_exit.status_of(value),
                      f"the guest wrote {value:#x} to the debug-exit port", value)
 
+    def _reset(self, reason: str) -> None:
+        self._finish(Ending.RESET, STATUS_POWER_OFF, f"the guest reset the machine through {reason}; there is "
+                                                     f"no firmware to reboot through (as QEMU's -no-reboot)")
+
+    def _sleep(self, state: pm1.SleepType) -> None:
+        if state == pm1.SleepType.S5:
+            self._finish(Ending.POWER_OFF, STATUS_POWER_OFF, "the guest entered ACPI S5 (soft off)")
+        else:
+            self._done.set()            # S3: run() stops every vCPU and sleeps until the wake event
+
     # -- running ------------------------------------------------------------------
     def run(self, timeout: float | None = None, *, begun: float | None = None) -> BootResult:
         """Boot the kernel and run until it exits, faults, or ``timeout`` seconds pass; once per Machine.
@@ -268,22 +316,19 @@ class Machine:
             with kvm.create_vm(memory_size=ranges[0][1], irqchip="kernel", pit=True) as vm:
                 for address, size in ranges[1:]:
                     vm.memory.add_slot(address, size)
-                for address, data in self.layout.writes:
+                for address, data in self.layout.writes + self.acpi.writes:
                     vm.memory.write(address, data)
                 vcpus = [vm.create_vcpu() for _ in range(self.cpus)]
                 _enter_multiboot(vcpus[0], self.layout)
                 self._vm = vm
-                for vcpu in vcpus:
-                    threads.append(VcpuThread(vcpu, functools.partial(self._vcpu_thread, vcpu),
-                                              name=f"pykvm-boot-vcpu{vcpu.id}"))
+                threads += self._start_vcpus(vcpus)
                 if self._stdin:
                     terminal = _cbreak(sys.stdin.fileno())
                     threading.Thread(target=self._read_stdin, daemon=True, name="pykvm-boot-stdin").start()
                 try:
-                    left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-                    if not self._done.wait(left):
-                        self._finish(Ending.TIMEOUT, STATUS_TIMEOUT,
-                                     f"the guest was still running after {timeout:g} s; stopped")
+                    while not self._wait(deadline, timeout):      # False: the guest suspended to S3
+                        self._stop(threads)
+                        threads[:] = self._suspend(vcpus, deadline, timeout)
                 finally:
                     self._stop(threads)
                     self._vm = None
@@ -296,6 +341,39 @@ class Machine:
         ending, status, message, code, error = self._ending
         return BootResult(status, ending, message, code, bytes(self._serial), list(self._unknown.values()),
                           dict(self._exits), self._first_byte, self._end_time - self._start, error)
+
+    def _start_vcpus(self, vcpus: list) -> list[VcpuThread]:
+        return [VcpuThread(vcpu, functools.partial(self._vcpu_thread, vcpu), name=f"pykvm-boot-vcpu{vcpu.id}")
+                for vcpu in vcpus]
+
+    def _wait(self, deadline: float | None, timeout: float | None) -> bool:
+        """Wait for the end of the run (True) or a suspend to S3 (False: ``_done`` set, no ending)."""
+        if not self._done.wait(None if deadline is None else max(0.0, deadline - time.perf_counter())):
+            self._finish(Ending.TIMEOUT, STATUS_TIMEOUT, f"the guest was still running after {timeout:g} s; stopped")
+        return self._ending is not None
+
+    def _suspend(self, vcpus: list, deadline: float | None, timeout: float | None) -> list[VcpuThread]:
+        """S3 with every vCPU stopped: sleep until the RTC alarm wakes the machine (RTC_EN), then resume
+        at the FACS waking vector with new vCPU threads; [] when the run ends instead."""
+        if self._ending is not None:     # another vCPU ended the run meanwhile
+            return []
+        alarm = self.cmos.next_alarm() if self.pm1.rtc_wake else None
+        wake = None if alarm is None else time.perf_counter() + alarm - time.monotonic()
+        if wake is None or (deadline is not None and deadline < wake):
+            threading.Event().wait(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+            self._finish(Ending.TIMEOUT, STATUS_TIMEOUT, f"the guest was asleep in ACPI S3 and no wake event "
+                                                         f"came within {timeout:g} s; stopped")
+            return []
+        time.sleep(max(0.0, wake - time.perf_counter()))
+        vector, x_vector = acpi.waking_vectors(self._vm.memory.read(acpi.FACS_ADDRESS, acpi.FACS_SIZE))
+        problem = pm1.waking_problem(vector, x_vector)
+        if problem is not None:
+            self._finish(Ending.ERROR, STATUS_INTERNAL_ERROR, f"the guest woke from ACPI S3, but {problem}")
+            return []
+        pm1.resume_cpus(vcpus, vector)
+        self.pm1.wake(rtc=True)
+        self._done.clear()
+        return self._start_vcpus(vcpus)
 
     def _stop(self, threads: list[VcpuThread]) -> None:
         self._done.set()
@@ -342,7 +420,7 @@ class Machine:
             self._finish(Ending.ERROR, STATUS_INTERNAL_ERROR,
                          f"vCPU {vcpu.id}: {type(exc).__name__}: {exc}", error=exc)
         finally:
-            self._exits[vcpu.id] = exits
+            self._exits[vcpu.id] = self._exits.get(vcpu.id, 0) + exits
 
     def _port_io(self, vcpu, exit: IoExit) -> None:
         """One device access per element, in order: string IO (``rep ins``/``rep outs``) has ``count`` > 1."""

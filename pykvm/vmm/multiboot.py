@@ -36,7 +36,11 @@ BOOT_AREA_END = 0x8000
 LOW_MEMORY_END = 0x9FC00            # usable conventional memory (the EBDA follows)
 HOLE_END = 0x100000                 # VGA, option ROMs, BIOS: never RAM for the guest
 PAGE = 4096
-E820_RAM, E820_RESERVED = 1, 2
+E820_RAM, E820_RESERVED, E820_ACPI, E820_NVS = 1, 2, 3, 4     # ACPI's address range types
+# The ACPI area (pykvm.vmm.acpi writes it): the FACS in ACPI NVS memory, then the other tables in
+# ACPI reclaim memory; below the BIOS area, in the hole the loader never uses.
+ACPI_NVS = (0xE0000, 0x1000)
+ACPI_TABLES = (0xE1000, 0xF000)
 LOADER_NAME = b"pykvm\0"
 
 _ELF32_HEADER = struct.Struct("<16sHHIIIIIHHHHHH")
@@ -245,10 +249,11 @@ def ram_ranges(memory: int) -> tuple[tuple[int, int], ...]:
 
 
 def e820_map(memory: int) -> tuple[tuple[int, int, int], ...]:
-    """A PC's memory map: (address, length, type), with the hole below 1 MiB reserved."""
+    """A PC's memory map: (address, length, type), with the hole below 1 MiB reserved or ACPI's."""
     (_, low), *high = ram_ranges(memory)
     entries = [(0, LOW_MEMORY_END, E820_RAM), (LOW_MEMORY_END, 0xA0000 - LOW_MEMORY_END, E820_RESERVED),
-               (0xF0000, 0x10000, E820_RESERVED), (HOLE_END, low - HOLE_END, E820_RAM)]
+               (*ACPI_NVS, E820_NVS), (*ACPI_TABLES, E820_ACPI), (0xF0000, 0x10000, E820_RESERVED),
+               (HOLE_END, low - HOLE_END, E820_RAM)]
     entries += [(address, size, E820_RAM) for address, size in high]
     return tuple(entries)
 
