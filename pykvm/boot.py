@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .cli import exit_with, run_command
+from .vmm.cpu_model import DEFAULT_MODEL, CpuFeatureWarning
 from .vmm.machine import DEFAULT_MEMORY_MIB, Ending, Machine
 
 PROG = "pykvm boot"
@@ -29,6 +31,11 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"{text}: must be > 0")
         return value
     return convert
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as QEMU prints its own: one line on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive(float), metavar="S",
                         help="stop the guest after S seconds, status 124")
     parser.add_argument("--trace-exits", action="store_true", help="one line per exit to userspace on stderr")
+    parser.add_argument("--cpu", default=DEFAULT_MODEL, metavar="MODEL[,+f,-f,f=on|off,key=value]",
+                        help=f"the CPU model, in QEMU's -cpu syntax (default {DEFAULT_MODEL}); features KVM "
+                             f"lacks are dropped with a warning")
     parser.add_argument("--strict-io", action="store_true",
                         help="end the run (status 8) at the first port or MMIO access no device claims")
     return parser
@@ -57,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         machine = Machine(args.kernel, cpus=args.smp, memory=args.memory, cmdline=args.append,
                           modules=args.initrd, serial_output=sys.stdout.buffer, stdin=sys.stdin.isatty(),
-                          strict_io=args.strict_io, trace=sys.stderr if args.trace_exits else None)
-        result = machine.run(timeout=args.timeout)
+                          strict_io=args.strict_io, trace=sys.stderr if args.trace_exits else None,
+                          cpu=args.cpu)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CpuFeatureWarning)
+            warnings.showwarning = _show_warning
+            result = machine.run(timeout=args.timeout)
         for access in result.unknown:
             print(f"{PROG}: {access.describe()}", file=sys.stderr)
         if result.ending != Ending.EXIT_PORT:

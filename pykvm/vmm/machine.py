@@ -32,6 +32,7 @@ import select
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -49,7 +50,7 @@ from ..core.exits import (
 from ..core.state import Regs, Segment
 from ..core.system import Kvm
 from ..runtime.threads import VcpuThread
-from . import cmos, debug_exit, fw_cfg, multiboot, serial, testdev
+from . import cmos, cpu_model, debug_exit, fw_cfg, multiboot, serial, testdev
 from .bus import Device, IoBus, MmioBus, UnknownAccess
 
 STATUS_POWER_OFF = 0        # the guest asked KVM to shut down or reset (KVM_EXIT_SYSTEM_EVENT)
@@ -118,14 +119,18 @@ class Machine:
     ``stdin=True`` feeds this process's standard input to COM1 (a terminal is
     put in cbreak mode meanwhile); ``strict_io`` makes the first access no device
     claims end the run; ``trace`` is a text stream that gets one line per exit.
-    The kernel and modules are parsed here, so a bad image fails at once with a
-    :class:`~pykvm.vmm.multiboot.MultibootError`.
+    ``cpu`` is a QEMU ``-cpu`` string (default ``qemu64``, QEMU's; see
+    :mod:`.cpu_model`): each feature KVM lacks is dropped with a
+    :class:`~pykvm.vmm.cpu_model.CpuFeatureWarning` when the run starts.
+    The kernel, modules and ``cpu`` are parsed here, so a bad one fails at once
+    (:class:`~pykvm.vmm.multiboot.MultibootError`, :class:`~pykvm.vmm.cpu_model.CpuModelError`).
     """
 
     def __init__(self, kernel: str | os.PathLike | bytes, cpus: int = 1, memory: int = DEFAULT_MEMORY_MIB,
                  cmdline: str = "", modules: Sequence[str | os.PathLike | bytes] = (), *,
                  serial_output: IO[bytes] | None = None, stdin: bool = False, strict_io: bool = False,
-                 trace: IO[str] | None = None, kvm: Kvm | None = None) -> None:
+                 trace: IO[str] | None = None, kvm: Kvm | None = None,
+                 cpu: str | cpu_model.CpuSpec | None = None) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 255:
             raise InvalidArgument(f"cpus={cpus!r}: expected 1 to 255 vCPUs")
         if isinstance(memory, bool) or not isinstance(memory, int) or not 2 <= memory <= 1 << 20:
@@ -143,6 +148,7 @@ class Machine:
             module_name, module_data = _read(module, f"module {index}")
             self.modules.append(multiboot.Module(module_data, module_name))
         self.layout = multiboot.place(self.image, self.memory, cmdline, self.modules, name)
+        self.cpu = cpu_model.parse(cpu)
         self.strict_io = strict_io
         self._serial_output = serial_output
         self._stdin = stdin
@@ -232,7 +238,12 @@ class Machine:
                     vm.memory.add_slot(address, size)
                 for address, data in self.layout.writes:
                     vm.memory.write(address, data)
-                vcpus = [vm.create_vcpu() for _ in range(self.cpus)]
+                guest_cpu = self.cpu.resolve(cpu_model.HostCpu.probe(kvm), self.cpus)
+                for message in guest_cpu.warnings:
+                    warnings.warn(message, cpu_model.CpuFeatureWarning, stacklevel=2)
+                vcpus = [vm.create_vcpu(cpuid=False) for _ in range(self.cpus)]
+                for vcpu in vcpus:
+                    guest_cpu.apply(vcpu)
                 _enter_multiboot(vcpus[0], self.layout)
                 self._vm = vm
                 for vcpu in vcpus:
