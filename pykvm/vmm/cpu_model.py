@@ -58,6 +58,8 @@ from typing import Any
 from ..core.constants import Cap
 from ..core.cpuid import CpuidEntry, cpuid_for_vcpu
 from ..core.errors import InvalidArgument
+from ..core.system import Kvm
+from ..core.vcpu import Vcpu
 
 DEFAULT_MODEL = "qemu64"
 SIGNIFICANT_INDEX = 1                 # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
@@ -547,7 +549,7 @@ class HostCpu:
     model_id: str = ""
 
     @classmethod
-    def probe(cls, kvm) -> HostCpu:
+    def probe(cls, kvm: Kvm) -> HostCpu:
         """Ask ``kvm`` (a :class:`pykvm.Kvm`); the brand string comes from ``/proc/cpuinfo``."""
         banks = kvm.check_extension(Cap.MCE)
         return cls(kvm.supported_cpuid, bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER)), banks,
@@ -756,7 +758,7 @@ class GuestCpu:
             entries.append(entry)
         return entries
 
-    def apply(self, vcpu) -> None:
+    def apply(self, vcpu: Vcpu) -> None:
         """``KVM_SET_CPUID2`` and, with machine checks, ``KVM_X86_SETUP_MCE`` on ``vcpu`` (before it runs)."""
         vcpu.set_cpuid(self.for_vcpu(vcpu.id, vcpu.tsc_khz if self.frequency_leaf else 0))
         if self.mcg_cap:
