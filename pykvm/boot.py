@@ -25,9 +25,11 @@ import argparse
 import math
 import sys
 import time
+import warnings
 
 from .cli import exit_with, run_command
 from .startup import imports_done
+from .vmm.cpu_model import DEFAULT_MODEL, CpuFeatureWarning
 from .vmm.machine import DEFAULT_MEMORY_MIB, OPTIONAL_DEVICES, Ending, Machine
 
 PROG = "pykvm boot"
@@ -63,6 +65,11 @@ def _utf8(text: str) -> str:
     return text
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as QEMU prints its own: one line on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pykvm.boot", description=__doc__.split("\n\n")[0],
                                      epilog="exit status: (v << 1) | 1 for a write of v to port 0xf4; 0 power "
@@ -79,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_seconds, metavar="S",
                         help="stop the guest S seconds after loading began, status 124")
     parser.add_argument("--trace-exits", action="store_true", help="one line per exit to userspace on stderr")
+    parser.add_argument("--cpu", default=DEFAULT_MODEL, metavar="MODEL[,+f,-f,f=on|off,key=value]",
+                        help=f"the CPU model, in QEMU's -cpu syntax (default {DEFAULT_MODEL}); features KVM "
+                             f"lacks are dropped with a warning")
     parser.add_argument("--strict-io", action="store_true",
                         help="end the run (status 8) at the first port or MMIO access no device claims")
     parser.add_argument("--device", action="append", default=[], choices=OPTIONAL_DEVICES, metavar="NAME",
@@ -96,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         machine = Machine(args.kernel, cpus=args.smp, memory=args.memory, cmdline=args.append,
                           modules=args.initrd, serial_output=sys.stdout.buffer, stdin=sys.stdin.isatty(),
                           strict_io=args.strict_io, trace=sys.stderr if args.trace_exits else None,
-                          devices=args.device)
-        result = machine.run(timeout=args.timeout, begun=begun)
+                          devices=args.device, cpu=args.cpu)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CpuFeatureWarning)
+            warnings.showwarning = _show_warning
+            result = machine.run(timeout=args.timeout, begun=begun)
         for access in result.unknown:
             print(f"{PROG}: {access.describe()}", file=sys.stderr)
         if result.ending != Ending.EXIT_PORT:

@@ -74,6 +74,7 @@ class Cap(enum.IntEnum):
     SYS_HYPERV_CPUID = 191
     PMU_EVENT_FILTER = 173
     PMU_CAPABILITY = 212
+    MCE = 31
 
 
 class ExitReason(enum.IntEnum):

@@ -43,6 +43,7 @@ class Ioctl(enum.IntEnum):
     GET_VCPU_MMAP_SIZE = _io(0x04)
     GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
     GET_SUPPORTED_HV_CPUID = _iowr(0xC1, "struct kvm_cpuid2")   # also a vCPU ioctl
+    X86_GET_MCE_CAP_SUPPORTED = _ior(0x9D, "__u64")
     # VM
     CREATE_VCPU = _io(0x41)
     SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
@@ -85,6 +86,7 @@ class Ioctl(enum.IntEnum):
     GET_TSC_KHZ = _io(0xA3)
     GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
     SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
+    X86_SETUP_MCE = _iow(0x9C, "__u64")
 
     @property
     def macro(self) -> str:

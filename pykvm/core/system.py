@@ -88,6 +88,18 @@ class Kvm(FdObject):
                 entries *= 2
 
     @functools.cached_property
+    def mce_cap_supported(self) -> int:
+        """``KVM_X86_GET_MCE_CAP_SUPPORTED``: the MCG_CAP bits KVM emulates (bank count aside).
+
+        The bank count KVM allows is ``check_extension(Cap.MCE)``; needs
+        ``KVM_CAP_MCE``: :class:`CapabilityMissing` without it.
+        """
+        self.require(Cap.MCE, "kvm.mce_cap_supported")
+        value = ffi.new("__u64 *")
+        self._ioctl(Ioctl.X86_GET_MCE_CAP_SUPPORTED, value)
+        return int(value[0])
+
+    @functools.cached_property
     def supported_hv_cpuid(self) -> tuple[CpuidEntry, ...]:
         """``KVM_GET_SUPPORTED_HV_CPUID``: the Hyper-V CPUID leaves (0x40000000-0x4000000A) KVM emulates.
 

@@ -650,6 +650,18 @@ class Vcpu(FdObject):
         self._ioctl(Ioctl.SET_CPUID2, cpuid_to_c(entries),
                     hint="CPUID can only be set before the vCPU first runs")
 
+    def setup_mce(self, mcg_cap: int) -> None:
+        """``KVM_X86_SETUP_MCE``: machine-check banks and MCG_CAP (before the first run).
+
+        ``mcg_cap`` is the MSR's value: the bank count in bits 7:0 (1 to
+        ``kvm.check_extension(Cap.MCE)``), capability bits from ``kvm.mce_cap_supported``.
+        """
+        self.vm.kvm.require(Cap.MCE, "vcpu.setup_mce")
+        checks.unsigned("mcg_cap", mcg_cap, 64, "an MCG_CAP value: banks in bits 7:0")
+        self._ioctl(Ioctl.X86_SETUP_MCE, ffi.new("__u64 *", mcg_cap),
+                    hint="the bank count must be 1 to KVM_CAP_MCE and the other bits within "
+                         "KVM_X86_GET_MCE_CAP_SUPPORTED")
+
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """``KVM_GET_MSRS``: the values of the given MSR indices."""
         indices = [checks.unsigned("index", index, 32, "an MSR number") for index in indices]

@@ -40,6 +40,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -59,6 +60,7 @@ from ..runtime.threads import VcpuThread
 from . import (
     acpi,
     cmos,
+    cpu_model,
     debug_exit,
     fw_cfg,
     hpet,
@@ -149,16 +151,20 @@ class Machine:
     mode meanwhile); ``strict_io`` makes the first access no device claims end
     the run; ``trace`` is a text stream that gets one line per exit.
     ``devices`` names optional devices to add, as QEMU's ``-device``:
-    ``"pci-testdev"`` (:mod:`.pci_testdev`). The kernel
-    and modules are read and parsed here, so a bad image fails at once with an
-    :class:`~pykvm.core.errors.InvalidArgument` (a file that is not one) or a
-    :class:`~pykvm.vmm.multiboot.MultibootError` (an image that is not one).
+    ``"pci-testdev"`` (:mod:`.pci_testdev`). ``cpu`` is a QEMU ``-cpu`` string
+    (default ``qemu64``, QEMU's; see :mod:`.cpu_model`): each feature KVM lacks
+    is dropped with a :class:`~pykvm.vmm.cpu_model.CpuFeatureWarning` when the
+    run starts. The kernel, modules and ``cpu`` are read and parsed here, so a
+    bad one fails at once with an :class:`~pykvm.core.errors.InvalidArgument` (a
+    file that is not one), a :class:`~pykvm.vmm.multiboot.MultibootError` (an
+    image that is not one) or a :class:`~pykvm.vmm.cpu_model.CpuModelError`.
     """
 
     def __init__(self, kernel: str | os.PathLike | bytes, cpus: int = 1, memory: int = DEFAULT_MEMORY_MIB,
                  cmdline: str = "", modules: Sequence[str | os.PathLike | bytes] = (), *,
                  serial_output: IO[bytes] | None = None, stdin: bool = False, strict_io: bool = False,
-                 trace: IO[str] | None = None, kvm: Kvm | None = None, devices: Sequence[str] = ()) -> None:
+                 trace: IO[str] | None = None, kvm: Kvm | None = None, devices: Sequence[str] = (),
+                 cpu: str | cpu_model.CpuSpec | None = None) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 255:
             raise InvalidArgument(f"cpus={cpus!r}: expected 1 to 255 vCPUs")
         if isinstance(memory, bool) or not isinstance(memory, int) or not 2 <= memory <= 1 << 20:
@@ -176,6 +182,7 @@ class Machine:
             module_name, module_data = _read(module, f"module {index}", self.memory)
             self.modules.append(multiboot.Module(module_data, module_name))
         self.layout = multiboot.place(self.image, self.memory, self.boot_cmdline, self.modules, name)
+        self.cpu = cpu_model.parse(cpu)
         self.strict_io = strict_io
         self._serial_output = serial_output
         self._stdin = stdin
@@ -318,7 +325,12 @@ class Machine:
                     vm.memory.add_slot(address, size)
                 for address, data in self.layout.writes + self.acpi.writes:
                     vm.memory.write(address, data)
-                vcpus = [vm.create_vcpu() for _ in range(self.cpus)]
+                guest_cpu = self.cpu.resolve(cpu_model.HostCpu.probe(kvm), self.cpus)
+                for message in guest_cpu.warnings:
+                    warnings.warn(message, cpu_model.CpuFeatureWarning, stacklevel=2)
+                vcpus = [vm.create_vcpu(cpuid=False) for _ in range(self.cpus)]
+                for vcpu in vcpus:
+                    guest_cpu.apply(vcpu)
                 _enter_multiboot(vcpus[0], self.layout)
                 self._vm = vm
                 threads += self._start_vcpus(vcpus)
