@@ -1,14 +1,50 @@
-"""What is specific to pykvm's own suite; every fixture and marker comes from the pykvm pytest plugin.
+"""What is specific to pykvm's own suite; the general fixtures and markers come from the pykvm pytest plugin.
 
 The plugin (``pykvm.testing.plugin``, enabled by installing pykvm) provides
 ``kvm``, ``vm``, ``vcpu``, ``guest``, ``host``, ``boot`` and ``machine``, the
 hardware marker, ``PYKVM_REQUIRE_KVM=1`` and the summary line counting the
-hardware tests.
+hardware tests. Here: how many xdist workers, the ``kut_flat`` fixture for
+tests that boot kvm-unit-tests' kernels, and two markers of this suite:
+
+- ``kvm_unit_tests``: the test boots a kernel of the kvm-unit-tests tree that
+  ``PYKVM_KUT_DIR`` names (given to every test that uses ``kut_flat``);
+- ``qemu``: the test runs QEMU beside pykvm to compare them; minutes, so
+  ``pyproject.toml`` leaves these out unless ``-m qemu`` asks for them.
 """
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kvm_unit_tests: boots a kernel of the tree PYKVM_KUT_DIR names")
+    config.addinivalue_line("markers", "qemu: runs QEMU beside pykvm to compare (run with -m qemu)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kut_flat" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kvm_unit_tests)
+
+
+@pytest.fixture
+def kut_flat() -> Callable[[str], Path]:
+    """``kut_flat(name)``: ``x86/NAME.flat`` of the built kvm-unit-tests tree ``PYKVM_KUT_DIR`` names.
+
+    The test skips when the variable is unset or the kernel is not built (CI builds the tree and sets it).
+    """
+    def flat(name: str) -> Path:
+        tree = os.environ.get("PYKVM_KUT_DIR")
+        if not tree:
+            pytest.skip("PYKVM_KUT_DIR is not set: it names a built kvm-unit-tests tree (./configure && make)")
+        path = Path(tree, "x86", f"{name}.flat")
+        if not path.is_file():
+            pytest.skip(f"{path} is not built: run make in the kvm-unit-tests tree")
+        return path
+    return flat
 
 
 @pytest.hookimpl(optionalhook=True)

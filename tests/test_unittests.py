@@ -196,7 +196,11 @@ def test_parity_names_what_differs():
 # Not hardware tests by the plugin's rule (no pykvm fixture): a missing tree is a skip even under
 # PYKVM_REQUIRE_KVM=1, and CI sets PYKVM_KUT_DIR where it has built one.
 KUT = os.environ.get("PYKVM_KUT_DIR", "")
-needs_kut = pytest.mark.skipif(not KUT, reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")
+
+
+def needs_kut(test):
+    return pytest.mark.kvm_unit_tests(pytest.mark.skipif(
+        not KUT, reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")(test))
 
 
 @needs_kut

@@ -371,7 +371,9 @@ def test_boot_prints_the_warning_on_stderr_and_refuses_a_bad_model(kvm, cpuid_ke
 
 # -- hardware: the same leaves as QEMU -------------------------------------------------------------------
 QEMU = shutil.which("qemu-system-x86_64")
-needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+def needs_qemu(test):
+    """Runs QEMU beside pykvm: the ``qemu`` marker (``-m qemu`` runs these), skipped where QEMU is missing."""
+    return pytest.mark.qemu(pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")(test))
 # QEMU 7.2 cannot start -cpu max/host on some KVMs (kvm_pvm refuses its IA32_ARCH_CAPABILITIES write), so the
 # comparisons of max leave that feature out on both sides.
 QEMU_CASES = [("qemu64", 1), ("qemu64,-x2apic,+tsc-deadline", 2), ("IvyBridge,phys-bits=36,host-phys-bits=off", 1),
@@ -397,8 +399,13 @@ def test_guest_sees_what_it_sees_under_qemu(kvm, cpuid_kernel, cpu, cpus):
 
 # -- kvm-unit-tests ------------------------------------------------------------------------------------
 KUT_DIR = os.environ.get("PYKVM_KUT_DIR")
-needs_kut = pytest.mark.skipif(not (KUT_DIR and Path(KUT_DIR, "x86", "run").is_file()),
-                               reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")
+
+
+def needs_kut(test):
+    """Boots kvm-unit-tests' kernels: the ``kvm_unit_tests`` marker, skipped without PYKVM_KUT_DIR."""
+    return pytest.mark.kvm_unit_tests(pytest.mark.skipif(
+        not (KUT_DIR and Path(KUT_DIR, "x86", "run").is_file()),
+        reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")(test))
 VERDICT = re.compile(r"^(PASS|FAIL|SKIP): ", re.MULTILINE)
 
 
@@ -463,9 +470,9 @@ def test_xapic_entry_hides_x2apic_from_the_apic_test():
     # [xapic] and [x2apic] of x86/unittests.cfg; the verdict that differs is x2APIC detection.
     assert KUT_DIR is not None
     outputs = {}
-    for sign in "-+":
+    for sign in "-+":      # 3 s: the detection is among apic.flat's first lines; the whole test runs 90 s
         result = subprocess.run([sys.executable, "-m", "pykvm.boot", str(Path(KUT_DIR, "x86", "apic.flat")),
-                                 "--smp", "2", "--cpu", f"qemu64,{sign}x2apic,+tsc-deadline", "--timeout", "15"],
+                                 "--smp", "2", "--cpu", f"qemu64,{sign}x2apic,+tsc-deadline", "--timeout", "3"],
                                 capture_output=True, text=True, timeout=75)
         outputs[sign] = result.stdout
     assert "x2apic not detected" in outputs["-"] and "x2apic enabled" not in outputs["-"]

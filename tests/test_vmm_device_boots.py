@@ -10,7 +10,6 @@ skip).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -215,18 +214,8 @@ def test_the_backdoor_answers_get_version_in_the_registers(kvm):
 
 # ---- kvm-unit-tests ----------------------------------------------------------------------------
 
-def kut_flat(name: str) -> Path:
-    root = os.environ.get("PYKVM_KUT_DIR")
-    if not root:
-        pytest.skip("PYKVM_KUT_DIR is not set (a built kvm-unit-tests tree)")
-    flat = Path(root, "x86", f"{name}.flat")
-    if not flat.is_file():
-        pytest.skip(f"{flat} is not built")
-    return flat
-
-
-def kut(kvm, name: str, **options):
-    result = Machine(kut_flat(name), kvm=kvm, **options).run(timeout=TIMEOUT)
+def kut(kvm, flat: Path, **options):
+    result = Machine(flat, kvm=kvm, **options).run(timeout=TIMEOUT)
     assert result.ending != Ending.TIMEOUT, result.text
     return result
 
@@ -235,22 +224,22 @@ def verdicts(text: str) -> dict[str, int]:
     return {kind: len(re.findall(f"^{kind}: ", text, re.M)) for kind in ("PASS", "FAIL", "SKIP")}
 
 
-def test_kut_emulator_passes_its_mmio_tests(kvm):
-    result = kut(kvm, "emulator")
+def test_kut_emulator_passes_its_mmio_tests(kvm, kut_flat):
+    result = kut(kvm, kut_flat("emulator"))
     assert verdicts(result.text)["FAIL"] == 0 and verdicts(result.text)["PASS"] >= 97
     assert "PASS: cross-page mmio read" in result.lines and "PASS: cross-page mmio write" in result.lines
     assert not [u for u in result.unknown if u.space == "mmio"]
 
 
-def test_kut_lam(kvm):
-    result = kut(kvm, "lam")
+def test_kut_lam(kvm, kut_flat):
+    result = kut(kvm, kut_flat("lam"))
     assert result.status == PASS and "SUMMARY: 16 tests, 1 skipped" in result.lines
 
 
 @pytest.mark.parametrize("device", [True, False])
-def test_kut_vmexit_times_pci_testdev_only_when_added(kvm, device):
+def test_kut_vmexit_times_pci_testdev_only_when_added(kvm, kut_flat, device):
     # The first word is an unknown test name, which vmexit ignores (whether or not it is argv[0]).
-    result = kut(kvm, "vmexit", cmdline="vmexit pci-mem pci-io", devices=["pci-testdev"] if device else [])
+    result = kut(kvm, kut_flat("vmexit"), cmdline="pci-mem pci-io", devices=["pci-testdev"] if device else [])
     timed = [match.groups() for line in result.lines if (match := re.fullmatch(r"(\S+):(pci-mem|pci-io) \d+", line))]
     if device:
         assert "pci-testdev at 0x10 membar febff000 iobar c000" in result.lines
@@ -260,7 +249,7 @@ def test_kut_vmexit_times_pci_testdev_only_when_added(kvm, device):
         assert "pci-testdev at" not in result.text and timed == []
 
 
-def test_kut_vmware_backdoors_get_version_from_the_kernel(kvm):
-    result = kut(kvm, "vmware_backdoors")
+def test_kut_vmware_backdoors_get_version_from_the_kernel(kvm, kut_flat):
+    result = kut(kvm, kut_flat("vmware_backdoors"))
     assert "PASS: vmware_backdoors: port_test: CMD_GETVERSION kernel" in result.lines
     assert "PASS: vmware_backdoors: port_test: RANDOM port user" in result.lines

@@ -7,7 +7,6 @@ Each trigger has a control: the same guest without the write that triggers, whic
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -109,42 +108,30 @@ def test_waking_without_a_waking_vector_ends_the_run_with_the_reason(kvm):
 
 # ---- kvm-unit-tests ------------------------------------------------------------------------------
 
-def kut_flat(name: str) -> Path:
-    directory = os.environ.get("PYKVM_KUT_DIR")
-    if not directory:
-        pytest.skip("PYKVM_KUT_DIR is not set (the path of a built kvm-unit-tests tree)")
-    flat = Path(directory, "x86", f"{name}.flat")
-    if not flat.is_file():
-        pytest.skip(f"{flat} is not there: build kvm-unit-tests (./configure && make)")
-    return flat
+def kut(kvm, flat: Path, cpus: int = 1, args: str = ""):
+    return Machine(flat, cpus=cpus, cmdline=args, kvm=kvm).run(timeout=120)
 
 
-def kut(kvm, name: str, cpus: int = 1, args: str = ""):
-    # QEMU's Multiboot loader puts the kernel's name before -append's words: argv[0]
-    flat = kut_flat(name)
-    return Machine(flat, cpus=cpus, cmdline=f"{flat.name} {args}".strip(), kvm=kvm).run(timeout=120)
-
-
-def test_kut_s3_finds_the_facs_suspends_and_resumes(kvm):
-    result = kut(kvm, "s3")
+def test_kut_s3_finds_the_facs_suspends_and_resumes(kvm, kut_flat):
+    result = kut(kvm, kut_flat("s3"))
     assert "PM1a event registers at 600" in result.lines
     assert (result.ending, result.status) == (Ending.EXIT_PORT, 1)       # QEMU: status 1 as well
 
 
-def test_kut_init_ends_at_its_first_reset_as_qemu_with_no_reboot(kvm):
-    result = kut(kvm, "init")
+def test_kut_init_ends_at_its_first_reset_as_qemu_with_no_reboot(kvm, kut_flat):
+    result = kut(kvm, kut_flat("init"))
     assert result.lines[-1] == "testing port 92 init... "
     assert (result.ending, result.status) == (Ending.RESET, 0)
 
 
-def test_kut_vmexit_reads_the_pm_timer_port_from_the_fadt(kvm):
-    result = kut(kvm, "vmexit", args="inl_from_pmtimer")
+def test_kut_vmexit_reads_the_pm_timer_port_from_the_fadt(kvm, kut_flat):
+    result = kut(kvm, kut_flat("vmexit"), args="inl_from_pmtimer")
     assert "PM timer port is 608" in result.lines
     assert any(line.startswith("inl_from_pmtimer ") for line in result.lines)
     assert all(u.address != 0xCCCC for u in result.unknown)
 
 
-def test_kut_hpet_read_test_passes(kvm):
-    result = kut(kvm, "hpet_read_test")
+def test_kut_hpet_read_test_passes(kvm, kut_flat):
+    result = kut(kvm, kut_flat("hpet_read_test"))
     assert any(line.startswith("PASS: read test took") for line in result.lines), result.text
     assert result.status == 1 and result.unknown == []
