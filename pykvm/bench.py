@@ -2,7 +2,9 @@
 
 Why this exists: speed claims must be ratios against C on the same machine,
 vCPU and guest, measured at the same time, because absolute times on shared
-hosts are noisy. Run ``python -m pykvm.bench exits`` or ``... injection``.
+hosts are noisy. Run ``python -m pykvm.bench exits`` or ``... injection``
+(``... boot`` and ``... unittests KUT_DIR`` compare pykvm with QEMU instead:
+:mod:`pykvm.vmm.bench`, :mod:`pykvm.unittests.bench`).
 
 ``exits``: the cost of one userspace exit. The guest loops on ``out``; the C
 baseline (``pykvm_bench_run_loop`` in ``csrc/pykvm_helpers.h``) calls KVM_RUN
@@ -26,6 +28,7 @@ import argparse
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 from . import delivery, x86
 from .cli import exit_with, run_command
@@ -161,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     injection.add_argument("--rounds", type=int, default=3, help="rounds (paths and states interleaved)")
     boot = sub.add_parser("boot", help="time to the first serial byte and to exit, hello kernel, pykvm and QEMU")
     boot.add_argument("--rounds", type=int, default=10, help="boots of each kind")
+    unittests = sub.add_parser("unittests", help="kvm-unit-tests entries' wall time under pykvm against QEMU "
+                                                 "(the tree's x86/run), on the entries both PASS")
+    unittests.add_argument("tree", metavar="KUT_DIR", help="a built kvm-unit-tests tree (./configure && make)")
+    unittests.add_argument("tests", nargs="*", metavar="TEST", help="entries to measure (default: all of them)")
+    unittests.add_argument("--rounds", type=int, default=3, help="timed runs of each entry each way")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected at least one round")
 
     def body() -> int:
         print(f"pykvm bench {args.benchmark}: measuring on this machine's KVM ...", flush=True)
@@ -170,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.benchmark == "boot":
             from .vmm.bench import bench_boot
             print("\n".join(bench_boot(args.rounds)))
+        elif args.benchmark == "unittests":
+            from .unittests.bench import bench_unittests
+            return bench_unittests(Path(args.tree).resolve(), args.tests, args.rounds)
         else:
             print("\n".join(bench_injection(args.count, args.rounds)))
         return 0

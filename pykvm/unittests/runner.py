@@ -58,6 +58,7 @@ class Outcome:
     reason: str = ""            # why it was skipped or how it was stopped, when there is no summary
     output: str = ""            # everything the test printed
     seconds: float = 0.0
+    elapsed: float | None = None  # pykvm: the Machine's own clock (BootResult.elapsed), run() to the guest's end
 
     @property
     def results(self) -> list[str]:
@@ -132,12 +133,13 @@ def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str
     output = result.text
     if result.ending == Ending.EXIT_PORT:
         return Outcome(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
-                       output=output, seconds=seconds)
+                       output=output, seconds=seconds, elapsed=result.elapsed)
     if result.ending == Ending.TIMEOUT:
         reason = f"timeout; duration={timeout or entry.timeout:g}s"
     else:
         reason = f"{result.ending.value}: {result.message}"
-    return Outcome(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds)
+    return Outcome(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds,
+                   elapsed=result.elapsed)
 
 
 def qemu_command(entry: Entry, tree: Path, timeout: float | None = None) -> str:
