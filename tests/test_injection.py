@@ -192,10 +192,20 @@ def test_queued_interrupt_waits_for_sti(boot, host, mode):
         assert injection.after_exit.name == "IRQ_WINDOW_OPEN"
         (record,) = guest.log()
         assert record.rip == guest.address("sti_nop_end")
+    elif window_exits:
+        # kvm_pvm: never the prompt exit after the STI shadow, but now and then a late one: when some
+        # in-kernel exit falls between the STI and the sync `out`, the next entry sees the window open
+        # and exits for it (real mode; 1 of 300 runs on a loaded machine, at RIP 0x54, once at 0x77 in
+        # the suite with four workers on two CPUs). The controller injects there; the guest takes it there.
+        assert guest.address("sti_nop_end") not in [s.rip for s in window_exits], window_exits
+        (injection,) = controller.injections
+        assert injection.after_exit.name == "IRQ_WINDOW_OPEN"
+        (record,) = guest.log()
+        assert record.rip == window_exits[0].rip
     else:
         # kvm_pvm: no KVM_EXIT_IRQ_WINDOW_OPEN; the sync `out` exit reports ready=1 and the
         # controller injects at the next entry, so the guest takes it after the out.
-        assert window_exits == [] and guest.log() == []
+        assert guest.log() == []
         assert guest.vcpu.kvm_run.ready_for_interrupt_injection == 1
         guest.command(Command.NOP)
         (injection,) = controller.injections
