@@ -26,9 +26,11 @@ import re
 import shlex
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 from ..core.errors import InvalidArgument
+from ..vmm.cpu_model import CpuFeatureWarning
 from ..vmm.machine import Ending
 from .config import ARCH, Entry, shell_true
 from .plan import plan
@@ -128,9 +130,14 @@ def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str
     except InvalidArgument as exc:
         return Outcome(entry.name, "pykvm", Verdict.SKIP, None, reason=f"pykvm cannot build its machine: {exc}")
     started = time.monotonic()
-    result = machine.run(timeout=timeout or entry.timeout)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CpuFeatureWarning)
+        result = machine.run(timeout=timeout or entry.timeout)
     seconds = time.monotonic() - started
-    output = result.text
+    # QEMU's warnings (a CPU feature the host lacks) go to its stderr, into the runner's log, not to the
+    # screen; pykvm's go at the top of the entry's output, which is that log.
+    output = "".join(f"pykvm: warning: {warning.message}\n" for warning in caught
+                     if issubclass(warning.category, CpuFeatureWarning)) + result.text
     if result.ending == Ending.EXIT_PORT:
         return Outcome(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
                        output=output, seconds=seconds, elapsed=result.elapsed)
