@@ -4,7 +4,8 @@ The plugin (``pykvm.testing.plugin``, enabled by installing pykvm) provides
 ``kvm``, ``vm``, ``vcpu``, ``guest``, ``host``, ``boot`` and ``machine``, the
 hardware marker, ``PYKVM_REQUIRE_KVM=1`` and the summary line counting the
 hardware tests. Here: how many xdist workers, the ``kut_flat`` fixture for
-tests that boot kvm-unit-tests' kernels, and two markers of this suite:
+tests that boot kvm-unit-tests' kernels, ``stand_in_kut_tree`` for tests of
+the kvm-unit-tests runner, and two markers of this suite:
 
 - ``kvm_unit_tests``: the test boots a kernel of the kvm-unit-tests tree that
   ``PYKVM_KUT_DIR`` names (given to every test that uses ``kut_flat``);
@@ -13,6 +14,7 @@ tests that boot kvm-unit-tests' kernels, and two markers of this suite:
 """
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +47,26 @@ def kut_flat() -> Callable[[str], Path]:
             pytest.skip(f"{path} is not built: run make in the kvm-unit-tests tree")
         return path
     return flat
+
+
+@pytest.fixture
+def stand_in_kut_tree(tmp_path: Path) -> Callable[..., Path]:
+    """``stand_in_kut_tree(cfg, run=None)``: a kvm-unit-tests-shaped tree whose entries boot pykvm's exitcode kernel.
+
+    ``x86/unittests.cfg`` holds ``cfg``, ``x86/exitcode.flat`` is the kernel (its command line says how it
+    ends: ``exit=N``, ``hang``), and ``run``, if given, is the script standing in for the tree's ``x86/run``.
+    """
+    from pykvm.vmm import testkernels
+
+    def make(cfg: str, run: str | None = None) -> Path:
+        (tmp_path / "x86").mkdir()
+        (tmp_path / "x86" / "unittests.cfg").write_text(cfg)
+        shutil.copyfile(testkernels.path("exitcode"), tmp_path / "x86" / "exitcode.flat")
+        if run is not None:
+            (tmp_path / "x86" / "run").write_text(run)
+            (tmp_path / "x86" / "run").chmod(0o755)
+        return tmp_path
+    return make
 
 
 @pytest.hookimpl(optionalhook=True)

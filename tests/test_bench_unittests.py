@@ -20,7 +20,6 @@ from pykvm.bench import main
 from pykvm.hosts import VendorModule
 from pykvm.unittests.bench import TARGET, WAYS, Conditions, Result, Run, Sample, conditions, measure, qualify, rotation
 from pykvm.unittests.config import Entry
-from pykvm.vmm import testkernels
 
 QUIET = Conditions("kvm_intel", 8, (0.1, 0.2, 0.3), (1.1, 0.4, 0.3), "/usr/bin/qemu, QEMU emulator version 9.9")
 
@@ -198,16 +197,12 @@ esac
 
 
 @pytest.fixture
-def tree(tmp_path: Path, monkeypatch) -> Path:
-    (tmp_path / "x86").mkdir()
-    (tmp_path / "x86" / "unittests.cfg").write_text(CFG)
-    shutil.copyfile(testkernels.path("exitcode"), tmp_path / "x86" / "exitcode.flat")
-    for path, text in ((tmp_path / "x86" / "run", STAND_IN_RUN),
-                       (tmp_path / "qemu", "#!/bin/sh\necho 'QEMU emulator version 9.9 (stand-in)'\n")):
-        path.write_text(text)
-        path.chmod(0o755)
+def tree(stand_in_kut_tree, tmp_path: Path, monkeypatch) -> Path:
+    root = stand_in_kut_tree(CFG, STAND_IN_RUN)
+    (tmp_path / "qemu").write_text("#!/bin/sh\necho 'QEMU emulator version 9.9 (stand-in)'\n")
+    (tmp_path / "qemu").chmod(0o755)
     monkeypatch.setenv("QEMU", str(tmp_path / "qemu"))
-    return tmp_path
+    return root
 
 
 def test_a_stand_in_tree_is_measured_with_real_runs(kvm_available, tree, capsys):

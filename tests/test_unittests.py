@@ -10,7 +10,6 @@ tree, a few real entries run too, and the pytest option collects that tree.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -24,7 +23,6 @@ from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout,
 from pykvm.unittests.plan import plan
 from pykvm.unittests.report import Parity, junit, parity_table, tap
 from pykvm.unittests.runner import Outcome, qemu_command, skip_reason, summary_of
-from pykvm.vmm import testkernels
 
 CFG = '''\
 ##############################################################################
@@ -70,12 +68,8 @@ qemu_params = """-m 64
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    """A kvm-unit-tests-shaped tree: x86/unittests.cfg and the exitcode kernel as x86/exitcode.flat."""
-    (tmp_path / "x86").mkdir()
-    (tmp_path / "x86" / "unittests.cfg").write_text(CFG)
-    shutil.copyfile(testkernels.path("exitcode"), tmp_path / "x86" / "exitcode.flat")
-    return tmp_path
+def tree(stand_in_kut_tree) -> Path:
+    return stand_in_kut_tree(CFG)
 
 
 # -- the cfg ------------------------------------------------------------------------------------
