@@ -33,6 +33,7 @@ class Cap(enum.IntEnum):
     SET_IDENTITY_MAP_ADDR = 37
     IRQFD = 32
     PIT2 = 33
+    REINJECT_CONTROL = 24
     SET_BOOT_CPU_ID = 34
     IOEVENTFD = 36
     ADJUST_CLOCK = 39

@@ -59,6 +59,7 @@ class Ioctl(enum.IntEnum):
     SET_GSI_ROUTING = _iow(0x6A, "struct kvm_irq_routing")
     IRQFD = _iow(0x76, "struct kvm_irqfd")
     CREATE_PIT2 = _iow(0x77, "struct kvm_pit_config")
+    REINJECT_CONTROL = _io(0x71)                     # sic: _IO in the header, yet it takes a struct
     GET_PIT2 = _ior(0x9f, "struct kvm_pit_state2")
     SET_PIT2 = _iow(0xa0, "struct kvm_pit_state2")
     IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")

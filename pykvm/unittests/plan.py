@@ -12,7 +12,6 @@ Machine's defaults too.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,20 +49,27 @@ def plan(entry: Entry, tree: Path) -> Plan:
     cpus = int(smp[0]) if len(smp) == 1 and smp[0].isdigit() else 0
     missing: list[str] = [] if cpus > 0 else [f"smp = {entry.smp!r} is not a number of CPUs"]
     memory = DEFAULT_MEMORY_MIB
-    options: dict[str, object] = {"devices": X86_RUN_DEVICES}
+    # x86/run's own: pci-testdev, and -global kvm-pit.lost_tick_policy=discard
+    options: dict[str, object] = {"devices": X86_RUN_DEVICES, "pit_reinject": False}
     for option, value in _options(words, missing):
         if option == "-m":
             memory = _memory(value, missing)
         elif option == "-smp":
             cpus = int(value.split(",")[0]) if value.split(",")[0].isdigit() else cpus
         elif option == "-cpu":
-            _keyword(options, "cpu", value, missing, f"-cpu {value}: pykvm's Machine has no CPU models")
+            options["cpu"] = value
         elif option in ("-machine", "-M"):
             _machine(value, options, missing)
         elif option == "-device":
             _device(value, options, missing)
         elif option == "-enable-kvm":
             pass                                    # pykvm is always KVM
+        elif option == "-global" and value.startswith("kvm-pit.lost_tick_policy="):
+            policy = value.partition("=")[2]
+            if policy in ("discard", "delay"):
+                options["pit_reinject"] = policy == "delay"
+            else:
+                missing.append(f"-global {value}: pykvm's PIT discards or delays (re-injects) lost ticks")
         else:
             missing.append(f"{option} {value}".strip() + ": a QEMU option pykvm's Machine does not model")
     args = " ".join(shell_words(entry.test_args, tree))
@@ -97,21 +103,13 @@ def _memory(value: str, missing: list[str]) -> int:
     return int(float(match.group(1)) * _MIB[match.group(2).lower()])
 
 
-def _keyword(options: dict[str, object], name: str, value: object, missing: list[str], why: str) -> None:
-    """``options[name] = value`` where the Machine takes that keyword; else ``why`` is missing."""
-    if name in inspect.signature(Machine.__init__).parameters:
-        options[name] = value
-    else:
-        missing.append(why)
-
-
 def _machine(value: str, options: dict[str, object], missing: list[str]) -> None:
     for part in value.split(","):
         key, _, setting = part.partition("=")
         if key in ("pc", "accel") or (key == "accel" and setting == "kvm"):
             continue
         if key == "pit" and setting in ("off", "on"):
-            _keyword(options, "pit", setting == "on", missing, "-machine pit=off: pykvm's Machine always has a PIT")
+            options["pit"] = setting == "on"
         elif key == "vmport" and setting == "on":
             continue                                # the Machine always has the VMware backdoor port
         else:

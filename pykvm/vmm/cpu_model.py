@@ -813,8 +813,8 @@ class _Builder:
         return _mask(on)
 
     def _warn_dropped(self) -> None:
-        for word, bits in self.requested.items():
-            lacking = bits & ~self.host.word(word)
+        for word in WORDS.values():          # in QEMU's order of feature words, whatever order a set gave
+            lacking = self.requested.get(word, 0) & ~self.host.word(word)
             self.warnings += [_dropped(word.describe(), _bit_name(word, bit), bit)
                               for bit in range(32) if lacking >> bit & 1]
 
