@@ -100,16 +100,22 @@ def test_two_pending_vectors_are_taken_highest_first(machine, host):
     assert lapic.read(guest.vcpu).irr >= {0x41, 0x81}
     guest.command(Command.STI)
     guest.command(Command.NOP)
+    early = False
     if not host.lapic_delivers_when_unblocked:
         # kvm_pvm: 0x41 becomes deliverable at 0x81's IRETQ, but is injected only at the next
-        # VM entry, which comes after the guest's next sync exit.
-        assert vectors(guest) == [0x81]
-        guest.command(Command.NOP)
+        # VM entry. That is usually the one after the guest's next sync exit; an in-kernel exit in
+        # between (a host interrupt: seen once in CI with four pytest workers on two CPUs) makes an
+        # earlier entry, and 0x41 is taken there, still after 0x81.
+        early = vectors(guest) == [0x81, 0x41]
+        if not early:
+            assert vectors(guest) == [0x81]
+            guest.command(Command.NOP)
     assert vectors(guest) == [0x81, 0x41]
     # Architecturally both are taken after the instruction in the STI shadow (`jmp next_step`);
-    # kvm_pvm takes them at VM entries, i.e. after the sync `out`.
-    taken_at = "next_step" if host.lapic_delivers_when_unblocked else "sync_done"
-    assert {r.rip for r in guest.log()} == {guest.address(taken_at)}
+    # kvm_pvm takes them at VM entries, i.e. after the sync `out` (0x41 earlier only as above).
+    taken_at = guest.address("next_step" if host.lapic_delivers_when_unblocked else "sync_done")
+    first, second = guest.log()
+    assert first.rip == taken_at and (early or second.rip == taken_at), guest.log()
 
 
 def test_tpr_holds_back_lower_classes(machine, host):
