@@ -20,8 +20,8 @@ def _count(evidence, event):
 
 def test_enabling_async_pf_raises_apf_ready_and_the_guest_gets_page_ready(kvm):
     outcome, control = apf.apf_ready(), apf.apf_ready(control=True)
-    assert outcome.verdict == OBSERVED and control.verdict == "absent", (outcome.steps, control.steps)
     e, quiet = outcome.evidence, control.evidence
+    assert outcome.verdict == OBSERVED and control.verdict == "absent", (outcome.verdict, e, control.verdict, quiet)
     assert e["wake_all"] >= 1 and e["ready"] >= e["wake_all"]           # token 0xffffffff seen by the guest
     assert e["value"] == apf.VALUE and e["ordinary_pf"] == 0
     assert _count(e, "kvm_async_pf_ready") in (None,) or e["kvm_async_pf_ready"] >= 1
