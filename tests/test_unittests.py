@@ -166,6 +166,15 @@ def test_the_command_refuses_unknown_entries_and_lists_them(tree, capsys):
     assert capsys.readouterr().out == "skips\n"
 
 
+def test_a_built_kernel_the_cfg_lacks_runs_as_x86_run_would(kvm_available, tree, capsys):
+    # exitcode.flat has no [exitcode] section; with no command line it exits 0 (a PASS), as `x86/run
+    # x86/exitcode.flat` would run it: one vCPU, no arguments.  A name with neither is still refused.
+    assert main([str(tree), "exitcode", "passes"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["PASS passes", "PASS exitcode"]
+    assert main([str(tree), "exitcodes"]) == 2
+    assert "nor a built x86/NAME.flat: 'exitcodes'" in capsys.readouterr().err
+
+
 def test_parity_names_what_differs():
     same = Outcome("a", "pykvm", Verdict.PASS, 1, "(2 tests)", output="PASS: x\nPASS: y\n")
     other = Outcome("a", "qemu", Verdict.FAIL, 3, "(2 tests, 1 unexpected failures)", output="PASS: x\nFAIL: y\n")

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
                                      epilog="exit status: 0 no failure, 1 a failure under pykvm, 2 bad usage, "
                                             "130 Ctrl-C")
     parser.add_argument("tree", metavar="KUT_DIR", help="a built kvm-unit-tests tree (./configure && make)")
-    parser.add_argument("tests", nargs="*", metavar="TEST", help="entries to run (default: all of them)")
+    parser.add_argument("tests", nargs="*", metavar="TEST",
+                        help="entries to run (default: all of them), or a built x86/TEST.flat the cfg lacks")
     parser.add_argument("-g", "--group", help="only the entries of this group (also runs its nodefault ones)")
     parser.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="entries run at once (default 1)")
     parser.add_argument("--timeout", type=float, metavar="S", help="every entry's timeout (default: the cfg's)")
@@ -54,16 +55,24 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def select(entries: Sequence[Entry], names: Sequence[str], group: str | None) -> list[Entry]:
-    """The entries named (in the cfg's order), or all; only those in ``group`` when one is given."""
+def select(entries: Sequence[Entry], names: Sequence[str], group: str | None,
+           tree: Path | None = None) -> list[Entry]:
+    """The entries named (in the cfg's order, then kernels outside it), or all; only ``group``'s if given.
+
+    A name the cfg lacks but ``tree`` has built as ``x86/NAME.flat`` (such as ``dummy``) runs
+    as the tree's ``x86/run x86/NAME.flat`` would: one vCPU, no arguments, the cfg's timeout.
+    """
     known = {entry.name for entry in entries}
-    unknown = [name for name in names if name not in known]
+    kernels = [Entry(name=name, file=f"{name}.flat") for name in names
+               if name not in known and tree is not None and (tree / "x86" / f"{name}.flat").is_file()]
+    unknown = [name for name in names if name not in known and name not in {kernel.name for kernel in kernels}]
     if unknown:
         close = {name: difflib.get_close_matches(name, known, n=3) for name in unknown}
         hints = "; ".join(f"{name!r}" + (f" (did you mean {', '.join(match)}?)" if match else "")
                           for name, match in close.items())
-        raise ConfigError(f"no such entry in x86/unittests.cfg: {hints}; --list shows them")
-    chosen = [entry for entry in entries if not names or entry.name in names]
+        raise ConfigError(f"no such entry in x86/unittests.cfg, nor a built x86/NAME.flat: {hints}; "
+                          "--list shows the entries")
+    chosen = [entry for entry in entries if not names or entry.name in names] + kernels
     return [entry for entry in chosen if group is None or group in entry.groups]
 
 
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            entries = select(read_config(tree), args.tests, args.group)
+            entries = select(read_config(tree), args.tests, args.group, tree)
         except ConfigError as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
             return 2

@@ -290,7 +290,7 @@ def bench_unittests(tree: Path, names: Sequence[str], rounds: int) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
     try:
-        entries = select(read_config(tree), names, None)
+        entries = select(read_config(tree), names, None, tree)
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
