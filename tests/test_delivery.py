@@ -116,13 +116,17 @@ def test_tsc_offset_agrees_with_the_host_clock(kvm, path):
     """
     result = delivery.measure(kvm, path, "same_cpu", 30)
     (offset,) = result.offsets
-    if not offset.consistent or result.negative_latencies:
-        reason = (f"guest and host TSCs do not keep one offset here ({offset.describe()}; "
-                  f"{result.negative_latencies} negative latencies), as under QEMU TCG: the "
-                  f"offset method cannot apply")
-        if detect().name == "kvm_pvm":          # the guest TSC is the host's there
-            pytest.fail(reason)
-        pytest.skip(reason)
+    if not offset.consistent:
+        # Measured: the brackets have no common point, so no one offset maps this guest's TSC to
+        # the host's. QEMU TCG under load does this (CI, kvm_amd at load 6-10: tightest bracket
+        # 2.2 ms, brackets disagreeing): the emulator's TSC follows the host CPU it last ran on.
+        # The guest TSC is the host's on kvm_pvm, so there it is a failure; elsewhere what must
+        # hold is that pykvm says so instead of printing latencies from a wrong offset.
+        assert detect().name != "kvm_pvm", offset.describe()
+        assert "the TSCs drift apart" in offset.describe()
+        shown = delivery.Comparison([result], [], result.count, 1, delivery.Pacing(0.2e-3, 2e-3)).offset_lines()
+        assert "1 vCPUs' brackets disagree (drifting TSCs)" in "".join(shown), shown
+        return
     assert result.outside_host_bracket() == 0, (offset.describe(), result.latencies_ns,
                                                 result.round_trips_ns)
     # the host-only bounds on the offset: the guest stamp lies in [send, seen] of each delivery

@@ -40,6 +40,7 @@ from pykvm.irqchip import (
 from pykvm.irqchip.ioapic import RedirectionEntry
 from pykvm.irqchip.lapic import ApicReg, DestinationShorthand, TimerMode
 from pykvm.runtime import command_in_thread
+from pykvm.testing import HostStalls
 from pykvm.x86.msr import TSC_MSR
 
 VECTOR = 0x41
@@ -271,33 +272,44 @@ def test_nmi_ipi(machine):
 def test_lapic_timer(machine, mode):
     [guest] = machine()
     guest.apic_enable()
-    ticks = 5 if mode == TimerMode.PERIODIC else 1
+    ticks = 9 if mode == TimerMode.PERIODIC else 1
     period_ns = 2_000_000                  # KVM's APIC timer counts at 1 GHz: count * divide ns
     guest.apic_write(ApicReg.TIMER_DIVIDE, 0b1011)          # divide by 1
     guest.apic_write(ApicReg.LVT_TIMER, 0x90 | int(mode) << 17)
     tsc_before = guest.vcpu.get_msrs([TSC_MSR])[TSC_MSR]     # the guest's TSC before the timer is armed
-    start = time.perf_counter()
-    guest.apic_write(ApicReg.TIMER_INITIAL, period_ns)
-    guest.wait_log(ticks)
-    elapsed = time.perf_counter() - start
+    with HostStalls(threshold=period_ns / 2e9) as stalls:
+        start = time.perf_counter()
+        guest.apic_write(ApicReg.TIMER_INITIAL, period_ns)
+        armed_by = time.perf_counter()                      # the guest wrote it in [start, armed_by]
+        guest.wait_log(ticks)
+        elapsed = time.perf_counter() - start
     guest.apic_write(ApicReg.LVT_TIMER, 0x90 | 1 << 16)     # masked
     log = guest.log()[:ticks]
     assert [r.vector for r in log] == [0x90] * ticks
     assert elapsed >= ticks * period_ns / 1e9 * 0.9           # by the host's clock
     # By the guest's TSC: tick k is due one period after tick k-1's deadline, not
     # after its delivery, so a tick taken late (the host busy, or delivery waiting
-    # for the next VM entry) shortens the gap after it, and a very late one merges
-    # with the next. What must hold: no tick ahead of the period grid counted from
-    # before the arming (10% slack, as by the host's clock: KVM may fire its
-    # hrtimer a little early, and an emulated host's TSC rate is calibrated), and
-    # the ticks not slower than the period on average.
+    # for the next VM entry) shortens the gap after it. What must hold: no tick
+    # ahead of the period grid counted from before the arming (10% slack, as by
+    # the host's clock: KVM may fire its hrtimer a little early, and an emulated
+    # host's TSC rate is calibrated).
     tsc_per_period = guest.vcpu.tsc_khz * period_ns / 1e6
     due = [tsc_before + 0.9 * k * tsc_per_period for k in range(1, ticks + 1)]
     assert all(record.tsc >= at for record, at in zip(log, due, strict=True)), \
         [round((record.tsc - tsc_before) / tsc_per_period, 2) for record in log]
     if mode == TimerMode.PERIODIC:
-        mean_gap = (log[-1].tsc - log[0].tsc) / (ticks - 1) / tsc_per_period
-        assert mean_gap < 1.5, f"{mean_gap:.2f} periods between ticks on average"
+        # And no tick lost but where the host ran nothing: KVM keeps one tick pending and
+        # drops the ones that expire meanwhile, so a host that stops the guest for periods
+        # (QEMU TCG under load: 2.83 periods a tick, measured in CI) loses ticks that are
+        # its own. Grid points that fell in a stall this process measured are excused;
+        # one more is allowed for a late last tick. A timer 30% slow loses 2 of 10.
+        grid = [(log[0].tsc - tsc_before) / tsc_per_period, (log[-1].tsc - tsc_before) / tsc_per_period]
+        lost = round(grid[1] - grid[0]) - (ticks - 1)
+        moments = [start + k * period_ns / 1e9 for k in range(1, round(grid[1]) + 1)]
+        excused = stalls.covering(moments, margin=period_ns / 4e9 + (armed_by - start))
+        assert lost <= excused + 1, (f"{lost} periodic ticks lost, {excused} grid points in host stalls "
+                                     f"{stalls.intervals}; ticks at periods "
+                                     f"{[round((r.tsc - tsc_before) / tsc_per_period, 2) for r in log]}")
     else:
         guest.command(Command.STI)
         time.sleep(0.01)

@@ -18,5 +18,6 @@ recorded::
 """
 
 from .helpers import assert_delivered, popen_interruptible, run_until_vector, scenario_and_control
+from .stalls import HostStalls
 
-__all__ = ["assert_delivered", "popen_interruptible", "run_until_vector", "scenario_and_control"]
+__all__ = ["HostStalls", "assert_delivered", "popen_interruptible", "run_until_vector", "scenario_and_control"]
