@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import GuestError, InvalidArgument, PyKvmError
-from ..x86.asm import Mode
+from ..x86.asm import Mode, label_address, mode_of
 from .session import GuestSession
 
 if TYPE_CHECKING:
@@ -46,10 +46,7 @@ class GuestImage:
 
     def address(self, symbol: str) -> int:
         """A label's address: what RIP (IP in real mode) holds there."""
-        try:
-            return self.symbols[symbol]
-        except KeyError:
-            raise KeyError(f"the {self.mode.value} image has no label {symbol!r}") from None
+        return label_address(self.symbols, symbol, f"the {self.mode.value}-mode guest image")
 
     def boot(self, vcpu, notify: bool = False) -> GuestSession:
         """Load the image into the vCPU's VM, enter its mode and run to the first sync point."""
@@ -61,10 +58,7 @@ class GuestImage:
 @functools.cache
 def load(mode: Mode | str) -> GuestImage:
     """The packaged image for ``"real"``, ``"protected"`` or ``"long"`` mode."""
-    try:
-        mode = Mode(mode)
-    except ValueError:
-        raise InvalidArgument(f"no guest image for mode {mode!r}; choose one of {', '.join(MODES)}") from None
+    mode = mode_of(mode)
     binary, meta = IMAGES_DIR / f"{mode.value}.bin", IMAGES_DIR / f"{mode.value}.json"
     if not binary.exists() or not meta.exists():
         raise PyKvmError(f"guest image {binary} is missing: the images are assembled at install "

@@ -11,8 +11,8 @@ import dataclasses
 import struct
 from typing import TYPE_CHECKING
 
+from ..core import checks
 from ..core.constants import IOAPIC_NUM_PINS, IrqchipId, as_enum
-from ..core.errors import InvalidArgument
 from ..core.interrupts import DeliveryMode, check_vector
 from ..x86.vectors import vector_set
 
@@ -39,8 +39,8 @@ class RedirectionEntry:
 
     def __post_init__(self) -> None:
         check_vector(self.vector)
-        if not 0 <= self.destination <= 0xFF:
-            raise InvalidArgument(f"IOAPIC destination {self.destination:#x} does not fit 8 bits")
+        checks.integer("delivery_mode", self.delivery_mode, 0, 7, "a DeliveryMode member")
+        checks.unsigned("destination", self.destination, 8, "an IOAPIC destination is an 8-bit APIC ID")
 
     @property
     def bits(self) -> int:
@@ -79,8 +79,8 @@ class IoapicState:
                    bytes(raw[:_IOAPIC_HEAD.size + 8 * IOAPIC_NUM_PINS]))
 
     def with_entry(self, pin: int, entry: RedirectionEntry) -> IoapicState:
-        if not 0 <= pin < IOAPIC_NUM_PINS:
-            raise InvalidArgument(f"the IOAPIC has pins 0..{IOAPIC_NUM_PINS - 1}, not {pin}")
+        checks.integer("pin", pin, 0, IOAPIC_NUM_PINS - 1, f"the IOAPIC has {IOAPIC_NUM_PINS} pins")
+        checks.instance("entry", entry, RedirectionEntry, "e.g. RedirectionEntry(vector=0x40)")
         data = bytearray(self.raw)
         struct.pack_into("<Q", data, _IOAPIC_HEAD.size + 8 * pin, entry.bits)
         return IoapicState.from_bytes(bytes(data))
@@ -96,4 +96,5 @@ def read(vm: Vm) -> IoapicState:
 
 def write(vm: Vm, state: IoapicState) -> None:
     """``KVM_SET_IRQCHIP`` of the in-kernel IOAPIC (e.g. ``read(vm).with_entry(pin, entry)``)."""
+    checks.instance("state", state, IoapicState, "e.g. ioapic.read(vm).with_entry(pin, entry)")
     vm.set_irqchip(IrqchipId.IOAPIC, state.raw)
