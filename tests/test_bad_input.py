@@ -232,6 +232,7 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
      "error_code"),
     # -- guests, x86, runtime -------------------------------------------------------------------
     ("guest-mode-unknown", lambda w: guests.load("vm86"), ValueError, "vm86"),
+    ("guest-mode-unhashable", lambda w: guests.load(["long"]), InvalidArgument, "mode=['long']"),
     ("guest-real-smp", lambda w: guests.boot_cpus(w.plain, "real", cpus=2), GuestError, "long-mode image"),
     ("guest-cpus-zero", lambda w: guests.boot_cpus(w.plain, "long", cpus=0), ValueError, "cpus=0"),
     ("command-unknown", lambda w: w.session.command(999), ValueError, "999"),
@@ -333,7 +334,7 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     ("kvm-out-of-fds", lambda w: _out_of_fds(pykvm.Kvm), KvmUnavailableError,
      "out of file descriptors (its limit, RLIMIT_NOFILE, is"),
     ("create-vm-out-of-fds", lambda w: _out_of_fds(lambda: w.kvm.create_vm(memory_size=0)), KvmError,
-     "KVM_CREATE_VM on Kvm (/dev/kvm, fd"),
+     "failed: EMFILE (Too many open files). the process is out of file descriptors (its limit, RLIMIT_NOFILE"),
     ("irqfd-out-of-fds", lambda w: _out_of_fds(lambda: w.vm.irqfd(4)), KvmError,
      "eventfd on the irqfd of GSI 4 failed: EMFILE"),
     ("enable-cap-unknown", lambda w: w.plain.enable_cap(9999), KvmError,

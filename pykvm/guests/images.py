@@ -55,10 +55,13 @@ class GuestImage:
         return session
 
 
-@functools.cache
 def load(mode: Mode | str) -> GuestImage:
     """The packaged image for ``"real"``, ``"protected"`` or ``"long"`` mode."""
-    mode = mode_of(mode)
+    return _load(mode_of(mode))
+
+
+@functools.cache
+def _load(mode: Mode) -> GuestImage:
     binary, meta = IMAGES_DIR / f"{mode.value}.bin", IMAGES_DIR / f"{mode.value}.json"
     if not binary.exists() or not meta.exists():
         raise PyKvmError(f"guest image {binary} is missing: the images are assembled at install "

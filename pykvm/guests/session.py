@@ -355,7 +355,7 @@ class GuestSession:
         self._require_kernel_irqchip("pic_init()", "the 8259 PICs' ports 0x20, 0x21, 0xA0 and 0xA1")
         self.memory.write_u32(self._mailbox(protocol.MB_PIC_BASES), master_base | slave_base << 8)
         self.auto_eoi = auto_eoi
-        self.command(Command.PIC_INIT, master_base | slave_base << 8 | (masks & 0xFFFF) << 16)
+        self.command(Command.PIC_INIT, master_base | slave_base << 8 | masks << 16)
 
     def _require_kernel_irqchip(self, what: str, where: str) -> None:
         irqchip = self.vcpu.vm.irqchip
