@@ -2,7 +2,9 @@
 
 Each case calls one public API with one bad argument and asserts the exception
 type, that the message names the argument (or the field), and, after all, that
-this process still creates and runs a VM.
+this process still creates and runs a VM. The controls are the right versions of
+some cases, which must be accepted. No case waits for a timeout: a bad input is
+refused before anything runs, or fails at the guest's first exit.
 """
 
 from __future__ import annotations
