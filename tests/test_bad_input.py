@@ -328,6 +328,12 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     ("icr-destination-str", lambda w: lapic.icr(0x40, destination="1"), ArgumentTypeError, "destination='1'"),
     ("write-int-size-str", lambda w: w.plain.memory.write_int(0, "4", 1), ArgumentTypeError, "size='4'"),
     ("records-since-str", lambda w: w.session.records_since("1"), ArgumentTypeError, "count='1'"),
+    ("ioapic-read-not-a-vm", lambda w: ioapic.read(w.vcpu), ArgumentTypeError, "vm=<Vcpu 0 of Vm"),
+    ("pit-program-not-a-vm", lambda w: pit.program("vm", 100), ArgumentTypeError, "vm='vm': expected Vm"),
+    ("lapic-read-not-a-vcpu", lambda w: lapic.read(w.vm), ArgumentTypeError, "vcpu=<Vm (fd"),
+    ("enter-long-mode-not-a-vcpu", lambda w: x86.enter_long_mode(w.plain, 0x10000), ArgumentTypeError,
+     "vcpu=<Vm (fd"),
+    ("boot-cpus-not-a-vm", lambda w: guests.boot_cpus(w.kvm), ArgumentTypeError, "vm=<Kvm ("),
     # -- issue 21: clear messages instead of unclear ones ---------------------------------------------------
     ("kvm-path-dev-null", lambda w: pykvm.Kvm("/dev/null"), KvmUnavailableError,
      "path='/dev/null' is a character device but not KVM's"),

@@ -18,13 +18,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core import checks
 from ..core.errors import GuestError, InvalidArgument, PyKvmError
+from ..core.vm import Vm
 from ..x86.asm import Mode, label_address, mode_of
 from .session import GuestSession
 
 if TYPE_CHECKING:
     from ..core.system import Kvm
-    from ..core.vm import Vm
 
 IMAGES_DIR = Path(__file__).resolve().parent / "images"
 MODES = tuple(mode.value for mode in Mode)
@@ -96,6 +97,7 @@ class BootedGuest:
 def boot_cpus(vm: Vm, mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool = False
               ) -> list[GuestSession]:
     """Create ``cpus`` vCPUs on ``vm`` and boot the ``mode`` image on each (SMP: long mode only)."""
+    checks.instance("vm", vm, Vm, "the VM to create the vCPUs in, e.g. kvm.create_vm()")
     image = load(mode)
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
         raise InvalidArgument(f"cpus={cpus!r}: boot at least one vCPU (an integer >= 1)")

@@ -20,6 +20,7 @@ from ..core.constants import IOAPIC_NUM_PINS, MpState
 from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, InvalidArgument, IrqchipModeError
 from ..core.exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
 from ..core.state import record
+from ..core.vcpu import Vcpu
 from ..irqchip import waiting
 from ..irqchip.ioapic import IOAPIC_DEFAULT_BASE, RedirectionEntry
 from ..irqchip.lapic import ApicReg, icr
@@ -32,7 +33,6 @@ from .log import LogRecord, parse_log
 from .protocol import Command
 
 if TYPE_CHECKING:
-    from ..core.vcpu import Vcpu
     from .images import GuestImage
 
 COMMAND_TIMEOUT = 20.0     # seconds a guest command may run (generous for emulated hosts)
@@ -87,6 +87,7 @@ class GuestSession:
     """
 
     def __init__(self, image: GuestImage, vcpu: Vcpu, notify: bool = False) -> None:
+        checks.instance("vcpu", vcpu, Vcpu, "the vCPU to boot the image on, e.g. vm.create_vcpu()")
         if image.mode != Mode.LONG and vcpu.id != 0:
             raise GuestError(f"the {image.mode.value}-mode image runs on vCPU 0 only (it has one "
                              f"mailbox and log below 1 MiB); boot the long-mode image on vCPU "

@@ -11,16 +11,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from typing import TYPE_CHECKING
 
 from ..core import checks
 from ..core.constants import as_enum
 from ..core.errors import InvalidArgument
 from ..core.interrupts import DeliveryMode, check_vector
+from ..core.vcpu import Vcpu
 from ..x86.vectors import vector_set
-
-if TYPE_CHECKING:
-    from ..core.vcpu import Vcpu
 
 LAPIC_SIZE = 0x400
 
@@ -201,5 +198,6 @@ def icr(vector: int, delivery_mode: DeliveryMode = DeliveryMode.FIXED, destinati
 
 def read(vcpu: Vcpu) -> LapicState:
     """``KVM_GET_LAPIC`` of ``vcpu``, decoded (needs irqchip 'kernel' or 'split')."""
+    checks.instance("vcpu", vcpu, Vcpu, "a pykvm.Vcpu of a VM with irqchip='kernel' or 'split'")
     # pykvm does not enable KVM_CAP_X2APIC_API, so KVM keeps the ID in bits 31:24 in both modes.
     return LapicState.from_bytes(vcpu.get_lapic(), x2apic=False)
