@@ -3,11 +3,11 @@
  *
  * Entered at `entry` (= CODE) by pykvm.x86.enter_long_mode: paging on with the
  * low 4 GiB identity-mapped, CS = SEL_CODE64, flat data, IF = 0. SMP-aware:
- * every vCPU runs this same code with its own area (pykvm.layout.cpu_area),
+ * every vCPU runs this same code with its own area (pykvm.guests.layout.cpu_area),
  * which the host passes in registers: %r14 = this CPU's mailbox (its MB_LOG
  * holds this CPU's vector log), RSP = its stack top. Nothing changes %r14, so
  * handlers rely on it too. Labels are linear addresses. All numbers come
- * from pykvm/layout.py (--defsym).
+ * from pykvm/guests/layout.py (--defsym).
  *
  * 1. init: vector log header, initial APIC ID, IDT of 256 64-bit interrupt
  *    gates (IST 0) pointing at 16-byte stubs, lidt. (Every CPU writes the
@@ -131,12 +131,18 @@ cmd_ioapic_write:                       /* IOREGSEL = MB_ARG2, IOWIN = MB_ARG */
     mov     %ecx, 0x10(%rsi)
     jmp     next_step
 
+/* WRMSR: MSR MB_ARG2 = MB_ARG. A #GP (no such MSR, a refused value) is logged and resumed
+ * at wrmsr_end, where the host finds it in the log (GuestSession.command names it). */
 cmd_wrmsr:
     mov     %rcx, %rax
     mov     %rcx, %rdx
     shr     $32, %rdx
     mov     MB_ARG2(%r14), %ecx
+    set_fixup wrmsr_end
+wrmsr_wrmsr:
     wrmsr
+    movq    $0, MB_FIXUP(%r14)          /* no #GP: nothing used the fixup */
+wrmsr_end:
     jmp     next_step
 
 cmd_tsc_deadline:                       /* IA32_TSC_DEADLINE = now + %rcx */
@@ -346,7 +352,7 @@ command_table:                          /* indexed by Command */
     .quad   cmd_wrmsr, cmd_tsc_deadline, cmd_wait_log, cmd_pic_init, cmd_done
 command_table_end:
     .if     (command_table_end - command_table) <> 8 * (CMD_DONE + 1)
-    .error  "command_table does not match pykvm.layout.Command"
+    .error  "command_table does not match pykvm.guests.protocol.Command"
     .endif
     .balign 8
 idt_descriptor:

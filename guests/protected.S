@@ -3,7 +3,7 @@
  *
  * Entered at `entry` (= CODE) by pykvm.x86.enter_protected_mode: CS =
  * SEL_CODE32 and flat SEL_DATA segments (4 GiB), ESP = STACK_TOP, IF = 0.
- * Labels are linear addresses. All numbers come from pykvm/layout.py
+ * Labels are linear addresses. All numbers come from pykvm/guests/layout.py
  * (--defsym).
  *
  * 1. init: vector log header, initial APIC ID, IDT of 256 32-bit interrupt
@@ -209,7 +209,7 @@ command_table:                          /* indexed by Command */
     .long   cmd_pic_init, cmd_done
 command_table_end:
     .if     (command_table_end - command_table) <> 4 * (CMD_DONE + 1)
-    .error  "command_table does not match pykvm.layout.Command"
+    .error  "command_table does not match pykvm.guests.protocol.Command"
     .endif
     .balign 4
 idt_descriptor:

@@ -5,7 +5,7 @@
  * DS = ES = FS = GS = SS = 0, SP = STACK_TOP, IF = 0. Labels are IP offsets
  * in CS. The mailbox is reached through DS = 0, the vector log through
  * ES = LOG >> 4 (header and all records fit in that one 64 KiB segment).
- * All numbers come from pykvm/layout.py (--defsym).
+ * All numbers come from pykvm/guests/layout.py (--defsym).
  *
  * 1. init: vector log header, initial APIC ID, IVT (entry n = stub n :
  *    REAL_MODE_CS) for all 256 vectors, lidt.
@@ -202,7 +202,7 @@ command_table:                          /* indexed by Command; IP offsets */
     .word   cmd_pic_init, cmd_done
 command_table_end:
     .if     (command_table_end - command_table) <> 2 * (CMD_DONE + 1)
-    .error  "command_table does not match pykvm.layout.Command"
+    .error  "command_table does not match pykvm.guests.protocol.Command"
     .endif
     .balign 2
 idt_descriptor:

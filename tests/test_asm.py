@@ -1,4 +1,4 @@
-"""pykvm.asm: GNU-assembler text to flat code and label addresses (no KVM needed)."""
+"""pykvm.x86.asm: GNU-assembler text to flat code and label addresses (no KVM needed)."""
 
 import pytest
 

@@ -2,13 +2,19 @@
 
 Each case calls one public API with one bad argument and asserts the exception
 type, that the message names the argument (or the field), and, after all, that
-this process still creates and runs a VM.
+this process still creates and runs a VM. The controls are the right versions of
+some cases, which must be accepted. No case waits for a timeout: a bad input is
+refused before anything runs, or fails at the guest's first exit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import os
+import re
+import resource
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +28,7 @@ from pykvm import Regs, VcpuEvents, guests, x86
 from pykvm.core.constants import IrqchipId
 from pykvm.core.errors import (
     ArgumentTypeError,
+    ClosedError,
     GuestError,
     GuestMemoryError,
     InvalidArgument,
@@ -33,10 +40,13 @@ from pykvm.core.errors import (
     KvmUnavailableError,
     MemorySlotOverlap,
     PyKvmError,
+    UnknownLabel,
 )
 from pykvm.core.interrupts import IrqchipRoute, MsiMessage, MsiRoute
+from pykvm.core.memory import guest_phys_bits
 from pykvm.guests import Command
 from pykvm.irqchip import ioapic, lapic, pit
+from pykvm.irqchip.ioapic import RedirectionEntry
 from pykvm.runtime import VcpuThread, run_vcpus
 from pykvm.vmm import Machine, MultibootError, testkernels
 
@@ -52,6 +62,7 @@ class World:
     plain_vcpu: pykvm.Vcpu    # of plain
     session: guests.GuestSession   # long-mode image on a second vCPU of plain
     files: Path               # "fifo" (a named pipe) and "3mib" (3 MiB, sparse)
+    file_fd: int              # an open regular file (not an eventfd)
 
 
 def _sregs_with(**changes: Any) -> Callable[[World], None]:
@@ -75,6 +86,52 @@ _BIG_BSS = struct.pack("<8I", 0x1BADB002, 0x10000, -(0x1BADB002 + 0x10000) & 0xF
 
 def _set(attribute: str, value: Any) -> Callable[[World], None]:
     return lambda w: setattr(w.plain_vcpu, attribute, value)
+
+
+def _out_of_fds(call: Callable[[], Any]) -> Any:
+    """``call()`` with RLIMIT_NOFILE lowered to the lowest free descriptor: its next open fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        return call()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _create_vcpu_after_kvm_close() -> None:
+    kvm = pykvm.Kvm()
+    with kvm.create_vm(memory_size=0) as vm:
+        kvm.close()
+        vm.create_vcpu()
+
+
+def _same_eventfd_twice(w: World) -> None:
+    eventfd = os.eventfd(0)
+    try:
+        with w.vm.irqfd(4, eventfd=eventfd):
+            w.vm.irqfd(5, eventfd=eventfd)
+    finally:
+        os.close(eventfd)
+
+
+def _mmio_read(w: World) -> pykvm.MmioExit:
+    """A 4-byte MMIO read exit: a new vCPU of plain loads from a guest-physical address no slot backs."""
+    vcpu = w.plain.create_vcpu()
+    x86.load_code(vcpu, "mov 0x20000000, %eax\n out %eax, $0x10\n")
+    exit = vcpu.run()
+    assert isinstance(exit, pykvm.MmioExit) and not exit.is_write, exit
+    return exit
+
+
+def _across_phys_limit(w: World) -> int:
+    """A slot address whose two pages straddle the guest-physical width the vCPUs get (CPUID 0x80000008)."""
+    return (1 << guest_phys_bits(w.kvm.supported_cpuid)) - 4096
+
+
+_EFER = 0xC0000080
+_KERNEL_GS_BASE = 0xC0000102
 
 
 # (id, call, expected exception type, text the message must contain)
@@ -177,11 +234,12 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
      "error_code"),
     # -- guests, x86, runtime -------------------------------------------------------------------
     ("guest-mode-unknown", lambda w: guests.load("vm86"), ValueError, "vm86"),
+    ("guest-mode-unhashable", lambda w: guests.load(["long"]), InvalidArgument, "mode=['long']"),
     ("guest-real-smp", lambda w: guests.boot_cpus(w.plain, "real", cpus=2), GuestError, "long-mode image"),
     ("guest-cpus-zero", lambda w: guests.boot_cpus(w.plain, "long", cpus=0), ValueError, "cpus=0"),
     ("command-unknown", lambda w: w.session.command(999), ValueError, "999"),
     ("command-arg-negative", lambda w: w.session.command(Command.NOP, arg=-1), ValueError, "arg=-1"),
-    ("enter-long-mode-rip", lambda w: x86.enter_long_mode(w.plain_vcpu, -1), ValueError, "Regs.rip=-1"),
+    ("enter-long-mode-rip", lambda w: x86.enter_long_mode(w.plain_vcpu, -1), ValueError, "rip=-1"),
     ("enter-real-mode-ip-above-16-bits", lambda w: x86.enter_real_mode(w.plain_vcpu, ip=0x36000, cs=0),
      ValueError, "ip=0x36000: out of range 0..0xffff; real-mode CS and IP are 16-bit"),
     ("enter-real-mode-cs-above-16-bits", lambda w: x86.enter_real_mode(w.plain_vcpu, ip=0, cs=0x36000),
@@ -212,6 +270,115 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
      "timeout=nan"),
     ("machine-timeout-zero", lambda w: Machine(_hello(), kvm=w.kvm).run(timeout=0), InvalidArgument,
      "timeout=0"),
+    # -- issue 21: accepted before, now refused ----------------------------------------------------
+    ("slot-beyond-maxphyaddr", lambda w: w.plain.memory.add_slot(_across_phys_limit(w), 8192), InvalidArgument,
+     "-bit guest-physical address space this host's vCPUs have (CPUID 0x80000008 MAXPHYADDR)"),
+    ("fill-negative-size", lambda w: w.plain.memory.fill(0, -16), InvalidArgument, "size=-16"),
+    ("provide-pages-not-callable", lambda w: w.plain.memory.provide_pages(0, "x"), ArgumentTypeError,
+     "provide='x': expected a callable provide(gpa)"),
+    ("ioeventfd-datamatch-wider-than-length", lambda w: w.vm.ioeventfd(0x10, length=1, pio=True, datamatch=0x1234),
+     InvalidArgument, "datamatch=0x1234: out of range 0..255; a write of length=1 byte(s) can never carry it"),
+    ("ioeventfd-datamatch-any-length", lambda w: w.vm.ioeventfd(0x10, length=0, pio=True, datamatch=1),
+     InvalidArgument, "with length=0"),
+    ("ioeventfd-mmio-on-ram", lambda w: w.vm.ioeventfd(0x1000), InvalidArgument,
+     "address=0x1000: an MMIO ioeventfd inside MemorySlot(0: 0x0-0x1000000) would never fire"),
+    ("assemble-origin-above-64-bits", lambda w: pykvm.assemble("nop", "long", origin=2**64), InvalidArgument,
+     "origin=0x10000000000000000: out of range"),
+    ("assemble-origin-above-16-bits-real", lambda w: pykvm.assemble("nop", "real", origin=0x10000),
+     InvalidArgument, "16-bit in real mode"),
+    ("assemble-define-text", lambda w: pykvm.assemble("nop", "long", defines={"X": "a; b"}), ArgumentTypeError,
+     "defines['X']='a; b': expected an integer"),
+    ("assemble-define-name", lambda w: pykvm.assemble("nop", "long", defines={"X; nop": 1}), InvalidArgument,
+     "is not one assembler symbol"),
+    ("command-timeout-negative", lambda w: w.session.command(Command.NOP, timeout=-1), InvalidArgument,
+     "timeout=-1: expected a finite number of seconds > 0"),
+    ("command-spin-above-32-bits", lambda w: w.session.command(Command.SPIN, 1 << 40), InvalidArgument,
+     "Command.SPIN reads 32 bit(s) of it"),
+    ("command-int-above-8-bits", lambda w: w.session.command(Command.INT, 0x140), InvalidArgument,
+     "Command.INT reads 8 bit(s) of it"),
+    ("ioapic-route-pin", lambda w: w.session.ioapic_route(99, RedirectionEntry(vector=0x40)), InvalidArgument,
+     "pin=99: out of range 0..23"),
+    ("enter-long-mode-noncanonical", lambda w: x86.enter_long_mode(w.plain_vcpu, 0x800000000000), InvalidArgument,
+     "rip=0x800000000000: not canonical"),
+    ("enter-protected-mode-eip-above-32-bits", lambda w: x86.enter_protected_mode(w.plain_vcpu, 1 << 33),
+     InvalidArgument, "eip=0x200000000: out of range 0..0xffffffff"),
+    # -- issue 21: untyped exceptions before ------------------------------------------------------------
+    ("route-chip-not-a-chip", lambda w: IrqchipRoute(3, 7, 3), InvalidRouting, "chip=7): not an in-kernel chip"),
+    ("route-gsi-str", lambda w: IrqchipRoute("3", IrqchipId.IOAPIC, 3), ArgumentTypeError, "gsi='3'"),
+    ("enter-mode-unknown", lambda w: x86.enter_mode(w.plain_vcpu, "virtual8086", 0), InvalidArgument,
+     "mode='virtual8086': not a CPU mode"),
+    ("mmio-reply-too-big", lambda w: _mmio_read(w).reply(1 << 40), InvalidArgument,
+     "data=0x10000000000: out of range 0..0xffffffff"),
+    ("mmio-reply-str", lambda w: _mmio_read(w).reply("x"), ArgumentTypeError, "data='x'"),
+    ("mmio-reply-length", lambda w: _mmio_read(w).reply(b"12345"), InvalidArgument, "takes exactly 4 byte(s)"),
+    ("ioapic-write-junk", lambda w: ioapic.write(w.vm, "junk"), ArgumentTypeError, "state='junk'"),
+    ("run-vcpus-not-vcpus", lambda w: run_vcpus([1, 2], lambda vcpu, exit: True), ArgumentTypeError,
+     "vcpus[0]=1: expected Vcpu"),
+    ("vcpu-thread-not-vcpu", lambda w: VcpuThread(1, lambda stopping: None), ArgumentTypeError, "vcpu=1"),
+    ("assembled-label-unknown", lambda w: pykvm.assemble("here: nop", "long").address("there"), UnknownLabel,
+     "symbol='there': no such label in this code; similar: ['here']"),
+    ("image-label-unknown", lambda w: w.session.address("sync_dne"), UnknownLabel,
+     "no such label in the long-mode guest image; similar: ['sync_done'"),
+    ("compose-destination-str", lambda w: MsiMessage.compose(destination="0", vector=0x40), ArgumentTypeError,
+     "destination='0'"),
+    ("redirection-destination-str", lambda w: RedirectionEntry(vector=0x40, destination="1"), ArgumentTypeError,
+     "destination='1'"),
+    ("with-entry-pin-str", lambda w: ioapic.read(w.vm).with_entry("3", RedirectionEntry(vector=0x40)),
+     ArgumentTypeError, "pin='3'"),
+    ("icr-destination-str", lambda w: lapic.icr(0x40, destination="1"), ArgumentTypeError, "destination='1'"),
+    ("write-int-size-str", lambda w: w.plain.memory.write_int(0, "4", 1), ArgumentTypeError, "size='4'"),
+    ("records-since-str", lambda w: w.session.records_since("1"), ArgumentTypeError, "count='1'"),
+    ("ioapic-read-not-a-vm", lambda w: ioapic.read(w.vcpu), ArgumentTypeError, "vm=<Vcpu 0 of Vm"),
+    ("pit-program-not-a-vm", lambda w: pit.program("vm", 100), ArgumentTypeError, "vm='vm': expected Vm"),
+    ("lapic-read-not-a-vcpu", lambda w: lapic.read(w.vm), ArgumentTypeError, "vcpu=<Vm (fd"),
+    ("enter-long-mode-not-a-vcpu", lambda w: x86.enter_long_mode(w.plain, 0x10000), ArgumentTypeError,
+     "vcpu=<Vm (fd"),
+    ("boot-cpus-not-a-vm", lambda w: guests.boot_cpus(w.kvm), ArgumentTypeError, "vm=<Kvm ("),
+    # -- issue 21: clear messages instead of unclear ones ---------------------------------------------------
+    ("kvm-path-dev-null", lambda w: pykvm.Kvm("/dev/null"), KvmUnavailableError,
+     "path='/dev/null' is a character device but not KVM's"),
+    ("kvm-path-directory", lambda w: pykvm.Kvm(w.files), KvmUnavailableError,
+     "is a directory, not the KVM character device; pass the KVM device node, '/dev/kvm'"),
+    ("kvm-out-of-fds", lambda w: _out_of_fds(pykvm.Kvm), KvmUnavailableError,
+     "out of file descriptors (its limit, RLIMIT_NOFILE, is"),
+    ("create-vm-out-of-fds", lambda w: _out_of_fds(lambda: w.kvm.create_vm(memory_size=0)), KvmError,
+     "failed: EMFILE (Too many open files). the process is out of file descriptors (its limit, RLIMIT_NOFILE"),
+    ("irqfd-out-of-fds", lambda w: _out_of_fds(lambda: w.vm.irqfd(4)), KvmError,
+     "eventfd on the irqfd of GSI 4 failed: EMFILE"),
+    ("enable-cap-unknown", lambda w: w.plain.enable_cap(9999), KvmError,
+     "cap=9999 (a capability pykvm does not know): this KVM does not offer it"),
+    ("efer-reserved-bit", lambda w: w.plain_vcpu.set_msrs({_EFER: 2}), KvmError,
+     "refused MSR 0xc0000080 = 0x2: the MSR exists"),
+    ("irqfd-not-an-eventfd", lambda w: w.vm.irqfd(4, eventfd=w.file_fd), InvalidRouting, "not an eventfd"),
+    ("irqfd-eventfd-twice", _same_eventfd_twice, InvalidRouting, "already an irqfd of this VM"),
+    ("result-timeout-negative", lambda w: VcpuThread(w.plain_vcpu, lambda stopping: None).result(timeout=-1),
+     InvalidArgument, "timeout=-1"),
+    ("create-vcpu-after-kvm-close", lambda w: _create_vcpu_after_kvm_close(), ClosedError,
+     "the Kvm this VM was created from is closed"),
+    ("guest-raise-300", lambda w: w.session.command(Command.RAISE, 300), InvalidArgument,
+     "raises only vectors [0, 3, 6, 13, 14]"),
+    ("guest-wrmsr-takes-gp", lambda w: w.session.command(Command.WRMSR, 2, _EFER), GuestError,
+     "wrmsr of MSR 0xc0000080 = 0x2 took #GP(0x0)"),
+    ("wait-log-without-irqchip", lambda w: w.session.command(Command.WAIT_LOG, 1), IrqchipModeError,
+     "irqchip='none' and the vCPU no UserspaceIrqController"),
+    ("pic-init-without-pic", lambda w: w.session.pic_init(), IrqchipModeError,
+     "this VM's irqchip is 'none'"),
+    ("ioapic-route-without-ioapic", lambda w: w.session.ioapic_route(3, RedirectionEntry(vector=0x40)),
+     IrqchipModeError, "IOAPIC's MMIO page at 0xfec00000"),
+]
+
+# The right versions of some cases above: each must be accepted.
+CONTROLS: list[tuple[str, Callable[[World], Any]]] = [
+    ("slot-just-below-maxphyaddr", lambda w: w.plain.memory.add_slot(_across_phys_limit(w), 4096)),
+    ("ioeventfd-datamatch-fits-length", lambda w: w.vm.ioeventfd(0x10, length=2, pio=True, datamatch=0x1234)),
+    ("ioeventfd-mmio-outside-ram", lambda w: w.vm.ioeventfd(0xFEB00000)),
+    ("assemble-origin-top-of-64-bits", lambda w: pykvm.assemble("nop", "long", origin=2**64 - 4096)),
+    ("enter-long-mode-last-canonical-page", lambda w: x86.enter_long_mode(w.plain_vcpu, 0x7FFFFFFFF000)),
+    ("enter-protected-mode-top-of-32-bits", lambda w: x86.enter_protected_mode(w.plain_vcpu, 0xFFFFF000)),
+    ("command-spin-32-bits", lambda w: w.session.command(Command.SPIN, 0x1000)),
+    ("guest-raise-ud", lambda w: w.session.command(Command.RAISE, 6)),
+    ("mmio-reply-4-bytes", lambda w: _mmio_read(w).reply(0x12345678)),
+    ("assembled-label-known", lambda w: pykvm.assemble("here: nop", "long").address("here")),
 ]
 
 
@@ -220,11 +387,12 @@ def world(kvm, tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with open(tmp_path / "3mib", "wb") as sparse:
         sparse.truncate(3 << 20)
-    with kvm.create_vm(irqchip="kernel", pit=True) as vm, kvm.create_vm() as plain:
+    with kvm.create_vm(irqchip="kernel", pit=True) as vm, kvm.create_vm() as plain, \
+            open(tmp_path / "3mib", "rb") as regular:
         vcpu = vm.create_vcpu()
         plain_vcpu = plain.create_vcpu()
         session = guests.load("long").boot(plain.create_vcpu())
-        yield World(kvm, vm, plain, vcpu, plain_vcpu, session, tmp_path)
+        yield World(kvm, vm, plain, vcpu, plain_vcpu, session, tmp_path, regular.fileno())
 
 
 def test_there_are_at_least_sixty_cases():
@@ -250,6 +418,71 @@ def test_the_process_still_runs_a_vm_after_every_case(world):
         x86.load_code(vcpu, "mov $0x2a, %eax\n out %eax, $0x10\n")
         exit = vcpu.run()
         assert isinstance(exit, pykvm.IoExit) and exit.value == 0x2a
+
+
+@pytest.mark.parametrize("call", [control[1] for control in CONTROLS], ids=[control[0] for control in CONTROLS])
+def test_the_right_version_is_accepted(world, call):
+    result = call(world)
+    if hasattr(result, "close"):
+        result.close()
+
+
+def test_a_guest_mmio_read_gets_the_replied_value(world):
+    exit = _mmio_read(world)
+    exit.reply(0x12345678)
+    after = exit.vcpu.run()
+    assert isinstance(after, pykvm.IoExit) and after.value == 0x12345678
+
+
+def test_a_guest_wrmsr_kvm_takes_goes_on_and_one_it_refuses_fails_at_once(world):
+    # The control: KVM takes this value (the vCPU reports it back) and the guest's log stays empty.
+    world.session.command(Command.WRMSR, 0x1234000, _KERNEL_GS_BASE)
+    assert world.session.vcpu.get_msrs([_KERNEL_GS_BASE]) == {_KERNEL_GS_BASE: 0x1234000}
+    assert world.session.log() == []
+    with pytest.raises(GuestError, match=r"took #GP\(0x0\)"):
+        world.session.command(Command.WRMSR, 2, _EFER)            # bit 1 of EFER is reserved
+    [record] = world.session.log()
+    assert record.vector == x86.Vector.GP and record.rip == world.session.address("wrmsr_wrmsr")
+    world.session.command(Command.NOP)                            # the guest went on to its next step
+
+
+def test_kvm_run_without_memory_names_the_missing_memory(kvm):
+    with kvm.create_vm(memory_size=0) as vm:
+        vcpu = vm.create_vcpu()
+        try:
+            exit = vcpu.run()
+        except KvmError as error:
+            assert "this VM has no guest memory (memory_size=0 and no vm.memory.add_slot())" in str(error)
+        else:
+            pytest.skip(f"this host's KVM_RUN gives {exit} without memory, not an error (kvm_pvm: ENOSPC)")
+
+
+_MODULE_NAME = re.compile(r"(?<![\w.])pykvm(?:\.[A-Za-z_]\w*)+")
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        with contextlib.suppress(ImportError):
+            found: Any = importlib.import_module(".".join(parts[:split]))
+            for attribute in parts[split:]:
+                if not hasattr(found, attribute):
+                    return False
+                found = getattr(found, attribute)
+            return True
+    return False
+
+
+@pytest.mark.host_independent
+def test_messages_and_docstrings_name_only_modules_that_exist():
+    root = Path(__file__).resolve().parent.parent
+    sources = [*root.glob("pykvm/**/*.py"), *root.glob("guests/*.S"), *root.glob("guests/*.inc"),
+               *root.glob("csrc/*")]
+    missing = {f"{path.relative_to(root)}: {name}"
+               for path in sources if path.is_file() and path.suffix != ".so"
+               for name in _MODULE_NAME.findall(path.read_text(errors="replace"))
+               if not name.endswith("_") and not _resolves(name)}
+    assert not missing, sorted(missing)
 
 
 def test_argument_errors_are_value_and_type_errors_too():

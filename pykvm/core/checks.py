@@ -9,6 +9,7 @@ values with a bounded repr, so a huge table never makes a huge message.
 
 from __future__ import annotations
 
+import math
 import reprlib
 from typing import Any
 
@@ -55,6 +56,25 @@ def instance(name: str, value: Any, kind: type | tuple[type, ...], fix: str = ""
         expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise ArgumentTypeError(f"{name}={shown(value)}: expected {expected}, got "
                                 f"{type(value).__name__}{'; ' + fix if fix else ''}")
+    return value
+
+
+def seconds(name: str, value: Any, fix: str = "") -> float:
+    """``value`` as a finite number of seconds > 0, else a typed error naming ``name``; bool is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name}={shown(value)}: expected a number of seconds, got {type(value).__name__}"
+                                f"{'; ' + fix if fix else ''}")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(f"{name}={shown(value)}: expected a finite number of seconds > 0"
+                              f"{'; ' + fix if fix else ''}")
+    return float(value)
+
+
+def function(name: str, value: Any, signature: str) -> Any:
+    """``value`` if it is callable, else a typed error naming ``name`` and the call expected."""
+    if not callable(value):
+        raise ArgumentTypeError(f"{name}={shown(value)}: expected a callable {signature}, got "
+                                f"{type(value).__name__}")
     return value
 
 

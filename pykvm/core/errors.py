@@ -111,8 +111,16 @@ _ERRNO_CLASSES: dict[int, type[KvmError]] = {
 }
 
 
-FD_EXHAUSTION_HINT = ("the process is out of file descriptors: every VM and vCPU holds one; close those "
-                      "you no longer need, or raise the limit (`ulimit -n`)")
+def fd_exhaustion_hint(err: int) -> str:
+    """What to do about EMFILE (this process's limit, which it names) or ENFILE (the system's)."""
+    if err == _errno.ENFILE:
+        return ("the system is out of file descriptors (ENFILE: the kernel's fs.file-max); close VMs you "
+                "no longer need, or raise fs.file-max")
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"the process is out of file descriptors (its limit, RLIMIT_NOFILE, is {soft}): every Kvm, VM, "
+            f"vCPU, stats fd and eventfd holds one; close those you no longer need (`with` blocks do), or "
+            f"raise the limit (`ulimit -n`, resource.setrlimit)")
 
 
 VM_DEAD_HINT = ("the VM is dead (KVM_REQ_VM_DEAD): KVM marked it unusable after an internal failure and "
@@ -122,7 +130,7 @@ VM_DEAD_HINT = ("the VM is dead (KVM_REQ_VM_DEAD): KVM marked it unusable after 
 def ioctl_error(err: int, ioctl: str, target: str, hint: str = "") -> KvmError:
     """The typed exception for errno ``err`` from ``ioctl`` on ``target``."""
     if err in (_errno.EMFILE, _errno.ENFILE):
-        hint = FD_EXHAUSTION_HINT
+        hint = fd_exhaustion_hint(err)
     elif err == _errno.EIO and not hint:
         hint = VM_DEAD_HINT
     return _ERRNO_CLASSES.get(err, KvmError)(err, ioctl, target, hint)
@@ -206,6 +214,13 @@ class CommandTimeout(RunTimeout):
 
 class InvalidArgument(PyKvmError, ValueError):
     """An argument with the right type but a value pykvm or KVM cannot take (the message names it)."""
+
+
+class UnknownLabel(InvalidArgument, KeyError):
+    """A label (symbol) that an assembled guest does not define; the message lists the ones it does."""
+
+    def __str__(self) -> str:          # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
 
 
 class ArgumentTypeError(PyKvmError, TypeError):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .binding import ffi
 from .constants import IoeventfdFlag, IrqfdFlag
-from .errors import ClosedError, InvalidArgument, InvalidRouting
+from .errors import ClosedError, InvalidRouting, ioctl_error
 from .ioctls import Ioctl
 
 if TYPE_CHECKING:
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 
 R = TypeVar("R", bound="EventfdRegistration")
+IOEVENTFD_LENGTHS = (0, 1, 2, 4, 8)   # write sizes KVM_IOEVENTFD matches (0: any, MMIO only)
+
+
+EVENTFD_LINK = "anon_inode:[eventfd]"     # what /proc/self/fd/N reads for an eventfd
 
 
 def _check_eventfd(fd: int, what: str) -> None:
@@ -32,6 +36,21 @@ def _check_eventfd(fd: int, what: str) -> None:
     except OSError:
         raise InvalidRouting(f"{what} {fd} is not an open file descriptor (closed eventfd?); pass "
                              f"an open eventfd (os.eventfd(0)) or let pykvm create one") from None
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:                 # no /proc: KVM's own check (EINVAL) remains
+        return
+    if kind != EVENTFD_LINK:
+        raise InvalidRouting(f"{what} {fd} is {kind!r}, not an eventfd: KVM can only watch an eventfd; pass "
+                             f"one (os.eventfd(0)) or let pykvm create one")
+
+
+def _new_eventfd(flags: int, purpose: str) -> int:
+    """A new eventfd; a typed error (out of file descriptors, say) if the kernel refuses one."""
+    try:
+        return os.eventfd(0, flags)
+    except OSError as exc:
+        raise ioctl_error(exc.errno or 0, "eventfd", purpose) from None
 
 
 def _wait(fd: int, timeout: float | None) -> int:
@@ -115,8 +134,13 @@ class Irqfd(EventfdRegistration):
         self.gsi, self.resample = gsi, resample
         if eventfd is not None:
             _check_eventfd(eventfd, "irqfd eventfd")
-        fd = os.eventfd(0, os.EFD_CLOEXEC) if eventfd is None else eventfd
-        self._resample_fd = os.eventfd(0, os.EFD_CLOEXEC) if resample else -1
+        fd = _new_eventfd(os.EFD_CLOEXEC, f"the irqfd of GSI {gsi}") if eventfd is None else eventfd
+        try:
+            self._resample_fd = _new_eventfd(os.EFD_CLOEXEC, f"the resample fd of GSI {gsi}") if resample else -1
+        except BaseException:
+            if eventfd is None:
+                os.close(fd)
+            raise
         owned = (self._resample_fd,) + ((fd,) if eventfd is None else ())
         super().__init__(vm, fd, owned)
 
@@ -151,11 +175,9 @@ class Ioeventfd(EventfdRegistration):
 
     def __init__(self, vm: Vm, address: int, length: int = 4, pio: bool = False,
                  datamatch: int | None = None) -> None:
-        if length not in (0, 1, 2, 4, 8):
-            raise InvalidArgument(f"ioeventfd length must be 0 (any), 1, 2, 4 or 8, not {length}")
         self.address, self.length, self.pio, self.datamatch = address, length, pio, datamatch
         self._flags = (IoeventfdFlag.PIO if pio else 0) | (IoeventfdFlag.DATAMATCH if datamatch is not None else 0)
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        fd = _new_eventfd(os.EFD_CLOEXEC | os.EFD_NONBLOCK, f"the ioeventfd at {address:#x}")
         super().__init__(vm, fd, (fd,))
 
     def _assign(self, flags: int) -> None:

@@ -118,11 +118,15 @@ class MmioExit(ReplyingExit):
     def reply(self, data: bytes | int) -> None:
         """Answer an MMIO read with ``length`` bytes (or an integer, little-endian)."""
         if self.is_write:
-            raise ValueError(f"reply() answers an MMIO read; this is a write to {self.phys_addr:#x}")
-        if isinstance(data, int):
-            data = data.to_bytes(self.length, "little")
+            raise InvalidArgument(f"reply() answers an MMIO read; this exit is a write to {self.phys_addr:#x}, "
+                                  f"which needs no reply: just run the vCPU again")
+        if isinstance(data, int) and not isinstance(data, bool):
+            data = checks.unsigned("data", data, 8 * self.length,
+                                   f"the guest reads {self.length} byte(s)").to_bytes(self.length, "little")
+        data = checks.data("data", data)
         if len(data) != self.length:
-            raise ValueError(f"this MMIO read needs {self.length} bytes, got {len(data)}")
+            raise InvalidArgument(f"data=<{len(data)} bytes>: this MMIO read of {self.phys_addr:#x} takes exactly "
+                                  f"{self.length} byte(s); pass that many, or an integer")
         self._reply("mmio", data=data)
 
 
@@ -223,6 +227,7 @@ class MsrExit(ReplyingExit):
 
     def reply(self, data: int = 0, error: bool = False) -> None:
         """Give RDMSR its value, or make the access #GP with ``error=True``."""
+        checks.unsigned("data", data, 64, "an MSR value")
         self._reply("msr", data=data, error=int(error))
 
 
@@ -237,7 +242,9 @@ class HypercallExit(ReplyingExit):
 
     def reply(self, ret: int) -> None:
         """The value the guest's hypercall returns in RAX."""
-        self._reply("hypercall", ret=ret)
+        checks.integer("ret", ret, -(1 << 63), (1 << 64) - 1, "the hypercall's 64-bit return value (RAX), "
+                       "signed or unsigned")
+        self._reply("hypercall", ret=ret & ((1 << 64) - 1))
 
 
 @record(slots=True)

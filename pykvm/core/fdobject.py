@@ -13,7 +13,8 @@ from typing import Any
 
 from . import checks
 from .binding import ffi, lib
-from .errors import ClosedError, InvalidArgument, ioctl_error
+from .constants import Cap
+from .errors import ClosedError, InvalidArgument, KvmInvalidArgument, PyKvmError, ioctl_error
 from .ioctls import Ioctl
 
 
@@ -104,5 +105,27 @@ class FdObject:
         for index, arg in enumerate(args):
             checks.unsigned(f"args[{index}]", arg, 64)
         checks.unsigned("flags", flags, 32)
-        self._ioctl(Ioctl.ENABLE_CAP, ffi.new("struct kvm_enable_cap *",
-                                              {"cap": int(cap), "flags": flags, "args": list(args)}), hint)
+        try:
+            self._ioctl(Ioctl.ENABLE_CAP, ffi.new("struct kvm_enable_cap *",
+                                                  {"cap": int(cap), "flags": flags, "args": list(args)}), hint)
+        except KvmInvalidArgument as exc:
+            raise ioctl_error(exc.errno or 0, "KVM_ENABLE_CAP", self.describe(),
+                              self._refused_cap_hint(int(cap), args, flags, hint)) from None
+
+    def _capability_source(self) -> FdObject:
+        """The fd whose KVM_CHECK_EXTENSION answers for capabilities enabled on this one (the VM's)."""
+        return self
+
+    def _refused_cap_hint(self, cap: int, args: tuple[int, ...], flags: int, hint: str) -> str:
+        """Why KVM_ENABLE_CAP said EINVAL: a capability this KVM lacks, or arguments it refused."""
+        name = f"KVM_CAP_{Cap(cap).name}" if cap in set(Cap) else "a capability pykvm does not know"
+        try:
+            offered = self._capability_source()._ioctl_value(Ioctl.CHECK_EXTENSION, cap)
+        except PyKvmError:
+            offered = -1
+        if offered == 0:
+            return (f"cap={cap} ({name}): this KVM does not offer it (KVM_CHECK_EXTENSION = 0), so it cannot "
+                    f"be enabled; enable only what check_extension() reports")
+        return (f"cap={cap} ({name}) is offered, but KVM refused args={args}, flags={flags:#x}: pass the args "
+                f"and flags KVM's api.rst (section 7) gives for it; some can only be enabled before the first "
+                f"vCPU is created or runs{'; ' + hint if hint else ''}")

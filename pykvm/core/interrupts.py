@@ -17,7 +17,7 @@ import dataclasses
 import enum
 
 from .constants import IOAPIC_NUM_PINS, PIC_PINS, IrqchipId, RoutingType
-from .errors import InvalidMsi, InvalidRouting, InvalidVector
+from .errors import ArgumentTypeError, InvalidMsi, InvalidRouting, InvalidVector
 
 MAX_IRQ_ROUTES = 4096     # KVM_MAX_IRQ_ROUTES on x86 (include/linux/kvm_host.h)
 PINS_PER_PIC = 8
@@ -115,6 +115,11 @@ class MsiMessage:
         are not composed).
         """
         check_vector(vector)
+        if not _plain_int(destination):
+            raise ArgumentTypeError(f"destination={destination!r}: expected an integer APIC ID, got "
+                                    f"{type(destination).__name__}")
+        if not _plain_int(delivery_mode) or delivery_mode not in set(DeliveryMode):
+            raise InvalidMsi(f"delivery_mode={delivery_mode!r}: choose a DeliveryMode member")
         if not 0 <= destination <= 0xFF:
             raise InvalidMsi(f"destination={destination!r} does not fit the MSI's 8-bit "
                              f"destination field; use an APIC ID 0..255")
@@ -124,6 +129,10 @@ class MsiMessage:
         return cls(address, 0, data)
 
     def __post_init__(self) -> None:
+        for name in ("address_lo", "address_hi"):
+            value = getattr(self, name)
+            if not _plain_int(value) or not 0 <= value < 1 << 32:
+                raise InvalidMsi(f"MsiMessage({name}={value!r}): expected a 32-bit unsigned integer")
         validate_msi(self.address, self.data)
 
     @property
@@ -149,6 +158,9 @@ class MsiMessage:
 
 def validate_msi(address: int, data: int) -> None:
     """Raise :class:`InvalidMsi` for an address/data pair with reserved bits set."""
+    for name, value in (("address", address), ("data", data)):
+        if not _plain_int(value):
+            raise ArgumentTypeError(f"MSI {name}={value!r}: expected an integer, got {type(value).__name__}")
     if not 0 <= address < 1 << 64 or not 0 <= data < 1 << 32:
         raise InvalidMsi(f"MSI address {address!r} / data {data!r}: the address is 64 bits and "
                          f"the data 32 bits, both unsigned")
@@ -194,6 +206,12 @@ class IrqchipRoute:
     chip: IrqchipId
     pin: int
 
+    def __post_init__(self) -> None:
+        _check_integers(self, "gsi", "pin")
+        if isinstance(self.chip, bool) or self.chip not in set(IrqchipId):
+            raise InvalidRouting(f"IrqchipRoute(gsi={self.gsi}, chip={self.chip!r}): not an in-kernel chip; use "
+                                 f"{', '.join(f'IrqchipId.{c.name} ({c.value})' for c in IrqchipId)}")
+
     def validate(self, mode: IrqchipMode) -> None:
         _check_gsi(self.gsi)
         if not mode.ioapic_in_kernel:
@@ -217,6 +235,9 @@ class MsiRoute:
     gsi: int
     message: MsiMessage
 
+    def __post_init__(self) -> None:
+        _check_integers(self, "gsi")
+
     def validate(self, mode: IrqchipMode) -> None:
         _check_gsi(self.gsi)
         if not mode.lapic_in_kernel:
@@ -234,6 +255,15 @@ class MsiRoute:
 
 
 Route = IrqchipRoute | MsiRoute
+
+
+def _check_integers(route: object, *names: str) -> None:
+    """ArgumentTypeError for a field of ``route`` among ``names`` that is not an int (bool refused)."""
+    for name in names:
+        value = getattr(route, name)
+        if not _plain_int(value):
+            raise ArgumentTypeError(f"{type(route).__name__}({name}={value!r}): expected an integer, got "
+                                    f"{type(value).__name__}")
 
 
 def _check_gsi(gsi: int) -> None:

@@ -14,12 +14,13 @@ import contextlib
 import ctypes
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import checks
 from .binding import ffi, lib
 from .constants import Cap
+from .cpuid import CpuidEntry
 from .errors import (
     CapabilityMissing,
     ClosedError,
@@ -37,6 +38,20 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 4096
 MAX_GPA = (1 << 52) - 1          # the architectural limit of guest-physical addresses
+ADDRESS_SIZES_LEAF = 0x80000008  # CPUID: EAX[7:0] MAXPHYADDR, EAX[23:16] guest-physical size (0: same)
+DEFAULT_PHYS_BITS = 36           # MAXPHYADDR where that leaf is absent (Intel SDM Vol. 3A 4.1.4)
+
+
+def guest_phys_bits(supported_cpuid: Iterable[CpuidEntry]) -> int:
+    """The guest-physical address width the vCPUs get: what KVM_GET_SUPPORTED_CPUID's leaf 0x80000008 says.
+
+    A slot above it is unreachable: the guest's page tables cannot name such an
+    address (the bits are reserved: #PF), nor can EPT/NPT map it.
+    """
+    for entry in supported_cpuid:
+        if entry.function == ADDRESS_SIZES_LEAF:
+            return (entry.eax >> 16 & 0xFF) or (entry.eax & 0xFF) or DEFAULT_PHYS_BITS
+    return DEFAULT_PHYS_BITS
 
 
 def available_memory() -> int:
@@ -113,9 +128,12 @@ class GuestMemory:
         if size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE:
             raise InvalidArgument(f"memory slot guest_phys_addr={guest_phys_addr:#x}, size={size:#x}: "
                                   f"both must be multiples of the {PAGE_SIZE}-byte page size")
-        if guest_phys_addr + size > MAX_GPA + 1:
-            raise InvalidArgument(f"memory slot {guest_phys_addr:#x}+{size:#x} ends beyond the 52-bit "
-                                  f"guest-physical address space")
+        bits = guest_phys_bits(self._vm.kvm.supported_cpuid)
+        if guest_phys_addr + size > 1 << bits:
+            raise InvalidArgument(f"memory slot guest_phys_addr={guest_phys_addr:#x}, size={size:#x} ends at "
+                                  f"{guest_phys_addr + size:#x}, beyond the {bits}-bit guest-physical address "
+                                  f"space this host's vCPUs have (CPUID 0x80000008 MAXPHYADDR): the guest could "
+                                  f"never reach it; place the slot below {1 << bits:#x}")
         available = available_memory()
         if size > available and not allow_overcommit:
             raise InvalidArgument(f"size={size:#x} ({size / 2**30:.1f} GiB) is more than this host's "
@@ -183,6 +201,8 @@ class GuestMemory:
         self._vm._check_open()
         with self._lock:
             entry, pointer = self._find(slot)
+            checks.function("provide", provide, "provide(gpa) -> bytes (up to a page)")
+            checks.seconds("deadline", deadline, "how long close() waits for the serving thread")
             base = entry.guest_phys_addr
             provider = PageProvider(int(ffi.cast("uintptr_t", pointer)), entry.size,
                                     lambda offset: provide(base + offset), deadline)
@@ -258,6 +278,7 @@ class GuestMemory:
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set ``size`` bytes at ``gpa`` to ``byte``."""
+        checks.integer("size", size, 0, MAX_GPA, "a number of bytes")
         checks.integer("byte", byte, 0, 255)
         self.write(gpa, bytes([byte]) * size)
 
@@ -268,9 +289,11 @@ class GuestMemory:
         ctypes.memmove(destination, source, size)
 
     def read_int(self, gpa: int, size: int, signed: bool = False) -> int:
+        checks.integer("size", size, 1, 8, "an integer's width in bytes")
         return int.from_bytes(self.read(gpa, size), "little", signed=signed)
 
     def write_int(self, gpa: int, size: int, value: int) -> None:
+        checks.integer("size", size, 1, 8, "an integer's width in bytes")
         bits = 8 * size
         checks.integer("value", value, -(1 << (bits - 1)), (1 << bits) - 1,
                        f"a {size}-byte integer, signed or unsigned")

@@ -18,7 +18,14 @@ from . import checks
 from .binding import ffi, lib
 from .constants import Cap
 from .cpuid import CpuidEntry, cpuid_from_c
-from .errors import CapabilityMissing, KvmPermissionDenied, KvmUnavailableError, PyKvmError
+from .errors import (
+    CapabilityMissing,
+    KvmError,
+    KvmPermissionDenied,
+    KvmUnavailableError,
+    PyKvmError,
+    fd_exhaustion_hint,
+)
 from .fdobject import FdObject
 from .ioctls import Ioctl
 
@@ -40,11 +47,18 @@ class Kvm(FdObject):
         checks.instance("path", path, (str, os.PathLike), "the KVM device node, e.g. '/dev/kvm'")
         self.path = os.fspath(path)
         try:
+            _check_device_node(self.path)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise _unavailable(exc, path) from None
+            raise _unavailable(exc, self.path) from None
         super().__init__(fd)
-        version = self._ioctl_value(Ioctl.GET_API_VERSION, 0)
+        try:
+            version = self._ioctl_value(Ioctl.GET_API_VERSION, 0)
+        except KvmError as exc:
+            self.close()
+            raise KvmUnavailableError(exc.errno or 0, "KVM_GET_API_VERSION", self.path,
+                                      f"path={self.path!r} is a character device but not KVM's: it answers no KVM "
+                                      f"ioctl; pass the KVM device node, {DEFAULT_PATH!r}") from None
         if version != lib.KVM_API_VERSION:
             self.close()
             raise PyKvmError(f"{path} speaks KVM API version {version}, pykvm needs "
@@ -132,9 +146,28 @@ class Kvm(FdObject):
                   identity_map_addr=identity_map_addr, allow_overcommit=allow_overcommit)
 
 
+def _check_device_node(path: str) -> None:
+    """Raise ENODEV for an existing ``path`` that is no character device (a directory, a file, a FIFO)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return                      # open() says why (ENOENT, EACCES)
+    if not stat.S_ISCHR(mode):
+        raise OSError(errno.ENODEV, f"{_FILE_KINDS.get(stat.S_IFMT(mode), 'not a device node')}")
+
+
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFREG: "a regular file", stat.S_IFIFO: "a FIFO",
+               stat.S_IFSOCK: "a socket", stat.S_IFBLK: "a block device"}
+
+
 def _unavailable(exc: OSError, path: str) -> KvmUnavailableError:
     """Map the failure to open ``path`` to an actionable message."""
-    if exc.errno == errno.ENOENT:
+    if exc.errno == errno.ENODEV:
+        hint = (f"path={path!r} is {exc.strerror}, not the KVM character device; pass the KVM device "
+                f"node, {DEFAULT_PATH!r}")
+    elif exc.errno in (errno.EMFILE, errno.ENFILE):
+        hint = fd_exhaustion_hint(exc.errno)
+    elif exc.errno == errno.ENOENT:
         hint = (f"{path} does not exist: this machine has no KVM. Load the module "
                 f"(`modprobe kvm_intel` or `modprobe kvm_amd`), enable virtualization in the "
                 f"firmware, or run on a host (or a VM with nested virtualization) that offers KVM")

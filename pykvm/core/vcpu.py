@@ -69,6 +69,10 @@ _UNFINISHED = frozenset({ExitReason.IO, ExitReason.MMIO, ExitReason.X86_RDMSR, E
                          ExitReason.HYPERCALL})
 _NO_EXIT = -1                 # _last_result before the first KVM_RUN
 _PAYLOAD_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()   # VMs with KVM_CAP_EXCEPTION_PAYLOAD enabled
+_MSR_VALUE_NOTES = {
+    0xC0000080: "IA32_EFER has SCE 0, LME 8, LMA 10, NXE 11, SVME 12, LMSLE 13, FFXSR 14, TCE 15 and AutoIBRS 21, "
+                "each only with its CPUID feature; the other bits are reserved",
+}
 _INTERRUPT_HINT = ("KVM_INTERRUPT only works with the userspace irqchip; with an in-kernel "
                    "PIC/IOAPIC use vm.irq_line() or MSI instead")
 
@@ -267,7 +271,7 @@ class Vcpu(FdObject):
         if result < 0:
             if result == -errno.EINTR:     # C has cleared immediate_exit: the kick is consumed
                 return exits.INTR
-            raise ioctl_error(-result, "KVM_RUN", self.describe(), _run_hint(-result))
+            raise ioctl_error(-result, "KVM_RUN", self.describe(), _run_hint(-result, self.vm))
         decoder = _DECODERS.get(result)
         if decoder is None:
             return exits.decode(self, run)
@@ -387,14 +391,14 @@ class Vcpu(FdObject):
                 raise NotReadyForInjection(
                     f"vector {self._queued[1]:#x} is already queued on vCPU {self.id} for the "
                     f"next entry and KVM would silently replace it with {vector:#x}; call run() "
-                    f"first, or use pykvm.irq.UserspaceIrqController to queue several")
+                    f"first, or use pykvm.irqchip.UserspaceIrqController to queue several")
             if not run.ready_for_interrupt_injection:
                 raise NotReadyForInjection(
                     f"vCPU {self.id} is not ready for an interrupt (last exit: "
                     f"ready_for_interrupt_injection=0, if_flag={run.if_flag}): the guest has "
                     f"interrupts disabled, is in an interrupt shadow, or an event is pending. Set "
                     f"kvm_run.request_interrupt_window and inject at the next exit that reports "
-                    f"ready (pykvm.irq.UserspaceIrqController does this), or pass force=True")
+                    f"ready (pykvm.irqchip.UserspaceIrqController does this), or pass force=True")
         self._ioctl(Ioctl.INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}),
                     hint=_INTERRUPT_HINT)
         self._queued = (self._exit_sequence, vector)
@@ -685,8 +689,23 @@ class Vcpu(FdObject):
             entry.index, entry.data = index, value
         done = self._ioctl(Ioctl.SET_MSRS, msrs)
         if done != len(values):
+            index = list(values)[done]
             raise ioctl_error(errno.EINVAL, "KVM_SET_MSRS", self.describe(),
-                              f"MSR {list(values)[done]:#x} was refused by this host")
+                              self._refused_msr_hint(index, values[index], done))
+
+    def _refused_msr_hint(self, index: int, value: int, done: int) -> str:
+        """Why KVM_SET_MSRS stopped at ``index``: no such MSR here, or a value it does not take."""
+        prefix = f"KVM set {done} MSR(s), then refused MSR {index:#x} = {value:#x}: "
+        try:
+            current = self.get_msrs([index])[index]
+        except KvmError:
+            return (prefix + "this vCPU has no such MSR (KVM_GET_MSRS refuses it too); check the index, and "
+                             "the CPUID feature that enumerates the MSR")
+        note = _MSR_VALUE_NOTES.get(index, "")
+        return (prefix + f"the MSR exists (now {current:#x}) but KVM does not take that value: it sets reserved "
+                         f"bits, or bits of a feature the vCPU's CPUID does not enumerate"
+                         f"{' (' + note + ')' if note else ''}; change only the bits you mean to, from the "
+                         f"current value")
 
     def kvmclock_ctrl(self) -> None:
         """``KVM_KVMCLOCK_CTRL``: tell the guest it was paused (sets PVCLOCK_GUEST_STOPPED in its
@@ -724,6 +743,9 @@ class Vcpu(FdObject):
         self._enable_cap(cap, args, flags, hint="the host may not offer this capability (see kvm.check_extension), "
                                                  "or it must be enabled before the vCPU first runs")
 
+    def _capability_source(self) -> FdObject:
+        return self.vm
+
     def smi(self) -> None:
         """``KVM_SMI``: make a system-management interrupt pending (needs ``KVM_CAP_X86_SMM``)."""
         self.vm.kvm.require(Cap.X86_SMM, "vcpu.smi()")
@@ -751,7 +773,10 @@ def _needs_reply(run, reason: int) -> bool:
     return reason in (ExitReason.X86_RDMSR, ExitReason.HYPERCALL)
 
 
-def _run_hint(err: int) -> str:
+def _run_hint(err: int, vm: Vm) -> str:
+    if not vm.memory.slots:
+        return ("this VM has no guest memory (memory_size=0 and no vm.memory.add_slot()), so the vCPU has nothing "
+                "to run; create the VM with memory_size > 0, or add a slot and load code before running")
     if err == errno.EFAULT:
         return "the guest touched memory KVM could not map (check the memory slots)"
     if err == errno.ENOEXEC:

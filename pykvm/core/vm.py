@@ -22,6 +22,7 @@ from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
 from .cpuid import cpuid_for_vcpu
 from .errors import (
     ArgumentTypeError,
+    ClosedError,
     InvalidArgument,
     InvalidRouting,
     IrqchipModeError,
@@ -29,7 +30,7 @@ from .errors import (
     PyKvmError,
     VcpuThreadError,
 )
-from .eventfds import Ioeventfd, Irqfd
+from .eventfds import IOEVENTFD_LENGTHS, Ioeventfd, Irqfd
 from .fdobject import FdObject
 from .interrupts import (
     MAX_IRQ_ROUTES,
@@ -164,6 +165,10 @@ class Vm(FdObject):
         """
         from .vcpu import Vcpu
         self._check_open()
+        if self.kvm.closed:
+            raise ClosedError("vm.create_vcpu(): the Kvm this VM was created from is closed, and a new vCPU "
+                              "needs it (KVM_CAP_MAX_VCPU_ID, the supported CPUID, the kvm_run size); close the "
+                              "Kvm only after its VMs, e.g. `with Kvm() as kvm, kvm.create_vm() as vm:`")
         if vcpu_id is None:
             taken = {vcpu.id for vcpu in self.vcpus}
             vcpu_id = next(i for i in range(len(self.vcpus) + 1) if i not in taken)
@@ -375,6 +380,11 @@ class Vm(FdObject):
         if not any(route.gsi == gsi for route in self.routes):
             raise InvalidRouting(f"GSI {gsi} has no route; an irqfd on it would never deliver. "
                                  f"Route it first with vm.set_gsi_routing()")
+        for existing in self._eventfds:
+            if isinstance(existing, Irqfd) and not existing.closed and existing.fd == eventfd:
+                raise InvalidRouting(f"eventfd={eventfd}: already an irqfd of this VM ({existing!r}); KVM takes "
+                                     f"an eventfd once per VM (EBUSY); close that irqfd first, or pass another "
+                                     f"eventfd (os.eventfd(0)), or none for a new one")
         return self._own(Irqfd(self, gsi, resample, eventfd))
 
     def ioeventfd(self, address: int, length: int = 4, pio: bool = False,
@@ -382,10 +392,30 @@ class Vm(FdObject):
         """``KVM_IOEVENTFD``: guest writes to ``address`` signal an eventfd with no userspace exit."""
         checks.integer("address", address, 0, 0xFFFF if pio else MAX_GPA,
                        "a port (pio=True) or a guest-physical address")
+        if isinstance(length, bool) or length not in IOEVENTFD_LENGTHS:
+            raise InvalidArgument(f"length={checks.shown(length)}: an ioeventfd matches writes of 1, 2, 4 or 8 "
+                                  f"bytes, or 0 for a write of any size (without datamatch)")
         if datamatch is not None:
-            checks.unsigned("datamatch", datamatch, 64)
+            if not length:
+                raise InvalidArgument(f"datamatch={checks.shown(datamatch)} with length=0: KVM compares "
+                                      f"datamatch with the written value only for a fixed length; pass "
+                                      f"length=1, 2, 4 or 8, or drop datamatch")
+            checks.unsigned("datamatch", datamatch, 8 * length,
+                            f"a write of length={length} byte(s) can never carry it; pass a longer length "
+                            f"or a value of {8 * length} bits")
+        if not pio:
+            self._refuse_ram_doorbell(address, length)
         self.kvm.require(Cap.IOEVENTFD, "vm.ioeventfd()")
         return self._own(Ioeventfd(self, address, length, pio, datamatch))
+
+    def _refuse_ram_doorbell(self, address: int, length: int) -> None:
+        """An MMIO ioeventfd inside a memory slot never fires: the guest's writes there go to RAM, no exit."""
+        end = address + max(length, 1)
+        for slot in self.memory.slots:
+            if slot.address_space == 0 and address < slot.end and slot.guest_phys_addr < end:
+                raise InvalidArgument(f"address={address:#x}: an MMIO ioeventfd inside {slot!r} would never "
+                                      f"fire (guest writes there go to RAM, with no exit for KVM to match); "
+                                      f"choose an address outside every memory slot, or pio=True for a port")
 
     def _own(self, eventfd):
         self._eventfds.append(eventfd)

@@ -18,13 +18,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core import checks
 from ..core.errors import GuestError, InvalidArgument, PyKvmError
-from ..x86.asm import Mode
+from ..core.vm import Vm
+from ..x86.asm import Mode, label_address, mode_of
 from .session import GuestSession
 
 if TYPE_CHECKING:
     from ..core.system import Kvm
-    from ..core.vm import Vm
 
 IMAGES_DIR = Path(__file__).resolve().parent / "images"
 MODES = tuple(mode.value for mode in Mode)
@@ -46,10 +47,7 @@ class GuestImage:
 
     def address(self, symbol: str) -> int:
         """A label's address: what RIP (IP in real mode) holds there."""
-        try:
-            return self.symbols[symbol]
-        except KeyError:
-            raise KeyError(f"the {self.mode.value} image has no label {symbol!r}") from None
+        return label_address(self.symbols, symbol, f"the {self.mode.value}-mode guest image")
 
     def boot(self, vcpu, notify: bool = False) -> GuestSession:
         """Load the image into the vCPU's VM, enter its mode and run to the first sync point."""
@@ -58,13 +56,13 @@ class GuestImage:
         return session
 
 
-@functools.cache
 def load(mode: Mode | str) -> GuestImage:
     """The packaged image for ``"real"``, ``"protected"`` or ``"long"`` mode."""
-    try:
-        mode = Mode(mode)
-    except ValueError:
-        raise InvalidArgument(f"no guest image for mode {mode!r}; choose one of {', '.join(MODES)}") from None
+    return _load(mode_of(mode))
+
+
+@functools.cache
+def _load(mode: Mode) -> GuestImage:
     binary, meta = IMAGES_DIR / f"{mode.value}.bin", IMAGES_DIR / f"{mode.value}.json"
     if not binary.exists() or not meta.exists():
         raise PyKvmError(f"guest image {binary} is missing: the images are assembled at install "
@@ -99,6 +97,7 @@ class BootedGuest:
 def boot_cpus(vm: Vm, mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool = False
               ) -> list[GuestSession]:
     """Create ``cpus`` vCPUs on ``vm`` and boot the ``mode`` image on each (SMP: long mode only)."""
+    checks.instance("vm", vm, Vm, "the VM to create the vCPUs in, e.g. kvm.create_vm()")
     image = load(mode)
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
         raise InvalidArgument(f"cpus={cpus!r}: boot at least one vCPU (an integer >= 1)")

@@ -57,6 +57,17 @@ class Command(enum.IntEnum):
     DONE = 18      # out PORT_DONE and stop
 
 
+# How many bits of MB_ARG / MB_ARG2 each command reads (the rest would be dropped: SPIN reads
+# %ecx, INT %cl); unlisted commands read all 64 or ignore the argument.
+ARG_BITS = {Command.SPIN: 32, Command.INT: 8, Command.APIC_ENABLE: 1, Command.IOAPIC_WRITE: 32,
+            Command.WAIT_LOG: 32, Command.PIC_INIT: 32}
+ARG2_BITS = {Command.APIC_WRITE: 12, Command.APIC_READ: 12, Command.IOAPIC_WRITE: 8, Command.WRMSR: 32}
+
+# The exceptions Command.RAISE makes each image raise: #DE, #BP, #UD everywhere; #GP needs a
+# GDT (not in real mode); #PF needs paging (long mode only). Keyed by the image's mode name.
+RAISABLE = {"real": frozenset({0, 3, 6}), "protected": frozenset({0, 3, 6, 13}),
+            "long": frozenset({0, 3, 6, 13, 14})}
+
 LONG_MODE_ONLY = frozenset({Command.APIC_ENABLE, Command.APIC_WRITE, Command.APIC_READ,
                             Command.IOAPIC_WRITE, Command.WRMSR, Command.TSC_DEADLINE,
                             Command.WAIT_LOG})

@@ -16,23 +16,23 @@ import time
 from typing import TYPE_CHECKING
 
 from ..core import checks
-from ..core.constants import MpState
+from ..core.constants import IOAPIC_NUM_PINS, MpState
 from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, InvalidArgument, IrqchipModeError
 from ..core.exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
 from ..core.state import record
+from ..core.vcpu import Vcpu
 from ..irqchip import waiting
-from ..irqchip.ioapic import RedirectionEntry
+from ..irqchip.ioapic import IOAPIC_DEFAULT_BASE, RedirectionEntry
 from ..irqchip.lapic import ApicReg, icr
 from ..runtime.watchdog import WATCHDOG
 from ..x86.asm import Mode
 from ..x86.modes import enter_mode
-from ..x86.vectors import vector_name
+from ..x86.vectors import Vector, vector_name
 from . import layout, protocol
 from .log import LogRecord, parse_log
 from .protocol import Command
 
 if TYPE_CHECKING:
-    from ..core.vcpu import Vcpu
     from .images import GuestImage
 
 COMMAND_TIMEOUT = 20.0     # seconds a guest command may run (generous for emulated hosts)
@@ -87,6 +87,7 @@ class GuestSession:
     """
 
     def __init__(self, image: GuestImage, vcpu: Vcpu, notify: bool = False) -> None:
+        checks.instance("vcpu", vcpu, Vcpu, "the vCPU to boot the image on, e.g. vm.create_vcpu()")
         if image.mode != Mode.LONG and vcpu.id != 0:
             raise GuestError(f"the {image.mode.value}-mode image runs on vCPU 0 only (it has one "
                              f"mailbox and log below 1 MiB); boot the long-mode image on vCPU "
@@ -212,11 +213,17 @@ class GuestSession:
         except ValueError:
             raise InvalidArgument(f"command={checks.shown(command)}: not a guest command; use a "
                                   f"pykvm.guests.Command member (e.g. Command.NOP)") from None
-        checks.unsigned("arg", arg, 64)
-        checks.unsigned("arg2", arg2, 64)
+        for name, value, widths in (("arg", arg, protocol.ARG_BITS), ("arg2", arg2, protocol.ARG2_BITS)):
+            bits = widths.get(command, 64)
+            checks.unsigned(name, value, bits, f"Command.{command.name} reads {bits} bit(s) of it")
         if command in protocol.LONG_MODE_ONLY and self.image.mode != Mode.LONG:
             raise GuestError(f"Command.{command.name} exists only in the long-mode image "
                              f"(this is the {self.image.mode.value}-mode one)")
+        raisable = protocol.RAISABLE[self.image.mode.value]
+        if command == Command.RAISE and arg not in raisable:
+            raise InvalidArgument(f"arg={arg}: Command.RAISE of the {self.image.mode.value}-mode image raises "
+                                  f"only vectors {sorted(raisable)}; inject any other exception with "
+                                  f"vcpu.inject_exception(), or raise it from your own code (pykvm.assemble)")
         self.memory.write_u32(self._mailbox(protocol.MB_COMMAND), int(command))
         self.memory.write_u64(self._mailbox(protocol.MB_ARG), arg)
         self.memory.write_u64(self._mailbox(protocol.MB_ARG2), arg2)
@@ -234,7 +241,17 @@ class GuestSession:
         command returns with a :class:`~pykvm.irqchip.waiting.LostWakeup` warning.
         ``timeout=None`` waits for ever.
         """
+        if timeout is not None:
+            checks.seconds("timeout", timeout, "or None to wait for ever")
+        if command == Command.WAIT_LOG:
+            self._require_a_waker()
         self.send(command, arg, arg2)
+        if command == Command.WRMSR:
+            return self._check_wrmsr(self.log_count(), arg, arg2, self._command_stop(command, timeout))
+        return self._command_stop(command, timeout)
+
+    def _command_stop(self, command: Command, timeout: float | None) -> GuestStop:
+        """Run the command already sent to its sync point, within ``timeout`` (see :meth:`command`)."""
         if timeout is None:
             return self.run_until(StopKind.SYNC, StopKind.DONE)
         name = f"Command.{Command(command).name}"
@@ -254,6 +271,27 @@ class GuestSession:
                                      f"the deadline: {words}") from exc
             waiting.warn_lost_wakeup(f"{name} on vCPU {self.vcpu.id}", timeout, halted)
             return stop
+
+    def _require_a_waker(self) -> None:
+        """WAIT_LOG halts for interrupts: refuse it where nothing could deliver one (it would only time out)."""
+        if not self.vcpu.vm.irqchip.lapic_in_kernel and self.vcpu.irq_controller is None:
+            raise IrqchipModeError(
+                f"Command.WAIT_LOG halts vCPU {self.vcpu.id} until interrupts arrive, but its VM has irqchip="
+                f"'none' and the vCPU no UserspaceIrqController, so nothing can deliver one: it would only time "
+                f"out; create the VM with irqchip='kernel' or 'split', or attach "
+                f"pykvm.irqchip.UserspaceIrqController(vcpu) and raise_irq() from another thread")
+
+    def _check_wrmsr(self, logged: int, value: int, index: int, stop: GuestStop) -> GuestStop:
+        """Raise :class:`GuestError` if the guest's WRMSR took #GP (its handler logged it and resumed)."""
+        faults = [record for record in self.records_since(logged)
+                  if record.vector == Vector.GP and record.rip == self.address("wrmsr_wrmsr")]
+        if faults:
+            raise GuestError(f"Command.WRMSR: the guest's wrmsr of MSR {index:#x} = {value:#x} took "
+                             f"#GP({faults[0].error_code:#x}) on vCPU {self.vcpu.id}: this vCPU has no such MSR "
+                             f"or refuses that value (reserved bits, or a feature its CPUID lacks); the guest "
+                             f"went on after it. Check the MSR against the vCPU's CPUID, or read it with "
+                             f"vcpu.get_msrs([{index:#x}])", stop.exit)
+        return stop
 
     def _run_to_sync(self, timeout: float) -> GuestStop:
         """run_until the next sync point or DONE; CommandTimeout (the session cancelled) after ``timeout`` s."""
@@ -281,7 +319,7 @@ class GuestSession:
         self.x2apic = x2apic
 
     def apic_write(self, register: int, value: int) -> None:
-        """The guest writes LAPIC ``register`` (xAPIC offset, pykvm.apic.ApicReg); ICR: 64 bits."""
+        """The guest writes LAPIC ``register`` (xAPIC offset, pykvm.irqchip.lapic.ApicReg); ICR: 64 bits."""
         self.command(Command.APIC_WRITE, value, register)
 
     def apic_read(self, register: int) -> int:
@@ -294,12 +332,15 @@ class GuestSession:
         self.apic_write(ApicReg.EOI, 0)
 
     def send_ipi(self, vector: int, destination: int = 0, **fields) -> None:
-        """The guest writes its ICR: an IPI (fields as for :func:`pykvm.apic.icr`)."""
+        """The guest writes its ICR: an IPI (fields as for :func:`pykvm.irqchip.lapic.icr`)."""
         self.apic_write(ApicReg.ICR_LOW, icr(vector, destination=destination,
                                               x2apic=self.x2apic, **fields))
 
     def ioapic_route(self, pin: int, entry: RedirectionEntry) -> None:
         """The guest programs IOAPIC redirection entry ``pin`` (high half, then low half)."""
+        checks.integer("pin", pin, 0, IOAPIC_NUM_PINS - 1, f"the IOAPIC has {IOAPIC_NUM_PINS} pins")
+        checks.instance("entry", entry, RedirectionEntry, "e.g. RedirectionEntry(vector=0x40)")
+        self._require_kernel_irqchip("ioapic_route()", f"the IOAPIC's MMIO page at {IOAPIC_DEFAULT_BASE:#x}")
         bits = entry.bits
         self.command(Command.IOAPIC_WRITE, bits >> 32, 0x10 + 2 * pin + 1)
         self.command(Command.IOAPIC_WRITE, bits & 0xFFFFFFFF, 0x10 + 2 * pin)
@@ -307,9 +348,22 @@ class GuestSession:
     def pic_init(self, master_base: int = 0x20, slave_base: int = 0x28,
                  masks: int = 0x0000, auto_eoi: bool = True) -> None:
         """The guest initialises both 8259s (ICW1-4) with these vector bases and masks."""
+        fix = "ICW2 takes the vector base's bits 7:3 (a multiple of 8)"
+        for name, base in (("master_base", master_base), ("slave_base", slave_base)):
+            if checks.unsigned(name, base, 8, fix) % 8:
+                raise InvalidArgument(f"{name}={base:#x}: {fix}; pass {base & ~7:#x}")
+        checks.unsigned("masks", masks, 16, "bit n masks IRQ n: master in bits 7:0, slave in bits 15:8")
+        self._require_kernel_irqchip("pic_init()", "the 8259 PICs' ports 0x20, 0x21, 0xA0 and 0xA1")
         self.memory.write_u32(self._mailbox(protocol.MB_PIC_BASES), master_base | slave_base << 8)
         self.auto_eoi = auto_eoi
-        self.command(Command.PIC_INIT, master_base | slave_base << 8 | (masks & 0xFFFF) << 16)
+        self.command(Command.PIC_INIT, master_base | slave_base << 8 | masks << 16)
+
+    def _require_kernel_irqchip(self, what: str, where: str) -> None:
+        irqchip = self.vcpu.vm.irqchip
+        if not irqchip.ioapic_in_kernel:
+            raise IrqchipModeError(f"{what} has the guest program {where}, which KVM emulates only with "
+                                   f"irqchip='kernel'; this VM's irqchip is {irqchip.value!r}, so the guest's "
+                                   f"accesses would exit to userspace; create the VM with irqchip='kernel'")
 
     def wait_log(self, count: int) -> GuestStop:
         """Let the guest halt with interrupts on until its log holds ``count`` records."""
@@ -327,4 +381,5 @@ class GuestSession:
 
     def records_since(self, count: int) -> list[LogRecord]:
         """Records written after the log held ``count`` records."""
+        checks.unsigned("count", count, 32, "a log_count() taken earlier")
         return [r for r in self.log() if r.seq >= count]

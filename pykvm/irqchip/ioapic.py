@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import TYPE_CHECKING
 
+from ..core import checks
 from ..core.constants import IOAPIC_NUM_PINS, IrqchipId, as_enum
-from ..core.errors import InvalidArgument
 from ..core.interrupts import DeliveryMode, check_vector
+from ..core.vm import Vm
 from ..x86.vectors import vector_set
-
-if TYPE_CHECKING:
-    from ..core.vm import Vm
 
 IOAPIC_DEFAULT_BASE = 0xFEC00000    # index register; data register at +0x10
 
@@ -39,8 +36,8 @@ class RedirectionEntry:
 
     def __post_init__(self) -> None:
         check_vector(self.vector)
-        if not 0 <= self.destination <= 0xFF:
-            raise InvalidArgument(f"IOAPIC destination {self.destination:#x} does not fit 8 bits")
+        checks.integer("delivery_mode", self.delivery_mode, 0, 7, "a DeliveryMode member")
+        checks.unsigned("destination", self.destination, 8, "an IOAPIC destination is an 8-bit APIC ID")
 
     @property
     def bits(self) -> int:
@@ -79,8 +76,8 @@ class IoapicState:
                    bytes(raw[:_IOAPIC_HEAD.size + 8 * IOAPIC_NUM_PINS]))
 
     def with_entry(self, pin: int, entry: RedirectionEntry) -> IoapicState:
-        if not 0 <= pin < IOAPIC_NUM_PINS:
-            raise InvalidArgument(f"the IOAPIC has pins 0..{IOAPIC_NUM_PINS - 1}, not {pin}")
+        checks.integer("pin", pin, 0, IOAPIC_NUM_PINS - 1, f"the IOAPIC has {IOAPIC_NUM_PINS} pins")
+        checks.instance("entry", entry, RedirectionEntry, "e.g. RedirectionEntry(vector=0x40)")
         data = bytearray(self.raw)
         struct.pack_into("<Q", data, _IOAPIC_HEAD.size + 8 * pin, entry.bits)
         return IoapicState.from_bytes(bytes(data))
@@ -91,9 +88,12 @@ class IoapicState:
 
 def read(vm: Vm) -> IoapicState:
     """``KVM_GET_IRQCHIP`` of the in-kernel IOAPIC, decoded (irqchip='kernel')."""
+    checks.instance("vm", vm, Vm, "a pykvm.Vm made with irqchip='kernel'")
     return IoapicState.from_bytes(vm.get_irqchip(IrqchipId.IOAPIC))
 
 
 def write(vm: Vm, state: IoapicState) -> None:
     """``KVM_SET_IRQCHIP`` of the in-kernel IOAPIC (e.g. ``read(vm).with_entry(pin, entry)``)."""
+    checks.instance("vm", vm, Vm, "a pykvm.Vm made with irqchip='kernel'")
+    checks.instance("state", state, IoapicState, "e.g. ioapic.read(vm).with_entry(pin, entry)")
     vm.set_irqchip(IrqchipId.IOAPIC, state.raw)

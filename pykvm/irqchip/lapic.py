@@ -11,15 +11,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from typing import TYPE_CHECKING
 
+from ..core import checks
 from ..core.constants import as_enum
 from ..core.errors import InvalidArgument
 from ..core.interrupts import DeliveryMode, check_vector
+from ..core.vcpu import Vcpu
 from ..x86.vectors import vector_set
-
-if TYPE_CHECKING:
-    from ..core.vcpu import Vcpu
 
 LAPIC_SIZE = 0x400
 
@@ -58,6 +56,7 @@ class ApicReg(enum.IntEnum):
 
 def x2apic_msr(register: int) -> int:
     """The x2APIC MSR of an xAPIC register offset."""
+    checks.integer("register", register, 0, 0x3F0, "an xAPIC register offset, e.g. ApicReg.EOI")
     return 0x800 + (register >> 4)
 
 
@@ -188,9 +187,10 @@ def icr(vector: int, delivery_mode: DeliveryMode = DeliveryMode.FIXED, destinati
         shorthand: DestinationShorthand = DestinationShorthand.NONE, x2apic: bool = False) -> int:
     """A 64-bit ICR value (xAPIC: destination in bits 63:56; x2APIC: bits 63:32)."""
     check_vector(vector)
-    limit = 0xFFFFFFFF if x2apic else 0xFF
-    if not 0 <= destination <= limit:
-        raise InvalidArgument(f"ICR destination {destination:#x} does not fit ({'32' if x2apic else '8'} bits)")
+    checks.integer("delivery_mode", delivery_mode, 0, 7, "a DeliveryMode member")
+    checks.unsigned("destination", destination, 32 if x2apic else 8,
+                    "an APIC ID: 8 bits in xAPIC mode, 32 in x2APIC mode")
+    checks.integer("shorthand", shorthand, 0, 3, "a DestinationShorthand member")
     low = (vector | int(delivery_mode) << 8 | int(logical) << 11 | int(level_assert) << 14
            | int(trigger_level) << 15 | int(shorthand) << 18)
     return low | destination << (32 if x2apic else 56)
@@ -198,5 +198,6 @@ def icr(vector: int, delivery_mode: DeliveryMode = DeliveryMode.FIXED, destinati
 
 def read(vcpu: Vcpu) -> LapicState:
     """``KVM_GET_LAPIC`` of ``vcpu``, decoded (needs irqchip 'kernel' or 'split')."""
+    checks.instance("vcpu", vcpu, Vcpu, "a pykvm.Vcpu of a VM with irqchip='kernel' or 'split'")
     # pykvm does not enable KVM_CAP_X2APIC_API, so KVM keeps the ID in bits 31:24 in both modes.
     return LapicState.from_bytes(vcpu.get_lapic(), x2apic=False)

@@ -8,14 +8,12 @@ are bits of ``struct kvm_pic_state``.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
+from ..core import checks
 from ..core.constants import IrqchipId
 from ..core.errors import InvalidArgument
+from ..core.vm import Vm
 from ..x86.vectors import vector_set
-
-if TYPE_CHECKING:
-    from ..core.vm import Vm
 
 PIC_STATE_SIZE = 16
 
@@ -68,6 +66,7 @@ class PicState:
 
 def read(vm: Vm, chip: IrqchipId = IrqchipId.PIC_MASTER) -> PicState:
     """``KVM_GET_IRQCHIP`` of the master or slave in-kernel PIC, decoded (irqchip='kernel')."""
+    checks.instance("vm", vm, Vm, "a pykvm.Vm made with irqchip='kernel'")
     if chip not in (IrqchipId.PIC_MASTER, IrqchipId.PIC_SLAVE):
         raise InvalidArgument(f"pic.read(chip={chip!r}): choose IrqchipId.PIC_MASTER or PIC_SLAVE")
     return PicState.from_bytes(vm.get_irqchip(chip))

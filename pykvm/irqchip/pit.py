@@ -8,13 +8,11 @@ a reload value and a mode number. Channel 0 drives GSI 0 (IRQ0 of the master
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
+from ..core import checks
 from ..core.errors import InvalidArgument
 from ..core.interrupts import PitChannel
-
-if TYPE_CHECKING:
-    from ..core.vm import Vm
+from ..core.vm import Vm
 
 PIT_HZ = 1_193_182          # the 8254's input clock
 RW_LSB_THEN_MSB = 3
@@ -27,6 +25,7 @@ def period(channel: PitChannel) -> float:
 
 def channels(vm: Vm) -> tuple[PitChannel, ...]:
     """``KVM_GET_PIT2``: the three channels (count, mode, gate, ...)."""
+    checks.instance("vm", vm, Vm, "a pykvm.Vm made with irqchip='kernel', pit=True")
     return vm.get_pit2().channels
 
 
@@ -36,6 +35,7 @@ def program(vm: Vm, count: int, mode: int = 2, channel: int = 0) -> None:
     Mode 2 (rate generator) or 3 (square wave) fires every ``count`` / 1.193182 MHz
     seconds, modes 0, 1 and 4 once.
     """
+    checks.instance("vm", vm, Vm, "a pykvm.Vm made with irqchip='kernel', pit=True")
     if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel <= 2:
         raise InvalidArgument(f"channel={channel!r}: the 8254 has channels 0, 1, 2")
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 5:

@@ -19,6 +19,7 @@ from typing import Any
 from ..core import checks
 from ..core.errors import ArgumentTypeError, GuestCancelled, VcpuThreadError
 from ..core.exits import Exit
+from ..core.vcpu import Vcpu
 
 KICK_GRACE = 1.0     # seconds a kicked vCPU thread gets to leave KVM_RUN and finish
 
@@ -30,7 +31,8 @@ class VcpuThread:
     loops over ``vcpu.run()`` checks it after every exit.
     """
 
-    def __init__(self, vcpu, target: Callable[[threading.Event], Any], name: str = "") -> None:
+    def __init__(self, vcpu: Vcpu, target: Callable[[threading.Event], Any], name: str = "") -> None:
+        checks.instance("vcpu", vcpu, Vcpu, "the vCPU the thread runs, e.g. vm.vcpus[0]")
         if not callable(target):
             raise ArgumentTypeError(f"target={checks.shown(target)}: expected a callable taking the "
                                     f"stopping Event")
@@ -64,6 +66,7 @@ class VcpuThread:
 
     def cancel(self, timeout: float = KICK_GRACE) -> None:
         """Stop the thread on purpose (kick) and wait up to ``timeout`` s for it to end."""
+        checks.seconds("timeout", timeout, "how long the kicked thread gets to end")
         self.stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -74,6 +77,7 @@ class VcpuThread:
 
     def result(self, timeout: float = 5.0) -> Any:
         """Wait up to ``timeout`` s for the target's return value; then kick, then give up loudly."""
+        checks.seconds("timeout", timeout, "every join is bounded: pass how long to wait for the vCPU's thread")
         self._thread.join(timeout)
         if self._thread.is_alive():
             self.stop()
@@ -116,6 +120,12 @@ def run_vcpus(vcpus: Iterable, handler: Callable[[Any, Exit], bool], timeout: fl
     if not callable(handler):
         raise ArgumentTypeError(f"handler={checks.shown(handler)}: expected a callable "
                                 f"handler(vcpu, exit) -> bool")
+    checks.seconds("timeout", timeout, "every vCPU thread is stopped by then")
+    checks.instance("vcpus", vcpus, Iterable, "e.g. vm.vcpus")
+    vcpus = list(vcpus)
+    for index, vcpu in enumerate(vcpus):
+        checks.instance(f"vcpus[{index}]", vcpu, Vcpu, "the vCPUs to run, e.g. vm.vcpus")
+
     def loop(vcpu, stopping: threading.Event) -> int:
         exits = 0
         while not stopping.is_set():

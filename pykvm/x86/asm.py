@@ -10,8 +10,10 @@ this module without the compiled binding, so it imports nothing but errors).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core import checks
-from ..core.errors import AssemblerError, InvalidArgument
+from ..core.errors import AssemblerError, InvalidArgument, UnknownLabel
 
 
 class Mode(str, enum.Enum):
@@ -28,6 +30,19 @@ class Mode(str, enum.Enum):
     REAL = "real"
     PROTECTED = "protected"
     LONG = "long"
+
+
+def mode_of(mode: Mode | str, name: str = "mode") -> Mode:
+    """``mode`` as a :class:`Mode`, else :class:`InvalidArgument` naming the three choices."""
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise InvalidArgument(f"{name}={checks.shown(mode)}: not a CPU mode pykvm runs guests in; choose one "
+                              f"of {', '.join(m.value for m in Mode)}") from None
+
+
+ADDRESS_BITS = {Mode.REAL: 16, Mode.PROTECTED: 32, Mode.LONG: 64}   # the width of IP / EIP / RIP
+_SYMBOL = re.compile(r"[A-Za-z_.$][A-Za-z0-9_.$]*")      # a name `as --defsym` takes as one symbol
 
 
 _AS_FLAGS = {Mode.REAL: ["--32"], Mode.PROTECTED: ["--32"], Mode.LONG: ["--64"]}
@@ -64,12 +79,29 @@ class Assembled:
         return len(self.code)
 
     def address(self, symbol: str) -> int:
-        """Address of ``symbol``; KeyError names the labels that exist."""
-        try:
-            return self.symbols[symbol]
-        except KeyError:
-            raise KeyError(f"no label {symbol!r} in this code; labels: "
-                           f"{', '.join(sorted(self.symbols)) or 'none'}") from None
+        """Address of ``symbol``; :class:`UnknownLabel` (a KeyError) names the labels that exist."""
+        return label_address(self.symbols, symbol, "this code")
+
+
+def label_address(symbols: dict[str, int], symbol: str, where: str) -> int:
+    """``symbols[symbol]``, else :class:`UnknownLabel` naming ``where`` and the labels there (a few, if many)."""
+    try:
+        return symbols[symbol]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(symbol, list(symbols), n=6) if isinstance(symbol, str) else []
+        known = close or sorted(symbols)
+        raise UnknownLabel(f"symbol={checks.shown(symbol)}: no such label in {where}; "
+                           f"{'similar' if close else 'labels'}: {checks.shown(known)}") from None
+
+
+def _check_defines(defines: dict[str, int]) -> None:
+    checks.instance("defines", defines, dict, "a dict {symbol name: integer}")
+    for name, value in defines.items():
+        if not isinstance(name, str) or not _SYMBOL.fullmatch(name):
+            raise InvalidArgument(f"defines: name {checks.shown(name)} is not one assembler symbol; use "
+                                  f"letters, digits, '_', '.' and '$', not starting with a digit")
+        checks.integer(f"defines[{name!r}]", value, -(1 << 63), (1 << 64) - 1,
+                       "as --defsym NAME=VALUE takes a number; text would be pasted into the source")
 
 
 def _tool(name: str) -> str:
@@ -100,12 +132,11 @@ def assemble(source: str, mode: Mode | str = Mode.LONG, origin: int = 0,
     ``.codeNN`` prologue that is accounted for).
     """
     checks.instance("source", source, str, "GNU-assembler text")
-    try:
-        mode = Mode(mode)
-    except ValueError:
-        raise InvalidArgument(f"mode={checks.shown(mode)}: choose 'real', 'protected' or 'long'") from None
-    if origin < 0:
-        raise AssemblerError(f"origin must be >= 0, got {origin:#x}")
+    mode = mode_of(mode)
+    bits = ADDRESS_BITS[mode]
+    checks.unsigned("origin", origin, bits, f"the address the code runs at is {bits}-bit in {mode.value} mode"
+                    f"{' (an IP offset in the code segment)' if mode == Mode.REAL else ''}")
+    _check_defines(defines or {})
     with tempfile.TemporaryDirectory(prefix="pykvm-asm-") as tmp:
         src = Path(tmp, "guest.S")
         # The prologue shares line 1 with the source, so messages keep its line numbers.

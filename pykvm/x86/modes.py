@@ -15,8 +15,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..core import checks
+from ..core.errors import InvalidArgument
 from ..core.state import DTable, Regs, Segment, Sregs
-from .asm import Assembled, Mode, assemble
+from ..core.vcpu import Vcpu
+from .asm import Assembled, Mode, assemble, mode_of
 from .descriptors import check_handlers, flat_segment, gdt_bytes, interrupt_table, real_mode_vector_table
 from .paging import identity_page_tables
 from .system_area import (
@@ -35,7 +37,6 @@ from .system_area import (
 
 if TYPE_CHECKING:
     from ..core.memory import GuestMemory
-    from ..core.vcpu import Vcpu
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -52,6 +53,22 @@ RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
 
 Handlers = Mapping[int, int]
+CANONICAL_LOW_END = 1 << 47                   # 4-level paging: bits 63:47 all equal, so the lower half
+CANONICAL_HIGH_START = (1 << 64) - (1 << 47)  # ends below 0x800000000000 and the upper half starts here
+
+
+def _check_vcpu(vcpu: Vcpu) -> None:
+    checks.instance("vcpu", vcpu, Vcpu, "the vCPU to put in the mode, e.g. vm.create_vcpu()")
+
+
+def _canonical(name: str, address: int) -> int:
+    """``address`` if it is a 64-bit canonical address (48-bit, 4-level paging), else a typed error."""
+    checks.unsigned(name, address, 64, "a 64-bit linear address")
+    if CANONICAL_LOW_END <= address < CANONICAL_HIGH_START:
+        raise InvalidArgument(f"{name}={address:#x}: not canonical (with 4-level paging bits 63:47 must all "
+                              f"equal bit 47; KVM would refuse the entry or the guest take #GP); use an address "
+                              f"below {CANONICAL_LOW_END:#x} (the identity map covers 0..4 GiB)")
+    return address
 
 
 def write_system_tables(memory: GuestMemory, paging: bool) -> None:
@@ -75,6 +92,7 @@ def enter_real_mode(vcpu: Vcpu, ip: int = 0, cs: int = 0x1000, sp: int = DEFAULT
     ``handlers`` maps vectors to handler addresses (linear, below 1 MiB); their
     IVT entries are written, the others are left as they are in memory.
     """
+    _check_vcpu(vcpu)
     fix = "real-mode CS and IP are 16-bit: the code runs at CS * 16 + IP, so put the high part in CS"
     ip, cs = checks.unsigned("ip", ip, 16, fix), checks.unsigned("cs", cs, 16, fix)
     handlers = dict(handlers or {})
@@ -100,6 +118,9 @@ def enter_protected_mode(vcpu: Vcpu, eip: int, esp: int = DEFAULT_STACK_TOP,
     ``handlers`` maps vectors to handler addresses (interrupt gates), the other
     vectors go to ``default_handler`` or have not-present gates.
     """
+    _check_vcpu(vcpu)
+    fix = "32-bit protected mode addresses 4 GiB: EIP and ESP are 32-bit"
+    eip, esp = checks.unsigned("eip", eip, 32, fix), checks.unsigned("esp", esp, 32, fix)
     _write_idt(vcpu, handlers, default_handler, SEL_CODE32, long_mode=False)
     write_system_tables(vcpu.vm.memory, paging=False)
     sregs = _flat_sregs(vcpu, SEL_CODE32, idt_limit=256 * 8 - 1)
@@ -116,6 +137,8 @@ def enter_long_mode(vcpu: Vcpu, rip: int, rsp: int = DEFAULT_STACK_TOP,
     ``handlers`` maps vectors to handler addresses (64-bit interrupt gates, IST
     0), the other vectors go to ``default_handler`` or have not-present gates.
     """
+    _check_vcpu(vcpu)
+    rip, rsp = _canonical("rip", rip), _canonical("rsp", rsp)
     _write_idt(vcpu, handlers, default_handler, SEL_CODE64, long_mode=True)
     write_system_tables(vcpu.vm.memory, paging=True)
     sregs = _flat_sregs(vcpu, SEL_CODE64, idt_limit=256 * 16 - 1)
@@ -148,7 +171,7 @@ def _flat_sregs(vcpu: Vcpu, code_selector: int, idt_limit: int) -> Sregs:
 
 def enter_mode(vcpu: Vcpu, mode: Mode | str, entry: int, handlers: Handlers | None = None) -> None:
     """Put ``vcpu`` in ``mode`` at ``entry`` (an IP offset in CS 0x1000 for real mode)."""
-    mode = Mode(mode)
+    mode = mode_of(mode)
     if mode == Mode.REAL:
         enter_real_mode(vcpu, entry, handlers=handlers)
     elif mode == Mode.PROTECTED:
@@ -180,7 +203,8 @@ def load_code(vcpu: Vcpu, source: str, mode: Mode | str = Mode.LONG, entry: str 
     Returns the assembled code with its symbols, so a test can compare RIPs with
     labels.
     """
-    mode = Mode(mode)
+    _check_vcpu(vcpu)
+    mode = mode_of(mode)
     code = assemble(source, mode, 0 if mode == Mode.REAL else origin)
     vcpu.vm.memory.write(origin, code.code)
 

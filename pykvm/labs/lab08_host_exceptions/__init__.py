@@ -181,7 +181,7 @@ def _judge_log(run: dict) -> str:
     return detail
 
 
-HOLD_HINT = ("read vcpu.events, replace events.exception with a pykvm.ExceptionEvent (nr, injected or "
+HOLD_HINT = ("read vcpu.events, replace events.exception with a pykvm.core.state.ExceptionEvent (nr, injected or "
              "pending, has_error_code, error_code), set events.flags, assign vcpu.events; "
              "sheet, 'Background'")
 
