@@ -59,9 +59,10 @@ class _Guard:
             os._exit(EXIT_INTERRUPTED)
 
 
-def guard_imports() -> None:
-    """If this process is ``python -m`` one of :data:`COMMANDS`, make SIGINT exit 130 until :func:`imports_done`."""
-    command = running_command()
+def guard_imports(command: str | None = None) -> None:
+    """If ``command`` (by default what ``python -m`` runs) is one of :data:`COMMANDS`, make SIGINT exit 130
+    until :func:`imports_done`; the ``pykvm`` console command (:mod:`pykvm.command`) names its tool."""
+    command = command or running_command()
     if command not in COMMANDS or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return                           # not ours, or SIGINT ignored or handled by someone else
     signal.signal(signal.SIGINT, _Guard(command.replace(".", " ")))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,57 @@ def test_exit_with_ignores_a_late_ctrl_c():
             "    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and result.stdout.strip() == "True", result
+
+
+# The `pykvm` console command (pykvm/command.py), run as a user runs it: the script pip put beside this Python.
+PYKVM = Path(sys.executable).with_name("pykvm")
+TOOLS = ("demo", "doctor", "boot", "unittests", "labs", "requests", "bench", "hosts")
+
+
+def pykvm_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(PYKVM), *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.host_independent
+def test_pykvm_help_lists_every_tool_with_a_line():
+    done = pykvm_command("--help")
+    assert done.returncode == 0, done.stderr
+    listed = re.findall(r"^  (\w+) +(\S.*)$", done.stdout.split("commands:\n", 1)[1], re.M)
+    assert tuple(name for name, _ in listed) == TOOLS
+    assert all(len(summary) > 10 for _, summary in listed), listed
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("tool", TOOLS)
+def test_pykvm_tool_help_is_the_tools_own(tool):
+    done = pykvm_command(tool, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m pykvm.{tool}"), done.stdout[:300]
+    # The same text as `python -m pykvm.TOOL --help`: the arguments after the tool's name reach it untouched.
+    direct = subprocess.run([sys.executable, "-m", f"pykvm.{tool}", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert done.stdout == direct.stdout
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("args, words", [
+    (["nope"], "unknown command 'nope': choose from demo, doctor, boot, unittests, labs, requests, bench, hosts"),
+    ([], "a COMMAND is required"),
+    (["--nope"], "unrecognized arguments: --nope"),
+])
+def test_pykvm_refuses_an_unknown_command_with_status_2(args, words):
+    done = pykvm_command(*args)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert words in done.stderr and done.stderr.startswith("usage: pykvm")
+
+
+@pytest.mark.host_independent
+def test_pykvm_passes_the_tools_exit_status_and_errors_through():
+    # A bad option of the tool is the tool's argparse error (status 2), not pykvm's.
+    done = pykvm_command("boot", "--smp", "0", "kernel.elf")
+    assert done.returncode == 2 and "usage: python -m pykvm.boot" in done.stderr
+    assert "argument --smp: 0: must be > 0" in done.stderr
+    # Control: a run the tool completes has the tool's own status (a kernel that is not a file: 1).
+    done = pykvm_command("boot", "/nonexistent/kernel.elf")
+    assert done.returncode == 1 and done.stderr.startswith("pykvm boot:"), done.stderr
