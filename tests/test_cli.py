@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_boot_kernels import interrupted_at_import  # a sitecustomize that sends SIGINT at an import
 
 from pykvm import cli
 from pykvm.core.errors import KvmUnavailableError, PyKvmError
 from pykvm.testing import popen_interruptible
+from pykvm.vmm import testkernels
 
 # 4 moments per command by default; PYKVM_SIGINT_RUNS=50 for the full loop.
 RUNS = int(os.environ.get("PYKVM_SIGINT_RUNS", "4"))
@@ -140,3 +142,12 @@ def test_pykvm_passes_the_tools_exit_status_and_errors_through():
     # Control: a run the tool completes has the tool's own status (a kernel that is not a file: 1).
     done = pykvm_command("boot", "/nonexistent/kernel.elf")
     assert done.returncode == 1 and done.stderr.startswith("pykvm boot:"), done.stderr
+
+
+@pytest.mark.host_independent
+def test_ctrl_c_while_pykvm_boot_imports_is_exit_130_as_under_python_m(tmp_path):
+    # `pykvm boot` raises the same import guard `python -m pykvm.boot` does (pykvm.startup).
+    kernel = str(testkernels.path("exitcode"))
+    status, errors = interrupted_at_import(tmp_path, "pykvm.vmm.machine", [str(PYKVM), "boot", kernel, "--append",
+                                                                          "hang", "--timeout", "30"])
+    assert (status, errors) == (130, "\npykvm boot: interrupted\n")
