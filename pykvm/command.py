@@ -18,6 +18,7 @@ import runpy
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import __version__, startup
 
@@ -33,14 +34,17 @@ class Tool:
         return f"pykvm.{self.name}"
 
     def summary(self) -> str:
-        """The first line of the tool's docstring (a package's ``__main__``), without ``python -m ...``."""
+        """The first line of the tool's docstring (a package's ``__main__``), without ``python -m ...``.
+
+        Read from the source: finding ``pykvm.X.__main__`` would import the package ``pykvm.X``.
+        """
         spec = importlib.util.find_spec(self.module)
-        if spec is not None and spec.submodule_search_locations:
-            spec = importlib.util.find_spec(f"{self.module}.__main__")
         if spec is None or spec.origin is None:
             raise LookupError(f"pykvm's tool {self.name!r}: module {self.module} is missing; reinstall pykvm")
-        with open(spec.origin, encoding="utf-8") as source:
-            first = (ast.get_docstring(ast.parse(source.read())) or "").split("\n", 1)[0]
+        source = Path(spec.origin)
+        if spec.submodule_search_locations:
+            source = source.with_name("__main__.py")
+        first = (ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))) or "").split("\n", 1)[0]
         summary = first.split("``: ", 1)[1] if first.startswith("``python -m") and "``: " in first else first
         return summary.replace("``", "")
 
@@ -66,13 +70,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pykvm ARGV``: list the tools, or hand the rest of ``argv`` to the tool named first."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = parser()
     if not argv or argv[0].startswith("-"):
-        top.parse_args(argv)                # --help, --version or a bad option: exits
-        top.error("a COMMAND is required")
+        parser().parse_args(argv)           # --help, --version or a bad option: exits
+        parser().error("a COMMAND is required")
     name, rest = argv[0], argv[1:]
     if name not in BY_NAME:
-        top.error(f"unknown command {name!r}: choose from {', '.join(tool.name for tool in TOOLS)}")
+        parser().error(f"unknown command {name!r}: choose from {', '.join(tool.name for tool in TOOLS)}")
     tool = BY_NAME[name]
     if tool.module in startup.COMMANDS:
         startup.guard_imports(tool.module)  # a Ctrl-C while the tool imports: 130, as under python -m
