@@ -12,6 +12,14 @@ its one source here, at build time:
 - the API pages under ``reference/api/`` (git-ignored), one per module of
   :data:`API_PACKAGES` and :data:`API_MODULES`, written before reading the sources, each an
   ``automodule`` of its docstrings.
+
+It also resolves, for the nitpicky build, a Python reference the Python
+domain cannot (:func:`resolve_by_import`): a name as the code imports it
+(``pykvm.Kvm``, or ``CapabilityMissing`` in a module that imported it)
+links to where it is defined and documented (Python's own names through
+intersphinx, by their full name: ``Path`` imported from :mod:`pathlib`); a constant or type variable
+without a docstring of its own links to its module's page. A name that
+imports nothing stays a broken reference.
 """
 
 from __future__ import annotations
@@ -24,9 +32,14 @@ import sys
 from pathlib import Path
 
 from docutils import nodes
+from docutils.nodes import Element
 from docutils.statemachine import StringList
+from sphinx.addnodes import pending_xref
 from sphinx.application import Sphinx
+from sphinx.environment import BuildEnvironment
+from sphinx.ext import intersphinx
 from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import make_refnode
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 # The library's layers and the packages a user programs against; the tools' modules document themselves
@@ -129,8 +142,69 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+def _import_dotted(name: str) -> tuple[object, str, list[str]] | None:
+    """The object ``name`` names: the longest importable module prefix, then attributes; None if none is."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            value: object = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        owner = ".".join(parts[:cut])
+        rest = parts[cut:]
+        for index, attribute in enumerate(rest):
+            if not hasattr(value, attribute):
+                return None
+            if index < len(rest) - 1:
+                owner = _canonical(getattr(value, attribute), f"{owner}.{attribute}")
+            value = getattr(value, attribute)
+        return value, owner, rest
+    return None
+
+
+def _canonical(value: object, fallback: str) -> str:
+    """Where ``value`` is defined: module and qualified name for a module, class or function, else ``fallback``."""
+    if isinstance(value, type(sys)):
+        return value.__name__
+    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str):
+        return f"{module}.{qualname}"
+    return fallback
+
+
+def resolve_by_import(app: Sphinx, env: BuildEnvironment, node: pending_xref, contnode: Element
+                      ) -> Element | None:
+    """A Python reference the domain missed, resolved as Python would import the name (see the module's doc)."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node["reftarget"]
+    module, cls = node.get("py:module"), node.get("py:class")
+    scopes = [f"{module}.{cls}." if module and cls else None, f"{module}." if module else None, ""]
+    domain = env.get_domain("py")
+    for scope in filter(lambda scope: scope is not None, scopes):
+        found = _import_dotted(f"{scope}{target}")
+        if found is None:
+            continue
+        value, owner, rest = found
+        name = _canonical(value, f"{owner}.{'.'.join(rest)}" if rest else owner)
+        if not name.startswith("pykvm"):                    # Python's own (pathlib.Path...): intersphinx, by its name
+            retry = node.deepcopy()
+            retry["reftarget"] = name
+            return intersphinx.missing_reference(app, env, retry, contnode)
+        if name in domain.objects:                          # type: ignore[attr-defined]
+            entry = domain.objects[name]                    # type: ignore[attr-defined]
+            return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name)
+        while name and name not in domain.modules:          # type: ignore[attr-defined]
+            name = name.rpartition(".")[0]                  # undocumented: the page of its module
+        if name:
+            entry = domain.modules[name]                    # type: ignore[attr-defined]
+            return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name)
+    return None
+
+
 def setup(app: Sphinx) -> dict[str, object]:
     app.add_directive("pykvm-help", CommandHelp)
     app.add_directive("pykvm-requests", RequestsTable)
     app.connect("builder-inited", write_api_pages)
+    app.connect("missing-reference", resolve_by_import)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

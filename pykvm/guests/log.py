@@ -49,7 +49,7 @@ class LogRecord:
 
 
 def parse_record(raw: bytes) -> LogRecord:
-    """Decode one ``LOG_RECORD_SIZE``-byte record (layout in :mod:`pykvm.layout`)."""
+    """Decode one ``LOG_RECORD_SIZE``-byte record (layout in :mod:`pykvm.guests.layout`)."""
     def field(offset: int, size: int) -> int:
         return int.from_bytes(raw[offset:offset + size], "little")
     flags = field(layout.REC_FLAGS, 4)

@@ -294,7 +294,7 @@ class GuestSession:
         self.apic_write(ApicReg.EOI, 0)
 
     def send_ipi(self, vector: int, destination: int = 0, **fields) -> None:
-        """The guest writes its ICR: an IPI (fields as for :func:`pykvm.apic.icr`)."""
+        """The guest writes its ICR: an IPI (fields as for :func:`pykvm.irqchip.lapic.icr`)."""
         self.apic_write(ApicReg.ICR_LOW, icr(vector, destination=destination,
                                               x2apic=self.x2apic, **fields))
 
