@@ -50,5 +50,18 @@ def test_type_checkers_see_the_same_names_as_all():
     block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") ==
                  "TYPE_CHECKING")
     imported = {alias.asname or alias.name for node in block.body if isinstance(node, ast.ImportFrom)
-                and node.module != "typing" for alias in node.names}
+                and node.level == 1 for alias in node.names}                  # pykvm's own, not typing's
     assert imported == set(pykvm.__all__)
+
+
+@pytest.mark.host_independent
+def test_an_entry_failure_is_explained_by_the_hosts_layer_though_nothing_imported_it():
+    # The core never imports pykvm.hosts; the package wires its explainer in when the core's exits load, and
+    # imports the hosts layer only for the first exit that needs explaining.
+    code = ("import sys\nfrom pykvm.core import exits\nbefore = 'pykvm.hosts' in sys.modules\n"
+            "failed = exits._explained(None, exits.FailEntryExit(0x80000021, 0))\n"
+            "print(before, 'pykvm.hosts' in sys.modules, repr(failed.explanation))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, after, explanation = done.stdout.split(" ", 2)
+    assert (before, after) == ("False", "True")
+    assert "0x80000021" in explanation and "hardware reason" in explanation, explanation
