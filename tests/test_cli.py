@@ -151,3 +151,10 @@ def test_ctrl_c_while_pykvm_boot_imports_is_exit_130_as_under_python_m(tmp_path)
     status, errors = interrupted_at_import(tmp_path, "pykvm.vmm.machine", [str(PYKVM), "boot", kernel, "--append",
                                                                           "hang", "--timeout", "30"])
     assert (status, errors) == (130, "\npykvm boot: interrupted\n")
+
+
+@pytest.mark.host_independent
+def test_the_sites_commands_page_shows_every_tools_help():
+    # docs/reference/commands.md generates each tool's --help at build time; a new tool needs its section there.
+    page = (Path(__file__).resolve().parent.parent / "docs" / "reference" / "commands.md").read_text()
+    assert re.findall(r"^```\{pykvm-help\} (\w+)$", page, re.M) == list(TOOLS)
