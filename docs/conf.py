@@ -13,7 +13,7 @@ sys.path.insert(0, str(DOCS / "_ext"))
 
 project = "pykvm"
 author = "the pykvm authors"
-copyright = "the pykvm authors"     # noqa: A001 (Sphinx's name)
+copyright = "the pykvm authors"
 release = version = __import__("pykvm").__version__
 
 extensions = [
