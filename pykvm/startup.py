@@ -1,18 +1,20 @@
 """A Ctrl-C while a pykvm command is still importing pykvm: status 130 and one line, no traceback.
 
-Why this exists: importing pykvm takes about a quarter of a second (the
-binding, the guest images, the hosts' tables), and a command's own handling
-of Ctrl-C (:func:`pykvm.cli.run_command`) starts only once its ``main()``
-runs. A ``KeyboardInterrupt`` raised inside an import before then reaches the
+Why this exists: importing a command's modules takes a tenth of a second or
+more (``pykvm.boot``: the binding, the VMM's devices, the CPU models), and a
+command's own handling of Ctrl-C (:func:`pykvm.cli.run_command`) starts only
+once its ``main()`` runs. A ``KeyboardInterrupt`` raised inside an import before then reaches the
 interpreter, which prints a traceback and kills the process with SIGINT.
 
 The package's ``__init__`` imports this module before anything heavy, which
-calls :func:`guard_imports`: when this process is ``python -m NAME`` for a NAME in
-:data:`COMMANDS`, SIGINT ends it at once with status 130 and
-"PROG: interrupted" on stderr, until the command calls :func:`imports_done`
-from inside its ``run_command`` body, which gives Ctrl-C back to Python. No
-VM exists yet while the guard is up, so there is nothing to close. A program
-that imports pykvm, or runs another command, is left alone.
+calls :func:`guard_imports`: when this process is ``python -m NAME`` for a
+NAME in :data:`COMMANDS` (or ``pykvm X`` for such a ``pykvm.X``:
+:mod:`pykvm.command` calls it again with the name), SIGINT ends it at once
+with status 130 and "PROG: interrupted" on stderr, until the command calls
+:func:`imports_done` from inside its ``run_command`` body, which gives
+Ctrl-C back to Python. No VM exists yet while the guard is up, so there is
+nothing to close. A program that imports pykvm, or runs another command, is
+left alone.
 
 Not covered: a Ctrl-C before the interpreter has begun importing pykvm (its
 own start-up, ``site``, ``runpy``), which Python handles itself: before it
@@ -59,9 +61,10 @@ class _Guard:
             os._exit(EXIT_INTERRUPTED)
 
 
-def guard_imports() -> None:
-    """If this process is ``python -m`` one of :data:`COMMANDS`, make SIGINT exit 130 until :func:`imports_done`."""
-    command = running_command()
+def guard_imports(command: str | None = None) -> None:
+    """If ``command`` (by default what ``python -m`` runs) is one of :data:`COMMANDS`, make SIGINT exit 130
+    until :func:`imports_done`; the ``pykvm`` console command (:mod:`pykvm.command`) names its tool."""
+    command = command or running_command()
     if command not in COMMANDS or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return                           # not ours, or SIGINT ignored or handled by someone else
     signal.signal(signal.SIGINT, _Guard(command.replace(".", " ")))

@@ -245,7 +245,7 @@ def interrupted_at_import(tmp_path, module: str, argv: list[str]) -> tuple[int, 
 
 
 @pytest.mark.host_independent
-@pytest.mark.parametrize("module", ["pykvm.guests", "pykvm.core.vcpu", "pykvm.vmm.machine", "pykvm.boot"])
+@pytest.mark.parametrize("module", ["pykvm.cli", "pykvm.core.vcpu", "pykvm.vmm.machine", "pykvm.boot"])
 def test_ctrl_c_while_the_command_imports_pykvm_ends_it_with_130(tmp_path, module):
     kernel = str(testkernels.path("exitcode"))
     status, errors = interrupted_at_import(tmp_path, module, ["-m", "pykvm.boot", kernel, "--append", "hang",
@@ -256,7 +256,7 @@ def test_ctrl_c_while_the_command_imports_pykvm_ends_it_with_130(tmp_path, modul
 @pytest.mark.host_independent
 def test_ctrl_c_while_a_program_imports_pykvm_is_its_own_keyboard_interrupt(tmp_path):
     # The control: the same Ctrl-C in the same import of a program that is not a pykvm command is left alone.
-    status, errors = interrupted_at_import(tmp_path, "pykvm.guests", ["-c", "import pykvm"])
+    status, errors = interrupted_at_import(tmp_path, "pykvm.guests", ["-c", "import pykvm.guests"])
     assert status == -signal.SIGINT and "Traceback" in errors and "KeyboardInterrupt" in errors
 
 

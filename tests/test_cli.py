@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from test_boot_kernels import interrupted_at_import  # a sitecustomize that sends SIGINT at an import
 
 from pykvm import cli
 from pykvm.core.errors import KvmUnavailableError, PyKvmError
 from pykvm.testing import popen_interruptible
+from pykvm.vmm import testkernels
 
 # 4 moments per command by default; PYKVM_SIGINT_RUNS=50 for the full loop.
 RUNS = int(os.environ.get("PYKVM_SIGINT_RUNS", "4"))
@@ -84,3 +88,73 @@ def test_exit_with_ignores_a_late_ctrl_c():
             "    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and result.stdout.strip() == "True", result
+
+
+# The `pykvm` console command (pykvm/command.py), run as a user runs it: the script pip put beside this Python.
+PYKVM = Path(sys.executable).with_name("pykvm")
+TOOLS = ("demo", "doctor", "boot", "unittests", "labs", "requests", "bench", "hosts")
+
+
+def pykvm_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(PYKVM), *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.host_independent
+def test_pykvm_help_lists_every_tool_with_a_line():
+    done = pykvm_command("--help")
+    assert done.returncode == 0, done.stderr
+    listed = re.findall(r"^  (\w+) +(\S.*)$", done.stdout.split("commands:\n", 1)[1], re.M)
+    assert tuple(name for name, _ in listed) == TOOLS
+    assert all(len(summary) > 10 for _, summary in listed), listed
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("tool", TOOLS)
+def test_pykvm_tool_help_is_the_tools_own(tool):
+    done = pykvm_command(tool, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m pykvm.{tool}"), done.stdout[:300]
+    # The same text as `python -m pykvm.TOOL --help`: the arguments after the tool's name reach it untouched.
+    direct = subprocess.run([sys.executable, "-m", f"pykvm.{tool}", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert done.stdout == direct.stdout
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("args, words", [
+    (["nope"], "unknown command 'nope': choose from demo, doctor, boot, unittests, labs, requests, bench, hosts"),
+    ([], "a COMMAND is required"),
+    (["--nope"], "unrecognized arguments: --nope"),
+])
+def test_pykvm_refuses_an_unknown_command_with_status_2(args, words):
+    done = pykvm_command(*args)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert words in done.stderr and done.stderr.startswith("usage: pykvm")
+
+
+@pytest.mark.host_independent
+def test_pykvm_passes_the_tools_exit_status_and_errors_through():
+    # A bad option of the tool is the tool's argparse error (status 2), not pykvm's.
+    done = pykvm_command("boot", "--smp", "0", "kernel.elf")
+    assert done.returncode == 2 and "usage: python -m pykvm.boot" in done.stderr
+    assert "argument --smp: 0: must be > 0" in done.stderr
+    # Control: a run the tool completes has the tool's own status (a kernel that is not a file: 1).
+    done = pykvm_command("boot", "/nonexistent/kernel.elf")
+    assert done.returncode == 1 and done.stderr.startswith("pykvm boot:"), done.stderr
+
+
+@pytest.mark.host_independent
+def test_ctrl_c_while_pykvm_boot_imports_is_exit_130_as_under_python_m(tmp_path):
+    # `pykvm boot` raises the same import guard `python -m pykvm.boot` does (pykvm.startup).
+    kernel = str(testkernels.path("exitcode"))
+    status, errors = interrupted_at_import(tmp_path, "pykvm.vmm.machine", [str(PYKVM), "boot", kernel, "--append",
+                                                                          "hang", "--timeout", "30"])
+    assert (status, errors) == (130, "\npykvm boot: interrupted\n")
+
+
+@pytest.mark.host_independent
+def test_the_sites_commands_page_shows_every_tools_help():
+    # docs/reference/commands.md generates each tool's --help at build time; a new tool needs its section there.
+    page = (Path(__file__).resolve().parent.parent / "docs" / "reference" / "commands.md").read_text()
+    assert re.findall(r"^```\{pykvm-help\} (\w+)$", page, re.M) == list(TOOLS)

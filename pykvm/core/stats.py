@@ -135,7 +135,7 @@ class StatDescriptor:
 
     @property
     def scale(self) -> float | int:
-        """``base ** exponent``: multiply a raw value by this to get ``unit``s."""
+        """``base ** exponent``: multiply a raw value by this to get it in ``unit``."""
         if self.base == StatsBase.POW10:
             radix = 10
         elif self.base == StatsBase.POW2:

@@ -178,7 +178,7 @@ class NestedState:
 
 def call(owner: Any, request: UapiIoctl, arg: bytes | bytearray | int | None = None, hint: str = "") -> int:
     """Issue ``request`` on ``owner``'s fd (a Vm or Vcpu) with a packed struct (copied back in place
-    for a ``bytearray``), an integer, or nothing; a typed :class:`KvmError` on failure."""
+    for a ``bytearray``), an integer, or nothing; a typed :class:`~pykvm.core.errors.KvmError` on failure."""
     owner._check_open()
     if isinstance(arg, int):
         result = lib.pykvm_ioctl_value(owner._fd, request, arg)

@@ -323,7 +323,7 @@ class Vm(FdObject):
         return bool(self.kvm.check_extension(Cap.IRQ_INJECT_STATUS))
 
     def set_gsi_routing(self, routes: Iterable[Route]) -> None:
-        """``KVM_SET_GSI_ROUTING``: replace the whole GSI routing table (see :attr:`routes`)."""
+        """``KVM_SET_GSI_ROUTING``: replace the whole GSI routing table (see ``Vm.routes``)."""
         self._require_irqchip(IrqchipMode.SPLIT, "GSI routing")
         self.kvm.require(Cap.IRQ_ROUTING, "GSI routing")
         checks.instance("routes", routes, (list, tuple), "a list of IrqchipRoute / MsiRoute, e.g. "

@@ -10,9 +10,8 @@ gathers them into :data:`EXPECTATIONS` and judges live observations against it.
 :mod:`pykvm.hosts.facts` derives its facts (``host.sends_irq_window_exits``
 ...) from it, and the tests branch on those.
 
-Importing the probe families imports :mod:`pykvm.guests`, which ``import pykvm``
-has loaded before :mod:`pykvm.hosts` in any case (it is a lower layer, and never
-imports this one), so the table costs no further import and no cycle.
+Importing the probe families imports :mod:`pykvm.guests`, a lower layer that
+never imports this one, so the table makes no import cycle.
 """
 
 from __future__ import annotations

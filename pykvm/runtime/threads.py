@@ -56,7 +56,7 @@ class VcpuThread:
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        """Ask the thread to stop: set :attr:`stopping` and kick the vCPU out of KVM_RUN."""
+        """Ask the thread to stop: set ``stopping`` and kick the vCPU out of KVM_RUN."""
         self.stopping.set()
         cancel = getattr(self._target, "cancel", None)
         if cancel is not None:

@@ -17,7 +17,7 @@ What the tables say:
   on ISA IRQ 9 (the devices never raise it); no SMI command port, so the
   machine is always in ACPI mode; no GPE blocks, no C2/C3, no 8042 flag (port
   0x64 only resets), no VGA. 32-bit table pointers only (X_FIRMWARE_CTRL and
-  X_DSDT zero, as ACPI asks when the 32-bit ones are used); the X_ register
+  X_DSDT zero, as ACPI asks when the 32-bit ones are used); the ``X_`` register
   blocks repeat the 32-bit ones.
 * FACS: version 2, no global lock use, no 64-bit waking: the guest's waking
   vector is the real-mode one.

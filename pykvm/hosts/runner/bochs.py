@@ -6,7 +6,7 @@ Bochs emulates it; Debian ships its source, and a build with a fixed configure
 line takes about two minutes. Debian's own ``bochs`` binary package (2.7 in
 bookworm) is not used: Bochs 2.7's ``VMexit_Event`` cleared the STI blocking
 before the VM exit saved the guest's interruptibility state, so kvm_intel
-reported no STI shadow after a single-step exit (README, "A VT-x host"); Bochs
+reported no STI shadow after a single-step exit (docs/howto/other-hosts.md); Bochs
 3.0 (trixie's source package) saves it as the SDM says.
 
 The source is fetched with ``apt-get source --download-only --tar-only`` under
@@ -89,7 +89,7 @@ def bochsrc(build: Build, iso: Path, disk: Path, command_disk: Path, serial: Pat
     command disk on ata0, the boot ISO on ata1, COM1 written into ``serial``, no display.
 
     One CPU: a Bochs built with ``--enable-smp`` and ``count=2`` showed the guest one CPU
-    without ACPI, lost its disks with ACPI, and ran everything 4-5 times slower (README).
+    without ACPI, lost its disks with ACPI, and ran everything 4-5 times slower (docs/howto/other-hosts.md).
     """
     return f"""\
 display_library: nogui

@@ -134,7 +134,7 @@ def host_settings(host: str, memory: int | None, cpus: int | None, timeout: floa
     if host == bochs_intel.NAME:
         if settings.cpus != 1:
             return ("bochs-intel runs one CPU: Bochs's SMP build showed the guest one CPU without ACPI, "
-                    "lost its disks with ACPI, and was 4-5 times slower (README, 'A VT-x host')")
+                    "lost its disks with ACPI, and was 4-5 times slower (docs/howto/other-hosts.md)")
         if kvm_intel_parameters is None:
             return dataclasses.replace(settings, kvm_intel_parameters=bochs_intel.DEFAULT_KVM_INTEL_PARAMETERS)
         if "\n" in kvm_intel_parameters:

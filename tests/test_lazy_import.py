@@ -1,0 +1,67 @@
+"""``import pykvm`` loads only its start-up guard; each public name is imported on its first use (PEP 562)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pykvm
+
+
+def modules_after(code: str) -> list[str]:
+    """The pykvm modules (and the binding's cffi backend) a fresh interpreter holds after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted(m for m in sys.modules if m.startswith(('pykvm', '_cffi')))))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.split()
+
+
+@pytest.mark.host_independent
+def test_import_pykvm_loads_no_layer():
+    assert modules_after("import pykvm") == ["pykvm", "pykvm.startup"]
+
+
+@pytest.mark.host_independent
+def test_a_name_is_imported_on_first_use_with_only_what_it_needs():
+    # The control for the test above: the same interpreter with one name used holds its module, and the binding.
+    loaded = modules_after("import pykvm\npykvm.Kvm")
+    assert {"pykvm.core.system", "pykvm._binding", "_cffi_backend"} <= set(loaded)
+    assert "pykvm.guests" not in loaded and "pykvm.hosts" not in loaded
+
+
+@pytest.mark.host_independent
+def test_every_exported_name_resolves_and_unknown_names_are_attribute_errors():
+    for name in pykvm.__all__:
+        assert getattr(pykvm, name) is not None, name
+    assert pykvm.detect_host is pykvm.hosts.detect
+    assert pykvm.vmm.Machine is not None                     # any submodule, listed or not
+    with pytest.raises(AttributeError, match="module 'pykvm' has no attribute 'nope'"):
+        pykvm.nope
+    assert set(pykvm.__all__) <= set(dir(pykvm))
+
+
+@pytest.mark.host_independent
+def test_type_checkers_see_the_same_names_as_all():
+    # The TYPE_CHECKING block (eager imports, for mypy and IDEs) must list exactly what __getattr__ serves.
+    tree = ast.parse(Path(pykvm.__file__).read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") ==
+                 "TYPE_CHECKING")
+    imported = {alias.asname or alias.name for node in block.body if isinstance(node, ast.ImportFrom)
+                and node.level == 1 for alias in node.names}                  # pykvm's own, not typing's
+    assert imported == set(pykvm.__all__)
+
+
+@pytest.mark.host_independent
+def test_an_entry_failure_is_explained_by_the_hosts_layer_though_nothing_imported_it():
+    # The core never imports pykvm.hosts; the package wires its explainer in when the core's exits load, and
+    # imports the hosts layer only for the first exit that needs explaining.
+    code = ("import sys\nfrom pykvm.core import exits\nbefore = 'pykvm.hosts' in sys.modules\n"
+            "failed = exits._explained(None, exits.FailEntryExit(0x80000021, 0))\n"
+            "print(before, 'pykvm.hosts' in sys.modules, repr(failed.explanation))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, after, explanation = done.stdout.split(" ", 2)
+    assert (before, after) == ("False", "True")
+    assert "0x80000021" in explanation and "hardware reason" in explanation, explanation
