@@ -281,7 +281,7 @@ class GuestSession:
         self.x2apic = x2apic
 
     def apic_write(self, register: int, value: int) -> None:
-        """The guest writes LAPIC ``register`` (xAPIC offset, pykvm.apic.ApicReg); ICR: 64 bits."""
+        """The guest writes LAPIC ``register`` (xAPIC offset, pykvm.irqchip.lapic.ApicReg); ICR: 64 bits."""
         self.command(Command.APIC_WRITE, value, register)
 
     def apic_read(self, register: int) -> int:
@@ -294,7 +294,7 @@ class GuestSession:
         self.apic_write(ApicReg.EOI, 0)
 
     def send_ipi(self, vector: int, destination: int = 0, **fields) -> None:
-        """The guest writes its ICR: an IPI (fields as for :func:`pykvm.apic.icr`)."""
+        """The guest writes its ICR: an IPI (fields as for :func:`pykvm.irqchip.lapic.icr`)."""
         self.apic_write(ApicReg.ICR_LOW, icr(vector, destination=destination,
                                               x2apic=self.x2apic, **fields))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -66,6 +67,11 @@ def list_labs(out=sys.stdout) -> int:
     return 0
 
 
+def check_command(number: int) -> str:
+    """The command that checks lab ``number`` from the student's folder, with this very Python."""
+    return f"{shlex.quote(sys.executable)} -m pykvm.labs check {number} {STUDENT_FILE}"
+
+
 def start_lab(number: int, directory: Path | None, out=sys.stdout) -> int:
     lab = get_lab(number)
     directory = directory or Path(f"pykvm-lab-{number}")
@@ -82,7 +88,7 @@ def start_lab(number: int, directory: Path | None, out=sys.stdout) -> int:
             file.write(text)
     print(f"Lab {lab.number}: {lab.title}\n  {directory / SHEET_FILE}   read this first\n"
           f"  {directory / STUDENT_FILE}     fill in the TODOs\n"
-          f"check your work: python -m pykvm.labs check {number} {directory}", file=out)
+          f"check your work in {directory}: {check_command(number)}", file=out)
     return 0
 
 
