@@ -27,7 +27,17 @@ from pykvm.core.errors import InvalidArgument
 from pykvm.labs import get_lab
 from pykvm.labs.__main__ import main as labs_main
 from pykvm.labs.framework import STUDENT_FILE
-from pykvm.labs.grade import Row, StepOutcome, format_table, grade, json_document, junit_tree, seed_from_name, write_csv
+from pykvm.labs.grade import (
+    STOP_GRACE,
+    Row,
+    StepOutcome,
+    format_table,
+    grade,
+    json_document,
+    junit_tree,
+    seed_from_name,
+    write_csv,
+)
 from pykvm.labs.runner import check
 
 pytestmark = pytest.mark.deadline(600)
@@ -238,7 +248,9 @@ def test_ctrl_c_stops_every_check_and_exits_130(kvm, tmp_path):
         below = psutil.Process(grader.pid).children(recursive=True)
     assert len(below) == 4, [p.cmdline() for p in below]
     grader.send_signal(signal.SIGINT)
+    started = time.monotonic()
     out, err = grader.communicate(timeout=60)
+    assert time.monotonic() - started < STOP_GRACE          # each check stopped on SIGINT, none had to be killed
     assert grader.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted"
     psutil.wait_procs(below, timeout=5)
     assert [p.pid for p in below if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []

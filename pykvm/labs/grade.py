@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 from xml.etree import ElementTree
@@ -178,7 +178,14 @@ class _Check:
             self.stdout.close()
             self.stderr.close()
             raise
-        self.pidfd = os.pidfd_open(self.process.pid)
+        try:
+            self.pidfd = os.pidfd_open(self.process.pid)     # readable once the process has ended
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            self.stdout.close()
+            self.stderr.close()
+            raise
 
     def row(self, problem: str = "") -> Row:
         """The student's row, from the check's JSON (or ``problem`` when it was stopped)."""
@@ -272,21 +279,24 @@ def grade(number: int, files: Iterable[Path | str], seed_from_names: bool = Fals
         try:
             while waiting or running:
                 while waiting and len(running) < jobs:
+                    # (not under _sigint_held: the check would inherit the blocked SIGINT)
                     index, submission = waiting.popleft()
                     check = _Check(lab, submission, Path(scratch), deadline, python)
                     running[check.pidfd] = (index, check)
                 _collect(running, rows)
         finally:
-            _close_all(check for _, check in running.values())
+            with _sigint_held():                   # a second Ctrl-C waits until every check is gone
+                for _, check in running.values():
+                    check.close()
     return [rows[index] for index in range(len(chosen))]
 
 
-def _close_all(checks: Iterable[_Check]) -> None:
-    """Stop and reap every check; a second Ctrl-C waits until they are gone (then it is raised)."""
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT back during the block; a Ctrl-C meanwhile raises KeyboardInterrupt after it."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        for check in checks:
-            check.close()
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
