@@ -111,6 +111,15 @@ def test_usage_errors_exit_with_2_and_say_which_argument(tmp_path, capsys):
     assert exited.value.code == 2 and "--csv" in capsys.readouterr().err
 
 
+@pytest.mark.host_independent
+def test_a_check_that_gives_no_report_is_a_row_that_says_so(tmp_path):
+    student = _file(tmp_path, "alice", HANG)
+    [row] = grade(1, [student], python="/bin/false")              # a "Python" that exits 1 at once
+    assert not row.graded and row.total == 0
+    assert row.problem == "the check exited with status 1 and no report: (no output)"
+    assert "not graded: the check exited with status 1" in format_table(get_lab(1), [row])
+
+
 ROWS = [Row("subs/alice/lab.py", 7, (StepOutcome(1, "first", True, "ok"), StepOutcome(2, "second", True)), 1.5,
             "kvm_pvm"),
         Row("subs/bob/lab.py", 8, (StepOutcome(1, "first", True), StepOutcome(2, "second", False,

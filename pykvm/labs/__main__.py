@@ -147,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                          help=f"seconds each step may take (default {DEFAULT_DEADLINE:g}, or "
                               f"PYKVM_LAB_DEADLINE)")
     checker.add_argument("--json", action="store_true", help="print the report as one line of JSON")
-    grader = commands.add_parser("grade", help="check many students' files against lab N, one row each",
-                                 description=grade.__doc__.split("\n\n")[1])
-    grader.add_argument("number", type=int, metavar="N")
+    grader = commands.add_parser(
+        "grade", help="check many students' files against lab N, one row each",
+        description="Check each FILE (a student's lab.py) against lab N, one check per CPU at a time, each "
+                    "file copied alone into a private temporary folder. Prints one row per student: steps "
+                    "passed, time, the seed of their task (labs check N lab.py --seed S repeats it), the first "
+                    "failed step and why. Exit status: 0 when every file was graded, whatever the students "
+                    "scored; 1 when one could not be; 2 for a usage error; 130 on Ctrl-C.")
+    grader.add_argument("number", type=int, metavar="N", help="the lab's number (python -m pykvm.labs lists them)")
     grader.add_argument("files", nargs="+", type=Path, metavar="FILE", help="a student's lab.py (never a folder)")
     grader.add_argument("--seed-from-name", action="store_true",
                         help="each file's task from a stable hash of its path as given (a rerun repeats it)")
