@@ -12,6 +12,16 @@ import enum
 from typing import TypeVar
 
 
+class NamedIntEnum(enum.IntEnum):
+    """An IntEnum that prints as its name (``print(vcpu.mp_state)`` shows ``HALTED``, not ``3``).
+
+    It still compares and computes as its number; ``f"{x:d}"`` or ``int(x)`` give the number.
+    """
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Cap(enum.IntEnum):
     """``KVM_CAP_*`` numbers for :meth:`pykvm.Kvm.check_extension`."""
 
@@ -78,7 +88,7 @@ class Cap(enum.IntEnum):
     MCE = 31
 
 
-class ExitReason(enum.IntEnum):
+class ExitReason(NamedIntEnum):
     """``KVM_EXIT_*``: why ``KVM_RUN`` returned."""
 
     UNKNOWN = 0
@@ -134,7 +144,7 @@ class HypervExitType(enum.IntEnum):
     SYNDBG = 3
 
 
-class MpState(enum.IntEnum):
+class MpState(NamedIntEnum):
     """``KVM_MP_STATE_*`` of a vCPU."""
 
     RUNNABLE = 0

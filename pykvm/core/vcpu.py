@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import checks, exits
 from .binding import ffi, lib
-from .constants import Cap, ExitReason, MpState
+from .constants import Cap, ExitReason, MpState, as_enum
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
 from .errors import (
     CapabilityMissing,
@@ -120,7 +120,9 @@ class KvmRun:
         doc="Out: 1 if KVM_INTERRUPT would be taken at the next entry.")
     if_flag = property(lambda self: self._run().if_flag, doc="Out: the guest's RFLAGS.IF at the exit.")
     apic_base = property(lambda self: self._run().apic_base, doc="Out: the APIC base MSR.")
-    exit_reason = property(lambda self: self._run().exit_reason, doc="Out: the raw KVM_EXIT_* value.")
+    exit_reason = property(lambda self: as_enum(ExitReason, self._run().exit_reason),
+                           doc="Out: the last exit's KVM_EXIT_* value, an ExitReason (printed by name) if "
+                               "pykvm knows it, else the number.")
     flags = property(lambda self: self._run().flags, doc="Out: KVM_RUN_X86_* flags.")
 
     def __repr__(self) -> str:

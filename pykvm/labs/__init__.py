@@ -50,7 +50,12 @@ import importlib
 import pkgutil
 import re
 
-from .framework import Fail, Lab, Step, Support
+from .shadowing import refuse_shadowed_package
+
+refuse_shadowed_package()       # first: a folder named pykvm in the current folder breaks the imports below
+
+# isort: split
+from .framework import Fail, Lab, Step, Support  # noqa: E402
 
 __all__ = ["Fail", "Lab", "Step", "Support", "all_labs", "get_lab"]
 

@@ -1,24 +1,30 @@
-"""``python -m pykvm.labs [list | start N [DIR] | check N [DIR]]``: the teaching labs.
+"""``python -m pykvm.labs [list | start N [DIR] | check N [DIR] | grade N FILE...]``: the teaching labs.
 
 ``list`` (the default) shows each lab: number, title, what it teaches, the
 estimated time, and whether this host can run it fully (from the host's facts
 and KVM capabilities, never from an assumed vendor). ``start N [DIR]`` copies
 lab N's sheet and starter into DIR (default ``./pykvm-lab-N``) and refuses to
 overwrite them. ``check N [DIR]`` runs the student's ``DIR/lab.py`` and prints
-the checklist; the exit status is 0 only when every step passes.
+the checklist (``--json``: the report as one JSON line); the exit status is 0
+only when every step passes. ``grade N FILE...`` checks a class's files side
+by side and prints one row per student (:mod:`pykvm.labs.grade`); its status
+is 0 when every file was graded, whatever the students scored. Usage errors
+exit with 2, Ctrl-C with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 import textwrap
 from pathlib import Path
 
-from ..core.errors import PyKvmError
+from ..core.errors import InvalidArgument, PyKvmError
 from ..core.system import Kvm
 from ..hosts import HostInfo, detect
-from . import all_labs, get_lab
+from . import all_labs, get_lab, grade
 from .framework import SHEET_FILE, STUDENT_FILE, Lab, Support
 from .runner import DEFAULT_DEADLINE, check, format_report
 
@@ -61,6 +67,11 @@ def list_labs(out=sys.stdout) -> int:
     return 0
 
 
+def check_command(number: int) -> str:
+    """The command that checks lab ``number`` from the student's folder, with this very Python."""
+    return f"{shlex.quote(sys.executable)} -m pykvm.labs check {number} {STUDENT_FILE}"
+
+
 def start_lab(number: int, directory: Path | None, out=sys.stdout) -> int:
     lab = get_lab(number)
     directory = directory or Path(f"pykvm-lab-{number}")
@@ -77,11 +88,12 @@ def start_lab(number: int, directory: Path | None, out=sys.stdout) -> int:
             file.write(text)
     print(f"Lab {lab.number}: {lab.title}\n  {directory / SHEET_FILE}   read this first\n"
           f"  {directory / STUDENT_FILE}     fill in the TODOs\n"
-          f"check your work: python -m pykvm.labs check {number} {directory}", file=out)
+          f"check your work in {directory}: {check_command(number)}", file=out)
     return 0
 
 
-def check_lab(number: int, directory: Path | None, seed: int | None, deadline: float, out=sys.stdout) -> int:
+def check_lab(number: int, directory: Path | None, seed: int | None, deadline: float, as_json: bool = False,
+              out=sys.stdout) -> int:
     lab = get_lab(number)
     path = directory or Path(f"pykvm-lab-{number}")
     student = path if path.is_file() else path / STUDENT_FILE
@@ -90,8 +102,34 @@ def check_lab(number: int, directory: Path | None, seed: int | None, deadline: f
               f"{path}", file=sys.stderr)
         return 2
     report = check(lab, student, seed=seed, deadline=deadline, host=detect().name)
-    print(format_report(report), file=out)
+    print(json.dumps(grade.report_record(report)) if as_json else format_report(report), file=out)
     return 0 if report.passed else 1
+
+
+def grade_lab(args: argparse.Namespace, out=sys.stdout) -> int:
+    """``grade``: the rows on stdout (a table, or JSON), and in the files asked for."""
+    rows = grade.grade(args.number, args.files, args.seed_from_name, args.deadline, args.jobs)
+    lab = get_lab(args.number)
+    if args.csv:
+        with open(args.csv, "w", newline="") as stream:
+            grade.write_csv(rows, stream)
+    if args.junit:
+        grade.junit_tree(lab, rows).write(args.junit, encoding="unicode", xml_declaration=True)
+    if args.json:
+        print(json.dumps(grade.json_document(lab, rows), indent=1), file=out)
+    else:
+        print(grade.format_table(lab, rows), file=out)
+    return 0 if all(row.graded for row in rows) else 1
+
+
+def _output_file(text: str) -> Path:
+    """An argparse type: a file grade may write (its folder must exist)."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a file to write")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,16 +146,44 @@ def main(argv: list[str] | None = None) -> int:
     checker.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE,
                          help=f"seconds each step may take (default {DEFAULT_DEADLINE:g}, or "
                               f"PYKVM_LAB_DEADLINE)")
+    checker.add_argument("--json", action="store_true", help="print the report as one line of JSON")
+    grader = commands.add_parser(
+        "grade", help="check many students' files against lab N, one row each",
+        description="Check each FILE (a student's lab.py) against lab N, one check per CPU at a time, each "
+                    "file copied alone into a private temporary folder. Prints one row per student: steps "
+                    "passed, time, the seed of their task (labs check N lab.py --seed S repeats it), the first "
+                    "failed step and why. Exit status: 0 when every file was graded, whatever the students "
+                    "scored; 1 when one could not be; 2 for a usage error; 130 on Ctrl-C.")
+    grader.add_argument("number", type=int, metavar="N", help="the lab's number (python -m pykvm.labs lists them)")
+    grader.add_argument("files", nargs="+", type=Path, metavar="FILE", help="a student's lab.py (never a folder)")
+    grader.add_argument("--seed-from-name", action="store_true",
+                        help="each file's task from a stable hash of its path as given (a rerun repeats it)")
+    grader.add_argument("--csv", type=_output_file, metavar="F", help="also write the rows to CSV file F")
+    grader.add_argument("--junit", type=_output_file, metavar="F",
+                        help="also write JUnit XML to F (a testsuite per file, a testcase per step)")
+    grader.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    grader.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE,
+                        help=f"seconds each step may take (default {DEFAULT_DEADLINE:g})")
+    grader.add_argument("--jobs", type=int, default=None,
+                        help=f"checks side by side (default: one per CPU, here {grade.default_jobs()})")
     args = parser.parse_args(argv)
     try:
         if args.command in (None, "list"):
             return list_labs()
         if args.command == "start":
             return start_lab(args.number, args.directory)
-        return check_lab(args.number, args.directory, args.seed, args.deadline)
+        if args.command == "grade":
+            return grade_lab(args)
+        return check_lab(args.number, args.directory, args.seed, args.deadline, args.json)
     except KeyError as exc:
         print(exc.args[0], file=sys.stderr)
         return 2
+    except InvalidArgument as exc:
+        print(f"python -m pykvm.labs {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

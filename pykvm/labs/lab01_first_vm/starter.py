@@ -1,4 +1,4 @@
-"""Lab 1: First VM. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`.
+"""Lab 1: First VM. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder.
 
 The checker calls solve(task) in a child process with a random task and
 watches what KVM does; what solve() returns is ignored.

@@ -1,4 +1,4 @@
-"""Lab 3: exceptions in long mode. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`.
+"""Lab 3: exceptions in long mode. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder.
 
 The checker calls handlers_source(task), then solve(task), in a child process;
 task.vm and task.vcpu belong to the checker (do not close them).

@@ -1,4 +1,4 @@
-"""Lab 4: Ready or not. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
+"""Lab 4: Ready or not. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder."""
 
 from pykvm.guests import Command  # noqa: F401  (Command.STI, Command.NOP ...)
 

@@ -123,7 +123,10 @@ def check_window(ctx: Context) -> str:
     if exits and exits[-1].request_window:
         raise Fail("with nothing pending, request_interrupt_window was still 1 at the last entry: "
                    "the guest pays a window exit for nothing")
-    return detail
+    if not run["log"]:
+        return f"{detail}; the guest's log holds no vector"
+    taken = run["log"][0]
+    return f"{detail}; the guest's log: {taken.vector:#x} taken at RIP {taken.rip:#x}"
 
 
 def _support(host) -> Support:

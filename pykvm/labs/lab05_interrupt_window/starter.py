@@ -1,4 +1,4 @@
-"""Lab 5: The interrupt window. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
+"""Lab 5: The interrupt window. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder."""
 
 
 class Controller:

@@ -1,4 +1,4 @@
-"""Lab 7: NMIs. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
+"""Lab 7: NMIs. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder."""
 
 from pykvm.guests import Command, StopKind  # noqa: F401
 

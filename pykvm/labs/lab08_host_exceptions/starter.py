@@ -1,4 +1,4 @@
-"""Lab 8: exceptions from the host. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`.
+"""Lab 8: exceptions from the host. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder.
 
 The checker calls inject(vcpu, task) four times, each with a fresh long-mode
 guest stopped between two instructions; then it runs the guest and reads what

@@ -1,4 +1,4 @@
-"""Lab 9: the in-kernel irqchip. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`.
+"""Lab 9: the in-kernel irqchip. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder.
 
 The checker calls route(task), pulse(task) and acknowledge(task) with a
 long-mode guest on a VM whose PICs, IOAPIC and LAPIC live in KVM

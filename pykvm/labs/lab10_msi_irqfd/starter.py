@@ -1,4 +1,7 @@
-"""Lab 10: MSI, GSI routing and irqfd. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
+"""Lab 10: MSI, GSI routing and irqfd.
+
+Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder.
+"""
 
 import time  # noqa: F401
 

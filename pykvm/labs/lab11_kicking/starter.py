@@ -1,4 +1,4 @@
-"""Lab 11: Kicking a running vCPU. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
+"""Lab 11: Kicking a running vCPU. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder."""
 
 import signal  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""Lab 12: Timers. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
+"""Lab 12: Timers. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder."""
 
 from pykvm.guests import Command  # noqa: F401
 from pykvm.irqchip import pit as pit8254  # noqa: F401

@@ -47,6 +47,7 @@ class StartTask:
     bsp: GuestSession            # the BSP, long mode, LAPIC enabled: task.bsp.send_ipi(...)
     ap_id: int                   # the APIC ID of the AP to start
     sipi_vector: int             # the page (number) it must start at
+    aps: list[Vcpu]              # the APs' vCPUs, APIC IDs 1, 2...: task.aps[i].mp_state (read only)
 
     def __repr__(self) -> str:
         return f"StartTask(ap_id={self.ap_id}, sipi_vector={self.sipi_vector:#x})"
@@ -73,7 +74,7 @@ def _start_ap(ctx: Context) -> dict:
         for page in SIPI_PAGES:
             vm.memory.write(page << 12, stub.code)
         bsp.apic_enable()
-        task = StartTask(bsp, rng.randrange(1, CPUS), rng.choice(SIPI_PAGES))
+        task = StartTask(bsp, rng.randrange(1, CPUS), rng.choice(SIPI_PAGES), aps)
         target = aps[task.ap_id - 1]
         initial = [ap.mp_state for ap in aps]
         ctx.call("send_init", task)

@@ -1,4 +1,7 @@
-"""Lab 13: SMP, INIT/SIPI and IPIs. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`."""
+"""Lab 13: SMP, INIT/SIPI and IPIs.
+
+Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder.
+"""
 
 from pykvm.irqchip import DeliveryMode  # noqa: F401
 from pykvm.irqchip.lapic import DestinationShorthand  # noqa: F401

@@ -1,4 +1,4 @@
-"""Lab 14: KVM's requests. Read sheet.md first; fill in the TODOs; check with `.venv/bin/python lab.py`.
+"""Lab 14: KVM's requests. Read sheet.md first; fill in the TODOs; check with `python lab.py` in this folder.
 
 The checker asks for two requests per run. For each it builds a VM with a
 small guest looping on `rdmsr` and `out`, stops it at the `out`, and calls
