@@ -475,13 +475,14 @@ def _resolves(dotted: str) -> bool:
 
 @pytest.mark.host_independent
 def test_messages_and_docstrings_name_only_modules_that_exist():
+    # pykvm.X, pykvm.NAME, pykvm.COMMAND: placeholders in usage text, not names
     root = Path(__file__).resolve().parent.parent
     sources = [*root.glob("pykvm/**/*.py"), *root.glob("guests/*.S"), *root.glob("guests/*.inc"),
                *root.glob("csrc/*")]
     missing = {f"{path.relative_to(root)}: {name}"
                for path in sources if path.is_file() and path.suffix != ".so"
                for name in _MODULE_NAME.findall(path.read_text(errors="replace"))
-               if not name.endswith("_") and not _resolves(name)}
+               if not name.endswith("_") and not name.split(".")[-1].isupper() and not _resolves(name)}
     assert not missing, sorted(missing)
 
 
