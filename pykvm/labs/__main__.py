@@ -11,8 +11,10 @@ the checklist; the exit status is 0 only when every step passes.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from ..core.errors import PyKvmError
@@ -21,6 +23,8 @@ from ..hosts import HostInfo, detect
 from . import all_labs, get_lab
 from .framework import SHEET_FILE, STUDENT_FILE, Lab, Support
 from .runner import DEFAULT_DEADLINE, check, format_report
+
+INTERRUPTED = 128 + signal.SIGINT      # the exit status of a check stopped with Ctrl-C, as shells report it
 
 
 def host_support(lab: Lab, host: HostInfo, kvm: Kvm | None, kvm_problem: str) -> Support:
@@ -89,9 +93,16 @@ def check_lab(number: int, directory: Path | None, seed: int | None, deadline: f
         print(f"{student} does not exist; start the lab first: python -m pykvm.labs start {number} "
               f"{path}", file=sys.stderr)
         return 2
+    print(f"checking {student} against lab {lab.number} (Ctrl-C stops the check)", file=sys.stderr, flush=True)
     report = check(lab, student, seed=seed, deadline=deadline, host=detect().name)
     print(format_report(report), file=out)
     return 0 if report.passed else 1
+
+
+def _interrupted(number: int, frame: object) -> None:
+    """The first Ctrl-C ends the check (the runner's cleanup runs); more while it cleans up are ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                          help=f"seconds each step may take (default {DEFAULT_DEADLINE:g}, or "
                               f"PYKVM_LAB_DEADLINE)")
     args = parser.parse_args(argv)
+    if args.command == "check" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         if args.command in (None, "list"):
             return list_labs()
@@ -118,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         print(exc.args[0], file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("check interrupted (Ctrl-C): nothing was graded, nothing is left running", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ import dataclasses
 
 from ...core.constants import Cap
 from ...guests import Command, GuestSession
+from ...guests import load as load_image
 from ...x86.vectors import Vector
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
 from ..guest_task import booted, handler_range
+from ..verdict import Verdict, disagree
 
 
 @dataclasses.dataclass
@@ -21,14 +23,19 @@ class Task:
         return f"Task(guest=<long-mode guest, notify mode>, count={self.count}, IF={int(self.interrupts_enabled)})"
 
 
+def _parameters(rng) -> tuple[bool, int]:
+    """The guest's IF and how many NMIs (drawn by the child for the task, by the runner for the verdict)."""
+    enabled = rng.random() < 0.5
+    return enabled, rng.randrange(2, 5)
+
+
 def _scenario(ctx: Context) -> dict:
-    rng = ctx.random("nmis")
+    enabled, count = _parameters(ctx.random("nmis"))
     ctx.load()
     with booted(notify=True) as guest:
-        enabled = rng.random() < 0.5
         guest.command(Command.STI if enabled else Command.CLI)
         ctx.trace.clear()
-        task = Task(guest, rng.randrange(2, 5), enabled)
+        task = Task(guest, count, enabled)
         ctx.call("nmis", task)
         return {"task": task, "log": guest.log(), "handler": handler_range(guest),
                 "injections": [i for i in ctx.trace.injections if i.kind == "nmi"],
@@ -80,6 +87,22 @@ def check_not_nested(ctx: Context) -> str:
     return f"each held NMI was taken outside the handler, IF={int(task.interrupts_enabled)}; here {where}"
 
 
+def counted_by_kvm(verdict: Verdict) -> str:
+    """KVM injected task.count NMIs, and the hook saw NMIs 2.. raised inside the handler (as they were made)."""
+    _, count = _parameters(verdict.random("nmis"))
+    counted = [c["nmi_injections"] for c in verdict.counters("nmis")]
+    made = verdict.injections("nmis", "nmi")
+    if counted != [count] or len(made) != count:
+        raise disagree(f"KVM injected {counted} NMIs and {len(made)} KVM_NMIs were made; the task asks for {count}")
+    image = load_image("long")
+    handler = range(image.address("handler_common"), image.address("handler_iret") + 1)
+    outside = [n for n, nmi in enumerate(made[1:], 2) if nmi.rip not in handler]
+    if outside:
+        raise disagree(f"NMI #{outside[0]} was made at RIP {made[outside[0] - 1].rip:#x}, outside the NMI "
+                       f"handler, when the checker's hook saw it")
+    return f"KVM injected {count} NMIs"
+
+
 def _support(host) -> Support:
     if host.nmi_delivered_at_iret:
         return Support(True, "a held NMI is taken right after the handler's IRET")
@@ -96,12 +119,13 @@ LAB = Lab(
     steps=(
         Step("the guest takes exactly task.count NMIs", check_count,
              "KVM keeps at most one NMI pending besides the one being handled: raise the next only "
-             "once the previous one is being handled"),
+             "once the previous one is being handled", counted_by_kvm),
         Step("each NMI after the first is raised inside the previous NMI's handler", check_blocked,
              "in notify mode the handler reports its vector with an `out` before its IRET: "
-             "guest.run_until(StopKind.VECTOR) stops there; vcpu.events.nmi.masked says NMIs are blocked"),
+             "guest.run_until(StopKind.VECTOR) stops there; vcpu.events.nmi.masked says NMIs are blocked",
+             counted_by_kvm),
         Step("no NMI nests inside a handler, and IF did not matter", check_not_nested,
              "a held NMI is taken after the IRET; on some hosts only at the next VM entry: keep the "
-             "guest running (commands) until the log holds them all"),
+             "guest running (commands) until the log holds them all", counted_by_kvm),
     ),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 from ...core.constants import Cap
 from ...core.errors import PyKvmError
@@ -13,6 +14,7 @@ from ...guests import Command, GuestSession
 from ...runtime import command_in_thread
 from ..framework import Context, Fail, Lab, SendRecord, Step, StudentError, Support, lab_folder
 from ..guest_task import booted_cpus
+from ..verdict import Verdict, disagree
 
 CPUS = 3                 # the destination is APIC ID 1 or 2: a wrong destination field reaches CPU 0 or nobody
 CONTROL_S = 0.3          # seconds the checker's control leaves the vCPU halted with no trigger
@@ -38,8 +40,8 @@ class Task:
                 f"cpus=<{len(self.cpus)} long-mode guests, LAPICs enabled, IF=1>)")
 
 
-def _parameters(ctx: Context) -> tuple[int, int, int]:
-    rng = ctx.random("task")
+def _parameters(rng) -> tuple[int, int, int]:
+    """Destination, vector and GSI (drawn by the child for the task, by the runner for the verdict)."""
     vector = rng.randrange(0x30, 0xF0)
     gsi = rng.choice([g for g in range(32, 1000) if g != vector])
     return rng.randrange(1, CPUS), vector, gsi
@@ -47,7 +49,7 @@ def _parameters(ctx: Context) -> tuple[int, int, int]:
 
 def _scenario(ctx: Context, body) -> dict:
     """Boot the VM, hand the student a task, run ``body(task)``; the vCPUs' logs afterwards."""
-    destination, vector, gsi = _parameters(ctx)
+    destination, vector, gsi = _parameters(ctx.random("task"))
     ctx.load()
     with booted_cpus(CPUS) as cpus:
         for cpu in cpus:
@@ -92,11 +94,13 @@ def _describe(send: SendRecord) -> str:
 def _send(ctx: Context) -> dict:
     def body(task: Task) -> dict:
         ctx.trace.clear()
+        composed = ctx.trace.composed
         ctx.call("send_msi", task)
+        composed = ctx.trace.composed - composed
         sends = list(ctx.trace.sends)
         for cpu in task.cpus:                  # an MSI raised while the vCPUs wait at a sync point is
             cpu.command(Command.NOP)           # taken at their next entry
-        return {"sends": sends}
+        return {"sends": sends, "composed": composed}
     return ctx.once("send_msi", lambda ctx: _scenario(ctx, body))
 
 
@@ -105,6 +109,9 @@ def check_send(ctx: Context) -> str:
     msis = [send for send in run["sends"] if send.kind == "signal_msi"]
     if not msis:
         raise Fail("send_msi() made no KVM_SIGNAL_MSI (task.vm.signal_msi(message))")
+    if run["composed"]:
+        raise Fail("send_msi() let MsiMessage.compose() build the message (directly or through "
+                   "signal_msi(destination=..., vector=...)): write its address and data yourself")
     detail = _delivered(run["task"], run["logs"], f"KVM_SIGNAL_MSI with {_describe(msis[0])}")
     return f"{detail}; your message: {_describe(msis[0])}"
 
@@ -236,6 +243,49 @@ def check_halted(ctx: Context) -> str:
             f"stayed halted {CONTROL_S:g} s (nothing injected) until the checker raised GSI {task.gsi}")
 
 
+def _injections(verdict: Verdict, key: str, wanted: int) -> str:
+    """KVM's counters: the task's destination vCPU, and no other, had ``wanted`` interrupts injected.
+
+    Posted interrupts (APICv, AVIC) reach a guest without KVM's injection path, which counts
+    ``irq_injections``: there the count is not asked for, only that no other vCPU had any.
+    """
+    destination = _parameters(verdict.random("task"))[0]
+    counted = [c["irq_injections"] for c in verdict.counters(key)]
+    expected = [wanted if cpu == destination else 0 for cpu in range(CPUS)]
+    posted = _posts_interrupts()
+    if counted != expected and not (posted and counted == [0] * CPUS):
+        raise disagree(f"during {key}() KVM injected {counted} interrupts into vCPUs 0..{CPUS - 1}; the task's "
+                       f"destination is {destination}")
+    return f"KVM's irq_injections per vCPU: {counted}"
+
+
+def _posts_interrupts() -> bool:
+    """Whether this host's KVM delivers interrupts posted (kvm_intel's APICv, kvm_amd's AVIC)."""
+    for parameter in ("kvm_intel/parameters/enable_apicv", "kvm_amd/parameters/avic"):
+        path = Path("/sys/module") / parameter
+        if path.is_file() and path.read_text().strip() in ("Y", "1"):
+            return True
+    return False
+
+
+def send_evidence(verdict: Verdict) -> str:
+    return _injections(verdict, "send_msi", 1)
+
+
+def route_evidence(verdict: Verdict) -> str:
+    return _injections(verdict, "route", 1)
+
+
+def wake_evidence(verdict: Verdict) -> str:
+    """wake() and the checker's control each injected once; KVM woke the destination from a halt."""
+    detail = _injections(verdict, "wake", 2)
+    destination = _parameters(verdict.random("task"))[0]
+    woken = verdict.counters("wake")[destination]["halt_wakeup"]
+    if not woken:
+        raise disagree(f"KVM never woke vCPU {destination} from a halt during wake() (halt_wakeup 0)")
+    return f"{detail}; halt_wakeup {woken}"
+
+
 def _support(host) -> Support:
     if host.lapic_delivers_when_unblocked:
         return Support(True, "the in-kernel LAPIC injects as soon as the guest can take the vector")
@@ -252,15 +302,15 @@ LAB = Lab(
     steps=(
         Step("your MSI reaches the destination vCPU with the vector (KVM_SIGNAL_MSI)", check_send,
              "an x86 MSI is an address 0xFEExxxxx whose bits 19:12 name the destination APIC ID, and "
-             "data whose low byte is the vector (bits 10:8: delivery mode, 0 = fixed)"),
+             "data whose low byte is the vector (bits 10:8: delivery mode, 0 = fixed)", send_evidence),
         Step("the task's GSI is routed to your MSI (the checker raises it)", check_route,
              "KVM_SET_GSI_ROUTING replaces the whole table: keep vm.routes and add an MsiRoute for the "
-             "task's GSI"),
+             "task's GSI", route_evidence),
         Step("an irqfd on the GSI, written from another thread, delivers the vector", check_irqfd,
              "the vCPU waits inside KVM_RUN on its own thread (command_in_thread); the eventfd write "
-             "comes from a different thread"),
+             "comes from a different thread", wake_evidence),
         Step("the vCPU was halted in the kernel and the irqfd woke it, with no exit to userspace", check_halted,
              "write the irqfd only once the vCPU is blocked in its hlt: its stats' 'blocking' reads 1 "
-             "(open vcpu.stats before the vCPU's thread starts)"),
+             "(open vcpu.stats before the vCPU's thread starts)", wake_evidence),
     ),
 )
