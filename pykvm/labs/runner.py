@@ -169,6 +169,7 @@ class _Child:
         self.evidence = Evidence()
         self.workdir = tempfile.TemporaryDirectory(prefix="pykvm-lab-")
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.channel = f"socket:[{os.fstat(theirs.fileno()).st_ino}]"     # the child's end, in /proc/PID/fd
         self.status_read, status_write = os.pipe()
         self.output_read, output_write = os.pipe()
         cpu_seconds = int(STARTUP + deadline * (len(lab.steps) - start)) + 1
@@ -201,6 +202,14 @@ class _Child:
     def end_leftovers(self) -> None:
         """End every process the student's code started (the checker's own stay)."""
         _kill([pid for pid in self.tree() if pid not in self.own])
+
+    def channel_closed(self) -> bool:
+        """Whether no process below the child's first one (``unshare`` keeps its copy) holds the report channel."""
+        for pid in self.tree()[1 if isolation() else 0:]:
+            with contextlib.suppress(OSError):
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == self.channel for fd in os.listdir(f"/proc/{pid}/fd")):
+                    return False
+        return True
 
     def stopped(self) -> bool:
         processes = _processes()
@@ -235,8 +244,8 @@ class _Child:
             if not isinstance(message, dict) or not isinstance(message.get("event"), str):
                 raise Forged(f"invalid report: {escaped(repr(message))[:80]} names no event")
             if message["event"] == "vcpu":
-                self._accept_vcpu(message, fds)
-                fds = []
+                given, fds = fds, []
+                self._accept_vcpu(message, given)
             elif fds:
                 raise Forged(f"report not from the checker: fds attached to a {escaped(message['event'])!r} report")
             return message
@@ -245,7 +254,10 @@ class _Child:
                 os.close(fd)
 
     def _accept_vcpu(self, message: dict, fds: list[int]) -> None:
+        """Keep the one fd a vCPU report carries if KVM made it; it is closed otherwise."""
         if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
             raise Forged(f"report not from the checker: a vCPU report with {len(fds)} fds")
         stats, problem = verified_stats(fds[0], set(self.tree()))
         if stats is None:
@@ -286,8 +298,10 @@ class _Child:
     # -- the end --------------------------------------------------------------------------------
     def close(self) -> None:
         """End every process of the child and release everything."""
-        _kill(self.tree())
+        tree = self.tree()
+        _kill(tree)
         self.process.wait()
+        _gone(tree)
         self._drain()
         self._release()
 
@@ -347,6 +361,16 @@ def _kill(pids: list[int]) -> None:
                 os.kill(pid, sig)
 
 
+def _gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait until the killed ``pids`` have left (a PID namespace's processes are killed after its init ends)."""
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        processes = _processes()
+        if not any(pid in processes and processes[pid].state != "Z" for pid in pids):
+            return
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def _adopting() -> Iterator[None]:
     """Without namespaces: make this process adopt the child's orphans (PR_SET_CHILD_SUBREAPER) meanwhile."""
@@ -377,6 +401,8 @@ HANG_HINT = ("code that never finishes is usually a run() loop waiting for an ex
              "the same exit over and over (e.g. an OUT to port 0 at a growing RIP) means the guest is "
              "running where you did not put code: check the address you loaded it at and where the "
              "registers you set make it start")
+CHANNEL_CLOSED = ("the process running your code closed the checker's report channel (os.closerange? "
+                  "os.close?) and went on running; it was stopped")
 FORGED_HINT = "the checklist comes from the checker's process; your code's reports do not count"
 
 
@@ -443,12 +469,13 @@ class _Checker:
     def _closed(self, child: _Child) -> str:
         if child.wait_exit(GRACE):
             return "the process running your code " + _ended(child.status)
-        return ("the process running your code closed the checker's report channel (os.closerange? "
-                "os.close?) and went on running; it was stopped")
+        return CHANNEL_CLOSED
 
     def _timeout(self, child: _Child, run: _Run) -> str:
         if run.current is None:
             return f"the checker's process did not start within {STARTUP:g} s"
+        if child.channel_closed():
+            return CHANNEL_CLOSED
         if child.stopped():
             return (f"the process running your code was stopped (SIGSTOP or a debugger) and did not "
                     f"finish within {self.deadline:g} s; it was ended")
@@ -486,8 +513,9 @@ class _Checker:
     def _result(self, child: _Child, run: _Run, message: dict) -> None:
         index = _integer(message, "index")
         if index != run.current:
-            raise Forged(f"report not from the checker: a result for step {index} while step "
-                         f"{(run.current or 0) + 1} runs" if 0 <= index < len(self.lab.steps) else
+            running = f"step {run.current + 1} runs" if run.current is not None else "no step runs"
+            raise Forged(f"report not from the checker: a result for step {index + 1} while {running}"
+                         if 0 <= index < len(self.lab.steps) else
                          f"invalid report: a result for step {index}; the lab has {len(self.lab.steps)}")
         step = self.lab.steps[index]
         passed, detail, hint = message.get("passed") is True, _string(message, "detail"), _string(message, "hint")
