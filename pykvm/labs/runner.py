@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..hosts import HostInfo, detect
 from .child import GO
@@ -353,6 +354,32 @@ def _below(root: int, processes: dict[int, _Process]) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
+def _no_ctrl_c() -> Iterator[None]:
+    """SIGINT held back meanwhile (delivered at the end): starting and ending a child is never cut short."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextlib.contextmanager
+def _started(*args: Any) -> Iterator[_Child]:
+    """A child started with ``_Child(*args)``, ended and released however the block ends, Ctrl-C included.
+
+    The child inherits SIGINT blocked: it runs in a session of its own, where a terminal's Ctrl-C does not
+    reach it anyway.
+    """
+    with _no_ctrl_c():
+        child = _Child(*args)
+    try:
+        yield child
+    finally:
+        with _no_ctrl_c():
+            child.close()
+
+
 def _kill(pids: list[int]) -> None:
     """SIGSTOP all first (a forking process cannot outrun it), then SIGKILL."""
     for sig in (signal.SIGSTOP, signal.SIGKILL):
@@ -433,13 +460,10 @@ class _Checker:
     def run(self) -> tuple[StepResult, ...]:
         start, steps = 0, self.lab.steps
         while start < len(steps):
-            child = _Child(self.lab, self.student_file, self.seed, start, self.broken, self.python,
-                           self.deadline, self.output)
             run = _Run(start, expected=start)
-            try:
+            with _started(self.lab, self.student_file, self.seed, start, self.broken, self.python,
+                          self.deadline, self.output) as child:
                 self._follow(child, run)
-            finally:
-                child.close()
             if not run.problem:
                 break
             start = self._fail_early(run)

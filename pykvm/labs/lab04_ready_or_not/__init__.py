@@ -110,15 +110,18 @@ def check_masked_answer(ctx: Context) -> str:
 
 
 def _injected(verdict: Verdict, key: str, forced: bool) -> str:
-    """KVM injected the task's vector once, and the checker's hook saw it requested as the task asks."""
+    """KVM injected the task's vector, and the checker's hook saw it requested once, as the task asks.
+
+    KVM counts an injection again when an exit interrupts its delivery and it re-injects: at least one.
+    """
     vector = _vector(verdict.random(key))
     made = [(i.vector, i.forced, i.ready) for i in verdict.injections(key, "interrupt")]
     wanted = (vector, True, 0) if forced else (vector, False, 1)
     counted = [c["irq_injections"] for c in verdict.counters(key)]
-    if made != [wanted] or counted != [1]:
-        raise disagree(f"{key}() made KVM_INTERRUPTs {made} (vector, forced, ready) and KVM injected "
-                       f"{counted}; the task asks for {[wanted]} and one injection")
-    return f"KVM injected {vector:#x} once"
+    if made != [wanted] or len(counted) != 1 or counted[0] < 1:
+        raise disagree(f"{key}() made KVM_INTERRUPTs {made} (vector, forced, ready) and KVM counted "
+                       f"{counted} injections; the task asks for {[wanted]}, injected by KVM")
+    return f"KVM injected {vector:#x}"
 
 
 def ready_evidence(verdict: Verdict) -> str:

@@ -134,13 +134,16 @@ def check_window(ctx: Context) -> str:
 
 
 def injected_by_kvm(verdict: Verdict) -> str:
-    """KVM injected the three queued vectors once each, highest first, each requested when ready."""
+    """The three queued vectors were requested once each, highest first, when ready; KVM injected (at least) three.
+
+    KVM counts an injection again when an exit interrupts its delivery and it re-injects.
+    """
     wanted = sorted(_vectors(verdict.random("Controller")), reverse=True)
     made = [(i.vector, i.forced, i.ready) for i in verdict.injections("Controller", "interrupt")]
     counted = [c["irq_injections"] for c in verdict.counters("Controller")]
-    if made != [(vector, False, 1) for vector in wanted] or counted != [len(wanted)]:
+    if made != [(vector, False, 1) for vector in wanted] or len(counted) != 1 or counted[0] < len(wanted):
         raise disagree(f"the KVM_INTERRUPTs made were {[(hex(v), f, r) for v, f, r in made]} (vector, forced, "
-                       f"ready) and KVM injected {counted}; the queued vectors, highest first, are "
+                       f"ready) and KVM counted {counted} injections; the queued vectors, highest first, are "
                        f"{[hex(v) for v in wanted]}")
     return f"KVM injected {len(wanted)} interrupts"
 

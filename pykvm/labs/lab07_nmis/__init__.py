@@ -92,8 +92,9 @@ def counted_by_kvm(verdict: Verdict) -> str:
     _, count = _parameters(verdict.random("nmis"))
     counted = [c["nmi_injections"] for c in verdict.counters("nmis")]
     made = verdict.injections("nmis", "nmi")
-    if counted != [count] or len(made) != count:
-        raise disagree(f"KVM injected {counted} NMIs and {len(made)} KVM_NMIs were made; the task asks for {count}")
+    if len(counted) != 1 or counted[0] < count or len(made) != count:
+        raise disagree(f"KVM counted {counted} NMI injections and {len(made)} KVM_NMIs were made; the task "
+                       f"asks for {count}, each injected (a re-injection counts again)")
     image = load_image("long")
     handler = range(image.address("handler_common"), image.address("handler_iret") + 1)
     outside = [n for n, nmi in enumerate(made[1:], 2) if nmi.rip not in handler]

@@ -246,14 +246,15 @@ def check_halted(ctx: Context) -> str:
 def _injections(verdict: Verdict, key: str, wanted: int) -> str:
     """KVM's counters: the task's destination vCPU, and no other, had ``wanted`` interrupts injected.
 
-    Posted interrupts (APICv, AVIC) reach a guest without KVM's injection path, which counts
+    At least ``wanted``: KVM counts an injection again when an exit interrupts its delivery. Posted
+    interrupts (APICv, AVIC) reach a guest without KVM's injection path, which counts
     ``irq_injections``: there the count is not asked for, only that no other vCPU had any.
     """
     destination = _parameters(verdict.random("task"))[0]
     counted = [c["irq_injections"] for c in verdict.counters(key)]
-    expected = [wanted if cpu == destination else 0 for cpu in range(CPUS)]
-    posted = _posts_interrupts()
-    if counted != expected and not (posted and counted == [0] * CPUS):
+    others = [count for cpu, count in enumerate(counted) if cpu != destination]
+    injected = len(counted) == CPUS and counted[destination] >= wanted
+    if any(others) or not (injected or (_posts_interrupts() and len(counted) == CPUS)):
         raise disagree(f"during {key}() KVM injected {counted} interrupts into vCPUs 0..{CPUS - 1}; the task's "
                        f"destination is {destination}")
     return f"KVM's irq_injections per vCPU: {counted}"
