@@ -60,9 +60,11 @@ What this does not stop
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from ..core.errors import PyKvmError
 from ..core.stats import Stats
@@ -168,6 +170,28 @@ class Verdict:
     def injections(self, key: str, kind: str) -> list[Injection]:
         """The ``kind`` ("interrupt", "nmi") injections streamed during scenario ``key``, in order."""
         return [i for i in self.evidence.injections if i.key == key and i.kind == kind]
+
+
+@functools.cache
+def posts_interrupts() -> bool:
+    """Whether this host's KVM posts interrupts (kvm_intel's APICv, kvm_amd's AVIC).
+
+    A posted interrupt reaches the guest without KVM's injection path, which is what counts
+    ``irq_injections``: a rule on in-kernel irqchip deliveries cannot ask for that count there.
+    """
+    for parameter in ("kvm_intel/parameters/enable_apicv", "kvm_amd/parameters/avic"):
+        path = Path("/sys/module") / parameter
+        if path.is_file() and path.read_text().strip() in ("Y", "1"):
+            return True
+    return False
+
+
+def delivered(verdict: Verdict, key: str, at_least: int) -> list[int]:
+    """Each vCPU's ``irq_injections`` in scenario ``key``; Fail unless their sum is ``at_least`` (or posted)."""
+    counted = [c["irq_injections"] for c in verdict.counters(key)]
+    if sum(counted) < at_least and not posts_interrupts():
+        raise disagree(f"during {key}() KVM injected {sum(counted)} interrupts; the task makes at least {at_least}")
+    return counted
 
 
 def disagree(what: str) -> Fail:

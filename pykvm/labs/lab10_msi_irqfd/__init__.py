@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from ...core.constants import Cap
 from ...core.errors import PyKvmError
@@ -14,7 +13,7 @@ from ...guests import Command, GuestSession
 from ...runtime import command_in_thread
 from ..framework import Context, Fail, Lab, SendRecord, Step, StudentError, Support, lab_folder
 from ..guest_task import booted_cpus
-from ..verdict import Verdict, disagree
+from ..verdict import Verdict, disagree, posts_interrupts
 
 CPUS = 3                 # the destination is APIC ID 1 or 2: a wrong destination field reaches CPU 0 or nobody
 CONTROL_S = 0.3          # seconds the checker's control leaves the vCPU halted with no trigger
@@ -254,19 +253,10 @@ def _injections(verdict: Verdict, key: str, wanted: int) -> str:
     counted = [c["irq_injections"] for c in verdict.counters(key)]
     others = [count for cpu, count in enumerate(counted) if cpu != destination]
     injected = len(counted) == CPUS and counted[destination] >= wanted
-    if any(others) or not (injected or (_posts_interrupts() and len(counted) == CPUS)):
+    if any(others) or not (injected or (posts_interrupts() and len(counted) == CPUS)):
         raise disagree(f"during {key}() KVM injected {counted} interrupts into vCPUs 0..{CPUS - 1}; the task's "
                        f"destination is {destination}")
     return f"KVM's irq_injections per vCPU: {counted}"
-
-
-def _posts_interrupts() -> bool:
-    """Whether this host's KVM delivers interrupts posted (kvm_intel's APICv, kvm_amd's AVIC)."""
-    for parameter in ("kvm_intel/parameters/enable_apicv", "kvm_amd/parameters/avic"):
-        path = Path("/sys/module") / parameter
-        if path.is_file() and path.read_text().strip() in ("Y", "1"):
-            return True
-    return False
 
 
 def send_evidence(verdict: Verdict) -> str:
