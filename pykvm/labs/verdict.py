@@ -194,6 +194,23 @@ def delivered(verdict: Verdict, key: str, at_least: int) -> list[int]:
     return counted
 
 
+def injected_once(verdict: Verdict, key: str, vector: int, forced: bool = False) -> str:
+    """Fail unless scenario ``key`` made one KVM_INTERRUPT of ``vector`` and KVM injected it.
+
+    Made as the checker's hook saw it then: when ready (or ``forced`` while not ready). KVM counts
+    an injection again when an exit cuts its delivery short and it re-injects: at least once.
+    """
+    wanted = (vector, forced, 0 if forced else 1)
+    made = [(i.vector, i.forced, i.ready) for i in verdict.injections(key, "interrupt")]
+    counted = [c["irq_injections"] for c in verdict.counters(key)]
+    if made != [wanted] or len(counted) != 1 or counted[0] < 1:
+        shown = [(hex(v), f, r) for v, f, r in made]
+        raise disagree(f"{key}() made the KVM_INTERRUPTs {shown} (vector, forced, ready) and KVM counted "
+                       f"{counted} injections; the task asks for {[(hex(vector), forced, wanted[2])]}, "
+                       f"injected by KVM")
+    return f"KVM injected {vector:#x}"
+
+
 def disagree(what: str) -> Fail:
     """The failure of a step whose child said "passed" while KVM's counters say otherwise."""
     return Fail(f"KVM's own counters disagree with the report: {what}",

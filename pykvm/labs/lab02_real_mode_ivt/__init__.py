@@ -14,7 +14,7 @@ from ...x86.asm import assemble
 from ...x86.modes import enter_real_mode
 from ...x86.system_area import DEFAULT_STACK_TOP
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
-from ..verdict import Verdict, disagree
+from ..verdict import Verdict, disagree, injected_once
 
 MAIN = 0x8000                  # linear address of the main program (CS = 0x800, IP = 0)
 STUBS = 0x9000                 # the checker's default handlers, one per vector
@@ -192,14 +192,7 @@ def check_return(ctx: Context) -> str:
 
 
 def injected_by_kvm(verdict: Verdict) -> str:
-    """One KVM_INTERRUPT of the task's vector, made when ready (the hook saw it), and injected by KVM."""
-    vector = _draw(verdict.random("solve")).vector
-    made = [(i.vector, i.forced, i.ready) for i in verdict.injections("solve", "interrupt")]
-    counted = [c["irq_injections"] for c in verdict.counters("solve")]
-    if made != [(vector, False, 1)] or len(counted) != 1 or counted[0] < 1:
-        raise disagree(f"the KVM_INTERRUPTs made were {[(hex(v), f, r) for v, f, r in made]} (vector, forced, "
-                       f"ready) and KVM counted {counted} injections; the task asks for one of {vector:#x}")
-    return f"KVM injected {vector:#x}"
+    return injected_once(verdict, "solve", _draw(verdict.random("solve")).vector)
 
 
 def finished_by_kvm(verdict: Verdict) -> str:
