@@ -40,6 +40,18 @@ A step passes only when
      (:func:`pykvm.labs.framework.task_random`): random vectors, counts and
      destinations that KVM's counters must match.
 
+Which steps have rules of their own
+-----------------------------------
+Labs 1 (exits and the hlt), 2 (the injection; the main program's random
+number of exits), 4, 5 and 6 (each KVM_INTERRUPT, as made and as KVM
+injected it), 7 (task.count NMIs; the RIP each was raised at), 9 and 12
+(KVM's injections: the random number of pulses and level requests; the
+timers' ticks), 10 (injections on the random destination vCPU only;
+``halt_wakeup``) and 13 (the IPIs and the NMI IPI). Lab 3's exceptions, lab
+8's events, lab 11's kicks and lab 14's requests, and the steps that judge
+memory or registers only (lab 2's IVT, lab 13's INIT/SIPI), rest on rule 2
+and the child's word.
+
 What this does not stop
 -----------------------
 * Driving a real VM to the counters a rule asks for without the lab's method
@@ -47,14 +59,20 @@ What this does not stop
   patched hook that streams false RIPs): the counters prove that KVM did the
   thing, the child's diagnostics judge how, and the student can patch those.
 * Writing the guest's log in guest memory directly: the child's checks read
-  it. The counters still must agree (a vector counts as injected only when KVM
-  injects it), which the rules of labs 1, 4, 5, 7 and 10 demand; the other
-  labs rest on rule 2 and the child's word.
+  it, and a memory the runner shared with the child would not help (nothing
+  shows the runner which memory KVM maps for the guest). The counters still
+  must agree: a vector counts as injected only when KVM injects it.
+* Forging the result of a step without a rule of its own once any vCPU of
+  the child ran (rule 2 holds for the whole child).
 * Creating a VM in a process of its own and handing the runner its stats fd
   under another scenario's name: it still has to do the work there.
-* A student who is root on the host (or shares the runner's user where the
-  host has no user namespaces) can signal or ptrace the runner: then
-  :func:`pykvm.labs.runner.isolation` reports that the child is not isolated.
+* Reading the seed (it is in the child's arguments) or the task: the task is
+  the student's anyway; what is random is what KVM must count.
+* Where the host gives the child no PID and user namespaces (no ``unshare``,
+  or unprivileged user namespaces disabled), the student's code runs as the
+  runner's user and can signal or ptrace it: the checklist then says so
+  (:attr:`pykvm.labs.runner.Report.isolated`). A student who is root on the
+  host is out of scope.
 """
 
 from __future__ import annotations
