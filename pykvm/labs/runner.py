@@ -232,7 +232,12 @@ class _Child:
                 return self._receive()
 
     def _receive(self) -> dict | None:
-        data, fds, flags, _ = socket.recv_fds(self.socket, MESSAGE_LIMIT, 4)
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.socket, MESSAGE_LIMIT, 4)
+        except ConnectionResetError:
+            # The child ended with our "go" unread: Linux reports that once, before the reports still
+            # queued (the child's end is closed, so this receive cannot block).
+            data, fds, flags, _ = socket.recv_fds(self.socket, MESSAGE_LIMIT, 4)
         if not data and not fds:
             return None
         try:
