@@ -48,6 +48,8 @@ OUTPUT_LINES = 40          # lines of the student's output shown under the check
 OUTPUT_LIMIT = 64 << 10    # bytes of the student's output kept (the rest is counted)
 TAIL_BYTES = 4096          # bytes of a child's last output kept as evidence of a crash
 MESSAGE_LIMIT = 64 << 10   # bytes of one report datagram; a longer one is an invalid report
+# Reports one child may send, at most: more is a flood, not a checker (its fds would pin VMs here).
+MAX_VCPUS, MAX_INJECTIONS, MAX_NESTED = 256, 1 << 16, 64
 STARTUP = 120.0            # seconds a child may take to import pykvm (slow on emulated hosts)
 GRACE = 2.0                # seconds a child that closed its report channel has to exit
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])     # where this pykvm is imported from
@@ -265,12 +267,17 @@ class _Child:
             for fd in fds:
                 os.close(fd)
             raise Forged(f"report not from the checker: a vCPU report with {len(fds)} fds")
+        if len(self.evidence.vcpus) >= MAX_VCPUS:
+            os.close(fds[0])
+            raise Forged(f"invalid report: more than {MAX_VCPUS} vCPUs")
         stats, problem = verified_stats(fds[0], set(self.tree()))
         if stats is None:
             raise Forged(f"report not from the checker: the fd sent as KVM's vCPU statistics is {problem}")
         self.evidence.add_vcpu(_string(message, "key"), stats)
 
     def accept_injection(self, message: dict) -> None:
+        if len(self.evidence.injections) >= MAX_INJECTIONS:
+            raise Forged(f"invalid report: more than {MAX_INJECTIONS} injections")
         self.evidence.add_injection(Injection(
             _string(message, "key"), _integer(message, "vcpu"), _string(message, "kind"),
             _integer(message, "vector"), bool(message.get("forced")), _integer(message, "ready"),
@@ -526,6 +533,8 @@ class _Checker:
                              f"step {run.expected + 1} was next")
             run.current = run.expected
         elif kind == "begin":
+            if len(run.running) >= MAX_NESTED:
+                raise Forged(f"invalid report: more than {MAX_NESTED} scenarios inside each other")
             run.running.append(_string(message, "key"))
         elif kind == "end" and run.running:
             run.running.pop()
