@@ -159,7 +159,7 @@ def _string(message: dict, name: str) -> str:
 def _integer(message: dict, name: str) -> int:
     value = message.get(name)
     if type(value) is not int:
-        raise Forged(f"invalid report: {name} is {value!r}, not an integer")
+        raise Forged(f"invalid report: {name} is {escaped(repr(value))[:40]}, not an integer")
     return value
 
 
