@@ -84,8 +84,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.constants import Cap
 from ..core.errors import PyKvmError
 from ..core.stats import Stats
+from ..core.system import Kvm
 from ..hosts import HostInfo
 from .framework import Fail, Step, task_random
 
@@ -191,6 +193,16 @@ class Verdict:
 
 
 @functools.cache
+def stats_offered() -> bool:
+    """Whether this host's KVM gives stats fds (``KVM_CAP_BINARY_STATS_FD``), the evidence every step needs."""
+    try:
+        with Kvm() as kvm:
+            return bool(kvm.check_extension(Cap.BINARY_STATS_FD))
+    except (OSError, PyKvmError):
+        return False
+
+
+@functools.cache
 def posts_interrupts() -> bool:
     """Whether this host's KVM posts interrupts (kvm_intel's APICv, kvm_amd's AVIC).
 
@@ -238,6 +250,9 @@ def disagree(what: str) -> Fail:
 def judge(step: Step, verdict: Verdict) -> str:
     """The runner's own judgement of a step the child reported passed: its detail, or Fail."""
     ran = [v for v in verdict.evidence.vcpus if v.counters().get("exits", 0) > 0]
+    if not ran and not stats_offered():
+        raise Fail("this host's KVM has no KVM_CAP_BINARY_STATS_FD (Linux 5.14): the checker has no counters of "
+                   "KVM's own to judge by, so it passes nothing", "run the lab on a host with Linux 5.14 or later")
     if not ran:
         raise disagree("no vCPU of this check ever ran (no verified stats fd with exits > 0)")
     rule: Callable[[Verdict], str] | None = step.evidence
