@@ -241,10 +241,10 @@ def injected_once(verdict: Verdict, key: str, vector: int, forced: bool = False)
     return f"KVM injected {vector:#x}"
 
 
-def disagree(what: str) -> Fail:
-    """The failure of a step whose child said "passed" while KVM's counters say otherwise."""
-    return Fail(f"KVM's own counters disagree with the report: {what}",
-                "the checker judges what KVM counted, not what your process reports")
+def disagree(what: str, by: str = "KVM's own counters") -> Fail:
+    """The failure of a step whose child said "passed" while the runner's evidence (``by``) says otherwise."""
+    return Fail(f"{by} disagree with the report: {what}",
+                "the checker judges what KVM counted and what it saw happen, not what your process reports")
 
 
 def judge(step: Step, verdict: Verdict) -> str:

@@ -106,7 +106,8 @@ def raised_in_handler(verdict: Verdict) -> str:
     outside = [n for n, nmi in enumerate(made[1:], 2) if nmi.rip not in handler]
     if len(made) < 2 or outside:
         raise disagree(f"NMI #{outside[0]} was made at RIP {made[outside[0] - 1].rip:#x}, outside the NMI "
-                       f"handler, when the checker's hook saw it" if outside else f"{len(made)} KVM_NMIs were made")
+                       f"handler" if outside else f"{len(made)} KVM_NMIs were made",
+                       by="the KVM_NMIs as the checker saw them made")
     return counted_by_kvm(verdict)
 
 
