@@ -23,9 +23,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pykvm.core.stats import Stats
 from pykvm.labs import get_lab, runner
 from pykvm.labs.framework import STUDENT_FILE
 from pykvm.labs.runner import OUTPUT_LIMIT, isolation
+from pykvm.labs.verdict import verified_stats
 
 pytestmark = [pytest.mark.deadline(900), pytest.mark.hardware]
 
@@ -188,3 +190,25 @@ def test_without_namespaces_the_cheats_fail_too_and_the_checklist_says_so(kvm, t
     assert any(not report.results[step - 1].passed and phrase in report.results[step - 1].detail
                for step, phrase in expected), runner.format_report(report)
     assert _left_running(directory) == [] and psutil.Process().children(recursive=True) == []
+
+
+def test_a_stats_fd_is_accepted_only_as_kvms_for_a_process_of_the_check(kvm):
+    """The runner's check of a vCPU stats fd: KVM's anon inode, made by a process of the check's tree."""
+    mine = {os.getpid()}
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        for tree, accepted in ((mine, True), ({os.getpid() + 1_000_000}, False)):
+            with Stats.open(vcpu) as stats:
+                verified, problem = verified_stats(os.dup(stats.fd), tree)
+            assert (verified is not None) == accepted, problem
+            assert accepted or "a VM made by no process of this check" in problem
+            if verified is not None:
+                assert verified.read()["exits"] == 0
+                verified.close()
+        vm_stats, problem = verified_stats(os.dup(vm.stats.fd), mine)          # a VM's, not a vCPU's
+        assert vm_stats is None and "anon_inode:kvm-vm-stats" in problem
+    eventfd = os.eventfd(0)
+    fake, problem = verified_stats(eventfd, mine)
+    assert fake is None and "not a vCPU stats fd made by KVM" in problem
+    with pytest.raises(OSError):
+        os.fstat(eventfd)                                                   # refused fds are closed
