@@ -103,14 +103,18 @@ def _send(ctx: Context) -> dict:
     return ctx.once("send_msi", lambda ctx: _scenario(ctx, body))
 
 
+def _refuse_compose(function: str, composed: int) -> None:
+    if composed:
+        raise Fail(f"{function}() let MsiMessage.compose() build the message (directly or through "
+                   f"signal_msi(destination=..., vector=...)): write its address and data yourself (msi())")
+
+
 def check_send(ctx: Context) -> str:
     run = _send(ctx)
     msis = [send for send in run["sends"] if send.kind == "signal_msi"]
     if not msis:
         raise Fail("send_msi() made no KVM_SIGNAL_MSI (task.vm.signal_msi(message))")
-    if run["composed"]:
-        raise Fail("send_msi() let MsiMessage.compose() build the message (directly or through "
-                   "signal_msi(destination=..., vector=...)): write its address and data yourself")
+    _refuse_compose("send_msi", run["composed"])
     detail = _delivered(run["task"], run["logs"], f"KVM_SIGNAL_MSI with {_describe(msis[0])}")
     return f"{detail}; your message: {_describe(msis[0])}"
 
@@ -119,7 +123,9 @@ def check_send(ctx: Context) -> str:
 
 def _route(ctx: Context) -> dict:
     def body(task: Task) -> dict:
+        composed = ctx.trace.composed
         ctx.call("route", task)
+        composed = ctx.trace.composed - composed
         try:                                   # the checker raises the GSI itself: KVM follows the route
             task.vm.irq_line(task.gsi, 1)
             task.vm.irq_line(task.gsi, 0)
@@ -128,13 +134,14 @@ def _route(ctx: Context) -> dict:
             refused = str(exc)
         for cpu in task.cpus:
             cpu.command(Command.NOP)
-        return {"refused": refused}
+        return {"refused": refused, "composed": composed}
     return ctx.once("route", lambda ctx: _scenario(ctx, body))
 
 
 def check_route(ctx: Context) -> str:
     run = _route(ctx)
     task = run["task"]
+    _refuse_compose("route", run["composed"])
     if run["refused"]:
         raise Fail(f"after route(), the checker's KVM_IRQ_LINE on GSI {task.gsi} was refused: {run['refused']}")
     detail = _delivered(task, run["logs"], f"the checker raised GSI {task.gsi} (KVM_IRQ_LINE)")
