@@ -35,6 +35,10 @@ Create ``pykvm/labs/labNN_short_name/`` (``NN`` = the lab's number) with:
     ``ctx.random(key)``, call the student with ``ctx.call(name, task)``, and
     judge ``ctx.trace`` (exits with registers, injections with the readiness
     they were made in), the guest's memory and log, and ``ctx.host``'s facts.
+    That judgement runs beside the student's code and is a diagnosis; a
+    step's ``evidence(verdict)`` rule runs in the checker's own process on
+    KVM's counters and the injections as they were made, and draws the task
+    again from ``verdict.random(key)`` (see :mod:`pykvm.labs.verdict`).
     ``support(host)`` says whether the host runs the lab fully.
 
 Put the reference solution in ``tests/labs_reference/labNN.py`` (never in the

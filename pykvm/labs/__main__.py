@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from ..core.errors import InvalidArgument, PyKvmError
@@ -27,6 +29,8 @@ from ..hosts import HostInfo, detect
 from . import all_labs, get_lab, grade
 from .framework import SHEET_FILE, STUDENT_FILE, Lab, Support
 from .runner import DEFAULT_DEADLINE, check, format_report
+
+INTERRUPTED = 128 + signal.SIGINT      # the exit status of a check stopped with Ctrl-C, as shells report it
 
 
 def host_support(lab: Lab, host: HostInfo, kvm: Kvm | None, kvm_problem: str) -> Support:
@@ -101,6 +105,7 @@ def check_lab(number: int, directory: Path | None, seed: int | None, deadline: f
         print(f"{student} does not exist; start the lab first: python -m pykvm.labs start {number} "
               f"{path}", file=sys.stderr)
         return 2
+    print(f"checking {student} against lab {lab.number} (Ctrl-C stops the check)", file=sys.stderr, flush=True)
     report = check(lab, student, seed=seed, deadline=deadline, host=detect().name)
     print(json.dumps(grade.report_record(report)) if as_json else format_report(report), file=out)
     return 0 if report.passed else 1
@@ -130,6 +135,12 @@ def _output_file(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a file to write")
     return path
+
+
+def _interrupted(number: int, frame: object) -> None:
+    """The first Ctrl-C ends the check (the runner's cleanup runs); more while it cleans up are ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     grader.add_argument("--jobs", type=int, default=None,
                         help=f"checks side by side (default: one per CPU, here {grade.default_jobs()})")
     args = parser.parse_args(argv)
+    if args.command == "check" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         if args.command in (None, "list"):
             return list_labs()
@@ -182,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m pykvm.labs {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("check interrupted (Ctrl-C): nothing was graded, nothing is left running"
+              if args.command == "check" else "interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

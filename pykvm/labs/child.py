@@ -2,9 +2,18 @@
 
 Why this exists: the student's code may raise, hang or crash the interpreter
 (a segfault, ``os._exit``); it runs here, never in the process that prints the
-checklist. :mod:`pykvm.labs.runner` starts this module, reads one JSON line per
-event from ``--report-fd`` and enforces each step's deadline; the student's
-stdout goes to stderr, which the runner keeps apart from the reports.
+checklist. :mod:`pykvm.labs.runner` starts this module with ``python -I`` in an
+empty working directory (nothing of the student's folder on ``sys.path``; the
+student's file is loaded by its path), where the host allows in its own PID,
+mount and user namespaces (:func:`pykvm.labs.runner.isolation`). Then this
+process is PID 1 there: it forks the worker that runs the steps and reports
+how the worker ended on ``--status-fd``.
+
+The worker limits its own memory, CPU time and file size, sends one JSON
+datagram per event on the ``--report-fd`` socket, and sends every vCPU's KVM
+statistics fd along (:mod:`pykvm.labs.verdict`). The student's stdout goes to
+stderr, which the runner reads separately. What the worker reports is a
+diagnosis; the verdict is the runner's.
 
 Not a command for people: ``python -m pykvm.labs check N`` runs it.
 """
@@ -14,12 +23,47 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import signal
+import socket
 import sys
 from pathlib import Path
 
-from ..hosts import detect
-from . import get_lab
-from .framework import TRACE, Context, Fail
+MEMORY_LIMIT = 4 << 30           # bytes of address space: a lab's guests need a few MiB, Python some 100
+FILE_LIMIT = 64 << 20            # bytes any file the student's code writes may grow to
+GO = b"go"                       # the runner's answer to "ready": student code may start
+
+
+def _limit_resources(cpu_seconds: int) -> None:
+    """Memory, CPU and file-size limits, set before any of the student's code runs."""
+    for limit, value in ((resource.RLIMIT_AS, MEMORY_LIMIT), (resource.RLIMIT_CPU, cpu_seconds),
+                         (resource.RLIMIT_FSIZE, FILE_LIMIT), (resource.RLIMIT_CORE, 0)):
+        _, hard = resource.getrlimit(limit)
+        resource.setrlimit(limit, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
+
+
+def _be_init(status_fd: int, report_fd: int) -> None:
+    """As PID 1 of the check's namespace: fork the worker, reap everything, report the worker's end.
+
+    Returns only in the worker. When this process exits, the kernel kills every
+    process left in the namespace: nothing the student started outlives the child.
+    """
+    os.setsid()                  # the worker's kill(0, ...) reaches this namespace only
+    worker = os.fork()
+    if worker == 0:
+        os.close(status_fd)
+        return
+    os.close(report_fd)          # the runner sees the channel close when the worker's copy closes
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(1)
+        if pid == worker:
+            os.write(status_fd, b"%d\n" % status)
+            os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,21 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--report-fd", type=int, required=True)
+    parser.add_argument("--status-fd", type=int, default=-1)
+    parser.add_argument("--cpu-seconds", type=int, required=True)
     parser.add_argument("--broken", default="{}", help="JSON {scenario key: reason}")
     args = parser.parse_args(argv)
-    report = os.fdopen(args.report_fd, "w", buffering=1)
+    if os.getpid() == 1:
+        _be_init(args.status_fd, args.report_fd)
+    report = socket.socket(fileno=args.report_fd)
 
-    def send(message: dict) -> None:
-        report.write(json.dumps(message) + "\n")
-        report.flush()
+    def send(message: dict, fds: tuple[int, ...] = ()) -> None:
+        socket.send_fds(report, [json.dumps(message).encode()], list(fds))
 
     os.dup2(2, 1)                     # the student's prints must not mix with the reports
     sys.stdout = sys.stderr
-    student = Path(args.file).resolve()
-    sys.path.insert(0, str(student.parent))
-    TRACE.install()                   # before the student's module imports pykvm's classes
+    from ..hosts import detect
+    from . import get_lab
+    from .framework import TRACE, Context, Fail
+    TRACE.install(send)               # before the student's module imports pykvm's classes
     lab = get_lab(args.lab)
-    ctx = Context(student, args.seed, detect(), json.loads(args.broken), send)
+    ctx = Context(Path(args.file), args.seed, detect(), json.loads(args.broken), send)
+    _limit_resources(args.cpu_seconds)
+    send({"event": "ready"})
+    if report.recv(len(GO)) != GO:    # the runner has noted the processes that are the checker's own
+        os._exit(1)
     for index in range(args.start, len(lab.steps)):
         step = lab.steps[index]
         ctx.step = index
@@ -58,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             send({"event": "result", "index": index, "passed": False,
                   "detail": f"the checker itself failed: {type(exc).__name__}: {exc}",
                   "hint": "this is not your fault; tell your teacher"})
+        if report.recv(len(GO)) != GO:   # the runner has ended what the step started
+            os._exit(1)
     send({"event": "done"})
-    report.close()
     sys.stderr.flush()
     os._exit(0)                       # the student's threads or atexit hooks cannot hold us
 

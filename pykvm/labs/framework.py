@@ -20,15 +20,19 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.constants import Cap
 from ..core.eventfds import Irqfd
 from ..core.exits import Exit, IoExit
 from ..core.interrupts import MsiMessage
+from ..core.stats import Stats
 from ..core.vcpu import Vcpu
 from ..core.vm import Vm
 from ..hosts import HostInfo
+
+if TYPE_CHECKING:
+    from .verdict import Verdict
 
 STUDENT_FILE = "lab.py"          # the starter's name in the student's directory
 SHEET_FILE = "sheet.md"
@@ -47,11 +51,15 @@ class Step:
     """One line of the checklist: ``check(ctx)`` returns a detail or raises :class:`Fail`.
 
     ``hint`` is printed when the step fails: it teaches where to look, never the answer.
+    ``check`` runs beside the student's code, so its word is a diagnosis; ``evidence(verdict)``
+    runs in the checker's own process on what KVM counted (:mod:`pykvm.labs.verdict`) and
+    returns a detail or raises :class:`Fail`.
     """
 
     title: str
     check: Callable[[Context], str | None]
     hint: str
+    evidence: Callable[[Verdict], str] | None = None    # the runner's own judgement (pykvm.labs.verdict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +95,11 @@ class Fail(Exception):
 
 class StudentError(Fail):
     """The student's code raised (or an earlier run of it failed): the reason names where."""
+
+
+def task_random(seed: int, key: str) -> random.Random:
+    """The generator of scenario ``key``'s task: the child draws the task from it, the runner its expectations."""
+    return random.Random(f"{seed}:{key}")
 
 
 # -- the trace: what KVM did, recorded beside the student's code ---------------------------
@@ -166,9 +179,15 @@ class Trace:
         self.sends: list[SendRecord] = []
         self.stats_names: tuple[str, ...] = ()      # stats read after each exit, if any
         self.slots: dict[int, tuple] = {}           # id(vcpu) -> its VM's memory slots at its first exit
+        self.composed = 0                           # calls of MsiMessage.compose so far
+        self.scenario = ""                          # the key of the innermost scenario running
+        self._send: Callable[[dict, tuple[int, ...]], None] = lambda message, fds: None
         self._installed = False
 
-    def install(self) -> None:
+    def install(self, send: Callable[[dict, tuple[int, ...]], None] | None = None) -> None:
+        """Wrap pykvm's classes; ``send(message, fds)`` streams each vCPU's stats fd and each injection."""
+        if send is not None:
+            self._send = send
         if self._installed:
             return
         self._installed = True
@@ -176,10 +195,16 @@ class Trace:
         original_init, original_run = Vcpu.__init__, Vcpu.run
         original_interrupt, original_nmi = Vcpu.interrupt, Vcpu.nmi
         original_msi, original_line, original_trigger = Vm.signal_msi, Vm.irq_line, Irqfd.trigger
+        original_compose = MsiMessage.compose.__func__      # type: ignore[attr-defined]
 
         def init(vcpu: Vcpu, *args: Any, **kwargs: Any) -> None:
             original_init(vcpu, *args, **kwargs)
             trace.vcpus.append(vcpu)
+            trace._send_stats(vcpu)
+
+        def compose(cls: type[MsiMessage], *args: Any, **kwargs: Any) -> MsiMessage:
+            trace.composed += 1
+            return original_compose(cls, *args, **kwargs)
 
         def run(vcpu: Vcpu) -> Exit:
             exit = original_run(vcpu)
@@ -208,6 +233,7 @@ class Trace:
             original_trigger(irqfd)
             trace._record_send("irqfd", irqfd.gsi, None, 1)
 
+        MsiMessage.compose = classmethod(compose)   # type: ignore[method-assign, assignment]
         Vm.signal_msi = signal_msi       # type: ignore[method-assign, assignment]
         Vm.irq_line = irq_line           # type: ignore[method-assign, assignment]
         Irqfd.trigger = trigger          # type: ignore[method-assign, assignment]
@@ -222,6 +248,13 @@ class Trace:
         self.exits.clear()
         self.injections.clear()
         self.sends.clear()
+
+    def _send_stats(self, vcpu: Vcpu) -> None:
+        """Hand the checker's process a stats fd of ``vcpu``: KVM's own counters, readable after the VM is gone."""
+        if not vcpu.vm.kvm.check_extension(Cap.BINARY_STATS_FD):
+            return
+        with Stats.open(vcpu) as stats:
+            self._send({"event": "vcpu", "key": self.scenario}, (stats.fd,))
 
     def _record_exit(self, vcpu: Vcpu, exit: Exit) -> None:
         from ..x86.modes import linear_rip
@@ -243,9 +276,10 @@ class Trace:
     def _record_injection(self, vcpu: Vcpu, kind: str, vector: int, forced: bool) -> None:
         run = vcpu.kvm_run
         seen = sum(1 for record in self.exits if record.vcpu == vcpu.id)
-        self.injections.append(InjectionRecord(vcpu.id, kind, vector, bool(forced), seen,
-                                               run.ready_for_interrupt_injection, run.if_flag,
-                                               self.exits[-1].rip if self.exits else -1))
+        record = InjectionRecord(vcpu.id, kind, vector, bool(forced), seen, run.ready_for_interrupt_injection,
+                                 run.if_flag, self.exits[-1].rip if self.exits else -1)
+        self.injections.append(record)
+        self._send({"event": "injection", "key": self.scenario, **dataclasses.asdict(record)}, ())
 
 
 TRACE = Trace()
@@ -277,7 +311,7 @@ class Context:
 
     def random(self, key: str) -> random.Random:
         """A generator for scenario ``key``: the same seed gives the same task in any child."""
-        return random.Random(f"{self.seed}:{key}")
+        return task_random(self.seed, key)
 
     # -- the student's code -------------------------------------------------------------
     def load(self) -> ModuleType:
@@ -330,6 +364,7 @@ class Context:
             raise StudentError(f"not checked: {self._broken[key].splitlines()[0]}")
         if key not in self._cache:
             self._announce({"event": "begin", "key": key})
+            outer, self.trace.scenario = self.trace.scenario, key
             try:
                 self._cache[key] = (True, scenario(self), self.step)
             except Fail as exc:
@@ -337,6 +372,8 @@ class Context:
             except Exception as exc:   # the checker's own scenario broke: say so, do not crash
                 self._cache[key] = (False, Fail(f"the checker's scenario {key!r} failed: "
                                                 f"{type(exc).__name__}: {exc}"), self.step)
+            finally:
+                self.trace.scenario = outer
             self._announce({"event": "end", "key": key})
         ok, value, step = self._cache[key]
         if ok:

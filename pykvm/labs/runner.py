@@ -1,33 +1,86 @@
-"""Run a lab's checker against a student's file, each step under a deadline, in child processes.
+"""Run a lab's checker against a student's file, each step under a deadline, in an isolated child.
 
-Why this exists: ``check`` must always finish and print its checklist, whatever
-the student's code does. The steps run in a child (:mod:`pykvm.labs.child`,
-its own session); this side reads its reports with ``select`` and a deadline
-per step. A step that hangs is killed (the whole process group) and failed
-with the reason; a child that dies (a segfault, ``os._exit``) fails the step it
-was in. Either way a fresh child goes on at the next step, told which of the
-student's runs is broken so the steps that judge it fail at once. Every pipe,
-temporary file and process is released before :func:`check` returns.
+Why this exists: ``check`` must always finish and print a checklist that the
+student's code cannot write. The steps run in a child (:mod:`pykvm.labs.child`):
+``python -I`` in an empty working directory, and where the host allows
+(:func:`isolation`) in PID, mount and user namespaces of its own, so the
+student's code can neither see nor signal this process and every process it
+starts dies with the child. The child limits its memory and CPU time before the
+student's code runs. This side reads the child's reports (JSON datagrams on a
+socket, with KVM's stats fds attached), the student's output (the first
+:data:`OUTPUT_LIMIT` bytes kept, the rest counted, control characters escaped)
+and enforces a deadline per step. After each step it ends every process the
+step started and decides the step itself (:mod:`pykvm.labs.verdict`): the
+child's word is only its diagnosis. A hang, a stop (SIGSTOP), a crash, a closed
+or forged report channel fails the step it happened in, with its cause; a fresh
+child goes on at the next step, told which of the student's runs is broken so
+the steps that judge it fail at once. Every socket, pipe, directory and
+process is released before :func:`check` returns, Ctrl-C included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
+import re
 import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from .framework import Lab
+from ..hosts import HostInfo, detect
+from .child import GO
+from .framework import Fail, Lab
+from .verdict import Evidence, Injection, Verdict, judge, verified_stats
 
 DEFAULT_DEADLINE = float(os.environ.get("PYKVM_LAB_DEADLINE", "30"))
 OUTPUT_LINES = 40          # lines of the student's output shown under the checklist
+OUTPUT_LIMIT = 64 << 10    # bytes of the student's output kept (the rest is counted)
+TAIL_BYTES = 4096          # bytes of a child's last output kept as evidence of a crash
+MESSAGE_LIMIT = 64 << 10   # bytes of one report datagram; a longer one is an invalid report
+# Reports one child may send, at most: more is a flood, not a checker (its fds would pin VMs here).
+MAX_VCPUS, MAX_INJECTIONS, MAX_NESTED = 256, 1 << 16, 64
 STARTUP = 120.0            # seconds a child may take to import pykvm (slow on emulated hosts)
+GRACE = 2.0                # seconds a child that closed its report channel has to exit
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])     # where this pykvm is imported from
+# The child's program: this very pykvm, whatever the student's folder or the environment hold.
+CHILD_PROGRAM = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); from pykvm.labs.child import main; "
+                 f"sys.exit(main(sys.argv[1:]))")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def escaped(text: str) -> str:
+    """``text`` with control characters (escape sequences, carriage returns, bidi marks) shown as ``\\xNN``."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
+@functools.cache
+def isolation() -> tuple[str, ...]:
+    """The command prefix that starts the child in its own PID, mount and user namespaces; () if the host refuses.
+
+    The child then sees only its own processes (its own /proc) and cannot signal
+    this one; when its PID 1 ends the kernel ends everything in it.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return ()
+    prefix = (unshare, "--pid", "--fork", "--kill-child", "--mount-proc") + (("--user",) if os.geteuid() else ())
+    probe = [*prefix, sys.executable, "-I", "-S", "-c", "import os; os.close(os.open('/dev/kvm', os.O_RDWR))"]
+    try:
+        done = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, timeout=STARTUP)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return prefix if done.returncode == 0 else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,86 +99,339 @@ class Report:
     seed: int
     host: str
     results: tuple[StepResult, ...]
-    output: str = ""            # what the student's code printed (the last lines)
+    output: str = ""            # what the student's code printed (escaped; the first OUTPUT_LIMIT bytes)
+    isolated: bool = True       # whether the child ran in namespaces of its own
 
     @property
     def passed(self) -> bool:
         return all(result.passed for result in self.results)
 
 
-def _signal_name(returncode: int) -> str:
-    if returncode < 0:
+def _ended(status: int | None) -> str:
+    """How a process ended, from ``os.waitstatus_to_exitcode``'s value (None: the runner ended it)."""
+    if status is None:
+        return "was ended by the checker"
+    if status < 0:
         try:
-            name = signal.Signals(-returncode).name
+            name = signal.Signals(-status).name
         except ValueError:
-            name = f"signal {-returncode}"
+            name = f"signal {-status}"
         meaning = {"SIGSEGV": " (segmentation fault: memory access the process may not make)",
-                   "SIGKILL": " (killed)", "SIGABRT": " (aborted)", "SIGBUS": " (bus error)"}
+                   "SIGKILL": " (killed)", "SIGABRT": " (aborted)", "SIGBUS": " (bus error)",
+                   "SIGXCPU": " (it used up its CPU time limit)"}
         return f"was killed by {name}{meaning.get(name, '')}"
-    return f"exited with status {returncode} before reporting"
+    return f"exited with status {status} before reporting"
 
 
-def _tail(stream, lines: int = 6) -> str:
-    stream.seek(0)
-    text = stream.read().decode(errors="replace").strip().splitlines()
-    return "\n".join(text[-lines:])
+class _Output:
+    """The student's output: the first :data:`OUTPUT_LIMIT` bytes of the check kept, the rest counted."""
+
+    def __init__(self) -> None:
+        self.kept = bytearray()
+        self.dropped = 0
+        self.tail = b""              # the current child's last TAIL_BYTES
+
+    def feed(self, chunk: bytes) -> None:
+        room = max(0, OUTPUT_LIMIT - len(self.kept))
+        self.kept += chunk[:room]
+        self.dropped += len(chunk) - len(chunk[:room])
+        self.tail = (self.tail + chunk)[-TAIL_BYTES:]
+
+    def last_lines(self, lines: int = 6) -> str:
+        return escaped("\n".join(self.tail.decode(errors="replace").strip().splitlines()[-lines:]))
+
+    def text(self) -> str:
+        shown = escaped(self.kept.decode(errors="replace").strip())
+        return shown + (f"\n... and {self.dropped} more bytes, not shown" if self.dropped else "")
+
+
+class Forged(Exception):
+    """The child's report broke the protocol: the reason says how."""
+
+
+def _string(message: dict, name: str) -> str:
+    value = message.get(name, "")
+    if not isinstance(value, str):
+        raise Forged(f"invalid report: {name} is {type(value).__name__}, not text")
+    return escaped(value)
+
+
+def _integer(message: dict, name: str) -> int:
+    value = message.get(name)
+    if type(value) is not int:
+        raise Forged(f"invalid report: {name} is {escaped(repr(value))[:40]}, not an integer")
+    return value
 
 
 class _Child:
-    """One child process running steps from ``start``; yields its report events."""
+    """One child process running steps from ``start``: its reports, output, evidence and end."""
 
     def __init__(self, lab: Lab, student_file: Path, seed: int, start: int, broken: dict[str, str],
-                 python: str) -> None:
-        read_end, write_end = os.pipe()
-        self.output = tempfile.TemporaryFile()
+                 python: str, deadline: float, output: _Output) -> None:
+        self.output = output
+        self.evidence = Evidence()
+        self.workdir = tempfile.TemporaryDirectory(prefix="pykvm-lab-")
+        self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.channel = f"socket:[{os.fstat(theirs.fileno()).st_ino}]"     # the child's end, in /proc/PID/fd
+        self.status_read, status_write = os.pipe()
+        self.output_read, output_write = os.pipe()
+        cpu_seconds = int(STARTUP + deadline * (len(lab.steps) - start)) + 1
         try:
             self.process = subprocess.Popen(
-                [python, "-m", "pykvm.labs.child", "--lab", str(lab.number), "--file", str(student_file),
-                 "--seed", str(seed), "--start", str(start), "--report-fd", str(write_end),
-                 "--broken", json.dumps(broken)],
-                stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, pass_fds=(write_end,),
-                start_new_session=True, cwd=student_file.parent)
+                [*isolation(), python, "-I", "-c", CHILD_PROGRAM, "--lab", str(lab.number),
+                 "--file", str(student_file), "--seed", str(seed), "--start", str(start),
+                 "--report-fd", str(theirs.fileno()), "--status-fd", str(status_write),
+                 "--cpu-seconds", str(cpu_seconds), "--broken", json.dumps(broken)],
+                stdin=subprocess.DEVNULL, stdout=output_write, stderr=output_write,
+                pass_fds=(theirs.fileno(), status_write), start_new_session=True, cwd=self.workdir.name)
         except BaseException:
-            os.close(read_end)
-            self.output.close()
+            self._release()
             raise
         finally:
-            os.close(write_end)
-        self.read_end = read_end
-        self.buffer = b""
+            theirs.close()
+            os.close(status_write)
+            os.close(output_write)
+        self.own: set[int] = set()           # the checker's processes (the child before the student's code)
+        self.status: int | None = None       # how the worker ended (os.waitstatus_to_exitcode), once known
 
-    def next_event(self, deadline: float) -> dict | None:
-        """The next report; None on EOF (the child is gone); TimeoutError past ``deadline``."""
-        while b"\n" not in self.buffer:
+    # -- the processes ----------------------------------------------------------------------
+    def tree(self) -> list[int]:
+        """The child and every process below it (all in its namespace, or all it forked)."""
+        return _below(self.process.pid, _processes())
+
+    def note_own(self) -> None:
+        self.own = set(self.tree())
+
+    def end_leftovers(self) -> None:
+        """End every process the student's code started (the checker's own stay)."""
+        _kill([pid for pid in self.tree() if pid not in self.own])
+
+    def channel_closed(self) -> bool:
+        """Whether no process below the child's first one (``unshare`` keeps its copy) holds the report channel."""
+        for pid in self.tree()[1 if isolation() else 0:]:
+            with contextlib.suppress(OSError):
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == self.channel for fd in os.listdir(f"/proc/{pid}/fd")):
+                    return False
+        return True
+
+    def stopped(self) -> bool:
+        processes = _processes()
+        return any(processes[pid].state in "tT" for pid in _below(self.process.pid, processes))
+
+    # -- the reports ----------------------------------------------------------------------------
+    def next_message(self, deadline: float) -> dict | None:
+        """The next report; None once the channel is closed; TimeoutError past ``deadline``; Forged."""
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            ready, _, _ = select.select([self.read_end], [], [], remaining)
-            if not ready:
-                continue
-            chunk = os.read(self.read_end, 65536)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return json.loads(line)
+            ready, _, _ = select.select([self.socket.fileno(), self.output_read], [], [], remaining)
+            if self.output_read in ready:
+                chunk = os.read(self.output_read, 65536)
+                if chunk:
+                    self.output.feed(chunk)
+            if self.socket.fileno() in ready:
+                return self._receive()
 
-    def close(self) -> tuple[str, str, str]:
-        """Kill what is left of the child's process group and reap it.
-
-        Returns how it ended, its last output as evidence of a crash (or ""), and its output.
-        """
-        if self.process.poll() is None:
+    def _receive(self) -> dict | None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(self.socket, MESSAGE_LIMIT, 4)
+        except ConnectionResetError:
+            # The child ended with our "go" unread: Linux reports that once, before the reports still
+            # queued (the child's end is closed, so this receive cannot block).
+            data, fds, flags, _ = socket.recv_fds(self.socket, MESSAGE_LIMIT, 4)
+        if not data and not fds:
+            return None
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise Forged(f"invalid report: a message longer than {MESSAGE_LIMIT} bytes")
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        returncode = self.process.wait()
-        os.close(self.read_end)
-        ended = _signal_name(returncode) if returncode else "exited"
-        tail, printed = _tail(self.output), _tail(self.output, OUTPUT_LINES)
-        self.output.close()
-        return ended, (f"; its last output:\n{tail}" if tail and returncode else ""), printed
+                message = json.loads(data)
+            except (ValueError, UnicodeDecodeError):
+                raise Forged(f"invalid report: {escaped(repr(data[:60]))} is not one JSON message") from None
+            if not isinstance(message, dict) or not isinstance(message.get("event"), str):
+                raise Forged(f"invalid report: {escaped(repr(message))[:80]} names no event")
+            if message["event"] == "vcpu":
+                given, fds = fds, []
+                self._accept_vcpu(message, given)
+            elif fds:
+                raise Forged(f"report not from the checker: fds attached to a {escaped(message['event'])!r} report")
+            return message
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _accept_vcpu(self, message: dict, fds: list[int]) -> None:
+        """Keep the one fd a vCPU report carries if KVM made it; it is closed otherwise."""
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise Forged(f"report not from the checker: a vCPU report with {len(fds)} fds")
+        if len(self.evidence.vcpus) >= MAX_VCPUS:
+            os.close(fds[0])
+            raise Forged(f"invalid report: more than {MAX_VCPUS} vCPUs")
+        stats, problem = verified_stats(fds[0], set(self.tree()))
+        if stats is None:
+            raise Forged(f"report not from the checker: the fd sent as KVM's vCPU statistics is {problem}")
+        self.evidence.add_vcpu(_string(message, "key"), stats)
+
+    def accept_injection(self, message: dict) -> None:
+        if len(self.evidence.injections) >= MAX_INJECTIONS:
+            raise Forged(f"invalid report: more than {MAX_INJECTIONS} injections")
+        self.evidence.add_injection(Injection(
+            _string(message, "key"), _integer(message, "vcpu"), _string(message, "kind"),
+            _integer(message, "vector"), bool(message.get("forced")), _integer(message, "ready"),
+            _integer(message, "if_flag"), _integer(message, "rip")))
+
+    def send_go(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.send(GO)
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Whether the worker ended within ``timeout`` (its status, when known, in ``self.status``)."""
+        ends = time.monotonic() + timeout
+        while time.monotonic() < ends:
+            if isolation() and self._read_status():
+                return True
+            if not isolation() and self.process.poll() is not None:
+                self.status = self.process.returncode
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _read_status(self) -> bool:
+        ready, _, _ = select.select([self.status_read], [], [], 0)
+        if ready:
+            raw = os.read(self.status_read, 32)
+            if raw.strip().isdigit():
+                self.status = os.waitstatus_to_exitcode(int(raw))
+            return True
+        return False
+
+    # -- the end --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """End every process of the child and release everything."""
+        tree = self.tree()
+        _kill(tree)
+        self.process.wait()
+        _gone(tree)
+        self._drain()
+        self._release()
+
+    def _drain(self) -> None:
+        while select.select([self.output_read], [], [], 0)[0]:
+            chunk = os.read(self.output_read, 65536)
+            if not chunk:
+                return
+            self.output.feed(chunk)
+
+    def _release(self) -> None:
+        self.evidence.close()
+        self.socket.close()
+        os.close(self.status_read)
+        os.close(self.output_read)
+        self.workdir.cleanup()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Process:
+    parent: int
+    state: str                  # /proc/PID/stat's state letter: "T" stopped, "t" traced, "Z" zombie...
+
+
+def _processes() -> dict[int, _Process]:
+    """Every process of the host now, from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+            except OSError:                  # it ended meanwhile
+                continue
+            found[int(entry)] = _Process(int(fields[1]), fields[0])
+    return found
+
+
+def _below(root: int, processes: dict[int, _Process]) -> list[int]:
+    """``root`` (if it runs) and its descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, process in processes.items():
+        children.setdefault(process.parent, []).append(pid)
+    found, waiting = [], [root] if root in processes else []
+    while waiting:
+        pid = waiting.pop()
+        found.append(pid)
+        waiting += children.get(pid, [])
+    return found
+
+
+@contextlib.contextmanager
+def _no_ctrl_c() -> Iterator[None]:
+    """SIGINT held back meanwhile (delivered at the end): starting and ending a child is never cut short."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextlib.contextmanager
+def _started(*args: Any) -> Iterator[_Child]:
+    """A child started with ``_Child(*args)``, ended and released however the block ends, Ctrl-C included.
+
+    The child inherits SIGINT blocked: it runs in a session of its own, where a terminal's Ctrl-C does not
+    reach it anyway.
+    """
+    with _no_ctrl_c():
+        child = _Child(*args)
+    try:
+        yield child
+    finally:
+        with _no_ctrl_c():
+            child.close()
+
+
+def _kill(pids: list[int]) -> None:
+    """SIGSTOP all first (a forking process cannot outrun it), then SIGKILL."""
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def _gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait until the killed ``pids`` have left (a PID namespace's processes are killed after its init ends)."""
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        processes = _processes()
+        if not any(pid in processes and processes[pid].state != "Z" for pid in pids):
+            return
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _adopting() -> Iterator[None]:
+    """Without namespaces: make this process adopt the child's orphans (PR_SET_CHILD_SUBREAPER) meanwhile."""
+    if isolation():
+        yield
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int()
+    libc.prctl(37, ctypes.byref(was), 0, 0, 0)           # PR_GET_CHILD_SUBREAPER
+    libc.prctl(36, 1, 0, 0, 0)                           # PR_SET_CHILD_SUBREAPER
+    me = os.getpid()
+    before = {pid for pid, process in _processes().items() if process.parent == me}
+    try:
+        yield
+    finally:
+        adopted = [pid for pid, process in _processes().items() if process.parent == me and pid not in before]
+        _kill(adopted)
+        for pid in adopted:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        libc.prctl(36, was.value, 0, 0, 0)
 
 
 # A step stopped at its deadline is seldom about the step's own topic: say how to find where it hung.
@@ -134,6 +440,152 @@ HANG_HINT = ("code that never finishes is usually a run() loop waiting for an ex
              "the same exit over and over (e.g. an OUT to port 0 at a growing RIP) means the guest is "
              "running where you did not put code: check the address you loaded it at and where the "
              "registers you set make it start")
+CHANNEL_CLOSED = ("the process running your code closed the checker's report channel (os.closerange? "
+                  "os.close?) and went on running; it was stopped")
+FORGED_HINT = "the checklist comes from the checker's process; your code's reports do not count"
+
+
+@dataclasses.dataclass
+class _Run:
+    """One child's run: where it is, what it reported, and why it stopped early (``problem``)."""
+
+    start: int
+    current: int | None = None
+    expected: int = 0
+    running: list[str] = dataclasses.field(default_factory=list)   # scenario keys, innermost last
+    problem: str = ""
+    hint: str = ""
+    ready: bool = False
+
+
+class _Checker:
+    """The parent's side of one ``check``: children, their events, and each step's verdict."""
+
+    def __init__(self, lab: Lab, student_file: Path, seed: int, deadline: float, python: str,
+                 host: HostInfo) -> None:
+        self.lab, self.student_file, self.seed = lab, student_file, seed
+        self.deadline, self.python, self.host = deadline, python, host
+        self.results: dict[int, StepResult] = {}
+        self.broken: dict[str, str] = {}
+        self.output = _Output()
+
+    def run(self) -> tuple[StepResult, ...]:
+        start, steps = 0, self.lab.steps
+        while start < len(steps):
+            run = _Run(start, expected=start)
+            with _started(self.lab, self.student_file, self.seed, start, self.broken, self.python,
+                          self.deadline, self.output) as child:
+                self._follow(child, run)
+            if not run.problem:
+                break
+            start = self._fail_early(run)
+        return tuple(self.results.get(i, StepResult(i, step.title, False, "not run"))
+                     for i, step in enumerate(steps))
+
+    def _follow(self, child: _Child, run: _Run) -> None:
+        limit = time.monotonic() + STARTUP
+        self.output.tail = b""
+        while True:
+            try:
+                message = child.next_message(limit)
+                if message is None:
+                    run.problem = self._closed(child)
+                    return
+                if self._handle(child, run, message):
+                    return
+            except TimeoutError:
+                run.problem = self._timeout(child, run)
+                return
+            except Forged as forged:
+                run.problem, run.hint = str(forged), FORGED_HINT
+                return
+            if run.current is not None and message["event"] == "step":
+                limit = time.monotonic() + self.deadline
+
+    def _closed(self, child: _Child) -> str:
+        if child.wait_exit(GRACE):
+            return "the process running your code " + _ended(child.status)
+        return CHANNEL_CLOSED
+
+    def _timeout(self, child: _Child, run: _Run) -> str:
+        if run.current is None:
+            return f"the checker's process did not start within {STARTUP:g} s"
+        if child.channel_closed():
+            return CHANNEL_CLOSED
+        if child.stopped():
+            return (f"the process running your code was stopped (SIGSTOP or a debugger) and did not "
+                    f"finish within {self.deadline:g} s; it was ended")
+        return (f"did not finish within {self.deadline:g} s (a hang? an endless run() loop, or a guest "
+                f"that never exits); it was stopped")
+
+    def _handle(self, child: _Child, run: _Run, message: dict) -> bool:
+        """Act on one report; True once the child is done."""
+        kind = message["event"]
+        if kind == "ready" and not run.ready:
+            run.ready = True
+            child.note_own()
+            child.send_go()
+        elif not run.ready:
+            raise Forged(f"report not from the checker: {escaped(kind)!r} before the checker was ready")
+        elif kind == "step":
+            if _integer(message, "index") != run.expected or run.current is not None:
+                raise Forged(f"report not from the checker: step {message['index']!r} announced while "
+                             f"step {run.expected + 1} was next")
+            run.current = run.expected
+        elif kind == "begin":
+            if len(run.running) >= MAX_NESTED:
+                raise Forged(f"invalid report: more than {MAX_NESTED} scenarios inside each other")
+            run.running.append(_string(message, "key"))
+        elif kind == "end" and run.running:
+            run.running.pop()
+        elif kind == "injection":
+            child.accept_injection(message)
+        elif kind == "result":
+            self._result(child, run, message)
+        elif kind == "done" and run.expected == len(self.lab.steps) and run.current is None:
+            return True
+        elif kind not in ("vcpu", "end"):
+            raise Forged(f"invalid report: unexpected {escaped(kind)!r}")
+        return False
+
+    def _result(self, child: _Child, run: _Run, message: dict) -> None:
+        index = _integer(message, "index")
+        if index != run.current:
+            running = f"step {run.current + 1} runs" if run.current is not None else "no step runs"
+            raise Forged(f"report not from the checker: a result for step {index + 1} while {running}"
+                         if 0 <= index < len(self.lab.steps) else
+                         f"invalid report: a result for step {index}; the lab has {len(self.lab.steps)}")
+        step = self.lab.steps[index]
+        passed, detail, hint = message.get("passed") is True, _string(message, "detail"), _string(message, "hint")
+        child.end_leftovers()
+        if passed:
+            try:
+                agreed = judge(step, Verdict(self.seed, self.host, child.evidence))
+                detail = "; ".join(part for part in (detail, agreed) if part)
+            except Fail as failure:
+                passed, detail, hint = False, escaped(failure.reason), failure.hint or step.hint
+        self.results[index] = StepResult(index, step.title, passed, detail, hint)
+        run.current, run.expected = None, index + 1
+        child.send_go()
+
+    def _fail_early(self, run: _Run) -> int:
+        """Fail the step a child stopped in; the step the next child starts at."""
+        steps = self.lab.steps
+        current = run.current if run.current is not None else run.expected
+        if current >= len(steps):
+            return len(steps)
+        inside = [key for key in run.running if key != "import"]
+        evidence = self.output.last_lines()
+        problem = run.problem
+        reason = problem + (f" (in the run of {inside[-1]}())" if inside else
+                            " (while importing your file)" if run.running else "") + \
+            (f"; its last output:\n{evidence}" if evidence else "")
+        hint = run.hint or (HANG_HINT if problem.startswith(("did not finish", "the process running your "
+                                                             "code was stopped")) else steps[current].hint)
+        self.results[current] = StepResult(current, steps[current].title, False, reason, hint)
+        for key in run.running:         # every step that judges these runs is "not checked"
+            self.broken[key] = reason
+        return current + 1
 
 
 def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline: float = DEFAULT_DEADLINE,
@@ -142,67 +594,10 @@ def check(lab: Lab, student_file: Path | str, seed: int | None = None, deadline:
     student_file = Path(student_file).resolve()
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
-    results: dict[int, StepResult] = {}
-    broken: dict[str, str] = {}
-    start = 0
-    steps = lab.steps
-    printed: list[str] = []
-    while start < len(steps):
-        child = _Child(lab, student_file, seed, start, broken, python)
-        current: int | None = None
-        running: list[str] = []          # the scenarios in progress (their keys), innermost last
-        limit = time.monotonic() + STARTUP
-        problem = ""
-        try:
-            while True:
-                try:
-                    event = child.next_event(limit)
-                except TimeoutError:
-                    problem = (f"did not finish within {deadline:g} s (a hang? an endless run() loop, "
-                               f"or a guest that never exits); it was stopped" if current is not None
-                               else f"the checker's process did not start within {STARTUP:g} s")
-                    break
-                if event is None:
-                    problem = "the process running your code "
-                    break
-                kind = event["event"]
-                if kind == "step":
-                    current = event["index"]
-                    limit = time.monotonic() + deadline
-                elif kind == "begin":
-                    running.append(event["key"])
-                elif kind == "end" and running:
-                    running.pop()
-                elif kind == "result":
-                    index = event["index"]
-                    results[index] = StepResult(index, steps[index].title, event["passed"],
-                                                event.get("detail", ""), event.get("hint", ""))
-                    current = None
-                elif kind == "done":
-                    break
-        finally:
-            ended, output, text = child.close()
-            if text:
-                printed.append(text)
-        if not problem:
-            break
-        if problem.endswith(" "):
-            problem += ended
-        if current is None:             # died before or between steps: nothing more can run
-            current = start if not results else max(results) + 1
-            if current >= len(steps):
-                break
-        inside = [key for key in running if key != "import"]
-        reason = problem + (f" (in the run of {inside[-1]}())" if inside else
-                            " (while importing your file)" if running else "") + output
-        hint = HANG_HINT if problem.startswith("did not finish") else steps[current].hint
-        results[current] = StepResult(current, steps[current].title, False, reason, hint)
-        for key in running:             # every step that judges these runs is "not checked"
-            broken[key] = reason
-        start = current + 1
-    ordered = tuple(results.get(i, StepResult(i, step.title, False, "not run")) for i, step in enumerate(steps))
-    output = "\n".join("\n".join(printed).splitlines()[-OUTPUT_LINES:])
-    return Report(lab, student_file, seed, host, ordered, output)
+    checker = _Checker(lab, student_file, seed, deadline, python, detect())
+    with _adopting():
+        results = checker.run()
+    return Report(lab, student_file, seed, host, results, checker.output.text(), bool(isolation()))
 
 
 def format_report(report: Report) -> str:
@@ -211,6 +606,8 @@ def format_report(report: Report) -> str:
     lines = [f"Lab {lab.number}: {lab.title}",
              f"checking {report.student_file} on {report.host or 'this host'} (seed {report.seed}; "
              f"--seed {report.seed} repeats this run)", ""]
+    if not report.isolated:
+        lines[-1:] = ["(this host offers no PID and user namespaces: your code ran isolated less strictly)", ""]
     for result in report.results:
         mark = "PASS" if result.passed else "FAIL"
         lines.append(f"  [{mark}] {result.index + 1}. {result.title}")
@@ -222,8 +619,9 @@ def format_report(report: Report) -> str:
             if result.hint:
                 lines.append(f"         hint: {result.hint}")
     if report.output:
+        shown = report.output.splitlines()
         lines += ["", f"your code printed (the last {OUTPUT_LINES} lines at most):"]
-        lines += [f"  | {line}" for line in report.output.splitlines()]
+        lines += [f"  | {line}" for line in shown[-OUTPUT_LINES:]]
     passed = sum(result.passed for result in report.results)
     lines += ["", f"{passed} of {len(report.results)} steps passed" +
               (": lab complete." if report.passed else ".")]
@@ -232,7 +630,6 @@ def format_report(report: Report) -> str:
 
 def check_here(number: int, student_file: str) -> None:
     """What a starter's ``if __name__ == "__main__"`` calls: check this file, print, exit with the verdict."""
-    from ..hosts import detect
     from . import get_lab
     report = check(get_lab(number), student_file, host=detect().name)
     print(format_report(report))

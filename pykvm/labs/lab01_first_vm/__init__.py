@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from ...core.constants import Cap, IoDirection
 from ...core.exits import HltExit, IoExit
 from ...x86.asm import assemble
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
+from ..verdict import Verdict, disagree
 
 STATS = ("exits", "io_exits", "halt_exits")
 
@@ -135,6 +137,17 @@ def check_hlt(ctx: Context) -> str:
             f"KVM's counters: " + ", ".join(f"{name}={value}" for name, value in stats.items()))
 
 
+def counted_by_kvm(exits: int, halts: int = 0) -> Callable[[Verdict], str]:
+    """A step's rule: KVM counted at least ``exits`` exits of solve()'s one vCPU, ``halts`` of them at a hlt."""
+    def rule(verdict: Verdict) -> str:
+        counters = verdict.counters("solve")
+        if len(counters) != 1 or counters[0]["exits"] < exits or counters[0]["halt_exits"] < halts:
+            raise disagree(f"solve()'s vCPUs counted {[(c['exits'], c['halt_exits']) for c in counters]} "
+                           f"(exits, halt_exits); this step needs one vCPU with at least ({exits}, {halts})")
+        return f"KVM counted {counters[0]['exits']} exits, {counters[0]['halt_exits']} at a hlt"
+    return rule
+
+
 def _support(host) -> Support:
     where = "at" if host.io_exit_rip_at_out else "past"
     return Support(True, f"at an OUT exit this host reports RIP {where} the `out` (sheet question 2)")
@@ -148,15 +161,15 @@ LAB = Lab(
     steps=(
         Step("solve() creates a VM with one memory slot and a vCPU", check_vm,
              "pykvm.Kvm() opens /dev/kvm; create_vm(memory_size=0) makes a VM with no RAM at all; "
-             "vm.memory.add_slot(guest_phys_addr, size) backs a range with a slot (sheet, step 1)"),
+             "vm.memory.add_slot(guest_phys_addr, size) backs a range with a slot (sheet, step 1)", counted_by_kvm(1)),
         Step("the vCPU starts on the guest's first instruction", check_first_exit,
              "the code must be in guest memory before the first run(), and in real mode the CPU "
-             "fetches from CS*16 + IP: which CS and IP make that task.address? (sheet, steps 2-3)"),
+             "fetches from CS*16 + IP: which CS and IP make that task.address? (sheet, steps 2-3)", counted_by_kvm(1)),
         Step("the guest reads task.answer from its IN", check_answer,
              "an IN exit is a question: KVM finishes the instruction only at the next run(), with "
-             "whatever data you gave the exit by then (sheet, 'IO exits')"),
+             "whatever data you gave the exit by then (sheet, 'IO exits')", counted_by_kvm(2)),
         Step("the guest runs to its hlt; KVM's registers and counters agree", check_hlt,
              "keep calling run() until the exit is a HltExit; check with vcpu.regs what the guest "
-             "left in EBX (sheet, step 4)"),
+             "left in EBX (sheet, step 4)", counted_by_kvm(3, 1)),
     ),
 )

@@ -14,6 +14,7 @@ from ...x86.asm import assemble
 from ...x86.modes import enter_real_mode
 from ...x86.system_area import DEFAULT_STACK_TOP
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
+from ..verdict import Verdict, disagree, injected_once
 
 MAIN = 0x8000                  # linear address of the main program (CS = 0x800, IP = 0)
 STUBS = 0x9000                 # the checker's default handlers, one per vector
@@ -57,10 +58,25 @@ class Task:
                 f"done_port={self.done_port:#x})")
 
 
-def _scenario(ctx: Context) -> dict:
-    rng = ctx.random("solve")
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """A run's random parameters (drawn by the child for the task, by the runner for the verdict)."""
+
+    ports: list[int]            # tick, done, report
+    ticks: int
+    vector: int
+    handler_address: int
+
+
+def _draw(rng) -> _Draw:
     ports = rng.sample(range(0x40, 0xE0), 3)
     ticks = rng.randrange(3, 7)
+    return _Draw(ports, ticks, rng.randrange(0x20, 0x100), rng.randrange(0x20, 0x30) << 12)
+
+
+def _scenario(ctx: Context) -> dict:
+    draw = _draw(ctx.random("solve"))
+    ports, ticks = draw.ports, draw.ticks
     main = assemble(MAIN_SOURCE, "real", 0, {"TICKS": ticks, "TICK_PORT": ports[0], "DONE_PORT": ports[1]})
     stubs = assemble(_stubs_source(), "real", 0)
     ctx.load()
@@ -75,8 +91,7 @@ def _scenario(ctx: Context) -> dict:
             vm.memory.write_u16(4 * vector + 2, STUBS >> 4)
         vcpu = vm.create_vcpu()
         enter_real_mode(vcpu, 0, cs=MAIN >> 4)
-        task = Task(kvm, vm, vcpu, rng.randrange(0x20, 0x100), rng.randrange(0x20, 0x30) << 12,
-                    ports[2], ports[0], ports[1])
+        task = Task(kvm, vm, vcpu, draw.vector, draw.handler_address, ports[2], ports[0], ports[1])
         source = ctx.call("handler_source", task)
         if not isinstance(source, str):
             raise Fail(f"handler_source() returned {type(source).__name__}, not assembly text (a str)")
@@ -176,6 +191,21 @@ def check_return(ctx: Context) -> str:
     return f"{len(ticks)} ticks, SP back to {sp:#x}, IF=1, halted"
 
 
+def injected_by_kvm(verdict: Verdict) -> str:
+    return injected_once(verdict, "solve", _draw(verdict.random("solve")).vector)
+
+
+def finished_by_kvm(verdict: Verdict) -> str:
+    """As :func:`injected_by_kvm`, and the main program's ticks, report, final OUT and hlt were exits KVM counted."""
+    detail = injected_by_kvm(verdict)
+    ticks = _draw(verdict.random("solve")).ticks
+    counters = verdict.counters("solve")[0]
+    if counters["exits"] < ticks + 3 or counters["halt_exits"] < 1:
+        raise disagree(f"KVM counted {counters['exits']} exits, {counters['halt_exits']} at a hlt; {ticks} "
+                       f"ticks, the handler's report, the final OUT and the hlt are at least {ticks + 3}, one a hlt")
+    return f"{detail}; KVM counted {counters['exits']} exits"
+
+
 LAB = Lab(
     number=2, title="The real-mode IVT", minutes=45, folder=lab_folder(__file__),
     teaches="the interrupt vector table, a handler in 16-bit assembly, KVM_INTERRUPT when ready, "
@@ -189,12 +219,12 @@ LAB = Lab(
              "(16 bits); the CPU jumps to segment*16 + offset (sheet, 'The IVT')"),
         Step("you inject task.vector once, when the guest is ready", check_injection,
              "look at vcpu.kvm_run.ready_for_interrupt_injection after each exit; inject only when it "
-             "is 1, and only task.vector (it changes on every run)"),
+             "is 1, and only task.vector (it changes on every run)", injected_by_kvm),
         Step("your handler reports the interrupted IP", check_report,
              "in the handler, the frame the CPU pushed is at SS:SP; reach it through BP "
-             "(sheet, 'The frame')"),
+             "(sheet, 'The frame')", injected_by_kvm),
         Step("the handler returns with IRET and the main program finishes", check_return,
              "a handler must leave the stack and FLAGS as the CPU found them: which instruction pops "
-             "IP, CS and FLAGS together?"),
+             "IP, CS and FLAGS together?", finished_by_kvm),
     ),
 )

@@ -9,6 +9,7 @@ from ...core.exits import FailEntryExit
 from ...guests import Command, GuestSession
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
 from ..guest_task import booted
+from ..verdict import Verdict, injected_once
 
 DELIVERED, ENTRY_FAILED, HELD = "delivered", "entry failed", "held"
 VMX_INVALID_GUEST_STATE = 0x80000021
@@ -25,13 +26,18 @@ class Task:
         return f"Task(guest=<long-mode guest, IF=0>, vector={self.vector:#x})"
 
 
+def _vector(rng) -> int:
+    """The vector a scenario asks for (drawn by the child for the task, by the runner for the verdict)."""
+    return rng.randrange(0x20, 0x100)
+
+
 def _ready_scenario(ctx: Context) -> dict:
     rng = ctx.random("inject_when_ready")
     ctx.load()
     ctx.trace.clear()
     with booted() as guest:
         guest.command(Command.CLI)
-        task = Task(guest, rng.randrange(0x20, 0x100))
+        task = Task(guest, _vector(rng))
         ctx.call("inject_when_ready", task)
         return {"task": task, "log": guest.log(), "injections": list(ctx.trace.injections)}
 
@@ -61,7 +67,7 @@ def _masked_scenario(ctx: Context) -> dict:
     ctx.trace.clear()
     with booted() as guest:
         guest.command(Command.CLI)
-        task = Task(guest, rng.randrange(0x20, 0x100))
+        task = Task(guest, _vector(rng))
         answer = ctx.call("inject_while_masked", task)
         return {"task": task, "log": guest.log(), "answer": answer,
                 "injections": list(ctx.trace.injections),
@@ -103,6 +109,14 @@ def check_masked_answer(ctx: Context) -> str:
     return f"{answer!r}: right for this host ({ctx.host.name}); {_recorded(ctx.host)}"
 
 
+def ready_evidence(verdict: Verdict) -> str:
+    return injected_once(verdict, "inject_when_ready", _vector(verdict.random("inject_when_ready")))
+
+
+def masked_evidence(verdict: Verdict) -> str:
+    return injected_once(verdict, "inject_while_masked", _vector(verdict.random("inject_while_masked")), forced=True)
+
+
 def _recorded(host) -> str:
     """What pykvm's conformance table holds for this host's interrupt_not_ready probe."""
     try:
@@ -122,11 +136,12 @@ LAB = Lab(
     steps=(
         Step("inject_when_ready(): task.vector is taken with IF=1, injected only when ready",
              check_ready, "after each exit kvm_run says whether the guest can take an interrupt; "
-                          "what must the guest execute before it can? (the Command enum)"),
+                          "what must the guest execute before it can? (the Command enum)", ready_evidence),
         Step("inject_while_masked(): a forced KVM_INTERRUPT while IF=0, then the guest runs",
              check_masked_injection, "vcpu.interrupt(vector, force=True) skips pykvm's check; then "
-                                     "let the guest run one command"),
+                                     "let the guest run one command", masked_evidence),
         Step("inject_while_masked() answers what happened on this host", check_masked_answer,
-             "look at the exit you got and at task.guest.log(): which of the three outcomes was it?"),
+             "look at the exit you got and at task.guest.log(): which of the three outcomes was it?",
+             masked_evidence),
     ),
 )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from ...core.constants import Cap
 from ...core.exits import IoExit, IrqWindowOpenExit
 from ...guests import Command, GuestSession
 from ..framework import Context, Fail, Lab, Step, StudentError, Support, lab_folder
 from ..guest_task import booted
+from ..verdict import Verdict, disagree
 
 
 @dataclasses.dataclass
@@ -20,16 +22,22 @@ class Task:
         return f"Task(vectors={[hex(v) for v in self.vectors]})"
 
 
+def _vectors(rng) -> list[int]:
+    """The vectors the checker queues (drawn by the child for the task, by the runner for the verdict)."""
+    return rng.sample(range(0x20, 0x100), 3)
+
+
 def _scenario(ctx: Context) -> dict:
-    rng = ctx.random("Controller")
-    vectors = rng.sample(range(0x20, 0x100), 3)
+    vectors = _vectors(ctx.random("Controller"))
     ctx.load()
     ctx.trace.clear()
     with booted() as guest:
         vcpu = guest.vcpu
         controller = ctx.call("Controller", vcpu)
-        if type(controller).__module__.startswith("pykvm."):
-            raise Fail("Controller() returned pykvm's own UserspaceIrqController: write your own")
+        borrowed = [cls.__qualname__ for cls in type(controller).__mro__ if cls.__module__.startswith("pykvm.")]
+        if borrowed:
+            raise Fail(f"Controller() returned a {type(controller).__name__}, which is (or inherits) pykvm's own "
+                       f"{borrowed[0]}: write your own")
         vcpu.irq_controller = _Hook(ctx, controller)
         guest.command(Command.CLI)
         queued_at = len(ctx.trace.exits)
@@ -129,6 +137,26 @@ def check_window(ctx: Context) -> str:
     return f"{detail}; the guest's log: {taken.vector:#x} taken at RIP {taken.rip:#x}"
 
 
+def injected_by_kvm(in_order: bool) -> Callable[[Verdict], str]:
+    """A step's rule: every KVM_INTERRUPT made when ready, not forced, and counted by KVM; ``in_order``: they
+    were the queued vectors, highest first.
+
+    KVM counts an injection again when an exit interrupts its delivery and it re-injects: at least as many.
+    """
+    def rule(verdict: Verdict) -> str:
+        wanted = sorted(_vectors(verdict.random("Controller")), reverse=True)
+        made = [(i.vector, i.forced, i.ready) for i in verdict.injections("Controller", "interrupt")]
+        counted = [c["irq_injections"] for c in verdict.counters("Controller")]
+        ready = all(ready and not forced for _, forced, ready in made)
+        ordered = [vector for vector, _, _ in made] == wanted or not in_order
+        if not made or not ready or not ordered or len(counted) != 1 or counted[0] < len(made):
+            raise disagree(f"the KVM_INTERRUPTs made were {[(hex(v), f, r) for v, f, r in made]} (vector, forced, "
+                           f"ready) and KVM counted {counted} injections; the queued vectors, highest first, are "
+                           f"{[hex(v) for v in wanted]}")
+        return f"KVM injected {counted[0]} interrupts"
+    return rule
+
+
 def _support(host) -> Support:
     if host.sends_irq_window_exits:
         return Support(True, "this host sends KVM_EXIT_IRQ_WINDOW_OPEN")
@@ -145,12 +173,13 @@ LAB = Lab(
     steps=(
         Step("while IF=0 nothing is injected, and the window is requested", check_held,
              "before_entry() runs before every KVM_RUN: inject only if the last exit said ready; "
-             "otherwise set vcpu.kvm_run.request_interrupt_window"),
+             "otherwise set vcpu.kvm_run.request_interrupt_window", injected_by_kvm(in_order=False)),
         Step("every queued vector arrives once, highest first", check_order,
              "a vector queued twice before delivery is one pending interrupt (an IRR bit); "
-             "a higher vector has priority"),
+             "a higher vector has priority", injected_by_kvm(in_order=True)),
         Step("injected at the right exit for this host; window request cleared when idle", check_window,
              "on a host with window exits, inject at KVM_EXIT_IRQ_WINDOW_OPEN; on one without, at any "
-             "exit with ready=1; and ask for the window only while something is pending"),
+             "exit with ready=1; and ask for the window only while something is pending",
+             injected_by_kvm(in_order=False)),
     ),
 )

@@ -9,6 +9,7 @@ from ...core.exits import DebugExit
 from ...guests import Command, GuestSession
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
 from ..guest_task import booted
+from ..verdict import Verdict, injected_once
 
 
 @dataclasses.dataclass
@@ -20,13 +21,18 @@ class Task:
         return f"Task(guest=<long-mode guest>, vector={self.vector:#x})"
 
 
+def _vector(rng) -> int:
+    """The task's vector (drawn by the child for the task, by the runner for the verdict)."""
+    return rng.randrange(0x20, 0x100)
+
+
 def _sti_scenario(ctx: Context) -> dict:
     rng = ctx.random("inject_after_sti")
     ctx.load()
     with booted() as guest:
         guest.command(Command.CLI)
         ctx.trace.clear()
-        task = Task(guest, rng.randrange(0x20, 0x100))
+        task = Task(guest, _vector(rng))
         ctx.call("inject_after_sti", task)
         guest.vcpu.set_single_step(False)
         return {"task": task, "log": guest.log(), "exits": list(ctx.trace.exits),
@@ -107,6 +113,10 @@ def _support(host) -> Support:
                          "(the host holds the trap as for MOV SS; sheet, question 1)")
 
 
+def injected_by_kvm(verdict: Verdict) -> str:
+    return injected_once(verdict, "inject_after_sti", _vector(verdict.random("inject_after_sti")))
+
+
 LAB = Lab(
     number=6, title="Interrupt shadows", minutes=40, folder=lab_folder(__file__),
     teaches="the STI and MOV SS shadows, KVM_SET_GUEST_DEBUG single-stepping, what ready and the "
@@ -118,10 +128,10 @@ LAB = Lab(
              "send Command.STI_NOP, vcpu.set_single_step(True), then each run() is one instruction"),
         Step("you inject task.vector at the first stop that reports ready", check_sti_injection,
              "at each stop read vcpu.kvm_run.ready_for_interrupt_injection (and vcpu.events.interrupt"
-             ".shadow); inject only when ready"),
+             ".shadow); inject only when ready", injected_by_kvm),
         Step("the guest takes it right after the shadowed nop", check_sti_taken,
              "stop single-stepping after the injection and let the guest reach its next sync point "
-             "(guest.run_until(StopKind.SYNC))"),
+             "(guest.run_until(StopKind.SYNC))", injected_by_kvm),
         Step("mov_ss_steps(): the debug exits from `mov %ax, %ss` on", check_mov_ss,
              "single-step Command.MOV_SS (IF=1) from the stop at label mov_ss_mov; collect "
              "vcpu.regs.rip at each DebugExit"),

@@ -6,9 +6,11 @@ import dataclasses
 
 from ...core.constants import Cap
 from ...guests import Command, GuestSession
+from ...guests import load as load_image
 from ...x86.vectors import Vector
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
 from ..guest_task import booted, handler_range
+from ..verdict import Verdict, disagree
 
 
 @dataclasses.dataclass
@@ -21,14 +23,19 @@ class Task:
         return f"Task(guest=<long-mode guest, notify mode>, count={self.count}, IF={int(self.interrupts_enabled)})"
 
 
+def _parameters(rng) -> tuple[bool, int]:
+    """The guest's IF and how many NMIs (drawn by the child for the task, by the runner for the verdict)."""
+    enabled = rng.random() < 0.5
+    return enabled, rng.randrange(2, 5)
+
+
 def _scenario(ctx: Context) -> dict:
-    rng = ctx.random("nmis")
+    enabled, count = _parameters(ctx.random("nmis"))
     ctx.load()
     with booted(notify=True) as guest:
-        enabled = rng.random() < 0.5
         guest.command(Command.STI if enabled else Command.CLI)
         ctx.trace.clear()
-        task = Task(guest, rng.randrange(2, 5), enabled)
+        task = Task(guest, count, enabled)
         ctx.call("nmis", task)
         return {"task": task, "log": guest.log(), "handler": handler_range(guest),
                 "injections": [i for i in ctx.trace.injections if i.kind == "nmi"],
@@ -80,6 +87,30 @@ def check_not_nested(ctx: Context) -> str:
     return f"each held NMI was taken outside the handler, IF={int(task.interrupts_enabled)}; here {where}"
 
 
+def counted_by_kvm(verdict: Verdict) -> str:
+    """KVM injected (at least: a re-injection counts again) every NMI made, and task.count were made."""
+    _, count = _parameters(verdict.random("nmis"))
+    counted = [c["nmi_injections"] for c in verdict.counters("nmis")]
+    made = verdict.injections("nmis", "nmi")
+    if len(counted) != 1 or counted[0] < len(made) or len(made) != count:
+        raise disagree(f"KVM counted {counted} NMI injections and {len(made)} KVM_NMIs were made; the task "
+                       f"asks for {count}, each injected")
+    return f"KVM injected {counted[0]} NMIs"
+
+
+def raised_in_handler(verdict: Verdict) -> str:
+    """NMIs 2.. were made while the guest was stopped inside the handler, as the hook saw them then."""
+    made = verdict.injections("nmis", "nmi")
+    image = load_image("long")
+    handler = range(image.address("handler_common"), image.address("handler_iret") + 1)
+    outside = [n for n, nmi in enumerate(made[1:], 2) if nmi.rip not in handler]
+    if len(made) < 2 or outside:
+        raise disagree(f"NMI #{outside[0]} was made at RIP {made[outside[0] - 1].rip:#x}, outside the NMI "
+                       f"handler" if outside else f"{len(made)} KVM_NMIs were made",
+                       by="the KVM_NMIs as the checker saw them made")
+    return counted_by_kvm(verdict)
+
+
 def _support(host) -> Support:
     if host.nmi_delivered_at_iret:
         return Support(True, "a held NMI is taken right after the handler's IRET")
@@ -96,12 +127,13 @@ LAB = Lab(
     steps=(
         Step("the guest takes exactly task.count NMIs", check_count,
              "KVM keeps at most one NMI pending besides the one being handled: raise the next only "
-             "once the previous one is being handled"),
+             "once the previous one is being handled", counted_by_kvm),
         Step("each NMI after the first is raised inside the previous NMI's handler", check_blocked,
              "in notify mode the handler reports its vector with an `out` before its IRET: "
-             "guest.run_until(StopKind.VECTOR) stops there; vcpu.events.nmi.masked says NMIs are blocked"),
+             "guest.run_until(StopKind.VECTOR) stops there; vcpu.events.nmi.masked says NMIs are blocked",
+             raised_in_handler),
         Step("no NMI nests inside a handler, and IF did not matter", check_not_nested,
              "a held NMI is taken after the IRET; on some hosts only at the next VM entry: keep the "
-             "guest running (commands) until the log holds them all"),
+             "guest running (commands) until the log holds them all", counted_by_kvm),
     ),
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 
 from ...core.constants import Cap
 from ...core.vm import Vm
@@ -19,6 +20,7 @@ from ...irqchip import DeliveryMode, ioapic
 from ...irqchip.ioapic import IoapicState, RedirectionEntry
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
 from ..guest_task import booted
+from ..verdict import Verdict, delivered
 
 PINS = range(16, 24)       # IOAPIC-only GSIs: 0-15 also reach the 8259s
 
@@ -87,16 +89,15 @@ def check_route(ctx: Context) -> str:
     return "; ".join(done)
 
 
-def _draw_task(ctx: Context, key: str, level: bool) -> tuple[int, int, int]:
-    """How many times, which pin, which vector: for scenario ``key``."""
-    rng = ctx.random(key)
+def _draw_task(rng: random.Random, level: bool) -> tuple[int, int, int]:
+    """How many times, which pin, which vector (drawn by the child for the task, by the runner for the verdict)."""
     edge_pin, edge_vector, level_pin, level_vector = _draw(rng)
     pin, vector = (level_pin, level_vector) if level else (edge_pin, edge_vector)
     return rng.randrange(2, 5), pin, vector
 
 
 def _pulse_scenario(ctx: Context) -> dict:
-    count, pin, vector = _draw_task(ctx, "pulse", False)
+    count, pin, vector = _draw_task(ctx.random("pulse"), False)
     ctx.load()
     with booted(irqchip="kernel") as guest:
         guest.apic_enable(auto_eoi=True)          # the handler EOIs: this part is about the line only
@@ -132,7 +133,7 @@ def check_pulse(ctx: Context) -> str:
 
 
 def _acknowledge_scenario(ctx: Context) -> dict:
-    count, pin, vector = _draw_task(ctx, "acknowledge", True)
+    count, pin, vector = _draw_task(ctx.random("acknowledge"), True)
     ctx.load()
     with booted(irqchip="kernel") as guest:
         vm = guest.vcpu.vm
@@ -204,6 +205,14 @@ def _support(host) -> Support:
                          "again at each VM entry (the IOAPIC's state is the same as elsewhere)")
 
 
+def deliveries(key: str) -> Callable[[Verdict], str]:
+    """A step's rule: KVM injected every one of scenario ``key``'s random number of requests."""
+    def rule(verdict: Verdict) -> str:
+        count = _draw_task(verdict.random(key), key == "acknowledge")[0]
+        return f"KVM's irq_injections: {delivered(verdict, key, count)}"
+    return rule
+
+
 LAB = Lab(
     number=9, title="The in-kernel irqchip", minutes=50, folder=lab_folder(__file__),
     teaches="KVM's 8259 PICs and IOAPIC, GSIs and KVM_IRQ_LINE, redirection entries, edge vs level "
@@ -217,12 +226,13 @@ LAB = Lab(
              "or the host does (ioapic.read / with_entry / write)"),
         Step("pulse(): every edge is taken exactly once", check_pulse,
              "an edge-triggered pin fires when its line goes from low to high: what must happen "
-             "between two edges? (vm.irq_line(gsi, level))"),
+             "between two edges? (vm.irq_line(gsi, level))", deliveries("pulse")),
         Step("acknowledge(): the line is low and remote IRR clear afterwards", check_acknowledged,
              "a level-triggered pin delivers while its line is high and then waits with remote IRR "
-             "set; the device's line and the LAPIC's EOI are two different things (sheet, 'Level')"),
+             "set; the device's line and the LAPIC's EOI are two different things (sheet, 'Level')",
+             deliveries("acknowledge")),
         Step("every level request is delivered, and not again after acknowledge()", check_level_deliveries,
              "the order matters: an EOI that comes while the line is still high makes the IOAPIC "
-             "deliver again"),
+             "deliver again", deliveries("acknowledge")),
     ),
 )

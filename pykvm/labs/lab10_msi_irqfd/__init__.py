@@ -13,6 +13,7 @@ from ...guests import Command, GuestSession
 from ...runtime import command_in_thread
 from ..framework import Context, Fail, Lab, SendRecord, Step, StudentError, Support, lab_folder
 from ..guest_task import booted_cpus
+from ..verdict import Verdict, disagree, posts_interrupts
 
 CPUS = 3                 # the destination is APIC ID 1 or 2: a wrong destination field reaches CPU 0 or nobody
 CONTROL_S = 0.3          # seconds the checker's control leaves the vCPU halted with no trigger
@@ -38,8 +39,8 @@ class Task:
                 f"cpus=<{len(self.cpus)} long-mode guests, LAPICs enabled, IF=1>)")
 
 
-def _parameters(ctx: Context) -> tuple[int, int, int]:
-    rng = ctx.random("task")
+def _parameters(rng) -> tuple[int, int, int]:
+    """Destination, vector and GSI (drawn by the child for the task, by the runner for the verdict)."""
     vector = rng.randrange(0x30, 0xF0)
     gsi = rng.choice([g for g in range(32, 1000) if g != vector])
     return rng.randrange(1, CPUS), vector, gsi
@@ -47,7 +48,7 @@ def _parameters(ctx: Context) -> tuple[int, int, int]:
 
 def _scenario(ctx: Context, body) -> dict:
     """Boot the VM, hand the student a task, run ``body(task)``; the vCPUs' logs afterwards."""
-    destination, vector, gsi = _parameters(ctx)
+    destination, vector, gsi = _parameters(ctx.random("task"))
     ctx.load()
     with booted_cpus(CPUS) as cpus:
         for cpu in cpus:
@@ -92,12 +93,20 @@ def _describe(send: SendRecord) -> str:
 def _send(ctx: Context) -> dict:
     def body(task: Task) -> dict:
         ctx.trace.clear()
+        composed = ctx.trace.composed
         ctx.call("send_msi", task)
+        composed = ctx.trace.composed - composed
         sends = list(ctx.trace.sends)
         for cpu in task.cpus:                  # an MSI raised while the vCPUs wait at a sync point is
             cpu.command(Command.NOP)           # taken at their next entry
-        return {"sends": sends}
+        return {"sends": sends, "composed": composed}
     return ctx.once("send_msi", lambda ctx: _scenario(ctx, body))
+
+
+def _refuse_compose(function: str, composed: int) -> None:
+    if composed:
+        raise Fail(f"{function}() let MsiMessage.compose() build the message (directly or through "
+                   f"signal_msi(destination=..., vector=...)): write its address and data yourself (msi())")
 
 
 def check_send(ctx: Context) -> str:
@@ -105,6 +114,7 @@ def check_send(ctx: Context) -> str:
     msis = [send for send in run["sends"] if send.kind == "signal_msi"]
     if not msis:
         raise Fail("send_msi() made no KVM_SIGNAL_MSI (task.vm.signal_msi(message))")
+    _refuse_compose("send_msi", run["composed"])
     detail = _delivered(run["task"], run["logs"], f"KVM_SIGNAL_MSI with {_describe(msis[0])}")
     return f"{detail}; your message: {_describe(msis[0])}"
 
@@ -113,7 +123,9 @@ def check_send(ctx: Context) -> str:
 
 def _route(ctx: Context) -> dict:
     def body(task: Task) -> dict:
+        composed = ctx.trace.composed
         ctx.call("route", task)
+        composed = ctx.trace.composed - composed
         try:                                   # the checker raises the GSI itself: KVM follows the route
             task.vm.irq_line(task.gsi, 1)
             task.vm.irq_line(task.gsi, 0)
@@ -122,13 +134,14 @@ def _route(ctx: Context) -> dict:
             refused = str(exc)
         for cpu in task.cpus:
             cpu.command(Command.NOP)
-        return {"refused": refused}
+        return {"refused": refused, "composed": composed}
     return ctx.once("route", lambda ctx: _scenario(ctx, body))
 
 
 def check_route(ctx: Context) -> str:
     run = _route(ctx)
     task = run["task"]
+    _refuse_compose("route", run["composed"])
     if run["refused"]:
         raise Fail(f"after route(), the checker's KVM_IRQ_LINE on GSI {task.gsi} was refused: {run['refused']}")
     detail = _delivered(task, run["logs"], f"the checker raised GSI {task.gsi} (KVM_IRQ_LINE)")
@@ -236,6 +249,46 @@ def check_halted(ctx: Context) -> str:
             f"stayed halted {CONTROL_S:g} s (nothing injected) until the checker raised GSI {task.gsi}")
 
 
+def _injections(verdict: Verdict, key: str, wanted: int) -> str:
+    """KVM's counters: the task's destination vCPU, and no other, had ``wanted`` interrupts injected.
+
+    At least ``wanted``: KVM counts an injection again when an exit interrupts its delivery. Posted
+    interrupts (APICv, AVIC) reach a guest without KVM's injection path, which counts
+    ``irq_injections``: there the count is not asked for, only that no other vCPU had any.
+    """
+    destination = _parameters(verdict.random("task"))[0]
+    counted = [c["irq_injections"] for c in verdict.counters(key)]
+    others = [count for cpu, count in enumerate(counted) if cpu != destination]
+    injected = len(counted) == CPUS and counted[destination] >= wanted
+    if any(others) or not (injected or (posts_interrupts() and len(counted) == CPUS)):
+        raise disagree(f"during {key}() KVM injected {counted} interrupts into vCPUs 0..{CPUS - 1}; the task's "
+                       f"destination is {destination}")
+    return f"KVM's irq_injections per vCPU: {counted}"
+
+
+def send_evidence(verdict: Verdict) -> str:
+    return _injections(verdict, "send_msi", 1)
+
+
+def route_evidence(verdict: Verdict) -> str:
+    return _injections(verdict, "route", 1)
+
+
+def wake_evidence(verdict: Verdict) -> str:
+    """wake() and the checker's control each injected once."""
+    return _injections(verdict, "wake", 2)
+
+
+def woken_evidence(verdict: Verdict) -> str:
+    """As :func:`wake_evidence`, and KVM woke the destination from a halt."""
+    detail = wake_evidence(verdict)
+    destination = _parameters(verdict.random("task"))[0]
+    woken = verdict.counters("wake")[destination]["halt_wakeup"]
+    if not woken:
+        raise disagree(f"KVM never woke vCPU {destination} from a halt during wake() (halt_wakeup 0)")
+    return f"{detail}; halt_wakeup {woken}"
+
+
 def _support(host) -> Support:
     if host.lapic_delivers_when_unblocked:
         return Support(True, "the in-kernel LAPIC injects as soon as the guest can take the vector")
@@ -252,15 +305,15 @@ LAB = Lab(
     steps=(
         Step("your MSI reaches the destination vCPU with the vector (KVM_SIGNAL_MSI)", check_send,
              "an x86 MSI is an address 0xFEExxxxx whose bits 19:12 name the destination APIC ID, and "
-             "data whose low byte is the vector (bits 10:8: delivery mode, 0 = fixed)"),
+             "data whose low byte is the vector (bits 10:8: delivery mode, 0 = fixed)", send_evidence),
         Step("the task's GSI is routed to your MSI (the checker raises it)", check_route,
              "KVM_SET_GSI_ROUTING replaces the whole table: keep vm.routes and add an MsiRoute for the "
-             "task's GSI"),
+             "task's GSI", route_evidence),
         Step("an irqfd on the GSI, written from another thread, delivers the vector", check_irqfd,
              "the vCPU waits inside KVM_RUN on its own thread (command_in_thread); the eventfd write "
-             "comes from a different thread"),
+             "comes from a different thread", wake_evidence),
         Step("the vCPU was halted in the kernel and the irqfd woke it, with no exit to userspace", check_halted,
              "write the irqfd only once the vCPU is blocked in its hlt: its stats' 'blocking' reads 1 "
-             "(open vcpu.stats before the vCPU's thread starts)"),
+             "(open vcpu.stats before the vCPU's thread starts)", woken_evidence),
     ),
 )

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ...core.constants import Cap, IrqchipId
 from ...core.errors import CommandTimeout
@@ -24,6 +24,7 @@ from ...irqchip import lapic, pic, pit
 from ...irqchip.lapic import ApicReg, TimerMode
 from ...x86.msr import TSC_DEADLINE_MSR, TSC_MSR
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
+from ..verdict import Verdict, delivered
 
 DIVIDES = (1, 2, 4, 8)       # written raw instead of encoded, each gives 4x the period (2x shorter for 4)
 # Periods in units of 128 us (so that every divide gives a whole count). They are long because the
@@ -317,6 +318,12 @@ def _support(host) -> Support:
     return Support(True, "in-kernel LAPIC vectors are delivered only at VM entries here: a tick can come "
                          "late, and the periodic check judges the median gap for that reason")
 
+def fired(key: str, at_least: int) -> Callable[[Verdict], str]:
+    """A step's rule: KVM injected at least ``at_least`` interrupts in scenario ``key`` (only the timers do)."""
+    def rule(verdict: Verdict) -> str:
+        return f"KVM's irq_injections: {delivered(verdict, key, at_least)}"
+    return rule
+
 
 LAB = Lab(
     number=12, title="Timers: LAPIC timer, TSC-deadline and the PIT", minutes=60, folder=lab_folder(__file__),
@@ -328,17 +335,18 @@ LAB = Lab(
     steps=(
         Step("the periodic LAPIC timer raises task.vector, again and again", check_periodic_vector,
              "the LVT timer entry holds the vector, the mode (bits 18:17) and the mask (bit 16); writing the "
-             "initial count starts the timer"),
+             "initial count starts the timer", fired("periodic", TICKS)),
         Step("the ticks come every task.period_ns (median gap)", check_periodic_period,
              "KVM's APIC timer counts at 1 GHz: one count lasts `divide` ns. The divide configuration "
-             "register is an encoding (bits 0, 1 and 3), not the divisor itself (sheet.md)"),
+             "register is an encoding (bits 0, 1 and 3), not the divisor itself (sheet.md)", fired("periodic", TICKS)),
         Step("a one-shot timer fires once, after task.period_ns", check_one_shot,
-             "one-shot is mode 0 in the LVT; the count runs down once and stops at 0"),
+             "one-shot is mode 0 in the LVT; the count runs down once and stops at 0", fired("one_shot", 1)),
         Step("the TSC-deadline timer fires when the guest TSC passes the deadline", check_tsc_deadline,
              "TSC-deadline is mode 2 in the LVT; then the initial count is ignored and the guest writes an "
-             "absolute TSC value to IA32_TSC_DEADLINE (Command.TSC_DEADLINE adds rdtsc for you)"),
+             "absolute TSC value to IA32_TSC_DEADLINE (Command.TSC_DEADLINE adds rdtsc for you)",
+             fired("tsc_deadline", 1)),
         Step("the PIT ticks through the 8259 at task.pit_count", check_pit,
              "the 8259 turns IRQ0 into its base vector + 0 (guest.pic_init); pykvm.irqchip.pit.program "
-             "loads channel 0 (mode 2 is a rate generator)"),
+             "loads channel 0 (mode 2 is a rate generator)", fired("pit", PIT_TICKS)),
     ),
 )

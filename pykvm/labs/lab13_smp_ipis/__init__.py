@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 from ...core.constants import Cap, MpState
 from ...core.errors import CommandTimeout, GuestCancelled, KvmBusy, VcpuThreadError
@@ -25,6 +26,7 @@ from ...x86.asm import assemble
 from ...x86.modes import CR0_PE
 from ...x86.vectors import Vector
 from ..framework import Context, Fail, Lab, Step, Support, lab_folder
+from ..verdict import Verdict, delivered, disagree
 
 CPUS = 3
 SIPI_PAGES = range(0x30, 0xA0)      # free guest memory below 1 MiB (0x30000-0x9FFFF): a stub on every page
@@ -286,6 +288,20 @@ def check_nmi(ctx: Context) -> str:
             f"+{delta['nmi_injections']}")
 
 
+def ipis_delivered(at_least: int) -> Callable[[Verdict], str]:
+    """A step's rule: KVM injected at least ``at_least`` interrupts during send_ipi()'s run (only the IPIs do)."""
+    def rule(verdict: Verdict) -> str:
+        return f"KVM's irq_injections per vCPU: {delivered(verdict, 'send_ipi', at_least)}"
+    return rule
+
+
+def nmi_delivered(verdict: Verdict) -> str:
+    counted = [c["nmi_injections"] for c in verdict.counters("send_ipi")]
+    if not any(counted):
+        raise disagree(f"KVM injected no NMI into any vCPU during send_ipi()'s run ({counted})")
+    return f"KVM's nmi_injections per vCPU: {counted}"
+
+
 def _support(host) -> Support:
     if host.lapic_delivers_when_unblocked:
         return Support(True, "an IPI held while the target has IF=0 is taken right after its `sti`")
@@ -307,14 +323,15 @@ LAB = Lab(
              "a SIPI is delivery mode STARTUP (6); its vector field is the page the AP starts at, "
              "and it only works on an AP an INIT left waiting"),
         Step("a fixed IPI to one APIC ID wakes that halted CPU only", check_one,
-             "physical destination mode: the ICR's destination field (bits 63:56) is the target's APIC ID"),
+             "physical destination mode: the ICR's destination field (bits 63:56) is the target's APIC ID",
+             ipis_delivered(1)),
         Step("a logical IPI reaches exactly the CPUs of a mask", check_mask,
              "logical destination mode (ICR bit 11): in the flat model each CPU's LDR holds one bit, and "
-             "the destination is the OR of the targets' bits"),
+             "the destination is the OR of the targets' bits", ipis_delivered(2)),
         Step("the all-excluding-self shorthand reaches every other CPU", check_all_but_self,
              "a shorthand (ICR bits 19:18) replaces the destination: 1 self, 2 all including self, "
-             "3 all excluding self"),
+             "3 all excluding self", ipis_delivered(CPUS - 1)),
         Step("an NMI IPI is taken even with IF=0", check_nmi,
-             "delivery mode NMI (4); the vector field is ignored"),
+             "delivery mode NMI (4); the vector field is ignored", nmi_delivered),
     ),
 )

@@ -1,0 +1,214 @@
+"""Cheats against ``labs check``: each one in tests/labs_cheats fails, with the checker's reason, and leaves nothing.
+
+A cheat is a student's ``lab.py`` (or a folder holding one, and what the
+student put beside it) naming its lab (``LAB``), the step the checker must
+fail and why (``EXPECTED_FAILURES``, as in tests/labs_reference) and, if it
+waits for a step's deadline, that deadline (``DEADLINE``). Each runs
+``python -m pykvm.labs check`` in a process of its own (a cheat may stop or kill
+its checker), on every host: these are hardware tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pykvm.core.stats import Stats
+from pykvm.labs import get_lab, runner
+from pykvm.labs.framework import STUDENT_FILE
+from pykvm.labs.runner import OUTPUT_LIMIT, isolation
+from pykvm.labs.verdict import verified_stats
+
+pytestmark = [pytest.mark.deadline(900), pytest.mark.hardware]
+
+CHEATS = Path(__file__).resolve().parent / "labs_cheats"
+# A step's deadline unless the cheat names one: generous, since a check under QEMU TCG (tcg-amd) is slow;
+# a cheat that stops or hangs names a short one and waits for it.
+DEADLINE = 300
+NEEDS_NAMESPACES = {"stop_the_checker", "kill_the_checker"}   # without them these reach the checker itself
+
+
+def _constant(source: Path, name: str, default=None):
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    if default is None:
+        raise AssertionError(f"{source} has no {name} = ...")
+    return default
+
+
+def _student_file(cheat: Path) -> Path:
+    return cheat / STUDENT_FILE if cheat.is_dir() else cheat
+
+
+CHEAT_NAMES = sorted(path.stem for path in CHEATS.iterdir() if path.stem != "__init__" and path.suffix in ("", ".py"))
+
+
+def _planted(name: str, tmp_path: Path) -> Path:
+    """The cheat as a student's folder: ``DIR/lab.py`` (and whatever the cheat's folder holds)."""
+    cheat = CHEATS / name if (CHEATS / name).is_dir() else CHEATS / f"{name}.py"
+    directory = tmp_path / "student"
+    if cheat.is_dir():
+        shutil.copytree(cheat, directory)
+    else:
+        directory.mkdir()
+        shutil.copy(cheat, directory / STUDENT_FILE)
+    return directory
+
+
+def _blocks(checklist: str) -> dict[int, str]:
+    """Each step's lines of the checklist, by step number."""
+    blocks: dict[int, str] = {}
+    current = 0
+    for line in checklist.splitlines():
+        if line.startswith(("  [PASS] ", "  [FAIL] ")):
+            current = int(line[9:].split(".")[0])
+        elif not line.startswith("         "):
+            current = 0
+        if current:
+            blocks[current] = blocks.get(current, "") + line + "\n"
+    return blocks
+
+
+def _left_running(directory: Path) -> list[int]:
+    """Processes whose command line names the student's folder (the checker's child and all it forked)."""
+    left = []
+    for process in psutil.process_iter(["cmdline"]):
+        if str(directory) in " ".join(process.info["cmdline"] or ()):
+            left.append(process.pid)
+    return left
+
+
+def _check(number: int, directory: Path, deadline: float = DEADLINE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pykvm.labs", "check", str(number), str(directory),
+                           "--deadline", str(deadline)], capture_output=True, timeout=deadline * 4 + 600,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("name", CHEAT_NAMES)
+def test_cheat_fails_with_the_checkers_reason(kvm, tmp_path, name):
+    if name in NEEDS_NAMESPACES and not isolation():
+        pytest.skip("this host gives the checker's child no PID namespace: the cheat would stop the test itself")
+    directory = _planted(name, tmp_path)
+    student = _student_file(directory)
+    number, expected = _constant(student, "LAB"), _constant(student, "EXPECTED_FAILURES")
+    deadline = _constant(student, "DEADLINE", DEADLINE)
+    started = time.monotonic()
+    done = _check(number, directory, deadline)
+    took = time.monotonic() - started
+    out = done.stdout.decode(errors="replace")
+    assert done.returncode == 1, out + done.stderr.decode(errors="replace")
+    assert "lab complete" not in out and "\x1b" not in out
+    blocks = _blocks(out)
+    assert any(step in blocks and "[FAIL]" in blocks[step] and phrase in blocks[step] for step, phrase in expected), out
+    assert took < deadline * 2 + 120, f"the check took {took:.0f} s"
+    assert _left_running(directory) == []
+
+
+def test_a_gigabyte_of_output_is_kept_to_its_first_64_kib_and_counted(kvm, tmp_path):
+    directory = _planted("gigabyte_line", tmp_path)
+    checklist = tmp_path / "checklist"
+    with open(checklist, "wb") as stdout:           # a file: the checklist holds 64 KiB, more than a pipe's buffer
+        check = subprocess.Popen([sys.executable, "-m", "pykvm.labs", "check", "1", str(directory), "--deadline",
+                                  str(DEADLINE)], stdout=stdout, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    peak = 0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        checker = psutil.Process(check.pid)
+        while check.poll() is None:
+            peak = max(peak, checker.memory_info().rss)
+            time.sleep(0.02)
+    check.wait(timeout=DEADLINE * 4)
+    out = checklist.read_text(errors="replace")
+    assert check.returncode == 1 and peak < 256 << 20, f"the checker's RSS peaked at {peak >> 20} MiB"
+    shown = [line for line in out.splitlines() if line.startswith("  | ") and not line.startswith("  | ... and")]
+    assert 0 < sum(len(line) - 4 for line in shown) <= OUTPUT_LIMIT
+    dropped = int(out.split("... and ")[1].split(" more bytes")[0])
+    assert dropped == (1 << 30) - OUTPUT_LIMIT
+
+
+def test_a_daemon_the_students_code_left_is_ended_with_the_step(kvm, tmp_path):
+    directory = _planted("setsid_daemon", tmp_path)
+    done = _check(1, directory)
+    assert (directory / "daemon.started").exists(), done.stdout.decode(errors="replace")   # it did run
+    assert _left_running(directory) == []
+
+
+def test_the_students_folder_is_not_the_checkers(kvm, tmp_path):
+    """Control for the shadow cheat: the same folder, with a real solve(), passes (its fake child is ignored)."""
+    directory = _planted("shadow_child", tmp_path)
+    reference = Path(__file__).resolve().parent / "labs_reference" / "lab01.py"
+    (directory / STUDENT_FILE).write_text(reference.read_text())
+    done = _check(1, directory)
+    assert done.returncode == 0 and b"lab complete" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.05, 0.2, 0.5, 1.0, 2.0])
+def test_ctrl_c_ends_the_check_with_130_and_nothing_left(kvm, tmp_path, wait):
+    directory = tmp_path / "hang"
+    directory.mkdir()
+    (directory / STUDENT_FILE).write_text("def solve(task):\n    while True:\n        pass\n")
+    check = subprocess.Popen([sys.executable, "-m", "pykvm.labs", "check", "1", str(directory)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        assert b"Ctrl-C stops the check" in check.stderr.readline()          # ready: the check runs
+        time.sleep(wait)
+        tree = psutil.Process(check.pid).children(recursive=True)
+        os.killpg(check.pid, signal.SIGINT)                                  # as a terminal's Ctrl-C
+        out, err = check.communicate(timeout=60)
+    finally:
+        if check.poll() is None:
+            check.kill()
+            check.wait()
+    assert check.returncode == 130, err
+    assert b"Traceback" not in out + err and b"interrupted" in err
+    assert [process.pid for process in tree if process.is_running() and process.status() != "zombie"] == []
+    assert _left_running(directory) == []
+
+
+@pytest.mark.parametrize("name", ["report_fd_forgery", "setsid_daemon", "closerange", "step_out_of_range"])
+def test_without_namespaces_the_cheats_fail_too_and_the_checklist_says_so(kvm, tmp_path, monkeypatch, name):
+    """Where the host gives no PID and user namespaces: the child runs as this process's child (and its orphans
+    are adopted, PR_SET_CHILD_SUBREAPER, to be ended with it)."""
+    monkeypatch.setattr(runner, "isolation", lambda: ())
+    directory = _planted(name, tmp_path)
+    student = _student_file(directory)
+    expected = _constant(student, "EXPECTED_FAILURES")
+    report = runner.check(get_lab(_constant(student, "LAB")), student,
+                          deadline=_constant(student, "DEADLINE", DEADLINE))
+    assert not report.isolated and "offers no PID and user namespaces" in runner.format_report(report)
+    assert any(not report.results[step - 1].passed and phrase in report.results[step - 1].detail
+               for step, phrase in expected), runner.format_report(report)
+    assert _left_running(directory) == [] and psutil.Process().children(recursive=True) == []
+
+
+def test_a_stats_fd_is_accepted_only_as_kvms_for_a_process_of_the_check(kvm):
+    """The runner's check of a vCPU stats fd: KVM's anon inode, made by a process of the check's tree."""
+    mine = {os.getpid()}
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        for tree, accepted in ((mine, True), ({os.getpid() + 1_000_000}, False)):
+            with Stats.open(vcpu) as stats:
+                verified, problem = verified_stats(os.dup(stats.fd), tree)
+            assert (verified is not None) == accepted, problem
+            assert accepted or "a VM made by no process of this check" in problem
+            if verified is not None:
+                assert verified.read()["exits"] == 0
+                verified.close()
+        vm_stats, problem = verified_stats(os.dup(vm.stats.fd), mine)          # a VM's, not a vCPU's
+        assert vm_stats is None and "anon_inode:kvm-vm-stats" in problem
+    eventfd = os.eventfd(0)
+    fake, problem = verified_stats(eventfd, mine)
+    assert fake is None and "not a vCPU stats fd made by KVM" in problem
+    with pytest.raises(OSError):
+        os.fstat(eventfd)                                                   # refused fds are closed
