@@ -190,13 +190,17 @@ def test_rows_of_references_and_wrong_solutions(kvm, tmp_path):
 
 @pytest.mark.host_independent
 def test_each_file_is_graded_alone_in_a_private_copy(kvm, tmp_path):
-    """A file that needs its folder (a helper module beside it) fails when graded; checked in place it passes."""
+    """A file that needs its folder (a helper module beside it) fails, graded or checked, and its folder is untouched.
+
+    ``check`` runs the file isolated (``python -I``, an empty working folder), so even in place
+    nothing beside it is importable; ``grade`` also copies it alone, so the folder is never read.
+    The helper would pass the lab (it is the reference) and writes a file where it runs.
+    """
     student = _file(tmp_path, "dave", "from helper import solve  # noqa: F401\n")
     (student.parent / "helper.py").write_text((REFERENCE / "lab01.py").read_text() +
                                               "\nopen('written-by-the-student', 'w').close()\n")
     in_place = check(get_lab(1), student, deadline=60)
-    assert in_place.passed                                     # the control: beside helper.py it works
-    (student.parent / "written-by-the-student").unlink()
+    assert not in_place.passed and "No module named 'helper'" in in_place.results[0].detail
     [row] = grade(1, [student], deadline=60)
     assert row.passed == 0 and "No module named 'helper'" in row.steps[0].detail
     assert sorted(p.name for p in student.parent.iterdir()) == ["helper.py", STUDENT_FILE]

@@ -2,8 +2,8 @@
 
 Why this exists: ``check`` must always finish and print a checklist that the
 student's code cannot write. The steps run in a child (:mod:`pykvm.labs.child`):
-``python -I`` in an empty working directory, and where the host allows
-(:func:`isolation`) in PID, mount and user namespaces of its own, so the
+``python -I -B`` (no bytecode written beside the student's file) in an empty
+working directory, and where the host allows (:func:`isolation`) in PID, mount and user namespaces of its own, so the
 student's code can neither see nor signal this process and every process it
 starts dies with the child. The child limits its memory and CPU time before the
 student's code runs. This side reads the child's reports (JSON datagrams on a
@@ -178,7 +178,7 @@ class _Child:
         cpu_seconds = int(STARTUP + deadline * (len(lab.steps) - start)) + 1
         try:
             self.process = subprocess.Popen(
-                [*isolation(), python, "-I", "-c", CHILD_PROGRAM, "--lab", str(lab.number),
+                [*isolation(), python, "-I", "-B", "-c", CHILD_PROGRAM, "--lab", str(lab.number),
                  "--file", str(student_file), "--seed", str(seed), "--start", str(start),
                  "--report-fd", str(theirs.fileno()), "--status-fd", str(status_write),
                  "--cpu-seconds", str(cpu_seconds), "--broken", json.dumps(broken)],
