@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
@@ -56,13 +57,23 @@ static int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg)
 }
 
 /*
- * The kick signal: a handler that does nothing, installed without SA_RESTART,
- * so that the signal makes a blocked KVM_RUN return EINTR in whichever thread
- * it is sent to (pthread_kill), without involving Python's signal machinery.
+ * The kick signal: a handler that clears the pending kick of the vCPU this thread runs,
+ * installed without SA_RESTART, so that the signal makes a blocked KVM_RUN return EINTR
+ * in whichever thread it is sent to, without involving Python's signal machinery.
  */
+struct pykvm_vcpu_guard;
+static void pykvm_kick_handled(struct pykvm_vcpu_guard *guard);
+/* The guard of the KVM_RUN this thread is in (set by pykvm_run_guarded around it), and the
+ * thread's kernel id. initial-exec: the handler must not be the first to touch a dlopen'ed
+ * module's TLS (that may allocate, which a signal handler must not). */
+static __thread struct pykvm_vcpu_guard *pykvm_running_guard __attribute__((tls_model("initial-exec")));
+static __thread pid_t pykvm_thread_tid __attribute__((tls_model("initial-exec")));
+
 static void pykvm_kick_handler(int signo)
 {
     (void)signo;
+    if (pykvm_running_guard)
+        pykvm_kick_handled(pykvm_running_guard);
 }
 
 static int pykvm_install_kick_handler(int signo)
@@ -97,6 +108,8 @@ struct pykvm_vcpu_guard {
     int state;
     int closing;              /* set first by close: no new run starts, even while state is 0 */
     unsigned long thread;     /* pthread_self() of the thread inside KVM_RUN, 0 when none */
+    int tid;                  /* that thread's kernel id (gettid), where kicks are sent */
+    int kick_pending;         /* 1 from a kick's send until the kicked thread handled it */
 };
 
 #define PYKVM_GUARD_BUSY (-100000)
@@ -121,10 +134,18 @@ static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcp
         if (taken)
             return taken;
     }
-    __atomic_store_n(&guard->thread, (unsigned long)pthread_self(), __ATOMIC_RELEASE);
+    if (!pykvm_thread_tid)
+        pykvm_thread_tid = (pid_t)syscall(SYS_gettid);
+    pykvm_running_guard = guard;
+    /* A kick handled after the last run of this guard ended left kick_pending set: start clear
+     * (at worst one signal more is sent, never one less). */
+    __atomic_store_n(&guard->kick_pending, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&guard->tid, (int)pykvm_thread_tid, __ATOMIC_RELEASE);
+    __atomic_store_n(&guard->thread, (unsigned long)pthread_self(), __ATOMIC_SEQ_CST);
     int r = ioctl(fd, KVM_RUN, 0);
     int err = errno;
     __atomic_store_n(&guard->thread, 0UL, __ATOMIC_RELEASE);
+    pykvm_running_guard = NULL;
     if (r < 0) {
         /* Nothing to read from kvm_run: give the guard back here, so that a Python
          * exception raised right after this call (Ctrl-C's KeyboardInterrupt) cannot
@@ -176,6 +197,55 @@ static int pykvm_guard_close(struct pykvm_vcpu_guard *guard)
 static unsigned long pykvm_guard_thread(struct pykvm_vcpu_guard *guard)
 {
     return __atomic_load_n(&guard->thread, __ATOMIC_ACQUIRE);
+}
+
+static void pykvm_kick_handled(struct pykvm_vcpu_guard *guard)
+{
+    __atomic_store_n(&guard->kick_pending, 0, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * Send signo to the thread inside KVM_RUN under guard, unless none is, or a kick sent to it
+ * is still pending (its handler has not run): that one ends this KVM_RUN, or else the next
+ * one starts after the caller set immediate_exit. So a storm of kicks queues at most one
+ * signal per vCPU thread. That matters: each real-time signal sent with tgkill takes one
+ * entry of the user's pending-signal queue, which RLIMIT_SIGPENDING bounds for all of the
+ * user's processes together, and beyond it the send fails with EAGAIN. With one pending
+ * kick per thread this process alone cannot fill it; when other processes have, the send
+ * is tried again every 0.5 ms for up to PYKVM_KICK_WAIT_NS, as long as the thread is still
+ * in KVM_RUN. Sent with tgkill to the kernel thread id: no pthread_t of a thread that may
+ * have ended is read. Returns 1 sent, 0 nothing to send, -errno.
+ */
+#define PYKVM_KICK_WAIT_NS 1000000000L
+#define PYKVM_KICK_RETRY_NS 500000L
+
+static int pykvm_guard_kick(struct pykvm_vcpu_guard *guard, int signo)
+{
+    /* The caller's store to immediate_exit before the load of thread (which the runner stores
+     * before KVM_RUN reads immediate_exit): one of the two sides sees the other's. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    unsigned long thread = __atomic_load_n(&guard->thread, __ATOMIC_SEQ_CST);
+    if (!thread)
+        return 0;
+    int tid = __atomic_load_n(&guard->tid, __ATOMIC_ACQUIRE);
+    int idle = 0;
+    if (!__atomic_compare_exchange_n(&guard->kick_pending, &idle, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        return 0;
+    const struct timespec pause = {0, PYKVM_KICK_RETRY_NS};
+    for (long waited = 0;; waited += PYKVM_KICK_RETRY_NS) {
+        if (syscall(SYS_tgkill, getpid(), tid, signo) == 0)
+            return 1;
+        int err = errno;
+        int retry = err == EAGAIN && waited < PYKVM_KICK_WAIT_NS
+                    && __atomic_load_n(&guard->thread, __ATOMIC_SEQ_CST) == thread;
+        if (!retry) {
+            __atomic_store_n(&guard->kick_pending, 0, __ATOMIC_SEQ_CST);
+            if (err == ESRCH || (err == EAGAIN && waited < PYKVM_KICK_WAIT_NS))
+                return 0;           /* the thread is gone, or it left KVM_RUN meanwhile */
+            return -err;
+        }
+        nanosleep(&pause, NULL);
+    }
 }
 
 /* Shared mapping of fd (the vCPU's kvm_run) or, with fd < 0, anonymous memory. */

@@ -1,0 +1,116 @@
+"""Kicks: a signal to the thread inside KVM_RUN, which needs neither the Kvm open nor room in the signal queue.
+
+Each test reproduces a failure of ``vcpu.kick()`` or ``close()`` (issue 21) and asserts what happens instead:
+a kick after ``kvm.close()`` raised ClosedError (a command's timeout then took 18 s), and a storm of kicks
+raised BlockingIOError (EAGAIN) once the real-time signal queue was full.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import pykvm
+from pykvm import guests, x86
+from pykvm.core.errors import CommandTimeout
+from pykvm.guests import Command
+
+SPIN = "1: jmp 1b\n"
+
+
+def spin_until_kicked(vcpu: pykvm.Vcpu) -> tuple[threading.Thread, list]:
+    """A thread running ``vcpu`` until run() returns an IntrExit; what it returned is in the list."""
+    seen: list = []
+
+    def loop() -> None:
+        while not seen:
+            exit = vcpu.run()
+            if isinstance(exit, pykvm.IntrExit):
+                seen.append(exit)
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not vcpu._guard.thread and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return thread, seen
+
+
+def test_a_kick_needs_no_open_kvm(kvm_available):
+    kvm = pykvm.Kvm()
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        x86.load_code(vcpu, SPIN)
+        thread, seen = spin_until_kicked(vcpu)
+        kvm.close()
+        vcpu.kick()
+        thread.join(5)
+        assert not thread.is_alive() and isinstance(seen[0], pykvm.IntrExit)
+
+
+def test_a_command_timeout_holds_after_the_kvm_is_closed(kvm_available):
+    kvm = pykvm.Kvm()
+    with kvm.create_vm(irqchip="kernel") as vm:
+        [guest] = guests.boot_cpus(vm, "long", 1)
+        kvm.close()
+        start = time.monotonic()
+        with pytest.raises(CommandTimeout):
+            guest.command(Command.HLT, timeout=0.5)          # cli; hlt: only the deadline's kick ends it
+        assert time.monotonic() - start < 3
+
+
+# RLIMIT_SIGPENDING counts the signals queued to all processes of this user; a real-time signal sent with
+# pthread_kill (tgkill) beyond it fails with EAGAIN. Lowered to 4 here, so that a storm of kicks to a vCPU
+# thread that is not scheduled fills it at once.
+STORM = """
+    import resource, threading, time, pykvm
+    from pykvm import x86
+    resource.setrlimit(resource.RLIMIT_SIGPENDING, (4, resource.getrlimit(resource.RLIMIT_SIGPENDING)[1]))
+    failures, kicks, exits = [], [0], [0]
+    for cycle in range(CYCLES):
+        vm = pykvm.Kvm().create_vm()
+        vcpu = vm.create_vcpu()
+        x86.load_code(vcpu, "1: jmp 1b\\n")
+        def spin():
+            try:
+                while True:
+                    vcpu.run()
+                    exits[0] += 1
+            except pykvm.ClosedError:
+                pass
+        runner = threading.Thread(target=spin)
+        runner.start()
+        def storm():
+            for _ in range(KICKS):
+                try:
+                    vcpu.kick()
+                    kicks[0] += 1
+                except pykvm.ClosedError:
+                    return
+                except OSError as exc:
+                    failures.append(f"kick: {type(exc).__name__}: {exc}")
+        kickers = [threading.Thread(target=storm) for _ in range(2)]
+        for kicker in kickers:
+            kicker.start()
+        time.sleep(0.02)
+        try:
+            vm.close()
+        except OSError as exc:
+            failures.append(f"close: {type(exc).__name__}: {exc}")
+        for thread in (*kickers, runner):
+            thread.join(10)
+    print("kicks", kicks[0], "exits", exits[0], "failures", len(failures), *sorted(set(failures))[:3])
+"""
+
+
+def test_a_storm_of_kicks_never_meets_a_full_signal_queue(kvm_available):
+    source = textwrap.dedent(STORM).replace("CYCLES", "10").replace("KICKS", "3000")
+    result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    words = result.stdout.split()
+    assert words[4:6] == ["failures", "0"], result.stdout
+    assert int(words[1]) > 0 and int(words[3]) > 0, result.stdout      # kicks were sent and vCPU exits came
