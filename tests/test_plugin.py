@@ -282,3 +282,26 @@ def test_the_control_a_vm_closed_by_its_test_is_no_error(kvm_available, tmp_path
         "def test_leaves_a_spinning_vcpu(kvm):", "def test_leaves_a_spinning_vcpu(kvm, request):")
     result = run_pytest(tmp_path, source, timeout=30)
     assert "2 passed" in result.stdout and " left " not in result.stdout, result.stdout
+
+
+def test_a_vcpu_thread_left_running_on_a_wider_fixtures_vm_is_an_error_and_is_ended(kvm_available, tmp_path):
+    # The VM outlives the test (a module fixture's): only the vCPU the test left running is closed.
+    source = LEAKY_TEST.replace("import threading", textwrap.dedent("""\
+        import threading
+        import pytest
+        import pykvm
+
+        @pytest.fixture(scope="module")
+        def shared_vm():
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                yield vm
+    """)).replace("(kvm):\n    vm = kvm.create_vm()                      # never closed",
+                  "(shared_vm):\n    vm = shared_vm")
+    source += textwrap.dedent("""
+        def test_the_vm_is_still_open(shared_vm):
+            assert not shared_vm.closed and shared_vm.vcpus[0].closed
+    """)
+    result = run_pytest(tmp_path, source, timeout=30)
+    assert "3 passed, 1 warning, 1 error" in result.stdout, result.stdout
+    assert "test_leaves_a_spinning_vcpu left vCPU 0 of Vm (fd" in result.stdout, result.stdout
+    assert "running on thread 'spinner'" in result.stdout

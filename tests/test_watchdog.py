@@ -133,6 +133,7 @@ def test_a_halted_vcpu_with_nothing_pending_still_times_out_without_a_warning(kv
     assert not [w for w in recwarn if issubclass(w.category, waiting.LostWakeup)]
 
 
+@pytest.mark.host_independent
 def test_a_guard_left_while_its_callback_runs_waits_for_it_and_says_it_fired():
     # Issue 22: the watchdog took the deadline out, then ran the callback outside its lock; a block that
     # ended meanwhile returned while the callback was still to come, and the callback's effect came after.
@@ -151,6 +152,7 @@ def test_a_guard_left_while_its_callback_runs_waits_for_it_and_says_it_fired():
     assert guard.fired
 
 
+@pytest.mark.host_independent
 def test_the_control_a_guard_left_in_time_did_not_fire():
     watchdog = Watchdog()
     guard = watchdog.guard(5, lambda: None)

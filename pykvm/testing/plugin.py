@@ -321,19 +321,22 @@ def _end_leftovers(vms_before: weakref.WeakSet[Any], threads_before: frozenset[i
     running = _running_vcpus([vcpu for vm in vms for vcpu in vm.vcpus], threads)
     told = []
     for vm in left_vms:
-        on_threads = "".join(f", vCPU {vcpu.id} running on thread {threads[ident].name!r}"
-                             for vcpu, ident in running.items() if vcpu.vm is vm)
-        told.append(f"{vm.describe()} open{on_threads}")
+        told.append(f"{vm.describe()} open" + "".join(f", vCPU {vcpu.id} running on thread {threads[ident].name!r}"
+                                                      for vcpu, ident in running.items() if vcpu.vm is vm))
         _close(vm, told)
     for vcpu, ident in running.items():
         if vcpu.vm not in left_vms:
             told.append(f"vCPU {vcpu.id} of {vcpu.vm.describe()} running on thread {threads[ident].name!r}")
             _close(vcpu, told)
-    for ident in set(running.values()):
-        threads[ident].join(LEFTOVER_JOIN)
-        if threads[ident].is_alive():
-            told.append(f"thread {threads[ident].name!r} still alive {LEFTOVER_JOIN:g} s after its vCPU closed")
-    return told
+    return told + _join([threads[ident] for ident in set(running.values())])
+
+
+def _join(threads: list[threading.Thread]) -> list[str]:
+    """Wait for the threads whose vCPUs were closed (their next run() raised ClosedError); name those still alive."""
+    for thread in threads:
+        thread.join(LEFTOVER_JOIN)
+    return [f"thread {thread.name!r} still alive {LEFTOVER_JOIN:g} s after its vCPU closed"
+            for thread in threads if thread.is_alive()]
 
 
 def _running_vcpus(vcpus: list[Any], threads: dict[int | None, threading.Thread]) -> dict[Any, int]:
