@@ -802,11 +802,12 @@ def _run_hint(err: int, vm: Vm) -> str:
 
 
 def install_kick_handler() -> None:
-    """Install the no-op C handler for KICK_SIGNAL once per process (``kick()`` calls it itself).
+    """Install the C handler for KICK_SIGNAL once per process (``kick()`` calls it itself).
 
-    With it, ``signal.pthread_kill(thread, KICK_SIGNAL)`` only interrupts what that thread is
-    blocked in (``KVM_RUN`` returns EINTR); without a handler a real-time signal's default action
-    ends the process. Call it before kicking a vCPU thread by hand.
+    The handler only notes that the thread's pending kick was taken. With it,
+    ``signal.pthread_kill(thread, KICK_SIGNAL)`` only interrupts what that thread is blocked in
+    (``KVM_RUN`` returns EINTR); without a handler a real-time signal's default action ends the
+    process. Call it before kicking a vCPU thread by hand.
     """
     global _kick_handler_installed
     with _kick_handler_lock:
