@@ -305,3 +305,23 @@ def test_a_vcpu_thread_left_running_on_a_wider_fixtures_vm_is_an_error_and_is_en
     assert "3 passed, 1 warning, 1 error" in result.stdout, result.stdout
     assert "test_leaves_a_spinning_vcpu left vCPU 0 of Vm (fd" in result.stdout, result.stdout
     assert "running on thread 'spinner'" in result.stdout
+
+
+@pytest.mark.host_independent
+def test_a_deadline_met_as_the_test_ends_leaves_no_alarm_behind():
+    # The deadline's SIGALRM sent but not yet delivered when the test returns (held back here by blocking it):
+    # once the handler before the test is back (SIG_DFL: the end of the process), it must not arrive.
+    script = textwrap.dedent("""
+        import signal, time
+        from pykvm.testing.plugin import _Deadline
+        deadline = _Deadline("test_x", 0.01)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        with deadline:
+            deadline._timer.join()              # the deadline passed and SIGALRM was sent
+            assert signal.SIGALRM in signal.sigpending()
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        time.sleep(0.1)
+        print("alive")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "alive\n"), (result.returncode, result.stderr)
