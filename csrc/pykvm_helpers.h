@@ -57,23 +57,13 @@ static int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg)
 }
 
 /*
- * The kick signal: a handler that clears the pending kick of the vCPU this thread runs,
- * installed without SA_RESTART, so that the signal makes a blocked KVM_RUN return EINTR
- * in whichever thread it is sent to, without involving Python's signal machinery.
+ * The kick signal: a handler that does nothing, installed without SA_RESTART,
+ * so that the signal makes a blocked KVM_RUN return EINTR in whichever thread
+ * it is sent to, without involving Python's signal machinery.
  */
-struct pykvm_vcpu_guard;
-static void pykvm_kick_handled(struct pykvm_vcpu_guard *guard);
-/* The guard of the KVM_RUN this thread is in (set by pykvm_run_guarded around it), and the
- * thread's kernel id. initial-exec: the handler must not be the first to touch a dlopen'ed
- * module's TLS (that may allocate, which a signal handler must not). */
-static __thread struct pykvm_vcpu_guard *pykvm_running_guard __attribute__((tls_model("initial-exec")));
-static __thread pid_t pykvm_thread_tid __attribute__((tls_model("initial-exec")));
-
 static void pykvm_kick_handler(int signo)
 {
     (void)signo;
-    if (pykvm_running_guard)
-        pykvm_kick_handled(pykvm_running_guard);
 }
 
 static int pykvm_install_kick_handler(int signo)
@@ -109,8 +99,12 @@ struct pykvm_vcpu_guard {
     int closing;              /* set first by close: no new run starts, even while state is 0 */
     unsigned long thread;     /* pthread_self() of the thread inside KVM_RUN, 0 when none */
     int tid;                  /* that thread's kernel id (gettid), where kicks are sent */
-    int kick_pending;         /* 1 from a kick's send until the kicked thread handled it */
+    unsigned int run_epoch;   /* counts the runs (never 0), stored before tid and thread */
+    unsigned int kick_epoch;  /* the run a kick signal was sent to, 0 when none */
 };
+
+/* The kernel id of the calling thread, once read (kicks are sent to it with tgkill). */
+static __thread pid_t pykvm_thread_tid;
 
 #define PYKVM_GUARD_BUSY (-100000)
 #define PYKVM_GUARD_CLOSED (-100001)
@@ -136,16 +130,13 @@ static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcp
     }
     if (!pykvm_thread_tid)
         pykvm_thread_tid = (pid_t)syscall(SYS_gettid);
-    pykvm_running_guard = guard;
-    /* A kick handled after the last run of this guard ended left kick_pending set: start clear
-     * (at worst one signal more is sent, never one less). */
-    __atomic_store_n(&guard->kick_pending, 0, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&guard->tid, (int)pykvm_thread_tid, __ATOMIC_RELEASE);
+    unsigned int epoch = guard->run_epoch + 1;          /* only the guard's holder writes it */
+    __atomic_store_n(&guard->run_epoch, epoch ? epoch : 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&guard->tid, (int)pykvm_thread_tid, __ATOMIC_SEQ_CST);
     __atomic_store_n(&guard->thread, (unsigned long)pthread_self(), __ATOMIC_SEQ_CST);
     int r = ioctl(fd, KVM_RUN, 0);
     int err = errno;
     __atomic_store_n(&guard->thread, 0UL, __ATOMIC_RELEASE);
-    pykvm_running_guard = NULL;
     if (r < 0) {
         /* Nothing to read from kvm_run: give the guard back here, so that a Python
          * exception raised right after this call (Ctrl-C's KeyboardInterrupt) cannot
@@ -199,52 +190,56 @@ static unsigned long pykvm_guard_thread(struct pykvm_vcpu_guard *guard)
     return __atomic_load_n(&guard->thread, __ATOMIC_ACQUIRE);
 }
 
-static void pykvm_kick_handled(struct pykvm_vcpu_guard *guard)
-{
-    __atomic_store_n(&guard->kick_pending, 0, __ATOMIC_SEQ_CST);
-}
-
 /*
- * Send signo to the thread inside KVM_RUN under guard, unless none is, or a kick sent to it
- * is still pending (its handler has not run): that one ends this KVM_RUN, or else the next
- * one starts after the caller set immediate_exit. So a storm of kicks queues at most one
- * signal per vCPU thread. That matters: each real-time signal sent with tgkill takes one
- * entry of the user's pending-signal queue, which RLIMIT_SIGPENDING bounds for all of the
- * user's processes together, and beyond it the send fails with EAGAIN. With one pending
- * kick per thread this process alone cannot fill it; when other processes have, the send
- * is tried again every 0.5 ms for up to PYKVM_KICK_WAIT_NS, as long as the thread is still
- * in KVM_RUN. Sent with tgkill to the kernel thread id: no pthread_t of a thread that may
- * have ended is read. Returns 1 sent, 0 nothing to send, -errno.
+ * Send signo to the thread inside KVM_RUN under guard, unless none is, or a kick signal
+ * was sent to this same run already. One is enough: it was sent to the run's thread after
+ * its sender set immediate_exit and saw the run's thread published, so it arrives while
+ * this KVM_RUN runs (EINTR), or before it entered the guest, and then KVM_RUN sees
+ * immediate_exit and returns at once: either way the run ends. So a storm of kicks sends
+ * one signal per run. That matters: each real-time signal sent with tgkill (pthread_kill)
+ * takes an entry of the user's pending-signal queue, which RLIMIT_SIGPENDING bounds for all
+ * of the user's processes together, and beyond it the send fails with EAGAIN: one signal
+ * per kick filled it in a storm. When other processes keep it full, the send is tried
+ * again every PYKVM_KICK_RETRY_NS for up to PYKVM_KICK_WAIT_NS while the run goes on.
+ * Sent to the kernel thread id: no pthread_t of a thread that may have ended is read.
+ * Returns 1 sent, 0 nothing to send, -errno.
  */
 #define PYKVM_KICK_WAIT_NS 1000000000L
 #define PYKVM_KICK_RETRY_NS 500000L
 
 static int pykvm_guard_kick(struct pykvm_vcpu_guard *guard, int signo)
 {
-    /* The caller's store to immediate_exit before the load of thread (which the runner stores
+    /* The caller's store to immediate_exit before the loads (the runner stores the thread
      * before KVM_RUN reads immediate_exit): one of the two sides sees the other's. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    unsigned int epoch = __atomic_load_n(&guard->run_epoch, __ATOMIC_SEQ_CST);
     unsigned long thread = __atomic_load_n(&guard->thread, __ATOMIC_SEQ_CST);
-    if (!thread)
+    int tid = __atomic_load_n(&guard->tid, __ATOMIC_SEQ_CST);
+    /* No run, or a new one began since: its entry sees immediate_exit. Otherwise thread and
+     * tid belong to this run (stored after its epoch, cleared before the next). */
+    if (!thread || __atomic_load_n(&guard->run_epoch, __ATOMIC_SEQ_CST) != epoch)
         return 0;
-    int tid = __atomic_load_n(&guard->tid, __ATOMIC_ACQUIRE);
-    int idle = 0;
-    if (!__atomic_compare_exchange_n(&guard->kick_pending, &idle, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-        return 0;
+    unsigned int sent = __atomic_load_n(&guard->kick_epoch, __ATOMIC_SEQ_CST);
+    do {
+        if (sent == epoch)
+            return 0;
+    } while (!__atomic_compare_exchange_n(&guard->kick_epoch, &sent, epoch, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
     const struct timespec pause = {0, PYKVM_KICK_RETRY_NS};
     for (long waited = 0;; waited += PYKVM_KICK_RETRY_NS) {
         if (syscall(SYS_tgkill, getpid(), tid, signo) == 0)
             return 1;
         int err = errno;
-        int retry = err == EAGAIN && waited < PYKVM_KICK_WAIT_NS
-                    && __atomic_load_n(&guard->thread, __ATOMIC_SEQ_CST) == thread;
-        if (!retry) {
-            __atomic_store_n(&guard->kick_pending, 0, __ATOMIC_SEQ_CST);
-            if (err == ESRCH || (err == EAGAIN && waited < PYKVM_KICK_WAIT_NS))
-                return 0;           /* the thread is gone, or it left KVM_RUN meanwhile */
-            return -err;
+        int running = __atomic_load_n(&guard->run_epoch, __ATOMIC_SEQ_CST) == epoch
+                      && __atomic_load_n(&guard->thread, __ATOMIC_SEQ_CST);
+        if (err == EAGAIN && running && waited < PYKVM_KICK_WAIT_NS) {
+            nanosleep(&pause, NULL);
+            continue;
         }
-        nanosleep(&pause, NULL);
+        __atomic_compare_exchange_n(&guard->kick_epoch, &epoch, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        if (err == ESRCH || (err == EAGAIN && !running))
+            return 0;           /* the thread is gone, or its run ended meanwhile */
+        return -err;
     }
 }
 

@@ -1,5 +1,7 @@
 """Kicks: a signal to the thread inside KVM_RUN, which needs neither the Kvm open nor room in the signal queue.
 
+One signal per KVM_RUN is sent however many kicks come; the last test checks that none is lost that way.
+
 Each test reproduces a failure of ``vcpu.kick()`` or ``close()`` (issue 21) and asserts what happens instead:
 a kick after ``kvm.close()`` raised ClosedError (a command's timeout then took 18 s), and a storm of kicks
 raised BlockingIOError (EAGAIN) once the real-time signal queue was full.
@@ -116,3 +118,44 @@ def test_a_storm_of_kicks_never_meets_a_full_signal_queue(kvm_available):
     words = result.stdout.split()
     assert words[4:6] == ["failures", "0"], result.stdout
     assert int(words[1]) > 0 and int(words[3]) > 0, result.stdout      # kicks were sent and vCPU exits came
+
+
+
+def test_after_a_storm_of_kicks_one_kick_still_ends_the_next_run(kvm):
+    # A guest that never exits by itself: run() returns only when kicked. In a storm most kicks find a signal
+    # sent to the current run already and send none; once the storm is over and the vCPU is back in a new
+    # KVM_RUN, a single kick must still send one (a lost one leaves the guest spinning: the wait times out).
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        x86.load_code(vcpu, SPIN)
+        exits, stop = [0], threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                vcpu.run()
+                exits[0] += 1
+        runner = threading.Thread(target=run)
+        runner.start()
+        try:
+            for _ in range(100):
+                for _ in range(50):
+                    vcpu.kick()
+                seen = _settled(vcpu, exits)
+                vcpu.kick()
+                deadline = time.monotonic() + 2
+                while exits[0] == seen and time.monotonic() < deadline:
+                    time.sleep(0.0002)
+                assert exits[0] > seen, "a single kick after the storm did not end the KVM_RUN"
+        finally:
+            stop.set()
+            vcpu.kick()
+            runner.join(5)
+
+
+def _settled(vcpu: pykvm.Vcpu, exits: list[int]) -> int:
+    """Wait until the runner is inside KVM_RUN and made no exit for 5 ms; the exit count then."""
+    while True:
+        seen = exits[0]
+        time.sleep(0.005)
+        if exits[0] == seen and vcpu._guard.thread:
+            return seen

@@ -216,12 +216,12 @@ class Vcpu(FdObject):
                 pass
 
     def _signal_runner(self) -> None:
-        """Send KICK_SIGNAL to the thread inside KVM_RUN, unless none is or a kick is pending there.
+        """Send KICK_SIGNAL to the thread inside KVM_RUN, unless none is or this run was sent one.
 
-        One pending kick per thread (``pykvm_guard_kick`` in csrc/pykvm_helpers.h): a
-        real-time signal takes an entry of the user's pending-signal queue, bounded by
-        RLIMIT_SIGPENDING for all the user's processes, and a storm of kicks used to fill
-        it (EAGAIN). Only a queue other processes keep full for a whole second still fails.
+        One signal per run (``pykvm_guard_kick`` in csrc/pykvm_helpers.h): a real-time
+        signal takes an entry of the user's pending-signal queue, bounded by
+        RLIMIT_SIGPENDING for all the user's processes, and one per kick filled it in a
+        storm (EAGAIN). Only a queue other processes keep full for a whole second still fails.
         """
         install_kick_handler()
         result = _guard_kick(self._guard, KICK_SIGNAL)
@@ -326,7 +326,7 @@ class Vcpu(FdObject):
         which makes KVM leave the guest with EINTR. Exactly what a VMM's
         "kick" does before injecting through the userspace path. It needs
         neither the :class:`~pykvm.Kvm` open nor room in the signal queue: a
-        storm of kicks leaves at most one signal pending per vCPU thread.
+        storm of kicks sends one signal per ``KVM_RUN``.
         """
         if not self._immediate_exit:
             self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.kick()")
@@ -802,12 +802,11 @@ def _run_hint(err: int, vm: Vm) -> str:
 
 
 def install_kick_handler() -> None:
-    """Install the C handler for KICK_SIGNAL once per process (``kick()`` calls it itself).
+    """Install the no-op C handler for KICK_SIGNAL once per process (``kick()`` calls it itself).
 
-    The handler only notes that the thread's pending kick was taken. With it,
-    ``signal.pthread_kill(thread, KICK_SIGNAL)`` only interrupts what that thread is blocked in
-    (``KVM_RUN`` returns EINTR); without a handler a real-time signal's default action ends the
-    process. Call it before kicking a vCPU thread by hand.
+    With it, ``signal.pthread_kill(thread, KICK_SIGNAL)`` only interrupts what that thread is
+    blocked in (``KVM_RUN`` returns EINTR); without a handler a real-time signal's default action
+    ends the process. Call it before kicking a vCPU thread by hand.
     """
     global _kick_handler_installed
     with _kick_handler_lock:
