@@ -341,7 +341,7 @@ struct kvm_stats_desc { __u32 flags; short exponent; __u16 size; __u32 offset; _
 int pykvm_ioctl(int fd, unsigned long request, void *arg);
 int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg);
 int pykvm_run(int fd, struct kvm_run *run);
-struct pykvm_vcpu_guard { int state; int closing; unsigned long thread; };
+struct pykvm_vcpu_guard { int state; int closing; unsigned long thread; int tid; unsigned int run_epoch; unsigned int kick_epoch; };
 #define PYKVM_GUARD_BUSY ...
 #define PYKVM_GUARD_CLOSED ...
 #define PYKVM_PACKED_IO ...
@@ -350,6 +350,7 @@ int pykvm_guard_acquire(struct pykvm_vcpu_guard *guard);
 void pykvm_guard_release(struct pykvm_vcpu_guard *guard);
 int pykvm_guard_close(struct pykvm_vcpu_guard *guard);
 unsigned long pykvm_guard_thread(struct pykvm_vcpu_guard *guard);
+int pykvm_guard_kick(struct pykvm_vcpu_guard *guard, int signo);
 void *pykvm_mmap(int fd, size_t size, int *err);
 int pykvm_munmap(void *addr, size_t size);
 int pykvm_install_kick_handler(int signo);

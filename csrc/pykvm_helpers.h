@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
@@ -58,7 +59,7 @@ static int pykvm_ioctl_value(int fd, unsigned long request, unsigned long arg)
 /*
  * The kick signal: a handler that does nothing, installed without SA_RESTART,
  * so that the signal makes a blocked KVM_RUN return EINTR in whichever thread
- * it is sent to (pthread_kill), without involving Python's signal machinery.
+ * it is sent to, without involving Python's signal machinery.
  */
 static void pykvm_kick_handler(int signo)
 {
@@ -97,7 +98,13 @@ struct pykvm_vcpu_guard {
     int state;
     int closing;              /* set first by close: no new run starts, even while state is 0 */
     unsigned long thread;     /* pthread_self() of the thread inside KVM_RUN, 0 when none */
+    int tid;                  /* that thread's kernel id (gettid), where kicks are sent */
+    unsigned int run_epoch;   /* counts the runs (never 0), stored before tid and thread */
+    unsigned int kick_epoch;  /* the run a kick signal was sent to, 0 when none */
 };
+
+/* The kernel id of the calling thread, once read (kicks are sent to it with tgkill). */
+static __thread pid_t pykvm_thread_tid;
 
 #define PYKVM_GUARD_BUSY (-100000)
 #define PYKVM_GUARD_CLOSED (-100001)
@@ -121,7 +128,12 @@ static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcp
         if (taken)
             return taken;
     }
-    __atomic_store_n(&guard->thread, (unsigned long)pthread_self(), __ATOMIC_RELEASE);
+    if (!pykvm_thread_tid)
+        pykvm_thread_tid = (pid_t)syscall(SYS_gettid);
+    unsigned int epoch = guard->run_epoch + 1;          /* only the guard's holder writes it */
+    __atomic_store_n(&guard->run_epoch, epoch ? epoch : 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&guard->tid, (int)pykvm_thread_tid, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&guard->thread, (unsigned long)pthread_self(), __ATOMIC_SEQ_CST);
     int r = ioctl(fd, KVM_RUN, 0);
     int err = errno;
     __atomic_store_n(&guard->thread, 0UL, __ATOMIC_RELEASE);
@@ -176,6 +188,59 @@ static int pykvm_guard_close(struct pykvm_vcpu_guard *guard)
 static unsigned long pykvm_guard_thread(struct pykvm_vcpu_guard *guard)
 {
     return __atomic_load_n(&guard->thread, __ATOMIC_ACQUIRE);
+}
+
+/*
+ * Send signo to the thread inside KVM_RUN under guard, unless none is, or a kick signal
+ * was sent to this same run already. One is enough: it was sent to the run's thread after
+ * its sender set immediate_exit and saw the run's thread published, so it arrives while
+ * this KVM_RUN runs (EINTR), or before it entered the guest, and then KVM_RUN sees
+ * immediate_exit and returns at once: either way the run ends. So a storm of kicks sends
+ * one signal per run. That matters: each real-time signal sent with tgkill (pthread_kill)
+ * takes an entry of the user's pending-signal queue, which RLIMIT_SIGPENDING bounds for all
+ * of the user's processes together, and beyond it the send fails with EAGAIN: one signal
+ * per kick filled it in a storm. When other processes keep it full, the send is tried
+ * again every PYKVM_KICK_RETRY_NS for up to PYKVM_KICK_WAIT_NS while the run goes on.
+ * Sent to the kernel thread id: no pthread_t of a thread that may have ended is read.
+ * Returns 1 sent, 0 nothing to send, -errno.
+ */
+#define PYKVM_KICK_WAIT_NS 1000000000L
+#define PYKVM_KICK_RETRY_NS 500000L
+
+static int pykvm_guard_kick(struct pykvm_vcpu_guard *guard, int signo)
+{
+    /* The caller's store to immediate_exit before the loads (the runner stores the thread
+     * before KVM_RUN reads immediate_exit): one of the two sides sees the other's. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    unsigned int epoch = __atomic_load_n(&guard->run_epoch, __ATOMIC_SEQ_CST);
+    unsigned long thread = __atomic_load_n(&guard->thread, __ATOMIC_SEQ_CST);
+    int tid = __atomic_load_n(&guard->tid, __ATOMIC_SEQ_CST);
+    /* No run, or a new one began since: its entry sees immediate_exit. Otherwise thread and
+     * tid belong to this run (stored after its epoch, cleared before the next). */
+    if (!thread || __atomic_load_n(&guard->run_epoch, __ATOMIC_SEQ_CST) != epoch)
+        return 0;
+    unsigned int sent = __atomic_load_n(&guard->kick_epoch, __ATOMIC_SEQ_CST);
+    do {
+        if (sent == epoch)
+            return 0;
+    } while (!__atomic_compare_exchange_n(&guard->kick_epoch, &sent, epoch, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+    const struct timespec pause = {0, PYKVM_KICK_RETRY_NS};
+    for (long waited = 0;; waited += PYKVM_KICK_RETRY_NS) {
+        if (syscall(SYS_tgkill, getpid(), tid, signo) == 0)
+            return 1;
+        int err = errno;
+        int running = __atomic_load_n(&guard->run_epoch, __ATOMIC_SEQ_CST) == epoch
+                      && __atomic_load_n(&guard->thread, __ATOMIC_SEQ_CST);
+        if (err == EAGAIN && running && waited < PYKVM_KICK_WAIT_NS) {
+            nanosleep(&pause, NULL);
+            continue;
+        }
+        __atomic_compare_exchange_n(&guard->kick_epoch, &epoch, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        if (err == ESRCH || (err == EAGAIN && !running))
+            return 0;           /* the thread is gone, or its run ended meanwhile */
+        return -err;
+    }
 }
 
 /* Shared mapping of fd (the vCPU's kvm_run) or, with fd < 0, anonymous memory. */

@@ -27,14 +27,14 @@ USER_TEST = textwrap.dedent("""
 """)
 
 
-def run_pytest(tmp_path, source: str, **environ: str) -> subprocess.CompletedProcess[str]:
+def run_pytest(tmp_path, source: str, timeout: float = 120, **environ: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_user.py").write_text(source)
     env = {key: value for key, value in os.environ.items()
            if key not in ("PYKVM_REQUIRE_KVM", "PYKVM_DEVICE", "PYTEST_ADDOPTS")}
     env.update(environ)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                            str(tmp_path / "test_user.py")], cwd=tmp_path, env=env, text=True,
-                          capture_output=True, timeout=120)
+                          capture_output=True, timeout=timeout)
 
 
 def test_a_user_test_file_passes_with_the_plugin_alone(kvm_available, tmp_path):
@@ -188,3 +188,140 @@ def test_assert_delivered_excuses_only_kvm_amds_redelivered_copy(monkeypatch, ve
     else:
         with pytest.raises(AssertionError, match="expected"):
             assert_delivered(session, [(0x45, 0)])
+
+
+# -- deadlines and what a test leaves behind -----------------------------------------------
+@pytest.mark.host_independent        # no KVM at all: the plugin's own watchdog
+def test_a_deadline_marker_works_without_any_pykvm_fixture(tmp_path):
+    # The test touches no pykvm fixture, so it is not a hardware test: the marker alone arms the deadline.
+    source = textwrap.dedent("""
+        import time
+        import pytest
+
+        @pytest.mark.deadline(1)
+        def test_sleeps():
+            time.sleep(30)
+
+        def test_next():
+            pass
+    """)
+    start = time.monotonic()
+    result = run_pytest(tmp_path, source, timeout=20)
+    assert time.monotonic() - start < 10, result.stdout
+    assert "TestDeadlineExceeded" in result.stdout and "deadline of 1 s" in result.stdout, result.stdout
+    assert "1 failed, 1 passed" in result.stdout
+
+
+def test_except_exception_cannot_swallow_the_deadline(kvm_available, tmp_path):
+    # A test that retries a hung guest command on any Exception: the deadline must still end it, and the
+    # signal that raises it ends the KVM_RUN the main thread is blocked in.
+    source = textwrap.dedent("""
+        import pytest
+        from pykvm.guests import Command
+
+        @pytest.mark.deadline(1)
+        @pytest.mark.guest(irqchip="kernel")
+        def test_retries_for_ever(guest):
+            attempts = 0
+            while True:
+                try:
+                    attempts += 1
+                    guest.command(Command.HLT, timeout=None)
+                except Exception as exc:
+                    print("swallowed", type(exc).__name__, attempts)
+
+        def test_next(kvm):
+            pass
+    """)
+    start = time.monotonic()
+    result = run_pytest(tmp_path, source, timeout=20)
+    assert time.monotonic() - start < 10, result.stdout
+    assert "TestDeadlineExceeded" in result.stdout and "swallowed" not in result.stdout, result.stdout
+    assert "1 failed, 1 passed" in result.stdout
+
+
+LEAKY_TEST = textwrap.dedent("""
+    import threading
+    import time
+    from pykvm import x86
+
+    def test_leaves_a_spinning_vcpu(kvm):
+        vm = kvm.create_vm()                      # never closed
+        vcpu = vm.create_vcpu()
+        x86.load_code(vcpu, "1: jmp 1b\\n")
+        def spin():
+            while True:
+                vcpu.run()
+        threading.Thread(target=spin, name="spinner", daemon=True).start()
+        while not vcpu._guard.thread:
+            time.sleep(0.001)
+
+    def test_next(kvm):
+        spinners = [thread for thread in threading.enumerate() if thread.name == "spinner"]
+        for thread in spinners:
+            thread.join(1)
+        assert [thread for thread in spinners if thread.is_alive()] == []
+""")
+
+
+def test_a_vm_left_open_with_a_spinning_vcpu_thread_is_an_error_and_is_ended(kvm_available, tmp_path):
+    start = time.monotonic()
+    result = run_pytest(tmp_path, LEAKY_TEST, timeout=30)
+    assert time.monotonic() - start < 20
+    assert "2 passed, 1 warning, 1 error" in result.stdout, result.stdout       # the warning: the thread's end
+    assert "test_leaves_a_spinning_vcpu left Vm (fd" in result.stdout, result.stdout
+    assert "vCPU 0 running on thread 'spinner'" in result.stdout, result.stdout
+    assert "test_user.py::test_leaves_a_spinning_vcpu\n" in result.stdout.split("warnings summary")[1]
+    tail = result.stdout.rsplit("1 error", 1)[1]
+    assert "ClosedError" not in tail + result.stderr, tail + result.stderr       # nothing after the summary
+
+
+def test_the_control_a_vm_closed_by_its_test_is_no_error(kvm_available, tmp_path):
+    source = LEAKY_TEST.replace("vm = kvm.create_vm()                      # never closed",
+                                "vm = kvm.create_vm()\n    request.addfinalizer(vm.close)").replace(
+        "def test_leaves_a_spinning_vcpu(kvm):", "def test_leaves_a_spinning_vcpu(kvm, request):")
+    result = run_pytest(tmp_path, source, timeout=30)
+    assert "2 passed" in result.stdout and " left " not in result.stdout, result.stdout
+
+
+def test_a_vcpu_thread_left_running_on_a_wider_fixtures_vm_is_an_error_and_is_ended(kvm_available, tmp_path):
+    # The VM outlives the test (a module fixture's): only the vCPU the test left running is closed.
+    source = LEAKY_TEST.replace("import threading", textwrap.dedent("""\
+        import threading
+        import pytest
+        import pykvm
+
+        @pytest.fixture(scope="module")
+        def shared_vm():
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                yield vm
+    """)).replace("(kvm):\n    vm = kvm.create_vm()                      # never closed",
+                  "(shared_vm):\n    vm = shared_vm")
+    source += textwrap.dedent("""
+        def test_the_vm_is_still_open(shared_vm):
+            assert not shared_vm.closed and shared_vm.vcpus[0].closed
+    """)
+    result = run_pytest(tmp_path, source, timeout=30)
+    assert "3 passed, 1 warning, 1 error" in result.stdout, result.stdout
+    assert "test_leaves_a_spinning_vcpu left vCPU 0 of Vm (fd" in result.stdout, result.stdout
+    assert "running on thread 'spinner'" in result.stdout
+
+
+@pytest.mark.host_independent
+def test_a_deadline_met_as_the_test_ends_leaves_no_alarm_behind():
+    # The deadline's SIGALRM sent but not yet delivered when the test returns (held back here by blocking it):
+    # once the handler before the test is back (SIG_DFL: the end of the process), it must not arrive.
+    script = textwrap.dedent("""
+        import signal, time
+        from pykvm.testing.plugin import _Deadline
+        deadline = _Deadline("test_x", 0.01)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        with deadline:
+            deadline._timer.join()              # the deadline passed and SIGALRM was sent
+            assert signal.SIGALRM in signal.sigpending()
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        time.sleep(0.1)
+        print("alive")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "alive\n"), (result.returncode, result.stderr)

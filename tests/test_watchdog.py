@@ -131,3 +131,57 @@ def test_a_halted_vcpu_with_nothing_pending_still_times_out_without_a_warning(kv
             guest.command(Command.WAIT_LOG, 1, timeout=0.3)
         assert guest.log() == []
     assert not [w for w in recwarn if issubclass(w.category, waiting.LostWakeup)]
+
+
+@pytest.mark.host_independent
+def test_a_guard_left_while_its_callback_runs_waits_for_it_and_says_it_fired():
+    # Issue 22: the watchdog took the deadline out, then ran the callback outside its lock; a block that
+    # ended meanwhile returned while the callback was still to come, and the callback's effect came after.
+    watchdog, events = Watchdog(), []
+    started = threading.Event()
+
+    def slow_expire() -> None:
+        started.set()
+        time.sleep(0.2)
+        events.append("expired")
+    guard = watchdog.guard(0.01, slow_expire)
+    with guard:
+        assert started.wait(5)              # the deadline passed and its callback is running
+    events.append("left")
+    assert events == ["expired", "left"]
+    assert guard.fired
+
+
+@pytest.mark.host_independent
+def test_the_control_a_guard_left_in_time_did_not_fire():
+    watchdog = Watchdog()
+    guard = watchdog.guard(5, lambda: None)
+    with guard:
+        pass
+    assert not guard.fired
+
+
+def test_a_command_finishing_at_its_deadline_leaves_no_cancel_for_the_next(kvm, monkeypatch):
+    # The same race through a guest session: the command reaches its sync point just as the deadline's
+    # cancel() runs. The next command must not see that cancel (it raised GuestCancelled).
+    with kvm.create_vm() as vm:
+        [guest] = guests.boot_cpus(vm, "long", 1)
+        cancel, run_until = guest.cancel, guest.run_until
+        cancelling = threading.Event()
+
+        def late_cancel() -> None:          # the watchdog's expire, slowed down after the deadline passed
+            cancelling.set()
+            time.sleep(0.1)
+            cancel()
+
+        def reaches_sync_at_the_deadline(*kinds, **options):
+            stop = run_until(*kinds, **options)
+            assert cancelling.wait(5)
+            return stop
+        monkeypatch.setattr(guest, "cancel", late_cancel)
+        monkeypatch.setattr(guest, "run_until", reaches_sync_at_the_deadline)
+        guest.command(Command.NOP, timeout=0.05)
+        monkeypatch.undo()
+        time.sleep(0.2)                     # the unfixed watchdog's cancel lands here
+        guest.command(Command.NOP, timeout=5)
+        assert guest.cancelled is False

@@ -27,6 +27,7 @@ from .errors import (
     InvalidArgument,
     InvalidVector,
     IrqchipModeError,
+    KvmBusy,
     KvmError,
     NotReadyForInjection,
     StaleExitError,
@@ -55,6 +56,7 @@ _guard_acquire = lib.pykvm_guard_acquire
 _guard_release = lib.pykvm_guard_release
 _guard_close = lib.pykvm_guard_close
 _guard_thread = lib.pykvm_guard_thread
+_guard_kick = lib.pykvm_guard_kick
 _GUARD_BUSY = lib.PYKVM_GUARD_BUSY          # -100000: taken by another thread
 _GUARD_CLOSED = lib.PYKVM_GUARD_CLOSED      # -100001: the vCPU is closed
 _PACKED_IO = lib.PYKVM_PACKED_IO            # results above it are packed IO exits
@@ -149,6 +151,8 @@ class Vcpu(FdObject):
         self._guard = ffi.new("struct pykvm_vcpu_guard *")
         self._map_lock = threading.RLock()
         self._run_size = vm.kvm.vcpu_mmap_size
+        # Read now: a kick is a signal to a thread and must work with the Kvm closed.
+        self._immediate_exit = bool(vm.kvm.check_extension(Cap.IMMEDIATE_EXIT))
         err = ffi.new("int *")
         pointer = lib.pykvm_mmap(fd, self._run_size, err)
         if pointer == ffi.NULL:
@@ -205,13 +209,27 @@ class Vcpu(FdObject):
         with self._map_lock:
             if self._run is not None:
                 self._run.immediate_exit = 1
-        thread = _guard_thread(self._guard)
-        if thread and thread != _thread_id():
-            install_kick_handler()
+        if _guard_thread(self._guard) != _thread_id():
             try:
-                signal.pthread_kill(thread, KICK_SIGNAL)
-            except ProcessLookupError:
+                self._signal_runner()
+            except KvmBusy:         # a full signal queue: close() kicks again until its grace ends
                 pass
+
+    def _signal_runner(self) -> None:
+        """Send KICK_SIGNAL to the thread inside KVM_RUN, unless none is or this run was sent one.
+
+        One signal per run (``pykvm_guard_kick`` in csrc/pykvm_helpers.h): a real-time
+        signal takes an entry of the user's pending-signal queue, bounded by
+        RLIMIT_SIGPENDING for all the user's processes, and one per kick filled it in a
+        storm (EAGAIN). Only a queue other processes keep full for a whole second still fails.
+        """
+        install_kick_handler()
+        result = _guard_kick(self._guard, KICK_SIGNAL)
+        if result < 0:
+            raise ioctl_error(-result, "tgkill", f"the thread running {self.describe()}",
+                              "this user's queue of pending signals stayed full (RLIMIT_SIGPENDING, "
+                              "`ulimit -i`): other processes hold queued signals; raise the limit"
+                              if result == -errno.EAGAIN else "")
 
     # -- running ------------------------------------------------------------
     def run(self) -> exits.Exit:
@@ -306,21 +324,18 @@ class Vcpu(FdObject):
         Sets ``immediate_exit`` (so a ``KVM_RUN`` about to start returns at once)
         and sends :data:`KICK_SIGNAL` to the thread inside ``KVM_RUN``, if any,
         which makes KVM leave the guest with EINTR. Exactly what a VMM's
-        "kick" does before injecting through the userspace path.
+        "kick" does before injecting through the userspace path. It needs
+        neither the :class:`~pykvm.Kvm` open nor room in the signal queue: a
+        storm of kicks sends one signal per ``KVM_RUN``.
         """
-        self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.kick()")
-        install_kick_handler()
+        if not self._immediate_exit:
+            self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.kick()")
         with self._map_lock:
             run = self._run
             if run is None:
                 raise ClosedError(f"Vcpu {self.id} is closed; there is nothing to kick")
             run.immediate_exit = 1
-        thread = _guard_thread(self._guard)
-        if thread:
-            try:
-                signal.pthread_kill(thread, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass        # the thread left run() meanwhile; immediate_exit covers its next run
+        self._signal_runner()
 
     def complete_pending_exit(self) -> exits.Exit | None:
         """Let KVM finish the instruction behind the last exit, without running the guest further.

@@ -295,18 +295,17 @@ class GuestSession:
 
     def _run_to_sync(self, timeout: float) -> GuestStop:
         """run_until the next sync point or DONE; CommandTimeout (the session cancelled) after ``timeout`` s."""
-        expired = []
-
-        def expire() -> None:
-            expired.append(True)
-            self.cancel()
+        deadline = WATCHDOG.guard(timeout, self.cancel)
         try:
-            with WATCHDOG.guard(timeout, expire):
-                return self.run_until(StopKind.SYNC, StopKind.DONE)
+            with deadline:
+                stop = self.run_until(StopKind.SYNC, StopKind.DONE)
         except GuestCancelled as exc:
-            if not expired:
+            if not deadline.fired:
                 raise
             raise CommandTimeout(f"vCPU {self.vcpu.id} stopped at step {self.step}, {exc}") from exc
+        if deadline.fired:          # the deadline passed as the sync point came: nothing is left to cancel
+            self.cancelled = False
+        return stop
 
     # -- interrupt controllers, from inside the guest --------------------------------
     def apic_enable(self, x2apic: bool = False, auto_eoi: bool = True) -> None:

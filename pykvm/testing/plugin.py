@@ -19,7 +19,12 @@ Markers: ``requires_cap(Cap.X, ...)`` skips unless KVM offers each
 capability; ``host_limit("fact", ...)`` skips unless this host has each named
 fact of :class:`~pykvm.hosts.HostInfo` (``sends_irq_window_exits``, ...);
 ``deadline(seconds)`` fails a test still running after ``seconds`` (default
-``PYKVM_TEST_DEADLINE`` or 120 s) instead of letting it hang.
+``PYKVM_TEST_DEADLINE`` or 120 s, for every hardware test) instead of letting it
+hang; it needs no pykvm fixture.
+
+After each test, a VM the test opened and left open, or a vCPU still running on
+a thread the test started, is an error naming what was left; the plugin closes
+it, so that no vCPU thread spins on into later tests.
 
 Environment: ``PYKVM_REQUIRE_KVM=1`` turns every skip of a hardware test into a
 failure (for CI on machines that must have KVM); ``PYKVM_DEVICE`` names the
@@ -28,9 +33,13 @@ device the fixtures open (default ``/dev/kvm``).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -59,8 +68,12 @@ _MARKERS = {
 }
 
 
-class TestDeadlineExceeded(Exception):
-    """A test ran past its ``deadline`` (raised in the test's main thread)."""
+class TestDeadlineExceeded(BaseException):
+    """A test ran past its ``deadline`` (raised in the test's main thread).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: a test's ``except Exception``
+    (a retry loop around a hung command, say) cannot swallow it.
+    """
 
 
 def _require_kvm(config: pytest.Config) -> bool:
@@ -185,24 +198,168 @@ def _deadline(item: pytest.Item) -> float:
     return value
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    """Arm SIGALRM for the test's deadline: a vCPU in KVM_RUN on this thread gets EINTR, then the raise."""
-    if item.get_closest_marker("hardware") is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    seconds = _deadline(item)
+def _armed(item: pytest.Item) -> bool:
+    return item.get_closest_marker("hardware") is not None or item.get_closest_marker("deadline") is not None
 
-    def expired(signum: int, frame: Any) -> None:
-        raise TestDeadlineExceeded(f"{item.nodeid} was still running after its deadline of {seconds:g} s "
-                                   f"(mark it @pytest.mark.deadline(seconds) to allow more)")
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Run a hardware test, or one marked ``deadline``, with its deadline armed (in the main thread only)."""
+    if not _armed(item) or threading.current_thread() is not threading.main_thread():
+        return (yield)
+    seconds = _deadline(item)
+    with _Deadline(item.nodeid, seconds):
+        return (yield)
+
+
+class _Deadline:
+    """Raise TestDeadlineExceeded in the main thread ``seconds`` after entering, unless the block left first.
+
+    A thread of its own waits for the deadline, then sends SIGALRM to the main
+    thread alone (``pthread_kill``), whose handler raises. Not a process-wide
+    timer: the kernel gives a process's signal to any thread that does not block
+    it, and a vCPU thread taking it would leave a main thread blocked in
+    ``KVM_RUN`` or a wait never told. Sent to the main thread, the signal is
+    itself the kick that ends a ``KVM_RUN`` there (EINTR), and interrupts a
+    sleep or a lock wait; a vCPU spinning on another thread is ended after the
+    test, by the check of what the test left.
+    """
+
+    def __init__(self, nodeid: str, seconds: float) -> None:
+        self.nodeid, self.seconds = nodeid, seconds
+        self._left = threading.Event()
+        self._raising = True
+        self._sent = False
+
+    def __enter__(self) -> None:
+        self._previous = signal.signal(signal.SIGALRM, self._raise)
+        self._timer = threading.Thread(target=self._wait, name="pykvm-test-deadline", daemon=True)
+        self._timer.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._raising = False
+        self._left.set()
+        self._timer.join()
+        if self._sent:
+            _discard_pending(signal.SIGALRM)
+        signal.signal(signal.SIGALRM, self._previous)
+
+    def _wait(self) -> None:
+        if not self._left.wait(self.seconds):
+            self._sent = True
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        if self._raising:
+            self._raising = False
+            raise TestDeadlineExceeded(f"{self.nodeid} was still running after its deadline of {self.seconds:g} s "
+                                       f"(mark it @pytest.mark.deadline(seconds) to allow more)")
+
+
+def _discard_pending(signum: int) -> None:
+    """Take a signal sent to this thread but not yet delivered off its queue (a deadline met as the test left)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
     try:
-        yield
+        signal.sigtimedwait({signum}, 0)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+# -- what a test leaves behind -----------------------------------------------------------------
+LEFTOVER_SAMPLE = 0.02      # seconds the vCPUs are watched for a thread inside KVM_RUN
+LEFTOVER_JOIN = 1.0         # seconds a vCPU thread gets to end once its vCPU is closed
+_LEFT = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(autouse=True)
+def _pykvm_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Close the VMs a test left open and the vCPUs still running on threads it started.
+
+    Autouse, so set up before the test's other fixtures and torn down after them:
+    what the ``vm`` fixture closes is not counted. The teardown wrapper below fails
+    the test with what was left; not raised here, so that pytest's last teardown
+    hook still runs first and reports the exception a vCPU thread died of when its
+    vCPU was closed (ClosedError) as a warning of this test.
+    """
+    vms_before = weakref.WeakSet(_open_vms() or ())
+    threads_before = frozenset(thread.ident for thread in threading.enumerate())
+    yield
+    request.node.stash[_LEFT] = _end_leftovers(vms_before, threads_before)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Fail (as a teardown error) the test that left a VM open or a vCPU thread running."""
+    result = yield
+    left = item.stash.get(_LEFT, [])
+    if left:
+        pytest.fail(f"{item.name} left {'; '.join(left)}. Close every VM the test makes (`with "
+                    f"kvm.create_vm() as vm:`, or the vm fixture) and stop its vCPU threads before it "
+                    f"returns (pykvm.runtime.VcpuThread.cancel(), or a stop flag and vcpu.kick()); the "
+                    f"plugin closed them", pytrace=False)
+    return result
+
+
+def _open_vms() -> Any:
+    """pykvm's set of open VMs, or None while pykvm is not imported (then none can be open)."""
+    module = sys.modules.get("pykvm.core.vm")
+    return None if module is None else module._OPEN_VMS
+
+
+def _end_leftovers(vms_before: weakref.WeakSet[Any], threads_before: frozenset[int | None]) -> list[str]:
+    """Close the VMs opened since and left open, and the vCPUs still running on threads started since."""
+    vms = _open_vms()
+    if vms is None:
+        return []
+    threads = {thread.ident: thread for thread in threading.enumerate()
+               if thread.ident not in threads_before and thread is not threading.current_thread()}
+    if any(vm not in vms_before for vm in vms):
+        gc.collect()                # a VM nothing refers to any more is closed by its finaliser, not left
+    left_vms = [vm for vm in vms if vm not in vms_before]
+    if not left_vms and not threads:
+        return []
+    running = _running_vcpus([vcpu for vm in vms for vcpu in vm.vcpus], threads)
+    told = []
+    for vm in left_vms:
+        told.append(f"{vm.describe()} open" + "".join(f", vCPU {vcpu.id} running on thread {threads[ident].name!r}"
+                                                      for vcpu, ident in running.items() if vcpu.vm is vm))
+        _close(vm, told)
+    for vcpu, ident in running.items():
+        if vcpu.vm not in left_vms:
+            told.append(f"vCPU {vcpu.id} of {vcpu.vm.describe()} running on thread {threads[ident].name!r}")
+            _close(vcpu, told)
+    return told + _join([threads[ident] for ident in set(running.values())])
+
+
+def _join(threads: list[threading.Thread]) -> list[str]:
+    """Wait for the threads whose vCPUs were closed (their next run() raised ClosedError); name those still alive."""
+    for thread in threads:
+        thread.join(LEFTOVER_JOIN)
+    return [f"thread {thread.name!r} still alive {LEFTOVER_JOIN:g} s after its vCPU closed"
+            for thread in threads if thread.is_alive()]
+
+
+def _running_vcpus(vcpus: list[Any], threads: dict[int | None, threading.Thread]) -> dict[Any, int]:
+    """The vCPUs seen inside KVM_RUN on one of ``threads`` within LEFTOVER_SAMPLE s, with that thread's ident.
+
+    Sampled: a thread looping over ``run()`` is outside KVM_RUN a moment between exits.
+    """
+    running: dict[Any, int] = {}
+    end = time.monotonic() + LEFTOVER_SAMPLE
+    while vcpus and time.monotonic() < end:
+        for vcpu in vcpus:
+            ident = vcpu._guard.thread
+            if ident in threads:
+                running[vcpu] = ident
+        time.sleep(0.001)
+    return running
+
+
+def _close(what: Any, told: list[str]) -> None:
+    try:
+        what.close()
+    except Exception as exc:        # noqa: BLE001 - said in the test's error, the run goes on
+        told.append(f"closing {what.describe()} raised {type(exc).__name__}: {exc}")
 
 
 # -- fixtures ------------------------------------------------------------------------------
