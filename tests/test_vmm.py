@@ -357,3 +357,25 @@ def test_the_command_refuses_a_bad_kernel_with_status_1(tmp_path, capsys):
     bad.write_bytes(b"\x7fELF" + bytes(100))
     assert main([str(bad)]) == 1
     assert "MultibootError" in capsys.readouterr().err
+
+
+def test_a_kernel_is_read_at_its_size_not_the_guests_ram(tmp_path):
+    # read(n) allocates n bytes first: reading "RAM + 1" bytes of a 4 KiB kernel for a 1 TiB guest
+    # was a MemoryError (seen in a 2 GiB host). Its size is what is read, and a size that changes
+    # under the read is refused by name.
+    import tracemalloc
+
+    from pykvm.core.errors import InvalidArgument
+    from pykvm.vmm.machine import _read
+
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(b"\x7fELF" + bytes(4092))
+    tracemalloc.start()
+    try:
+        name, data = _read(kernel, "kernel", 1 << 40)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (name, len(data)) == (str(kernel), 4096) and peak < 1 << 20
+    with pytest.raises(InvalidArgument, match="more than the guest's RAM"):
+        _read(kernel, "kernel", 4095)

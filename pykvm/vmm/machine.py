@@ -604,12 +604,17 @@ def _read(source: str | os.PathLike | bytes, what: str, limit: int) -> tuple[str
         # O_NONBLOCK: if the path became a FIFO since the stat, opening it must not wait for a writer.
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with open(fd, "rb") as file:
-            _check_file(name, what, os.fstat(fd), limit)
-            data = file.read(limit + 1)
+            status = os.fstat(fd)
+            _check_file(name, what, status, limit)
+            # Read what the file holds and one byte more (to see it grow), never limit + 1 bytes:
+            # read(n) allocates n bytes first, 4 GiB for a 4 GiB guest (a MemoryError in a 2 GiB host).
+            data = file.read(status.st_size + 1)
     except OSError as exc:
         raise InvalidArgument(f"{what} {name!r}: cannot read it: {exc.strerror}") from None
-    if len(data) > limit:
-        raise InvalidArgument(f"{what} {name!r}: grew past the guest's RAM ({limit >> 20} MiB) while read")
+    if len(data) != status.st_size:
+        raise InvalidArgument(f"{what} {name!r}: changed size while read ({status.st_size} bytes, then "
+                              f"{len(data)}{' or more' if len(data) > status.st_size else ''}); pass a file "
+                              f"nothing is writing")
     return name, data
 
 
