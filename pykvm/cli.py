@@ -2,7 +2,7 @@
 
 Why this exists: ``python -m pykvm.demo``, ``doctor`` and ``bench`` must end
 cleanly whatever stops them: a missing ``/dev/kvm`` (status 2), a pykvm error
-(1, its message), Ctrl-C at any point (130, "interrupted": the ``with`` blocks
+(1, its message), Python running out of memory (1), Ctrl-C at any point (130, "interrupted": the ``with`` blocks
 have closed every VM on the way out, kicking vCPU threads first), or a closed
 pipe (``| head``). Never a traceback from deep inside, never a signal death.
 """
@@ -47,6 +47,11 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
         return EXIT_NO_KVM
     except PyKvmError as exc:
         _say(f"{prog}: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+    except MemoryError:
+        # Python could not allocate (a guest or a buffer too big for this host): say so, not a traceback.
+        _say(f"{prog}: out of memory: this host could not give Python what the run asked for; ask for "
+             f"less (a guest's --memory, fewer entries at once) or free memory")
         return EXIT_ERROR
     except BrokenPipeError:
         # The reader went away (`| head`): stop writing, and keep Python from complaining at exit.

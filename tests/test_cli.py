@@ -65,6 +65,7 @@ def test_sigint_right_after_start_is_exit_130(kvm_available, command):
     (KeyboardInterrupt(), cli.EXIT_INTERRUPTED, "interrupted"),
     (KvmUnavailableError(2, "open", "/dev/kvm", "no KVM here"), cli.EXIT_NO_KVM, "cannot use KVM"),
     (PyKvmError("broken"), cli.EXIT_ERROR, "PyKvmError: broken"),
+    (MemoryError(), cli.EXIT_ERROR, "out of memory"),
 ])
 def test_run_command_maps_each_ending_to_a_status_and_a_line(capsys, raised, status, text):
     def body() -> int:
