@@ -15,10 +15,12 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from pykvm import startup
 from pykvm.boot import main
+from pykvm.core.errors import InvalidArgument
 from pykvm.testing import popen_interruptible
 from pykvm.vmm import Ending, Machine, testkernels
 from pykvm.vmm.multiboot import e820_map
@@ -75,6 +77,16 @@ def test_the_command_line_is_the_kernels_path_then_the_arguments_as_qemu_gives_i
     assert (result.lines, result.exit_code) == ([f"command line: {kernel} "], 0)
     result = Machine(kernel.read_bytes(), kvm=kvm, cmdline="exit=4").run(timeout=TIMEOUT)
     assert result.lines[0] == "command line: kernel exit=4"     # an image given as bytes is "kernel"
+
+
+def test_overcommit_boots_more_ram_than_the_host_has_and_without_it_is_refused(kvm):
+    # QEMU maps -m lazily, and kvm-unit-tests' entries ask for -m 2048..2560 in a 2 GiB host: the
+    # machine overcommits when asked, and otherwise refuses before it starts, naming the fix.
+    memory = (psutil.virtual_memory().available >> 20) * 2 + 1024
+    result = boot(kvm, "exitcode", cmdline="exit=0", memory=memory, overcommit=True)
+    assert result.status == PASS and result.ending == Ending.EXIT_PORT
+    with pytest.raises(InvalidArgument, match="allow_overcommit=True"):
+        Machine(testkernels.path("exitcode"), memory=memory, kvm=kvm).run(timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize("cpus", SMP)

@@ -154,7 +154,10 @@ class Machine:
     ``"pci-testdev"`` (:mod:`.pci_testdev`). ``pit=False`` leaves the PIT out
     (QEMU's ``-machine pit=off``); ``pit_reinject=False`` drops the ticks a
     guest was late to take instead of re-injecting them (``KVM_REINJECT_CONTROL``;
-    QEMU's ``-global kvm-pit.lost_tick_policy=discard``). ``cpu`` is a QEMU ``-cpu`` string
+    QEMU's ``-global kvm-pit.lost_tick_policy=discard``). ``overcommit=True``
+    allows more RAM than the host has available, mapped lazily as QEMU maps
+    ``-m`` (a test kernel touches little of it); without it such a machine is
+    refused before it starts. ``cpu`` is a QEMU ``-cpu`` string
     (default ``qemu64``, QEMU's; see :mod:`.cpu_model`): each feature KVM lacks
     is dropped with a :class:`~pykvm.vmm.cpu_model.CpuFeatureWarning` when the
     run starts. The kernel, modules and ``cpu`` are read and parsed here, so a
@@ -167,13 +170,14 @@ class Machine:
                  cmdline: str = "", modules: Sequence[str | os.PathLike | bytes] = (), *,
                  serial_output: IO[bytes] | None = None, stdin: bool = False, strict_io: bool = False,
                  trace: IO[str] | None = None, kvm: Kvm | None = None, devices: Sequence[str] = (),
-                 cpu: str | cpu_model.CpuSpec | None = None, pit: bool = True, pit_reinject: bool = True) -> None:
+                 cpu: str | cpu_model.CpuSpec | None = None, pit: bool = True, pit_reinject: bool = True,
+                 overcommit: bool = False) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 255:
             raise InvalidArgument(f"cpus={cpus!r}: expected 1 to 255 vCPUs")
-        for name, value in (("pit", pit), ("pit_reinject", pit_reinject)):
+        for name, value in (("pit", pit), ("pit_reinject", pit_reinject), ("overcommit", overcommit)):
             if not isinstance(value, bool):
                 raise InvalidArgument(f"{name}={value!r}: expected True or False")
-        self.pit, self.pit_reinject = pit, pit_reinject
+        self.pit, self.pit_reinject, self.overcommit = pit, pit_reinject, overcommit
         if isinstance(memory, bool) or not isinstance(memory, int) or not 2 <= memory <= 1 << 20:
             raise InvalidArgument(f"memory={memory!r}: expected MiB of RAM, 2 to 1048576")
         _check_cmdline(cmdline)
@@ -327,11 +331,12 @@ class Machine:
         terminal = None
         try:
             ranges = multiboot.ram_ranges(self.memory)
-            with kvm.create_vm(memory_size=ranges[0][1], irqchip="kernel", pit=self.pit) as vm:
+            with kvm.create_vm(memory_size=ranges[0][1], irqchip="kernel", pit=self.pit,
+                               allow_overcommit=self.overcommit) as vm:
                 if self.pit and not self.pit_reinject:
                     vm.reinject_control(pit_reinject=False)
                 for address, size in ranges[1:]:
-                    vm.memory.add_slot(address, size)
+                    vm.memory.add_slot(address, size, allow_overcommit=self.overcommit)
                 for address, data in self.layout.writes + self.acpi.writes:
                     vm.memory.write(address, data)
                 guest_cpu = self.cpu.resolve(cpu_model.HostCpu.probe(kvm), self.cpus)
