@@ -93,7 +93,8 @@ setup(
     extras_require={"test": ["pytest>=7", "psutil>=5.9", "pytest-xdist>=3.5"],
                     "lint": ["ruff>=0.5", "mypy>=1.10", "vermin>=1.6"],
                     # The site under docs/ (docs/about.md says why Sphinx); Sphinx 9 needs Python >= 3.11.
-                    "docs": ["sphinx>=7.2", "myst-parser>=2"]},
+                    # pytest: autodoc imports pykvm.testing (the plugin) to document it.
+                    "docs": ["sphinx>=7.2", "myst-parser>=2", "pytest>=7"]},
     cffi_modules=["csrc/build_binding.py:ffibuilder"],
     cmdclass={"build_ext": BuildExtAndGuests},
     zip_safe=False,
