@@ -26,6 +26,7 @@ import pytest
 from pykvm.core.stats import Stats
 from pykvm.labs import get_lab, runner
 from pykvm.labs.framework import STUDENT_FILE
+from pykvm.labs.grade import grade
 from pykvm.labs.runner import OUTPUT_LIMIT, isolation
 from pykvm.labs.verdict import verified_stats
 
@@ -115,6 +116,7 @@ def test_cheat_fails_with_the_checkers_reason(kvm, tmp_path, name):
     assert _left_running(directory) == []
 
 
+@pytest.mark.host_independent       # the runner's own process handling: no KVM behaviour in it
 def test_a_gigabyte_of_output_is_kept_to_its_first_64_kib_and_counted(kvm, tmp_path):
     directory = _planted("gigabyte_line", tmp_path)
     checklist = tmp_path / "checklist"
@@ -136,6 +138,7 @@ def test_a_gigabyte_of_output_is_kept_to_its_first_64_kib_and_counted(kvm, tmp_p
     assert dropped == (1 << 30) - OUTPUT_LIMIT
 
 
+@pytest.mark.host_independent       # the runner's own process handling: no KVM behaviour in it
 def test_a_daemon_the_students_code_left_is_ended_with_the_step(kvm, tmp_path):
     directory = _planted("setsid_daemon", tmp_path)
     done = _check(1, directory)
@@ -143,6 +146,7 @@ def test_a_daemon_the_students_code_left_is_ended_with_the_step(kvm, tmp_path):
     assert _left_running(directory) == []
 
 
+@pytest.mark.host_independent       # the runner's own process handling: no KVM behaviour in it
 def test_the_students_folder_is_not_the_checkers(kvm, tmp_path):
     """Control for the shadow cheat: the same folder, with a real solve(), passes (its fake child is ignored)."""
     directory = _planted("shadow_child", tmp_path)
@@ -152,6 +156,7 @@ def test_the_students_folder_is_not_the_checkers(kvm, tmp_path):
     assert done.returncode == 0 and b"lab complete" in done.stdout, done.stdout
 
 
+@pytest.mark.host_independent
 @pytest.mark.parametrize("wait", [0.0, 0.05, 0.2, 0.5, 1.0, 2.0])
 def test_ctrl_c_ends_the_check_with_130_and_nothing_left(kvm, tmp_path, wait):
     directory = tmp_path / "hang"
@@ -176,6 +181,7 @@ def test_ctrl_c_ends_the_check_with_130_and_nothing_left(kvm, tmp_path, wait):
     assert _left_running(directory) == []
 
 
+@pytest.mark.host_independent
 @pytest.mark.parametrize("name", ["report_fd_forgery", "setsid_daemon", "closerange", "step_out_of_range"])
 def test_without_namespaces_the_cheats_fail_too_and_the_checklist_says_so(kvm, tmp_path, monkeypatch, name):
     """Where the host gives no PID and user namespaces: the child runs as this process's child (and its orphans
@@ -212,3 +218,24 @@ def test_a_stats_fd_is_accepted_only_as_kvms_for_a_process_of_the_check(kvm):
     assert fake is None and "not a vCPU stats fd made by KVM" in problem
     with pytest.raises(OSError):
         os.fstat(eventfd)                                                   # refused fds are closed
+
+
+@pytest.mark.deadline(1800)
+def test_every_cheat_fails_when_graded_too(kvm, tmp_path):
+    """``labs grade`` (each file copied alone, its check's JSON read back) fails every cheat with the same reason."""
+    groups: dict[tuple[int, float], list[tuple[str, Path]]] = {}
+    for name in CHEAT_NAMES:
+        if name in NEEDS_NAMESPACES and not isolation():
+            continue                    # as above: the cheat would reach the grader's own checks
+        (tmp_path / name).mkdir()
+        student = _student_file(_planted(name, tmp_path / name))
+        key = (_constant(student, "LAB"), _constant(student, "DEADLINE", DEADLINE))
+        groups.setdefault(key, []).append((name, student))
+    for (number, deadline), cheats in sorted(groups.items()):
+        rows = grade(number, [student for _, student in cheats], deadline=deadline)
+        for (name, student), row in zip(cheats, rows, strict=True):
+            expected = _constant(student, "EXPECTED_FAILURES")
+            assert row.graded and row.passed < row.total, (name, row)
+            assert any(not row.steps[step - 1].passed and phrase in row.steps[step - 1].detail
+                       for step, phrase in expected), (name, row.steps)
+    assert [pid for name in CHEAT_NAMES for pid in _left_running(tmp_path / name)] == []
