@@ -55,7 +55,7 @@ class KutEntry(pytest.Item):
         from ..core.errors import KvmUnavailableError
         from ..core.system import Kvm
         from ..unittests import Verdict, run_pykvm
-        from .plugin import device
+        from .device import device
         try:
             Kvm(device()).close()
         except KvmUnavailableError as exc:

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .device import device
+
 if TYPE_CHECKING:
     from ..core.system import Kvm
     from ..core.vcpu import Vcpu
@@ -78,11 +80,6 @@ class TestDeadlineExceeded(BaseException):
 
 def _require_kvm(config: pytest.Config) -> bool:
     return os.environ.get("PYKVM_REQUIRE_KVM") == "1"
-
-
-def device() -> str:
-    """The KVM device the fixtures open: ``PYKVM_DEVICE``, else ``/dev/kvm``."""
-    return os.environ.get("PYKVM_DEVICE", "/dev/kvm")
 
 
 class _HardwareCount:
