@@ -108,6 +108,10 @@ mount -t devtmpfs devtmpfs /host/dev || fail "cannot mount /dev in the host's ro
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts || fail "cannot mount /dev/pts in the host's root"
 mount -t tmpfs tmpfs /host/dev/shm || fail "cannot mount /dev/shm in the host's root"
+# What udev or systemd would add (devtmpfs has none of them): bash's <(...) opens /dev/fd/N
+# (kvm-unit-tests' x86/run uses it), and scripts read /dev/stdin.
+ln -s /proc/self/fd /host/dev/fd && ln -s fd/0 /host/dev/stdin && ln -s fd/1 /host/dev/stdout \
+    && ln -s fd/2 /host/dev/stderr || fail "cannot link /dev/fd and /dev/std* in the host's root"
 stty -onlcr
 dmesg -n 1
 echo "{markers.start}"
