@@ -113,13 +113,13 @@ def _dev_kvm(path: str) -> str:
     return f"{path} {stat.filemode(info.st_mode)} {owner}, {usable}"
 
 
-def identity(kvm: Kvm | None) -> Identity:
+def identity(kvm: Kvm | None, key: measurement.HostKey | None = None) -> Identity:
     return Identity(vendor=detect_vendor().value, kernel=platform.release(),
                     api_version=kvm.api_version if kvm else None,
                     cpu_model=_cpuinfo_field("model name") or "unknown",
                     host_is_a_guest="hypervisor" in _cpuinfo_field("flags").split(),
                     dev_kvm=_dev_kvm(kvm.path if kvm else DEFAULT_PATH),
-                    parameters=measurement.host_key().describe_parameters())
+                    parameters=(key or measurement.host_key()).describe_parameters())
 
 
 def capabilities(kvm: Kvm) -> list[dict]:
@@ -311,10 +311,11 @@ def trace_lines(traced: dict) -> list[str]:
 def run_doctor(as_json: bool, refresh: bool = False) -> int:
     """Examine this host and print the report (or JSON); 1 if a probe failed or the cache holds a changed entry."""
     try:
+        key = measurement.host_key()
         with Kvm() as kvm:
-            ident, caps, observations = identity(kvm), capabilities(kvm), measurement.run(kvm)
+            ident, caps, observations = identity(kvm, key), capabilities(kvm), measurement.run(kvm)
         verdicts = examine(observations)
-        cache = measurement.check(measurement.host_key(), observations, refresh)
+        cache = measurement.check(key, observations, refresh)
         traced = traced_path()
     except KvmUnavailableError as exc:
         if as_json:

@@ -102,7 +102,7 @@ def test_the_key_holds_the_vendor_modules_parameters(tmp_path):
     assert key.module == "kvm_intel" and key.parameters == {"kvm_intel.ept": "N", "kvm_intel.unrestricted_guest": "N"}
     assert key.describe_parameters() == "kvm_intel: ept=N unrestricted_guest=N"
     other = measurement.host_key(sys_module=_sys_module(tmp_path, {"kvm_intel.ept": "Y"}))
-    assert other.digest() != key.digest()
+    assert other.digest != key.digest
 
 
 def _key(**changes):

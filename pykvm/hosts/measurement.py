@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -68,6 +69,7 @@ class HostKey:
     parameters: dict[str, str]     # "kvm_intel.ept": "N", ... (/sys/module/kvm_*/parameters/*)
     code: str                      # digest of the probes' and guest images' code
 
+    @functools.cached_property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
 
@@ -114,12 +116,12 @@ def host_key(vendor: VendorModule | None = None, sys_module: str = "/sys/module"
 
 def seal(key: HostKey, probe: str, outcome: str | None, detail: str) -> str:
     """The seal of one cached entry: it binds the outcome to the probe and the key it was measured under."""
-    text = json.dumps([key.digest(), probe, outcome, detail])
+    text = json.dumps([key.digest, probe, outcome, detail])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cache_path(key: HostKey) -> Path:
-    return cache_root(CACHE_NAME) / f"{key.module}-{key.digest()[:16]}.json"
+    return cache_root(CACHE_NAME) / f"{key.module}-{key.digest[:16]}.json"
 
 
 def outcome_of(probe: str, phrase: str | None) -> Outcome | None:
