@@ -78,8 +78,8 @@ def test_measured_facts_follow_the_measurement_and_name_the_record():
     nested = info.nmi_blocked_until_iret_real
     assert not nested and nested.verified and nested.outcome == NmiBlocking.NESTED
     assert nested.differs_from_record and nested.recorded == NmiBlocking.HELD_UNTIL_IRET
-    assert "nmi_blocking_real measured 'unmasked in the handler: nested' on this host (nmi.masked=0); pykvm's " \
-           "record for kvm_intel has 'held until IRET'" == nested.reason
+    assert "nmi_blocking_real measured 'unmasked in the handler: nested' on this host; pykvm's record for " \
+           "kvm_intel has 'held until IRET'" == nested.reason
     assert set(info.departures_from_record()) == {"nmi_blocked_until_iret_real", "interrupt_held_while_not_ready_real"}
     # a probe that failed, or never ran, leaves the record's outcome, marked as not measured here
     failed, absent = info.nmi_blocked_until_iret, info.sends_irq_window_exits

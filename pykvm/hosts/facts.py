@@ -127,9 +127,8 @@ def _measured(row: Expectation, vendor: VendorModule, seen: Observation | None) 
                                           f"pykvm's record for {vendor.value}: {known.source}")
     unlike = "" if seen.outcome == known.outcome else (
         f"; pykvm's record for {vendor.value} has '{known.outcome}'")
-    return Behaviour(seen.outcome == row.expected, f"{row.probe} measured '{seen.outcome}' on this host "
-                                                   f"({seen.detail}){unlike}", True, row.probe, seen.outcome,
-                     known.outcome)
+    return Behaviour(seen.outcome == row.expected, f"{row.probe} measured '{seen.outcome}' on this host{unlike}",
+                     True, row.probe, seen.outcome, known.outcome)
 
 
 def host_info(vendor: VendorModule) -> HostInfo:
