@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from pykvm.core.errors import InvalidArgument
 from pykvm.hosts import facts, limits, measurement, vendor
 from pykvm.hosts.probes import Observation, Result
 from pykvm.hosts.probes.exits import NotReady
@@ -64,9 +65,9 @@ def test_per_mode_facts_are_named_by_mode():
     info = facts.host_info(VendorModule.PVM)
     assert info.in_mode("nmi_blocked_until_iret", "long") is info.nmi_blocked_until_iret
     assert info.in_mode("nmi_blocked_until_iret", "real") is info.nmi_blocked_until_iret_real
-    with pytest.raises(AttributeError, match="'io_exit_rip_at_out_real' is no host fact.*nmi_blocked_until_iret"):
+    with pytest.raises(InvalidArgument, match="'io_exit_rip_at_out_real' is no host fact.*nmi_blocked_until_iret"):
         info.in_mode("io_exit_rip_at_out", "real")
-    with pytest.raises(ValueError, match="mode='vm86' is not a CPU mode"):
+    with pytest.raises(InvalidArgument, match="mode='vm86' is not a CPU mode"):
         info.in_mode("nmi_blocked_until_iret", "vm86")
 
 

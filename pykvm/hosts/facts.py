@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ..core.errors import InvalidArgument
 from . import measurement
 from .conformance import EXPECTATIONS
 from .probes.base import Expectation, Observation, Outcome, Result, in_mode
@@ -96,8 +97,9 @@ class HostInfo:
         """Fact ``fact`` (its long-mode name) in CPU ``mode``: ``host.in_mode("nmi_blocked_until_iret", "real")``."""
         name = in_mode(fact, mode)
         if name not in self.facts():
-            raise AttributeError(f"{name!r} is no host fact: a fact measured per mode is one of "
-                                 f"{', '.join(sorted(f for f in self.facts() if in_mode(f, 'real') in self.facts()))}")
+            raise InvalidArgument(f"{name!r} is no host fact: a fact measured per mode is one of "
+                                 f"{', '.join(sorted(f for f in self.facts() if in_mode(f, 'real') in self.facts()))}; "
+                                  f"other facts have one name: read the attribute")
         return getattr(self, name)
 
     def differences(self) -> list[str]:

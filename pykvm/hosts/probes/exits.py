@@ -1,5 +1,5 @@
-"""Probes of KVM_RUN's exits and KVM_INTERRUPT with the userspace irqchip: io_exit_rip, irq_window,
-interrupt_not_ready.
+"""Probes of KVM_RUN's exits and KVM_INTERRUPT with the userspace irqchip: io_exit_rip, and per CPU mode
+irq_window and interrupt_not_ready (irq_window_real, interrupt_not_ready_protected, ...).
 
 Why this exists: with no in-kernel irqchip, userspace injects interrupts itself,
 and depends on where KVM reports RIP, when it opens the interrupt window, and
@@ -13,7 +13,7 @@ import functools
 from ...core.errors import GuestError
 from ...core.exits import FailEntryExit
 from ...guests import Command, StopKind
-from .base import Expectation, Observation, Outcome, in_mode, measured, scenario
+from .base import Expectation, Observation, Outcome, in_mode, intel_note, measured, scenario
 from .harness import PROBE_VECTOR, boot, internal_error, label, most_common, run_once
 
 
@@ -90,7 +90,8 @@ def _register_irq_window(mode: str) -> None:
     pvm, amd, intel = IRQ_WINDOW_RECORDS[mode]
     scenario(Expectation(
         in_mode("irq_window", mode), f"IRQ window exit after `sti; nop` (userspace irqchip), {mode} mode",
-        IrqWindow.AFTER_STI_NOP, IRQ_WINDOW_SOURCE, measured(pvm, amd, intel), IRQ_WINDOW_EXPLANATIONS,
+        IrqWindow.AFTER_STI_NOP, IRQ_WINDOW_SOURCE, measured(pvm, amd, intel, intel_note=intel_note(mode)),
+        IRQ_WINDOW_EXPLANATIONS,
         in_mode("sends_irq_window_exits", mode)))(functools.partial(irq_window, mode=mode))
 
 
@@ -154,7 +155,7 @@ def _register_not_ready(mode: str) -> None:
     pvm, amd, intel = NOT_READY_RECORDS[mode]
     scenario(Expectation(
         in_mode("interrupt_not_ready", mode), f"KVM_INTERRUPT while the guest has IF=0, {mode} mode",
-        NotReady.HELD, NOT_READY_SOURCE, measured(pvm, amd, intel, intel_note=INTEL_ENTRY_CHECK),
+        NotReady.HELD, NOT_READY_SOURCE, measured(pvm, amd, intel, intel_note=intel_note(mode, INTEL_ENTRY_CHECK)),
         NOT_READY_EXPLANATIONS, in_mode("interrupt_held_while_not_ready", mode)))(
             functools.partial(interrupt_not_ready, mode=mode))
 

@@ -1,4 +1,4 @@
-"""Probes of KVM_SET_GUEST_DEBUG single-stepping: single_step, step_sti_shadow, hlt_single_step.
+"""Probes of KVM_SET_GUEST_DEBUG single-stepping: single_step, step_sti_shadow (per CPU mode), hlt_single_step.
 
 Why this exists: the shadow probes and many tests single-step guests, and hosts
 differ in where the trap comes after `sti` and in whether a stepped `hlt` halts.
@@ -11,7 +11,7 @@ import functools
 from ...core.constants import Cap
 from ...core.exits import DebugExit, HltExit
 from ...guests import Command
-from .base import Expectation, Observation, Outcome, in_mode, measured, scenario
+from .base import Expectation, Observation, Outcome, in_mode, intel_note, measured, scenario
 from .harness import boot, label, start_stepping, step, stop_stepping
 
 
@@ -94,7 +94,8 @@ def _register_step_sti_shadow(mode: str) -> None:
     pvm, amd, intel = STEP_STI_SHADOW_RECORDS[mode]
     scenario(Expectation(
         in_mode("step_sti_shadow", mode), f"single-step over `sti`: where the next debug exit comes, {mode} mode",
-        StepStiShadow.STOPS_IN_SHADOW, STEP_STI_SHADOW_SOURCE, measured(pvm, amd, intel, intel_note=BOCHS_STI_SHADOW),
+        StepStiShadow.STOPS_IN_SHADOW, STEP_STI_SHADOW_SOURCE, measured(pvm, amd, intel,
+                                                                        intel_note=intel_note(mode, BOCHS_STI_SHADOW)),
         STEP_STI_SHADOW_EXPLANATIONS, in_mode("single_step_stops_in_sti_shadow", mode)))(
             functools.partial(step_sti_shadow, mode=mode))
 
