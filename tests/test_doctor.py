@@ -306,3 +306,15 @@ def test_a_sabotaged_cache_is_noticed_by_the_suite_and_the_doctor(private_cache,
     assert doctor.main(["--refresh"]) == 0
     assert "written from this run (--refresh)" in capsys.readouterr().out
     assert measurement.load(kvm, key)[probe].outcome == measured.outcome
+
+
+def test_a_cache_file_of_another_key_is_measured_again(private_cache, kvm):
+    """A file for another kernel, module, parameters or probe code (copied from elsewhere) is stale: re-measured."""
+    key = measurement.host_key()
+    elsewhere = dataclasses.replace(key, parameters={**key.parameters, "kvm_intel.ept": "N"})
+    wrong = Observation(next(outcome for outcome in NmiBlocking), "measured elsewhere")
+    copied = measurement.store(elsewhere, {"nmi_blocking_real": wrong})
+    measurement.cache_path(key).write_bytes(copied.read_bytes())
+    measured = measurement.load(kvm, key, ["nmi_blocking_real"])["nmi_blocking_real"]
+    assert measured.detail != "measured elsewhere" and measured.outcome in set(NmiBlocking)
+    assert measurement.read(key).observations["nmi_blocking_real"] == measured
