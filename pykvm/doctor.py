@@ -7,16 +7,25 @@ from "this host legitimately differs". The doctor prints:
 * the host's identity: vendor module, kernel and API version, CPU model,
   whether it is itself a guest, and ``/dev/kvm``'s permissions;
 * the capabilities pykvm uses, each with the feature it gates;
-* every probe of :mod:`pykvm.hosts.probes` run live, judged against the table
-  in :mod:`pykvm.hosts.conformance`: probe | expected | observed | verdict, and
-  a line for each difference;
+* every probe of :mod:`pykvm.hosts.probes` run live, under the vendor
+  module's parameters it prints, judged against the table in
+  :mod:`pykvm.hosts.conformance`: probe | expected | observed | verdict |
+  record, a line for each difference, and the probes whose outcome differs
+  from pykvm's record for the vendor module (``differs from the record for
+  kvm_intel: nmi_blocking_real``): the host facts follow this host's
+  measurement, not the record;
+* the cache of measured facts the tests and tools use
+  (:mod:`pykvm.hosts.measurement`) held against this run: an entry this run
+  contradicts, or one changed after it was measured, is named. The doctor
+  writes the cache where there is none for this kernel, module and parameters;
+  ``--refresh`` rewrites it from this run;
 * which of KVM's trace events on one MSI's path this host emits
   (:mod:`pykvm.interrupt_path`).
 
 ``--json`` prints the same for machines; ``--markdown`` prints the table of
 what every vendor module does (the one in ``docs/host-conformance.md``).
 A differing host is information: the exit status is 0 unless pykvm itself
-failed (1) or ``/dev/kvm`` cannot be used (2).
+failed or its cache holds a changed entry (1), or ``/dev/kvm`` cannot be used (2).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from .cli import exit_with, run_command
 from .core.constants import Cap
 from .core.errors import KvmUnavailableError
 from .core.system import DEFAULT_PATH, Kvm
-from .hosts import conformance, probes
+from .hosts import conformance, measurement
+from .hosts.probes.base import Observation
 from .hosts.vendor import VendorModule, detect_vendor
 from .runtime import trace
 
@@ -73,6 +83,7 @@ class Identity:
     cpu_model: str
     host_is_a_guest: bool
     dev_kvm: str
+    parameters: str            # the vendor module's parameters the probes ran under
 
 
 def _cpuinfo_field(name: str) -> str:
@@ -102,12 +113,13 @@ def _dev_kvm(path: str) -> str:
     return f"{path} {stat.filemode(info.st_mode)} {owner}, {usable}"
 
 
-def identity(kvm: Kvm | None) -> Identity:
+def identity(kvm: Kvm | None, key: measurement.HostKey | None = None) -> Identity:
     return Identity(vendor=detect_vendor().value, kernel=platform.release(),
                     api_version=kvm.api_version if kvm else None,
                     cpu_model=_cpuinfo_field("model name") or "unknown",
                     host_is_a_guest="hypervisor" in _cpuinfo_field("flags").split(),
-                    dev_kvm=_dev_kvm(kvm.path if kvm else DEFAULT_PATH))
+                    dev_kvm=_dev_kvm(kvm.path if kvm else DEFAULT_PATH),
+                    parameters=(key or measurement.host_key()).describe_parameters())
 
 
 def capabilities(kvm: Kvm) -> list[dict]:
@@ -115,11 +127,11 @@ def capabilities(kvm: Kvm) -> list[dict]:
             for cap, gates in CAPABILITIES]
 
 
-def examine(kvm: Kvm) -> list[conformance.Verdict]:
-    """Run every probe and judge it against the table."""
+def examine(observations: dict[str, Observation]) -> list[conformance.Verdict]:
+    """Judge every probe's observation against the table."""
     vendor = detect_vendor()
     return [conformance.judge(probe, observation.outcome, observation.detail, vendor)
-            for probe, observation in probes.run_probes(kvm).items()]
+            for probe, observation in observations.items()]
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -128,21 +140,23 @@ def _table(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
-def report(ident: Identity, caps: list[dict], verdicts: list[conformance.Verdict]) -> str:
+def report(ident: Identity, caps: list[dict], verdicts: list[conformance.Verdict],
+           cache: measurement.CacheCheck) -> str:
     vendor = VendorModule(ident.vendor)
     lines = ["== host",
              f"  vendor module   {ident.vendor}",
+             f"  parameters      {ident.parameters}",
              f"  kernel          {ident.kernel} (KVM API {ident.api_version})",
              f"  CPU             {ident.cpu_model}",
              f"  host is a guest {'yes (CPUID hypervisor bit)' if ident.host_is_a_guest else 'no'}",
              f"  /dev/kvm        {ident.dev_kvm}", "", "== capabilities"]
     lines += _table([[c["capability"], "yes" if c["value"] else "no",
                       str(c["value"]) if c["value"] > 1 else "", c["gates"]] for c in caps])
-    lines += ["", f"== probes (expected: architecture / KVM documentation; record: pykvm's table "
-                  f"for {vendor.value})"]
+    lines += ["", f"== probes under {ident.parameters} (expected: architecture / KVM documentation; "
+                  f"record: pykvm's table for {vendor.value})"]
     lines += _table([["probe", "expected", "observed", "verdict", "record"]] + [
         [v.probe, v.expected, str(v.observed), v.verdict, "as recorded" if v.matches_record
-         else f"NOT as recorded ({v.recorded})"] for v in verdicts])
+         else f"differs from the record ({v.recorded})"] for v in verdicts])
     differing = [v for v in verdicts if v.verdict != "conforms"]
     if differing:
         lines += ["", "== differences"]
@@ -150,23 +164,49 @@ def report(ident: Identity, caps: list[dict], verdicts: list[conformance.Verdict
     counts = {name: sum(v.verdict == name for v in verdicts)
               for name in ("conforms", "differs", "unsupported", "probe failed")}
     unrecorded = [v.probe for v in verdicts if not v.matches_record]
+    lines += cache_lines(cache)
     lines += ["", "== summary", "  " + ", ".join(f"{n} {name}" for name, n in counts.items()),
-              f"  outcomes not matching pykvm's record for {vendor.value}: "
-              f"{', '.join(unrecorded) if unrecorded else 'none'}"]
+              f"  differs from the record for {vendor.value}: {', '.join(unrecorded) if unrecorded else 'none'}"
+              + (" (the host facts follow this run's measurement)" if unrecorded else ""),
+              f"  cached facts: {'as measured now' if cache.sound else 'NOT as measured now (see == cache)'}"]
     return "\n".join(lines)
+
+
+def cache_lines(cache: measurement.CacheCheck) -> list[str]:
+    """The cache of measured facts against this run: what was written, contradicted or changed."""
+    lines = ["", f"== cache of measured facts ({cache.path})"]
+    if cache.stale:
+        lines.append(f"  the file was {cache.stale}")
+    lines += [f"  {probe}: the cached fact contradicts this run: cached '{cached}', measured now '{now}'"
+              for probe, (cached, now) in cache.contradictions.items()]
+    lines += [f"  {probe}: the cached entry cannot be used: {why}" for probe, why in cache.tampered.items()]
+    if cache.written:
+        lines.append(f"  written from this run ({cache.written})")
+    elif not cache.sound:
+        lines.append(f"  left as it is: run `{measurement.REFRESH}` to replace it with this run")
+    else:
+        lines.append("  every cached fact is as measured now")
+    return lines
 
 
 DOCS_HEADER = """# What each KVM host does
 
 Generated by `python -m pykvm.doctor --markdown` from `pykvm/hosts/conformance.py`, the
-table the doctor judges a live run against and the tests take their expectations
-from; its rows are written beside the scenarios that measure them, one module per
-probe family in `pykvm/hosts/probes/`. Every column was measured by the doctor:
-kvm_pvm on this project's CI host, kvm_amd on the upstream module under QEMU's
-emulated AMD-V (`python -m pykvm.hosts tcg-amd -- python -m pykvm.doctor`), and
-kvm_intel on the upstream module under Bochs 3.0's emulated VMX, loaded with
-`enable_apicv=0` (`python -m pykvm.hosts bochs-intel -- python -m pykvm.doctor`).
-Run `python -m pykvm.doctor` to see your own host.
+table the doctor judges a live run against; its rows are written beside the scenarios
+that measure them, one module per probe family in `pykvm/hosts/probes/`. Every column
+was measured by the doctor: kvm_pvm on this project's CI host, kvm_amd on the upstream
+module under QEMU's emulated AMD-V (`python -m pykvm.hosts tcg-amd -- python -m
+pykvm.doctor`), and kvm_intel on the upstream module under Bochs 3.0's emulated VMX,
+loaded with `enable_apicv=0` (`python -m pykvm.hosts bochs-intel -- python -m
+pykvm.doctor`). The real- and protected-mode rows of the probes run per CPU mode
+(`irq_window`, `interrupt_not_ready`, `nmi_blocking`, `nmi_window`, `step_sti_shadow`)
+came after kvm_amd's run and are marked not measured there.
+
+This table is the record of what was measured where. The facts the tests and tools
+branch on are measured on the running host by the same probes, once per kernel,
+vendor module and module parameters, and cached (`pykvm/hosts/measurement.py`); the
+doctor names each probe whose outcome differs from the record for its vendor module.
+Run `python -m pykvm.doctor` to see your own host (`--refresh` re-measures the cache).
 
 Notes on the kvm_pvm column:
 
@@ -204,6 +244,14 @@ Notes on the kvm_intel column (Bochs 3.0, one CPU, `enable_apicv=0`):
   entry has none: a requested interrupt-window exit, or a pending LAPIC vector, comes
   before the shadowed `nop`. Without single-step the shadow holds (`irq_window`,
   `lapic_after_sti`).
+- Without unrestricted guest (`enable_apicv=0 ept=0 unrestricted_guest=0`, a configuration
+  the column does not record), kvm_intel runs real mode in vm86 and delivers events there
+  through its instruction emulator. The doctor then reports three real-mode rows as
+  different from the record: `interrupt_not_ready_real` (a forced `KVM_INTERRUPT` with
+  IF=0 is delivered, where the VM entry fails with unrestricted guest),
+  `nmi_blocking_real` (the events report NMIs unmasked inside the NMI handler, and a
+  second NMI nests there) and `nmi_window_real` (so it is not held for the IRET).
+  Protected and long mode run in VMX as recorded.
 
 """
 
@@ -230,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--markdown", action="store_true",
                         help="print pykvm's probe x host table (docs/host-conformance.md) and exit")
+    parser.add_argument("--refresh", action="store_true",
+                        help="rewrite the cache of measured host facts (which the tests and tools use) "
+                             "from this run")
     args = parser.parse_args(argv)
     if args.markdown:
         print(DOCS_HEADER + markdown_table())
         return 0
-    return run_command("pykvm doctor", lambda: run_doctor(args.json))
+    return run_command("pykvm doctor", lambda: run_doctor(args.json, args.refresh))
 
 
 def traced_path() -> dict:
@@ -257,11 +308,14 @@ def trace_lines(traced: dict) -> list[str]:
                     f"  the guest logged the vector: {'yes' if traced['vector_logged'] else 'NO'}"]
 
 
-def run_doctor(as_json: bool) -> int:
-    """Examine this host and print the report (or JSON); 1 if a probe failed."""
+def run_doctor(as_json: bool, refresh: bool = False) -> int:
+    """Examine this host and print the report (or JSON); 1 if a probe failed or the cache holds a changed entry."""
     try:
+        key = measurement.host_key()
         with Kvm() as kvm:
-            ident, caps, verdicts = identity(kvm), capabilities(kvm), examine(kvm)
+            ident, caps, observations = identity(kvm, key), capabilities(kvm), measurement.run(kvm)
+        verdicts = examine(observations)
+        cache = measurement.check(key, observations, refresh)
         traced = traced_path()
     except KvmUnavailableError as exc:
         if as_json:
@@ -269,11 +323,12 @@ def run_doctor(as_json: bool) -> int:
         raise
     if as_json:
         print(json.dumps({"host": dataclasses.asdict(ident), "capabilities": caps,
-                          "probes": [dataclasses.asdict(v) for v in verdicts], "trace": traced}, indent=1))
+                          "probes": [dataclasses.asdict(v) for v in verdicts],
+                          "cache": dataclasses.asdict(cache), "trace": traced}, indent=1, default=str))
     else:
-        print(report(ident, caps, verdicts))
+        print(report(ident, caps, verdicts, cache))
         print("\n".join(trace_lines(traced)))
-    return 1 if any(v.verdict == "probe failed" for v in verdicts) else 0
+    return 1 if any(v.verdict == "probe failed" for v in verdicts) or cache.tampered else 0
 
 
 if __name__ == "__main__":

@@ -22,9 +22,22 @@ from .probes import SCENARIOS
 from .probes.base import Expectation, Known, Outcome, Result
 from .vendor import VendorModule
 
-__all__ = ["EXPECTATIONS", "Expectation", "Known", "Outcome", "Result", "Verdict", "judge"]
+__all__ = ["EXPECTATIONS", "RECORDED_PARAMETERS", "Expectation", "Known", "Outcome", "Result", "Verdict", "judge",
+           "runs_as_recorded"]
 
 EXPECTATIONS: dict[str, Expectation] = {row.probe: row for scenario in SCENARIOS for row in scenario.rows}
+
+# The module parameters that change KVM's paths, as they were where each column of the table was
+# measured (the rest were the module's defaults). A host with other values runs a configuration the
+# record does not cover: its probes' outcomes are measurements to report, not regressions.
+RECORDED_PARAMETERS: dict[VendorModule, dict[str, str]] = {
+    VendorModule.INTEL: {"kvm_intel.enable_apicv": "N", "kvm_intel.ept": "Y", "kvm_intel.unrestricted_guest": "Y"},
+}
+
+
+def runs_as_recorded(vendor: VendorModule, parameters: dict[str, str]) -> bool:
+    """Whether a ``vendor`` host with module ``parameters`` runs the configuration its column was measured in."""
+    return all(parameters.get(name) == value for name, value in RECORDED_PARAMETERS.get(vendor, {}).items())
 
 
 @dataclasses.dataclass(frozen=True)

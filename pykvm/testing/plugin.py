@@ -167,8 +167,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if not count.seen:
         return
     try:
-        from ..hosts import detect
-        host = detect().name
+        from ..hosts import detect_vendor
+        host = detect_vendor().value
     except Exception as exc:            # the summary must not hide the run's own result
         host = f"unknown ({type(exc).__name__})"
     counts = count.counts
@@ -407,9 +407,9 @@ def kvm(kvm_available: None) -> Iterator[Kvm]:
 
 @pytest.fixture
 def host(kvm: Kvm) -> HostInfo:
-    """What pykvm knows about this host (vendor module and measured facts)."""
+    """What pykvm knows about this host: its vendor module and the facts its probes measured here."""
     from ..hosts import detect
-    return detect()
+    return detect(kvm)
 
 
 @pytest.fixture

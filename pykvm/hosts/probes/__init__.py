@@ -18,6 +18,11 @@ its rows of the conformance table and the scenarios that measure them:
 * :mod:`.stepping`: single_step, step_sti_shadow, hlt_single_step
 * :mod:`.delivery`: triple_fault, and per CPU mode an injected vector, INT n, INT3 (and real_mode_ud2)
 
+irq_window, interrupt_not_ready, nmi_blocking, nmi_window and step_sti_shadow
+run in each CPU mode too (:data:`.base.MODES`), where KVM can take another
+path: the long-mode row keeps the plain name, the others add the mode
+(``nmi_blocking_real``).
+
 :mod:`.base` defines what they are made of, :mod:`.harness` what their scenarios
 share. The families register in the order imported here, which is the order of
 the table, the doctor's report and the docs.

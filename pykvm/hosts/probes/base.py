@@ -17,6 +17,7 @@ import dataclasses
 import enum
 from collections.abc import Callable
 
+from ...core.errors import InvalidArgument
 from ..vendor import VendorModule
 
 PVM_MEASURED = "measured on kvm_pvm by python -m pykvm.doctor (Linux 6.18, nested under KVM)"
@@ -87,18 +88,43 @@ class Expectation:
             outcome, f"observed '{outcome}', expected '{self.expected}'")
 
 
-def measured(pvm: Outcome, amd: Outcome, intel: Outcome, pvm_note: str = "", intel_note: str = ""
+def measured(pvm: Outcome, amd: Outcome | None, intel: Outcome, pvm_note: str = "", intel_note: str = ""
              ) -> dict[VendorModule, Known]:
     """A row's ``hosts``: what kvm_pvm, kvm_amd and kvm_intel did, each measured by the doctor.
 
-    A note says what else the measurement showed, such as where the emulator
-    under the host, not KVM, decided the outcome.
+    ``amd`` is None where kvm_amd was not measured (the real- and protected-mode
+    rows added after its run): :meth:`Expectation.known` then gives the
+    expectation, marked unmeasured. A note says what else the measurement
+    showed, such as where the emulator under the host, not KVM, decided the outcome.
     """
     def source(measurement: str, note: str) -> str:
         return measurement + (f"; {note}" if note else "")
-    return {VendorModule.PVM: Known(pvm, source(PVM_MEASURED, pvm_note), True),
-            VendorModule.AMD: Known(amd, AMD_MEASURED, True),
-            VendorModule.INTEL: Known(intel, source(INTEL_MEASURED, intel_note), True)}
+    hosts = {VendorModule.PVM: Known(pvm, source(PVM_MEASURED, pvm_note), True),
+             VendorModule.INTEL: Known(intel, source(INTEL_MEASURED, intel_note), True)}
+    if amd is not None:
+        hosts[VendorModule.AMD] = Known(amd, AMD_MEASURED, True)
+    return hosts
+
+
+# The CPU modes the guest images run in. KVM may take another path per mode (kvm_intel without
+# unrestricted guest runs real mode in vm86 and injects there through its instruction emulator),
+# so a probe of injection, NMI blocking or the shadows runs in each; its long-mode row keeps the
+# probe's plain name, the others add the mode: nmi_blocking, nmi_blocking_real, nmi_blocking_protected.
+MODES = ("real", "protected", "long")
+
+
+def intel_note(mode: str, note: str = "") -> str:
+    """kvm_intel's note on a row of ``mode``: its real- and protected-mode rows came later, on a newer kernel."""
+    later = "" if mode == "long" else "this mode's row measured on Debian Linux 6.12.118"
+    return "; ".join(text for text in (later, note) if text)
+
+
+def in_mode(name: str, mode: str) -> str:
+    """The name of probe (or fact) ``name`` in CPU ``mode``: the plain name in long mode."""
+    if mode not in MODES:
+        raise InvalidArgument(f"mode={mode!r} is not a CPU mode of pykvm's guests: choose one of "
+                              f"{', '.join(MODES)}")
+    return name if mode == "long" else f"{name}_{mode}"
 
 
 ScenarioFunction = Callable[[object], "Observation | tuple[Observation, ...]"]

@@ -1,5 +1,5 @@
-"""Probes of KVM_RUN's exits and KVM_INTERRUPT with the userspace irqchip: io_exit_rip, irq_window,
-interrupt_not_ready.
+"""Probes of KVM_RUN's exits and KVM_INTERRUPT with the userspace irqchip: io_exit_rip, and per CPU mode
+irq_window and interrupt_not_ready (irq_window_real, interrupt_not_ready_protected, ...).
 
 Why this exists: with no in-kernel irqchip, userspace injects interrupts itself,
 and depends on where KVM reports RIP, when it opens the interrupt window, and
@@ -8,10 +8,13 @@ whether it checks IF before injecting. Hosts differ in all three.
 
 from __future__ import annotations
 
+import functools
+
+from ...core.errors import GuestError
 from ...core.exits import FailEntryExit
 from ...guests import Command, StopKind
-from .base import Expectation, Observation, Outcome, measured, scenario
-from .harness import PROBE_VECTOR, boot, label, most_common, run_once
+from .base import Expectation, Observation, Outcome, in_mode, intel_note, measured, scenario
+from .harness import PROBE_VECTOR, boot, internal_error, label, most_common, run_once
 
 
 class IoExitRip(Outcome):
@@ -48,22 +51,24 @@ class IrqWindow(Outcome):
     NO_EXIT = "no window exit"
 
 
-IRQ_WINDOW = Expectation(
-    "irq_window", "IRQ window exit after `sti; nop` (userspace irqchip)", IrqWindow.AFTER_STI_NOP,
-    "api.rst request_interrupt_window / KVM_EXIT_IRQ_WINDOW_OPEN; Intel SDM Vol. 3C "
-    "'interrupt-window exiting'; AMD APM Vol. 2 'virtual interrupt intercept (VINTR)'",
-    measured(IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP, IrqWindow.AFTER_STI_NOP),
-    {IrqWindow.NO_EXIT: "the host never sends KVM_EXIT_IRQ_WINDOW_OPEN; inject at the next exit "
-                        "that reports ready_for_interrupt_injection=1",
-     IrqWindow.RIGHT_AFTER_STI: "the window opened inside the STI shadow"},
-    "sends_irq_window_exits")
+IRQ_WINDOW_SOURCE = ("api.rst request_interrupt_window / KVM_EXIT_IRQ_WINDOW_OPEN; Intel SDM Vol. 3C "
+                     "'interrupt-window exiting'; AMD APM Vol. 2 'virtual interrupt intercept (VINTR)'")
+IRQ_WINDOW_EXPLANATIONS: dict[Outcome, str] = {
+    IrqWindow.NO_EXIT: "the host never sends KVM_EXIT_IRQ_WINDOW_OPEN; inject at the next exit that reports "
+                       "ready_for_interrupt_injection=1",
+    IrqWindow.RIGHT_AFTER_STI: "the window opened inside the STI shadow"}
+# What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel); None: not measured there.
+IRQ_WINDOW_RECORDS: dict[str, tuple[Outcome, Outcome | None, Outcome]] = {
+    "real": (IrqWindow.NO_EXIT, None, IrqWindow.AFTER_STI_NOP),
+    "protected": (IrqWindow.NO_EXIT, None, IrqWindow.AFTER_STI_NOP),
+    "long": (IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP, IrqWindow.AFTER_STI_NOP),
+}
 
 
-@scenario(IRQ_WINDOW)
-def irq_window(kvm) -> Observation:
+def irq_window(kvm, mode: str) -> Observation:
     """request_interrupt_window while IF=0, then the guest runs `sti; nop; out`."""
     def trial() -> Observation:
-        vm, guest = boot(kvm)
+        vm, guest = boot(kvm, mode)
         with vm:
             guest.command(Command.CLI)
             guest.vcpu.kvm_run.request_interrupt_window = 1
@@ -81,6 +86,19 @@ def irq_window(kvm) -> Observation:
     return most_common(trial)
 
 
+def _register_irq_window(mode: str) -> None:
+    pvm, amd, intel = IRQ_WINDOW_RECORDS[mode]
+    scenario(Expectation(
+        in_mode("irq_window", mode), f"IRQ window exit after `sti; nop` (userspace irqchip), {mode} mode",
+        IrqWindow.AFTER_STI_NOP, IRQ_WINDOW_SOURCE, measured(pvm, amd, intel, intel_note=intel_note(mode)),
+        IRQ_WINDOW_EXPLANATIONS,
+        in_mode("sends_irq_window_exits", mode)))(functools.partial(irq_window, mode=mode))
+
+
+for _mode in IRQ_WINDOW_RECORDS:
+    _register_irq_window(_mode)
+
+
 class NotReady(Outcome):
     HELD = "held while IF=0"
     DELIVERED_WITH_IF_CLEAR = "delivered although IF=0"
@@ -88,30 +106,40 @@ class NotReady(Outcome):
     ENTRY_FAILS = "VM entry fails"
 
 
-INTERRUPT_NOT_READY = Expectation(
-    "interrupt_not_ready", "KVM_INTERRUPT while the guest has IF=0", NotReady.HELD,
-    "Intel SDM Vol. 3A 6.8.1 (IF masks external interrupts); api.rst: inject only when "
-    "ready_for_interrupt_injection=1",
-    measured(NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS,
-             intel_note="KVM_EXIT_FAIL_ENTRY with hardware_entry_failure_reason 0x80000021 (invalid "
-                        "guest state); Bochs's log names the check, 'VMENTER FAIL: VMCS guest interrupts "
-                        "blocked when injecting external interrupt': the SDM's VM-entry check of guest "
-                        "RFLAGS (Vol. 3C 'Checks on Guest RIP, RFLAGS, and SSP': IF must be 1 when an "
-                        "external interrupt is injected), an architectural check, not a Bochs one"),
-    {NotReady.DELIVERED_WITH_IF_CLEAR: "KVM injects the event regardless of IF; userspace must wait "
-                                       "for ready_for_interrupt_injection=1 (pykvm refuses otherwise)",
-     NotReady.ENTRY_FAILS: "VT-x's VM-entry checks reject an external interrupt with RFLAGS.IF=0"})
+INTEL_ENTRY_CHECK = (
+    "KVM_EXIT_FAIL_ENTRY with hardware_entry_failure_reason 0x80000021 (invalid guest state); Bochs's log "
+    "names the check, 'VMENTER FAIL: VMCS guest interrupts blocked when injecting external interrupt': the "
+    "SDM's VM-entry check of guest RFLAGS (Vol. 3C 'Checks on Guest RIP, RFLAGS, and SSP': IF must be 1 when "
+    "an external interrupt is injected), an architectural check, not a Bochs one")
+NOT_READY_SOURCE = ("Intel SDM Vol. 3A 6.8.1 (IF masks external interrupts); api.rst: inject only when "
+                    "ready_for_interrupt_injection=1")
+NOT_READY_EXPLANATIONS: dict[Outcome, str] = {
+    NotReady.DELIVERED_WITH_IF_CLEAR: "KVM injects the event regardless of IF; userspace must wait for "
+                                      "ready_for_interrupt_injection=1 (pykvm refuses otherwise)",
+    NotReady.ENTRY_FAILS: "VT-x's VM-entry checks reject an external interrupt with RFLAGS.IF=0"}
+NOT_READY_RECORDS: dict[str, tuple[Outcome, Outcome | None, Outcome]] = {
+    "real": (NotReady.DELIVERED_WITH_IF_CLEAR, None, NotReady.ENTRY_FAILS),
+    "protected": (NotReady.DELIVERED_WITH_IF_CLEAR, None, NotReady.ENTRY_FAILS),
+    "long": (NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS),
+}
 
 
-@scenario(INTERRUPT_NOT_READY)
-def interrupt_not_ready(kvm) -> Observation:
+def interrupt_not_ready(kvm, mode: str) -> Observation:
     """KVM_INTERRUPT (forced) while the guest has IF=0, then KVM_RUN."""
-    vm, guest = boot(kvm)
+    vm, guest = boot(kvm, mode)
     with vm:
         guest.command(Command.CLI)
         guest.vcpu.interrupt(PROBE_VECTOR, force=True)
         guest.send(Command.NOP)
-        stop = run_once(guest)
+        try:
+            stop = run_once(guest)
+        except GuestError as exc:        # the handler ran, its return did not (kvm_pvm's protected mode)
+            if internal_error(exc) is None or not guest.log():
+                raise
+            record = guest.log()[0]
+            return Observation(NotReady.DELIVERED_WITH_IF_CLEAR if not record.interrupts_were_enabled
+                               else NotReady.DELIVERED_AFTER_STI,
+                               f"{record!r}; then {str(exc).split(';')[0]}")
         if isinstance(stop.exit, FailEntryExit):
             return Observation(NotReady.ENTRY_FAILS, f"{stop.describe()}: hardware_entry_failure_reason "
                                                      f"{stop.exit.hardware_entry_failure_reason:#x}, "
@@ -121,3 +149,16 @@ def interrupt_not_ready(kvm) -> Observation:
             return Observation(NotReady.HELD, f"nothing logged; next exit {stop.describe()}")
         return Observation(NotReady.DELIVERED_WITH_IF_CLEAR if not log[0].interrupts_were_enabled
                            else NotReady.DELIVERED_AFTER_STI, f"{log[0]!r}")
+
+
+def _register_not_ready(mode: str) -> None:
+    pvm, amd, intel = NOT_READY_RECORDS[mode]
+    scenario(Expectation(
+        in_mode("interrupt_not_ready", mode), f"KVM_INTERRUPT while the guest has IF=0, {mode} mode",
+        NotReady.HELD, NOT_READY_SOURCE, measured(pvm, amd, intel, intel_note=intel_note(mode, INTEL_ENTRY_CHECK)),
+        NOT_READY_EXPLANATIONS, in_mode("interrupt_held_while_not_ready", mode)))(
+            functools.partial(interrupt_not_ready, mode=mode))
+
+
+for _mode in NOT_READY_RECORDS:
+    _register_not_ready(_mode)

@@ -1,4 +1,4 @@
-"""Probes of KVM_SET_GUEST_DEBUG single-stepping: single_step, step_sti_shadow, hlt_single_step.
+"""Probes of KVM_SET_GUEST_DEBUG single-stepping: single_step, step_sti_shadow (per CPU mode), hlt_single_step.
 
 Why this exists: the shadow probes and many tests single-step guests, and hosts
 differ in where the trap comes after `sti` and in whether a stepped `hlt` halts.
@@ -6,17 +6,19 @@ differ in where the trap comes after `sti` and in whether a stepped `hlt` halts.
 
 from __future__ import annotations
 
+import functools
+
 from ...core.constants import Cap
 from ...core.exits import DebugExit, HltExit
 from ...guests import Command
-from .base import Expectation, Observation, Outcome, measured, scenario
+from .base import Expectation, Observation, Outcome, in_mode, intel_note, measured, scenario
 from .harness import boot, label, start_stepping, step, stop_stepping
 
 
-def _stepping_session(kvm):
+def _stepping_session(kvm, mode: str = "long"):
     """A VM with one booted vCPU on a host that can single-step (CapabilityMissing otherwise)."""
     kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
-    return boot(kvm)
+    return boot(kvm, mode)
 
 
 class SingleStep(Outcome):
@@ -60,21 +62,22 @@ BOCHS_STI_SHADOW = (
     "interruptibility state is saved as it was before the VM exit). The record is Bochs 3.0's; "
     "a shadow of 0 here on an older Bochs is the emulator, not kvm_intel")
 
-STEP_STI_SHADOW = Expectation(
-    "step_sti_shadow", "single-step over `sti`: where the next debug exit comes",
-    StepStiShadow.STOPS_IN_SHADOW, "Intel SDM Vol. 3A 6.8.3 holds debug exceptions only after "
-    "MOV SS / POP SS; STI delays interrupts, not the single-step trap",
-    measured(StepStiShadow.STOPS_IN_SHADOW, StepStiShadow.HELD_PAST_SHADOW, StepStiShadow.STOPS_IN_SHADOW,
-             intel_note=BOCHS_STI_SHADOW),
-    {StepStiShadow.HELD_PAST_SHADOW: "the host treats the STI shadow like MOV SS's and holds the "
-                                     "single-step trap over the next instruction"},
-    "single_step_stops_in_sti_shadow")
+STEP_STI_SHADOW_SOURCE = ("Intel SDM Vol. 3A 6.8.3 holds debug exceptions only after MOV SS / POP SS; STI "
+                          "delays interrupts, not the single-step trap")
+STEP_STI_SHADOW_EXPLANATIONS: dict[Outcome, str] = {
+    StepStiShadow.HELD_PAST_SHADOW: "the host treats the STI shadow like MOV SS's and holds the single-step "
+                                    "trap over the next instruction"}
+# What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel); None: not measured there.
+STEP_STI_SHADOW_RECORDS: dict[str, tuple[Outcome, Outcome | None, Outcome]] = {
+    "real": (StepStiShadow.STOPS_IN_SHADOW, None, StepStiShadow.STOPS_IN_SHADOW),
+    "protected": (StepStiShadow.STOPS_IN_SHADOW, None, StepStiShadow.STOPS_IN_SHADOW),
+    "long": (StepStiShadow.STOPS_IN_SHADOW, StepStiShadow.HELD_PAST_SHADOW, StepStiShadow.STOPS_IN_SHADOW),
+}
 
 
-@scenario(STEP_STI_SHADOW)
-def step_sti_shadow(kvm) -> Observation:
+def step_sti_shadow(kvm, mode: str) -> Observation:
     """Single-step over `sti` with IF=0: does the trap stop at the shadowed nop or after it?"""
-    vm, guest = _stepping_session(kvm)
+    vm, guest = _stepping_session(kvm, mode)
     with vm:
         guest.command(Command.CLI)
         start_stepping(guest, Command.STI_NOP, "sti_nop_sti")
@@ -85,6 +88,20 @@ def step_sti_shadow(kvm) -> Observation:
                   guest.address("sti_nop_end"): StepStiShadow.HELD_PAST_SHADOW}
         return Observation(places.get(rip, StepStiShadow.ELSEWHERE),
                            f"the step over sti stopped at {label(guest, rip)}, events shadow={shadow:#x}")
+
+
+def _register_step_sti_shadow(mode: str) -> None:
+    pvm, amd, intel = STEP_STI_SHADOW_RECORDS[mode]
+    scenario(Expectation(
+        in_mode("step_sti_shadow", mode), f"single-step over `sti`: where the next debug exit comes, {mode} mode",
+        StepStiShadow.STOPS_IN_SHADOW, STEP_STI_SHADOW_SOURCE, measured(pvm, amd, intel,
+                                                                        intel_note=intel_note(mode, BOCHS_STI_SHADOW)),
+        STEP_STI_SHADOW_EXPLANATIONS, in_mode("single_step_stops_in_sti_shadow", mode)))(
+            functools.partial(step_sti_shadow, mode=mode))
+
+
+for _mode in STEP_STI_SHADOW_RECORDS:
+    _register_step_sti_shadow(_mode)
 
 
 class HltStep(Outcome):
