@@ -81,13 +81,16 @@ def _blocks(checklist: str) -> dict[int, str]:
     return blocks
 
 
-def _left_running(directory: Path) -> list[int]:
-    """Processes whose command line names the student's folder (the checker's child and all it forked)."""
-    left = []
+def _left_running(directory: Path, grace: float = 5.0) -> list[int]:
+    """Processes whose command line names the student's folder (the checker's child and all it forked)
+    and that are still alive ``grace`` seconds on: a process already killed may take a moment to go
+    (a PID namespace's members die after its init, and at load 20-30 that was seen still in the table)."""
+    named = []
     for process in psutil.process_iter(["cmdline"]):
         if str(directory) in " ".join(process.info["cmdline"] or ()):
-            left.append(process.pid)
-    return left
+            named.append(process)
+    _, alive = psutil.wait_procs(named, timeout=grace)
+    return [process.pid for process in alive if process.status() != psutil.STATUS_ZOMBIE]
 
 
 def _check(number: int, directory: Path, deadline: float = DEADLINE) -> subprocess.CompletedProcess:
