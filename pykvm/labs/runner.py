@@ -5,7 +5,7 @@ student's code cannot write. The steps run in a child (:mod:`pykvm.labs.child`):
 ``python -I -B`` (no bytecode written beside the student's file) in an empty
 working directory, and where the host allows (:func:`isolation`) in PID, mount and user namespaces of its own, so the
 student's code can neither see nor signal this process and every process it
-starts dies with the child. The child limits its memory and CPU time before the
+starts dies with the child. The child limits its memory, CPU time and tasks (forks) before the
 student's code runs. This side reads the child's reports (JSON datagrams on a
 socket, with KVM's stats fds attached), the student's output (the first
 :data:`OUTPUT_LIMIT` bytes kept, the rest counted, control characters escaped)
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hosts import HostInfo, detect
-from .child import GO
+from .child import GO, TASK_LIMIT
 from .framework import Fail, Lab
 from .verdict import Evidence, Injection, Verdict, judge, verified_stats
 
@@ -81,6 +81,31 @@ def isolation() -> tuple[str, ...]:
     except (OSError, subprocess.TimeoutExpired):
         return ()
     return prefix if done.returncode == 0 else ()
+
+
+PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")      # where cgroup v1 mounts its pids controller
+
+
+def _pids_cgroup() -> Path | None:
+    """A new pids cgroup below this process's own, capped at :data:`TASK_LIMIT` tasks; None if none can be made.
+
+    Why: the child's RLIMIT_NPROC never binds root, so as root only a cgroup's ``pids.max`` stops a fork
+    bomb before it fills the host's PID table. Made where this process may write the v1 pids hierarchy.
+    """
+    own = next((line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if "pids" in line.split(":", 2)[1].split(",")), None)
+    if own is None or not os.access(PIDS_HIERARCHY / own.lstrip("/"), os.W_OK):
+        return None
+    try:
+        cgroup = Path(tempfile.mkdtemp(prefix="pykvm-lab-", dir=PIDS_HIERARCHY / own.lstrip("/")))
+    except OSError:
+        return None
+    try:
+        (cgroup / "pids.max").write_text(str(TASK_LIMIT))
+    except OSError:
+        cgroup.rmdir()
+        return None
+    return cgroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +201,14 @@ class _Child:
         self.status_read, status_write = os.pipe()
         self.output_read, output_write = os.pipe()
         cpu_seconds = int(STARTUP + deadline * (len(lab.steps) - start)) + 1
+        self.pids_cgroup = _pids_cgroup()
         try:
             self.process = subprocess.Popen(
                 [*isolation(), python, "-I", "-B", "-c", CHILD_PROGRAM, "--lab", str(lab.number),
                  "--file", str(student_file), "--seed", str(seed), "--start", str(start),
                  "--report-fd", str(theirs.fileno()), "--status-fd", str(status_write),
-                 "--cpu-seconds", str(cpu_seconds), "--broken", json.dumps(broken)],
+                 "--cpu-seconds", str(cpu_seconds), "--pids-cgroup", str(self.pids_cgroup or ""),
+                 "--broken", json.dumps(broken)],
                 stdin=subprocess.DEVNULL, stdout=output_write, stderr=output_write,
                 pass_fds=(theirs.fileno(), status_write), start_new_session=True, cwd=self.workdir.name)
         except BaseException:
@@ -331,6 +358,9 @@ class _Child:
         os.close(self.status_read)
         os.close(self.output_read)
         self.workdir.cleanup()
+        if self.pids_cgroup is not None:
+            with contextlib.suppress(OSError):     # empty: every process in it has ended
+                self.pids_cgroup.rmdir()
 
 
 @dataclasses.dataclass(frozen=True)
