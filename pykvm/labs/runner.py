@@ -86,18 +86,34 @@ def isolation() -> tuple[str, ...]:
 PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")      # where cgroup v1 mounts its pids controller
 
 
+@functools.cache
+def _pids_parent() -> Path | None:
+    """This process's own cgroup in the v1 pids hierarchy, if this process may make cgroups below it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "pids" in controllers.split(","):
+                own = PIDS_HIERARCHY / path.lstrip("/")
+                return own if os.access(own, os.W_OK) else None
+    return None
+
+
+def tasks_capped() -> bool:
+    """Whether a fork bomb in the student's code meets a cap: RLIMIT_NPROC (never binding root) or a pids cgroup."""
+    return os.geteuid() != 0 or _pids_parent() is not None
+
+
 def _pids_cgroup() -> Path | None:
     """A new pids cgroup below this process's own, capped at :data:`TASK_LIMIT` tasks; None if none can be made.
 
     Why: the child's RLIMIT_NPROC never binds root, so as root only a cgroup's ``pids.max`` stops a fork
-    bomb before it fills the host's PID table. Made where this process may write the v1 pids hierarchy.
+    bomb before it fills the host's PID table.
     """
-    own = next((line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
-                if "pids" in line.split(":", 2)[1].split(",")), None)
-    if own is None or not os.access(PIDS_HIERARCHY / own.lstrip("/"), os.W_OK):
+    parent = _pids_parent()
+    if parent is None:
         return None
     try:
-        cgroup = Path(tempfile.mkdtemp(prefix="pykvm-lab-", dir=PIDS_HIERARCHY / own.lstrip("/")))
+        cgroup = Path(tempfile.mkdtemp(prefix="pykvm-lab-", dir=parent))
     except OSError:
         return None
     try:
