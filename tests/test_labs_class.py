@@ -31,7 +31,7 @@ from test_labs_grade import GRADE, GRADER_MEMORY
 from pykvm.labs import get_lab
 from pykvm.labs.child import TASK_LIMIT
 from pykvm.labs.framework import STUDENT_FILE
-from pykvm.labs.runner import isolation, tasks_capped
+from pykvm.labs.runner import PIDS_HIERARCHY, isolation, tasks_capped
 
 pytestmark = [pytest.mark.deadline(1800), pytest.mark.class_grading, pytest.mark.hardware]
 
@@ -108,12 +108,18 @@ def _naming(folder: Path) -> list[psutil.Process]:
     return found
 
 
+def _check_cgroups() -> set[Path]:
+    """The checks' pids cgroups (none where the runner may make none)."""
+    return set(PIDS_HIERARCHY.glob("**/pykvm-lab-*"))
+
+
 def test_a_class_of_40_gets_its_rows_leaves_nothing_and_the_grader_stays_small(kvm, tmp_path, class_folder):
     folder, expected = class_folder
     assert len(expected) == CLASS_SIZE
     scratch = tmp_path / "scratch"          # the grader's and the checks' temporary folders: all named by tmp_path
     scratch.mkdir()
     names = [f"class/{name}/{STUDENT_FILE}" for name in sorted(expected)]
+    cgroups_before = _check_cgroups()
     started = time.monotonic()
     done, peak, most = _grading(GRADE + [str(LAB), *names, "--seed-from-name", "--json", "--jobs", str(JOBS),
                                          "--deadline", str(DEADLINE)], tmp_path,
@@ -136,4 +142,5 @@ def test_a_class_of_40_gets_its_rows_leaves_nothing_and_the_grader_stays_small(k
     assert peak < GRADER_MEMORY, f"the grader's RSS reached {peak >> 20} MiB"
     assert most <= JOBS * (TASK_LIMIT + CHECK_OVERHEAD), f"{most} processes at once: the fork bomb was not capped"
     assert [process.pid for process in _naming(tmp_path)] == []
+    assert _check_cgroups() - cgroups_before == set(), "a check's pids cgroup was left"
     assert psutil.Process().children(recursive=True) == []

@@ -124,6 +124,20 @@ def _pids_cgroup() -> Path | None:
     return cgroup
 
 
+def _remove_cgroup(cgroup: Path, timeout: float = 5.0) -> None:
+    """Remove a check's pids cgroup once its processes have ended: the kernel refuses (EBUSY) until the last
+    one is reaped, which in a PID namespace its init does after this side saw them killed."""
+    ends = time.monotonic() + timeout
+    while True:
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:
+            if time.monotonic() >= ends:
+                return
+            time.sleep(0.01)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     index: int
@@ -375,8 +389,7 @@ class _Child:
         os.close(self.output_read)
         self.workdir.cleanup()
         if self.pids_cgroup is not None:
-            with contextlib.suppress(OSError):     # empty: every process in it has ended
-                self.pids_cgroup.rmdir()
+            _remove_cgroup(self.pids_cgroup)
 
 
 @dataclasses.dataclass(frozen=True)
