@@ -253,8 +253,18 @@ class _Child:
 
     # -- the processes ----------------------------------------------------------------------
     def tree(self) -> list[int]:
-        """The child and every process below it (all in its namespace, or all it forked)."""
-        return _below(self.process.pid, _processes())
+        """The child and every process below it (all in its namespace, or all it forked), then those of its
+        pids cgroup that left it (without a namespace, a daemon's orphans are this process's children)."""
+        below = _below(self.process.pid, _processes())
+        return below + [pid for pid in self._cgroup_members() if pid not in below]
+
+    def _cgroup_members(self) -> list[int]:
+        if self.pids_cgroup is None:
+            return []
+        try:
+            return [int(pid) for pid in (self.pids_cgroup / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
 
     def note_own(self) -> None:
         self.own = set(self.tree())
@@ -372,6 +382,8 @@ class _Child:
         _kill(tree)
         self.process.wait()
         _gone(tree)
+        if not isolation():
+            _reap_adopted(tree)
         self._drain()
         self._release()
 
@@ -467,6 +479,13 @@ def _gone(pids: list[int], timeout: float = 5.0) -> None:
         if not any(pid in processes and processes[pid].state != "Z" for pid in pids):
             return
         time.sleep(0.01)
+
+
+def _reap_adopted(pids: list[int]) -> None:
+    """Reap those of the killed ``pids`` this process adopted (:func:`_adopting`): a zombie holds its pids cgroup."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 @contextlib.contextmanager
