@@ -5,12 +5,14 @@ The plugin (``pykvm.testing.plugin``, enabled by installing pykvm) provides
 hardware marker, ``PYKVM_REQUIRE_KVM=1`` and the summary line counting the
 hardware tests. Here: how many xdist workers, the ``kut_flat`` fixture for
 tests that boot kvm-unit-tests' kernels, ``stand_in_kut_tree`` for tests of
-the kvm-unit-tests runner, and two markers of this suite:
+the kvm-unit-tests runner, and three markers of this suite:
 
 - ``kvm_unit_tests``: the test boots a kernel of the kvm-unit-tests tree that
   ``PYKVM_KUT_DIR`` names (given to every test that uses ``kut_flat``);
 - ``qemu``: the test runs QEMU beside pykvm to compare them; minutes, so
-  ``pyproject.toml`` leaves these out unless ``-m qemu`` asks for them.
+  ``pyproject.toml`` leaves these out unless ``-m qemu`` asks for them;
+- ``class_grading``: the test grades a class of 40 lab files (minutes), left
+  out the same way unless ``-m class_grading`` asks for it.
 """
 
 import os
@@ -24,6 +26,7 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm_unit_tests: boots a kernel of the tree PYKVM_KUT_DIR names")
     config.addinivalue_line("markers", "qemu: runs QEMU beside pykvm to compare (run with -m qemu)")
+    config.addinivalue_line("markers", "class_grading: grades a class of 40 lab files (run with -m class_grading)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,7 +9,7 @@ mount and user namespaces (:func:`pykvm.labs.runner.isolation`). Then this
 process is PID 1 there: it forks the worker that runs the steps and reports
 how the worker ended on ``--status-fd``.
 
-The worker limits its own memory, CPU time and file size, sends one JSON
+The worker limits its own memory, CPU time, file size and tasks, sends one JSON
 datagram per event on the ``--report-fd`` socket, and sends every vCPU's KVM
 statistics fd along (:mod:`pykvm.labs.verdict`). The student's stdout goes to
 stderr, which the runner reads separately. What the worker reports is a
@@ -21,6 +21,7 @@ Not a command for people: ``python -m pykvm.labs check N`` runs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -31,13 +32,34 @@ from pathlib import Path
 
 MEMORY_LIMIT = 4 << 30           # bytes of address space: a lab's guests need a few MiB, Python some 100
 FILE_LIMIT = 64 << 20            # bytes any file the student's code writes may grow to
+TASK_LIMIT = 256                 # processes and threads the student's code may add: a fork bomb stops there
 GO = b"go"                       # the runner's answer to "ready": student code may start
 
 
-def _limit_resources(cpu_seconds: int) -> None:
-    """Memory, CPU and file-size limits, set before any of the student's code runs."""
+def _tasks_of_this_user() -> int:
+    """The processes' threads this user runs, as this process sees them: what RLIMIT_NPROC counts."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):           # it ended meanwhile
+                if os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                    count += len(os.listdir(f"/proc/{entry}/task"))
+    return count
+
+
+def _limit_resources(cpu_seconds: int, pids_cgroup: str) -> None:
+    """Memory, CPU, file-size and task limits, set before any of the student's code runs.
+
+    RLIMIT_NPROC counts all of the user's tasks (in a user namespace of its own, only the check's), so
+    the cap is :data:`TASK_LIMIT` above what runs now; the kernel never applies it to root, whose cap
+    is the pids cgroup the runner made (``pids_cgroup``, "" where it could make none), joined here.
+    """
+    if pids_cgroup:
+        with open(Path(pids_cgroup) / "cgroup.procs", "w") as procs:
+            procs.write("0")                             # this process, and all it will start
     for limit, value in ((resource.RLIMIT_AS, MEMORY_LIMIT), (resource.RLIMIT_CPU, cpu_seconds),
-                         (resource.RLIMIT_FSIZE, FILE_LIMIT), (resource.RLIMIT_CORE, 0)):
+                         (resource.RLIMIT_FSIZE, FILE_LIMIT), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_NPROC, _tasks_of_this_user() + TASK_LIMIT)):
         _, hard = resource.getrlimit(limit)
         resource.setrlimit(limit, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
 
@@ -75,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-fd", type=int, required=True)
     parser.add_argument("--status-fd", type=int, default=-1)
     parser.add_argument("--cpu-seconds", type=int, required=True)
+    parser.add_argument("--pids-cgroup", default="", help="the pids cgroup to join (its pids.max caps forks)")
     parser.add_argument("--broken", default="{}", help="JSON {scenario key: reason}")
     args = parser.parse_args(argv)
     if os.getpid() == 1:
@@ -92,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     TRACE.install(send)               # before the student's module imports pykvm's classes
     lab = get_lab(args.lab)
     ctx = Context(Path(args.file), args.seed, detect(), json.loads(args.broken), send)
-    _limit_resources(args.cpu_seconds)
+    _limit_resources(args.cpu_seconds, args.pids_cgroup)
     send({"event": "ready"})
     if report.recv(len(GO)) != GO:    # the runner has noted the processes that are the checker's own
         os._exit(1)

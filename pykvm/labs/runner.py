@@ -5,7 +5,7 @@ student's code cannot write. The steps run in a child (:mod:`pykvm.labs.child`):
 ``python -I -B`` (no bytecode written beside the student's file) in an empty
 working directory, and where the host allows (:func:`isolation`) in PID, mount and user namespaces of its own, so the
 student's code can neither see nor signal this process and every process it
-starts dies with the child. The child limits its memory and CPU time before the
+starts dies with the child. The child limits its memory, CPU time and tasks (forks) before the
 student's code runs. This side reads the child's reports (JSON datagrams on a
 socket, with KVM's stats fds attached), the student's output (the first
 :data:`OUTPUT_LIMIT` bytes kept, the rest counted, control characters escaped)
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hosts import HostInfo, detect
-from .child import GO
+from .child import GO, TASK_LIMIT
 from .framework import Fail, Lab
 from .verdict import Evidence, Injection, Verdict, judge, verified_stats
 
@@ -81,6 +81,61 @@ def isolation() -> tuple[str, ...]:
     except (OSError, subprocess.TimeoutExpired):
         return ()
     return prefix if done.returncode == 0 else ()
+
+
+PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")      # where cgroup v1 mounts its pids controller
+
+
+@functools.cache
+def _pids_parent() -> Path | None:
+    """This process's own cgroup in the v1 pids hierarchy, if this process may make cgroups below it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "pids" in controllers.split(","):
+                own = PIDS_HIERARCHY / path.lstrip("/")
+                return own if os.access(own, os.W_OK) else None
+    return None
+
+
+def tasks_capped() -> bool:
+    """Whether a fork bomb in the student's code meets a cap: RLIMIT_NPROC (never binding root) or a pids cgroup."""
+    return os.geteuid() != 0 or _pids_parent() is not None
+
+
+def _pids_cgroup() -> Path | None:
+    """A new pids cgroup below this process's own, capped at :data:`TASK_LIMIT` tasks; None if none can be made.
+
+    Why: the child's RLIMIT_NPROC never binds root, so as root only a cgroup's ``pids.max`` stops a fork
+    bomb before it fills the host's PID table.
+    """
+    parent = _pids_parent()
+    if parent is None:
+        return None
+    try:
+        cgroup = Path(tempfile.mkdtemp(prefix="pykvm-lab-", dir=parent))
+    except OSError:
+        return None
+    try:
+        (cgroup / "pids.max").write_text(str(TASK_LIMIT))
+    except OSError:
+        cgroup.rmdir()
+        return None
+    return cgroup
+
+
+def _remove_cgroup(cgroup: Path, timeout: float = 5.0) -> None:
+    """Remove a check's pids cgroup once its processes have ended: the kernel refuses (EBUSY) until the last
+    one is reaped, which in a PID namespace its init does after this side saw them killed."""
+    ends = time.monotonic() + timeout
+    while True:
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:
+            if time.monotonic() >= ends:
+                return
+            time.sleep(0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +231,14 @@ class _Child:
         self.status_read, status_write = os.pipe()
         self.output_read, output_write = os.pipe()
         cpu_seconds = int(STARTUP + deadline * (len(lab.steps) - start)) + 1
+        self.pids_cgroup = _pids_cgroup()
         try:
             self.process = subprocess.Popen(
                 [*isolation(), python, "-I", "-B", "-c", CHILD_PROGRAM, "--lab", str(lab.number),
                  "--file", str(student_file), "--seed", str(seed), "--start", str(start),
                  "--report-fd", str(theirs.fileno()), "--status-fd", str(status_write),
-                 "--cpu-seconds", str(cpu_seconds), "--broken", json.dumps(broken)],
+                 "--cpu-seconds", str(cpu_seconds), "--pids-cgroup", str(self.pids_cgroup or ""),
+                 "--broken", json.dumps(broken)],
                 stdin=subprocess.DEVNULL, stdout=output_write, stderr=output_write,
                 pass_fds=(theirs.fileno(), status_write), start_new_session=True, cwd=self.workdir.name)
         except BaseException:
@@ -196,8 +253,18 @@ class _Child:
 
     # -- the processes ----------------------------------------------------------------------
     def tree(self) -> list[int]:
-        """The child and every process below it (all in its namespace, or all it forked)."""
-        return _below(self.process.pid, _processes())
+        """The child and every process below it (all in its namespace, or all it forked), then those of its
+        pids cgroup that left it (without a namespace, a daemon's orphans are this process's children)."""
+        below = _below(self.process.pid, _processes())
+        return below + [pid for pid in self._cgroup_members() if pid not in below]
+
+    def _cgroup_members(self) -> list[int]:
+        if self.pids_cgroup is None:
+            return []
+        try:
+            return [int(pid) for pid in (self.pids_cgroup / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
 
     def note_own(self) -> None:
         self.own = set(self.tree())
@@ -315,6 +382,8 @@ class _Child:
         _kill(tree)
         self.process.wait()
         _gone(tree)
+        if not isolation():
+            _reap_adopted(tree)
         self._drain()
         self._release()
 
@@ -331,6 +400,8 @@ class _Child:
         os.close(self.status_read)
         os.close(self.output_read)
         self.workdir.cleanup()
+        if self.pids_cgroup is not None:
+            _remove_cgroup(self.pids_cgroup)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,6 +479,13 @@ def _gone(pids: list[int], timeout: float = 5.0) -> None:
         if not any(pid in processes and processes[pid].state != "Z" for pid in pids):
             return
         time.sleep(0.01)
+
+
+def _reap_adopted(pids: list[int]) -> None:
+    """Reap those of the killed ``pids`` this process adopted (:func:`_adopting`): a zombie holds its pids cgroup."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 @contextlib.contextmanager
