@@ -22,7 +22,7 @@ from pykvm.unittests.__main__ import main
 from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout, shell_words
 from pykvm.unittests.plan import plan
 from pykvm.unittests.report import Parity, junit, parity_table, tap
-from pykvm.unittests.runner import Outcome, qemu_command, skip_reason, summary_of
+from pykvm.unittests.runner import Outcome, qemu_command, run_qemu, skip_reason, summary_of
 
 CFG = '''\
 ##############################################################################
@@ -248,3 +248,24 @@ def test_with_qemu_only_a_difference_from_qemu_fails_the_run(kvm_available, tree
         assert "verdict PASS under QEMU" in out
     else:                  # QEMU fails it too, with the same lines: the host's failure, not pykvm's
         assert "1 of the 1 entries QEMU ran to a verdict match it" in out
+
+
+@pytest.mark.parametrize("script, verdict, reason", [
+    # The kernel ran, then QEMU exited 0 without the debug exit (-no-reboot: a triple fault): x86/run says 1.
+    ('echo "qemu-system-x86_64 -kernel x86/exitcode.flat"; echo "PASS: one"; echo "FAIL: two"; exit 1',
+     Verdict.FAIL, "without the debug exit"),
+    # QEMU refused to start (its memory in a small host): only the command's echo, QEMU's word on stderr.
+    ('echo "qemu-system-x86_64 -kernel x86/exitcode.flat"; '
+     'echo "qemu-system-x86_64: cannot set up guest memory \'pc.ram\': Cannot allocate memory" >&2; exit 1',
+     Verdict.SKIP, "Cannot allocate memory"),
+])
+def test_x86_runs_status_1_is_a_failure_once_the_kernel_ran_and_a_skip_before(tree, script, verdict, reason):
+    run = tree / "x86" / "run"
+    run.write_text(f"#!/bin/bash\n{script}\n")
+    run.chmod(0o755)
+    entry = {entry.name: entry for entry in read_config(tree)}["passes"]
+    outcome = run_qemu(entry, tree, 30)
+    assert outcome.verdict == verdict and reason in outcome.reason, outcome
+    judged = Parity(Outcome("passes", "pykvm", Verdict.FAIL, 4, output="PASS: one\nFAIL: two\n"), outcome)
+    assert judged.qemu_decided
+    assert judged.matches == (verdict == Verdict.FAIL)      # a triple fault under both: the same failure

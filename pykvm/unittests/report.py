@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Sequence
 
-from .runner import STATUS_TIMEOUT, Outcome, Verdict
+from .runner import ENDED_UNANNOUNCED, STATUS_TIMEOUT, Outcome, Verdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +33,15 @@ class Parity:
 
     @property
     def qemu_decided(self) -> bool:
-        """Whether QEMU ran the entry to a verdict: a skip, or a debug-exit status (1 pass, 3 fail, 127 abort()...).
+        """Whether QEMU ran the entry to a verdict: a skip, a debug-exit status (1 pass, 3 fail, 127 abort()...),
+        or the guest ending without the debug exit (QEMU's -no-reboot: a reset, triple fault or power-off).
 
         QEMU that timed out without a KVM internal error, or that itself aborted or was killed (a status over
         128), gave no verdict to compare with.
         """
         status = self.qemu.status
-        if self.qemu.verdict == Verdict.SKIP or "internal error" in self.qemu.reason:
+        if self.qemu.verdict == Verdict.SKIP or "internal error" in self.qemu.reason \
+                or self.qemu.reason == ENDED_UNANNOUNCED:
             return True
         return status is not None and status % 2 == 1 and status < 128 and status != STATUS_TIMEOUT
 

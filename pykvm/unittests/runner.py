@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..core.errors import InvalidArgument
 from ..vmm.cpu_model import CpuFeatureWarning
-from ..vmm.machine import Ending
+from ..vmm.machine import STATUS_POWER_OFF, Ending
 from .config import ARCH, Entry, shell_true
 from .plan import plan
 
@@ -39,6 +39,7 @@ STATUS_PASS_RAW = 1             # the debug-exit value 0, the test's exit(0)
 STATUS_SKIP = 77
 STATUS_TIMEOUT = 124
 STATUS_ABORT = 127
+ENDED_UNANNOUNCED = "the guest ended without the debug exit (a reset, triple fault or power-off)"
 _RESULT_LINE = re.compile(r"^(PASS|FAIL|SKIP|XFAIL|XPASS): ?(.*)$")
 
 
@@ -87,6 +88,11 @@ def summary_of(output: str) -> str:
         if line.startswith("SUMMARY: "):
             return f"({line[len('SUMMARY: '):].rstrip(chr(13))})"
     return ""
+
+
+def _kernel_ran(output: str) -> bool:
+    """Whether x86/run's output holds anything of the kernel's: a line besides its echo of QEMU's command."""
+    return any(line.strip() and not line.startswith(("/", "qemu")) for line in output.splitlines())
 
 
 def verdict_of(status: int) -> Verdict:
@@ -181,6 +187,11 @@ def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str 
     # x86/run reports run_tests.sh's scale (0 pass, 77 skip, 124 timeout, >128 a signal, else a failure);
     # give the debug-exit status pykvm reports: a pass is 1 there.
     raw = STATUS_PASS_RAW if status == 0 else status
+    if status == 1 and _kernel_ran(output):
+        # The kernel ran and ended without the debug exit: QEMU's -no-reboot exits 0 on a reset, a triple
+        # fault or a power-off, and x86/run reports that as 1. run_tests.sh calls it a FAIL; so does this.
+        return Outcome(entry.name, "qemu", Verdict.FAIL, STATUS_POWER_OFF, summary_of(output),
+                       reason=ENDED_UNANNOUNCED, output=output, seconds=time.monotonic() - started)
     if status in (1, 2):
         # QEMU (1) or the run script (2) failed before the test ran: an option or CPU feature QEMU refuses
         # here. run_tests.sh skips such an entry with QEMU's last word, and so does this.
