@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import pykvm
@@ -42,6 +43,7 @@ from pykvm.core.errors import (
     PyKvmError,
     UnknownLabel,
 )
+from pykvm.core.exits import InternalErrorExit
 from pykvm.core.interrupts import IrqchipRoute, MsiMessage, MsiRoute
 from pykvm.core.memory import guest_phys_bits
 from pykvm.guests import Command
@@ -145,7 +147,10 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     ("memory-size-negative", lambda w: w.kvm.create_vm(memory_size=-1), ValueError, "memory_size=-1"),
     ("memory-size-str", lambda w: w.kvm.create_vm(memory_size="16M"), TypeError, "memory_size="),
     ("memory-size-unaligned", lambda w: w.kvm.create_vm(memory_size=1000), ValueError, "size=0x3e8"),
-    ("memory-size-4tib", lambda w: w.kvm.create_vm(memory_size=4 << 40), ValueError, "allow_overcommit"),
+    # Twice what the host has available, refused for that (4 TiB was, on a 40-bit kvm_amd under TCG, refused
+    # first for the address width: a right refusal, but not this case's).
+    ("memory-size-twice-available", lambda w: w.kvm.create_vm(memory_size=psutil.virtual_memory().available * 2
+                                                               & ~0xFFFFF), ValueError, "allow_overcommit"),
     ("irqchip-unknown", lambda w: w.kvm.create_vm(irqchip="bogus"), ValueError, "irqchip='bogus'"),
     ("irqchip-int", lambda w: w.kvm.create_vm(irqchip=3), ValueError, "irqchip=3"),
     ("pit-without-irqchip", lambda w: w.kvm.create_vm(pit=True), IrqchipModeError, "pit=True"),
@@ -454,7 +459,9 @@ def test_kvm_run_without_memory_names_the_missing_memory(kvm):
         except KvmError as error:
             assert "this VM has no guest memory (memory_size=0 and no vm.memory.add_slot())" in str(error)
         else:
-            pytest.skip(f"this host's KVM_RUN gives {exit} without memory, not an error (kvm_pvm: ENOSPC)")
+            # Measured on kvm_amd (QEMU TCG): no error, but an emulation failure at the reset vector, which
+            # has no memory to fetch from; the typed exit says so, and nothing else may come.
+            assert isinstance(exit, InternalErrorExit) and exit.suberror == 1, exit
 
 
 _MODULE_NAME = re.compile(r"(?<![\w.])pykvm(?:\.[A-Za-z_]\w*)+")
