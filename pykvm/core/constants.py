@@ -226,6 +226,7 @@ class StatsBase(enum.IntEnum):
 
 STATS_TYPE_SHIFT, STATS_UNIT_SHIFT, STATS_BASE_SHIFT = 0, 4, 8
 IOAPIC_NUM_PINS = 24
+IOAPIC_DEFAULT_BASE = 0xFEC00000    # the IOAPIC's MMIO page: index register; data register at +0x10
 PIC_PINS = 16           # GSIs 0-15 reach the two 8259s as well as the IOAPIC
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..core.constants import IOAPIC_DEFAULT_BASE as IOAPIC_BASE
 from ..core.errors import InvalidArgument
-from ..irqchip.ioapic import IOAPIC_DEFAULT_BASE as IOAPIC_BASE
 from ..x86.msr import APIC_BASE_MSR, TSC_DEADLINE_MSR, XAPIC_BASE
 from ..x86.system_area import (
     DEFAULT_STACK_TOP,

@@ -16,13 +16,13 @@ import time
 from typing import TYPE_CHECKING
 
 from ..core import checks
-from ..core.constants import IOAPIC_NUM_PINS, MpState
+from ..core.constants import IOAPIC_DEFAULT_BASE, IOAPIC_NUM_PINS, MpState
 from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, InvalidArgument, IrqchipModeError
 from ..core.exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
 from ..core.state import record
 from ..core.vcpu import Vcpu
 from ..irqchip import waiting
-from ..irqchip.ioapic import IOAPIC_DEFAULT_BASE, RedirectionEntry
+from ..irqchip.ioapic import RedirectionEntry
 from ..irqchip.lapic import ApicReg, icr
 from ..runtime.watchdog import WATCHDOG
 from ..x86.asm import Mode

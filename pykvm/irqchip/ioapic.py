@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import TYPE_CHECKING
 
 from ..core import checks
 from ..core.constants import IOAPIC_NUM_PINS, IrqchipId, as_enum
 from ..core.interrupts import DeliveryMode, check_vector
+from ..core.vm import Vm
 from ..x86.vectors import vector_set
-
-# Vm only when type-checking, or looked up when called: setup.py imports this module (through
-# pykvm.guests.layout) to build the guests before the binding that pykvm.core.vm needs exists.
-if TYPE_CHECKING:
-    from ..core.vm import Vm
-
-IOAPIC_DEFAULT_BASE = 0xFEC00000    # index register; data register at +0x10
 
 
 # -- IOAPIC ---------------------------------------------------------------------------------
@@ -91,19 +84,14 @@ class IoapicState:
         return self.raw
 
 
-def _vm_class() -> type:
-    from ..core.vm import Vm
-    return Vm
-
-
 def read(vm: Vm) -> IoapicState:
     """``KVM_GET_IRQCHIP`` of the in-kernel IOAPIC, decoded (irqchip='kernel')."""
-    checks.instance("vm", vm, _vm_class(), "a pykvm.Vm made with irqchip='kernel'")
+    checks.instance("vm", vm, Vm, "a pykvm.Vm made with irqchip='kernel'")
     return IoapicState.from_bytes(vm.get_irqchip(IrqchipId.IOAPIC))
 
 
 def write(vm: Vm, state: IoapicState) -> None:
     """``KVM_SET_IRQCHIP`` of the in-kernel IOAPIC (e.g. ``read(vm).with_entry(pin, entry)``)."""
-    checks.instance("vm", vm, _vm_class(), "a pykvm.Vm made with irqchip='kernel'")
+    checks.instance("vm", vm, Vm, "a pykvm.Vm made with irqchip='kernel'")
     checks.instance("state", state, IoapicState, "e.g. ioapic.read(vm).with_entry(pin, entry)")
     vm.set_irqchip(IrqchipId.IOAPIC, state.raw)
