@@ -250,29 +250,27 @@ def test_command_writes_csv_and_junit_and_a_rerun_gets_the_same_tasks(kvm, tmp_p
     assert document["files"][1]["steps"][3]["detail"] == last.text
 
 
-def _students_running(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """The checks' children running the student's code: the innermost ``pykvm.labs.child`` processes (under a
-    PID namespace the check's child is an ``unshare`` whose PID 1 forks the one that runs the steps)."""
-    running = []
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if "pykvm.labs.child" in " ".join(process.cmdline()) and not process.children():
-                running.append(process)
-    return running
+def _hang_announced(mark: Path) -> str:
+    """A solve() that spins forever once it has created ``mark``: a check is in the student's code when it exists."""
+    return (f"from pathlib import Path\n\ndef solve(task):\n    Path({str(mark)!r}).touch()\n"
+            "    while True:\n        pass\n")
 
 
 @pytest.mark.host_independent
 def test_ctrl_c_stops_every_check_and_exits_130(kvm, tmp_path):
-    files = [str(_file(tmp_path, name, HANG)) for name in ("a", "b", "c")]
+    # Readiness is the student's own mark, not the process tree: an ``unshare`` about to fork looks like
+    # an innermost child, and counting it sent SIGINT before the second check had started (seen under load).
+    marks = {name: tmp_path / f"{name}-in-solve" for name in ("a", "b", "c")}
+    files = [str(_file(tmp_path, name, _hang_announced(mark))) for name, mark in marks.items()]
     grader = subprocess.Popen(GRADE + ["1", *files, "--deadline", "120", "--jobs", "2"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     below: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 180           # start-up of two checks at load 20-30 took over 60 s
-        while len(_students_running(below)) < 2 and time.monotonic() < deadline:   # two checks, each in solve()
-            time.sleep(0.2)
-            below = psutil.Process(grader.pid).children(recursive=True)
-        assert len(_students_running(below)) == 2, [p.cmdline() for p in below]
+        while sum(mark.exists() for mark in marks.values()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        below = psutil.Process(grader.pid).children(recursive=True)
+        assert sum(mark.exists() for mark in marks.values()) == 2, [p.cmdline() for p in below]   # two in solve()
         grader.send_signal(signal.SIGINT)
         started = time.monotonic()
         out, err = grader.communicate(timeout=60)

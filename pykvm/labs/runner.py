@@ -52,6 +52,9 @@ MESSAGE_LIMIT = 64 << 10   # bytes of one report datagram; a longer one is an in
 MAX_VCPUS, MAX_INJECTIONS, MAX_NESTED = 256, 1 << 16, 64
 STARTUP = 120.0            # seconds a child may take to import pykvm (slow on emulated hosts)
 GRACE = 2.0                # seconds a child that closed its report channel has to exit
+# Seconds of silence during a step after which the checker looks whether any of the child's processes still
+# holds the report channel: with namespaces ``unshare`` keeps its copy, so closing it gives no end-of-file.
+CHANNEL_POLL = 0.5
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])     # where this pykvm is imported from
 # The child's program: this very pykvm, whatever the student's folder or the environment hold.
 CHILD_PROGRAM = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); from pykvm.labs.child import main; "
@@ -565,13 +568,19 @@ class _Checker:
         self.output.tail = b""
         while True:
             try:
-                message = child.next_message(limit)
+                polling = run.current is not None and isolation()
+                message = child.next_message(min(limit, time.monotonic() + CHANNEL_POLL) if polling else limit)
                 if message is None:
                     run.problem = self._closed(child)
                     return
                 if self._handle(child, run, message):
                     return
             except TimeoutError:
+                if time.monotonic() < limit:            # a silent step: is anyone still able to report?
+                    if child.channel_closed():
+                        run.problem = CHANNEL_CLOSED
+                        return
+                    continue
                 run.problem = self._timeout(child, run)
                 return
             except Forged as forged:

@@ -4,7 +4,7 @@ import os
 import time
 
 LAB = 1
-DEADLINE = 10                  # the step it stops in fails at its deadline
+DEADLINE = 60                  # seen closed within a second of silence, long before this deadline
 EXPECTED_FAILURES = [(1, "closed the checker's report channel")]
 
 
