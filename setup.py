@@ -7,8 +7,14 @@ Two things are compiled at install time, both against what is on this machine:
   plus a JSON symbol table, shipped with their sources in ``pykvm/guests/images``;
 - the Multiboot test kernels of ``python -m pykvm.boot``: ``guests/kernels/*.S``
   into ELF32 images in ``pykvm/vmm/kernels``.
+
+An editable install (``pip install -e``, as the README's commands do) also
+byte-compiles the package in place, as pip does for an ordinary install: every
+``python -m pykvm...`` process (a lab check starts two) would otherwise compile
+the modules it imports, each time, where ``PYTHONDONTWRITEBYTECODE`` is set.
 """
 
+import compileall
 import importlib
 import importlib.util
 import json
@@ -53,6 +59,8 @@ class BuildExtAndGuests(build_ext):
         package_dir = HERE / "pykvm" if self.inplace else Path(self.build_lib) / "pykvm"
         self.build_guests(package_dir / "guests" / "images")
         self.build_kernels(package_dir / "vmm" / "kernels")
+        if self.inplace:
+            compileall.compile_dir(package_dir, quiet=1)
 
     def build_guests(self, out_dir: Path) -> None:
         asm, layout = _load_build_modules()
