@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -122,6 +123,22 @@ def test_the_cache_reads_back_what_it_stored_and_prunes_other_keys(tmp_path, mon
     cached = measurement.read(_key())
     assert (cached.observations, cached.tampered, cached.stale) == (SEEN, {}, "")
     assert measurement.read(_key(kernel="6.1 #1")) is None
+
+
+def test_other_keys_of_this_kernel_stay_up_to_the_bound(tmp_path, monkeypatch):
+    """Two checkouts (probe code) or module parameters switched back and forth keep their files; the oldest
+    beyond KEYS_PER_KERNEL go, and the current key's file is never among them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    paths = []
+    for n in range(measurement.KEYS_PER_KERNEL + 2):       # file times are coarse: give each store its own second
+        paths.append(measurement.store(_key(code=f"checkout-{n}"), SEEN))
+        os.utime(paths[-1], ns=(n * 10**9,) * 2)
+    assert [path.exists() for path in paths] == [False, False] + [True] * measurement.KEYS_PER_KERNEL
+    measurement.store(_key(code="checkout-1"), SEEN)        # a checkout in use again: now the newest
+    kept = sorted(path.name for path in paths if path.exists())
+    expected = [paths[1], *paths[-(measurement.KEYS_PER_KERNEL - 1):]]
+    assert kept == sorted(path.name for path in expected)
+    assert measurement.read(_key(code="checkout-1")).observations == SEEN
 
 
 def test_a_file_for_another_key_is_stale_and_a_changed_entry_is_named(tmp_path, monkeypatch):

@@ -206,6 +206,21 @@ def test_check_command_exit_status(kvm, tmp_path):
     assert failing.returncode == 1 and "[FAIL] 1." in failing.stdout
 
 
+@pytest.mark.host_independent
+def test_a_check_passes_where_the_host_facts_cannot_be_cached(kvm, tmp_path):
+    """Without a cache (here: ``XDG_CACHE_HOME`` is a file) the child measures the host's facts itself: its probes'
+    vCPUs are the checker's, not the student's (they were once traced: "'vcpu' before the checker was ready")."""
+    student = tmp_path / "solved" / STUDENT_FILE
+    student.parent.mkdir()
+    student.write_text((REFERENCE / "lab01.py").read_text())
+    not_a_directory = tmp_path / "cache-is-a-file"
+    not_a_directory.write_text("")
+    done = subprocess.run([sys.executable, "-m", "pykvm.labs", "check", "1", str(student.parent)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XDG_CACHE_HOME": str(not_a_directory)})
+    assert done.returncode == 0 and "lab complete" in done.stdout, done.stdout + done.stderr
+
+
 # -- a student's code that hangs, raises or crashes ------------------------------------------
 
 @pytest.mark.host_independent

@@ -15,8 +15,11 @@ the outcomes are cached in ``$XDG_CACHE_HOME/pykvm/host-facts/`` (default
 (release and build), the vendor module, its parameters
 (``/sys/module/kvm_*/parameters/*``) and a digest of the probes' and guest
 images' code. A change of any of them is a new key, so the next use measures
-again; files of older keys are removed. ``python -m pykvm.doctor --refresh``
-measures and rewrites the file.
+again. Files written under another kernel are removed; those of this kernel's
+other keys stay, up to :data:`KEYS_PER_KERNEL` (two checkouts of pykvm, or a
+module reloaded with other parameters and back, would otherwise remove each
+other's file and measure again at every turn). ``python -m pykvm.doctor
+--refresh`` measures and rewrites the file.
 
 Each cached entry carries a seal: a digest of the key, the probe, its outcome
 and what it saw. An entry whose seal does not match (edited by hand, or
@@ -53,6 +56,7 @@ FORMAT = "pykvm host facts v1"
 REFRESH = "python -m pykvm.doctor --refresh"
 # The code whose change makes every cached outcome stale: the probes and the guests they boot.
 _PACKAGE = Path(__file__).resolve().parent.parent
+KEYS_PER_KERNEL = 4        # cache files kept for one kernel: its keys measured last (code, module, parameters)
 MEASURING_CODE = ("hosts/probes/*.py", "guests/*.py", "guests/images/*.bin", "guests/images/*.json")
 
 
@@ -193,12 +197,25 @@ def _unsound(key: HostKey, probe: str, entry: object) -> str:
 
 
 def store(key: HostKey, observations: Mapping[str, Observation]) -> Path:
-    """Write the cache file for ``key`` (complete or not at all) and remove those of other keys."""
+    """Write the cache file for ``key`` (complete or not at all); remove other kernels' files, and the
+    oldest of this kernel's other keys beyond :data:`KEYS_PER_KERNEL`."""
     path = cache_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, encode(key, observations))
-    prune(path.parent, "*.json", [path])
+    prune(path.parent, "*.json", [path, *_this_kernels_others(path, key)[:KEYS_PER_KERNEL - 1]])
     return path
+
+
+def _this_kernels_others(path: Path, key: HostKey) -> list[Path]:
+    """The cache's files, other than ``path``, written under ``key``'s kernel: the newest first."""
+    others = []
+    for other in path.parent.glob("*.json"):
+        try:
+            if other != path and json.loads(other.read_bytes())["key"]["kernel"] == key.kernel:
+                others.append((other.stat().st_mtime_ns, other))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue                    # unreadable or not ours: removed with the other kernels' files
+    return [other for _, other in sorted(others, reverse=True)]
 
 
 @contextlib.contextmanager

@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..hosts import detect
     from . import get_lab
     from .framework import TRACE, Context, Fail
+    host = detect()                   # may measure the host (no cache): the checker's vCPUs, so before the trace
     TRACE.install(send)               # before the student's module imports pykvm's classes
     lab = get_lab(args.lab)
-    ctx = Context(Path(args.file), args.seed, detect(), json.loads(args.broken), send)
+    ctx = Context(Path(args.file), args.seed, host, json.loads(args.broken), send)
     _limit_resources(args.cpu_seconds, args.pids_cgroup)
     send({"event": "ready"})
     if report.recv(len(GO)) != GO:    # the runner has noted the processes that are the checker's own
