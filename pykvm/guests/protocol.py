@@ -34,7 +34,22 @@ PORT_ASSERT = 0xE3      # out %eax: the guest found itself in an impossible stat
 
 
 class Command(enum.IntEnum):
-    """What the guest does after it reports a sync point (written to MB_COMMAND)."""
+    """What the guest does after it reports a sync point (written to MB_COMMAND).
+
+    ``session.command(Command.X, arg, arg2)`` passes ``arg`` in MB_ARG and
+    ``arg2`` in MB_ARG2; the commands that read them:
+
+    - ``SPIN``: ``arg`` loop iterations (32 bits) with no exit; the time they
+      take depends on the host (measure it: a billion took seconds on kvm_pvm);
+    - ``RAISE``: the exception vector ``arg`` (:data:`RAISABLE` per mode);
+    - ``INT``: the software interrupt ``int $arg`` (8 bits);
+    - ``APIC_ENABLE``: ``arg`` bit 0 selects x2APIC;
+    - ``APIC_WRITE``/``APIC_READ``: LAPIC register ``arg2`` (xAPIC offset), value ``arg``;
+    - ``IOAPIC_WRITE``: IOAPIC register ``arg2`` = ``arg``; ``WRMSR``: MSR ``arg2`` = ``arg``;
+    - ``TSC_DEADLINE``: the deadline ``arg`` TSC ticks from now;
+    - ``WAIT_LOG``: wait (``sti; hlt``) until this CPU's log holds ``arg`` records;
+    - ``PIC_INIT``: ``arg``'s bytes: master base, slave base, master mask, slave mask.
+    """
 
     NOP = 0        # nothing; report the next step
     CLI = 1        # cli

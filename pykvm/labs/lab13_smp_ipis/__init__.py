@@ -122,7 +122,9 @@ def check_startup(ctx: Context) -> str:
     page = exit.value >> 8
     if page != task.sipi_vector:
         raise Fail(f"AP {task.ap_id} started on page {page:#x} (CS {exit.value:#x}), not task.sipi_vector="
-                   f"{task.sipi_vector:#x}: the SIPI's vector field is the page number")
+                   f"{task.sipi_vector:#x}: the SIPI's vector field is the page number; if you sent more than "
+                   f"one SIPI, KVM started the AP at the last one's page (it acts on a pending SIPI only at "
+                   f"the AP's next KVM_RUN or KVM_GET_MP_STATE)")
     # At an IO exit some hosts report RIP at the `out` (2 bytes: opcode, port), others past it.
     rip = run["stub_out"] + (0 if ctx.host.io_exit_rip_at_out else 2)
     if run["cr0"] & CR0_PE or run["cs_base"] != task.sipi_vector << 12 or run["rip"] != rip:
@@ -250,6 +252,13 @@ def _judge(ctx: Context, kind: str) -> dict:
     return result
 
 
+def _stayed_in_kvm(result: dict) -> str:
+    """The evidence that the ICR write never left the kernel: the BSP's exits to userspace during the call."""
+    kinds = sorted({record.kind for record in result["sender_exits"]})
+    return (f"; the BSP's exits to userspace during your call: {len(result['sender_exits'])} "
+            f"({', '.join(kinds) or 'none'}), no MMIO exit: KVM handled the ICR write")
+
+
 def check_one(ctx: Context) -> str:
     result = _judge(ctx, "one")
     [target] = result["ipi"].cpus
@@ -259,7 +268,8 @@ def check_one(ctx: Context) -> str:
     if delta["halt_wakeup"] < 1:
         raise Fail(f"CPU {target} took the vector, but KVM counted no halt wake-up on it")
     return (f"CPU {target}, halted in `hlt`, was woken and took {result['ipi'].vector:#x}: its halt_wakeup "
-            f"+{delta['halt_wakeup']}, irq_injections +{delta['irq_injections']}")
+            f"+{delta['halt_wakeup']}, irq_injections +{delta['irq_injections']} during this call"
+            + _stayed_in_kvm(result))
 
 
 def check_mask(ctx: Context) -> str:
@@ -269,12 +279,14 @@ def check_mask(ctx: Context) -> str:
     at_sync = all(rip == run["sync_done"] for rip in where.values())
     return (f"CPUs {sorted(result['ipi'].cpus)} took {result['ipi'].vector:#x}; held while they had IF=0, "
             + ("taken at the next VM entry after their `sti` (sync_done)" if at_sync else
-               f"taken right after their `sti` (RIPs {', '.join(hex(r) for r in where.values())})"))
+               f"taken right after their `sti` (RIPs {', '.join(hex(r) for r in where.values())})")
+            + _stayed_in_kvm(result))
 
 
 def check_all_but_self(ctx: Context) -> str:
     result = _judge(ctx, "all-but-self")
-    return f"every AP ({sorted(result['ipi'].cpus)}) took {result['ipi'].vector:#x}, the BSP nothing"
+    return (f"every AP ({sorted(result['ipi'].cpus)}) took {result['ipi'].vector:#x}, the BSP nothing"
+            + _stayed_in_kvm(result))
 
 
 def check_nmi(ctx: Context) -> str:
@@ -285,13 +297,14 @@ def check_nmi(ctx: Context) -> str:
         raise Fail("the NMI was taken while the CPU had IF=1: the checker expected IF=0")
     delta = result["delta"][target]
     return (f"CPU {target} took the NMI with IF=0 (an NMI ignores IF); its nmi_injections "
-            f"+{delta['nmi_injections']}")
+            f"+{delta['nmi_injections']} during this call" + _stayed_in_kvm(result))
 
 
 def ipis_delivered(at_least: int) -> Callable[[Verdict], str]:
     """A step's rule: KVM injected at least ``at_least`` interrupts during send_ipi()'s run (only the IPIs do)."""
     def rule(verdict: Verdict) -> str:
-        return f"KVM's irq_injections per vCPU: {delivered(verdict, 'send_ipi', at_least)}"
+        return (f"KVM's irq_injections per vCPU over the run of all four send_ipi() calls: "
+                f"{delivered(verdict, 'send_ipi', at_least)}")
     return rule
 
 
@@ -299,7 +312,7 @@ def nmi_delivered(verdict: Verdict) -> str:
     counted = [c["nmi_injections"] for c in verdict.counters("send_ipi")]
     if not any(counted):
         raise disagree(f"KVM injected no NMI into any vCPU during send_ipi()'s run ({counted})")
-    return f"KVM's nmi_injections per vCPU: {counted}"
+    return f"KVM's nmi_injections per vCPU over the run of all four send_ipi() calls: {counted}"
 
 
 def _support(host) -> Support:
