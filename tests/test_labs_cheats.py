@@ -242,23 +242,31 @@ def test_a_stats_fd_is_accepted_only_as_kvms_for_a_process_of_the_check(kvm):
         os.fstat(eventfd)                                                   # refused fds are closed
 
 
+def _grading_groups() -> dict[tuple[int, float], list[str]]:
+    """The cheats by (lab, step deadline): one ``labs grade`` run each."""
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name in CHEAT_NAMES:
+        student = _student_file(CHEATS / name if (CHEATS / name).is_dir() else CHEATS / f"{name}.py")
+        groups.setdefault((_constant(student, "LAB"), _constant(student, "DEADLINE", DEADLINE)), []).append(name)
+    return groups
+
+
 @pytest.mark.host_independent     # grade runs `labs check --json` per file: the verdicts above, on every host
 @pytest.mark.deadline(1800)
-def test_every_cheat_fails_when_graded_too(kvm, tmp_path):
+@pytest.mark.parametrize("number, deadline", [pytest.param(number, deadline, id=f"lab{number}-{deadline:g}s")
+                                               for number, deadline in sorted(_grading_groups())])
+def test_every_cheat_fails_when_graded_too(kvm, tmp_path, number, deadline):
     """``labs grade`` (each file copied alone, its check's JSON read back) fails every cheat with the same reason."""
-    groups: dict[tuple[int, float], list[tuple[str, Path]]] = {}
-    for name in CHEAT_NAMES:
+    cheats = []
+    for name in _grading_groups()[number, deadline]:
         if name in NEEDS_NAMESPACES and not isolation() or name in NEEDS_TASK_CAP and not runner.tasks_capped():
             continue                    # as above: the cheat would reach the grader's checks, or the host
         (tmp_path / name).mkdir()
-        student = _student_file(_planted(name, tmp_path / name))
-        key = (_constant(student, "LAB"), _constant(student, "DEADLINE", DEADLINE))
-        groups.setdefault(key, []).append((name, student))
-    for (number, deadline), cheats in sorted(groups.items()):
-        rows = grade(number, [student for _, student in cheats], deadline=deadline)
-        for (name, student), row in zip(cheats, rows, strict=True):
-            expected = _constant(student, "EXPECTED_FAILURES")
-            assert row.graded and row.passed < row.total, (name, row)
-            assert any(not row.steps[step - 1].passed and phrase in row.steps[step - 1].detail
-                       for step, phrase in expected), (name, row.steps)
-    assert [pid for name in CHEAT_NAMES for pid in _left_running(tmp_path / name)] == []
+        cheats.append((name, _student_file(_planted(name, tmp_path / name))))
+    rows = grade(number, [student for _, student in cheats], deadline=deadline)
+    for (name, student), row in zip(cheats, rows, strict=True):
+        expected = _constant(student, "EXPECTED_FAILURES")
+        assert row.graded and row.passed < row.total, (name, row)
+        assert any(not row.steps[step - 1].passed and phrase in row.steps[step - 1].detail
+                   for step, phrase in expected), (name, row.steps)
+    assert [pid for name, _ in cheats for pid in _left_running(tmp_path / name)] == []
