@@ -37,6 +37,18 @@ def run_pytest(tmp_path, source: str, timeout: float = 120, **environ: str) -> s
                           capture_output=True, timeout=timeout)
 
 
+@pytest.mark.host_independent
+def test_pytest_rewrites_the_asserts_of_pykvm_testing_only(request):
+    """pytest marks a plugin's whole package for assertion rewriting where it finds it on sys.path (a run from the
+    clone, as this suite's): all of pykvm, each time. The plugin narrows the mark to pykvm.testing."""
+    import pykvm.core.stats
+    import pykvm.testing.helpers
+    marked = request.config.pluginmanager.rewrite_hook._must_rewrite
+    assert "pykvm" not in marked and "pykvm.testing" in marked, marked
+    assert "@pytest_ar" in vars(pykvm.testing.helpers)            # its asserts report their operands
+    assert "@pytest_ar" not in vars(pykvm.core.stats)             # imported from its compiled file, as it is
+
+
 def test_a_user_test_file_passes_with_the_plugin_alone(kvm_available, tmp_path):
     result = run_pytest(tmp_path, USER_TEST)
     assert result.returncode == 0, result.stdout + result.stderr

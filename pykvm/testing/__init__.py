@@ -15,9 +15,34 @@ recorded::
         [guest] = machine(irqchip="kernel")
         ...
         assert_delivered(guest, [(0x45, 0)])
+
+Importing the package loads neither helper: each name is imported on first use
+(PEP 562), so pytest loading the plugin in every run imports no KVM code.
 """
 
-from .helpers import assert_delivered, popen_interruptible, run_until_vector, scenario_and_control
-from .stalls import HostStalls
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .helpers import assert_delivered, popen_interruptible, run_until_vector, scenario_and_control
+    from .stalls import HostStalls
+
+_WHERE = {"assert_delivered": ".helpers", "popen_interruptible": ".helpers", "run_until_vector": ".helpers",
+          "scenario_and_control": ".helpers", "HostStalls": ".stalls"}
 
 __all__ = ["HostStalls", "assert_delivered", "popen_interruptible", "run_until_vector", "scenario_and_control"]
+
+
+def __getattr__(name: str) -> Any:
+    """``pykvm.testing.NAME`` on first use."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

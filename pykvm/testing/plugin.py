@@ -109,7 +109,25 @@ class _HardwareCount:
 _COUNT_KEY = pytest.StashKey[_HardwareCount]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def _rewrite_asserts_of_this_package_only(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Narrow pytest's assertion rewriting from all of pykvm to :mod:`pykvm.testing`.
+
+    pytest marks a plugin's whole top-level package for rewriting, so each pytest
+    process (each xdist worker, each pytest a test runs) rewrote pykvm's 150
+    modules as it imported them, bypassing their compiled files; where
+    ``PYTHONDONTWRITEBYTECODE`` is set it did so in every run. Only this package
+    holds asserts meant for a test report. Called as the plugin registers, before
+    any test module imports pykvm. Where pytest keeps the marks differently, the
+    marks stay as they are: slower, not wrong.
+    """
+    marked = getattr(getattr(pluginmanager, "rewrite_hook", None), "_must_rewrite", None)
+    if isinstance(marked, set) and "pykvm" in marked:
+        marked.discard("pykvm")
+        marked.add(__name__.rpartition(".")[0])
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    _rewrite_asserts_of_this_package_only(pluginmanager)
     parser.getgroup("pykvm").addoption(
         "--kvm-unit-tests", metavar="KUT_DIR", dest="kvm_unit_tests",
         help="collect each entry of KUT_DIR/x86/unittests.cfg (a built kvm-unit-tests tree) as a test booted "
