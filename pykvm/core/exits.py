@@ -258,7 +258,7 @@ class ExceptionExit(Exit):
 
 @record(slots=True)
 class TprAccessExit(Exit):
-    """``KVM_EXIT_TPR_ACCESS``: the guest read or wrote the xAPIC TPR (``set_tpr_access_reporting``)."""
+    """``KVM_EXIT_TPR_ACCESS``: the guest read or wrote the xAPIC TPR (``tpr_access_reporting``)."""
 
     reason: ClassVar = ExitReason.TPR_ACCESS
     rip: int = 0
@@ -277,31 +277,27 @@ class IoapicEoiExit(Exit):
 class HypervExit(Exit):
     """``KVM_EXIT_HYPERV``: Hyper-V emulation needs userspace (``vcpu.enable_cap(Cap.HYPERV_SYNIC)``).
 
-    For ``type == HypervExitType.SYNIC`` the guest wrote the SynIC MSR ``msr``
-    (SCONTROL, SIEFP or SIMP): ``control``, ``evt_page`` and ``msg_page`` are the
-    SynIC's registers after the write. ``words`` is the exit's union as six u64
-    (the hypercall and debugger exits' fields, in the header's order).
+    ``struct kvm_hyperv_exit``, its union's member for ``type`` copied out:
+    ``SYNIC``: the guest wrote the SynIC MSR ``msr`` (SCONTROL, SIEFP or SIMP),
+    and ``control``, ``evt_page``, ``msg_page`` are the SynIC's registers after
+    the write; ``HCALL``: ``input``, ``result``, ``params``; ``SYNDBG``: ``msr``,
+    ``control``, ``status``, ``send_page``, ``recv_page``, ``pending_page``.
+    Fields of the other types stay 0.
     """
 
     reason: ClassVar = ExitReason.HYPERV
     type: HypervExitType | int = 0
-    words: tuple = ()
-
-    @property
-    def msr(self) -> int:
-        return self.words[0] & 0xFFFFFFFF
-
-    @property
-    def control(self) -> int:
-        return self.words[1]
-
-    @property
-    def evt_page(self) -> int:
-        return self.words[2]
-
-    @property
-    def msg_page(self) -> int:
-        return self.words[3]
+    msr: int = 0
+    control: int = 0
+    evt_page: int = 0
+    msg_page: int = 0
+    input: int = 0
+    result: int = 0
+    params: tuple = ()
+    status: int = 0
+    send_page: int = 0
+    recv_page: int = 0
+    pending_page: int = 0
 
 
 @record(slots=True)
@@ -393,27 +389,30 @@ def _exception(vcpu, run) -> ExceptionExit:
     return ExceptionExit(run.ex.exception, run.ex.error_code)
 
 
-def _union(vcpu, layout):
-    """The fields of kvm_run's exit union (it starts where ``io`` does) unpacked with ``layout``."""
-    from .binding import ffi
-    return layout.unpack_from(vcpu._run_buffer, ffi.offsetof("struct kvm_run", "io"))
-
-
 def _tpr_access(vcpu, run) -> TprAccessExit:
-    from .uapi import RUN_TPR_ACCESS
-    rip, is_write = _union(vcpu, RUN_TPR_ACCESS)
-    return TprAccessExit(rip, bool(is_write))
+    access = run.tpr_access
+    return TprAccessExit(access.rip, bool(access.is_write))
 
 
 def _ioapic_eoi(vcpu, run) -> IoapicEoiExit:
-    from .uapi import RUN_EOI
-    return IoapicEoiExit(_union(vcpu, RUN_EOI)[0])
+    return IoapicEoiExit(run.eoi.vector)
+
+
+# The member of kvm_hyperv_exit's union each type fills in, and its fields HypervExit copies.
+_HYPERV_FIELDS: dict[int, tuple[str, tuple[str, ...]]] = {
+    HypervExitType.SYNIC: ("synic", ("msr", "control", "evt_page", "msg_page")),
+    HypervExitType.HCALL: ("hcall", ("input", "result", "params")),
+    HypervExitType.SYNDBG: ("syndbg", ("msr", "control", "status", "send_page", "recv_page", "pending_page"))}
 
 
 def _hyperv(vcpu, run) -> HypervExit:
-    from .uapi import RUN_HYPERV
-    kind, *words = _union(vcpu, RUN_HYPERV)
-    return HypervExit(as_enum(HypervExitType, kind), tuple(words))
+    hyperv = run.hyperv
+    member, names = _HYPERV_FIELDS.get(hyperv.type, ("", ()))
+    fields: dict[str, Any] = {}
+    for name in names:
+        value = getattr(getattr(hyperv.u, member), name)
+        fields[name] = value if isinstance(value, int) else tuple(value)
+    return HypervExit(as_enum(HypervExitType, hyperv.type), **fields)
 
 
 _HLT = HltExit()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import checks, exits
 from .binding import ffi, lib
-from .constants import Cap, ExitReason, MpState, as_enum
+from .constants import Cap, ExitReason, MpState, VcpuEventValid, as_enum
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
 from .errors import (
     CapabilityMissing,
@@ -38,9 +38,8 @@ from .errors import (
 from .fdobject import FdObject
 from .interrupts import DEBUG_VECTOR, ERROR_CODE_VECTORS, PAGE_FAULT_VECTOR, IrqchipMode, check_exception, check_vector
 from .ioctls import Ioctl
-from .state import ExceptionEvent, Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
+from .state import ExceptionEvent, Fpu, NestedState, Regs, Sregs, VcpuEvents, from_c, to_c
 from .stats import Stats
-from .uapi import NESTED_STATE, TPR_ACCESS_CTL, TPR_ACCESS_REPORTING_ENABLED, NestedState, UapiIoctl, call
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -528,7 +527,7 @@ class Vcpu(FdObject):
         events.exception_has_payload, events.exception_payload = 0, 0
         if use_payload:
             self._enable_exception_payload()
-            events.flags = lib.KVM_VCPUEVENT_VALID_PAYLOAD
+            events.flags = VcpuEventValid.PAYLOAD
             events.exception_has_payload = int(address is not None)
             events.exception_payload = address or 0
         elif vector == PAGE_FAULT_VECTOR and address is not None:
@@ -730,16 +729,16 @@ class Vcpu(FdObject):
 
         Needs the guest to have enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW): EINVAL before.
         """
-        call(self, UapiIoctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock "
-                                                  "(MSR 0x4b564d01 with bit 0 set)")
+        self._ioctl(Ioctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock (MSR 0x4b564d01 with "
+                                              "bit 0 set)")
 
     def get_nested_state(self) -> NestedState:
         """``KVM_GET_NESTED_STATE``: the vCPU's nested-virtualization state (L1's VMCB/VMCS, guest mode)."""
         size = self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.get_nested_state()")
-        raw = bytearray(size)
-        raw[4:8] = size.to_bytes(4, "little")
-        call(self, UapiIoctl.GET_NESTED_STATE, raw)
-        return NestedState.unpack(bytes(raw))
+        cdata = ffi.from_buffer("struct kvm_nested_state *", bytearray(size))
+        cdata.size = size                 # KVM_CAP_NESTED_STATE: the largest state, header included
+        self._ioctl(Ioctl.GET_NESTED_STATE, cdata)
+        return NestedState.from_c(cdata)
 
     def set_nested_state(self, state: NestedState) -> None:
         """``KVM_SET_NESTED_STATE``: restore nested state; in guest mode the vCPU's registers are L2's.
@@ -748,12 +747,12 @@ class Vcpu(FdObject):
         KVM_REQ_GET_NESTED_STATE_PAGES: before the next entry it maps the pages
         the state refers to (SVM: L1's MSR permission map).
         """
-        checks.instance("state", state, NestedState, "a pykvm.core.uapi.NestedState, e.g. NestedState.svm(...)")
+        checks.instance("state", state, NestedState, "a pykvm.core.state.NestedState, e.g. NestedState.svm(...)")
         self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.set_nested_state()")
-        call(self, UapiIoctl.SET_NESTED_STATE, state.pack(),
-             hint=f"KVM refused the state: it needs nested virtualization (kvm_amd/kvm_intel nested=1), the "
-                  f"vendor's format, EFER.SVME (or VMXON) in the vCPU and a consistent VMCB/VMCS "
-                  f"({NESTED_STATE.size}-byte header + data)")
+        self._ioctl(Ioctl.SET_NESTED_STATE, state.to_c(),
+                    hint=f"KVM refused the state: it needs nested virtualization (kvm_amd/kvm_intel nested=1), "
+                         f"the vendor's format, EFER.SVME (or VMXON) in the vCPU and a consistent VMCB/VMCS "
+                         f"({ffi.sizeof('struct kvm_nested_state')}-byte header + data)")
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on this vCPU (per-vCPU capabilities, e.g. ``Cap.HYPERV_SYNIC``)."""
@@ -766,13 +765,12 @@ class Vcpu(FdObject):
     def smi(self) -> None:
         """``KVM_SMI``: make a system-management interrupt pending (needs ``KVM_CAP_X86_SMM``)."""
         self.vm.kvm.require(Cap.X86_SMM, "vcpu.smi()")
-        call(self, UapiIoctl.SMI)
+        self._ioctl(Ioctl.SMI)
 
-    def set_tpr_access_reporting(self, enabled: bool) -> None:
-        """``KVM_TPR_ACCESS_REPORTING``: report guest accesses to the xAPIC TPR as ``TprAccessExit``."""
+    def tpr_access_reporting(self, enabled: bool) -> None:
+        """``KVM_TPR_ACCESS_REPORTING``: KVM reports guest accesses to the xAPIC TPR as ``TprAccessExit``."""
         self.vm._require_irqchip(IrqchipMode.SPLIT, "TPR access reporting")
-        call(self, UapiIoctl.TPR_ACCESS_REPORTING,
-             bytearray(TPR_ACCESS_CTL.pack(TPR_ACCESS_REPORTING_ENABLED if enabled else 0, 0)))
+        self._ioctl(Ioctl.TPR_ACCESS_REPORTING, ffi.new("struct kvm_tpr_access_ctl *", {"enabled": int(bool(enabled))}))
 
     def set_single_step(self, enabled: bool) -> None:
         """``KVM_SET_GUEST_DEBUG`` single-step: one ``DebugExit`` per guest instruction."""
