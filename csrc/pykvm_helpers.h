@@ -124,9 +124,15 @@ static void pykvm_guard_release(struct pykvm_vcpu_guard *guard);
  * into one number, so that Python reads nothing from kvm_run:
  *   bits 0-7 KVM_EXIT_IO, bit 8 direction, bits 9-11 size, bit 12 PYKVM_PACKED_IO,
  *   bits 13-28 port, bits 29-60 the element (little-endian): always positive.
+ * The shifts are exported to Python, whose one decoder of this number is
+ * pykvm.core.exits.IoExit.from_packed.
  * A packed exit and an error (-errno, including EINTR) have already released the guard;
  * for any other exit the caller reads kvm_run and then calls pykvm_guard_release. */
+#define PYKVM_IO_DIRECTION_SHIFT 8
+#define PYKVM_IO_SIZE_SHIFT 9
 #define PYKVM_PACKED_IO 0x1000
+#define PYKVM_IO_PORT_SHIFT 13
+#define PYKVM_IO_DATA_SHIFT 29
 
 static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcpu_guard *guard, int held)
 {
@@ -157,9 +163,9 @@ static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcp
         uint32_t value = 0;
         memcpy(&value, (const char *)run + run->io.data_offset, run->io.size);
         pykvm_guard_release(guard);      /* nothing more is read from kvm_run for this exit */
-        return (long long)KVM_EXIT_IO | (long long)(run->io.direction & 1) << 8
-               | (long long)run->io.size << 9 | PYKVM_PACKED_IO
-               | (long long)run->io.port << 13 | (long long)value << 29;
+        return (long long)KVM_EXIT_IO | (long long)(run->io.direction & 1) << PYKVM_IO_DIRECTION_SHIFT
+               | (long long)run->io.size << PYKVM_IO_SIZE_SHIFT | PYKVM_PACKED_IO
+               | (long long)run->io.port << PYKVM_IO_PORT_SHIFT | (long long)value << PYKVM_IO_DATA_SHIFT;
     }
     return (long long)run->exit_reason;
 }

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import checks
+from .binding import lib
 from .constants import ExitReason, HypervExitType, InternalErrorKind, IoDirection, SystemEventType, as_enum
 from .errors import InvalidArgument
 from .state import record
@@ -41,12 +42,24 @@ class ReplyingExit(Exit):
         self.vcpu._write_exit_reply(self.sequence, field, values)
 
 
+# The fields of a one-element IO exit that pykvm_run_guarded (csrc/pykvm_helpers.h) packs into its
+# result, so that the hot path reads nothing from kvm_run: IoExit.from_packed is their one decoder.
+_DIRECTION_SHIFT = lib.PYKVM_IO_DIRECTION_SHIFT
+_SIZE_SHIFT = lib.PYKVM_IO_SIZE_SHIFT
+_PORT_SHIFT = lib.PYKVM_IO_PORT_SHIFT
+_DATA_SHIFT = lib.PYKVM_IO_DATA_SHIFT
+DIRECTIONS = (IoDirection.IN, IoDirection.OUT)      # by kvm_run.io.direction
+_new_tuple = tuple.__new__
+
+
 class IoExit(tuple, Exit):
     """``KVM_EXIT_IO``: port IO. ``data`` holds ``size * count`` bytes (OUT: what the guest wrote).
 
     The commonest exit, so it is the cheapest to make: a tuple ``(port, direction,
-    size, count, data, vcpu, sequence)`` with named fields, built by ``Vcpu.run()``
-    in one step. Like every exit it is a copy: valid after the next run.
+    size, count, data, vcpu, sequence)`` with named fields, built in one step by
+    one of its two decoders: :meth:`from_packed` (the result C packed for a
+    one-element exit) or :meth:`from_run` (``kvm_run.io``, e.g. string IO). Like
+    every exit it is a copy: valid after the next run.
     """
 
     __slots__ = ()
@@ -58,6 +71,21 @@ class IoExit(tuple, Exit):
 
     def __init__(self, *fields: Any, **named: Any) -> None:
         """Nothing to do: ``__new__`` set every field. (``Exit.__init__`` would refuse the arguments.)"""
+
+    @classmethod
+    def from_packed(cls, vcpu: Any, sequence: int, packed: int) -> IoExit:
+        """The exit a ``KVM_RUN`` result packed by C stands for (a result above ``PYKVM_PACKED_IO``)."""
+        size = packed >> _SIZE_SHIFT & 7
+        return _new_tuple(cls, (packed >> _PORT_SHIFT & 0xFFFF, DIRECTIONS[packed >> _DIRECTION_SHIFT & 1], size, 1,
+                                (packed >> _DATA_SHIFT & 0xFFFFFFFF).to_bytes(size, "little"), vcpu, sequence))
+
+    @classmethod
+    def from_run(cls, vcpu: Any, run: Any) -> IoExit:
+        """The exit in ``run.io`` (``struct kvm_run`` of ``vcpu``), its data copied from ``vcpu``'s kvm_run page."""
+        io = run.io
+        start = io.data_offset
+        return _new_tuple(cls, (io.port, DIRECTIONS[io.direction], io.size, io.count,
+                                bytes(vcpu._run_buffer[start:start + io.size * io.count]), vcpu, vcpu._exit_sequence))
 
     port = property(operator.itemgetter(0), doc="The IO port.")
     direction = property(operator.itemgetter(1), doc="IoDirection.IN or OUT.")
@@ -311,17 +339,6 @@ class UnknownExit(Exit):
 
 # ---- decoding from struct kvm_run (called by Vcpu.run) --------------------------
 
-DIRECTIONS = (IoDirection.IN, IoDirection.OUT)      # by kvm_run.io.direction
-
-
-def _io(vcpu, run) -> IoExit:
-    # Vcpu.run() decodes IO exits itself (its hot path); this serves decode().
-    io = run.io
-    start = io.data_offset
-    return IoExit(vcpu, vcpu._exit_sequence, io.port, DIRECTIONS[io.direction], io.size, io.count,
-                  vcpu._run_buffer[start:start + io.size * io.count])
-
-
 def _mmio(vcpu, run) -> MmioExit:
     mmio = run.mmio
     length = mmio.len
@@ -421,7 +438,7 @@ _SHUTDOWN = ShutdownExit()
 INTR = IntrExit()
 
 DECODERS: dict[int, Callable[[Any, Any], Exit]] = {
-    ExitReason.IO: _io,
+    ExitReason.IO: IoExit.from_run,
     ExitReason.MMIO: _mmio,
     ExitReason.HLT: lambda vcpu, run: _HLT,
     ExitReason.IRQ_WINDOW_OPEN: lambda vcpu, run: _WINDOW,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import checks, exits
 from .binding import ffi, lib
-from .constants import Cap, ExitReason, MpState, VcpuEventValid, as_enum
+from .constants import Cap, ExitReason, IoDirection, MpState, VcpuEventValid, as_enum
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
 from .errors import (
     CapabilityMissing,
@@ -47,9 +47,7 @@ if TYPE_CHECKING:
 _thread_id = threading.get_ident
 CLOSE_GRACE = 2.0                     # seconds close() waits for another thread to leave KVM_RUN
 _EXIT_IO = int(ExitReason.IO)
-_DIRECTIONS = exits.DIRECTIONS
-_new_tuple = tuple.__new__
-_IoExit = exits.IoExit
+_io_exit = exits.IoExit.from_packed
 _run_guarded = lib.pykvm_run_guarded
 _guard_acquire = lib.pykvm_guard_acquire
 _guard_release = lib.pykvm_guard_release
@@ -251,9 +249,7 @@ class Vcpu(FdObject):
             if result > _PACKED_IO:      # the hot path: a one-element IO exit packed by C, guard released
                 sequence = self._exit_sequence = self._exit_sequence + 1
                 self._last_result = _EXIT_IO
-                size = result >> 9 & 7
-                return _new_tuple(_IoExit, (result >> 13 & 0xFFFF, _DIRECTIONS[result >> 8 & 1], size, 1,
-                                            (result >> 29 & 0xFFFFFFFF).to_bytes(size, "little"), self, sequence))
+                return _io_exit(self, sequence, result)
             if result <= _GUARD_BUSY:    # the guard was not taken
                 raise self._busy() if result == _GUARD_BUSY else self._closed()
             self._exit_sequence += 1
@@ -280,11 +276,9 @@ class Vcpu(FdObject):
 
     def _decode(self, result: int) -> exits.Exit:
         """The typed exit for a KVM_RUN result (with the guard held unless ``result`` is packed)."""
-        if result > _PACKED_IO:          # from complete_pending_exit(); run() unpacks inline (hot path)
+        if result > _PACKED_IO:          # from complete_pending_exit(); run() decodes its own (hot path)
             self._last_result = _EXIT_IO
-            size = result >> 9 & 7
-            return exits.IoExit(self, self._exit_sequence, result >> 13 & 0xFFFF, _DIRECTIONS[result >> 8 & 1],
-                                size, 1, (result >> 29 & 0xFFFFFFFF).to_bytes(size, "little"))
+            return _io_exit(self, self._exit_sequence, result)
         self._last_result = result
         run = self._run_c
         if result < 0:
@@ -782,7 +776,7 @@ class Vcpu(FdObject):
 def _needs_reply(run, reason: int) -> bool:
     """Whether the exit in ``run`` gives the guest data userspace must write first."""
     if reason == ExitReason.IO:
-        return run.io.direction == 0          # KVM_EXIT_IO_IN
+        return run.io.direction == IoDirection.IN
     if reason == ExitReason.MMIO:
         return not run.mmio.is_write
     return reason in (ExitReason.X86_RDMSR, ExitReason.HYPERCALL)
