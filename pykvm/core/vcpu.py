@@ -13,7 +13,6 @@ import functools
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -67,7 +66,6 @@ _DECODERS = exits.DECODERS
 _UNFINISHED = frozenset({ExitReason.IO, ExitReason.MMIO, ExitReason.X86_RDMSR, ExitReason.X86_WRMSR,
                          ExitReason.HYPERCALL})
 _NO_EXIT = -1                 # _last_result before the first KVM_RUN
-_PAYLOAD_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()   # VMs with KVM_CAP_EXCEPTION_PAYLOAD enabled
 _MSR_VALUE_NOTES = {
     0xC0000080: "IA32_EFER has SCE 0, LME 8, LMA 10, NXE 11, SVME 12, LMSLE 13, FFXSR 14, TCE 15 and AutoIBRS 21, "
                 "each only with its CPUID feature; the other bits are reserved",
@@ -532,10 +530,8 @@ class Vcpu(FdObject):
 
     def _enable_exception_payload(self) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD)`` on this vCPU's VM, once."""
-        vm = self.vm
-        if vm not in _PAYLOAD_VMS:
-            vm.enable_cap(Cap.EXCEPTION_PAYLOAD, 1)
-            _PAYLOAD_VMS.add(vm)
+        if Cap.EXCEPTION_PAYLOAD not in self.vm.enabled_caps:
+            self.vm.enable_cap(Cap.EXCEPTION_PAYLOAD, 1)
 
     # -- LAPIC and statistics ------------------------------------------------------
     def get_lapic(self) -> bytes:

@@ -12,7 +12,8 @@ import atexit
 import dataclasses
 import errno
 import functools
-import weakref
+import gc
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -61,17 +62,42 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
 
 DEFAULT_MEMORY_SIZE = 16 << 20
-_OPEN_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()
+VM_FD_LINK = "anon_inode:kvm-vm"        # what /proc/self/fd shows for the fd KVM_CREATE_VM returns
+
+
+def open_vm_fds() -> frozenset[int]:
+    """The fds of this process that are KVM VMs: those whose ``/proc/self/fd`` link is ``anon_inode:kvm-vm``."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == VM_FD_LINK:
+                found.add(int(name))
+        except OSError:             # the listing's own fd, closed by now
+            pass
+    return frozenset(found)
+
+
+def open_vms(fds: frozenset[int] | None = None) -> list[Vm]:
+    """The open :class:`Vm` objects of this process: those owning ``fds`` (default: every VM fd open now).
+
+    pykvm keeps no registry of its VMs. They are found from :func:`open_vm_fds`, then among
+    the objects the garbage collector tracks, a walk made only when a VM fd is open.
+    """
+    fds = open_vm_fds() if fds is None else fds
+    if not fds:
+        return []
+    return [obj for obj in gc.get_objects() if isinstance(obj, Vm) and getattr(obj, "_fd", -1) in fds]
 
 
 @atexit.register
 def _close_open_vms() -> None:
     """At interpreter exit, close every VM still open while vCPU threads can still be kicked.
 
-    After this, Python's finalisation freezes daemon threads; a vCPU thread frozen
-    with its VM open would hold kvm_run mapped under a closing interpreter.
+    After the atexit handlers, Python's finalisation freezes daemon threads: a vCPU thread
+    frozen after an exit it had not yet read keeps its run guard, and closing its VM then
+    (a finaliser) would wait out the vCPU's ``CLOSE_GRACE`` and leave kvm_run mapped.
     """
-    for vm in list(_OPEN_VMS):
+    for vm in open_vms():
         try:
             vm.close()
         except Exception:       # noqa: BLE001 - exit must go on; the error was the VM's own
@@ -113,10 +139,10 @@ class Vm(FdObject):
         result = kvm._ioctl_value(Ioctl.CREATE_VM, 0,
                                   hint="the host may be out of memory or limit the number of VMs")
         super().__init__(result)
-        _OPEN_VMS.add(self)
         self.irqchip = IrqchipMode.NONE
         self.has_pit = False
         self.routes: tuple[Route, ...] = ()
+        self.enabled_caps: set[int] = set()   # what enable_cap() turned on for this VM
         try:
             if identity_map_addr is not None:
                 self.set_identity_map_addr(identity_map_addr)
@@ -221,8 +247,9 @@ class Vm(FdObject):
         return exc
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
-        """``KVM_ENABLE_CAP`` on the VM."""
+        """``KVM_ENABLE_CAP`` on the VM: KVM turns on a VM-wide capability (recorded in ``enabled_caps``)."""
         self._enable_cap(cap, args, flags)
+        self.enabled_caps.add(cap)
 
     def create_pit2(self) -> None:
         """``KVM_CREATE_PIT2``: the in-kernel 8254 timer, wired to GSI 0 (needs irqchip='kernel')."""
@@ -525,7 +552,6 @@ class Vm(FdObject):
         return Stats.open(self)
 
     def _release(self) -> None:
-        _OPEN_VMS.discard(self)
         for eventfd in self._eventfds:
             eventfd.close()
         if "stats" in self.__dict__:
