@@ -188,7 +188,10 @@ class IntrExit(Exit):
 
 @record(slots=True)
 class FailEntryExit(Exit):
-    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
+    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest.
+
+    ``explanation`` is filled in by an :data:`ExitExplainer` (``pykvm.hosts.explain_exit``), not by the core.
+    """
 
     reason: ClassVar = ExitReason.FAIL_ENTRY
     hardware_entry_failure_reason: int = 0
@@ -203,8 +206,9 @@ class InternalErrorExit(Exit):
     ``insn_bytes`` are the instruction bytes KVM reported (emulation failures), or
     fetched from guest memory at the faulting RIP; ``explanation`` says what is
     known about it on this host and ``host_limit`` is True when it is a documented
-    limit of this host's KVM rather than a guest bug: both are filled in by the
-    explainer the host layer registers (:func:`add_explainer`), not by the core.
+    limit of this host's KVM rather than a guest bug: both are filled in by an
+    :data:`ExitExplainer` (``pykvm.hosts.explain_exit``, which guest sessions and
+    the VMM are given), not by the core.
     """
 
     reason: ClassVar = ExitReason.INTERNAL_ERROR
@@ -346,28 +350,16 @@ def _mmio(vcpu, run) -> MmioExit:
                     bytes(mmio.data[0:length]))
 
 
-# Explainers: the core decodes what KVM reported; what an entry failure or an internal
-# error means on a given host is known a layer up (pykvm.hosts), which registers a
-# function here. They run only for these rare exits, never on the hot path.
-Explainer = Callable[["Vcpu", Exit], None]
-_EXPLAINERS: list[Explainer] = []
-
-
-def add_explainer(explainer: Explainer) -> None:
-    """Have ``explainer(vcpu, exit)`` fill in ``explanation`` of FAIL_ENTRY and INTERNAL_ERROR exits."""
-    if explainer not in _EXPLAINERS:
-        _EXPLAINERS.append(explainer)
-
-
-def _explained(vcpu, exit: Exit) -> Exit:
-    for explainer in _EXPLAINERS:
-        explainer(vcpu, exit)
-    return exit
+#: ``explain(vcpu, exit)`` fills in ``explanation`` (and ``host_limit``) of a FAIL_ENTRY or
+#: INTERNAL_ERROR exit. What such an exit means on a given host is known a layer up
+#: (:func:`pykvm.hosts.limits.explain_exit`); code that reports these exits (a guest session,
+#: the VMM) is given one by the layer that owns it and calls it. The core only decodes.
+ExitExplainer = Callable[["Vcpu", Exit], None]
 
 
 def _fail_entry(vcpu, run) -> Exit:
     fail = run.fail_entry
-    return _explained(vcpu, FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu))
+    return FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu)
 
 
 def _internal(vcpu, run) -> Exit:
@@ -378,7 +370,7 @@ def _internal(vcpu, run) -> Exit:
         failure = run.emulation_failure
         if failure.ndata >= 2 and failure.flags & 1:
             insn = bytes(failure.insn_bytes[0:failure.insn_size])
-    return _explained(vcpu, InternalErrorExit(internal.suberror, data, vcpu.regs.rip, insn))
+    return InternalErrorExit(internal.suberror, data, vcpu.regs.rip, insn)
 
 
 def _debug(vcpu, run) -> DebugExit:

@@ -436,9 +436,10 @@ def vcpu(vm: Vm) -> Vcpu:
 def boot(vm: Vm) -> Callable[..., GuestSession]:
     """``boot(mode, notify=False)``: a guest image booted on a new vCPU of the test's ``vm``."""
     from .. import guests
+    from ..hosts import explain_exit
 
     def boot_image(mode: str = "long", notify: bool = False) -> GuestSession:
-        return guests.load(mode).boot(vm.create_vcpu(), notify=notify)
+        return guests.load(mode).boot(vm.create_vcpu(), notify=notify, explain=explain_exit)
     return boot_image
 
 
@@ -446,13 +447,14 @@ def boot(vm: Vm) -> Callable[..., GuestSession]:
 def machine(kvm: Kvm) -> Iterator[Callable[..., list[GuestSession]]]:
     """``machine(irqchip="kernel", cpus=1, mode="long")``: a new VM's booted sessions, one per vCPU."""
     from .. import guests
+    from ..hosts import explain_exit
     vms: list[Vm] = []
 
     def make(irqchip: str = "kernel", cpus: int = 1, mode: str = "long", pit: bool = False,
              notify: bool = False) -> list[GuestSession]:
         new = kvm.create_vm(irqchip=irqchip, pit=pit)
         vms.append(new)
-        return guests.boot_cpus(new, mode, cpus, notify)
+        return guests.boot_cpus(new, mode, cpus, notify, explain=explain_exit)
     yield make
     for made in vms:
         made.close()
@@ -466,6 +468,7 @@ def guest(kvm: Kvm, request: pytest.FixtureRequest) -> Iterator[Any]:
     ``indirect=True`` parametrisation with a mode name or a dict of those keywords.
     """
     from .. import guests
+    from ..hosts import explain_exit
     options: dict[str, Any] = {}
     marker = request.node.get_closest_marker("guest")
     if marker is not None:
@@ -481,5 +484,5 @@ def guest(kvm: Kvm, request: pytest.FixtureRequest) -> Iterator[Any]:
         raise pytest.UsageError(f"guest options {sorted(unknown)} are unknown; use mode, cpus, notify, irqchip")
     with kvm.create_vm(irqchip=options.get("irqchip", "none")) as new:
         sessions = guests.boot_cpus(new, options.get("mode", "long"), options.get("cpus", 1),
-                                    options.get("notify", False))
+                                    options.get("notify", False), explain=explain_exit)
         yield sessions[0] if len(sessions) == 1 else tuple(sessions)
