@@ -31,6 +31,13 @@ typedef __typeof__(((struct kvm_run *)0)->internal) pykvm_exit_internal;
 typedef __typeof__(((struct kvm_run *)0)->emulation_failure) pykvm_exit_emulation_failure;
 typedef __typeof__(((struct kvm_run *)0)->system_event) pykvm_exit_system_event;
 typedef __typeof__(((struct kvm_run *)0)->msr) pykvm_exit_msr;
+typedef __typeof__(((struct kvm_run *)0)->tpr_access) pykvm_exit_tpr_access;
+typedef __typeof__(((struct kvm_run *)0)->eoi) pykvm_exit_eoi;
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u) pykvm_hyperv_u;
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u.synic) pykvm_hyperv_synic;
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u.hcall) pykvm_hyperv_hcall;
+typedef __typeof__(((struct kvm_hyperv_exit *)0)->u.syndbg) pykvm_hyperv_syndbg;
+typedef __typeof__(((struct kvm_nested_state *)0)->hdr) pykvm_nested_state_hdr;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->exception) pykvm_events_exception;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->interrupt) pykvm_events_interrupt;
 typedef __typeof__(((struct kvm_vcpu_events *)0)->nmi) pykvm_events_nmi;
@@ -117,9 +124,15 @@ static void pykvm_guard_release(struct pykvm_vcpu_guard *guard);
  * into one number, so that Python reads nothing from kvm_run:
  *   bits 0-7 KVM_EXIT_IO, bit 8 direction, bits 9-11 size, bit 12 PYKVM_PACKED_IO,
  *   bits 13-28 port, bits 29-60 the element (little-endian): always positive.
+ * The shifts are exported to Python, whose one decoder of this number is
+ * pykvm.core.exits.IoExit.from_packed.
  * A packed exit and an error (-errno, including EINTR) have already released the guard;
  * for any other exit the caller reads kvm_run and then calls pykvm_guard_release. */
+#define PYKVM_IO_DIRECTION_SHIFT 8
+#define PYKVM_IO_SIZE_SHIFT 9
 #define PYKVM_PACKED_IO 0x1000
+#define PYKVM_IO_PORT_SHIFT 13
+#define PYKVM_IO_DATA_SHIFT 29
 
 static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcpu_guard *guard, int held)
 {
@@ -150,9 +163,9 @@ static long long pykvm_run_guarded(int fd, struct kvm_run *run, struct pykvm_vcp
         uint32_t value = 0;
         memcpy(&value, (const char *)run + run->io.data_offset, run->io.size);
         pykvm_guard_release(guard);      /* nothing more is read from kvm_run for this exit */
-        return (long long)KVM_EXIT_IO | (long long)(run->io.direction & 1) << 8
-               | (long long)run->io.size << 9 | PYKVM_PACKED_IO
-               | (long long)run->io.port << 13 | (long long)value << 29;
+        return (long long)KVM_EXIT_IO | (long long)(run->io.direction & 1) << PYKVM_IO_DIRECTION_SHIFT
+               | (long long)run->io.size << PYKVM_IO_SIZE_SHIFT | PYKVM_PACKED_IO
+               | (long long)run->io.port << PYKVM_IO_PORT_SHIFT | (long long)value << PYKVM_IO_DATA_SHIFT;
     }
     return (long long)run->exit_reason;
 }

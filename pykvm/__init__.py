@@ -23,7 +23,6 @@ tables and compiling the exits' decoders).
 from __future__ import annotations
 
 import importlib
-import sys
 
 # First: importing it guards a tool's imports (a Ctrl-C ends `python -m pykvm.boot` with 130, no traceback).
 from . import startup
@@ -75,64 +74,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-def _explain_with_hosts(vcpu: object, exit: object) -> None:
-    """The first FAIL_ENTRY or INTERNAL_ERROR exit's explainer: import :mod:`pykvm.hosts`, no more.
-
-    Importing it registers :func:`pykvm.hosts.limits.explain_exit` with the core, after this one in the
-    list the core is iterating, so it explains this exit too and every later one.
-    """
-    importlib.import_module(".hosts", __name__)
-
-
-class _WireExitExplainers:
-    """Registers :func:`_explain_with_hosts` with :mod:`pykvm.core.exits` as that module is imported.
-
-    The core never imports the hosts layer, which knows what an entry failure means on each host; the
-    eager package imported it for everyone. Now this finder, left on ``sys.meta_path`` until the core's
-    exits module loads, wires the two without importing either before a program needs them: it finds the
-    module as the other finders do and wraps that spec's loader (never changing the loader itself, which
-    may serve other modules: pytest's assertion rewriter does).
-    """
-
-    MODULE = f"{__name__}.core.exits"
-
-    def find_spec(self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
-                  ) -> ModuleSpec | None:
-        if name != self.MODULE:
-            return None
-        sys.meta_path.remove(self)
-        import importlib.util
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenWire(spec.loader)       # type: ignore[assignment]  # a loader by its two methods
-        return spec
-
-
-class _ThenWire:
-    """A loader that runs ``loader`` and then registers the explainer; the module keeps ``loader`` as its own."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        module.__loader__ = self.loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self.loader
-        self.loader.exec_module(module)
-        module.add_explainer(_explain_with_hosts)
-
-
-if f"{__name__}.core.exits" not in sys.modules:
-    sys.meta_path.insert(0, _WireExitExplainers())
-
-
 if TYPE_CHECKING:       # what type checkers and IDEs see: the same names, imported eagerly
-    from collections.abc import Sequence
-    from importlib.machinery import ModuleSpec
-    from types import ModuleType
     from typing import Any
 
     from . import guests, hosts, irqchip, runtime, x86

@@ -46,6 +46,7 @@ from .core.errors import PyKvmError
 from .core.exits import IntrExit
 from .core.interrupts import MsiMessage, MsiRoute
 from .guests import Command, GuestSession, StopKind, protocol
+from .hosts import explain_exit
 from .irqchip import UserspaceIrqController, ioapic, lapic
 from .runtime import VcpuThread
 from .x86.modes import RFLAGS_IF
@@ -342,7 +343,7 @@ class _Target:
         self.wake = threading.Event() if (path, state) == ("kick", "halted") else None
         self.vm = kvm.create_vm(irqchip=irqchip)
         try:
-            sessions = guests.boot_cpus(self.vm, "long", cpus=2 if path == "ipi" else 1)
+            sessions = guests.boot_cpus(self.vm, "long", cpus=2 if path == "ipi" else 1, explain=explain_exit)
             self.sender: GuestSession | None = sessions[0] if path == "ipi" else None
             self.session: GuestSession = sessions[-1]
             self.vcpu = self.session.vcpu

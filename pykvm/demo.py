@@ -90,7 +90,7 @@ def run_demo(mode: str, path_count: int) -> int:
         print("Each handler in the guest's IDT/IVT logs the vector and the interrupted RIP; with "
               "notify on it also reports with `out`, so each delivery shows up as an exit.")
         start = time.perf_counter()
-        session = image.boot(vcpu, notify=True)
+        session = image.boot(vcpu, notify=True, explain=hosts.explain_exit)
         timeline = Timeline(session, start)
         _section("0. boot: the guest installs its handlers and reports step 0")
         timeline.flush()

@@ -25,6 +25,7 @@ from .core.binding import lib
 from .core.interrupts import MsiMessage
 from .delivery import TscOffset, guest_tsc_offset
 from .guests import Command, LogRecord
+from .hosts import explain_exit
 from .runtime import trace
 
 VECTOR = 0x61
@@ -123,7 +124,7 @@ def trace_interrupt(vector: int = VECTOR, control: bool = False) -> InterruptPat
 
     Raises :class:`pykvm.runtime.trace.TracingUnavailable` when tracefs cannot be used.
     """
-    with guests.boot(irqchip="kernel") as guest:
+    with guests.boot(irqchip="kernel", explain=explain_exit) as guest:
         guest.apic_enable()
         guest.command(Command.STI)
         offset = guest_tsc_offset(guest)

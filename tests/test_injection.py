@@ -9,9 +9,10 @@ measured behaviour and names the fact and why.
 
 import pytest
 
-from pykvm import HostLimitation, NotReadyForInjection, x86
+from pykvm import GuestError, HostLimitation, NotReadyForInjection, guests, x86
 from pykvm.core.exits import DebugExit, FailEntryExit
 from pykvm.guests import Command, StopKind
+from pykvm.hosts import explain_exit
 from pykvm.hosts.probes.exits import NotReady
 from pykvm.hosts.probes.nmi import NmiBlocking
 from pykvm.irqchip import UserspaceIrqController
@@ -52,6 +53,24 @@ def test_vectors_0x20_to_0xff_one_by_one(boot, host, mode):
     assert {r.rip for r in log} == {sync_done}
     assert all(r.interrupts_were_enabled and r.error_code is None for r in log)
     assert all(r.tsc > 0 for r in log) and sorted(r.tsc for r in log) == [r.tsc for r in log]
+
+
+@pytest.mark.parametrize("explain", [explain_exit, None], ids=["explained", "control-without-an-explainer"])
+def test_a_host_limit_is_one_only_where_the_session_was_given_the_hosts_explainer(vm, host, explain):
+    if not _limit(host, "protected"):
+        pytest.skip(f"{host.name} runs IRET in 32-bit protected mode: no internal error to explain")
+    guest = guests.load("protected").boot(vm.create_vcpu(), explain=explain)
+    guest.command(Command.STI)
+    guest.vcpu.interrupt(0x20)
+    with pytest.raises(GuestError) as raised:
+        guest.command(Command.NOP)
+    exit = raised.value.exit
+    if explain is None:         # the core decodes only: the exit as KVM reported it
+        assert type(raised.value) is GuestError and exit.explanation == "" and not exit.host_limit
+        assert "unexplained" in str(raised.value) and f"RIP {exit.rip:#x}" in str(raised.value)
+    else:
+        assert isinstance(raised.value, HostLimitation) and exit.host_limit
+        assert "IRET in 32-bit protected mode" in exit.explanation == str(raised.value)
 
 
 # (mode, vector, error code, cr2): faults the guest raises itself

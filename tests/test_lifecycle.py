@@ -3,7 +3,9 @@
 import errno
 import gc
 import os
+import subprocess
 import sys
+import weakref
 
 import psutil
 import pytest
@@ -22,6 +24,7 @@ from pykvm.core.errors import (
     NotReadyForInjection,
 )
 from pykvm.core.ioctls import Ioctl
+from pykvm.core.vm import open_vm_fds, open_vms
 
 
 def test_objects_report_what_kvm_says(kvm):
@@ -38,6 +41,38 @@ def test_create_vm_defaults_give_memory_at_zero(kvm):
         vm.memory.write_u64(0x1234, 0x1122334455667788)
         assert vm.memory.read(0x1234, 8) == bytes.fromhex("8877665544332211")
         assert vm.memory.read_u32(0x1238) == 0x11223344
+
+
+def test_open_vms_are_found_from_their_fds_and_nothing_keeps_a_dropped_one(kvm):
+    vm = kvm.create_vm(memory_size=0)
+    fd = vm.fd
+    assert fd in open_vm_fds() and vm in open_vms()
+    dropped = weakref.ref(kvm.create_vm(memory_size=0))     # pykvm holds no reference: the finaliser closes it
+    gc.collect()
+    assert dropped() is None and open_vms() == [vm]
+    vm.close()
+    assert fd not in open_vm_fds() and open_vms() == []
+
+
+AT_EXIT_SCRIPT = """
+import atexit, threading, time
+atexit.register(lambda: print("closed at exit:", vm.closed, flush=True))  # runs after pykvm's (LIFO)
+import pykvm, pykvm.core.vm
+from pykvm import x86
+vm = pykvm.Kvm().create_vm()
+vcpu = vm.create_vcpu()
+x86.load_code(vcpu, "1: hlt\\njmp 1b\\n")        # an exit to read each time: the run guard is often held
+threading.Thread(target=lambda: [vcpu.run() for _ in iter(int, 1)], daemon=True).start()
+time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["closed", "control-without-the-hook"])
+def test_a_vm_left_open_is_closed_at_exit_while_its_vcpu_thread_runs(kvm_available, hook):
+    script = AT_EXIT_SCRIPT if hook else AT_EXIT_SCRIPT.replace(
+        "time.sleep(0.1)", "time.sleep(0.1)\natexit.unregister(pykvm.core.vm._close_open_vms)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"closed at exit: {hook}" in done.stdout, (done.stdout, done.stderr[-2000:])
 
 
 def test_close_is_idempotent_and_use_after_close_raises(kvm):

@@ -15,9 +15,12 @@ import pytest
 
 import pykvm
 from pykvm import Cap, x86
-from pykvm.core import exits, uapi
+from pykvm.core import exits
 from pykvm.core.binding import ffi
+from pykvm.core.constants import ClockFlag, MsrExitReason, MsrFilterAccess
 from pykvm.core.errors import KvmError
+from pykvm.core.ioctls import Ioctl
+from pykvm.core.state import ClockData, MsrFilterRange, from_c
 from pykvm.hosts.vendor import VendorModule, detect_vendor
 from pykvm.requests import BY_NAME, NOT_IMPLEMENTED, OBSERVED, REQUESTS, UNREACHABLE, expected, run_request
 from pykvm.requests.scenarios import DATA, SCENARIOS
@@ -44,30 +47,31 @@ def test_ioctl_numbers_match_the_header(tmp_path):
         pytest.skip(f"no C compiler with <linux/kvm.h>: {exc}")
     numbers = [int(n) for n in subprocess.run([str(tmp_path / "numbers")], capture_output=True, text=True,
                                               check=True).stdout.split()]
-    ours = [uapi.UapiIoctl[name] for name in ("SET_CLOCK", "GET_CLOCK", "KVMCLOCK_CTRL", "X86_SET_MSR_FILTER",
+    ours = [Ioctl[name] for name in ("SET_CLOCK", "GET_CLOCK", "KVMCLOCK_CTRL", "X86_SET_MSR_FILTER",
                                               "GET_DIRTY_LOG", "TPR_ACCESS_REPORTING", "SMI")]
     assert numbers == [int(n) for n in ours]
 
 
 def test_struct_layouts():
-    assert uapi.CLOCK_DATA.size == 48 and uapi.MSR_FILTER_RANGE.size == 24
-    assert uapi.MSR_FILTER_SIZE == 392 and uapi.DIRTY_LOG.size == 16 and uapi.TPR_ACCESS_CTL.size == 40
-    data = uapi.ClockData(123, uapi.CLOCK_TSC_STABLE, 7, 9)
-    assert uapi.ClockData.unpack(data.pack()) == data and data.tsc_stable
-    assert uapi.MsrFilterRange.deny(0x10).padded_bitmap() == bytes(8)
-    assert len(uapi.MsrFilterRange(1, 0, 65, b"\xff").padded_bitmap()) == 16
-
-
-class _FakeVcpu:
-    def __init__(self, payload: bytes) -> None:
-        offset = ffi.offsetof("struct kvm_run", "io")
-        self._run_buffer = bytes(offset) + payload + bytes(64)
+    # Sizes fixed by the x86-64 ABI (the request numbers above encode them).
+    sizes = {"struct kvm_clock_data": 48, "struct kvm_msr_filter_range": 24, "struct kvm_msr_filter": 392,
+             "struct kvm_dirty_log": 16, "struct kvm_tpr_access_ctl": 40}
+    assert {name: ffi.sizeof(name) for name in sizes} == sizes
+    cdata = ffi.new("struct kvm_clock_data *", {"clock": 123, "flags": ClockFlag.TSC_STABLE, "realtime": 7,
+                                                "host_tsc": 9})
+    data = from_c(ClockData, cdata)
+    assert data == ClockData(123, ClockFlag.TSC_STABLE, 7, 9) and data.tsc_stable
+    assert not ClockData(123, ClockFlag.REALTIME).tsc_stable
+    assert MsrFilterRange.deny(0x10).padded_bitmap() == bytes(8)
+    assert len(MsrFilterRange(1, 0, 65, b"\xff").padded_bitmap()) == 16
 
 
 def test_tpr_access_and_ioapic_eoi_exits_decode():
-    tpr = exits._tpr_access(_FakeVcpu(uapi.RUN_TPR_ACCESS.pack(0x10042, 1)), None)
-    assert tpr == exits.TprAccessExit(0x10042, True)
-    assert exits._ioapic_eoi(_FakeVcpu(b"\x45"), None) == exits.IoapicEoiExit(0x45)
+    run = ffi.new("struct kvm_run *")
+    run.tpr_access.rip, run.tpr_access.is_write = 0x10042, 1
+    assert exits._tpr_access(None, run) == exits.TprAccessExit(0x10042, True)
+    run.eoi.vector = 0x45
+    assert exits._ioapic_eoi(None, run) == exits.IoapicEoiExit(0x45)
 
 
 # ---- the core wrappers on KVM ---------------------------------------------------
@@ -94,11 +98,11 @@ def test_kvmclock_ctrl_needs_the_guest_clock(vm, vcpu):
 @pytest.mark.requires_cap(Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER)
 def test_msr_filter_sends_a_denied_read_to_userspace(vm, vcpu):
     vm.enable_user_space_msr()
-    vm.set_msr_filter([uapi.MsrFilterRange.deny(0x10, uapi.MSR_FILTER_READ)])
+    vm.set_msr_filter([MsrFilterRange.deny(0x10, MsrFilterAccess.READ)])
     x86.load_code(vcpu, "mov $0x10, %ecx\nrdmsr\nout %al, $0x10\nhlt\n")
     exit = vcpu.run()
     assert isinstance(exit, pykvm.MsrExit) and exit.index == 0x10
-    assert exit.msr_reason == uapi.MSR_EXIT_REASON_FILTER
+    assert exit.msr_reason == MsrExitReason.FILTER
     vm.set_msr_filter()                             # no ranges, default allow: the filter is gone
 
 
@@ -120,8 +124,8 @@ def test_dirty_log_and_slot_removal(vm, vcpu):
 @pytest.mark.requires_cap(Cap.SPLIT_IRQCHIP)
 def test_tpr_access_reporting_is_accepted(vm):
     vcpu = vm.create_vcpu()
-    vcpu.set_tpr_access_reporting(True)
-    vcpu.set_tpr_access_reporting(False)
+    vcpu.tpr_access_reporting(True)
+    vcpu.tpr_access_reporting(False)
 
 
 def test_smi_needs_smm(kvm, vcpu):
@@ -160,7 +164,7 @@ def test_scenario_matches_the_table_and_its_control_shows_nothing(kvm, name):
         assert evidence["shutdown"] and not evidence["guest_ran"]
         assert not control.evidence["shutdown"]
     elif name == "MSR_FILTER_CHANGED":
-        assert evidence["reason"] == uapi.MSR_EXIT_REASON_FILTER and not control.evidence["msr_exit"]
+        assert evidence["reason"] == MsrExitReason.FILTER and not control.evidence["msr_exit"]
     elif name == "CLOCK_UPDATE":
         assert evidence["version_change"] >= 2 and evidence["version_change"] % 2 == 0
         assert 10e9 <= evidence["system_time_jump"] < 15e9 and evidence["guest_stopped"]   # + run time (TCG)

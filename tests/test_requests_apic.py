@@ -158,7 +158,7 @@ def test_a_tpr_report_overtaken_by_another_exit_carries_that_exits_bytes(kvm):
     with machine("split") as (vm, vcpu):
         code = x86.load_code(vcpu, NO_SPIN_GUEST)
         assert is_port(PORT_READY)(vcpu.run())
-        vcpu.set_tpr_access_reporting(True)
+        vcpu.tpr_access_reporting(True)
         exits = [vcpu.run(), vcpu.run()]
     kinds = [type(exit) for exit in exits]
     if kinds == [TprAccessExit, IoExit]:                # the request was handled at the next entry

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from pykvm import Cap
-from pykvm.core import exits, uapi
+from pykvm.core import exits
 from pykvm.core.binding import ffi
 from pykvm.core.constants import HypervExitType, SystemEventType
 from pykvm.core.errors import CapabilityMissing, InvalidArgument, KvmError
@@ -20,17 +20,19 @@ from pykvm.testing import scenario_and_control
 HV_SIGNATURE = 0x31237648     # "Hv#1" in leaf 0x40000001 EAX
 
 
-class _FakeVcpu:
-    def __init__(self, payload: bytes) -> None:
-        self._run_buffer = bytes(ffi.offsetof("struct kvm_run", "io")) + payload + bytes(64)
-
-
-def test_hyperv_exit_decodes_the_synic_fields():
-    raw = uapi.RUN_HYPERV.pack(1, 0x40000083, 1, 0x21001, 0x20001, 0, 0)
-    exit = exits._hyperv(_FakeVcpu(raw), None)
+def test_hyperv_exit_decodes_the_synic_and_hcall_fields():
+    run = ffi.new("struct kvm_run *")
+    run.hyperv.type = HypervExitType.SYNIC
+    synic = run.hyperv.u.synic
+    synic.msr, synic.control, synic.evt_page, synic.msg_page = 0x40000083, 1, 0x21001, 0x20001
+    exit = exits._hyperv(None, run)
     assert exit.type == HypervExitType.SYNIC and exit.msr == 0x40000083
-    assert (exit.control, exit.evt_page, exit.msg_page) == (1, 0x21001, 0x20001)
-    assert uapi.RUN_HYPERV.size == 56 and exits.DECODERS[exits.ExitReason.HYPERV] is exits._hyperv
+    assert (exit.control, exit.evt_page, exit.msg_page, exit.input) == (1, 0x21001, 0x20001, 0)
+    run.hyperv.type = HypervExitType.HCALL
+    run.hyperv.u.hcall.params = [7, 8]
+    exit = exits._hyperv(None, run)
+    assert exit.type == HypervExitType.HCALL and exit.params == (7, 8) and exit.msr == 0
+    assert ffi.sizeof("struct kvm_hyperv_exit") == 56 and exits.DECODERS[exits.ExitReason.HYPERV] is exits._hyperv
 
 
 def test_supported_hv_cpuid(kvm):

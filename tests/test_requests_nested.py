@@ -13,9 +13,11 @@ import subprocess
 import pytest
 
 from pykvm import Cap
-from pykvm.core import uapi
+from pykvm.core.binding import ffi
+from pykvm.core.constants import NESTED_SVM_VMCB_SIZE, NestedFlag, NestedFormat
 from pykvm.core.errors import ArgumentTypeError, CapabilityMissing
-from pykvm.core.state import Segment, Sregs
+from pykvm.core.ioctls import Ioctl
+from pykvm.core.state import NestedState, Segment, Sregs
 from pykvm.requests import OBSERVED, UNREACHABLE
 from pykvm.requests.scenarios import nested
 
@@ -40,18 +42,20 @@ def test_nested_state_layout_matches_the_header(tmp_path):
         pytest.skip(f"no C compiler with <linux/kvm.h>: {exc}")
     numbers = subprocess.run([str(tmp_path / "nested")], capture_output=True, text=True, check=True).stdout.split()
     assert [int(n) for n in numbers] == [
-        int(uapi.UapiIoctl.GET_NESTED_STATE), int(uapi.UapiIoctl.SET_NESTED_STATE), uapi.NESTED_STATE.size,
-        uapi.NESTED_FORMAT_SVM, uapi.NESTED_GUEST_MODE, uapi.NESTED_GIF_SET, uapi.NESTED_SVM_VMCB_SIZE]
+        int(Ioctl.GET_NESTED_STATE), int(Ioctl.SET_NESTED_STATE), ffi.sizeof("struct kvm_nested_state"),
+        NestedFormat.SVM, NestedFlag.GUEST_MODE, NestedFlag.GIF_SET, NESTED_SVM_VMCB_SIZE]
 
 
-def test_nested_state_packs_and_unpacks():
-    state = uapi.NestedState.svm(0x30000, b"\x01\x02")
-    raw = state.pack()
+def test_nested_state_converts_to_and_from_the_struct():
+    state = NestedState.svm(0x30000, b"\x01\x02")
+    cdata = state.to_c()
+    raw = ffi.buffer(cdata, cdata.size)[:]
     assert len(raw) == 128 + 4096 and struct.unpack_from("<HHIQ", raw) == (0x101, 1, 4224, 0x30000)
-    again = uapi.NestedState.unpack(raw + bytes(64))          # KVM's buffer may be larger than the state
+    larger = ffi.from_buffer("struct kvm_nested_state *", bytearray(raw + bytes(64)))   # KVM's buffer may be larger
+    again = NestedState.from_c(larger)
     assert again == state and again.guest_mode and again.vmcb_pa == 0x30000 and again.data[:2] == b"\x01\x02"
-    outside = uapi.NestedState.svm(0, b"", guest_mode=False)
-    assert not outside.guest_mode and outside.data == b"" and len(outside.pack()) == 128
+    outside = NestedState.svm(0, b"", guest_mode=False)
+    assert not outside.guest_mode and outside.data == b"" and outside.to_c().size == 128
 
 
 def test_vmcb12_holds_the_intercepts_and_the_l1_state():

@@ -12,8 +12,10 @@ import subprocess
 import pytest
 
 from pykvm import Cap
-from pykvm.core import uapi
+from pykvm.core.binding import ffi
+from pykvm.core.constants import PmuEventAction
 from pykvm.core.errors import InvalidArgument
+from pykvm.core.ioctls import Ioctl
 from pykvm.requests import NO_EFFECT, NOT_IMPLEMENTED, UNREACHABLE
 from pykvm.requests.scenarios import pmu
 
@@ -36,8 +38,8 @@ def test_pmu_event_filter_layout_matches_the_header(tmp_path):
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"no C compiler with <linux/kvm.h>: {exc}")
     numbers = subprocess.run([str(tmp_path / "pmu")], capture_output=True, text=True, check=True).stdout.split()
-    assert [int(n) for n in numbers] == [int(uapi.UapiIoctl.SET_PMU_EVENT_FILTER), uapi.PMU_EVENT_FILTER.size,
-                                         uapi.PMU_EVENT_ALLOW, uapi.PMU_EVENT_DENY]
+    assert [int(n) for n in numbers] == [int(Ioctl.SET_PMU_EVENT_FILTER), ffi.sizeof("struct kvm_pmu_event_filter"),
+                                         PmuEventAction.ALLOW, PmuEventAction.DENY]
 
 
 @pytest.mark.requires_cap(Cap.PMU_EVENT_FILTER)

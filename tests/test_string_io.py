@@ -66,6 +66,26 @@ def test_an_io_exit_with_count_over_one_decodes_count_times_size_bytes(size, dir
     assert exit.value == int.from_bytes(payload[:size], "little")
 
 
+@pytest.mark.host_independent
+def test_a_packed_one_element_exit_decodes_as_the_c_helper_packs_it():
+    # pykvm_run_guarded's layout: bits 0-7 KVM_EXIT_IO, 8 direction, 9-11 size, 12 the packed mark, 13-28 port,
+    # 29-60 the element
+    packed = 2 | 1 << 8 | 2 << 9 | 1 << 12 | 0x3F8 << 13 | 0xBEEF << 29
+    exit = pykvm.IoExit.from_packed("vcpu", 7, packed)
+    assert (exit.port, exit.direction, exit.size, exit.count, exit.data, exit.vcpu, exit.sequence) == (
+        0x3F8, IoDirection.OUT, 2, 1, b"\xef\xbe", "vcpu", 7)
+
+
+def test_the_packed_exit_is_the_exit_in_kvm_run(vcpu):
+    x86.load_code(vcpu, "mov $0xbeef, %ax\nmov $0x3f8, %dx\nout %ax, %dx\nin $0x61, %al\nhlt\n")
+    seen = []
+    for _ in range(2):
+        packed = vcpu.run()                                   # one element of <= 4 bytes: C packed it
+        assert pykvm.IoExit.from_run(vcpu, vcpu._run_c) == packed
+        seen.append((packed.port, packed.direction, packed.size, packed.data if packed.is_out else b""))
+    assert seen == [(0x3F8, IoDirection.OUT, 2, b"\xef\xbe"), (0x61, IoDirection.IN, 1, b"")]
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_reply_to_a_string_in_takes_count_elements(size):
     vcpu = FakeVcpu()

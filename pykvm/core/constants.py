@@ -197,6 +197,78 @@ class IoeventfdFlag(enum.IntFlag):
     DEASSIGN = 4
 
 
+class MemoryFlag(enum.IntFlag):
+    """``KVM_MEM_*``: flags of a memory slot (``KVM_SET_USER_MEMORY_REGION``)."""
+
+    LOG_DIRTY_PAGES = 1
+    READONLY = 2
+
+
+class ClockFlag(enum.IntFlag):
+    """``KVM_CLOCK_*``: which fields of ``struct kvm_clock_data`` KVM filled in (``KVM_GET_CLOCK``)."""
+
+    TSC_STABLE = 2          # KVM runs the master clock: one TSC-based clock for all vCPUs
+    REALTIME = 4
+    HOST_TSC = 8
+
+
+class MsrFilterAccess(enum.IntFlag):
+    """``KVM_MSR_FILTER_READ`` / ``WRITE``: which accesses a range of ``KVM_X86_SET_MSR_FILTER`` filters."""
+
+    READ = 1
+    WRITE = 2
+
+
+class MsrFilterDefault(enum.IntEnum):
+    """``KVM_MSR_FILTER_DEFAULT_*``: what an MSR outside every range of the filter gets."""
+
+    ALLOW = 0
+    DENY = 1
+
+
+class MsrExitReason(enum.IntFlag):
+    """``KVM_MSR_EXIT_REASON_*``: why an MSR access exited to userspace (``KVM_CAP_X86_USER_SPACE_MSR``)."""
+
+    INVAL = 1
+    UNKNOWN = 2
+    FILTER = 4
+
+
+class VcpuEventValid(enum.IntFlag):
+    """``KVM_VCPUEVENT_VALID_*``: the fields of ``struct kvm_vcpu_events`` that ``KVM_SET_VCPU_EVENTS`` applies."""
+
+    NMI_PENDING = 0x1
+    SIPI_VECTOR = 0x2
+    SHADOW = 0x4
+    SMM = 0x8
+    PAYLOAD = 0x10
+    TRIPLE_FAULT = 0x20
+
+
+class PmuEventAction(enum.IntEnum):
+    """``KVM_PMU_EVENT_*``: whether ``KVM_SET_PMU_EVENT_FILTER``'s events are the allowed or the denied ones."""
+
+    ALLOW = 0
+    DENY = 1
+
+
+class NestedFormat(enum.IntEnum):
+    """``KVM_STATE_NESTED_FORMAT_*``: the vendor layout of ``struct kvm_nested_state``."""
+
+    VMX = 0
+    SVM = 1
+
+
+class NestedFlag(enum.IntFlag):
+    """``KVM_STATE_NESTED_*`` flags of ``struct kvm_nested_state``."""
+
+    GUEST_MODE = 0x1        # the vCPU's registers are the L2 guest's
+    RUN_PENDING = 0x2
+    EVMCS = 0x4
+    MTF_PENDING = 0x8
+    GIF_SET = 0x100
+
+
 class StatsType(enum.IntEnum):
     """``KVM_STATS_TYPE_*`` (bits 3:0 of a stats descriptor's flags)."""
 
@@ -228,6 +300,8 @@ STATS_TYPE_SHIFT, STATS_UNIT_SHIFT, STATS_BASE_SHIFT = 0, 4, 8
 IOAPIC_NUM_PINS = 24
 IOAPIC_DEFAULT_BASE = 0xFEC00000    # the IOAPIC's MMIO page: index register; data register at +0x10
 PIC_PINS = 16           # GSIs 0-15 reach the two 8259s as well as the IOAPIC
+NESTED_SVM_VMCB_SIZE = 0x1000   # KVM_STATE_NESTED_SVM_VMCB_SIZE: the vmcb12 page in nested state's data
+PMU_EVENT_FILTER_MAX_EVENTS = 300   # KVM_PMU_EVENT_FILTER_MAX_EVENTS: KVM's limit (E2BIG above), not in the UAPI
 
 
 def header_macro_names() -> dict[str, int]:
@@ -237,7 +311,10 @@ def header_macro_names() -> dict[str, int]:
         SystemEventType: "KVM_SYSTEM_EVENT_", HypervExitType: "KVM_EXIT_HYPERV_",
         MpState: "KVM_MP_STATE_", IoDirection: "KVM_EXIT_IO_",
         IrqchipId: "KVM_IRQCHIP_", RoutingType: "KVM_IRQ_ROUTING_", IrqfdFlag: "KVM_IRQFD_FLAG_",
-        IoeventfdFlag: "KVM_IOEVENTFD_FLAG_"}
+        IoeventfdFlag: "KVM_IOEVENTFD_FLAG_", MemoryFlag: "KVM_MEM_", ClockFlag: "KVM_CLOCK_",
+        MsrFilterAccess: "KVM_MSR_FILTER_", MsrFilterDefault: "KVM_MSR_FILTER_DEFAULT_",
+        MsrExitReason: "KVM_MSR_EXIT_REASON_", VcpuEventValid: "KVM_VCPUEVENT_VALID_",
+        PmuEventAction: "KVM_PMU_EVENT_", NestedFormat: "KVM_STATE_NESTED_FORMAT_", NestedFlag: "KVM_STATE_NESTED_"}
     names = {prefix + str(member.name): int(member)
              for enum_cls, prefix in prefixes.items() for member in enum_cls}
     # stats flags are stored shifted into their field
@@ -247,6 +324,7 @@ def header_macro_names() -> dict[str, int]:
         names.update({prefix + member.name: int(member) << shift for member in enum_cls})
         names[prefix + "SHIFT"] = shift
     names["KVM_IOAPIC_NUM_PINS"] = IOAPIC_NUM_PINS
+    names["KVM_STATE_NESTED_SVM_VMCB_SIZE"] = NESTED_SVM_VMCB_SIZE
     return names
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import checks
+from .binding import lib
 from .constants import ExitReason, HypervExitType, InternalErrorKind, IoDirection, SystemEventType, as_enum
 from .errors import InvalidArgument
 from .state import record
@@ -41,12 +42,24 @@ class ReplyingExit(Exit):
         self.vcpu._write_exit_reply(self.sequence, field, values)
 
 
+# The fields of a one-element IO exit that pykvm_run_guarded (csrc/pykvm_helpers.h) packs into its
+# result, so that the hot path reads nothing from kvm_run: IoExit.from_packed is their one decoder.
+_DIRECTION_SHIFT = lib.PYKVM_IO_DIRECTION_SHIFT
+_SIZE_SHIFT = lib.PYKVM_IO_SIZE_SHIFT
+_PORT_SHIFT = lib.PYKVM_IO_PORT_SHIFT
+_DATA_SHIFT = lib.PYKVM_IO_DATA_SHIFT
+DIRECTIONS = (IoDirection.IN, IoDirection.OUT)      # by kvm_run.io.direction
+_new_tuple = tuple.__new__
+
+
 class IoExit(tuple, Exit):
     """``KVM_EXIT_IO``: port IO. ``data`` holds ``size * count`` bytes (OUT: what the guest wrote).
 
     The commonest exit, so it is the cheapest to make: a tuple ``(port, direction,
-    size, count, data, vcpu, sequence)`` with named fields, built by ``Vcpu.run()``
-    in one step. Like every exit it is a copy: valid after the next run.
+    size, count, data, vcpu, sequence)`` with named fields, built in one step by
+    one of its two decoders: :meth:`from_packed` (the result C packed for a
+    one-element exit) or :meth:`from_run` (``kvm_run.io``, e.g. string IO). Like
+    every exit it is a copy: valid after the next run.
     """
 
     __slots__ = ()
@@ -58,6 +71,21 @@ class IoExit(tuple, Exit):
 
     def __init__(self, *fields: Any, **named: Any) -> None:
         """Nothing to do: ``__new__`` set every field. (``Exit.__init__`` would refuse the arguments.)"""
+
+    @classmethod
+    def from_packed(cls, vcpu: Any, sequence: int, packed: int) -> IoExit:
+        """The exit a ``KVM_RUN`` result packed by C stands for (a result above ``PYKVM_PACKED_IO``)."""
+        size = packed >> _SIZE_SHIFT & 7
+        return _new_tuple(cls, (packed >> _PORT_SHIFT & 0xFFFF, DIRECTIONS[packed >> _DIRECTION_SHIFT & 1], size, 1,
+                                (packed >> _DATA_SHIFT & 0xFFFFFFFF).to_bytes(size, "little"), vcpu, sequence))
+
+    @classmethod
+    def from_run(cls, vcpu: Any, run: Any) -> IoExit:
+        """The exit in ``run.io`` (``struct kvm_run`` of ``vcpu``), its data copied from ``vcpu``'s kvm_run page."""
+        io = run.io
+        start = io.data_offset
+        return _new_tuple(cls, (io.port, DIRECTIONS[io.direction], io.size, io.count,
+                                bytes(vcpu._run_buffer[start:start + io.size * io.count]), vcpu, vcpu._exit_sequence))
 
     port = property(operator.itemgetter(0), doc="The IO port.")
     direction = property(operator.itemgetter(1), doc="IoDirection.IN or OUT.")
@@ -160,7 +188,10 @@ class IntrExit(Exit):
 
 @record(slots=True)
 class FailEntryExit(Exit):
-    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
+    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest.
+
+    ``explanation`` is filled in by an :data:`ExitExplainer` (``pykvm.hosts.explain_exit``), not by the core.
+    """
 
     reason: ClassVar = ExitReason.FAIL_ENTRY
     hardware_entry_failure_reason: int = 0
@@ -175,8 +206,9 @@ class InternalErrorExit(Exit):
     ``insn_bytes`` are the instruction bytes KVM reported (emulation failures), or
     fetched from guest memory at the faulting RIP; ``explanation`` says what is
     known about it on this host and ``host_limit`` is True when it is a documented
-    limit of this host's KVM rather than a guest bug: both are filled in by the
-    explainer the host layer registers (:func:`add_explainer`), not by the core.
+    limit of this host's KVM rather than a guest bug: both are filled in by an
+    :data:`ExitExplainer` (``pykvm.hosts.explain_exit``, which guest sessions and
+    the VMM are given), not by the core.
     """
 
     reason: ClassVar = ExitReason.INTERNAL_ERROR
@@ -258,7 +290,7 @@ class ExceptionExit(Exit):
 
 @record(slots=True)
 class TprAccessExit(Exit):
-    """``KVM_EXIT_TPR_ACCESS``: the guest read or wrote the xAPIC TPR (``set_tpr_access_reporting``)."""
+    """``KVM_EXIT_TPR_ACCESS``: the guest read or wrote the xAPIC TPR (``tpr_access_reporting``)."""
 
     reason: ClassVar = ExitReason.TPR_ACCESS
     rip: int = 0
@@ -277,31 +309,27 @@ class IoapicEoiExit(Exit):
 class HypervExit(Exit):
     """``KVM_EXIT_HYPERV``: Hyper-V emulation needs userspace (``vcpu.enable_cap(Cap.HYPERV_SYNIC)``).
 
-    For ``type == HypervExitType.SYNIC`` the guest wrote the SynIC MSR ``msr``
-    (SCONTROL, SIEFP or SIMP): ``control``, ``evt_page`` and ``msg_page`` are the
-    SynIC's registers after the write. ``words`` is the exit's union as six u64
-    (the hypercall and debugger exits' fields, in the header's order).
+    ``struct kvm_hyperv_exit``, its union's member for ``type`` copied out:
+    ``SYNIC``: the guest wrote the SynIC MSR ``msr`` (SCONTROL, SIEFP or SIMP),
+    and ``control``, ``evt_page``, ``msg_page`` are the SynIC's registers after
+    the write; ``HCALL``: ``input``, ``result``, ``params``; ``SYNDBG``: ``msr``,
+    ``control``, ``status``, ``send_page``, ``recv_page``, ``pending_page``.
+    Fields of the other types stay 0.
     """
 
     reason: ClassVar = ExitReason.HYPERV
     type: HypervExitType | int = 0
-    words: tuple = ()
-
-    @property
-    def msr(self) -> int:
-        return self.words[0] & 0xFFFFFFFF
-
-    @property
-    def control(self) -> int:
-        return self.words[1]
-
-    @property
-    def evt_page(self) -> int:
-        return self.words[2]
-
-    @property
-    def msg_page(self) -> int:
-        return self.words[3]
+    msr: int = 0
+    control: int = 0
+    evt_page: int = 0
+    msg_page: int = 0
+    input: int = 0
+    result: int = 0
+    params: tuple = ()
+    status: int = 0
+    send_page: int = 0
+    recv_page: int = 0
+    pending_page: int = 0
 
 
 @record(slots=True)
@@ -315,17 +343,6 @@ class UnknownExit(Exit):
 
 # ---- decoding from struct kvm_run (called by Vcpu.run) --------------------------
 
-DIRECTIONS = (IoDirection.IN, IoDirection.OUT)      # by kvm_run.io.direction
-
-
-def _io(vcpu, run) -> IoExit:
-    # Vcpu.run() decodes IO exits itself (its hot path); this serves decode().
-    io = run.io
-    start = io.data_offset
-    return IoExit(vcpu, vcpu._exit_sequence, io.port, DIRECTIONS[io.direction], io.size, io.count,
-                  vcpu._run_buffer[start:start + io.size * io.count])
-
-
 def _mmio(vcpu, run) -> MmioExit:
     mmio = run.mmio
     length = mmio.len
@@ -333,28 +350,16 @@ def _mmio(vcpu, run) -> MmioExit:
                     bytes(mmio.data[0:length]))
 
 
-# Explainers: the core decodes what KVM reported; what an entry failure or an internal
-# error means on a given host is known a layer up (pykvm.hosts), which registers a
-# function here. They run only for these rare exits, never on the hot path.
-Explainer = Callable[["Vcpu", Exit], None]
-_EXPLAINERS: list[Explainer] = []
-
-
-def add_explainer(explainer: Explainer) -> None:
-    """Have ``explainer(vcpu, exit)`` fill in ``explanation`` of FAIL_ENTRY and INTERNAL_ERROR exits."""
-    if explainer not in _EXPLAINERS:
-        _EXPLAINERS.append(explainer)
-
-
-def _explained(vcpu, exit: Exit) -> Exit:
-    for explainer in _EXPLAINERS:
-        explainer(vcpu, exit)
-    return exit
+#: ``explain(vcpu, exit)`` fills in ``explanation`` (and ``host_limit``) of a FAIL_ENTRY or
+#: INTERNAL_ERROR exit. What such an exit means on a given host is known a layer up
+#: (:func:`pykvm.hosts.limits.explain_exit`); code that reports these exits (a guest session,
+#: the VMM) is given one by the layer that owns it and calls it. The core only decodes.
+ExitExplainer = Callable[["Vcpu", Exit], None]
 
 
 def _fail_entry(vcpu, run) -> Exit:
     fail = run.fail_entry
-    return _explained(vcpu, FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu))
+    return FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu)
 
 
 def _internal(vcpu, run) -> Exit:
@@ -365,7 +370,7 @@ def _internal(vcpu, run) -> Exit:
         failure = run.emulation_failure
         if failure.ndata >= 2 and failure.flags & 1:
             insn = bytes(failure.insn_bytes[0:failure.insn_size])
-    return _explained(vcpu, InternalErrorExit(internal.suberror, data, vcpu.regs.rip, insn))
+    return InternalErrorExit(internal.suberror, data, vcpu.regs.rip, insn)
 
 
 def _debug(vcpu, run) -> DebugExit:
@@ -393,27 +398,30 @@ def _exception(vcpu, run) -> ExceptionExit:
     return ExceptionExit(run.ex.exception, run.ex.error_code)
 
 
-def _union(vcpu, layout):
-    """The fields of kvm_run's exit union (it starts where ``io`` does) unpacked with ``layout``."""
-    from .binding import ffi
-    return layout.unpack_from(vcpu._run_buffer, ffi.offsetof("struct kvm_run", "io"))
-
-
 def _tpr_access(vcpu, run) -> TprAccessExit:
-    from .uapi import RUN_TPR_ACCESS
-    rip, is_write = _union(vcpu, RUN_TPR_ACCESS)
-    return TprAccessExit(rip, bool(is_write))
+    access = run.tpr_access
+    return TprAccessExit(access.rip, bool(access.is_write))
 
 
 def _ioapic_eoi(vcpu, run) -> IoapicEoiExit:
-    from .uapi import RUN_EOI
-    return IoapicEoiExit(_union(vcpu, RUN_EOI)[0])
+    return IoapicEoiExit(run.eoi.vector)
+
+
+# The member of kvm_hyperv_exit's union each type fills in, and its fields HypervExit copies.
+_HYPERV_FIELDS: dict[int, tuple[str, tuple[str, ...]]] = {
+    HypervExitType.SYNIC: ("synic", ("msr", "control", "evt_page", "msg_page")),
+    HypervExitType.HCALL: ("hcall", ("input", "result", "params")),
+    HypervExitType.SYNDBG: ("syndbg", ("msr", "control", "status", "send_page", "recv_page", "pending_page"))}
 
 
 def _hyperv(vcpu, run) -> HypervExit:
-    from .uapi import RUN_HYPERV
-    kind, *words = _union(vcpu, RUN_HYPERV)
-    return HypervExit(as_enum(HypervExitType, kind), tuple(words))
+    hyperv = run.hyperv
+    member, names = _HYPERV_FIELDS.get(hyperv.type, ("", ()))
+    fields: dict[str, Any] = {}
+    for name in names:
+        value = getattr(getattr(hyperv.u, member), name)
+        fields[name] = value if isinstance(value, int) else tuple(value)
+    return HypervExit(as_enum(HypervExitType, hyperv.type), **fields)
 
 
 _HLT = HltExit()
@@ -422,7 +430,7 @@ _SHUTDOWN = ShutdownExit()
 INTR = IntrExit()
 
 DECODERS: dict[int, Callable[[Any, Any], Exit]] = {
-    ExitReason.IO: _io,
+    ExitReason.IO: IoExit.from_run,
     ExitReason.MMIO: _mmio,
     ExitReason.HLT: lambda vcpu, run: _HLT,
     ExitReason.IRQ_WINDOW_OPEN: lambda vcpu, run: _WINDOW,

@@ -64,6 +64,11 @@ class Ioctl(enum.IntEnum):
     SET_PIT2 = _iow(0xa0, "struct kvm_pit_state2")
     IOEVENTFD = _iow(0x79, "struct kvm_ioeventfd")
     SIGNAL_MSI = _iow(0xA5, "struct kvm_msi")
+    SET_CLOCK = _iow(0x7B, "struct kvm_clock_data")
+    GET_CLOCK = _ior(0x7C, "struct kvm_clock_data")
+    X86_SET_MSR_FILTER = _iow(0xC6, "struct kvm_msr_filter")
+    SET_PMU_EVENT_FILTER = _iow(0xB2, "struct kvm_pmu_event_filter")
+    GET_DIRTY_LOG = _iow(0x42, "struct kvm_dirty_log")
     # vCPU
     RUN = _io(0x80)
     GET_REGS = _ior(0x81, "struct kvm_regs")
@@ -88,6 +93,11 @@ class Ioctl(enum.IntEnum):
     GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
     SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
     X86_SETUP_MCE = _iow(0x9C, "__u64")
+    KVMCLOCK_CTRL = _io(0xAD)
+    TPR_ACCESS_REPORTING = _iowr(0x92, "struct kvm_tpr_access_ctl")
+    SMI = _io(0xB7)
+    GET_NESTED_STATE = _iowr(0xBE, "struct kvm_nested_state")
+    SET_NESTED_STATE = _iow(0xBF, "struct kvm_nested_state")
 
     @property
     def macro(self) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import checks
 from .binding import ffi, lib
-from .constants import Cap
+from .constants import Cap, MemoryFlag
 from .cpuid import CpuidEntry
 from .errors import (
     CapabilityMissing,
@@ -155,7 +155,7 @@ class GuestMemory:
         slot = MemorySlot(address_space << 16 | min(set(range(len(used) + 1)) - used), guest_phys_addr, size,
                           bool(readonly), address_space)
         region = ffi.new("struct kvm_userspace_memory_region *", {
-            "slot": slot.slot, "flags": 2 if readonly else 0,  # KVM_MEM_READONLY
+            "slot": slot.slot, "flags": MemoryFlag.READONLY if readonly else 0,
             "guest_phys_addr": guest_phys_addr, "memory_size": size,
             "userspace_addr": int(ffi.cast("uintptr_t", pointer))})
         try:
@@ -185,7 +185,8 @@ class GuestMemory:
         self._vm._check_open()
         with self._lock:
             entry, pointer = self._find(slot)
-            flags = (2 if entry.readonly else 0) | (1 if enabled else 0)   # KVM_MEM_READONLY, LOG_DIRTY_PAGES
+            flags = ((MemoryFlag.READONLY if entry.readonly else 0)
+                     | (MemoryFlag.LOG_DIRTY_PAGES if enabled else 0))
             self._vm._ioctl(Ioctl.SET_USER_MEMORY_REGION, self._region(entry, pointer, flags, entry.size))
 
     def provide_pages(self, slot: int, provide: Callable[[int], bytes], deadline: float = 10.0) -> PageProvider:

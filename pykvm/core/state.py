@@ -1,9 +1,11 @@
-"""vCPU state records (registers, segments, events, ...) as dataclasses.
+"""vCPU and VM state records (registers, segments, events, kvmclock, ...) as dataclasses.
 
-Why this exists: tests build and compare vCPU state as plain Python values that
-stay valid after the vCPU is closed. Each record mirrors a ``struct kvm_*`` field
-for field (same names); one pair of generic functions copies between a record
-and its C struct, so no struct has a hand-written converter.
+Why this exists: tests build and compare state as plain Python values that
+stay valid after the vCPU or VM is closed. Each record mirrors a ``struct kvm_*``
+field for field (same names); one pair of generic functions copies between a
+record and its C struct, so no struct has a hand-written converter. The few
+records whose struct has a variable part (nested state, MSR filter ranges)
+convert through cffi as well, never through hand-packed bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import checks
 from .binding import ffi
+from .constants import NESTED_SVM_VMCB_SIZE, ClockFlag, MsrFilterAccess, NestedFlag, NestedFormat
 from .errors import ArgumentTypeError, InvalidArgument
 
 T = TypeVar("T")
@@ -210,6 +213,98 @@ class VcpuEvents:
     triple_fault: TripleFaultEvent = dataclasses.field(default_factory=TripleFaultEvent)
     exception_has_payload: int = 0
     exception_payload: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockData:
+    """``struct kvm_clock_data``: the VM's kvmclock in ns, with ``realtime`` / ``host_tsc`` where flagged."""
+
+    clock: int
+    flags: int = 0
+    realtime: int = 0
+    host_tsc: int = 0
+
+    @property
+    def tsc_stable(self) -> bool:
+        """``KVM_CLOCK_TSC_STABLE``: KVM runs the master clock (one TSC-based clock for all vCPUs)."""
+        return bool(self.flags & ClockFlag.TSC_STABLE)
+
+
+@dataclasses.dataclass(frozen=True)
+class MsrFilterRange:
+    """``struct kvm_msr_filter_range``: MSRs ``base`` + i, allowed where bit i of ``bitmap`` is 1.
+
+    ``flags`` says which accesses the range filters (:class:`~pykvm.core.constants.MsrFilterAccess`).
+    """
+
+    flags: int
+    base: int
+    nmsrs: int
+    bitmap: bytes
+
+    @classmethod
+    def deny(cls, index: int, flags: int = MsrFilterAccess.READ | MsrFilterAccess.WRITE) -> MsrFilterRange:
+        """A range of one MSR, denied (bit 0 clear)."""
+        return cls(flags, index, 1, bytes(8))
+
+    def padded_bitmap(self) -> bytes:
+        """The bitmap as KVM reads it: whole longs (BITS_TO_LONGS(nmsrs) * 8 bytes)."""
+        size = (self.nmsrs + 63) // 64 * 8
+        return self.bitmap[:size].ljust(size, b"\x00")
+
+
+_NESTED_HEADER = ffi.sizeof("pykvm_nested_state_hdr")
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedState:
+    """``struct kvm_nested_state``: a vCPU's nested-virtualization state (``KVM_GET/SET_NESTED_STATE``).
+
+    ``header`` is the vendor's 120-byte header (SVM: the guest-physical
+    address of L1's vmcb12), ``data`` what follows the struct (SVM: vmcb12's
+    control area, then at 0x400 the L1 state saved at VMRUN). With
+    ``NestedFlag.GUEST_MODE`` the vCPU's registers are the L2 guest's.
+    """
+
+    flags: int
+    format: int
+    header: bytes = bytes(_NESTED_HEADER)
+    data: bytes = b""
+
+    @classmethod
+    def svm(cls, vmcb_pa: int, vmcb12: bytes, guest_mode: bool = True, gif: bool = True) -> NestedState:
+        """SVM state: in guest mode (L2 runs) under the vmcb12 at ``vmcb_pa``, whose contents are ``vmcb12``."""
+        header = ffi.new("pykvm_nested_state_hdr *")
+        header.svm.vmcb_pa = checks.unsigned("vmcb_pa", vmcb_pa, 64, "a guest-physical address")
+        flags = (NestedFlag.GUEST_MODE if guest_mode else 0) | (NestedFlag.GIF_SET if gif else 0)
+        return cls(flags, NestedFormat.SVM, ffi.buffer(header)[:],
+                   bytes(vmcb12).ljust(NESTED_SVM_VMCB_SIZE, b"\x00") if guest_mode else b"")
+
+    @property
+    def guest_mode(self) -> bool:
+        return bool(self.flags & NestedFlag.GUEST_MODE)
+
+    @property
+    def vmcb_pa(self) -> int:
+        """SVM: the guest-physical address of vmcb12."""
+        return int(ffi.from_buffer("pykvm_nested_state_hdr *", self.header).svm.vmcb_pa)
+
+    def to_c(self) -> Any:
+        """A ``struct kvm_nested_state *`` holding this state, its data right after the struct."""
+        if len(self.header) != _NESTED_HEADER:
+            raise InvalidArgument(f"NestedState.header: {len(self.header)} bytes, the header holds exactly "
+                                  f"{_NESTED_HEADER}")
+        size = ffi.sizeof("struct kvm_nested_state")
+        cdata = ffi.from_buffer("struct kvm_nested_state *", bytearray(size) + bytes(self.data))
+        cdata.flags, cdata.format, cdata.size = self.flags, self.format, size + len(self.data)
+        ffi.buffer(ffi.addressof(cdata, "hdr"))[:] = self.header
+        return cdata
+
+    @classmethod
+    def from_c(cls, cdata: Any) -> NestedState:
+        """The state in a ``struct kvm_nested_state *`` whose ``size`` bytes KVM filled in."""
+        return cls(cdata.flags, cdata.format, ffi.buffer(ffi.addressof(cdata, "hdr"))[:],
+                   ffi.buffer(cdata, cdata.size)[ffi.sizeof(cdata[0]):])
 
 
 def from_c(cls: type[T], cdata: Any) -> T:

@@ -13,13 +13,12 @@ import functools
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import checks, exits
 from .binding import ffi, lib
-from .constants import Cap, ExitReason, MpState, as_enum
+from .constants import Cap, ExitReason, IoDirection, MpState, VcpuEventValid, as_enum
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
 from .errors import (
     CapabilityMissing,
@@ -38,9 +37,8 @@ from .errors import (
 from .fdobject import FdObject
 from .interrupts import DEBUG_VECTOR, ERROR_CODE_VECTORS, PAGE_FAULT_VECTOR, IrqchipMode, check_exception, check_vector
 from .ioctls import Ioctl
-from .state import ExceptionEvent, Fpu, Regs, Sregs, VcpuEvents, from_c, to_c
+from .state import ExceptionEvent, Fpu, NestedState, Regs, Sregs, VcpuEvents, from_c, to_c
 from .stats import Stats
-from .uapi import NESTED_STATE, TPR_ACCESS_CTL, TPR_ACCESS_REPORTING_ENABLED, NestedState, UapiIoctl, call
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -48,9 +46,7 @@ if TYPE_CHECKING:
 _thread_id = threading.get_ident
 CLOSE_GRACE = 2.0                     # seconds close() waits for another thread to leave KVM_RUN
 _EXIT_IO = int(ExitReason.IO)
-_DIRECTIONS = exits.DIRECTIONS
-_new_tuple = tuple.__new__
-_IoExit = exits.IoExit
+_io_exit = exits.IoExit.from_packed
 _run_guarded = lib.pykvm_run_guarded
 _guard_acquire = lib.pykvm_guard_acquire
 _guard_release = lib.pykvm_guard_release
@@ -70,7 +66,6 @@ _DECODERS = exits.DECODERS
 _UNFINISHED = frozenset({ExitReason.IO, ExitReason.MMIO, ExitReason.X86_RDMSR, ExitReason.X86_WRMSR,
                          ExitReason.HYPERCALL})
 _NO_EXIT = -1                 # _last_result before the first KVM_RUN
-_PAYLOAD_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()   # VMs with KVM_CAP_EXCEPTION_PAYLOAD enabled
 _MSR_VALUE_NOTES = {
     0xC0000080: "IA32_EFER has SCE 0, LME 8, LMA 10, NXE 11, SVME 12, LMSLE 13, FFXSR 14, TCE 15 and AutoIBRS 21, "
                 "each only with its CPUID feature; the other bits are reserved",
@@ -252,9 +247,7 @@ class Vcpu(FdObject):
             if result > _PACKED_IO:      # the hot path: a one-element IO exit packed by C, guard released
                 sequence = self._exit_sequence = self._exit_sequence + 1
                 self._last_result = _EXIT_IO
-                size = result >> 9 & 7
-                return _new_tuple(_IoExit, (result >> 13 & 0xFFFF, _DIRECTIONS[result >> 8 & 1], size, 1,
-                                            (result >> 29 & 0xFFFFFFFF).to_bytes(size, "little"), self, sequence))
+                return _io_exit(self, sequence, result)
             if result <= _GUARD_BUSY:    # the guard was not taken
                 raise self._busy() if result == _GUARD_BUSY else self._closed()
             self._exit_sequence += 1
@@ -281,11 +274,9 @@ class Vcpu(FdObject):
 
     def _decode(self, result: int) -> exits.Exit:
         """The typed exit for a KVM_RUN result (with the guard held unless ``result`` is packed)."""
-        if result > _PACKED_IO:          # from complete_pending_exit(); run() unpacks inline (hot path)
+        if result > _PACKED_IO:          # from complete_pending_exit(); run() decodes its own (hot path)
             self._last_result = _EXIT_IO
-            size = result >> 9 & 7
-            return exits.IoExit(self, self._exit_sequence, result >> 13 & 0xFFFF, _DIRECTIONS[result >> 8 & 1],
-                                size, 1, (result >> 29 & 0xFFFFFFFF).to_bytes(size, "little"))
+            return _io_exit(self, self._exit_sequence, result)
         self._last_result = result
         run = self._run_c
         if result < 0:
@@ -528,7 +519,7 @@ class Vcpu(FdObject):
         events.exception_has_payload, events.exception_payload = 0, 0
         if use_payload:
             self._enable_exception_payload()
-            events.flags = lib.KVM_VCPUEVENT_VALID_PAYLOAD
+            events.flags = VcpuEventValid.PAYLOAD
             events.exception_has_payload = int(address is not None)
             events.exception_payload = address or 0
         elif vector == PAGE_FAULT_VECTOR and address is not None:
@@ -539,10 +530,8 @@ class Vcpu(FdObject):
 
     def _enable_exception_payload(self) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD)`` on this vCPU's VM, once."""
-        vm = self.vm
-        if vm not in _PAYLOAD_VMS:
-            vm.enable_cap(Cap.EXCEPTION_PAYLOAD, 1)
-            _PAYLOAD_VMS.add(vm)
+        if Cap.EXCEPTION_PAYLOAD not in self.vm.enabled_caps:
+            self.vm.enable_cap(Cap.EXCEPTION_PAYLOAD, 1)
 
     # -- LAPIC and statistics ------------------------------------------------------
     def get_lapic(self) -> bytes:
@@ -730,16 +719,16 @@ class Vcpu(FdObject):
 
         Needs the guest to have enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW): EINVAL before.
         """
-        call(self, UapiIoctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock "
-                                                  "(MSR 0x4b564d01 with bit 0 set)")
+        self._ioctl(Ioctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock (MSR 0x4b564d01 with "
+                                              "bit 0 set)")
 
     def get_nested_state(self) -> NestedState:
         """``KVM_GET_NESTED_STATE``: the vCPU's nested-virtualization state (L1's VMCB/VMCS, guest mode)."""
         size = self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.get_nested_state()")
-        raw = bytearray(size)
-        raw[4:8] = size.to_bytes(4, "little")
-        call(self, UapiIoctl.GET_NESTED_STATE, raw)
-        return NestedState.unpack(bytes(raw))
+        cdata = ffi.from_buffer("struct kvm_nested_state *", bytearray(size))
+        cdata.size = size                 # KVM_CAP_NESTED_STATE: the largest state, header included
+        self._ioctl(Ioctl.GET_NESTED_STATE, cdata)
+        return NestedState.from_c(cdata)
 
     def set_nested_state(self, state: NestedState) -> None:
         """``KVM_SET_NESTED_STATE``: restore nested state; in guest mode the vCPU's registers are L2's.
@@ -748,12 +737,12 @@ class Vcpu(FdObject):
         KVM_REQ_GET_NESTED_STATE_PAGES: before the next entry it maps the pages
         the state refers to (SVM: L1's MSR permission map).
         """
-        checks.instance("state", state, NestedState, "a pykvm.core.uapi.NestedState, e.g. NestedState.svm(...)")
+        checks.instance("state", state, NestedState, "a pykvm.core.state.NestedState, e.g. NestedState.svm(...)")
         self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.set_nested_state()")
-        call(self, UapiIoctl.SET_NESTED_STATE, state.pack(),
-             hint=f"KVM refused the state: it needs nested virtualization (kvm_amd/kvm_intel nested=1), the "
-                  f"vendor's format, EFER.SVME (or VMXON) in the vCPU and a consistent VMCB/VMCS "
-                  f"({NESTED_STATE.size}-byte header + data)")
+        self._ioctl(Ioctl.SET_NESTED_STATE, state.to_c(),
+                    hint=f"KVM refused the state: it needs nested virtualization (kvm_amd/kvm_intel nested=1), "
+                         f"the vendor's format, EFER.SVME (or VMXON) in the vCPU and a consistent VMCB/VMCS "
+                         f"({ffi.sizeof('struct kvm_nested_state')}-byte header + data)")
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on this vCPU (per-vCPU capabilities, e.g. ``Cap.HYPERV_SYNIC``)."""
@@ -766,13 +755,12 @@ class Vcpu(FdObject):
     def smi(self) -> None:
         """``KVM_SMI``: make a system-management interrupt pending (needs ``KVM_CAP_X86_SMM``)."""
         self.vm.kvm.require(Cap.X86_SMM, "vcpu.smi()")
-        call(self, UapiIoctl.SMI)
+        self._ioctl(Ioctl.SMI)
 
-    def set_tpr_access_reporting(self, enabled: bool) -> None:
-        """``KVM_TPR_ACCESS_REPORTING``: report guest accesses to the xAPIC TPR as ``TprAccessExit``."""
+    def tpr_access_reporting(self, enabled: bool) -> None:
+        """``KVM_TPR_ACCESS_REPORTING``: KVM reports guest accesses to the xAPIC TPR as ``TprAccessExit``."""
         self.vm._require_irqchip(IrqchipMode.SPLIT, "TPR access reporting")
-        call(self, UapiIoctl.TPR_ACCESS_REPORTING,
-             bytearray(TPR_ACCESS_CTL.pack(TPR_ACCESS_REPORTING_ENABLED if enabled else 0, 0)))
+        self._ioctl(Ioctl.TPR_ACCESS_REPORTING, ffi.new("struct kvm_tpr_access_ctl *", {"enabled": int(bool(enabled))}))
 
     def set_single_step(self, enabled: bool) -> None:
         """``KVM_SET_GUEST_DEBUG`` single-step: one ``DebugExit`` per guest instruction."""
@@ -784,7 +772,7 @@ class Vcpu(FdObject):
 def _needs_reply(run, reason: int) -> bool:
     """Whether the exit in ``run`` gives the guest data userspace must write first."""
     if reason == ExitReason.IO:
-        return run.io.direction == 0          # KVM_EXIT_IO_IN
+        return run.io.direction == IoDirection.IN
     if reason == ExitReason.MMIO:
         return not run.mmio.is_write
     return reason in (ExitReason.X86_RDMSR, ExitReason.HYPERCALL)

@@ -12,13 +12,22 @@ import atexit
 import dataclasses
 import errno
 import functools
-import weakref
+import gc
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import checks
 from .binding import ffi, lib
-from .constants import IOAPIC_NUM_PINS, Cap, IrqchipId
+from .constants import (
+    IOAPIC_NUM_PINS,
+    PMU_EVENT_FILTER_MAX_EVENTS,
+    Cap,
+    IrqchipId,
+    MsrExitReason,
+    MsrFilterDefault,
+    PmuEventAction,
+)
 from .cpuid import cpuid_for_vcpu
 from .errors import (
     ArgumentTypeError,
@@ -45,42 +54,50 @@ from .interrupts import (
 )
 from .ioctls import Ioctl
 from .memory import MAX_GPA, GuestMemory
+from .state import ClockData, MsrFilterRange, from_c
 from .stats import Stats
-from .uapi import (
-    CLOCK_DATA,
-    DIRTY_LOG,
-    MSR_EXIT_REASON_FILTER,
-    MSR_FILTER_DEFAULT_ALLOW,
-    MSR_FILTER_DEFAULT_DENY,
-    MSR_FILTER_MAX_RANGES,
-    MSR_FILTER_RANGE,
-    MSR_FILTER_SIZE,
-    PMU_EVENT_ALLOW,
-    PMU_EVENT_DENY,
-    PMU_EVENT_FILTER,
-    PMU_EVENT_FILTER_MAX_EVENTS,
-    ClockData,
-    MsrFilterRange,
-    UapiIoctl,
-    call,
-)
 
 if TYPE_CHECKING:
     from .system import Kvm
     from .vcpu import Vcpu
 
 DEFAULT_MEMORY_SIZE = 16 << 20
-_OPEN_VMS: weakref.WeakSet[Vm] = weakref.WeakSet()
+VM_FD_LINK = "anon_inode:kvm-vm"        # what /proc/self/fd shows for the fd KVM_CREATE_VM returns
+
+
+def open_vm_fds() -> frozenset[int]:
+    """The fds of this process that are KVM VMs: those whose ``/proc/self/fd`` link is ``anon_inode:kvm-vm``."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == VM_FD_LINK:
+                found.add(int(name))
+        except OSError:             # the listing's own fd, closed by now
+            pass
+    return frozenset(found)
+
+
+def open_vms(fds: frozenset[int] | None = None) -> list[Vm]:
+    """The open :class:`Vm` objects of this process: those owning ``fds`` (default: every VM fd open now).
+
+    pykvm keeps no registry of its VMs. They are found from :func:`open_vm_fds`, then among
+    the objects the garbage collector tracks, a walk made only when a VM fd is open.
+    """
+    fds = open_vm_fds() if fds is None else fds
+    if not fds:
+        return []
+    return [obj for obj in gc.get_objects() if isinstance(obj, Vm) and getattr(obj, "_fd", -1) in fds]
 
 
 @atexit.register
 def _close_open_vms() -> None:
     """At interpreter exit, close every VM still open while vCPU threads can still be kicked.
 
-    After this, Python's finalisation freezes daemon threads; a vCPU thread frozen
-    with its VM open would hold kvm_run mapped under a closing interpreter.
+    After the atexit handlers, Python's finalisation freezes daemon threads: a vCPU thread
+    frozen after an exit it had not yet read keeps its run guard, and closing its VM then
+    (a finaliser) would wait out the vCPU's ``CLOSE_GRACE`` and leave kvm_run mapped.
     """
-    for vm in list(_OPEN_VMS):
+    for vm in open_vms():
         try:
             vm.close()
         except Exception:       # noqa: BLE001 - exit must go on; the error was the VM's own
@@ -122,10 +139,10 @@ class Vm(FdObject):
         result = kvm._ioctl_value(Ioctl.CREATE_VM, 0,
                                   hint="the host may be out of memory or limit the number of VMs")
         super().__init__(result)
-        _OPEN_VMS.add(self)
         self.irqchip = IrqchipMode.NONE
         self.has_pit = False
         self.routes: tuple[Route, ...] = ()
+        self.enabled_caps: set[int] = set()   # what enable_cap() turned on for this VM
         try:
             if identity_map_addr is not None:
                 self.set_identity_map_addr(identity_map_addr)
@@ -230,8 +247,9 @@ class Vm(FdObject):
         return exc
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
-        """``KVM_ENABLE_CAP`` on the VM."""
+        """``KVM_ENABLE_CAP`` on the VM: KVM turns on a VM-wide capability (recorded in ``enabled_caps``)."""
         self._enable_cap(cap, args, flags)
+        self.enabled_caps.add(cap)
 
     def create_pit2(self) -> None:
         """``KVM_CREATE_PIT2``: the in-kernel 8254 timer, wired to GSI 0 (needs irqchip='kernel')."""
@@ -445,25 +463,25 @@ class Vm(FdObject):
         target[:len(raw)] = bytes(raw)
         self._ioctl(Ioctl.SET_IRQCHIP, cdata)
 
-    # -- kvmclock, MSR filter, dirty log ----------------------------------------
+    # -- kvmclock, MSR filter, PMU event filter, dirty log -------------------------
     def get_clock(self) -> ClockData:
         """``KVM_GET_CLOCK``: the VM's kvmclock (ns), and whether it is TSC-stable (master clock)."""
         self.kvm.require(Cap.ADJUST_CLOCK, "vm.get_clock()")
-        raw = bytearray(CLOCK_DATA.size)
-        call(self, UapiIoctl.GET_CLOCK, raw)
-        return ClockData.unpack(bytes(raw))
+        cdata = ffi.new("struct kvm_clock_data *")
+        self._ioctl(Ioctl.GET_CLOCK, cdata)
+        return from_c(ClockData, cdata)
 
     def set_clock(self, clock: int) -> None:
         """``KVM_SET_CLOCK``: set the VM's kvmclock to ``clock`` ns (every vCPU's kvmclock page follows
         at its next entry: KVM raises KVM_REQ_CLOCK_UPDATE on each)."""
         checks.unsigned("clock", clock, 64, "nanoseconds of guest kvmclock time")
         self.kvm.require(Cap.ADJUST_CLOCK, "vm.set_clock()")
-        call(self, UapiIoctl.SET_CLOCK, ClockData(clock).pack())
+        self._ioctl(Ioctl.SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": clock}))
 
-    def enable_user_space_msr(self, reasons: int = MSR_EXIT_REASON_FILTER) -> None:
-        """``KVM_CAP_X86_USER_SPACE_MSR``: RDMSR/WRMSR that fail for ``reasons`` exit to userspace
-        (``MsrExit``) instead of injecting #GP; the default is accesses denied by the MSR filter."""
-        checks.unsigned("reasons", reasons, 32, "KVM_MSR_EXIT_REASON_* bits (pykvm.core.uapi)")
+    def enable_user_space_msr(self, reasons: int = MsrExitReason.FILTER) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)``: RDMSR/WRMSR that fail for ``reasons`` exit to
+        userspace (``MsrExit``) instead of injecting #GP; the default is accesses denied by the MSR filter."""
+        checks.unsigned("reasons", reasons, 32, "pykvm.core.constants.MsrExitReason bits")
         self.kvm.require(Cap.X86_USER_SPACE_MSR, "vm.enable_user_space_msr()")
         self.enable_cap(Cap.X86_USER_SPACE_MSR, reasons)
 
@@ -477,19 +495,18 @@ class Vm(FdObject):
         """
         self.kvm.require(Cap.X86_MSR_FILTER, "vm.set_msr_filter()")
         ranges = list(ranges)
-        if len(ranges) > MSR_FILTER_MAX_RANGES:
-            raise InvalidArgument(f"ranges: {len(ranges)}, but KVM takes at most {MSR_FILTER_MAX_RANGES}")
-        raw = bytearray(MSR_FILTER_SIZE)
-        raw[0:4] = (MSR_FILTER_DEFAULT_ALLOW if default_allow else MSR_FILTER_DEFAULT_DENY).to_bytes(4, "little")
+        limit = lib.KVM_MSR_FILTER_MAX_RANGES
+        if len(ranges) > limit:
+            raise InvalidArgument(f"ranges: {len(ranges)}, but KVM takes at most {limit}")
+        cdata = ffi.new("struct kvm_msr_filter *", {
+            "flags": MsrFilterDefault.ALLOW if default_allow else MsrFilterDefault.DENY})
         bitmaps = []                      # kept alive until the ioctl has copied them
-        for index, entry in enumerate(ranges):
-            checks.instance(f"ranges[{index}]", entry, MsrFilterRange, "pykvm.core.uapi.MsrFilterRange")
-            bitmap = ffi.new("char[]", entry.padded_bitmap())
-            bitmaps.append(bitmap)
-            MSR_FILTER_RANGE.pack_into(raw, 8 + index * MSR_FILTER_RANGE.size, entry.flags, entry.nmsrs,
-                                       entry.base, int(ffi.cast("uintptr_t", bitmap)))
-        call(self, UapiIoctl.X86_SET_MSR_FILTER, bytes(raw),
-             hint="each range needs flags READ and/or WRITE and 1..0x10000 MSRs")
+        for index, (entry, target) in enumerate(zip(ranges, cdata.ranges, strict=False)):
+            checks.instance(f"ranges[{index}]", entry, MsrFilterRange, "pykvm.core.state.MsrFilterRange")
+            bitmaps.append(ffi.new("__u8[]", entry.padded_bitmap()))
+            target.flags, target.nmsrs, target.base, target.bitmap = entry.flags, entry.nmsrs, entry.base, bitmaps[-1]
+        self._ioctl(Ioctl.X86_SET_MSR_FILTER, cdata, hint="each range needs flags READ and/or WRITE and "
+                                                          "1..0x10000 MSRs")
 
     def set_pmu_event_filter(self, events: Iterable[int] = (), deny: bool = True,
                              fixed_counter_bitmap: int = 0) -> None:
@@ -506,9 +523,9 @@ class Vm(FdObject):
         if len(codes) > PMU_EVENT_FILTER_MAX_EVENTS:
             raise InvalidArgument(f"events: {len(codes)}, but KVM takes at most {PMU_EVENT_FILTER_MAX_EVENTS}")
         checks.unsigned("fixed_counter_bitmap", fixed_counter_bitmap, 32, "a bit per fixed counter")
-        raw = PMU_EVENT_FILTER.pack(PMU_EVENT_DENY if deny else PMU_EVENT_ALLOW, len(codes), fixed_counter_bitmap,
-                                    0) + b"".join(code.to_bytes(8, "little") for code in codes)
-        call(self, UapiIoctl.SET_PMU_EVENT_FILTER, raw)
+        self._ioctl(Ioctl.SET_PMU_EVENT_FILTER, ffi.new("struct kvm_pmu_event_filter *", {
+            "action": PmuEventAction.DENY if deny else PmuEventAction.ALLOW, "nevents": len(codes),
+            "fixed_counter_bitmap": fixed_counter_bitmap, "events": codes}))
 
     def get_dirty_log(self, slot: int) -> bytes:
         """``KVM_GET_DIRTY_LOG``: the bitmap (bit per page) of pages written since the last call.
@@ -524,8 +541,8 @@ class Vm(FdObject):
         else:
             raise InvalidArgument(f"slot={slot!r}: this VM has no such memory slot ({self.memory.slots})")
         bitmap = ffi.new("char[]", size)
-        call(self, UapiIoctl.GET_DIRTY_LOG, DIRTY_LOG.pack(slot, int(ffi.cast("uintptr_t", bitmap))),
-             hint="the slot must have dirty logging on: vm.memory.set_dirty_logging(slot, True)")
+        self._ioctl(Ioctl.GET_DIRTY_LOG, ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap}),
+                    hint="the slot must have dirty logging on: vm.memory.set_dirty_logging(slot, True)")
         return ffi.buffer(bitmap, size)[:]
 
     # -- statistics --------------------------------------------------------------
@@ -535,7 +552,6 @@ class Vm(FdObject):
         return Stats.open(self)
 
     def _release(self) -> None:
-        _OPEN_VMS.discard(self)
         for eventfd in self._eventfds:
             eventfd.close()
         if "stats" in self.__dict__:

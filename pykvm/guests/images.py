@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import checks
 from ..core.errors import GuestError, InvalidArgument, PyKvmError
+from ..core.exits import ExitExplainer
 from ..core.vm import Vm
 from ..x86.asm import Mode, label_address, mode_of
 from .session import GuestSession
@@ -49,9 +50,12 @@ class GuestImage:
         """A label's address: what RIP (IP in real mode) holds there."""
         return label_address(self.symbols, symbol, f"the {self.mode.value}-mode guest image")
 
-    def boot(self, vcpu, notify: bool = False) -> GuestSession:
-        """Load the image into the vCPU's VM, enter its mode and run to the first sync point."""
-        session = GuestSession(self, vcpu, notify)
+    def boot(self, vcpu, notify: bool = False, explain: ExitExplainer | None = None) -> GuestSession:
+        """Load the image into the vCPU's VM, enter its mode and run to the first sync point.
+
+        ``explain``: see :class:`~pykvm.guests.session.GuestSession` (e.g. :func:`pykvm.hosts.explain_exit`).
+        """
+        session = GuestSession(self, vcpu, notify, explain)
         session.start()
         return session
 
@@ -94,30 +98,34 @@ class BootedGuest:
         self.close()
 
 
-def boot_cpus(vm: Vm, mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool = False
-              ) -> list[GuestSession]:
-    """Create ``cpus`` vCPUs on ``vm`` and boot the ``mode`` image on each (SMP: long mode only)."""
+def boot_cpus(vm: Vm, mode: Mode | str = Mode.LONG, cpus: int = 1, notify: bool = False,
+              explain: ExitExplainer | None = None) -> list[GuestSession]:
+    """Create ``cpus`` vCPUs on ``vm`` and boot the ``mode`` image on each (SMP: long mode only).
+
+    ``explain``: see :class:`~pykvm.guests.session.GuestSession` (e.g. :func:`pykvm.hosts.explain_exit`).
+    """
     checks.instance("vm", vm, Vm, "the VM to create the vCPUs in, e.g. kvm.create_vm()")
     image = load(mode)
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
         raise InvalidArgument(f"cpus={cpus!r}: boot at least one vCPU (an integer >= 1)")
     if cpus > 1 and image.mode != Mode.LONG:
         raise GuestError(f"only the long-mode image is SMP-aware; boot {cpus} vCPUs with mode='long'")
-    return [image.boot(vm.create_vcpu(), notify=notify) for _ in range(cpus)]
+    return [image.boot(vm.create_vcpu(), notify=notify, explain=explain) for _ in range(cpus)]
 
 
 def boot(mode: Mode | str = Mode.LONG, notify: bool = False, memory_size: int | None = None,
-         irqchip: str = "none", cpus: int = 1) -> BootedGuest:
+         irqchip: str = "none", cpus: int = 1, explain: ExitExplainer | None = None) -> BootedGuest:
     """Open ``/dev/kvm``, create a VM with ``cpus`` vCPUs and boot the ``mode`` image on each.
 
-    ``with boot("long") as guest:`` (one vCPU) or ``with boot(cpus=2) as (bsp, ap):``.
+    ``with boot("long") as guest:`` (one vCPU) or ``with boot(cpus=2) as (bsp, ap):``;
+    ``explain``: see :class:`~pykvm.guests.session.GuestSession` (e.g. :func:`pykvm.hosts.explain_exit`).
     """
     from ..core.system import Kvm
     kvm = Kvm()
     vm = None
     try:
         vm = kvm.create_vm(memory_size=memory_size, irqchip=irqchip)
-        return BootedGuest(boot_cpus(vm, mode, cpus, notify), kvm, vm)
+        return BootedGuest(boot_cpus(vm, mode, cpus, notify, explain), kvm, vm)
     except BaseException:
         if vm is not None:
             vm.close()

@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING
 from ..core import checks
 from ..core.constants import IOAPIC_DEFAULT_BASE, IOAPIC_NUM_PINS, MpState
 from ..core.errors import CommandTimeout, GuestCancelled, GuestError, HostLimitation, InvalidArgument, IrqchipModeError
-from ..core.exits import Exit, HltExit, InternalErrorExit, IntrExit, IoExit, IrqWindowOpenExit
+from ..core.exits import (
+    Exit,
+    ExitExplainer,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    IntrExit,
+    IoExit,
+    IrqWindowOpenExit,
+)
 from ..core.state import record
 from ..core.vcpu import Vcpu
 from ..irqchip import waiting
@@ -84,9 +93,14 @@ class GuestSession:
     The long-mode image is SMP-aware: boot it on several vCPUs of one VM and each
     session has its own mailbox, stack and log (``layout.cpu_area(vcpu.id)``).
     The real and protected images run on vCPU 0 only.
+
+    ``explain`` (e.g. :func:`pykvm.hosts.explain_exit`) is called on each entry failure and
+    internal error the vCPU returns; with it, an internal error that is a documented limit of
+    this host raises :class:`HostLimitation` instead of :class:`GuestError`.
     """
 
-    def __init__(self, image: GuestImage, vcpu: Vcpu, notify: bool = False) -> None:
+    def __init__(self, image: GuestImage, vcpu: Vcpu, notify: bool = False,
+                 explain: ExitExplainer | None = None) -> None:
         checks.instance("vcpu", vcpu, Vcpu, "the vCPU to boot the image on, e.g. vm.create_vcpu()")
         if image.mode != Mode.LONG and vcpu.id != 0:
             raise GuestError(f"the {image.mode.value}-mode image runs on vCPU 0 only (it has one "
@@ -94,6 +108,7 @@ class GuestSession:
                              f"{vcpu.id}")
         self.image = image
         self.vcpu = vcpu
+        self.explain = explain
         self.memory = vcpu.vm.memory
         self.area = layout.cpu_area(vcpu.id if image.mode == Mode.LONG else 0)
         self.stops: list[GuestStop] = []
@@ -147,6 +162,8 @@ class GuestSession:
     def run(self) -> GuestStop:
         """Run to the next exit and interpret it (no protocol handling)."""
         exit = self.vcpu.run()
+        if self.explain is not None and isinstance(exit, (FailEntryExit, InternalErrorExit)):
+            self.explain(self.vcpu, exit)
         run = self.vcpu.kvm_run
         kind, value = StopKind.OTHER, 0
         if isinstance(exit, IoExit) and exit.is_out and exit.port in _PORT_KINDS:
@@ -190,7 +207,8 @@ class GuestSession:
         exit = stop.exit
         if isinstance(exit, InternalErrorExit):
             error = HostLimitation if exit.host_limit else GuestError
-            return error(exit.explanation, exit)
+            return error(exit.explanation or f"KVM_EXIT_INTERNAL_ERROR at RIP {exit.rip:#x} (step {self.step}, "
+                                             f"unexplained: this session has no explainer): {exit!r}", exit)
         if stop.kind == StopKind.ASSERT:
             return GuestError(f"guest assert {stop.value:#x} at RIP {stop.rip:#x}", exit)
         if stop.kind == StopKind.DONE:

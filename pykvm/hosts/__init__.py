@@ -9,16 +9,15 @@ measured behaviour per vendor module, gathered from the probe families of
 runs them on this host once per kernel, module and module parameters and caches
 the outcomes, from which :mod:`~pykvm.hosts.facts` derives the named facts tests
 and tools branch on (:func:`detect`); :mod:`~pykvm.hosts.limits` explains
-exits that are host limits; :mod:`~pykvm.hosts.runner` runs a command on
+exits that are host limits (:func:`explain_exit`, which the tools pass to what
+reports exits: guest sessions, the VMM); :mod:`~pykvm.hosts.runner` runs a command on
 another host: kvm_amd under QEMU (``python -m pykvm.hosts tcg-amd -- CMD``) or
 kvm_intel under Bochs (``python -m pykvm.hosts bochs-intel -- CMD``).
 """
 
-from ..core.exits import add_explainer
 from .facts import Behaviour, HostInfo, detect, host_info, measured_info
 from .limits import explain_exit
 from .vendor import VendorModule, detect_vendor
 
-add_explainer(explain_exit)
-
-__all__ = ["Behaviour", "HostInfo", "detect", "host_info", "measured_info", "VendorModule", "detect_vendor"]
+__all__ = ["Behaviour", "HostInfo", "detect", "explain_exit", "host_info", "measured_info", "VendorModule",
+           "detect_vendor"]

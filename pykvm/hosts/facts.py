@@ -152,9 +152,8 @@ def detect(kvm: Kvm | None = None) -> HostInfo:
     """This machine's facts, as its probes measured them with ``kvm`` (default: a ``/dev/kvm`` of its own).
 
     Measured once per process, and on disk once per key (:mod:`pykvm.hosts.measurement`).
-    While the probes run, they may ask for the facts themselves (an exit they
-    cause is explained with them, :mod:`pykvm.hosts.limits`): that call gets
-    the record, since the measurement is not there yet.
+    While the probes run, code they call may ask for the facts themselves: that
+    call gets the record, since the measurement is not there yet.
     """
     global _detected
     if measurement.in_progress():

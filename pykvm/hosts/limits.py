@@ -4,8 +4,9 @@ Why this exists: a ``KVM_EXIT_INTERNAL_ERROR`` on kvm_pvm is often a documented
 limit of its instruction emulator (an IRET in 32-bit protected mode, INT n in
 long mode), not a guest bug, and a ``KVM_EXIT_FAIL_ENTRY`` carries a
 vendor-specific code. The core decodes what KVM reported; this module, which
-knows the hosts, adds the explanation: importing :mod:`pykvm.hosts` registers
-:func:`explain_exit` with :func:`pykvm.core.exits.add_explainer`, and a
+knows the hosts, adds the explanation: :func:`explain_exit` is the
+:data:`~pykvm.core.exits.ExitExplainer` the tools hand to what reports exits
+(``pykvm.guests.boot(..., explain=explain_exit)``, the VMM), and a
 :class:`~pykvm.core.exits.InternalErrorExit` it recognises gets
 ``host_limit=True``, which guest sessions turn into
 :class:`~pykvm.core.errors.HostLimitation`.
@@ -86,7 +87,7 @@ def explain_internal_error(host: HostInfo, exit: InternalErrorExit, mode: Mode) 
 
 
 def explain_exit(vcpu: Vcpu, exit: Exit) -> None:
-    """The explainer registered with the core: fills in ``explanation`` (and ``host_limit``)."""
+    """An :data:`~pykvm.core.exits.ExitExplainer`: fills in ``explanation`` (and ``host_limit``) for this host."""
     host = detect()
     if isinstance(exit, FailEntryExit):
         exit.explanation = explain_entry_failure(host, exit.hardware_entry_failure_reason)

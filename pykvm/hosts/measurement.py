@@ -244,9 +244,8 @@ def in_progress() -> bool:
 def run(kvm, scenarios: Iterable[probes.Scenario] = probes.SCENARIOS) -> dict[str, Observation]:
     """Run ``scenarios`` (default: every probe) now, marked as in progress.
 
-    A probe's guest may end in an exit that is explained with the host facts
-    (:mod:`pykvm.hosts.limits`); measuring them there would run the probes
-    inside themselves, so meanwhile the facts are the record's.
+    Code the probes call may ask for the host facts; measuring them there would
+    run the probes inside themselves, so meanwhile the facts are the record's.
     """
     before = in_progress()
     _measuring.active = True

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.constants import Cap
 from ..core.eventfds import Irqfd
-from ..core.exits import Exit, IoExit
+from ..core.exits import Exit, FailEntryExit, InternalErrorExit, IoExit
 from ..core.interrupts import MsiMessage
 from ..core.stats import Stats
 from ..core.vcpu import Vcpu
 from ..core.vm import Vm
-from ..hosts import HostInfo
+from ..hosts import HostInfo, explain_exit
 
 if TYPE_CHECKING:
     from .verdict import Verdict
@@ -208,6 +208,8 @@ class Trace:
 
         def run(vcpu: Vcpu) -> Exit:
             exit = original_run(vcpu)
+            if isinstance(exit, (FailEntryExit, InternalErrorExit)):
+                explain_exit(vcpu, exit)        # what such an exit means on this host, for the student
             trace._record_exit(vcpu, exit)
             return exit
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from ..core.system import Kvm
 from ..guests import GuestSession, boot_cpus
+from ..hosts import explain_exit
 
 
 @contextlib.contextmanager
@@ -26,7 +27,7 @@ def booted_cpus(cpus: int, mode: str = "long", notify: bool = False,
                 irqchip: str = "kernel") -> Iterator[list[GuestSession]]:
     """Like :func:`booted` with ``cpus`` vCPUs on one VM (an in-kernel irqchip by default): one session each."""
     with Kvm() as kvm, kvm.create_vm(irqchip=irqchip) as vm:
-        yield boot_cpus(vm, mode, cpus, notify=notify)
+        yield boot_cpus(vm, mode, cpus, notify=notify, explain=explain_exit)
 
 
 def handler_range(guest: GuestSession) -> range:

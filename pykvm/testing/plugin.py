@@ -39,7 +39,6 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -296,7 +295,7 @@ def _pykvm_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     hook still runs first and reports the exception a vCPU thread died of when its
     vCPU was closed (ClosedError) as a warning of this test.
     """
-    vms_before = weakref.WeakSet(_open_vms() or ())
+    vms_before = _open_vm_fds()
     threads_before = frozenset(thread.ident for thread in threading.enumerate())
     yield
     request.node.stash[_LEFT] = _end_leftovers(vms_before, threads_before)
@@ -315,26 +314,33 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     return result
 
 
-def _open_vms() -> Any:
-    """pykvm's set of open VMs, or None while pykvm is not imported (then none can be open)."""
+def _open_vm_fds() -> frozenset[int]:
+    """The VM fds open now (:func:`pykvm.core.vm.open_vm_fds`); none while pykvm is not imported."""
     module = sys.modules.get("pykvm.core.vm")
-    return None if module is None else module._OPEN_VMS
+    return frozenset() if module is None else module.open_vm_fds()
 
 
-def _end_leftovers(vms_before: weakref.WeakSet[Any], threads_before: frozenset[int | None]) -> list[str]:
-    """Close the VMs opened since and left open, and the vCPUs still running on threads started since."""
-    vms = _open_vms()
-    if vms is None:
-        return []
+def _end_leftovers(vms_before: frozenset[int], threads_before: frozenset[int | None]) -> list[str]:
+    """Close the VMs opened since and left open, and the vCPUs still running on threads started since.
+
+    ``vms_before``: the VM fds open before the test. A VM fd number the test closed and then
+    reused for a VM it left open counts as open before: not reported. The Vm objects are
+    looked up (a walk of the garbage collector's objects) only when something was left.
+    """
     threads = {thread.ident: thread for thread in threading.enumerate()
                if thread.ident not in threads_before and thread is not threading.current_thread()}
-    if any(vm not in vms_before for vm in vms):
+    fds = _open_vm_fds()
+    if fds - vms_before:
         gc.collect()                # a VM nothing refers to any more is closed by its finaliser, not left
-    left_vms = [vm for vm in vms if vm not in vms_before]
-    if not left_vms and not threads:
+        fds = _open_vm_fds()
+    new = fds - vms_before
+    if not new and not threads:
         return []
+    vms = sys.modules["pykvm.core.vm"].open_vms(fds) if fds else []
+    left_vms = [vm for vm in vms if vm._fd in new]
     running = _running_vcpus([vcpu for vm in vms for vcpu in vm.vcpus], threads)
-    told = []
+    told = [f"VM fd {fd} open, which no pykvm Vm owns (not closed by the plugin)"
+            for fd in sorted(new - {vm._fd for vm in left_vms})]
     for vm in left_vms:
         told.append(f"{vm.describe()} open" + "".join(f", vCPU {vcpu.id} running on thread {threads[ident].name!r}"
                                                       for vcpu, ident in running.items() if vcpu.vm is vm))
@@ -448,9 +454,10 @@ def vcpu(vm: Vm) -> Vcpu:
 def boot(vm: Vm) -> Callable[..., GuestSession]:
     """``boot(mode, notify=False)``: a guest image booted on a new vCPU of the test's ``vm``."""
     from .. import guests
+    from ..hosts import explain_exit
 
     def boot_image(mode: str = "long", notify: bool = False) -> GuestSession:
-        return guests.load(mode).boot(vm.create_vcpu(), notify=notify)
+        return guests.load(mode).boot(vm.create_vcpu(), notify=notify, explain=explain_exit)
     return boot_image
 
 
@@ -458,13 +465,14 @@ def boot(vm: Vm) -> Callable[..., GuestSession]:
 def machine(kvm: Kvm) -> Iterator[Callable[..., list[GuestSession]]]:
     """``machine(irqchip="kernel", cpus=1, mode="long")``: a new VM's booted sessions, one per vCPU."""
     from .. import guests
+    from ..hosts import explain_exit
     vms: list[Vm] = []
 
     def make(irqchip: str = "kernel", cpus: int = 1, mode: str = "long", pit: bool = False,
              notify: bool = False) -> list[GuestSession]:
         new = kvm.create_vm(irqchip=irqchip, pit=pit)
         vms.append(new)
-        return guests.boot_cpus(new, mode, cpus, notify)
+        return guests.boot_cpus(new, mode, cpus, notify, explain=explain_exit)
     yield make
     for made in vms:
         made.close()
@@ -478,6 +486,7 @@ def guest(kvm: Kvm, request: pytest.FixtureRequest) -> Iterator[Any]:
     ``indirect=True`` parametrisation with a mode name or a dict of those keywords.
     """
     from .. import guests
+    from ..hosts import explain_exit
     options: dict[str, Any] = {}
     marker = request.node.get_closest_marker("guest")
     if marker is not None:
@@ -493,5 +502,5 @@ def guest(kvm: Kvm, request: pytest.FixtureRequest) -> Iterator[Any]:
         raise pytest.UsageError(f"guest options {sorted(unknown)} are unknown; use mode, cpus, notify, irqchip")
     with kvm.create_vm(irqchip=options.get("irqchip", "none")) as new:
         sessions = guests.boot_cpus(new, options.get("mode", "long"), options.get("cpus", 1),
-                                    options.get("notify", False))
+                                    options.get("notify", False), explain=explain_exit)
         yield sessions[0] if len(sessions) == 1 else tuple(sessions)

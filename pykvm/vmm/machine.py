@@ -514,6 +514,9 @@ class Machine:
             self._finish(Ending.STRICT_IO, STATUS_STRICT_IO, record.describe())
 
     def _stopping_exit(self, vcpu, exit) -> None:
+        if isinstance(exit, (InternalErrorExit, FailEntryExit)):
+            from ..hosts import explain_exit  # only for these rare exits: `pykvm.boot` starts without it
+            explain_exit(vcpu, exit)
         where = f"vCPU {vcpu.id}"
         try:
             where += f" at RIP {vcpu.regs.rip:#x}"

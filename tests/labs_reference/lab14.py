@@ -1,7 +1,8 @@
 """Lab 14 reference solution."""
 
 from pykvm import Cap
-from pykvm.core import uapi
+from pykvm.core.constants import MsrFilterAccess, VcpuEventValid
+from pykvm.core.state import MsrFilterRange
 
 
 def _event(task):
@@ -22,12 +23,12 @@ def _triple_fault(task):
     task.vcpu.complete_pending_exit()              # finish the `out` before changing the events
     events = task.vcpu.events
     events.triple_fault.pending = 1
-    events.flags = uapi.VCPUEVENT_VALID_TRIPLE_FAULT
+    events.flags = VcpuEventValid.TRIPLE_FAULT
     task.vcpu.events = events
 
 
 def _msr_filter_changed(task):
-    task.vm.set_msr_filter([uapi.MsrFilterRange.deny(task.msr, uapi.MSR_FILTER_READ)])
+    task.vm.set_msr_filter([MsrFilterRange.deny(task.msr, MsrFilterAccess.READ)])
 
 
 def _clock_update(task):

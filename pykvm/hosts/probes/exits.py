@@ -142,8 +142,7 @@ def interrupt_not_ready(kvm, mode: str) -> Observation:
                                f"{record!r}; then {str(exc).split(';')[0]}")
         if isinstance(stop.exit, FailEntryExit):
             return Observation(NotReady.ENTRY_FAILS, f"{stop.describe()}: hardware_entry_failure_reason "
-                                                     f"{stop.exit.hardware_entry_failure_reason:#x}, "
-                                                     f"{stop.exit.explanation}")
+                                                     f"{stop.exit.hardware_entry_failure_reason:#x}")
         log = guest.log()
         if not log:
             return Observation(NotReady.HELD, f"nothing logged; next exit {stop.describe()}")

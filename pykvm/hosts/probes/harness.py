@@ -27,7 +27,11 @@ TRIALS = 5              # runs of a probe whose outcome an asynchronous host exi
 
 
 def boot(kvm, mode: str = "long", irqchip: str = "none", notify: bool = False):
-    """A fresh VM with one booted vCPU: (vm, session). The caller closes the VM."""
+    """A fresh VM with one booted vCPU: (vm, session). The caller closes the VM.
+
+    The session has no explainer: the probes measure the host's limits, so an exit is
+    reported as KVM gave it, never explained with the facts being measured.
+    """
     vm = kvm.create_vm(irqchip=irqchip)
     try:
         [session] = guests.boot_cpus(vm, mode, 1, notify=notify)

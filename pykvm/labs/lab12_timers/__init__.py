@@ -20,6 +20,7 @@ from ...core.errors import CommandTimeout
 from ...core.system import Kvm
 from ...core.vm import Vm
 from ...guests import Command, GuestSession, LogRecord, boot_cpus
+from ...hosts import explain_exit
 from ...irqchip import lapic, pic, pit
 from ...irqchip.lapic import ApicReg, TimerMode
 from ...x86.msr import TSC_DEADLINE_MSR, TSC_MSR
@@ -64,7 +65,7 @@ class Task:
 @contextlib.contextmanager
 def _lapic_guest() -> Iterator[GuestSession]:
     with Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
-        [guest] = boot_cpus(vm, "long", 1)
+        [guest] = boot_cpus(vm, "long", 1, explain=explain_exit)
         guest.apic_enable()
         yield guest
 
@@ -272,7 +273,7 @@ def _pit(ctx: Context) -> dict:
     rng = ctx.random("pit")
     ctx.load()
     with Kvm() as kvm, kvm.create_vm(irqchip="kernel", pit=True) as vm:
-        [guest] = boot_cpus(vm, "long", 1)
+        [guest] = boot_cpus(vm, "long", 1, explain=explain_exit)
         guest.apic_enable()                   # the 8259 reaches the CPU through LINT0 (ExtINT)
         base = rng.randrange(4, 15) * 8
         task = Task(guest, base, pit_count=round(rng.randrange(*PIT_PERIODS_MS) / 1000 * pit.PIT_HZ), vm=vm)

@@ -20,6 +20,7 @@ from ...core.exits import IoExit
 from ...core.system import Kvm
 from ...core.vcpu import Vcpu
 from ...guests import Command, GuestSession, boot_cpus
+from ...hosts import explain_exit
 from ...irqchip.lapic import ApicReg
 from ...runtime import WATCHDOG, command_in_thread
 from ...x86.asm import assemble
@@ -70,7 +71,7 @@ def _start_ap(ctx: Context) -> dict:
     rng = ctx.random("start_ap")
     ctx.load()
     with Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
-        [bsp] = boot_cpus(vm, "long", 1)
+        [bsp] = boot_cpus(vm, "long", 1, explain=explain_exit)
         aps = [vm.create_vcpu() for _ in range(CPUS - 1)]
         stub = assemble(STUB, "real", origin=0)
         for page in SIPI_PAGES:
@@ -189,7 +190,7 @@ def _ipis(ctx: Context) -> dict:
     rng = ctx.random("send_ipi")
     ctx.load()
     with Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
-        cpus = boot_cpus(vm, "long", CPUS)
+        cpus = boot_cpus(vm, "long", CPUS, explain=explain_exit)
         bits = rng.sample(range(8), CPUS)
         for cpu, bit in zip(cpus, bits, strict=True):
             cpu.apic_enable()

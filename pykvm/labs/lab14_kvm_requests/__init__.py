@@ -16,11 +16,10 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from ...core.constants import Cap
+from ...core.constants import Cap, MsrExitReason
 from ...core.errors import PyKvmError
 from ...core.exits import IoExit, MsrExit, ShutdownExit
 from ...core.system import Kvm
-from ...core.uapi import MSR_EXIT_REASON_FILTER
 from ...core.vcpu import Vcpu
 from ...core.vm import Vm
 from ...requests import BY_NAME, NOT_IMPLEMENTED, OBSERVED, expected
@@ -151,7 +150,7 @@ def _scenario(index: int) -> Callable[[Context], dict]:
         with Kvm() as kvm, kvm.create_vm() as vm:
             vcpu = vm.create_vcpu()
             if kvm.check_extension(Cap.X86_USER_SPACE_MSR):
-                vm.enable_user_space_msr(MSR_EXIT_REASON_FILTER)   # a filtered RDMSR exits to userspace
+                vm.enable_user_space_msr(MsrExitReason.FILTER)   # a filtered RDMSR exits to userspace
             load_code(vcpu, SANDBOX.replace("VECTOR", hex(vector)), handlers={vector: "irq", Vector.NMI: "nmi"})
             for _ in range(WINDOW_RUNS):                           # to the loop's first report: IF=1, kvmclock on
                 exit = vcpu.run()

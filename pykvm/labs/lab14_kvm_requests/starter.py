@@ -7,7 +7,8 @@ task.vm and task.vcpu belong to the checker (do not close them, do not run the v
 """
 
 from pykvm import Cap  # noqa: F401
-from pykvm.core import uapi  # noqa: F401  (MSR filter ranges and flags, VCPUEVENT_VALID_* flags)
+from pykvm.core.constants import MsrFilterAccess, VcpuEventValid  # noqa: F401  (KVM_MSR_FILTER_*, KVM_VCPUEVENT_VALID_*)
+from pykvm.core.state import MsrFilterRange  # noqa: F401  (a range of KVM_X86_SET_MSR_FILTER)
 
 
 def trigger(task) -> None:

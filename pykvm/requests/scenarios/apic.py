@@ -110,7 +110,7 @@ def report_tpr_access(control: bool = False) -> Outcome:
         run_until(vcpu, t, is_port(PORT_READY))
         if not control:
             t.host("KVM_TPR_ACCESS_REPORTING enabled=1 (each TPR access raises KVM_REQ_REPORT_TPR_ACCESS)")
-            vcpu.set_tpr_access_reporting(True)
+            vcpu.tpr_access_reporting(True)
         else:
             t.host("nothing (control): TPR access reporting stays off")
         labels = {code.symbols["tpr_read"]: "tpr_read", code.symbols["tpr_write"]: "tpr_write"}

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pykvm
 from pykvm import x86
-from pykvm.core import uapi
+from pykvm.core.constants import VcpuEventValid
 from pykvm.core.exits import ShutdownExit
 
 from .common import OBSERVED, PORT_HANDLER, PORT_READY, Outcome, Timeline, io_port, is_port, machine, request, run_until
@@ -104,7 +104,7 @@ def triple_fault(control: bool = False) -> Outcome:
         if not control:
             events = vcpu.events
             events.triple_fault.pending = 1
-            events.flags = uapi.VCPUEVENT_VALID_TRIPLE_FAULT
+            events.flags = VcpuEventValid.TRIPLE_FAULT
             t.host(
                 "KVM_CAP_X86_TRIPLE_FAULT_EVENT on; KVM_SET_VCPU_EVENTS triple_fault.pending=1 "
                 "(KVM raises KVM_REQ_TRIPLE_FAULT)"

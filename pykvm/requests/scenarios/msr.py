@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pykvm import x86
-from pykvm.core import uapi
+from pykvm.core.constants import MsrExitReason, MsrFilterAccess
 from pykvm.core.exits import MsrExit
+from pykvm.core.state import MsrFilterRange
 
 from .common import OBSERVED, PORT_READY, Outcome, Timeline, is_port, machine, request, run_until
 
@@ -24,13 +25,13 @@ def msr_filter_changed(control: bool = False) -> Outcome:
     """KVM_X86_SET_MSR_FILTER raises KVM_REQ_MSR_FILTER_CHANGED: intercepts reload, the next RDMSR exits."""
     t = Timeline("MSR_FILTER_CHANGED", control)
     with machine() as (vm, vcpu):
-        vm.enable_user_space_msr(uapi.MSR_EXIT_REASON_FILTER)
+        vm.enable_user_space_msr(MsrExitReason.FILTER)
         t.host("KVM_ENABLE_CAP KVM_CAP_X86_USER_SPACE_MSR (reason: filter)")
         x86.load_code(vcpu, MSR_GUEST)
         run_until(vcpu, t, is_port(PORT_READY))
         if not control:
             t.host("KVM_X86_SET_MSR_FILTER: deny reads of MSR 0x10 (KVM raises KVM_REQ_MSR_FILTER_CHANGED)")
-            vm.set_msr_filter([uapi.MsrFilterRange.deny(0x10, uapi.MSR_FILTER_READ)])
+            vm.set_msr_filter([MsrFilterRange.deny(0x10, MsrFilterAccess.READ)])
         else:
             t.host("nothing (control)")
         exits = []
@@ -52,7 +53,7 @@ def msr_filter_changed(control: bool = False) -> Outcome:
                 + (" one exit late" if late else "")
             )
         return t.verdict(
-            msr is not None and msr.msr_reason == uapi.MSR_EXIT_REASON_FILTER,
+            msr is not None and msr.msr_reason == MsrExitReason.FILTER,
             "the guest's RDMSR became KVM_EXIT_X86_RDMSR with reason filter"
             + (" (one exit late: this host runs guest code in batches)" if late else ""),
         )

@@ -23,8 +23,7 @@ import pykvm
 from pykvm import x86
 from pykvm.core.constants import Cap
 from pykvm.core.exits import HltExit, IoExit
-from pykvm.core.state import Segment
-from pykvm.core.uapi import NestedState
+from pykvm.core.state import NestedState, Segment
 
 from .common import OBSERVED, PORT_HANDLER, UNREACHABLE, Outcome, Timeline, io_port, machine, request
 
