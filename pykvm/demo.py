@@ -36,7 +36,7 @@ SPIN_ITERATIONS = 20_000
 MAX_WINDOW_EXITS = 1_000
 
 
-class Timeline:
+class TimelinePrinter:
     """Host actions, KVM exits and guest records, in order, with times since boot."""
 
     def __init__(self, session: GuestSession, start: float) -> None:
@@ -91,7 +91,7 @@ def run_demo(mode: str, path_count: int) -> int:
               "notify on it also reports with `out`, so each delivery shows up as an exit.")
         start = time.perf_counter()
         session = image.boot(vcpu, notify=True)
-        timeline = Timeline(session, start)
+        timeline = TimelinePrinter(session, start)
         _section("0. boot: the guest installs its handlers and reports step 0")
         timeline.flush()
         controller = UserspaceIrqController(vcpu)
@@ -153,7 +153,7 @@ def _compare_paths(kvm: Kvm, count: int) -> None:
         print(f"  {line}")
 
 
-def _inject_sequence(session: GuestSession, timeline: Timeline) -> None:
+def _inject_sequence(session: GuestSession, timeline: TimelinePrinter) -> None:
     _section(f"1. inject {len(DEMO_VECTORS)} vectors with KVM_INTERRUPT (guest IF=1)")
     session.command(Command.STI)
     for vector in DEMO_VECTORS:
@@ -165,7 +165,7 @@ def _inject_sequence(session: GuestSession, timeline: Timeline) -> None:
         assert [r.vector for r in records] == [vector], "the guest did not log the vector"
 
 
-def _inject_nmi(session: GuestSession, timeline: Timeline) -> None:
+def _inject_nmi(session: GuestSession, timeline: TimelinePrinter) -> None:
     _section("2. inject an NMI with KVM_NMI")
     timeline.host("KVM_NMI")
     session.vcpu.nmi()
@@ -174,7 +174,7 @@ def _inject_nmi(session: GuestSession, timeline: Timeline) -> None:
     assert [r.vector for r in records] == [2], "the guest did not log the NMI"
 
 
-def _window_scenario(session: GuestSession, timeline: Timeline,
+def _window_scenario(session: GuestSession, timeline: TimelinePrinter,
                      controller: UserspaceIrqController) -> str:
     _section("3. the interrupt window: guest CLI, host queues a vector, guest spins, then STI")
     stop = session.command(Command.CLI)

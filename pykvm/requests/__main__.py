@@ -17,7 +17,7 @@ import textwrap
 from ..cli import exit_with, run_command
 from ..hosts.vendor import detect_vendor
 from . import BY_NAME, OBSERVED, REQUESTS, Row, run_request
-from .scenarios import SCENARIOS, Outcome
+from .scenarios import SCENARIOS, ScenarioResult
 
 
 def _list(as_json: bool, min_observed: int) -> int:
@@ -51,7 +51,7 @@ def _print_row(row: Row) -> None:
     print(f"    verdict    {row.verdict}" + (f" ({row.why})" if row.why and row.verdict != OBSERVED else ""))
 
 
-def _print_outcome(outcome: Outcome, title: str) -> None:
+def _print_outcome(outcome: ScenarioResult, title: str) -> None:
     print(f"{title}: {outcome.verdict}" + (f" ({outcome.why})" if outcome.why else ""))
     for number, step in enumerate(outcome.steps, 1):
         print(f"  {number:2}. {step.kind:6} {step.text}")

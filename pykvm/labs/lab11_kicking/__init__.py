@@ -129,14 +129,14 @@ class Measured:
 
 
 @dataclasses.dataclass
-class Task:
+class KickingTask:
     state: str                   # one of pykvm.delivery.STATES: where the target vCPU is
     kernel_path: str             # "irqfd" or "msi": the in-kernel path to compare with the kick
     count: int                   # interrupts per measurement
     measure: Callable[[str, str], delivery.PathMeasurement]   # measure(path, state)
 
     def __repr__(self) -> str:
-        return (f"Task(state={self.state!r} ({delivery.STATES[self.state]}), kernel_path={self.kernel_path!r}, "
+        return (f"KickingTask(state={self.state!r} ({delivery.STATES[self.state]}), kernel_path={self.kernel_path!r}, "
                 f"count={self.count})")
 
 
@@ -159,7 +159,7 @@ def _measure_scenario(ctx: Context, state: str) -> dict:
 
         before = own(100)                       # the checker's measurement, just before the student's
         ctx.trace.clear()
-        task = Task(state, kernel_path, count, measure)
+        task = KickingTask(state, kernel_path, count, measure)
         numbers = ctx.call("measure", task)
         students = list(recorded)
         after = None
@@ -256,7 +256,7 @@ def _userspace_exits(measured: Measured, kind: type) -> int:
     return sum(isinstance(record.exit, kind) for record in measured.exits)
 
 
-def _judge_exits(task: Task, mine: dict[str, Measured]) -> None:
+def _judge_exits(task: KickingTask, mine: dict[str, Measured]) -> None:
     """The kick costs an exit to userspace per interrupt; the kernel path none."""
     kick, kernel = mine["kick"], mine[task.kernel_path]
     count = kick.result.count
@@ -276,7 +276,7 @@ def _judge_exits(task: Task, mine: dict[str, Measured]) -> None:
                    f"interrupts; KVM delivers this path without leaving KVM_RUN")
 
 
-def _exit_summary(task: Task, mine: dict[str, Measured]) -> str:
+def _exit_summary(task: KickingTask, mine: dict[str, Measured]) -> str:
     kick, kernel = mine["kick"], mine[task.kernel_path]
     return (f"exits to userspace per interrupt: kick {len(kick.exits) / kick.result.count:.2f} (signal exits "
             f"{kick.result.per_interrupt('signal_exits'):.2f}), {task.kernel_path} "
