@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 
-from .cli import exit_with, run_command
+from .exit_status import exit_with, run_command
 from .startup import imports_done
 from .vmm.cpu_model import DEFAULT_MODEL, CpuFeatureWarning
 from .vmm.machine import DEFAULT_MEMORY_MIB, OPTIONAL_DEVICES, Ending, Machine

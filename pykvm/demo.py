@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import delivery, guests, hosts, interrupt_path, x86
-from .cli import exit_with, run_command
+from . import guests, hosts, interrupt_path, x86
 from .core.constants import ExitReason
 from .core.errors import GuestError, HostLimitation
 from .core.exits import FailEntryExit
 from .core.system import Kvm
+from .exit_status import exit_with, run_command
 from .guests import Command, GuestSession, LogRecord, StopKind
+from .hosts import delivery_latency
 from .irqchip import UserspaceIrqController
 from .runtime import trace
 from .x86 import Mode
@@ -143,13 +144,13 @@ def _traced_path() -> str:
 
 
 def _compare_paths(kvm: Kvm, count: int) -> None:
-    _section(f"5. the same vector ({delivery.VECTOR:#x}) through each delivery path to a vCPU in three "
+    _section(f"5. the same vector ({delivery_latency.VECTOR:#x}) through each delivery path to a vCPU in three "
              f"states, {count} times each")
-    print("  Measured by pykvm.delivery.compare(), as `python -m pykvm.bench injection` does with more "
+    print("  Measured by pykvm.hosts.delivery_latency.compare(), as `python -m pykvm.bench injection` does with more "
           "interrupts.\n  kick: the vCPU leaves the guest to userspace and re-enters with the vector "
           "(KVM_INTERRUPT). The kernel\n  paths set the vector in the in-kernel LAPIC and, if the vCPU "
           "is in the guest, kick it inside the kernel.")
-    for line in delivery.compare(kvm, count).report():
+    for line in delivery_latency.compare(kvm, count).report():
         print(f"  {line}")
 
 

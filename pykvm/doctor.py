@@ -38,10 +38,10 @@ import platform
 import stat
 
 from . import interrupt_path
-from .cli import exit_with, run_command
 from .core.constants import Cap
 from .core.errors import KvmUnavailableError
 from .core.system import DEFAULT_PATH, Kvm
+from .exit_status import exit_with, run_command
 from .hosts import conformance, measurement
 from .hosts.probes.base import Observation
 from .hosts.vendor import VendorModule, detect_vendor

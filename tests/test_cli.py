@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_boot_kernels import interrupted_at_import  # a sitecustomize that sends SIGINT at an import
 
-from pykvm import cli
+from pykvm import exit_status
 from pykvm.core.errors import KvmUnavailableError, PyKvmError
 from pykvm.testing import popen_interruptible
 from pykvm.vmm import testkernels
@@ -48,7 +48,7 @@ def test_sigint_at_a_random_moment_never_kills_by_signal(kvm_available, command,
     argv, window = COMMANDS[command]
     delay = window * (run + random.Random(run).random()) / RUNS
     status, err = interrupt_at(argv, delay)
-    assert status in (0, cli.EXIT_INTERRUPTED), (delay, status, err[-3000:])
+    assert status in (0, exit_status.EXIT_INTERRUPTED), (delay, status, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
 
 
@@ -57,22 +57,22 @@ def test_sigint_at_a_random_moment_never_kills_by_signal(kvm_available, command,
 def test_sigint_right_after_start_is_exit_130(kvm_available, command):
     # The control for the random moments: interrupted before it can finish, the command says so with 130.
     status, err = interrupt_at(COMMANDS[command][0], 0.0)
-    assert status == cli.EXIT_INTERRUPTED, (status, err[-3000:])
+    assert status == exit_status.EXIT_INTERRUPTED, (status, err[-3000:])
     assert "Traceback" not in err and "interrupted" in err, err[-3000:]
 
 
 @pytest.mark.parametrize("raised, status, text", [
-    (KeyboardInterrupt(), cli.EXIT_INTERRUPTED, "interrupted"),
-    (KvmUnavailableError(2, "open", "/dev/kvm", "no KVM here"), cli.EXIT_NO_KVM, "cannot use KVM"),
-    (PyKvmError("broken"), cli.EXIT_ERROR, "PyKvmError: broken"),
-    (MemoryError(), cli.EXIT_ERROR, "out of memory"),
+    (KeyboardInterrupt(), exit_status.EXIT_INTERRUPTED, "interrupted"),
+    (KvmUnavailableError(2, "open", "/dev/kvm", "no KVM here"), exit_status.EXIT_NO_KVM, "cannot use KVM"),
+    (PyKvmError("broken"), exit_status.EXIT_ERROR, "PyKvmError: broken"),
+    (MemoryError(), exit_status.EXIT_ERROR, "out of memory"),
 ])
 def test_run_command_maps_each_ending_to_a_status_and_a_line(capsys, raised, status, text):
     def body() -> int:
         raise raised
     previous = signal.getsignal(signal.SIGINT)
     try:
-        assert cli.run_command("prog", body) == status
+        assert exit_status.run_command("prog", body) == status
     finally:
         signal.signal(signal.SIGINT, previous)
     assert text in capsys.readouterr().err
@@ -80,12 +80,12 @@ def test_run_command_maps_each_ending_to_a_status_and_a_line(capsys, raised, sta
 
 def test_run_command_passes_the_bodys_status_through_and_leaves_ctrl_c_alone():
     previous = signal.getsignal(signal.SIGINT)
-    assert cli.run_command("prog", lambda: 7) == 7
+    assert exit_status.run_command("prog", lambda: 7) == 7
     assert signal.getsignal(signal.SIGINT) is previous     # a caller (pytest) keeps its Ctrl-C
 
 
 def test_exit_with_ignores_a_late_ctrl_c():
-    code = ("import signal, sys\nfrom pykvm import cli\ntry:\n    cli.exit_with(3)\nfinally:\n"
+    code = ("import signal, sys\nfrom pykvm import exit_status\ntry:\n    exit_status.exit_with(3)\nfinally:\n"
             "    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and result.stdout.strip() == "True", result

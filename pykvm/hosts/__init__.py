@@ -9,7 +9,9 @@ measured behaviour per vendor module, gathered from the probe families of
 runs them on this host once per kernel, module and module parameters and caches
 the outcomes, from which :mod:`~pykvm.hosts.facts` derives the named facts tests
 and tools branch on (:func:`detect`); :mod:`~pykvm.hosts.limits` explains
-exits that are host limits; :mod:`~pykvm.hosts.runner` runs a command on
+exits that are host limits; :mod:`~pykvm.hosts.delivery_latency` times one
+vector through each delivery path to a vCPU in each state (the demo, the bench
+and lab 11 measure with it); :mod:`~pykvm.hosts.runner` runs a command on
 another host: kvm_amd under QEMU (``python -m pykvm.hosts tcg-amd -- CMD``) or
 kvm_intel under Bochs (``python -m pykvm.hosts bochs-intel -- CMD``).
 """

@@ -14,7 +14,7 @@ import json
 import sys
 import textwrap
 
-from ..cli import exit_with, run_command
+from ..exit_status import exit_with, run_command
 from ..hosts.vendor import detect_vendor
 from . import BY_NAME, OBSERVED, REQUESTS, Row, run_request
 from .scenarios import SCENARIOS, ScenarioResult

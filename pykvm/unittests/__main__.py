@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..cli import exit_with, run_command
+from ..exit_status import exit_with, run_command
 from .config import ConfigError, Entry, read_config
 from .report import Parity, junit, parity_table, tap
 from .runner import EntryResult, Verdict, run_pykvm, run_qemu
