@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from . import x86
+from .command import description, invoked_as
 from .core.binding import lib
 from .core.constants import Cap, ExitReason
 from .core.errors import PyKvmError
@@ -153,7 +154,7 @@ def bench_injection(count: int, rounds: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.bench"), description=description(__doc__))
     sub = parser.add_subparsers(dest="benchmark", required=True)
     exits = sub.add_parser("exits", help="per-exit cost of Vcpu.run() against a C KVM_RUN loop")
     exits.add_argument("--iterations", type=int, default=4000, help="exits per batch")

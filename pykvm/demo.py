@@ -20,6 +20,7 @@ import argparse
 import time
 
 from . import guests, hosts, interrupt_path, x86
+from .command import description, invoked_as
 from .core.constants import ExitReason
 from .core.errors import GuestError, HostLimitation
 from .core.exits import FailEntryExit
@@ -232,7 +233,7 @@ def _summary(session: GuestSession, host, observed: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.demo"), description=description(__doc__))
     parser.add_argument("--mode", choices=[m.value for m in Mode], default="long",
                         help="CPU mode of the guest image (default: long)")
     parser.add_argument("--path-count", type=int, default=50, metavar="N",

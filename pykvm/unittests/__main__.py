@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..command import description, invoked_as
 from ..exit_status import exit_with, run_command
 from .config import ConfigError, Entry, read_config
 from .report import Parity, junit, parity_table, tap
@@ -32,7 +33,7 @@ PROG = "pykvm unittests"
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.unittests", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.unittests"), description=description(__doc__),
                                      epilog="exit status: 0 no failure, 1 a failure under pykvm, 2 bad usage, "
                                             "130 Ctrl-C")
     parser.add_argument("tree", metavar="KUT_DIR", help="a built kvm-unit-tests tree (./configure && make)")
