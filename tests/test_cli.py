@@ -158,6 +158,7 @@ def test_doctor_help_describes_it_and_its_exit_statuses_in_plain_text():
                             "(1), or /dev/kvm cannot be used (2).")
 
 
+@pytest.mark.host_independent
 @pytest.mark.parametrize("rest, plain", [
     ("``python -m pykvm.x``: ``--json`` for machines", "python -m pykvm.x: --json for machines"),
     (":mod:`pykvm.hosts` and :func:`~pykvm.hosts.detect`", "pykvm.hosts and detect"),
@@ -168,6 +169,7 @@ def test_plain_text_keeps_what_a_role_or_literal_shows(rest, plain):
     assert command.plain_text(rest) == plain
 
 
+@pytest.mark.host_independent
 def test_a_tools_description_drops_its_invocation():
     assert command.description("``python -m pykvm.boot KERNEL``: boot a :mod:`~pykvm.vmm` kernel.\n\nMore.") == \
         "boot a vmm kernel."
