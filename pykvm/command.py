@@ -31,8 +31,8 @@ TOOLS = ("demo", "doctor", "boot", "unittests", "labs", "requests", "bench", "ho
 CONSOLE_COMMAND = "pykvm"                    # the script pip installs (setup.py's console_scripts)
 PACKAGE_AS_PROGRAM = "python -m pykvm"       # the same command without the script (pykvm/__main__.py)
 _RUNNING: dict[str, str] = {}                # module -> how main() ran it: {"pykvm.demo": "pykvm demo"}
-# A reST role as docstrings write it: :mod:`pykvm.x`, :func:`~pykvm.x.f` (shown as f), :class:`text <target>`.
-_ROLE = re.compile(r":[a-z]+:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")
+# A reST role as docstrings write it: :mod:`pykvm.x`, :py:func:`~pykvm.x.f` (shown as f), :class:`text <target>`.
+_ROLE = re.compile(r":(?:[a-z]+:)+`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")
 
 
 def invoked_as(module: str) -> str:

@@ -163,6 +163,7 @@ def test_doctor_help_describes_it_and_its_exit_statuses_in_plain_text():
     ("``python -m pykvm.x``: ``--json`` for machines", "python -m pykvm.x: --json for machines"),
     (":mod:`pykvm.hosts` and :func:`~pykvm.hosts.detect`", "pykvm.hosts and detect"),
     (":class:`the table <pykvm.hosts.conformance.Verdict>`", "the table"),
+    (":py:data:`~pykvm.command.TOOLS`", "TOOLS"),
     ("no markup: a < b", "no markup: a < b"),
 ])
 def test_plain_text_keeps_what_a_role_or_literal_shows(rest, plain):
