@@ -87,6 +87,9 @@ class BuildExtAndGuests(build_ext):
         print(f"pykvm: assembled guests/kernels -> {', '.join(path.name for path in built)}")
 
 
+# `pykvm demo --plot FILE.svg` (pykvm.hosts.latency_plot); the tests draw one, so they install it too.
+PLOT = ["matplotlib>=3.6"]
+
 setup(
     name="pykvm",
     version="0.1.0",
@@ -99,6 +102,7 @@ setup(
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "ioctl-opt>=1.2"],
     extras_require={"test": ["pytest>=7", "psutil>=5.9", "pytest-xdist>=3.5"],
+                    "plot": PLOT,
                     "lint": ["ruff>=0.5", "mypy>=1.10", "vermin>=1.6"],
                     # The site under docs/ (docs/about.md says why Sphinx); Sphinx 9 needs Python >= 3.11.
                     # pytest: autodoc imports pykvm.testing (the plugin) to document it.

@@ -2,6 +2,6 @@
 
 import sys
 
-from .command import main
+from .command import PACKAGE_AS_PROGRAM, main
 
-sys.exit(main())
+sys.exit(main(prog=PACKAGE_AS_PROGRAM))

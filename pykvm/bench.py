@@ -16,8 +16,8 @@ cross-checks that each iteration was one exit.
 
 ``injection``: interrupts delivered per second and p50/p99 latency (host TSC
 at the inject call -> TSC at the guest's vector stub, offset removed) for
-every delivery path and target state of :mod:`pykvm.delivery`, paced with
-random gaps, through the same :func:`pykvm.delivery.compare` as the demo. For
+every delivery path and target state of :mod:`pykvm.hosts.delivery_latency`, paced with
+random gaps, through the same :func:`pykvm.hosts.delivery_latency.compare` as the demo. For
 the MSI and irqfd paths, the C injector (``pykvm_bench_inject``) runs against
 the same guest setup in the same run, and the Python/C ratios are printed.
 """
@@ -30,14 +30,15 @@ import statistics
 import time
 from pathlib import Path
 
-from . import delivery, x86
-from .cli import exit_with, run_command
+from . import x86
+from .command import description, invoked_as
 from .core.binding import lib
 from .core.constants import Cap, ExitReason
 from .core.errors import PyKvmError
 from .core.exits import IoExit
 from .core.system import Kvm
-from .hosts import detect
+from .exit_status import exit_with, run_command
+from .hosts import delivery_latency, detect
 
 BENCH_PORT = 0xE4
 EXIT_LOOP_GUEST = f"""
@@ -133,27 +134,27 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
 def bench_injection(count: int, rounds: int) -> list[str]:
     """Measure every path in every state ``rounds`` times (C baselines interleaved); the report lines.
 
-    The same :func:`pykvm.delivery.compare` as the demo's section 4, with the
+    The same :func:`pykvm.hosts.delivery_latency.compare` as the demo's section 4, with the
     same pacing; only the counts differ.
     """
     lines = [f"injection: {rounds} rounds x {count} paced interrupts per path and target state, each "
              f"waited for in the guest log"]
     with Kvm() as kvm:
         lines[0] += f"; host {detect().name}"
-        comparison = delivery.compare(kvm, count, rounds, c_baseline=True)
+        comparison = delivery_latency.compare(kvm, count, rounds, c_baseline=True)
     lines += ["  " + line for line in comparison.report()]
     lines.append("  C injector baseline (pykvm_bench_inject), Python/C:")
-    for state in delivery.STATES:
-        for path in delivery.C_PATHS:
+    for state in delivery_latency.STATES:
+        for path in delivery_latency.C_PATHS:
             py, c = comparison.get(state, path), comparison.get(state, path, "c")
             if py and c:
-                lines.append(f"  {delivery.STATE_SHORT[state]:28} {path:6} rate {py.rate / c.rate:.3f}   "
+                lines.append(f"  {delivery_latency.STATE_SHORT[state]:28} {path:6} rate {py.rate / c.rate:.3f}   "
                              f"p50 latency {py.p50_us / c.p50_us:.3f}   p99 latency {py.p99_us / c.p99_us:.3f}")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.bench"), description=description(__doc__))
     sub = parser.add_subparsers(dest="benchmark", required=True)
     exits = sub.add_parser("exits", help="per-exit cost of Vcpu.run() against a C KVM_RUN loop")
     exits.add_argument("--iterations", type=int, default=4000, help="exits per batch")

@@ -27,7 +27,8 @@ import sys
 import time
 import warnings
 
-from .cli import exit_with, run_command
+from .command import description, invoked_as
+from .exit_status import exit_with, run_command
 from .startup import imports_done
 from .vmm.cpu_model import DEFAULT_MODEL, CpuFeatureWarning
 from .vmm.machine import DEFAULT_MEMORY_MIB, OPTIONAL_DEVICES, Ending, Machine
@@ -71,7 +72,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.boot", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.boot"), description=description(__doc__),
                                      epilog="exit status: (v << 1) | 1 for a write of v to port 0xf4; 0 power "
                                             "off, 1 pykvm error, 2 no KVM, 4 triple fault, 6 internal error, "
                                             "8 --strict-io, 124 timeout, 130 Ctrl-C")

@@ -11,21 +11,27 @@ kick + KVM_INTERRUPT, KVM_IRQ_LINE, KVM_SIGNAL_MSI, irqfd, IPI) to a vCPU
 that spins on another CPU, halts, or shares the injector's CPU, and prints per
 path and state the latency and the exits per interrupt from the stats fd, what
 those numbers say (derived from them, not written in advance), and finally
-names the host's vendor module and what it did differently.
+names the host's vendor module and what it did differently. ``--plot FILE.svg``
+also draws those latencies' distributions, one per path in a panel per target
+state (:mod:`pykvm.hosts.latency_plot`; matplotlib, pykvm's ``plot`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import time
+from pathlib import Path
 
-from . import delivery, guests, hosts, interrupt_path, x86
-from .cli import exit_with, run_command
+from . import guests, hosts, interrupt_path, x86
+from .command import description, invoked_as
 from .core.constants import ExitReason
-from .core.errors import GuestError, HostLimitation
+from .core.errors import GuestError, HostLimitation, InvalidArgument
 from .core.exits import FailEntryExit
 from .core.system import Kvm
+from .exit_status import exit_with, run_command
 from .guests import Command, GuestSession, LogRecord, StopKind
+from .hosts import delivery_latency, latency_plot
 from .irqchip import UserspaceIrqController
 from .runtime import trace
 from .x86 import Mode
@@ -36,7 +42,7 @@ SPIN_ITERATIONS = 20_000
 MAX_WINDOW_EXITS = 1_000
 
 
-class Timeline:
+class TimelinePrinter:
     """Host actions, KVM exits and guest records, in order, with times since boot."""
 
     def __init__(self, session: GuestSession, start: float) -> None:
@@ -80,7 +86,13 @@ def _section(title: str) -> None:
     print(f"\n== {title}")
 
 
-def run_demo(mode: str, path_count: int) -> int:
+def run_demo(mode: str, path_count: int, plot: Path | None = None) -> int:
+    """Run the demo; with ``plot``, draw section 5's latencies into that SVG (checked before anything runs)."""
+    if plot is not None:
+        if path_count <= 0:
+            raise InvalidArgument(f"--plot {plot}: the plot draws section 5's path comparison, which "
+                                  f"--path-count {path_count} skips; give --path-count N > 0")
+        latency_plot.check_target(plot, "--plot")
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu()
         host = hosts.detect()
@@ -91,7 +103,7 @@ def run_demo(mode: str, path_count: int) -> int:
               "notify on it also reports with `out`, so each delivery shows up as an exit.")
         start = time.perf_counter()
         session = image.boot(vcpu, notify=True, explain=hosts.explain_exit)
-        timeline = Timeline(session, start)
+        timeline = TimelinePrinter(session, start)
         _section("0. boot: the guest installs its handlers and reports step 0")
         timeline.flush()
         controller = UserspaceIrqController(vcpu)
@@ -120,7 +132,7 @@ def run_demo(mode: str, path_count: int) -> int:
                             "checked in the guest's log")
         observed.append(_traced_path())
         if path_count:
-            _compare_paths(kvm, path_count)
+            _compare_paths(kvm, path_count, plot, host.name)
         _summary(session, host, observed)
     return 0
 
@@ -142,18 +154,24 @@ def _traced_path() -> str:
             f"{', '.join(path.not_emitted) or 'none of them missing'}")
 
 
-def _compare_paths(kvm: Kvm, count: int) -> None:
-    _section(f"5. the same vector ({delivery.VECTOR:#x}) through each delivery path to a vCPU in three "
+def _compare_paths(kvm: Kvm, count: int, plot: Path | None, host_name: str) -> None:
+    _section(f"5. the same vector ({delivery_latency.VECTOR:#x}) through each delivery path to a vCPU in three "
              f"states, {count} times each")
-    print("  Measured by pykvm.delivery.compare(), as `python -m pykvm.bench injection` does with more "
+    print("  Measured by pykvm.hosts.delivery_latency.compare(), as `pykvm bench injection` does with more "
           "interrupts.\n  kick: the vCPU leaves the guest to userspace and re-enters with the vector "
           "(KVM_INTERRUPT). The kernel\n  paths set the vector in the in-kernel LAPIC and, if the vCPU "
           "is in the guest, kick it inside the kernel.")
-    for line in delivery.compare(kvm, count).report():
+    comparison = delivery_latency.compare(kvm, count)
+    for line in comparison.report():
         print(f"  {line}")
+    if plot is not None:
+        title = (f"pykvm demo on {host_name} (Linux {platform.release()}): {count} paced interrupts per "
+                 f"path and target state")
+        series = latency_plot.draw(comparison, plot, title, "--plot")
+        print(f"  drawn into {plot}: {len(series)} latency distributions, one per path in each target state")
 
 
-def _inject_sequence(session: GuestSession, timeline: Timeline) -> None:
+def _inject_sequence(session: GuestSession, timeline: TimelinePrinter) -> None:
     _section(f"1. inject {len(DEMO_VECTORS)} vectors with KVM_INTERRUPT (guest IF=1)")
     session.command(Command.STI)
     for vector in DEMO_VECTORS:
@@ -165,7 +183,7 @@ def _inject_sequence(session: GuestSession, timeline: Timeline) -> None:
         assert [r.vector for r in records] == [vector], "the guest did not log the vector"
 
 
-def _inject_nmi(session: GuestSession, timeline: Timeline) -> None:
+def _inject_nmi(session: GuestSession, timeline: TimelinePrinter) -> None:
     _section("2. inject an NMI with KVM_NMI")
     timeline.host("KVM_NMI")
     session.vcpu.nmi()
@@ -174,7 +192,7 @@ def _inject_nmi(session: GuestSession, timeline: Timeline) -> None:
     assert [r.vector for r in records] == [2], "the guest did not log the NMI"
 
 
-def _window_scenario(session: GuestSession, timeline: Timeline,
+def _window_scenario(session: GuestSession, timeline: TimelinePrinter,
                      controller: UserspaceIrqController) -> str:
     _section("3. the interrupt window: guest CLI, host queues a vector, guest spins, then STI")
     stop = session.command(Command.CLI)
@@ -231,13 +249,17 @@ def _summary(session: GuestSession, host, observed: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.demo"), description=description(__doc__))
     parser.add_argument("--mode", choices=[m.value for m in Mode], default="long",
                         help="CPU mode of the guest image (default: long)")
     parser.add_argument("--path-count", type=int, default=50, metavar="N",
                         help="interrupts per path in the path comparison (0 skips it; default 50)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.svg",
+                        help="also draw the path comparison's latency distributions (one per path, a panel "
+                             f"per target state) into this SVG; needs pykvm's '{latency_plot.EXTRA}' extra "
+                             f"(matplotlib): pip install 'pykvm[{latency_plot.EXTRA}]'")
     args = parser.parse_args(argv)
-    return run_command("pykvm demo", lambda: run_demo(args.mode, args.path_count))
+    return run_command("pykvm demo", lambda: run_demo(args.mode, args.path_count, args.plot))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,11 @@ import platform
 import stat
 
 from . import interrupt_path
-from .cli import exit_with, run_command
+from .command import description, invoked_as, plain_text
 from .core.constants import Cap
 from .core.errors import KvmUnavailableError
 from .core.system import DEFAULT_PATH, Kvm
+from .exit_status import exit_with, run_command
 from .hosts import conformance, measurement
 from .hosts.probes.base import Observation
 from .hosts.vendor import VendorModule, detect_vendor
@@ -274,7 +275,9 @@ def markdown_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.doctor", description=__doc__.split("\n\n")[0])
+    # The docstring's last paragraph (its options and exit statuses) closes the help, as plain text.
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.doctor"), description=description(__doc__),
+                                     epilog=plain_text((__doc__ or "").strip().split("\n\n")[-1]))
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--markdown", action="store_true",
                         help="print pykvm's probe x host table (docs/host-conformance.md) and exit")

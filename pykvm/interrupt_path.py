@@ -11,7 +11,7 @@ enters the guest (``kvm_entry``); the guest's handler runs; its ``out`` exits
 events around one MSI, in a tracefs instance of this process
 (:mod:`pykvm.runtime.trace`), and places the guest's own log record among
 them: its TSC, less the guest-minus-host TSC offset measured just before
-(:func:`pykvm.delivery.guest_tsc_offset`), on the trace's clock. The demo and
+(:func:`pykvm.hosts.delivery_latency.guest_tsc_offset`), on the trace's clock. The demo and
 the doctor print it, and say which of the events this host does not emit.
 """
 
@@ -23,9 +23,9 @@ import time
 from . import guests
 from .core.binding import lib
 from .core.interrupts import MsiMessage
-from .delivery import TscOffset, guest_tsc_offset
 from .guests import Command, LogRecord
 from .hosts import explain_exit
+from .hosts.delivery_latency import TscOffset, guest_tsc_offset
 from .runtime import trace
 
 VECTOR = 0x61

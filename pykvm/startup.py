@@ -2,7 +2,7 @@
 
 Why this exists: importing a command's modules takes a tenth of a second or
 more (``pykvm.boot``: the binding, the VMM's devices, the CPU models), and a
-command's own handling of Ctrl-C (:func:`pykvm.cli.run_command`) starts only
+command's own handling of Ctrl-C (:func:`pykvm.exit_status.run_command`) starts only
 once its ``main()`` runs. A ``KeyboardInterrupt`` raised inside an import before then reaches the
 interpreter, which prints a traceback and kills the process with SIGINT.
 
@@ -31,7 +31,7 @@ import signal
 import sys
 from types import FrameType
 
-EXIT_INTERRUPTED = 128 + signal.SIGINT      # 130, as pykvm.cli's (which this must not import: it is not light)
+EXIT_INTERRUPTED = 128 + signal.SIGINT      # 130, what a shell reports for Ctrl-C; pykvm.exit_status uses it too
 COMMANDS = ("pykvm.boot",)      # each calls imports_done() first thing in its run_command body
 
 

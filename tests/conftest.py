@@ -27,6 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm_unit_tests: boots a kernel of the tree PYKVM_KUT_DIR names")
     config.addinivalue_line("markers", "qemu: runs QEMU beside pykvm to compare (run with -m qemu)")
     config.addinivalue_line("markers", "class_grading: grades a class of 40 lab files (run with -m class_grading)")
+    config.addinivalue_line("markers", "plot: draws with matplotlib, pykvm's `plot` extra (run with -m plot)")
     # Machine's default CPU model (qemu64, QEMU's) asks for pni, which kvm_pvm's KVM lacks: one warning per boot
     # there. tests/test_vmm_cpu_model.py checks that warning itself (pytest.warns sees it whatever this says).
     # Here, not in pyproject.toml: the ini's filters are resolved (pykvm.vmm imported) before pykvm's plugin

@@ -257,7 +257,7 @@ def interrupted_at_import(tmp_path, module: str, argv: list[str]) -> tuple[int, 
 
 
 @pytest.mark.host_independent
-@pytest.mark.parametrize("module", ["pykvm.cli", "pykvm.core.vcpu", "pykvm.vmm.machine", "pykvm.boot"])
+@pytest.mark.parametrize("module", ["pykvm.exit_status", "pykvm.core.vcpu", "pykvm.vmm.machine", "pykvm.boot"])
 def test_ctrl_c_while_the_command_imports_pykvm_ends_it_with_130(tmp_path, module):
     kernel = str(testkernels.path("exitcode"))
     status, errors = interrupted_at_import(tmp_path, module, ["-m", "pykvm.boot", kernel, "--append", "hang",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_boot_kernels import interrupted_at_import  # a sitecustomize that sends SIGINT at an import
 
-from pykvm import cli
+from pykvm import command, exit_status
 from pykvm.core.errors import KvmUnavailableError, PyKvmError
 from pykvm.testing import popen_interruptible
 from pykvm.vmm import testkernels
@@ -48,7 +48,7 @@ def test_sigint_at_a_random_moment_never_kills_by_signal(kvm_available, command,
     argv, window = COMMANDS[command]
     delay = window * (run + random.Random(run).random()) / RUNS
     status, err = interrupt_at(argv, delay)
-    assert status in (0, cli.EXIT_INTERRUPTED), (delay, status, err[-3000:])
+    assert status in (0, exit_status.EXIT_INTERRUPTED), (delay, status, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
 
 
@@ -57,22 +57,22 @@ def test_sigint_at_a_random_moment_never_kills_by_signal(kvm_available, command,
 def test_sigint_right_after_start_is_exit_130(kvm_available, command):
     # The control for the random moments: interrupted before it can finish, the command says so with 130.
     status, err = interrupt_at(COMMANDS[command][0], 0.0)
-    assert status == cli.EXIT_INTERRUPTED, (status, err[-3000:])
+    assert status == exit_status.EXIT_INTERRUPTED, (status, err[-3000:])
     assert "Traceback" not in err and "interrupted" in err, err[-3000:]
 
 
 @pytest.mark.parametrize("raised, status, text", [
-    (KeyboardInterrupt(), cli.EXIT_INTERRUPTED, "interrupted"),
-    (KvmUnavailableError(2, "open", "/dev/kvm", "no KVM here"), cli.EXIT_NO_KVM, "cannot use KVM"),
-    (PyKvmError("broken"), cli.EXIT_ERROR, "PyKvmError: broken"),
-    (MemoryError(), cli.EXIT_ERROR, "out of memory"),
+    (KeyboardInterrupt(), exit_status.EXIT_INTERRUPTED, "interrupted"),
+    (KvmUnavailableError(2, "open", "/dev/kvm", "no KVM here"), exit_status.EXIT_NO_KVM, "cannot use KVM"),
+    (PyKvmError("broken"), exit_status.EXIT_ERROR, "PyKvmError: broken"),
+    (MemoryError(), exit_status.EXIT_ERROR, "out of memory"),
 ])
 def test_run_command_maps_each_ending_to_a_status_and_a_line(capsys, raised, status, text):
     def body() -> int:
         raise raised
     previous = signal.getsignal(signal.SIGINT)
     try:
-        assert cli.run_command("prog", body) == status
+        assert exit_status.run_command("prog", body) == status
     finally:
         signal.signal(signal.SIGINT, previous)
     assert text in capsys.readouterr().err
@@ -80,12 +80,12 @@ def test_run_command_maps_each_ending_to_a_status_and_a_line(capsys, raised, sta
 
 def test_run_command_passes_the_bodys_status_through_and_leaves_ctrl_c_alone():
     previous = signal.getsignal(signal.SIGINT)
-    assert cli.run_command("prog", lambda: 7) == 7
+    assert exit_status.run_command("prog", lambda: 7) == 7
     assert signal.getsignal(signal.SIGINT) is previous     # a caller (pytest) keeps its Ctrl-C
 
 
 def test_exit_with_ignores_a_late_ctrl_c():
-    code = ("import signal, sys\nfrom pykvm import cli\ntry:\n    cli.exit_with(3)\nfinally:\n"
+    code = ("import signal, sys\nfrom pykvm import command, exit_status\ntry:\n    exit_status.exit_with(3)\nfinally:\n"
             "    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and result.stdout.strip() == "True", result
@@ -110,16 +110,72 @@ def test_pykvm_help_lists_every_tool_with_a_line():
     assert all(len(summary) > 10 for _, summary in listed), listed
 
 
+def python_m(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def words_without(text: str, prog: str) -> list[str]:
+    """``text``'s words with ``prog`` (the program's name as the help shows it) taken out: argparse wraps
+    the usage line by the name's length."""
+    return text.replace(prog, "PROG").split()
+
+
 @pytest.mark.host_independent
 @pytest.mark.parametrize("tool", TOOLS)
-def test_pykvm_tool_help_is_the_tools_own(tool):
+def test_pykvm_tool_help_is_the_tools_own_named_as_the_user_ran_it(tool):
     done = pykvm_command(tool, "--help")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"usage: python -m pykvm.{tool}"), done.stdout[:300]
-    # The same text as `python -m pykvm.TOOL --help`: the arguments after the tool's name reach it untouched.
-    direct = subprocess.run([sys.executable, "-m", f"pykvm.{tool}", "--help"], capture_output=True, text=True,
-                            timeout=60)
-    assert done.stdout == direct.stdout
+    assert done.stdout.startswith(f"usage: pykvm {tool} "), done.stdout[:300]
+    # The same help as `python -m pykvm.TOOL --help`, which names itself so: the arguments after the tool's
+    # name reach it untouched.
+    direct = python_m(f"pykvm.{tool}", "--help")
+    assert direct.stdout.startswith(f"usage: python -m pykvm.{tool} "), direct.stdout[:300]
+    assert "pykvm " + tool not in direct.stdout.replace("python -m pykvm." + tool, "")
+    assert words_without(done.stdout, f"pykvm {tool}") == words_without(direct.stdout, f"python -m pykvm.{tool}")
+    # `python -m pykvm TOOL` is the console command without its script, and says so.
+    package = python_m("pykvm", tool, "--help")
+    assert package.stdout.startswith(f"usage: python -m pykvm {tool} "), package.stdout[:300]
+    assert words_without(package.stdout, f"python -m pykvm {tool}") == words_without(done.stdout, f"pykvm {tool}")
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("tool", TOOLS)
+def test_each_tools_help_is_plain_text(tool):
+    # The tools' docstrings are reST for the site; their --help shows none of its markup.
+    done = python_m(f"pykvm.{tool}", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "``" not in done.stdout and not re.search(r":\w+:`", done.stdout), done.stdout
+
+
+@pytest.mark.host_independent
+def test_doctor_help_describes_it_and_its_exit_statuses_in_plain_text():
+    done = pykvm_command("doctor", "--help")
+    assert done.stdout.split("\n\n")[1] == "what this KVM host is, what it offers, and how it delivers events."
+    closing = " ".join(done.stdout.split("\n\n")[-1].split())
+    assert closing.startswith("--json prints the same for machines; --markdown prints the table")
+    assert closing.endswith("the exit status is 0 unless pykvm itself failed or its cache holds a changed entry "
+                            "(1), or /dev/kvm cannot be used (2).")
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("rest, plain", [
+    ("``python -m pykvm.x``: ``--json`` for machines", "python -m pykvm.x: --json for machines"),
+    (":mod:`pykvm.hosts` and :func:`~pykvm.hosts.detect`", "pykvm.hosts and detect"),
+    (":class:`the table <pykvm.hosts.conformance.Verdict>`", "the table"),
+    (":py:data:`~pykvm.command.TOOLS`", "TOOLS"),
+    ("no markup: a < b", "no markup: a < b"),
+])
+def test_plain_text_keeps_what_a_role_or_literal_shows(rest, plain):
+    assert command.plain_text(rest) == plain
+
+
+@pytest.mark.host_independent
+def test_a_tools_description_drops_its_invocation():
+    assert command.description("``python -m pykvm.boot KERNEL``: boot a :mod:`~pykvm.vmm` kernel.\n\nMore.") == \
+        "boot a vmm kernel."
+    assert command.description("Benchmarks of pykvm.\n") == "Benchmarks of pykvm."
+    assert command.description(None) == ""       # python -OO strips docstrings
 
 
 @pytest.mark.host_independent
@@ -138,7 +194,7 @@ def test_pykvm_refuses_an_unknown_command_with_status_2(args, words):
 def test_pykvm_passes_the_tools_exit_status_and_errors_through():
     # A bad option of the tool is the tool's argparse error (status 2), not pykvm's.
     done = pykvm_command("boot", "--smp", "0", "kernel.elf")
-    assert done.returncode == 2 and "usage: python -m pykvm.boot" in done.stderr
+    assert done.returncode == 2 and "usage: pykvm boot" in done.stderr
     assert "argument --smp: 0: must be > 0" in done.stderr
     # Control: a run the tool completes has the tool's own status (a kernel that is not a file: 1).
     done = pykvm_command("boot", "/nonexistent/kernel.elf")

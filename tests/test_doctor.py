@@ -21,7 +21,7 @@ from pykvm.core.errors import CapabilityMissing, GuestError
 from pykvm.core.exits import InternalErrorExit
 from pykvm.guests import LogRecord
 from pykvm.hosts import conformance, facts, measurement, probes
-from pykvm.hosts.probes import Observation, Outcome, Result, Scenario
+from pykvm.hosts.probes import Observation, ProbeOutcome, Result, Scenario
 from pykvm.hosts.probes.base import in_mode
 from pykvm.hosts.probes.exits import IrqWindow
 from pykvm.hosts.probes.harness import MSI_VECTOR, run_once, where_taken
@@ -103,7 +103,7 @@ def test_each_row_speaks_its_familys_outcomes_and_each_probe_has_one_row():
     assert len(rows) == len(conformance.EXPECTATIONS)
     for row in rows:
         family = type(row.expected)
-        assert issubclass(family, Outcome) and family is not Outcome, row.probe
+        assert issubclass(family, ProbeOutcome) and family is not ProbeOutcome, row.probe
         assert all(isinstance(outcome, family) for outcome in row.explanations), row.probe
         # a record may also be KVM_EXIT_INTERNAL_ERROR, evidence about the host (kvm_pvm's protected-mode IRET)
         assert all(isinstance(known.outcome, family) or known.outcome == Result.INTERNAL_ERROR

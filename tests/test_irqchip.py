@@ -517,7 +517,7 @@ def test_self_ipi(machine, host, x2apic):
     logged = [(r.vector, r.cpu) for r in guest.log()]
     # kvm_amd under QEMU TCG took the one IPI twice in one CI run of many. KVM re-injects an
     # event the CPU reports as not delivered at a VM exit (pykvm.interrupt_path once traced a
-    # second kvm_inj_virq with reinjected=1 there), and pykvm.delivery counts such duplicates
+    # second kvm_inj_virq with reinjected=1 there), and pykvm.hosts.delivery_latency counts such duplicates
     # under TCG too. Everywhere else: exactly once.
     assert logged == [(0x66, 0)] or (host.vendor == VendorModule.AMD and logged == [(0x66, 0)] * 2), logged
 

@@ -239,7 +239,7 @@ def test_what_the_student_printed_is_shown_under_the_checklist(kvm, tmp_path):
     report = check(get_lab(1), _wrong_solution("lab01_wrong_no_reply", tmp_path))
     assert report.output == ""
     report = check(get_lab(1), Path(__file__).resolve().parent / "labs_reference" / "lab01_printing.py")
-    assert report.passed and "task: Task(code=<" in report.output
+    assert report.passed and "task: FirstVmTask(code=<" in report.output
     assert "your code printed" in format_report(report)
 
 

@@ -1,7 +1,7 @@
 """The direction of imports is the architecture: a layer imports only the layers below it.
 
 Layers, bottom to top: core, x86, irqchip, runtime, guests, hosts, then the tools
-(every other module of the package). Each module's imports, including those inside
+(every other module of the package, and every package's ``__main__``). Each module's imports, including those inside
 functions and under ``TYPE_CHECKING``, are read with ``ast``; no KVM needed.
 """
 
@@ -18,8 +18,11 @@ TOOLS = len(LAYERS)            # rank of every module outside the layer packages
 
 
 def rank(module: str) -> int:
-    """The layer of a dotted pykvm module name (``pykvm.core.vcpu`` -> 0)."""
+    """The layer of a dotted pykvm module name (``pykvm.core.vcpu`` -> 0); a package's ``__main__`` is a tool
+    (``python -m pykvm.hosts``), whichever layer its package is."""
     parts = module.split(".")
+    if parts[-1] == "__main__":
+        return TOOLS
     if len(parts) > 1 and parts[1] in LAYERS:
         return LAYERS.index(parts[1])
     if len(parts) > 1 and parts[1] == "_binding":

@@ -240,10 +240,10 @@ def test_show_refuses_an_unknown_name():
 def test_a_scenario_step_that_never_ends_times_out_and_says_why():
     # A guest halted with IF=0 waits for ever: run_until kicks it at its deadline instead of hanging the table.
     from pykvm.core.errors import RunTimeout
-    from pykvm.requests.scenarios.common import Timeline, is_port, machine, run_until
+    from pykvm.requests.scenarios.common import ScenarioRecorder, is_port, machine, run_until
     with machine(irqchip="kernel") as (vm, vcpu):
         x86.load_code(vcpu, "cli\nhlt\nout %al, $0x10\n")
-        t = Timeline("TEST", control=False)
+        t = ScenarioRecorder("TEST", control=False)
         with pytest.raises(RunTimeout, match=r"TEST: the vCPU did not reach the awaited exit within 0.3 s, nor in "
                                              r"0.3 s more .*mp_state HALTED, IF=0.*the awaited interrupt had not come"):
             run_until(vcpu, t, is_port(0x10), deadline=0.3)

@@ -22,7 +22,7 @@ from pykvm.unittests.__main__ import main
 from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout, shell_words
 from pykvm.unittests.plan import plan
 from pykvm.unittests.report import Parity, junit, parity_table, tap
-from pykvm.unittests.runner import Outcome, qemu_command, run_qemu, skip_reason, summary_of
+from pykvm.unittests.runner import EntryResult, qemu_command, run_qemu, skip_reason, summary_of
 
 CFG = '''\
 ##############################################################################
@@ -176,22 +176,22 @@ def test_a_built_kernel_the_cfg_lacks_runs_as_x86_run_would(kvm_available, tree,
 
 
 def test_parity_names_what_differs():
-    same = Outcome("a", "pykvm", Verdict.PASS, 1, "(2 tests)", output="PASS: x\nPASS: y\n")
-    other = Outcome("a", "qemu", Verdict.FAIL, 3, "(2 tests, 1 unexpected failures)", output="PASS: x\nFAIL: y\n")
+    same = EntryResult("a", "pykvm", Verdict.PASS, 1, "(2 tests)", output="PASS: x\nPASS: y\n")
+    other = EntryResult("a", "qemu", Verdict.FAIL, 3, "(2 tests, 1 unexpected failures)", output="PASS: x\nFAIL: y\n")
     assert Parity(same, same).judgement() == "match"
     assert Parity(same, other).judgement() == "differ: verdict FAIL under QEMU, lines (+1 -1 against QEMU)"
     table = parity_table([Parity(same, same), Parity(same, other)])
     assert "1 of the 2 entries QEMU ran to a verdict match it" in table
     assert "PASS 1 2/0/0" in table and "FAIL 3 1/1/0" in table
-    aborted = Outcome("a", "qemu", Verdict.FAIL, 134)            # QEMU itself died (SIGABRT): nothing to compare
-    timed_out = Outcome("a", "qemu", Verdict.FAIL, 124, reason="timeout; duration=90s")
+    aborted = EntryResult("a", "qemu", Verdict.FAIL, 134)            # QEMU itself died (SIGABRT): nothing to compare
+    timed_out = EntryResult("a", "qemu", Verdict.FAIL, 124, reason="timeout; duration=90s")
     assert not Parity(same, aborted).differs and "ended by signal 6" in Parity(same, aborted).judgement()
     assert not Parity(same, timed_out).differs and "timed out" in Parity(same, timed_out).judgement()
-    stopped = Outcome("a", "qemu", Verdict.FAIL, 124, reason="KVM internal error. Suberror: 1; then timeout")
-    mine = Outcome("a", "pykvm", Verdict.FAIL, 6, reason="internal error: KVM internal error (suberror 1)")
+    stopped = EntryResult("a", "qemu", Verdict.FAIL, 124, reason="KVM internal error. Suberror: 1; then timeout")
+    mine = EntryResult("a", "pykvm", Verdict.FAIL, 6, reason="internal error: KVM internal error (suberror 1)")
     assert Parity(mine, stopped).judgement().startswith("match: KVM internal error in both")
     assert tap([other]).splitlines()[2] == "not ok 1 - a: (2 tests, 1 unexpected failures)"
-    assert "\\x1b" in junit([Outcome("b", "pykvm", Verdict.PASS, 1, output="\x1b[31m")])
+    assert "\\x1b" in junit([EntryResult("b", "pykvm", Verdict.PASS, 1, output="\x1b[31m")])
 
 
 # -- a real kvm-unit-tests tree (PYKVM_KUT_DIR) ----------------------------------------------------
@@ -266,6 +266,6 @@ def test_x86_runs_status_1_is_a_failure_once_the_kernel_ran_and_a_skip_before(tr
     entry = {entry.name: entry for entry in read_config(tree)}["passes"]
     outcome = run_qemu(entry, tree, 30)
     assert outcome.verdict == verdict and reason in outcome.reason, outcome
-    judged = Parity(Outcome("passes", "pykvm", Verdict.FAIL, 4, output="PASS: one\nFAIL: two\n"), outcome)
+    judged = Parity(EntryResult("passes", "pykvm", Verdict.FAIL, 4, output="PASS: one\nFAIL: two\n"), outcome)
     assert judged.qemu_decided
     assert judged.matches == (verdict == Verdict.FAIL)      # a triple fault under both: the same failure

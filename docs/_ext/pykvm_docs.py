@@ -47,7 +47,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 API_PACKAGES = ("pykvm.core", "pykvm.x86", "pykvm.irqchip", "pykvm.runtime", "pykvm.guests", "pykvm.hosts",
                 "pykvm.vmm", "pykvm.requests", "pykvm.testing")
 # The tools' shared modules, each a page of its own (a tool's package is in API_PACKAGES when it holds a table).
-API_MODULES = ("pykvm.command", "pykvm.cli", "pykvm.startup", "pykvm.delivery", "pykvm.interrupt_path")
+API_MODULES = ("pykvm.command", "pykvm.exit_status", "pykvm.startup", "pykvm.interrupt_path")
 API_DIR = "reference/api"
 HELP_WIDTH = "100"
 

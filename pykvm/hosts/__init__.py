@@ -10,7 +10,10 @@ runs them on this host once per kernel, module and module parameters and caches
 the outcomes, from which :mod:`~pykvm.hosts.facts` derives the named facts tests
 and tools branch on (:func:`detect`); :mod:`~pykvm.hosts.limits` explains
 exits that are host limits (:func:`explain_exit`, which the tools pass to what
-reports exits: guest sessions, the VMM); :mod:`~pykvm.hosts.runner` runs a command on
+reports exits: guest sessions, the VMM); :mod:`~pykvm.hosts.delivery_latency` times one
+vector through each delivery path to a vCPU in each state (the demo, the bench
+and lab 11 measure with it) and :mod:`~pykvm.hosts.latency_plot` draws those
+latencies (matplotlib, the ``plot`` extra); :mod:`~pykvm.hosts.runner` runs a command on
 another host: kvm_amd under QEMU (``python -m pykvm.hosts tcg-amd -- CMD``) or
 kvm_intel under Bochs (``python -m pykvm.hosts bochs-intel -- CMD``).
 """

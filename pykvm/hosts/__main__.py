@@ -2,6 +2,7 @@
 
 import sys
 
+from ..command import invoked_as
 from .runner.cli import main
 
-sys.exit(main())
+sys.exit(main(prog=invoked_as("pykvm.hosts")))

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 
 from .probes import SCENARIOS
-from .probes.base import Expectation, Known, Outcome, Result
+from .probes.base import Expectation, Known, ProbeOutcome, Result
 from .vendor import VendorModule
 
-__all__ = ["EXPECTATIONS", "RECORDED_PARAMETERS", "Expectation", "Known", "Outcome", "Result", "Verdict", "judge",
+__all__ = ["EXPECTATIONS", "RECORDED_PARAMETERS", "Expectation", "Known", "ProbeOutcome", "Result", "Verdict", "judge",
            "runs_as_recorded"]
 
 EXPECTATIONS: dict[str, Expectation] = {row.probe: row for scenario in SCENARIOS for row in scenario.rows}
@@ -46,16 +46,16 @@ class Verdict:
 
     probe: str
     title: str
-    expected: Outcome
-    observed: Outcome | None
+    expected: ProbeOutcome
+    observed: ProbeOutcome | None
     verdict: str             # conforms / differs / unsupported / probe failed
     explanation: str
-    recorded: Outcome        # what the table holds for this host
+    recorded: ProbeOutcome        # what the table holds for this host
     matches_record: bool
     detail: str = ""         # what the probe saw
 
 
-def judge(probe: str, observed: Outcome | None, detail: str, vendor: VendorModule) -> Verdict:
+def judge(probe: str, observed: ProbeOutcome | None, detail: str, vendor: VendorModule) -> Verdict:
     """Compare one observation with the architectural expectation and with pykvm's record."""
     row = EXPECTATIONS[probe]
     known = row.known(vendor)

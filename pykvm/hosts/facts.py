@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from ..core.errors import InvalidArgument
 from . import measurement
 from .conformance import EXPECTATIONS
-from .probes.base import Expectation, Observation, Outcome, Result, in_mode
+from .probes.base import Expectation, Observation, ProbeOutcome, Result, in_mode
 from .vendor import VendorModule, detect_vendor
 
 if TYPE_CHECKING:
@@ -46,8 +46,8 @@ class Behaviour:
     reason: str
     verified: bool
     probe: str
-    outcome: Outcome
-    recorded: Outcome
+    outcome: ProbeOutcome
+    recorded: ProbeOutcome
 
     def __bool__(self) -> bool:
         return self.holds

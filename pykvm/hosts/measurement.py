@@ -47,7 +47,7 @@ from pathlib import Path
 from ..core.errors import PyKvmError
 from . import probes
 from .conformance import EXPECTATIONS
-from .probes.base import Observation, Outcome, Result
+from .probes.base import Observation, ProbeOutcome, Result
 from .runner.cache import cache_root, prune, write_atomically
 from .vendor import VendorModule, detect_vendor
 
@@ -128,7 +128,7 @@ def cache_path(key: HostKey) -> Path:
     return cache_root(CACHE_NAME) / f"{key.module}-{key.digest[:16]}.json"
 
 
-def outcome_of(probe: str, phrase: str | None) -> Outcome | None:
+def outcome_of(probe: str, phrase: str | None) -> ProbeOutcome | None:
     """The outcome named ``phrase`` in ``probe``'s family (or a runner result); ValueError if none is."""
     if phrase is None:
         return None
@@ -308,7 +308,7 @@ class CacheCheck:
         return not self.contradictions and not self.tampered
 
 
-def _phrase(outcome: Outcome | None) -> str:
+def _phrase(outcome: ProbeOutcome | None) -> str:
     return "unsupported" if outcome is None else str(outcome)
 
 

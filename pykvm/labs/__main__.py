@@ -23,6 +23,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+from ..command import description, invoked_as
 from ..core.errors import InvalidArgument, PyKvmError
 from ..core.system import Kvm
 from ..hosts import HostInfo, detect
@@ -144,7 +145,7 @@ def _interrupted(number: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.labs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.labs"), description=description(__doc__))
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("list", help="list the labs and whether this host runs them fully")
     start = commands.add_parser("start", help="copy lab N's sheet and starter into DIR")

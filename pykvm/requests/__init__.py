@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..hosts.vendor import VendorModule, detect_vendor
-from .scenarios import NO_EFFECT, NOT_IMPLEMENTED, OBSERVED, ROWS, SCENARIOS, UNREACHABLE, Outcome, Request
+from .scenarios import NO_EFFECT, NOT_IMPLEMENTED, OBSERVED, ROWS, SCENARIOS, UNREACHABLE, Request, ScenarioResult
 from .scenarios.mmu import two_dimensional_paging
 
 # The order vcpu_enter_guest() checks the requests in (Linux 6.12), as the table lists them.
@@ -37,7 +37,7 @@ class Row:
     request: Request
     verdict: str
     why: str
-    outcome: Outcome | None = None
+    outcome: ScenarioResult | None = None
 
     def as_dict(self) -> dict:
         r = self.request

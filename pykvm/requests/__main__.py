@@ -14,10 +14,11 @@ import json
 import sys
 import textwrap
 
-from ..cli import exit_with, run_command
+from ..command import description, invoked_as
+from ..exit_status import exit_with, run_command
 from ..hosts.vendor import detect_vendor
 from . import BY_NAME, OBSERVED, REQUESTS, Row, run_request
-from .scenarios import SCENARIOS, Outcome
+from .scenarios import SCENARIOS, ScenarioResult
 
 
 def _list(as_json: bool, min_observed: int) -> int:
@@ -51,7 +52,7 @@ def _print_row(row: Row) -> None:
     print(f"    verdict    {row.verdict}" + (f" ({row.why})" if row.why and row.verdict != OBSERVED else ""))
 
 
-def _print_outcome(outcome: Outcome, title: str) -> None:
+def _print_outcome(outcome: ScenarioResult, title: str) -> None:
     print(f"{title}: {outcome.verdict}" + (f" ({outcome.why})" if outcome.why else ""))
     for number, step in enumerate(outcome.steps, 1):
         print(f"  {number:2}. {step.kind:6} {step.text}")
@@ -86,7 +87,7 @@ def _show(name: str, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.requests", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.requests"), description=description(__doc__))
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--min-observed", type=int, default=0, metavar="N",
                         help="exit with status 1 when fewer than N requests are observed (for CI)")
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--json", action="store_true", dest="show_json", help="print JSON")
     args = parser.parse_args(argv)
     if args.command == "show":
-        return run_command("pykvm.requests", lambda: _show(args.name, args.json or args.show_json))
-    return run_command("pykvm.requests", lambda: _list(args.json, args.min_observed))
+        return run_command("pykvm requests", lambda: _show(args.name, args.json or args.show_json))
+    return run_command("pykvm requests", lambda: _list(args.json, args.min_observed))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,6 @@ it as the runner does, as a parity table against QEMU, as TAP or as JUnit
 """
 
 from .config import ConfigError, Entry, read_config
-from .runner import Outcome, Verdict, run_pykvm, run_qemu
+from .runner import EntryResult, Verdict, run_pykvm, run_qemu
 
-__all__ = ["ConfigError", "Entry", "Outcome", "Verdict", "read_config", "run_pykvm", "run_qemu"]
+__all__ = ["ConfigError", "Entry", "EntryResult", "Verdict", "read_config", "run_pykvm", "run_qemu"]

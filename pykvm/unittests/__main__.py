@@ -23,16 +23,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..cli import exit_with, run_command
+from ..command import description, invoked_as
+from ..exit_status import exit_with, run_command
 from .config import ConfigError, Entry, read_config
 from .report import Parity, junit, parity_table, tap
-from .runner import Outcome, Verdict, run_pykvm, run_qemu
+from .runner import EntryResult, Verdict, run_pykvm, run_qemu
 
 PROG = "pykvm unittests"
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pykvm.unittests", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=invoked_as("pykvm.unittests"), description=description(__doc__),
                                      epilog="exit status: 0 no failure, 1 a failure under pykvm, 2 bad usage, "
                                             "130 Ctrl-C")
     parser.add_argument("tree", metavar="KUT_DIR", help="a built kvm-unit-tests tree (./configure && make)")
@@ -76,8 +77,8 @@ def select(entries: Sequence[Entry], names: Sequence[str], group: str | None,
     return [entry for entry in chosen if group is None or group in entry.groups]
 
 
-def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[Outcome, Outcome | None]]:
-    def run(entry: Entry) -> tuple[Outcome, Outcome | None]:
+def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[EntryResult, EntryResult | None]]:
+    def run(entry: Entry) -> tuple[EntryResult, EntryResult | None]:
         mine = run_pykvm(entry, tree, args.timeout, args.group)
         compare = args.qemu is not None and (args.qemu_where == "all" or mine.verdict == Verdict.FAIL)
         return mine, run_qemu(entry, tree, args.timeout, args.group, args.qemu or None) if compare else None
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             for entry in entries:
                 print(entry.name)
             return 0
-        outcomes: list[Outcome] = []
+        outcomes: list[EntryResult] = []
         parities: list[Parity] = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for mine, theirs in pool.map(_runner(args, tree), entries):

@@ -3,7 +3,7 @@
 Why this exists: a run is read by people (one ``run_tests.sh`` line per
 entry, and with ``--qemu`` a table of where pykvm and QEMU agree and why they
 do not) and by CI systems (TAP 13, JUnit XML). Each format is made here from
-the same :class:`~pykvm.unittests.runner.Outcome` records.
+the same :class:`~pykvm.unittests.runner.EntryResult` records.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Sequence
 
-from .runner import ENDED_UNANNOUNCED, STATUS_TIMEOUT, Outcome, Verdict
+from .runner import ENDED_UNANNOUNCED, STATUS_TIMEOUT, EntryResult, Verdict
 
 
 @dataclasses.dataclass(frozen=True)
 class Parity:
     """One entry under pykvm and under QEMU, compared."""
 
-    pykvm: Outcome
-    qemu: Outcome
+    pykvm: EntryResult
+    qemu: EntryResult
 
     @property
     def same_verdict(self) -> bool:
@@ -76,7 +76,7 @@ class Parity:
         return "differ: " + ", ".join(parts)
 
 
-def _cell(outcome: Outcome) -> str:
+def _cell(outcome: EntryResult) -> str:
     counts = outcome.counts()
     shown = f"{outcome.verdict.value} {outcome.status if outcome.status is not None else '-'}"
     return f"{shown} {counts['PASS']}/{counts['FAIL']}/{counts['SKIP']} {outcome.seconds:.1f}s"
@@ -98,7 +98,7 @@ def parity_table(rows: Sequence[Parity]) -> str:
     return "\n".join(text)
 
 
-def tap(outcomes: Sequence[Outcome]) -> str:
+def tap(outcomes: Sequence[EntryResult]) -> str:
     """TAP version 13, one test point per entry (a skip is ``ok ... # SKIP reason``)."""
     lines = ["TAP version 13", f"1..{len(outcomes)}"]
     for number, outcome in enumerate(outcomes, 1):
@@ -111,7 +111,7 @@ def tap(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def junit(outcomes: Sequence[Outcome], suite: str = "kvm-unit-tests") -> str:
+def junit(outcomes: Sequence[EntryResult], suite: str = "kvm-unit-tests") -> str:
     """JUnit XML: a testsuite with a testcase per entry, the test's output as its system-out."""
     root = ElementTree.Element("testsuite", name=suite, tests=str(len(outcomes)),
                                failures=str(sum(o.verdict == Verdict.FAIL for o in outcomes)),

@@ -2,7 +2,7 @@
 
 Why this exists: an engineer reads kvm-unit-tests' results as its own runner
 prints them (``PASS name (N tests, M unexpected failures)``, ``FAIL``,
-``SKIP name (reason)``), so both runs end in the same :class:`Outcome`:
+``SKIP name (reason)``), so both runs end in the same :class:`EntryResult`:
 
 - the status as ``run_tests.sh`` reads it: a write of v to the debug-exit port
   gives (v << 1) | 1; 1 (the test's ``exit(0)``) is a pass, 77 a skip, 124 a
@@ -50,7 +50,7 @@ class Verdict(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class Outcome:
+class EntryResult:
     """How one entry ended under one runner (``pykvm`` or ``qemu``)."""
 
     name: str
@@ -122,19 +122,19 @@ def skip_reason(entry: Entry, tree: Path, group: str | None = None) -> str:
     return ""
 
 
-def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str | None = None) -> Outcome:
+def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str | None = None) -> EntryResult:
     """``entry`` booted by pykvm's Machine (in this process); ``timeout`` overrides the entry's."""
     reason = skip_reason(entry, tree, group)
     if reason:
-        return Outcome(entry.name, "pykvm", Verdict.SKIP, None, reason=reason)
+        return EntryResult(entry.name, "pykvm", Verdict.SKIP, None, reason=reason)
     try:
         machine_plan = plan(entry, tree)
         if machine_plan.missing:
-            return Outcome(entry.name, "pykvm", Verdict.SKIP, None,
+            return EntryResult(entry.name, "pykvm", Verdict.SKIP, None,
                            reason="pykvm lacks " + "; ".join(machine_plan.missing))
         machine = machine_plan.machine()
     except InvalidArgument as exc:
-        return Outcome(entry.name, "pykvm", Verdict.SKIP, None, reason=f"pykvm cannot build its machine: {exc}")
+        return EntryResult(entry.name, "pykvm", Verdict.SKIP, None, reason=f"pykvm cannot build its machine: {exc}")
     started = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CpuFeatureWarning)
@@ -145,13 +145,13 @@ def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str
     output = "".join(f"pykvm: warning: {warning.message}\n" for warning in caught
                      if issubclass(warning.category, CpuFeatureWarning)) + result.text
     if result.ending == Ending.EXIT_PORT:
-        return Outcome(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
+        return EntryResult(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
                        output=output, seconds=seconds, elapsed=result.elapsed)
     if result.ending == Ending.TIMEOUT:
         reason = f"timeout; duration={timeout or entry.timeout:g}s"
     else:
         reason = f"{result.ending.value}: {result.message}"
-    return Outcome(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds,
+    return EntryResult(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds,
                    elapsed=result.elapsed)
 
 
@@ -167,11 +167,11 @@ def qemu_command(entry: Entry, tree: Path, timeout: float | None = None) -> str:
 
 
 def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str | None = None,
-             qemu: str | None = None) -> Outcome:
+             qemu: str | None = None) -> EntryResult:
     """``entry`` under QEMU, through the tree's own ``x86/run`` (``qemu`` names the binary, else PATH's)."""
     reason = skip_reason(entry, tree, group)
     if reason:
-        return Outcome(entry.name, "qemu", Verdict.SKIP, None, reason=reason)
+        return EntryResult(entry.name, "qemu", Verdict.SKIP, None, reason=reason)
     environment = dict(os.environ, QEMU=qemu) if qemu else dict(os.environ)
     started = time.monotonic()
     seconds = timeout or entry.timeout
@@ -180,7 +180,7 @@ def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str 
                               capture_output=True, stdin=subprocess.DEVNULL, timeout=seconds + 30)
     except subprocess.TimeoutExpired as exc:
         output = (exc.stdout or b"").decode(errors="replace")
-        return Outcome(entry.name, "qemu", Verdict.FAIL, STATUS_TIMEOUT, reason=f"timeout; duration={seconds:g}s",
+        return EntryResult(entry.name, "qemu", Verdict.FAIL, STATUS_TIMEOUT, reason=f"timeout; duration={seconds:g}s",
                        output=output, seconds=time.monotonic() - started)
     output = done.stdout.decode(errors="replace")
     status = done.returncode
@@ -190,19 +190,19 @@ def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str 
     if status == 1 and _kernel_ran(output):
         # The kernel ran and ended without the debug exit: QEMU's -no-reboot exits 0 on a reset, a triple
         # fault or a power-off, and x86/run reports that as 1. run_tests.sh calls it a FAIL; so does this.
-        return Outcome(entry.name, "qemu", Verdict.FAIL, STATUS_POWER_OFF, summary_of(output),
+        return EntryResult(entry.name, "qemu", Verdict.FAIL, STATUS_POWER_OFF, summary_of(output),
                        reason=ENDED_UNANNOUNCED, output=output, seconds=time.monotonic() - started)
     if status in (1, 2):
         # QEMU (1) or the run script (2) failed before the test ran: an option or CPU feature QEMU refuses
         # here. run_tests.sh skips such an entry with QEMU's last word, and so does this.
         lines = [line for line in done.stderr.decode(errors="replace").splitlines()
                  if line.strip() and "warning" not in line.lower()] or output.strip().splitlines()
-        return Outcome(entry.name, "qemu", Verdict.SKIP, raw, reason=lines[-1] if lines else "QEMU did not start",
+        return EntryResult(entry.name, "qemu", Verdict.SKIP, raw, reason=lines[-1] if lines else "QEMU did not start",
                        output=output, seconds=time.monotonic() - started)
     reason = f"timeout; duration={seconds:g}s" if status == STATUS_TIMEOUT else ""
     stopped = [line for line in done.stderr.decode(errors="replace").splitlines()
                if line.startswith(("KVM internal error", "KVM: entry failed"))]
     if stopped:          # QEMU stops the vCPU there and waits: the timeout follows
         reason = f"{stopped[0].strip()}" + (f"; then {reason}" if reason else "")
-    return Outcome(entry.name, "qemu", verdict_of(raw), raw, summary_of(output), reason=reason, output=output,
+    return EntryResult(entry.name, "qemu", verdict_of(raw), raw, summary_of(output), reason=reason, output=output,
                    seconds=time.monotonic() - started)

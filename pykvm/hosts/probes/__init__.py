@@ -8,7 +8,7 @@ compares each outcome with the table, so a test author can tell "KVM is broken"
 from "this host differs".
 
 One module per probe family, each holding, like a KVM selftest keeps its guest
-code beside its test, the family's outcomes (an :class:`~.base.Outcome` enum),
+code beside its test, the family's outcomes (an :class:`~.base.ProbeOutcome` enum),
 its rows of the conformance table and the scenarios that measure them:
 
 * :mod:`.exits`: io_exit_rip, irq_window, interrupt_not_ready (userspace irqchip)
@@ -37,10 +37,10 @@ from ...core.errors import CapabilityMissing, GuestError
 # isort: off
 from . import exits, nmi, lapic, shadows, stepping, delivery  # noqa: F401  (they register in this order)
 # isort: on
-from .base import SCENARIOS, Expectation, Known, Observation, Outcome, Result, Scenario
+from .base import SCENARIOS, Expectation, Known, Observation, ProbeOutcome, Result, Scenario
 from .harness import internal_error
 
-__all__ = ["SCENARIOS", "Expectation", "Known", "Observation", "Outcome", "Result", "Scenario",
+__all__ = ["SCENARIOS", "Expectation", "Known", "Observation", "ProbeOutcome", "Result", "Scenario",
            "run_probes"]
 
 

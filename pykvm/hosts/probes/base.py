@@ -3,7 +3,7 @@
 Why this exists: a probe's expected outcome and the guest code that measures
 it must use the same words, or a typo shows only as "NOT as recorded" on a live
 host. Each probe family (a module of :mod:`pykvm.hosts.probes`) names its
-outcomes once, as an :class:`Outcome` enum, and uses those names in its rows
+outcomes once, as an :class:`ProbeOutcome` enum, and uses those names in its rows
 (:class:`Expectation`) and in its scenarios, which sit beside the rows.
 :func:`scenario` registers a scenario with the rows it reports;
 :mod:`pykvm.hosts.conformance` builds the table from them.
@@ -28,21 +28,21 @@ INTEL_MEASURED = ("measured on kvm_intel (Debian Linux 6.12.117, enable_apicv=0)
 UNMEASURED = "architectural expectation, not measured on this vendor module"
 
 
-class Outcome(str, enum.Enum):
+class ProbeOutcome(str, enum.Enum):
     """A probe's outcome: a named phrase (the phrase is what the doctor prints and compares)."""
 
     def __str__(self) -> str:
         return self.value
 
 
-class Result(Outcome):
+class Result(ProbeOutcome):
     """Outcomes the runner gives any probe whose scenario did not finish."""
 
     PROBE_FAILED = "probe failed"                 # pykvm's scenario broke: a bug to fix
     INTERNAL_ERROR = "KVM internal error"         # KVM stopped the guest: evidence about the host
 
 
-RESULT_EXPLANATIONS: dict[Outcome, str] = {
+RESULT_EXPLANATIONS: dict[ProbeOutcome, str] = {
     Result.INTERNAL_ERROR: "KVM ended the scenario with KVM_EXIT_INTERNAL_ERROR where the record "
                            "has none (the exit is in what was seen)",
 }
@@ -52,7 +52,7 @@ RESULT_EXPLANATIONS: dict[Outcome, str] = {
 class Observation:
     """What one probe saw: ``outcome`` (None: the host lacks what it needs) and ``detail``."""
 
-    outcome: Outcome | None
+    outcome: ProbeOutcome | None
     detail: str
 
 
@@ -60,7 +60,7 @@ class Observation:
 class Known:
     """What pykvm recorded for one vendor module: the outcome, and how it is known."""
 
-    outcome: Outcome
+    outcome: ProbeOutcome
     source: str
     verified: bool
 
@@ -71,10 +71,10 @@ class Expectation:
 
     probe: str
     title: str
-    expected: Outcome
+    expected: ProbeOutcome
     source: str
     hosts: dict[VendorModule, Known]
-    explanations: dict[Outcome, str] = dataclasses.field(default_factory=dict)
+    explanations: dict[ProbeOutcome, str] = dataclasses.field(default_factory=dict)
     fact: str | None = None        # the HostInfo attribute this row defines
 
     def known(self, vendor: VendorModule) -> Known:
@@ -83,12 +83,12 @@ class Expectation:
             return self.hosts[vendor]
         return Known(self.expected, UNMEASURED, False)
 
-    def explain(self, outcome: Outcome) -> str:
+    def explain(self, outcome: ProbeOutcome) -> str:
         return self.explanations.get(outcome) or RESULT_EXPLANATIONS.get(
             outcome, f"observed '{outcome}', expected '{self.expected}'")
 
 
-def measured(pvm: Outcome, amd: Outcome | None, intel: Outcome, pvm_note: str = "", intel_note: str = ""
+def measured(pvm: ProbeOutcome, amd: ProbeOutcome | None, intel: ProbeOutcome, pvm_note: str = "", intel_note: str = ""
              ) -> dict[VendorModule, Known]:
     """A row's ``hosts``: what kvm_pvm, kvm_amd and kvm_intel did, each measured by the doctor.
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from ...core.errors import GuestError
 from ...core.exits import ShutdownExit
 from ...guests import Command, GuestSession
-from .base import Expectation, Observation, Outcome, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, measured, scenario
 from .harness import PROBE_VECTOR, SOFTWARE_VECTOR, boot, internal_error
 
 
-class TripleFault(Outcome):
+class TripleFault(ProbeOutcome):
     SHUTDOWN = "KVM_EXIT_SHUTDOWN"
     OTHER_EXIT = "other exit"
 
@@ -50,7 +50,7 @@ def triple_fault(kvm) -> Observation:
                            repr(exit))
 
 
-class Delivery(Outcome):
+class Delivery(ProbeOutcome):
     RETURNED = "delivered and returned"
     RETURN_FAILS = "delivered, return fails"
     NOT_DELIVERED_EMULATION_ERROR = "not delivered (emulation error)"
@@ -94,7 +94,7 @@ def _int3(guest: GuestSession) -> None:
 def _mode(mode: str, pvm_delivery: Delivery, pvm_software: Delivery, pvm_note: str = "") -> None:
     """The rows of ``mode`` (an injected vector, INT n, INT3), each registered with its scenario."""
     title = _TITLES[mode]
-    failing: dict[Outcome, str] = {
+    failing: dict[ProbeOutcome, str] = {
         Delivery.NOT_DELIVERED_EMULATION_ERROR: f"the host's instruction emulator cannot run the "
                                                 f"software interrupt in {mode} mode",
         Delivery.RETURN_FAILS: f"the handler runs, but the host cannot emulate its IRET in {mode} mode"}
@@ -119,7 +119,7 @@ def _mode(mode: str, pvm_delivery: Delivery, pvm_software: Delivery, pvm_note: s
 _mode("real", Delivery.RETURNED, Delivery.RETURNED)
 
 
-class Ud2(Outcome):
+class Ud2(ProbeOutcome):
     DELIVERED = "#UD delivered"
     EMULATION_ERROR = "emulation error"
     NOT_DELIVERED = "not delivered"

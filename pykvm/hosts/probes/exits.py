@@ -13,11 +13,11 @@ import functools
 from ...core.errors import GuestError
 from ...core.exits import FailEntryExit
 from ...guests import Command, StopKind
-from .base import Expectation, Observation, Outcome, in_mode, intel_note, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, in_mode, intel_note, measured, scenario
 from .harness import PROBE_VECTOR, boot, internal_error, label, most_common, run_once
 
 
-class IoExitRip(Outcome):
+class IoExitRip(ProbeOutcome):
     AT_OUT = "at the out"
     PAST_OUT = "past the out"
     ELSEWHERE = "elsewhere"
@@ -44,7 +44,7 @@ def io_exit_rip(kvm) -> Observation:
                            f"RIP {stop.rip:#x} ({label(guest, stop.rip)})")
 
 
-class IrqWindow(Outcome):
+class IrqWindow(ProbeOutcome):
     AFTER_STI_NOP = "exit after sti; nop"
     RIGHT_AFTER_STI = "exit right after sti"
     ELSEWHERE = "exit elsewhere"
@@ -53,12 +53,12 @@ class IrqWindow(Outcome):
 
 IRQ_WINDOW_SOURCE = ("api.rst request_interrupt_window / KVM_EXIT_IRQ_WINDOW_OPEN; Intel SDM Vol. 3C "
                      "'interrupt-window exiting'; AMD APM Vol. 2 'virtual interrupt intercept (VINTR)'")
-IRQ_WINDOW_EXPLANATIONS: dict[Outcome, str] = {
+IRQ_WINDOW_EXPLANATIONS: dict[ProbeOutcome, str] = {
     IrqWindow.NO_EXIT: "the host never sends KVM_EXIT_IRQ_WINDOW_OPEN; inject at the next exit that reports "
                        "ready_for_interrupt_injection=1",
     IrqWindow.RIGHT_AFTER_STI: "the window opened inside the STI shadow"}
 # What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel); None: not measured there.
-IRQ_WINDOW_RECORDS: dict[str, tuple[Outcome, Outcome | None, Outcome]] = {
+IRQ_WINDOW_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
     "real": (IrqWindow.NO_EXIT, None, IrqWindow.AFTER_STI_NOP),
     "protected": (IrqWindow.NO_EXIT, None, IrqWindow.AFTER_STI_NOP),
     "long": (IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP, IrqWindow.AFTER_STI_NOP),
@@ -99,7 +99,7 @@ for _mode in IRQ_WINDOW_RECORDS:
     _register_irq_window(_mode)
 
 
-class NotReady(Outcome):
+class NotReady(ProbeOutcome):
     HELD = "held while IF=0"
     DELIVERED_WITH_IF_CLEAR = "delivered although IF=0"
     DELIVERED_AFTER_STI = "delivered after STI"
@@ -113,11 +113,11 @@ INTEL_ENTRY_CHECK = (
     "an external interrupt is injected), an architectural check, not a Bochs one")
 NOT_READY_SOURCE = ("Intel SDM Vol. 3A 6.8.1 (IF masks external interrupts); api.rst: inject only when "
                     "ready_for_interrupt_injection=1")
-NOT_READY_EXPLANATIONS: dict[Outcome, str] = {
+NOT_READY_EXPLANATIONS: dict[ProbeOutcome, str] = {
     NotReady.DELIVERED_WITH_IF_CLEAR: "KVM injects the event regardless of IF; userspace must wait for "
                                       "ready_for_interrupt_injection=1 (pykvm refuses otherwise)",
     NotReady.ENTRY_FAILS: "VT-x's VM-entry checks reject an external interrupt with RFLAGS.IF=0"}
-NOT_READY_RECORDS: dict[str, tuple[Outcome, Outcome | None, Outcome]] = {
+NOT_READY_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
     "real": (NotReady.DELIVERED_WITH_IF_CLEAR, None, NotReady.ENTRY_FAILS),
     "protected": (NotReady.DELIVERED_WITH_IF_CLEAR, None, NotReady.ENTRY_FAILS),
     "long": (NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS),

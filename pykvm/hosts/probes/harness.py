@@ -17,7 +17,7 @@ from ...core.errors import GuestError
 from ...core.exits import DebugExit, InternalErrorExit
 from ...guests import Command, GuestSession, GuestStop, LogRecord, StopKind
 from ...x86.vectors import vector_name
-from .base import Observation, Outcome
+from .base import Observation, ProbeOutcome
 
 PROBE_VECTOR = 0x40
 MSI_VECTOR = 0x45
@@ -113,8 +113,8 @@ def internal_error(error: GuestError) -> InternalErrorExit | None:
     return error.exit if isinstance(error.exit, InternalErrorExit) else None
 
 
-def where_taken(log: list[LogRecord], vector: int, places: Mapping[int, Outcome], elsewhere: Outcome,
-                not_taken: Outcome, name: Callable[[int], str]) -> Observation:
+def where_taken(log: list[LogRecord], vector: int, places: Mapping[int, ProbeOutcome], elsewhere: ProbeOutcome,
+                not_taken: ProbeOutcome, name: Callable[[int], str]) -> Observation:
     """Where the first record of ``vector`` in ``log`` interrupted the guest, as an outcome of ``places``.
 
     ``name`` labels an address. Other records (a vector taken twice, a #DB from a
@@ -132,8 +132,8 @@ def where_taken(log: list[LogRecord], vector: int, places: Mapping[int, Outcome]
     return Observation(places.get(taken.rip, elsewhere), f"taken at {name(taken.rip)}{extra}")
 
 
-def taken(session: GuestSession, vector: int, places: Mapping[str, Outcome], elsewhere: Outcome,
-          not_taken: Outcome) -> Observation:
+def taken(session: GuestSession, vector: int, places: Mapping[str, ProbeOutcome], elsewhere: ProbeOutcome,
+          not_taken: ProbeOutcome) -> Observation:
     """:func:`where_taken` in ``session``'s log, ``places`` keyed by image label."""
     return where_taken(session.log(), vector, {session.address(name): outcome for name, outcome in places.items()},
                        elsewhere, not_taken, lambda rip: label(session, rip))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from ...guests import Command
 from ...irqchip.lapic import read as read_lapic
-from .base import Expectation, Observation, Outcome, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, measured, scenario
 from .harness import MSI_VECTOR, lapic_session, most_common, taken
 
 
-class LapicAfterSti(Outcome):
+class LapicAfterSti(ProbeOutcome):
     AFTER_SHADOW = "after the STI shadow"
     RIGHT_AFTER_STI = "right after sti"
     NEXT_ENTRY = "at the next VM entry"
@@ -49,7 +49,7 @@ def lapic_after_sti(kvm) -> Observation:
     return most_common(trial)
 
 
-class LapicIsr(Outcome):
+class LapicIsr(ProbeOutcome):
     IN_SERVICE = "in service until EOI"
     NOT_IN_SERVICE = "not in service"
 

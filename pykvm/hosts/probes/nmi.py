@@ -15,34 +15,35 @@ from __future__ import annotations
 import functools
 
 from ...guests import Command, StopKind
-from .base import Expectation, Observation, Outcome, Result, in_mode, intel_note, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, Result, in_mode, intel_note, measured, scenario
 from .harness import boot, label
 
 
-class NmiBlocking(Outcome):
+class NmiBlocking(ProbeOutcome):
     HELD_UNTIL_IRET = "held until IRET"
     NESTED = "unmasked in the handler: nested"
     NOT_BLOCKED = "not blocked"
 
 
-class NmiWindow(Outcome):
+class NmiWindow(ProbeOutcome):
     AFTER_IRET = "delivered right after IRET"
     NEXT_ENTRY = "held until the next VM entry"
     NOT_HELD = "not held (taken inside the handler)"
 
 
 NMI_BLOCKING_SOURCE = "Intel SDM Vol. 3A 6.7.1 'Handling Multiple NMIs'"
-NMI_BLOCKING_EXPLANATIONS: dict[Outcome, str] = {
+NMI_BLOCKING_EXPLANATIONS: dict[ProbeOutcome, str] = {
     NmiBlocking.NESTED: "KVM reports NMIs unmasked inside the NMI handler (events nmi.masked=0) and injects "
                         "a second NMI there: kvm_intel without unrestricted guest delivers a real-mode NMI "
                         "through its instruction emulator, so the CPU's NMI blocking is never set"}
 NMI_WINDOW_SOURCE = ("x86.c inject_pending_event / enable_nmi_window (NMI-window exiting, or IRET "
                      "interception on SVM)")
-NMI_WINDOW_EXPLANATIONS: dict[Outcome, str] = {
+NMI_WINDOW_EXPLANATIONS: dict[ProbeOutcome, str] = {
     NmiWindow.NEXT_ENTRY: "no NMI-window exit: the NMI waits (unmasked) until the next KVM_RUN",
     NmiWindow.NOT_HELD: "the second NMI was not held for the IRET (nmi_blocking says how)"}
 # What each vendor module did, per mode: ((blocking, window) on kvm_pvm, kvm_amd, kvm_intel); None: not measured.
-NMI_RECORDS: dict[str, tuple[tuple[Outcome, Outcome], tuple[Outcome, Outcome] | None, tuple[Outcome, Outcome]]] = {
+NmiPair = tuple[ProbeOutcome, ProbeOutcome]         # (nmi_blocking, nmi_window)
+NMI_RECORDS: dict[str, tuple[NmiPair, NmiPair | None, NmiPair]] = {
     "real": ((NmiBlocking.HELD_UNTIL_IRET, NmiWindow.NEXT_ENTRY), None,
              (NmiBlocking.HELD_UNTIL_IRET, NmiWindow.AFTER_IRET)),
     "protected": ((Result.INTERNAL_ERROR, Result.INTERNAL_ERROR), None,

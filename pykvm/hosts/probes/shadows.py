@@ -15,11 +15,11 @@ expecting exactly one record.
 from __future__ import annotations
 
 from ...guests import Command, GuestSession
-from .base import Expectation, Observation, Outcome, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, measured, scenario
 from .harness import MSI_VECTOR, label, lapic_session, start_stepping, step, stop_stepping, taken
 
 
-class Shadow(Outcome):
+class Shadow(ProbeOutcome):
     HELD = "held for one instruction"
     TAKEN_AT_ONCE = "taken at once (no shadow)"
     ELSEWHERE = "elsewhere"

@@ -11,7 +11,7 @@ import functools
 from ...core.constants import Cap
 from ...core.exits import DebugExit, HltExit
 from ...guests import Command
-from .base import Expectation, Observation, Outcome, in_mode, intel_note, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, in_mode, intel_note, measured, scenario
 from .harness import boot, label, start_stepping, step, stop_stepping
 
 
@@ -21,7 +21,7 @@ def _stepping_session(kvm, mode: str = "long"):
     return boot(kvm, mode)
 
 
-class SingleStep(Outcome):
+class SingleStep(ProbeOutcome):
     EVERY_INSTRUCTION = "one exit per instruction"
     SKIPS = "skips instructions"
 
@@ -46,7 +46,7 @@ def single_step(kvm) -> Observation:
                            f"{len(rips)} debug exits, {rips.count(loop)} at spin_loop")
 
 
-class StepStiShadow(Outcome):
+class StepStiShadow(ProbeOutcome):
     STOPS_IN_SHADOW = "stops in the shadow"
     HELD_PAST_SHADOW = "trap held past the shadowed instruction"
     ELSEWHERE = "elsewhere"
@@ -64,11 +64,11 @@ BOCHS_STI_SHADOW = (
 
 STEP_STI_SHADOW_SOURCE = ("Intel SDM Vol. 3A 6.8.3 holds debug exceptions only after MOV SS / POP SS; STI "
                           "delays interrupts, not the single-step trap")
-STEP_STI_SHADOW_EXPLANATIONS: dict[Outcome, str] = {
+STEP_STI_SHADOW_EXPLANATIONS: dict[ProbeOutcome, str] = {
     StepStiShadow.HELD_PAST_SHADOW: "the host treats the STI shadow like MOV SS's and holds the single-step "
                                     "trap over the next instruction"}
 # What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel); None: not measured there.
-STEP_STI_SHADOW_RECORDS: dict[str, tuple[Outcome, Outcome | None, Outcome]] = {
+STEP_STI_SHADOW_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
     "real": (StepStiShadow.STOPS_IN_SHADOW, None, StepStiShadow.STOPS_IN_SHADOW),
     "protected": (StepStiShadow.STOPS_IN_SHADOW, None, StepStiShadow.STOPS_IN_SHADOW),
     "long": (StepStiShadow.STOPS_IN_SHADOW, StepStiShadow.HELD_PAST_SHADOW, StepStiShadow.STOPS_IN_SHADOW),
@@ -104,7 +104,7 @@ for _mode in STEP_STI_SHADOW_RECORDS:
     _register_step_sti_shadow(_mode)
 
 
-class HltStep(Outcome):
+class HltStep(ProbeOutcome):
     HALTS = "halts"
     DEBUG_EXIT_PAST_HLT = "debug exit past the hlt"
     DEBUG_EXIT_ELSEWHERE = "debug exit elsewhere"

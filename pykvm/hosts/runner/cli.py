@@ -33,9 +33,9 @@ HOST_DEFAULTS = {tcg_amd.NAME: (DEFAULT_MEMORY_MIB, DEFAULT_CPUS, DEFAULT_TIMEOU
 _DESCRIPTION = "run a command on a second KVM host: kvm_amd (tcg-amd) or kvm_intel (bochs-intel)."
 _EPILOG = f"""\
 examples:
-  python -m pykvm.hosts tcg-amd --prepare
-  python -m pykvm.hosts tcg-amd -- .venv/bin/python -m pytest -q
-  python -m pykvm.hosts bochs-intel -- .venv/bin/python -m pykvm.doctor
+  %(prog)s tcg-amd --prepare
+  %(prog)s tcg-amd -- .venv/bin/python -m pytest -q
+  %(prog)s bochs-intel -- .venv/bin/python -m pykvm.doctor
 
 tcg-amd boots a Debian kernel under QEMU's TCG emulation of AMD-V, loads
 kvm_amd, and runs COMMAND chrooted into this machine's / (shared read-only
@@ -75,9 +75,9 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(argv[:at]), list(argv[at + 1:])
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pykvm.hosts",
+        prog=prog,
         usage="%(prog)s HOST [options] (--prepare | -- COMMAND [ARG ...])",
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("host", choices=HOSTS, help="the KVM host to run on")
@@ -144,9 +144,10 @@ def host_settings(host: str, memory: int | None, cpus: int | None, timeout: floa
     return settings
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m pykvm.hosts") -> int:
+    """Run ``PROG ARGV`` (``prog``: how the user ran it, for the usage line)."""
     options, command = split_command(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(options)
     if not args.prepare and not command:
         parser.error("give the command to run after --, or --prepare")

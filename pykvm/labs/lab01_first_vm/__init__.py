@@ -27,7 +27,7 @@ end:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class FirstVmTask:
     """What solve() gets: the guest's code, where to put it, the port it reads and what to answer."""
 
     code: bytes                  # real-mode machine code (assembled from the sheet's listing)
@@ -37,7 +37,7 @@ class Task:
     answer: int                  # the 32-bit value your IN reply must give the guest
 
     def __repr__(self) -> str:
-        return (f"Task(code=<{len(self.code)} bytes>, address={self.address:#x}, "
+        return (f"FirstVmTask(code=<{len(self.code)} bytes>, address={self.address:#x}, "
                 f"memory_size={self.memory_size:#x}, port={self.port:#x}, answer={self.answer:#x})")
 
 
@@ -46,7 +46,7 @@ def _scenario(ctx: Context) -> dict:
     port = rng.randrange(0x200, 0x3F0, 2)
     key = rng.getrandbits(32) | 1
     code = assemble(GUEST, "real", 0, {"PORT": port, "KEY": key})
-    task = Task(code.code, rng.randrange(0x10, 0x80) << 12, rng.choice([1, 2, 4]) << 20, port,
+    task = FirstVmTask(code.code, rng.randrange(0x10, 0x80) << 12, rng.choice([1, 2, 4]) << 20, port,
                 rng.getrandbits(32))
     ctx.trace.clear()
     ctx.trace.stats_names = STATS

@@ -40,7 +40,7 @@ def _stubs_source() -> str:
 
 
 @dataclasses.dataclass
-class Task:
+class RealModeIvtTask:
     """What solve() gets: a VM whose vCPU sits in real mode at the main program, and what to do."""
 
     kvm: Kvm
@@ -53,7 +53,7 @@ class Task:
     done_port: int               # the main program's final report (its SP)
 
     def __repr__(self) -> str:
-        return (f"Task(vector={self.vector:#x}, handler_address={self.handler_address:#x}, "
+        return (f"RealModeIvtTask(vector={self.vector:#x}, handler_address={self.handler_address:#x}, "
                 f"report_port={self.report_port:#x}, tick_port={self.tick_port:#x}, "
                 f"done_port={self.done_port:#x})")
 
@@ -91,7 +91,7 @@ def _scenario(ctx: Context) -> dict:
             vm.memory.write_u16(4 * vector + 2, STUBS >> 4)
         vcpu = vm.create_vcpu()
         enter_real_mode(vcpu, 0, cs=MAIN >> 4)
-        task = Task(kvm, vm, vcpu, draw.vector, draw.handler_address, ports[2], ports[0], ports[1])
+        task = RealModeIvtTask(kvm, vm, vcpu, draw.vector, draw.handler_address, ports[2], ports[0], ports[1])
         source = ctx.call("handler_source", task)
         if not isinstance(source, str):
             raise Fail(f"handler_source() returned {type(source).__name__}, not assembly text (a str)")

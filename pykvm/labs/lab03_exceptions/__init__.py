@@ -41,7 +41,7 @@ VECTORS = {0: "de", 13: "gp", 14: "pf"}
 
 
 @dataclasses.dataclass
-class Task:
+class IdtTask:
     """A VM with the checker's program in memory at task.entry; the vCPU has not been set up."""
 
     kvm: Kvm
@@ -53,7 +53,7 @@ class Task:
     done_port: int
 
     def __repr__(self) -> str:
-        return (f"Task(entry={self.entry:#x}, handler_address={self.handler_address:#x}, "
+        return (f"IdtTask(entry={self.entry:#x}, handler_address={self.handler_address:#x}, "
                 f"report_port={self.report_port:#x}, done_port={self.done_port:#x})")
 
 
@@ -73,7 +73,7 @@ def _scenario(ctx: Context) -> dict:
     try:
         vm.memory.write(FREE_MEMORY, main.code)
         vcpu = vm.create_vcpu()
-        task = Task(kvm, vm, vcpu, main.symbols["start"], rng.randrange(0x20, 0x40) << 12,
+        task = IdtTask(kvm, vm, vcpu, main.symbols["start"], rng.randrange(0x20, 0x40) << 12,
                     report_port, done_port)
         source = ctx.call("handlers_source", task)
         if not isinstance(source, str):

@@ -16,14 +16,14 @@ VMX_INVALID_GUEST_STATE = 0x80000021
 
 
 @dataclasses.dataclass
-class Task:
+class ReadyOrNotTask:
     """A booted long-mode guest, stopped at a sync point with IF=0, and the vector to inject."""
 
     guest: GuestSession
     vector: int
 
     def __repr__(self) -> str:
-        return f"Task(guest=<long-mode guest, IF=0>, vector={self.vector:#x})"
+        return f"ReadyOrNotTask(guest=<long-mode guest, IF=0>, vector={self.vector:#x})"
 
 
 def _vector(rng) -> int:
@@ -37,7 +37,7 @@ def _ready_scenario(ctx: Context) -> dict:
     ctx.trace.clear()
     with booted() as guest:
         guest.command(Command.CLI)
-        task = Task(guest, _vector(rng))
+        task = ReadyOrNotTask(guest, _vector(rng))
         ctx.call("inject_when_ready", task)
         return {"task": task, "log": guest.log(), "injections": list(ctx.trace.injections)}
 
@@ -67,7 +67,7 @@ def _masked_scenario(ctx: Context) -> dict:
     ctx.trace.clear()
     with booted() as guest:
         guest.command(Command.CLI)
-        task = Task(guest, _vector(rng))
+        task = ReadyOrNotTask(guest, _vector(rng))
         answer = ctx.call("inject_while_masked", task)
         return {"task": task, "log": guest.log(), "answer": answer,
                 "injections": list(ctx.trace.injections),

@@ -14,12 +14,12 @@ from ..verdict import Verdict, disagree
 
 
 @dataclasses.dataclass
-class Task:
+class InterruptWindowTask:
     guest: GuestSession
     vectors: list[int]
 
     def __repr__(self) -> str:
-        return f"Task(vectors={[hex(v) for v in self.vectors]})"
+        return f"InterruptWindowTask(vectors={[hex(v) for v in self.vectors]})"
 
 
 def _vectors(rng) -> list[int]:

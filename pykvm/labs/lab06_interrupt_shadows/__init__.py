@@ -13,12 +13,12 @@ from ..verdict import Verdict, injected_once
 
 
 @dataclasses.dataclass
-class Task:
+class InterruptShadowTask:
     guest: GuestSession
     vector: int
 
     def __repr__(self) -> str:
-        return f"Task(guest=<long-mode guest>, vector={self.vector:#x})"
+        return f"InterruptShadowTask(guest=<long-mode guest>, vector={self.vector:#x})"
 
 
 def _vector(rng) -> int:
@@ -32,7 +32,7 @@ def _sti_scenario(ctx: Context) -> dict:
     with booted() as guest:
         guest.command(Command.CLI)
         ctx.trace.clear()
-        task = Task(guest, _vector(rng))
+        task = InterruptShadowTask(guest, _vector(rng))
         ctx.call("inject_after_sti", task)
         guest.vcpu.set_single_step(False)
         return {"task": task, "log": guest.log(), "exits": list(ctx.trace.exits),
@@ -84,7 +84,7 @@ def _mov_ss_scenario(ctx: Context) -> dict:
     with booted() as guest:
         guest.command(Command.STI)
         ctx.trace.clear()
-        answer = ctx.call("mov_ss_steps", Task(guest, 0))
+        answer = ctx.call("mov_ss_steps", InterruptShadowTask(guest, 0))
         guest.vcpu.set_single_step(False)
         return {"answer": answer, "rips": [r.rip for r in ctx.trace.exits if isinstance(r.exit, DebugExit)],
                 "labels": {name: guest.address(name) for name in ("mov_ss_mov", "mov_ss_nop", "mov_ss_end")}}

@@ -14,13 +14,13 @@ from ..verdict import Verdict, disagree
 
 
 @dataclasses.dataclass
-class Task:
+class NmiTask:
     guest: GuestSession
     count: int                   # how many NMIs the guest must take, each raised inside the previous one's handler
     interrupts_enabled: bool     # the guest's IF (NMIs ignore it)
 
     def __repr__(self) -> str:
-        return f"Task(guest=<long-mode guest, notify mode>, count={self.count}, IF={int(self.interrupts_enabled)})"
+        return f"NmiTask(guest=<long-mode guest, notify mode>, count={self.count}, IF={int(self.interrupts_enabled)})"
 
 
 def _parameters(rng) -> tuple[bool, int]:
@@ -35,7 +35,7 @@ def _scenario(ctx: Context) -> dict:
     with booted(notify=True) as guest:
         guest.command(Command.STI if enabled else Command.CLI)
         ctx.trace.clear()
-        task = Task(guest, count, enabled)
+        task = NmiTask(guest, count, enabled)
         ctx.call("nmis", task)
         return {"task": task, "log": guest.log(), "handler": handler_range(guest),
                 "injections": [i for i in ctx.trace.injections if i.kind == "nmi"],

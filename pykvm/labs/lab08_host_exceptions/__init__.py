@@ -32,7 +32,7 @@ COMMAND_TIMEOUT = 10.0     # a guest whose handler misreads its frame faults in 
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class HostExceptionTask:
     """The exception inject() must make the vCPU's next event."""
 
     vector: int
@@ -44,16 +44,16 @@ class Task:
         parts = [f"vector={self.vector} ({vector_name(self.vector).split()[0]})",
                  f"error_code={'None' if self.error_code is None else hex(self.error_code)}",
                  f"cr2={'None' if self.cr2 is None else hex(self.cr2)}", f"pending={self.pending}"]
-        return f"Task({', '.join(parts)})"
+        return f"HostExceptionTask({', '.join(parts)})"
 
 
-def _draw(kind: str, rng: random.Random) -> Task:
+def _draw(kind: str, rng: random.Random) -> HostExceptionTask:
     if kind == "plain":
-        return Task(rng.choice(WITHOUT_ERROR_CODE), None, None, False)
+        return HostExceptionTask(rng.choice(WITHOUT_ERROR_CODE), None, None, False)
     if kind == "code":
-        return Task(rng.choice(WITH_ERROR_CODE), rng.randrange(1, 0x10000), None, False)
+        return HostExceptionTask(rng.choice(WITH_ERROR_CODE), rng.randrange(1, 0x10000), None, False)
     address = rng.randrange(1 << 20, 1 << 47) & ~0x7
-    return Task(PAGE_FAULT_VECTOR, rng.randrange(1, 0x20), address, kind == "pending")
+    return HostExceptionTask(PAGE_FAULT_VECTOR, rng.randrange(1, 0x20), address, kind == "pending")
 
 
 @contextlib.contextmanager
@@ -116,7 +116,7 @@ def _check(kind: str) -> Callable[[Context], str]:
 
 def _judge_held(run: dict) -> None:
     """What KVM_GET_VCPU_EVENTS and KVM_GET_SREGS reported after inject(), before the guest ran."""
-    want: Task = run["exception"]
+    want: HostExceptionTask = run["exception"]
     held = run["held"]
     event = held.exception
     state = "pending" if want.pending else "injected"
@@ -146,7 +146,7 @@ def _judge_held(run: dict) -> None:
 
 
 def _judge_log(run: dict) -> str:
-    want: Task = run["exception"]
+    want: HostExceptionTask = run["exception"]
     log = run["log"]
     stopped = f" (then the guest stopped: {run['stopped']})" if run["stopped"] else ""
     if not log:

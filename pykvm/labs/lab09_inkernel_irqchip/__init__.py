@@ -26,7 +26,7 @@ PINS = range(16, 24)       # IOAPIC-only GSIs: 0-15 also reach the 8259s
 
 
 @dataclasses.dataclass
-class Task:
+class IoapicTask:
     guest: GuestSession
     pin: int                  # the IOAPIC pin (= GSI) of the device
     vector: int
@@ -37,7 +37,7 @@ class Task:
         return self.guest.vcpu.vm
 
     def __repr__(self) -> str:
-        return (f"Task(pin={self.pin}, vector={self.vector:#x}, "
+        return (f"IoapicTask(pin={self.pin}, vector={self.vector:#x}, "
                 f"{'level' if self.level else 'edge'}-triggered)")
 
 
@@ -55,7 +55,7 @@ def _route_scenario(ctx: Context) -> dict:
     ctx.load()
     with booted(irqchip="kernel") as guest:
         before = ioapic.read(guest.vcpu.vm)
-        tasks = [Task(guest, edge_pin, edge_vector, False), Task(guest, level_pin, level_vector, True)]
+        tasks = [IoapicTask(guest, edge_pin, edge_vector, False), IoapicTask(guest, level_pin, level_vector, True)]
         for task in tasks:
             ctx.call("route", task)
         return {"tasks": tasks, "before": before, "after": ioapic.read(guest.vcpu.vm)}
@@ -103,7 +103,7 @@ def _pulse_scenario(ctx: Context) -> dict:
         guest.apic_enable(auto_eoi=True)          # the handler EOIs: this part is about the line only
         guest.ioapic_route(pin, RedirectionEntry(vector=vector))
         guest.command(Command.STI)
-        task = Task(guest, pin, vector, False)
+        task = IoapicTask(guest, pin, vector, False)
         rounds = []
         for _ in range(count):
             sends = len(ctx.trace.sends)
@@ -140,7 +140,7 @@ def _acknowledge_scenario(ctx: Context) -> dict:
         guest.apic_enable(auto_eoi=False)         # the handler does not EOI: that is acknowledge()'s job
         guest.ioapic_route(pin, RedirectionEntry(vector=vector, level_triggered=True))
         guest.command(Command.STI)
-        task = Task(guest, pin, vector, True)
+        task = IoapicTask(guest, pin, vector, True)
         rounds = []
         for _ in range(count):
             seen = len(guest.log())

@@ -22,7 +22,7 @@ WAKE_STATS = ("halt_wakeup", "halt_exits", "signal_exits", "exits")
 
 
 @dataclasses.dataclass
-class Task:
+class MsiIrqfdTask:
     vm: Vm
     cpus: list[GuestSession]       # one session per vCPU; cpus[i] has APIC ID i
     destination: int               # the APIC ID the interrupt must reach
@@ -35,7 +35,7 @@ class Task:
         return self.cpus[self.destination]
 
     def __repr__(self) -> str:
-        return (f"Task(destination={self.destination}, vector={self.vector:#x}, gsi={self.gsi}, "
+        return (f"MsiIrqfdTask(destination={self.destination}, vector={self.vector:#x}, gsi={self.gsi}, "
                 f"cpus=<{len(self.cpus)} long-mode guests, LAPICs enabled, IF=1>)")
 
 
@@ -54,18 +54,18 @@ def _scenario(ctx: Context, body) -> dict:
         for cpu in cpus:
             cpu.apic_enable()
             cpu.command(Command.STI)
-        task = Task(cpus[0].vcpu.vm, cpus, destination, vector, gsi)
+        task = MsiIrqfdTask(cpus[0].vcpu.vm, cpus, destination, vector, gsi)
         result = body(task)
         result["task"] = task
         result.setdefault("logs", _logs(task))
         return result
 
 
-def _logs(task: Task) -> list[list[tuple[int, int, int]]]:
+def _logs(task: MsiIrqfdTask) -> list[list[tuple[int, int, int]]]:
     return [[(r.vector, r.cpu, r.rip) for r in cpu.log()] for cpu in task.cpus]
 
 
-def _delivered(task: Task, logs: list[list[tuple[int, int, int]]], what: str) -> str:
+def _delivered(task: MsiIrqfdTask, logs: list[list[tuple[int, int, int]]], what: str) -> str:
     """Fail unless exactly one interrupt, ``task.vector`` on ``task.destination``, was logged."""
     taken = [(vector, cpu) for log in logs for vector, cpu, _ in log]
     want = (task.vector, task.destination)
@@ -91,7 +91,7 @@ def _describe(send: SendRecord) -> str:
 # -- step 1: KVM_SIGNAL_MSI ---------------------------------------------------------------------
 
 def _send(ctx: Context) -> dict:
-    def body(task: Task) -> dict:
+    def body(task: MsiIrqfdTask) -> dict:
         ctx.trace.clear()
         composed = ctx.trace.composed
         ctx.call("send_msi", task)
@@ -122,7 +122,7 @@ def check_send(ctx: Context) -> str:
 # -- step 2: the route --------------------------------------------------------------------------
 
 def _route(ctx: Context) -> dict:
-    def body(task: Task) -> dict:
+    def body(task: MsiIrqfdTask) -> dict:
         composed = ctx.trace.composed
         ctx.call("route", task)
         composed = ctx.trace.composed - composed
@@ -151,7 +151,7 @@ def check_route(ctx: Context) -> str:
 # -- steps 3 and 4: the irqfd wakes the halted vCPU ---------------------------------------------
 
 def _wake(ctx: Context) -> dict:
-    def body(task: Task) -> dict:
+    def body(task: MsiIrqfdTask) -> dict:
         ctx.call("route", task)
         target = task.target
         stats = target.vcpu.stats       # KVM_GET_STATS_FD needs the vCPU: open it before any thread runs it
@@ -166,7 +166,7 @@ def _wake(ctx: Context) -> dict:
     return ctx.once("wake", lambda ctx: _scenario(ctx, body))
 
 
-def _control(task: Task, stats) -> dict:
+def _control(task: MsiIrqfdTask, stats) -> dict:
     """The same wait with no trigger: once blocked, the vCPU stays halted CONTROL_S; then the checker raises the GSI.
 
     Judged by what the guest took (its log, ``irq_injections``), not by ``halt_wakeup``: KVM may wake a

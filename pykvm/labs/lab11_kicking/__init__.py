@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from ... import delivery
 from ...core.constants import Cap
 from ...core.errors import PyKvmError, VcpuThreadError
 from ...core.exits import Exit, HltExit, IntrExit
 from ...core.system import Kvm
 from ...core.vcpu import Vcpu, install_kick_handler
 from ...guests import Command
+from ...hosts import delivery_latency
+from ...hosts.delivery_latency import PathMeasurement
 from ...runtime import VcpuThread
 from ..framework import Context, ExitRecord, Fail, Lab, Step, Support, lab_folder
 from ..guest_task import booted
@@ -57,7 +58,7 @@ def _kick_scenario(ctx: Context, early: bool) -> dict:
     with booted() as guest:
         vcpu = guest.vcpu
         stats = vcpu.stats        # KVM_GET_STATS_FD waits for KVM_RUN: open it before the thread runs
-        guest.send(Command.SPIN, delivery.FOREVER)
+        guest.send(Command.SPIN, delivery_latency.FOREVER)
         one = _OneRun(vcpu)
         runner = VcpuThread(vcpu, one)
         one.ready.wait(KICK_WAIT_S)
@@ -124,20 +125,20 @@ class Measured:
 
     path: str
     state: str
-    result: delivery.PathMeasurement
+    result: PathMeasurement
     exits: list[ExitRecord]
 
 
 @dataclasses.dataclass
-class Task:
-    state: str                   # one of pykvm.delivery.STATES: where the target vCPU is
+class KickingTask:
+    state: str                   # one of pykvm.hosts.delivery_latency.STATES: where the target vCPU is
     kernel_path: str             # "irqfd" or "msi": the in-kernel path to compare with the kick
     count: int                   # interrupts per measurement
-    measure: Callable[[str, str], delivery.PathMeasurement]   # measure(path, state)
+    measure: Callable[[str, str], PathMeasurement]   # measure(path, state)
 
     def __repr__(self) -> str:
-        return (f"Task(state={self.state!r} ({delivery.STATES[self.state]}), kernel_path={self.kernel_path!r}, "
-                f"count={self.count})")
+        return (f"KickingTask(state={self.state!r} ({delivery_latency.STATES[self.state]}), "
+                f"kernel_path={self.kernel_path!r}, count={self.count})")
 
 
 def _measure_scenario(ctx: Context, state: str) -> dict:
@@ -146,20 +147,20 @@ def _measure_scenario(ctx: Context, state: str) -> dict:
     ctx.load()
     recorded: list[Measured] = []
     with Kvm() as kvm:
-        def measure(path: str, state: str) -> delivery.PathMeasurement:
+        def measure(path: str, state: str) -> PathMeasurement:
             before = len(ctx.trace.exits)
-            result = delivery.measure(kvm, path, state, count, round_index=len(recorded))
+            result = delivery_latency.measure(kvm, path, state, count, round_index=len(recorded))
             caller = threading.get_ident()
             exits = [record for record in ctx.trace.exits[before:] if record.thread != caller]
             recorded.append(Measured(path, state, result, exits[:-1]))
             return result
 
-        def own(round_index: int) -> dict[str, delivery.PathMeasurement]:
+        def own(round_index: int) -> dict[str, PathMeasurement]:
             return {path: _own_measurement(kvm, path, state, count, round_index) for path in ("kick", kernel_path)}
 
         before = own(100)                       # the checker's measurement, just before the student's
         ctx.trace.clear()
-        task = Task(state, kernel_path, count, measure)
+        task = KickingTask(state, kernel_path, count, measure)
         numbers = ctx.call("measure", task)
         students = list(recorded)
         after = None
@@ -169,20 +170,20 @@ def _measure_scenario(ctx: Context, state: str) -> dict:
     return {"task": task, "numbers": numbers, "recorded": students, "own": [m for m in (before, after) if m]}
 
 
-def _own_measurement(kvm: Kvm, path: str, state: str, count: int, round_index: int) -> delivery.PathMeasurement:
-    """The checker's measurement; one retry if an interrupt took longer than delivery's timeout (a load spike)."""
+def _own_measurement(kvm: Kvm, path: str, state: str, count: int, round_index: int) -> PathMeasurement:
+    """The checker's measurement; one retry if an interrupt took longer than DELIVERY_TIMEOUT (a load spike)."""
     try:
-        return delivery.measure(kvm, path, state, count, round_index=round_index)
+        return delivery_latency.measure(kvm, path, state, count, round_index=round_index)
     except PyKvmError as first:
         try:
-            return delivery.measure(kvm, path, state, count, round_index=round_index + 1000)
+            return delivery_latency.measure(kvm, path, state, count, round_index=round_index + 1000)
         except PyKvmError as second:
             load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
             raise Fail(f"the checker's own measurement of {path}, {state} failed twice ({first}; then {second}); "
                        f"the machine is busy (load average {load}): run the check again") from None
 
 
-def _metric(results: list[delivery.PathMeasurement]) -> tuple[Callable[[delivery.PathMeasurement], float], str]:
+def _metric(results: list[PathMeasurement]) -> tuple[Callable[[PathMeasurement], float], str]:
     """What measurements are compared by: the TSC latency p50, or, if any of them saw the guest's TSC
     disagree with the host's, the host round-trip p50 (host clock only) for all of them."""
     if any(r.negative_latencies or not all(offset.consistent for offset in r.offsets) for r in results):
@@ -190,7 +191,7 @@ def _metric(results: list[delivery.PathMeasurement]) -> tuple[Callable[[delivery
     return (lambda r: r.p50_us), "latency p50s"
 
 
-def _tolerance(results: list[delivery.PathMeasurement]) -> float:
+def _tolerance(results: list[PathMeasurement]) -> float:
     """MAGNITUDE, or the widest interquartile spread (p75/p25) of these measurements' host round trips if larger."""
     spreads = []
     for result in results:
@@ -199,7 +200,7 @@ def _tolerance(results: list[delivery.PathMeasurement]) -> float:
     return max([MAGNITUDE, *spreads])
 
 
-def _agrees(mine: dict[str, delivery.PathMeasurement], own: dict[str, delivery.PathMeasurement]) -> bool:
+def _agrees(mine: dict[str, PathMeasurement], own: dict[str, PathMeasurement]) -> bool:
     """Whether each of the student's measurements is within the tolerance of the checker's, same metric."""
     everything = [*mine.values(), *own.values()]
     value, _ = _metric(everything)
@@ -221,7 +222,7 @@ def _judge_state(ctx: Context, state: str) -> str:
         wrong = [m.state for m in made if m.state != state]
         if wrong:
             raise Fail(f"your {path} number comes from a measurement of state {wrong[0]!r}; this task's state is "
-                       f"{state!r} ({delivery.STATES[state]})")
+                       f"{state!r} ({delivery_latency.STATES[state]})")
         mine[path] = made[-1]
         number, result = numbers[path], made[-1].result
         if not isinstance(number, (int, float)) or not math.isclose(number, result.p50_us, rel_tol=AGREE):
@@ -256,7 +257,7 @@ def _userspace_exits(measured: Measured, kind: type) -> int:
     return sum(isinstance(record.exit, kind) for record in measured.exits)
 
 
-def _judge_exits(task: Task, mine: dict[str, Measured]) -> None:
+def _judge_exits(task: KickingTask, mine: dict[str, Measured]) -> None:
     """The kick costs an exit to userspace per interrupt; the kernel path none."""
     kick, kernel = mine["kick"], mine[task.kernel_path]
     count = kick.result.count
@@ -276,7 +277,7 @@ def _judge_exits(task: Task, mine: dict[str, Measured]) -> None:
                    f"interrupts; KVM delivers this path without leaving KVM_RUN")
 
 
-def _exit_summary(task: Task, mine: dict[str, Measured]) -> str:
+def _exit_summary(task: KickingTask, mine: dict[str, Measured]) -> str:
     kick, kernel = mine["kick"], mine[task.kernel_path]
     return (f"exits to userspace per interrupt: kick {len(kick.exits) / kick.result.count:.2f} (signal exits "
             f"{kick.result.per_interrupt('signal_exits'):.2f}), {task.kernel_path} "

@@ -15,8 +15,8 @@ def kick(vcpu, thread: int) -> None:
 def measure(task) -> dict:
     """{"kick": p50 us, task.kernel_path: p50 us}, both measured with the target vCPU in task.state."""
     print("task:", task)
-    # TODO (sheet.md, step 3): task.measure(path, state) is pykvm.delivery.measure with this run's
-    #      KVM and task.count; it returns a PathMeasurement (p50_us, host_p50_us, counters, ...).
+    # TODO (sheet.md, step 3): task.measure(path, state) is pykvm.hosts.delivery_latency.measure with
+    #      this run's KVM and task.count; it returns a PathMeasurement (p50_us, host_p50_us, counters, ...).
     #      Print what you need to answer the questions.
     raise NotImplementedError("TODO: measure() (sheet.md, step 3)")
 

@@ -41,7 +41,7 @@ LVT_MASKED = 1 << 16
 
 
 @dataclasses.dataclass
-class Task:
+class TimerTask:
     guest: GuestSession
     vector: int
     period_ns: int = 0           # periodic / one-shot: the interval asked for
@@ -59,7 +59,7 @@ class Task:
             fields += [f"delay_tsc={self.delay_tsc}", f"tsc_khz={self.tsc_khz}"]
         if self.pit_count:
             fields += [f"pit_count={self.pit_count}"]
-        return f"Task({', '.join(fields)})"
+        return f"TimerTask({', '.join(fields)})"
 
 
 @contextlib.contextmanager
@@ -126,7 +126,7 @@ def _periodic(ctx: Context) -> dict:
     ctx.load()
     with _lapic_guest() as guest:
         divide = rng.choice(DIVIDES)
-        task = Task(guest, rng.randrange(0x40, 0xF0), period_ns=rng.randrange(*PERIODS) * 128_000, divide=divide)
+        task = TimerTask(guest, rng.randrange(0x40, 0xF0), period_ns=rng.randrange(*PERIODS) * 128_000, divide=divide)
         ctx.call("periodic", task)
         ticked = _can_fire(lapic.read(guest.vcpu)) and _wait(guest, TICKS)
         state = lapic.read(guest.vcpu)
@@ -177,7 +177,7 @@ def _one_shot(ctx: Context) -> dict:
     rng = ctx.random("one_shot")
     ctx.load()
     with _lapic_guest() as guest:
-        task = Task(guest, rng.randrange(0x40, 0xF0), period_ns=rng.randrange(*ONE_SHOTS) * 128_000,
+        task = TimerTask(guest, rng.randrange(0x40, 0xF0), period_ns=rng.randrange(*ONE_SHOTS) * 128_000,
                     divide=rng.choice(DIVIDES))
         before = _guest_tsc(guest)
         ctx.call("one_shot", task)
@@ -229,7 +229,7 @@ def _tsc_deadline(ctx: Context) -> dict:
         if not offered:
             return {"offered": False}
         tsc_khz = vcpu.tsc_khz
-        task = Task(guest, rng.randrange(0x40, 0xF0), delay_tsc=rng.randrange(2000, 8000) * tsc_khz // 1000,
+        task = TimerTask(guest, rng.randrange(0x40, 0xF0), delay_tsc=rng.randrange(2000, 8000) * tsc_khz // 1000,
                     tsc_khz=tsc_khz)
         before = _guest_tsc(guest)
         ctx.call("tsc_deadline", task)
@@ -276,7 +276,7 @@ def _pit(ctx: Context) -> dict:
         [guest] = boot_cpus(vm, "long", 1, explain=explain_exit)
         guest.apic_enable()                   # the 8259 reaches the CPU through LINT0 (ExtINT)
         base = rng.randrange(4, 15) * 8
-        task = Task(guest, base, pit_count=round(rng.randrange(*PIT_PERIODS_MS) / 1000 * pit.PIT_HZ), vm=vm)
+        task = TimerTask(guest, base, pit_count=round(rng.randrange(*PIT_PERIODS_MS) / 1000 * pit.PIT_HZ), vm=vm)
         tsc_before = guest.vcpu.get_msrs([TSC_MSR])[TSC_MSR]       # the guest's TSC before the PIT is programmed
         ctx.call("pit", task)
         # The image's handlers EOI only the LAPIC: put the 8259 in automatic-EOI mode (ICW4 bit 1)

@@ -71,7 +71,7 @@ ASKED = 2                     # requests per run
 
 
 @dataclasses.dataclass
-class Task:
+class KvmRequestTask:
     name: str                 # the request, without KVM_REQ_
     vm: Vm
     vcpu: Vcpu                # stopped at the guest's `out` in its loop (IF=1)
@@ -79,7 +79,7 @@ class Task:
     msr: int                  # the MSR the guest reads in its loop
 
     def __repr__(self) -> str:
-        return f"Task(name={self.name!r}, vector={self.vector:#x}, msr={self.msr:#x})"
+        return f"KvmRequestTask(name={self.name!r}, vector={self.vector:#x}, msr={self.msr:#x})"
 
 
 def available(kvm: Kvm) -> list[str]:
@@ -159,7 +159,7 @@ def _scenario(index: int) -> Callable[[Context], dict]:
             else:
                 raise Fail(f"the checker's sandbox guest did not reach its loop (last exit {exit!r})")
             control = _window(vm, vcpu, lambda: None)
-            task = Task(name, vm, vcpu, vector, LOOP_MSR)
+            task = KvmRequestTask(name, vm, vcpu, vector, LOOP_MSR)
 
             def action() -> None:
                 ctx.call("trigger", task)

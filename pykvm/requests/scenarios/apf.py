@@ -33,8 +33,8 @@ from .common import (
     PORT_LOOP,
     PORT_READY,
     UNREACHABLE,
-    Outcome,
-    Timeline,
+    ScenarioRecorder,
+    ScenarioResult,
     is_port,
     machine,
     request,
@@ -143,9 +143,9 @@ EVENTS = ("kvm:kvm_try_async_get_page", "kvm:kvm_async_pf_not_present", "kvm:kvm
           "kvm:kvm_async_pf_ready", "kvm:kvm_inj_exception")
 
 
-def _async_pf(name: str, control: bool, wait_for_ready: bool, enable: bool = True) -> tuple[Timeline, dict]:
+def _async_pf(name: str, control: bool, wait_for_ready: bool, enable: bool = True) -> tuple[ScenarioRecorder, dict]:
     """Run the guest against a page provided 300 ms late (or placed first, ``control``): timeline and evidence."""
-    t = Timeline(name, control)
+    t = ScenarioRecorder(name, control)
     evidence: dict = {}
     with machine(irqchip="kernel") as (vm, vcpu):
         slot = vm.memory.add_slot(EXTRA_SLOT_GPA, 0x10000)
@@ -232,7 +232,7 @@ def asynchronous_faults() -> dict:
     return dict(_probe())
 
 
-def apf_ready(control: bool = False) -> Outcome:
+def apf_ready(control: bool = False) -> ScenarioResult:
     """Enabling async PF, and each completed async PF, raise KVM_REQ_APF_READY: a "page ready" interrupt."""
     t, e = _async_pf("APF_READY", control, wait_for_ready=True, enable=not control)
     if control:
@@ -252,11 +252,11 @@ def apf_ready(control: bool = False) -> Outcome:
     return t.verdict(seen, why)
 
 
-def apf_halt(control: bool = False) -> Outcome:
+def apf_halt(control: bool = False) -> ScenarioResult:
     """A guest retrying the access to a page still on its way: KVM raises KVM_REQ_APF_HALT and halts the vCPU."""
     probe = asynchronous_faults()
     if not probe["async"]:
-        t = Timeline("APF_HALT", control)
+        t = ScenarioRecorder("APF_HALT", control)
         t.outcome.evidence.update(probe)
         threads = ", ".join(str(fault["thread"]) for fault in probe["faults"]) or "no thread"
         t.add("note", f"probe: a guest with async PF enabled touched a page provided {DELAY * 1000:.0f} ms late; "
@@ -318,4 +318,4 @@ REQUESTS = (
         intel=OBSERVED,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {"APF_HALT": apf_halt, "APF_READY": apf_ready}
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {"APF_HALT": apf_halt, "APF_READY": apf_ready}

@@ -38,8 +38,8 @@ from .common import (
     PORT_READY,
     SYS_MODULE,
     UNREACHABLE,
-    Outcome,
-    Timeline,
+    ScenarioRecorder,
+    ScenarioResult,
     is_on,
     is_port,
     machine,
@@ -53,7 +53,7 @@ VECTOR = 0x45           # the vector the EOI scenarios deliver
 GSI = 5                 # below the IOAPIC_NUM_PINS GSIs pykvm's split irqchip reserves for the userspace IOAPIC
 
 
-def _unreachable_without_split(t: Timeline) -> Outcome | None:
+def _unreachable_without_split(t: ScenarioRecorder) -> ScenarioResult | None:
     """``t.unreachable(...)`` naming the capability a split-irqchip scenario lacks here (checked now), else None."""
     with pykvm.Kvm() as kvm:
         for cap in (Cap.SPLIT_IRQCHIP, Cap.IRQ_ROUTING, Cap.SIGNAL_MSI):
@@ -100,9 +100,9 @@ def _describe_lateness(report: dict[str, Any]) -> str:
     return f"late: the guest had run {report['spins_before_exit']} of its {SPIN} spin iterations"
 
 
-def report_tpr_access(control: bool = False) -> Outcome:
+def report_tpr_access(control: bool = False) -> ScenarioResult:
     """KVM_TPR_ACCESS_REPORTING makes each guest TPR access raise KVM_REQ_REPORT_TPR_ACCESS: a TPR exit."""
-    t = Timeline("REPORT_TPR_ACCESS", control)
+    t = ScenarioRecorder("REPORT_TPR_ACCESS", control)
     if (missing := _unreachable_without_split(t)) is not None:
         return missing
     with machine("split") as (vm, vcpu):
@@ -169,7 +169,8 @@ def _is_eoi_or_handler(exit: Exit) -> bool:
     return isinstance(exit, IoapicEoiExit) or is_port(PORT_HANDLER)(exit)
 
 
-def run_eoi_guest(t: Timeline, vm: pykvm.Vm, vcpu: pykvm.Vcpu, host_action: Callable[[], None]) -> dict[str, Any]:
+def run_eoi_guest(t: ScenarioRecorder, vm: pykvm.Vm, vcpu: pykvm.Vcpu,
+                  host_action: Callable[[], None]) -> dict[str, Any]:
     """Run EOI_GUEST to its idle loop, do ``host_action`` (routes, the interrupt), run it until its handler is done.
 
     Returns the evidence: the EOI exits' vectors, where the guest was at the
@@ -204,9 +205,9 @@ def run_eoi_guest(t: Timeline, vm: pykvm.Vm, vcpu: pykvm.Vcpu, host_action: Call
             "guest_eoi_events": guest_eois, "route_reads_while_running": route_reads}
 
 
-def ioapic_eoi_exit(control: bool = False) -> Outcome:
+def ioapic_eoi_exit(control: bool = False) -> ScenarioResult:
     """The guest EOIs a level vector of a reserved GSI: KVM_REQ_IOAPIC_EOI_EXIT, a KVM_EXIT_IOAPIC_EOI."""
-    t = Timeline("IOAPIC_EOI_EXIT", control)
+    t = ScenarioRecorder("IOAPIC_EOI_EXIT", control)
     if (missing := _unreachable_without_split(t)) is not None:
         return missing
     with machine("split") as (vm, vcpu):
@@ -229,7 +230,7 @@ def ioapic_eoi_exit(control: bool = False) -> Outcome:
                                + (", some guest instructions later (guest code runs in batches)" if late else ""))
 
 
-def _scan_trigger(t: Timeline, vm: pykvm.Vm, control: bool) -> Callable[[], None]:
+def _scan_trigger(t: ScenarioRecorder, vm: pykvm.Vm, control: bool) -> Callable[[], None]:
     """The host action of the scan scenarios: the same level MSI in both runs, a route installed only as trigger."""
     def action() -> None:
         if control:
@@ -243,9 +244,9 @@ def _scan_trigger(t: Timeline, vm: pykvm.Vm, control: bool) -> Callable[[], None
     return action
 
 
-def scan_ioapic(control: bool = False) -> Outcome:
+def scan_ioapic(control: bool = False) -> ScenarioResult:
     """KVM_SET_GSI_ROUTING raises KVM_REQ_SCAN_IOAPIC: the rescan puts the route's vector in the EOI-exit set."""
-    t = Timeline("SCAN_IOAPIC", control)
+    t = ScenarioRecorder("SCAN_IOAPIC", control)
     if (missing := _unreachable_without_split(t)) is not None:
         return missing
     with machine("split") as (vm, vcpu):
@@ -285,9 +286,9 @@ def _apicv_on(parameters: dict[str, str]) -> bool:
     return any(is_on(value) for name, value in parameters.items() if not name.endswith("flexpriority"))
 
 
-def load_eoi_exitmap(control: bool = False) -> Outcome:
+def load_eoi_exitmap(control: bool = False) -> ScenarioResult:
     """Every IOAPIC scan raises KVM_REQ_LOAD_EOI_EXITMAP; its bitmap only matters with APICv / AVIC on."""
-    t = Timeline("LOAD_EOI_EXITMAP", control)
+    t = ScenarioRecorder("LOAD_EOI_EXITMAP", control)
     if (missing := _unreachable_without_split(t)) is not None:
         return missing
     parameters = apicv_parameters()
@@ -311,7 +312,7 @@ def load_eoi_exitmap(control: bool = False) -> Outcome:
                                                         "EOI-exit bitmap had the vector")
 
 
-def _no_trigger_yet(t: Timeline, why: str) -> Outcome:
+def _no_trigger_yet(t: ScenarioRecorder, why: str) -> ScenarioResult:
     """The host could raise the request but pykvm has no trigger: not implemented; its control ran nothing either."""
     if t.outcome.control:
         return t.verdict(False, "", "nothing run: pykvm has no trigger for it on this host")
@@ -319,9 +320,9 @@ def _no_trigger_yet(t: Timeline, why: str) -> Outcome:
     return t.outcome
 
 
-def apicv_update(control: bool = False) -> Outcome:
+def apicv_update(control: bool = False) -> ScenarioResult:
     """KVM_REQ_APICV_UPDATE follows a change of APICv inhibits; with APICv off, none ever changes."""
-    t = Timeline("APICV_UPDATE", control)
+    t = ScenarioRecorder("APICV_UPDATE", control)
     parameters = apicv_parameters()
     if not _apicv_on(parameters):
         return t.unreachable(f"needs APICv or AVIC: {_switches(parameters)} (read now); with it off KVM never "
@@ -363,7 +364,7 @@ def _covering(recording: trace.Recording, address: int) -> int:
     return sum(1 for e in recording.named("kvm:kvm_unmap_hva_range") if e["start"] <= address < e["end"])
 
 
-def apic_page_reload(control: bool = False) -> Outcome:
+def apic_page_reload(control: bool = False) -> ScenarioResult:
     """madvise(MADV_DONTNEED) on KVM's APIC-access page: KVM_REQ_APIC_PAGE_RELOAD looks it up again at entry.
 
     kvm_intel with flexpriority only: its vCPU creation maps the page into this
@@ -373,7 +374,7 @@ def apic_page_reload(control: bool = False) -> Outcome:
     touches it (vmx_set_apic_access_page_addr() faults it in to get its
     address), and a kvm_unmap_hva_range event covers it.
     """
-    t = Timeline("APIC_PAGE_RELOAD", control)
+    t = ScenarioRecorder("APIC_PAGE_RELOAD", control)
     parameters = apicv_parameters()
     if not any(is_on(value) for value in parameters.values()):
         return t.unreachable(f"needs KVM's APIC-access page, allocated only with kvm_intel flexpriority/enable_apicv "
@@ -543,7 +544,7 @@ REQUESTS = (
         intel=OBSERVED,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {
     "REPORT_TPR_ACCESS": report_tpr_access,
     "IOAPIC_EOI_EXIT": ioapic_eoi_exit,
     "SCAN_IOAPIC": scan_ioapic,

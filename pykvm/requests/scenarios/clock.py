@@ -33,8 +33,8 @@ from .common import (
     PVCLOCK_GUEST_STOPPED,
     PVCLOCK_TSC_STABLE,
     UNREACHABLE,
-    Outcome,
-    Timeline,
+    ScenarioRecorder,
+    ScenarioResult,
     io_port,
     is_port,
     machine,
@@ -87,9 +87,9 @@ def pinned(cpu: int) -> Iterator[None]:
 
 # ---- CLOCK_UPDATE ----------------------------------------------------------------
 
-def clock_update(control: bool = False) -> Outcome:
+def clock_update(control: bool = False) -> ScenarioResult:
     """KVM_SET_CLOCK and KVM_KVMCLOCK_CTRL raise KVM_REQ_CLOCK_UPDATE: the guest's kvmclock record is rewritten."""
-    t = Timeline("CLOCK_UPDATE", control)
+    t = ScenarioRecorder("CLOCK_UPDATE", control)
     with machine() as (vm, vcpu):
         x86.load_code(vcpu, kvmclock_guest())
         run_until(vcpu, t, is_port(PORT_READY))
@@ -160,10 +160,10 @@ def spin(vm: pykvm.Vm, vcpus: Sequence[pykvm.Vcpu], records: Sequence[int], seco
     return changes
 
 
-def global_clock_update(control: bool = False) -> Outcome:
+def global_clock_update(control: bool = False) -> ScenarioResult:
     """A guest write of MSR_KVM_SYSTEM_TIME_NEW raises KVM_REQ_GLOBAL_CLOCK_UPDATE: every vCPU's kvmclock record
     is rewritten, the writer's now and the others' 100 ms later (kvmclock_update_work)."""
-    t = Timeline("GLOBAL_CLOCK_UPDATE", control)
+    t = ScenarioRecorder("GLOBAL_CLOCK_UPDATE", control)
     with machine() as (vm, vcpu), pinned(min(os.sched_getaffinity(0))):
         other = vm.create_vcpu()
         x86.load_code(vcpu, kvmclock_guest(DATA))
@@ -210,10 +210,10 @@ def global_clock_update(control: bool = False) -> Outcome:
 
 # ---- MASTERCLOCK_UPDATE ----------------------------------------------------------
 
-def masterclock_update(control: bool = False) -> Outcome:
+def masterclock_update(control: bool = False) -> ScenarioResult:
     """The boot vCPU switching kvmclock MSRs, and a host write of IA32_TSC, raise KVM_REQ_MASTERCLOCK_UPDATE:
     KVM recomputes the master clock (kvm_update_master_clock) and every kvmclock record follows it."""
-    t = Timeline("MASTERCLOCK_UPDATE", control)
+    t = ScenarioRecorder("MASTERCLOCK_UPDATE", control)
     events = ("kvm:kvm_update_master_clock", "kvm:kvm_track_tsc", "kvm:kvm_pvclock_update")
     with machine() as (vm, vcpu), pinned(min(os.sched_getaffinity(0))):
         x86.load_code(vcpu, kvmclock_guest())
@@ -279,9 +279,9 @@ loop:   out %al, $0x10
 """
 
 
-def steal_update(control: bool = False) -> Outcome:
+def steal_update(control: bool = False) -> ScenarioResult:
     """Every vCPU load raises KVM_REQ_STEAL_UPDATE; with MSR_KVM_STEAL_TIME on, each entry rewrites the record."""
-    t = Timeline("STEAL_UPDATE", control)
+    t = ScenarioRecorder("STEAL_UPDATE", control)
     with machine() as (vm, vcpu):
         x86.load_code(vcpu, STEAL_UNUSED_GUEST if control else STEAL_GUEST)
         t.host(
@@ -343,10 +343,10 @@ def runs_function(event: trace.TraceEvent, symbol: str, address: int | None) -> 
     return str(value).split("+", 1)[0].strip() == symbol
 
 
-def migrate_timer(control: bool = False) -> Outcome:
+def migrate_timer(control: bool = False) -> ScenarioResult:
     """Loading the vCPU on another host CPU raises KVM_REQ_MIGRATE_TIMER: the LAPIC timer's hrtimer is cancelled
     and started again on the new CPU (__kvm_migrate_apic_timer), keeping its expiry."""
-    t = Timeline("MIGRATE_TIMER", control)
+    t = ScenarioRecorder("MIGRATE_TIMER", control)
     allowed = sorted(os.sched_getaffinity(0))
     with pykvm.Kvm() as kvm:
         if not kvm.check_extension(pykvm.Cap.IRQCHIP):
@@ -487,7 +487,7 @@ REQUESTS = (
         intel=UNREACHABLE,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {
     "CLOCK_UPDATE": clock_update,
     "GLOBAL_CLOCK_UPDATE": global_clock_update,
     "MASTERCLOCK_UPDATE": masterclock_update,

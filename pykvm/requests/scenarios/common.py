@@ -104,7 +104,7 @@ class Step:
 
 
 @dataclasses.dataclass
-class Outcome:
+class ScenarioResult:
     """What one run of a scenario measured."""
 
     request: str
@@ -139,11 +139,11 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-class Timeline:
+class ScenarioRecorder:
     """Collects the steps of a run and the evidence it found."""
 
     def __init__(self, request: str, control: bool) -> None:
-        self.outcome = Outcome(request, control, NO_EFFECT, "")
+        self.outcome = ScenarioResult(request, control, NO_EFFECT, "")
         self.traced: trace.Recording | None = None
         self.trace_problem = ""
 
@@ -190,12 +190,12 @@ class Timeline:
             self.add("trace", "not on this kernel: " + ", ".join(recording.missing))
         self.traced = recording
 
-    def unreachable(self, why: str) -> Outcome:
+    def unreachable(self, why: str) -> ScenarioResult:
         """This host lacks what the request needs (``why`` names it, checked now): trigger and control alike."""
         self.outcome.verdict, self.outcome.why = UNREACHABLE, why
         return self.outcome
 
-    def verdict(self, seen: bool, why: str, absent_why: str = "") -> Outcome:
+    def verdict(self, seen: bool, why: str, absent_why: str = "") -> ScenarioResult:
         """``observed`` when ``seen``; the control run's verdict says whether the evidence stayed absent."""
         outcome = self.outcome
         if outcome.control:
@@ -216,7 +216,7 @@ def machine(irqchip: str = "none", memory_size: int | None = None) -> Iterator[t
 RUN_DEADLINE = 60.0      # seconds one run_until() may take: each is a short guest step, even under emulation
 
 
-def run_until(vcpu: pykvm.Vcpu, timeline: Timeline, accept: Callable[[Exit], bool], limit: int = 50,
+def run_until(vcpu: pykvm.Vcpu, timeline: ScenarioRecorder, accept: Callable[[Exit], bool], limit: int = 50,
               deadline: float = RUN_DEADLINE) -> Exit:
     """Run until an exit ``accept`` takes (every exit goes on the timeline).
 
@@ -245,7 +245,7 @@ def run_until(vcpu: pykvm.Vcpu, timeline: Timeline, accept: Callable[[Exit], boo
         return exit
 
 
-def _run_until(vcpu: pykvm.Vcpu, timeline: Timeline, accept: Callable[[Exit], bool], runs: Iterator[int],
+def _run_until(vcpu: pykvm.Vcpu, timeline: ScenarioRecorder, accept: Callable[[Exit], bool], runs: Iterator[int],
                deadline: float) -> Exit:
     expired: list[bool] = []
 

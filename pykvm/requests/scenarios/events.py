@@ -9,7 +9,18 @@ from pykvm import x86
 from pykvm.core.constants import VcpuEventValid
 from pykvm.core.exits import ShutdownExit
 
-from .common import OBSERVED, PORT_HANDLER, PORT_READY, Outcome, Timeline, io_port, is_port, machine, request, run_until
+from .common import (
+    OBSERVED,
+    PORT_HANDLER,
+    PORT_READY,
+    ScenarioRecorder,
+    ScenarioResult,
+    io_port,
+    is_port,
+    machine,
+    request,
+    run_until,
+)
 
 # ---- EVENT ----------------------------------------------------------------------
 
@@ -25,9 +36,9 @@ handler:
 """
 
 
-def event(control: bool = False) -> Outcome:
+def event(control: bool = False) -> ScenarioResult:
     """KVM_INTERRUPT queues a vector and raises KVM_REQ_EVENT: the next entry injects it."""
-    t = Timeline("EVENT", control)
+    t = ScenarioRecorder("EVENT", control)
     with machine() as (vm, vcpu):
         x86.load_code(vcpu, EVENT_GUEST, handlers={0x40: "handler"})
         run_until(vcpu, t, is_port(PORT_READY))
@@ -59,9 +70,9 @@ nmi:    mov $2, %eax
 """
 
 
-def nmi(control: bool = False) -> Outcome:
+def nmi(control: bool = False) -> ScenarioResult:
     """KVM_NMI raises KVM_REQ_NMI: the next entry moves it to nmi.pending and injects vector 2."""
-    t = Timeline("NMI", control)
+    t = ScenarioRecorder("NMI", control)
     with machine() as (vm, vcpu):
         x86.load_code(vcpu, NMI_GUEST, handlers={2: "nmi"})
         run_until(vcpu, t, is_port(PORT_READY))
@@ -91,9 +102,9 @@ loop:   out %al, $0x10
 """
 
 
-def triple_fault(control: bool = False) -> Outcome:
+def triple_fault(control: bool = False) -> ScenarioResult:
     """A pending triple fault set with KVM_SET_VCPU_EVENTS raises KVM_REQ_TRIPLE_FAULT: shutdown, no entry."""
-    t = Timeline("TRIPLE_FAULT", control)
+    t = ScenarioRecorder("TRIPLE_FAULT", control)
     with machine() as (vm, vcpu):
         vm.kvm.require(pykvm.Cap.X86_TRIPLE_FAULT_EVENT, "the TRIPLE_FAULT scenario")
         vm.enable_cap(pykvm.Cap.X86_TRIPLE_FAULT_EVENT, 1)
@@ -165,4 +176,4 @@ REQUESTS = (
         intel=OBSERVED,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {"EVENT": event, "NMI": nmi, "TRIPLE_FAULT": triple_fault}
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {"EVENT": event, "NMI": nmi, "TRIPLE_FAULT": triple_fault}

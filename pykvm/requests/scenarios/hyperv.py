@@ -28,8 +28,8 @@ from .common import (
     OBSERVED,
     PORT_READY,
     UNREACHABLE,
-    Outcome,
-    Timeline,
+    ScenarioRecorder,
+    ScenarioResult,
     io_port,
     machine,
     request,
@@ -110,9 +110,9 @@ def crash_guest(trigger: bool) -> str:
     return params + crash + LOOP
 
 
-def hv_crash(control: bool = False) -> Outcome:
+def hv_crash(control: bool = False) -> ScenarioResult:
     """A guest write of CRASH_CTL with CRASH_NOTIFY raises KVM_REQ_HV_CRASH: a SYSTEM_EVENT exit of type CRASH."""
-    t = Timeline("HV_CRASH", control)
+    t = ScenarioRecorder("HV_CRASH", control)
     if missing := hyperv_missing():
         return t.unreachable(missing)
     with machine() as (vm, vcpu):
@@ -129,9 +129,9 @@ def hv_crash(control: bool = False) -> Outcome:
                          "KVM_EXIT_SYSTEM_EVENT type CRASH; the crash parameters readable with KVM_GET_MSRS")
 
 
-def hv_reset(control: bool = False) -> Outcome:
+def hv_reset(control: bool = False) -> ScenarioResult:
     """A guest write of 1 to HV_X64_MSR_RESET raises KVM_REQ_HV_RESET: a SYSTEM_EVENT exit of type RESET."""
-    t = Timeline("HV_RESET", control)
+    t = ScenarioRecorder("HV_RESET", control)
     if missing := hyperv_missing():
         return t.unreachable(missing)
     with machine() as (vm, vcpu):
@@ -152,9 +152,9 @@ def synic_machine_setup(vcpu: pykvm.Vcpu) -> None:
     vcpu.enable_cap(Cap.HYPERV_SYNIC)
 
 
-def hv_exit(control: bool = False) -> Outcome:
+def hv_exit(control: bool = False) -> ScenarioResult:
     """A guest write of a SynIC MSR raises KVM_REQ_HV_EXIT: KVM_EXIT_HYPERV (SYNIC) tells userspace."""
-    t = Timeline("HV_EXIT", control)
+    t = ScenarioRecorder("HV_EXIT", control)
     if missing := hyperv_missing(synic=True):
         return t.unreachable(missing)
     with machine(irqchip="kernel") as (vm, vcpu):
@@ -195,9 +195,9 @@ def read_timer_message(vm: pykvm.Vm) -> dict[str, int]:
             "delivery_time": delivery}
 
 
-def hv_stimer(control: bool = False) -> Outcome:
+def hv_stimer(control: bool = False) -> ScenarioResult:
     """An expired synthetic timer raises KVM_REQ_HV_STIMER: KVM posts the timer message in the SIMP page."""
-    t = Timeline("HV_STIMER", control)
+    t = ScenarioRecorder("HV_STIMER", control)
     if missing := hyperv_missing(synic=True):
         return t.unreachable(missing)
     with machine(irqchip="kernel") as (vm, vcpu):
@@ -306,5 +306,5 @@ REQUESTS = (
         intel=OBSERVED,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {
     "HV_CRASH": hv_crash, "HV_RESET": hv_reset, "HV_EXIT": hv_exit, "HV_STIMER": hv_stimer}

@@ -38,8 +38,8 @@ from .common import (
     PORT_READY,
     SYS_MODULE,
     UNREACHABLE,
-    Outcome,
-    Timeline,
+    ScenarioRecorder,
+    ScenarioResult,
     is_on,
     is_port,
     machine,
@@ -66,7 +66,7 @@ def two_dimensional_paging(sys_module: Path = SYS_MODULE) -> str:
     return ""
 
 
-def shadow_paging_only(t: Timeline) -> Outcome | None:
+def shadow_paging_only(t: ScenarioRecorder) -> ScenarioResult | None:
     """UNREACHABLE (trigger and control alike) when guest MOV CR3 is not intercepted: KVM uses NPT/EPT here."""
     tdp = two_dimensional_paging()
     if not tdp:
@@ -76,7 +76,7 @@ def shadow_paging_only(t: Timeline) -> Outcome | None:
                          "npt=0 or kvm_intel with ept=0)")
 
 
-def reported(vcpu: Vcpu, t: Timeline) -> int:
+def reported(vcpu: Vcpu, t: ScenarioRecorder) -> int:
     """The value the guest sends to PORT_READY next."""
     exit = run_until(vcpu, t, is_port(PORT_READY))
     assert isinstance(exit, IoExit)
@@ -100,9 +100,9 @@ loop:   out %al, $0x10
 """
 
 
-def mmu_free_obsolete_roots(control: bool = False) -> Outcome:
+def mmu_free_obsolete_roots(control: bool = False) -> ScenarioResult:
     """Deleting a memslot zaps all MMU pages fast and raises KVM_REQ_MMU_FREE_OBSOLETE_ROOTS: new roots next entry."""
-    t = Timeline("MMU_FREE_OBSOLETE_ROOTS", control)
+    t = ScenarioRecorder("MMU_FREE_OBSOLETE_ROOTS", control)
     events = ("kvmmmu:kvm_mmu_zap_all_fast", "kvmmmu:kvm_mmu_get_page", "kvmmmu:kvm_mmu_prepare_zap_page")
     with machine() as (vm, vcpu):
         slot = vm.memory.add_slot(EXTRA_SLOT_GPA, 0x10000)
@@ -155,9 +155,9 @@ loop:   incq {DATA:#x}                 # dirty a page on every round
 """
 
 
-def tlb_flush(control: bool = False) -> Outcome:
+def tlb_flush(control: bool = False) -> ScenarioResult:
     """KVM_GET_DIRTY_LOG write-protects the logged pages and raises KVM_REQ_TLB_FLUSH on every vCPU."""
-    t = Timeline("TLB_FLUSH", control)
+    t = ScenarioRecorder("TLB_FLUSH", control)
     with machine() as (vm, vcpu):
         x86.load_code(vcpu, TLB_GUEST)
         vm.memory.set_dirty_logging(0, True)
@@ -201,13 +201,13 @@ def smep_in_cpuid(vm: pykvm.Vm) -> bool:
     return any(e.function == 7 and e.index == 0 and e.ebx & CPUID7_EBX_SMEP for e in vm.kvm.supported_cpuid)
 
 
-def tlb_flush_current(control: bool = False) -> Outcome:
+def tlb_flush_current(control: bool = False) -> ScenarioResult:
     """The guest sets CR4.SMEP: kvm_post_set_cr4() raises KVM_REQ_TLB_FLUSH_CURRENT.
 
     The control runs the same guest with SMEP already set (KVM_SET_SREGS), so its
     MOV to CR4 exits alike but changes nothing.
     """
-    t = Timeline("TLB_FLUSH_CURRENT", control)
+    t = ScenarioRecorder("TLB_FLUSH_CURRENT", control)
     with machine() as (vm, vcpu):
         x86.load_code(vcpu, CR4_GUEST, handlers={Vector.GP: "gp"})
         offered = smep_in_cpuid(vm)
@@ -272,9 +272,9 @@ def write_sync_tables(memory: GuestMemory) -> None:
     memory.write(NEW_PAGE, struct.pack("<I", NEW_VALUE))
 
 
-def mmu_sync(control: bool = False) -> Outcome:
+def mmu_sync(control: bool = False) -> ScenarioResult:
     """A guest MOV CR3 under shadow paging: kvm_invalidate_pcid() raises KVM_REQ_MMU_SYNC (and TLB_FLUSH_CURRENT)."""
-    t = Timeline("MMU_SYNC", control)
+    t = ScenarioRecorder("MMU_SYNC", control)
     unreachable = shadow_paging_only(t)
     if unreachable is not None:
         return unreachable
@@ -355,9 +355,9 @@ done:   hlt
 """
 
 
-def load_mmu_pgd(control: bool = False) -> Outcome:
+def load_mmu_pgd(control: bool = False) -> ScenarioResult:
     """MOV CR3 to a root KVM has cached: kvm_mmu_new_pgd() reuses it and raises KVM_REQ_LOAD_MMU_PGD."""
-    t = Timeline("LOAD_MMU_PGD", control)
+    t = ScenarioRecorder("LOAD_MMU_PGD", control)
     unreachable = shadow_paging_only(t)
     if unreachable is not None:
         return unreachable
@@ -400,12 +400,12 @@ dirty:  incq (%rbx)                     # one write to each 4 KiB page
 """
 
 
-def update_cpu_dirty_logging(control: bool = False) -> Outcome:
+def update_cpu_dirty_logging(control: bool = False) -> ScenarioResult:
     """The first slot to log dirty pages makes KVM raise KVM_REQ_UPDATE_CPU_DIRTY_LOGGING (kvm_intel with PML).
 
     Elsewhere it is unreachable, with kvm_intel's ``pml`` parameter read now.
     """
-    t = Timeline("UPDATE_CPU_DIRTY_LOGGING", control)
+    t = ScenarioRecorder("UPDATE_CPU_DIRTY_LOGGING", control)
     module, name = PML_PARAMETER
     pml = module_parameter(module, name)
     if pml is None:
@@ -573,7 +573,7 @@ REQUESTS = (
         intel=OBSERVED,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {
     "TLB_FLUSH": tlb_flush,
     "TLB_FLUSH_CURRENT": tlb_flush_current,
     "MMU_FREE_OBSOLETE_ROOTS": mmu_free_obsolete_roots,

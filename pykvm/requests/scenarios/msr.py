@@ -9,7 +9,7 @@ from pykvm.core.constants import MsrExitReason, MsrFilterAccess
 from pykvm.core.exits import MsrExit
 from pykvm.core.state import MsrFilterRange
 
-from .common import OBSERVED, PORT_READY, Outcome, Timeline, is_port, machine, request, run_until
+from .common import OBSERVED, PORT_READY, ScenarioRecorder, ScenarioResult, is_port, machine, request, run_until
 
 # ---- MSR_FILTER_CHANGED ----------------------------------------------------------
 
@@ -21,9 +21,9 @@ loop:   mov $0x10, %ecx          # IA32_TIME_STAMP_COUNTER
 """
 
 
-def msr_filter_changed(control: bool = False) -> Outcome:
+def msr_filter_changed(control: bool = False) -> ScenarioResult:
     """KVM_X86_SET_MSR_FILTER raises KVM_REQ_MSR_FILTER_CHANGED: intercepts reload, the next RDMSR exits."""
-    t = Timeline("MSR_FILTER_CHANGED", control)
+    t = ScenarioRecorder("MSR_FILTER_CHANGED", control)
     with machine() as (vm, vcpu):
         vm.enable_user_space_msr(MsrExitReason.FILTER)
         t.host("KVM_ENABLE_CAP KVM_CAP_X86_USER_SPACE_MSR (reason: filter)")
@@ -74,4 +74,4 @@ REQUESTS = (
         intel=OBSERVED,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {"MSR_FILTER_CHANGED": msr_filter_changed}
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {"MSR_FILTER_CHANGED": msr_filter_changed}

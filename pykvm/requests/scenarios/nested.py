@@ -25,7 +25,7 @@ from pykvm.core.constants import Cap
 from pykvm.core.exits import HltExit, IoExit
 from pykvm.core.state import NestedState, Segment
 
-from .common import OBSERVED, PORT_HANDLER, UNREACHABLE, Outcome, Timeline, io_port, machine, request
+from .common import OBSERVED, PORT_HANDLER, UNREACHABLE, ScenarioRecorder, ScenarioResult, io_port, machine, request
 
 NESTED_PARAMETER = Path("/sys/module/kvm_amd/parameters/nested")
 VMCB12, MSRPM, IOPM = 0x30000, 0x40000, 0x44000      # vmcb12 page, 8 KiB MSR map, 12 KiB IO map (zeroed)
@@ -97,9 +97,9 @@ def nested_svm(kvm: pykvm.Kvm) -> str:
     return ""
 
 
-def get_nested_state_pages(control: bool = False) -> Outcome:
+def get_nested_state_pages(control: bool = False) -> ScenarioResult:
     """KVM_SET_NESTED_STATE in guest mode raises KVM_REQ_GET_NESTED_STATE_PAGES: L2 runs, its exits reach L1."""
-    t = Timeline("GET_NESTED_STATE_PAGES", control)
+    t = ScenarioRecorder("GET_NESTED_STATE_PAGES", control)
     with machine() as (vm, vcpu):
         lacking = nested_svm(vm.kvm)
         if lacking:
@@ -179,4 +179,4 @@ REQUESTS = (
         intel=UNREACHABLE,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {"GET_NESTED_STATE_PAGES": get_nested_state_pages}
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {"GET_NESTED_STATE_PAGES": get_nested_state_pages}

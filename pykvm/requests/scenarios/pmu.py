@@ -24,8 +24,8 @@ from .common import (
     NOT_IMPLEMENTED,
     PORT_READY,
     UNREACHABLE,
-    Outcome,
-    Timeline,
+    ScenarioRecorder,
+    ScenarioResult,
     is_port,
     machine,
     request,
@@ -73,16 +73,16 @@ loop:   out %al, ${PORT_READY:#x}
 """
 
 
-def _has_vpmu(t: Timeline, found: Vpmu) -> Outcome:
+def _has_vpmu(t: ScenarioRecorder, found: Vpmu) -> ScenarioResult:
     t.outcome.verdict = NOT_IMPLEMENTED
     t.outcome.why = (f"this host gives guests a vPMU ({found.describe()}); pykvm does not yet program a "
                      "counter to show the request's effect")
     return t.outcome
 
 
-def pmu(control: bool = False) -> Outcome:
+def pmu(control: bool = False) -> ScenarioResult:
     """KVM_SET_PMU_EVENT_FILTER raises KVM_REQ_PMU on every vCPU: without a vPMU there is nothing to reprogram."""
-    t = Timeline("PMU", control)
+    t = ScenarioRecorder("PMU", control)
     with machine() as (vm, vcpu):
         found = vpmu(vm.kvm)
         t.outcome.evidence.update(dataclasses.asdict(found), vpmu=found.present)
@@ -106,7 +106,7 @@ def pmu(control: bool = False) -> Outcome:
         return t.verdict(False, "", absent_why="no filter set, no request") if control else _no_effect(t, found)
 
 
-def _no_effect(t: Timeline, found: Vpmu) -> Outcome:
+def _no_effect(t: ScenarioRecorder, found: Vpmu) -> ScenarioResult:
     t.outcome.verdict = NO_EFFECT
     t.outcome.why = (f"KVM_SET_PMU_EVENT_FILTER was accepted and raised the request, but this host gives guests "
                      f"no vPMU ({found.describe()}, checked now): kvm_pmu_handle_event() has no counter to "
@@ -114,9 +114,9 @@ def _no_effect(t: Timeline, found: Vpmu) -> Outcome:
     return t.outcome
 
 
-def pmi(control: bool = False) -> Outcome:
+def pmi(control: bool = False) -> ScenarioResult:
     """KVM_REQ_PMI needs a virtual counter that overflows: measured now whether the host gives any."""
-    t = Timeline("PMI", control)
+    t = ScenarioRecorder("PMI", control)
     with pykvm.Kvm() as kvm:
         found = vpmu(kvm)
     t.outcome.evidence.update(dataclasses.asdict(found), vpmu=found.present)
@@ -162,4 +162,4 @@ REQUESTS = (
         intel=UNREACHABLE,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {"PMU": pmu, "PMI": pmi}
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {"PMU": pmu, "PMI": pmi}

@@ -22,8 +22,8 @@ from .common import (
     PORT_HANDLER,
     PORT_READY,
     UNREACHABLE,
-    Outcome,
-    Timeline,
+    ScenarioRecorder,
+    ScenarioResult,
     io_port,
     is_port,
     machine,
@@ -74,9 +74,9 @@ def add_smram(vm: pykvm.Vm) -> None:
 # ---- SMI ---------------------------------------------------------------------------
 
 
-def smi(control: bool = False) -> Outcome:
+def smi(control: bool = False) -> ScenarioResult:
     """KVM_SMI raises KVM_REQ_SMI: at the next entry the vCPU enters SMM and runs the handler in SMRAM."""
-    t = Timeline("SMI", control)
+    t = ScenarioRecorder("SMI", control)
     if missing := smm_missing():
         return t.unreachable(missing)
     with machine() as (vm, vcpu):
@@ -126,9 +126,9 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def vm_dead(control: bool = False) -> Outcome:
+def vm_dead(control: bool = False) -> ScenarioResult:
     """An SMI with no SMRAM in address space 1: enter_smm() cannot save the state and calls kvm_vm_dead()."""
-    t = Timeline("VM_DEAD", control)
+    t = ScenarioRecorder("VM_DEAD", control)
     if missing := smm_missing():
         return t.unreachable(missing)
     fds_before = open_fds()
@@ -201,4 +201,4 @@ REQUESTS = (
         intel=OBSERVED,
     ),
 )
-SCENARIOS: dict[str, Callable[..., Outcome]] = {"SMI": smi, "VM_DEAD": vm_dead}
+SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {"SMI": smi, "VM_DEAD": vm_dead}

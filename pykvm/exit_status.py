@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from .core.errors import KvmUnavailableError, PyKvmError
+from .startup import EXIT_INTERRUPTED  # 128 + SIGINT: the import guard, which must stay light, exits with it too
 
 EXIT_ERROR = 1
 EXIT_NO_KVM = 2
-EXIT_INTERRUPTED = 130      # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def exit_with(status: int) -> NoReturn:

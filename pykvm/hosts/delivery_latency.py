@@ -40,16 +40,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from . import guests
-from .core.binding import ffi, lib
-from .core.errors import PyKvmError
-from .core.exits import IntrExit
-from .core.interrupts import MsiMessage, MsiRoute
-from .guests import Command, GuestSession, StopKind, protocol
-from .hosts import explain_exit
-from .irqchip import UserspaceIrqController, ioapic, lapic
-from .runtime import VcpuThread
-from .x86.modes import RFLAGS_IF
+from .. import guests
+from ..core.binding import ffi, lib
+from ..core.errors import PyKvmError
+from ..core.exits import IntrExit
+from ..core.interrupts import MsiMessage, MsiRoute
+from ..guests import Command, GuestSession, StopKind, protocol
+from ..irqchip import UserspaceIrqController, ioapic, lapic
+from ..runtime import VcpuThread
+from ..x86.modes import RFLAGS_IF
+from .limits import explain_exit
 
 VECTOR = 0x61
 FOREVER = 2**32 - 1            # SPIN iterations / WAIT_LOG count that never run out

@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from pykvm import bench, delivery, demo, guests
+from pykvm import bench, demo, guests
 from pykvm.guests import Command
-from pykvm.hosts import detect
+from pykvm.hosts import delivery_latency, detect
 
 COUNT = 8
 TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
@@ -26,10 +26,10 @@ def _needs_cpus(state):
     return [] if state == "same_cpu" else [TWO_CPUS]
 
 
-@pytest.mark.parametrize("state", [pytest.param(s, marks=_needs_cpus(s)) for s in delivery.STATES])
-@pytest.mark.parametrize("path", list(delivery.PATHS))
+@pytest.mark.parametrize("state", [pytest.param(s, marks=_needs_cpus(s)) for s in delivery_latency.STATES])
+@pytest.mark.parametrize("path", list(delivery_latency.PATHS))
 def test_each_path_delivers_every_interrupt_in_each_state(kvm, path, state):
-    result = delivery.measure(kvm, path, state, COUNT)
+    result = delivery_latency.measure(kvm, path, state, COUNT)
     assert (result.count, result.state) == (COUNT, state)   # one log record per injection
     # (no sign check on the latencies: under QEMU TCG the guest and host TSCs disagree, which
     # tsc_warning() reports; see test_negative_latencies_are_reported_not_hidden)
@@ -54,26 +54,26 @@ def test_each_path_delivers_every_interrupt_in_each_state(kvm, path, state):
     assert len(result.round_trips_ns) == COUNT and min(result.round_trips_ns) > 0
 
 
-@pytest.mark.parametrize("path", delivery.C_PATHS)
+@pytest.mark.parametrize("path", delivery_latency.C_PATHS)
 def test_c_injector_baseline_delivers(kvm, path):
-    result = delivery.measure_c_baseline(kvm, path, "same_cpu", COUNT)
+    result = delivery_latency.measure_c_baseline(kvm, path, "same_cpu", COUNT)
     assert (result.count, result.implementation) == (COUNT, "c")
     assert result.counters["irq_injections"] > 0 and result.counters["signal_exits"] == 0
 
 
 def test_c_baseline_covers_only_msi_and_irqfd(kvm):
     with pytest.raises(ValueError, match="msi and irqfd"):
-        delivery.measure_c_baseline(kvm, "ipi", count=1)
+        delivery_latency.measure_c_baseline(kvm, "ipi", count=1)
 
 
 def test_unknown_state_names_the_choices(kvm):
     with pytest.raises(ValueError, match="spinning, halted, same_cpu"):
-        delivery.measure(kvm, "msi", "sleeping", 1)
+        delivery_latency.measure(kvm, "msi", "sleeping", 1)
 
 
 def test_measuring_leaves_the_callers_cpu_affinity_alone(kvm):
     before = os.sched_getaffinity(0)
-    delivery.measure(kvm, "msi", "same_cpu", 2)
+    delivery_latency.measure(kvm, "msi", "same_cpu", 2)
     assert os.sched_getaffinity(0) == before
 
 
@@ -93,7 +93,7 @@ def test_tsc_offset_is_bracketed_and_leaves_the_guest_where_it_was(kvm):
     with kvm.create_vm() as vm:
         (session,) = guests.boot_cpus(vm, "long", cpus=1)
         step = session.command(Command.NOP).value
-        offset = delivery.guest_tsc_offset(session, brackets=50)
+        offset = delivery_latency.guest_tsc_offset(session, brackets=50)
         assert offset.brackets == 50 and offset.uncertainty_cycles >= 0
         assert offset.uncertainty_cycles <= offset.tightest_cycles / 2 or not offset.consistent
         assert session.command(Command.NOP).value == step + 1      # resumed at its sync point
@@ -112,9 +112,9 @@ def test_tsc_offset_agrees_with_the_host_clock(kvm, path):
     sees the guest's log count move; the guest stamps its stub before it
     writes the record. So with a right offset every latency lies between 0 and
     that host-only round trip, within the offset's uncertainty plus
-    ``delivery.CHECK_MARGIN_NS`` (1 us: the two host CPUs' TSCs and rounding).
+    ``delivery_latency.CHECK_MARGIN_NS`` (1 us: the two host CPUs' TSCs and rounding).
     """
-    result = delivery.measure(kvm, path, "same_cpu", 30)
+    result = delivery_latency.measure(kvm, path, "same_cpu", 30)
     (offset,) = result.offsets
     if not offset.consistent:
         # Measured: the brackets have no common point, so no one offset maps this guest's TSC to
@@ -124,19 +124,20 @@ def test_tsc_offset_agrees_with_the_host_clock(kvm, path):
         # hold is that pykvm says so instead of printing latencies from a wrong offset.
         assert detect().name != "kvm_pvm", offset.describe()
         assert "the TSCs drift apart" in offset.describe()
-        shown = delivery.Comparison([result], [], result.count, 1, delivery.Pacing(0.2e-3, 2e-3)).offset_lines()
+        pacing = delivery_latency.Pacing(0.2e-3, 2e-3)
+        shown = delivery_latency.Comparison([result], [], result.count, 1, pacing).offset_lines()
         assert "1 vCPUs' brackets disagree (drifting TSCs)" in "".join(shown), shown
         return
     assert result.outside_host_bracket() == 0, (offset.describe(), result.latencies_ns,
                                                 result.round_trips_ns)
     # the host-only bounds on the offset: the guest stamp lies in [send, seen] of each delivery
     assert max(lat - rt for lat, rt in zip(result.latencies_ns, result.round_trips_ns, strict=True)) \
-        <= offset.uncertainty_ns + delivery.CHECK_MARGIN_NS
-    assert min(result.latencies_ns) >= -(offset.uncertainty_ns + delivery.CHECK_MARGIN_NS)
+        <= offset.uncertainty_ns + delivery_latency.CHECK_MARGIN_NS
+    assert min(result.latencies_ns) >= -(offset.uncertainty_ns + delivery_latency.CHECK_MARGIN_NS)
 
 
 def test_pacing_is_seeded_and_bounded():
-    pacing = delivery.Pacing(0.2e-3, 2e-3, seed=7)
+    pacing = delivery_latency.Pacing(0.2e-3, 2e-3, seed=7)
     first = [next(gap) for gap in [pacing.gaps("msi", "halted", 0)] for _ in range(50)]
     again = pacing.gaps("msi", "halted", 0)
     assert first == [next(again) for _ in range(50)]
@@ -146,31 +147,31 @@ def test_pacing_is_seeded_and_bounded():
 
 
 def _fake(path, state, p50_ns, implementation="python"):
-    counters = {name: 1 for name in delivery.COUNTERS}
-    return delivery.PathMeasurement(path, state, [p50_ns], [p50_ns * 2], counters, implementation)
+    counters = {name: 1 for name in delivery_latency.COUNTERS}
+    return delivery_latency.PathMeasurement(path, state, [p50_ns], [p50_ns * 2], counters, implementation)
 
 
 def test_merge_adds_rounds():
-    counters = {name: 2 for name in delivery.COUNTERS}
-    one = delivery.PathMeasurement("msi", "halted", [1000.0, 3000.0], [2e8, 2e8], counters)
-    two = delivery.PathMeasurement("msi", "halted", [2000.0], [1e8], {**counters, "exits": 4})
-    merged = delivery.PathMeasurement.merge([one, two])
+    counters = {name: 2 for name in delivery_latency.COUNTERS}
+    one = delivery_latency.PathMeasurement("msi", "halted", [1000.0, 3000.0], [2e8, 2e8], counters)
+    two = delivery_latency.PathMeasurement("msi", "halted", [2000.0], [1e8], {**counters, "exits": 4})
+    merged = delivery_latency.PathMeasurement.merge([one, two])
     assert (merged.count, merged.rate, merged.p50_us, merged.state) == (3, 6.0, 2.0, "halted")
     assert merged.exits_per_interrupt == 2.0
-    assert merged.row().startswith(delivery.PATHS["msi"])
+    assert merged.row().startswith(delivery_latency.PATHS["msi"])
 
 
 def test_conclusions_are_derived_from_the_numbers():
     results = [_fake("kick", "spinning", 100e3), *[_fake(p, "spinning", 500e3) for p in
                                                     ("irq_line", "msi", "irqfd", "ipi")],
                _fake("kick", "halted", 90e3), _fake("msi", "halted", 60e3), _fake("irqfd", "halted", 95e3)]
-    text = "\n".join(delivery.conclusions(results))
+    text = "\n".join(delivery_latency.conclusions(results))
     assert "(a) spinning on another CPU: fastest kick 100 us" in text
     assert "kernel paths (500-500 us) against the kick (100 us): 0 faster, 4 slower, 0 about equal" in text
     assert "(b) halted on another CPU: fastest msi 60 us, slowest irqfd 95 us" in text
     assert "1 faster, 0 slower, 1 about equal" in text                   # 95 vs 90: within 10%
     assert "(c)" not in text.split("lowest")[0]                          # nothing measured there
-    swapped = delivery.conclusions([_fake("kick", "spinning", 900e3), _fake("msi", "spinning", 100e3)])
+    swapped = delivery_latency.conclusions([_fake("kick", "spinning", 900e3), _fake("msi", "spinning", 100e3)])
     assert "1 faster, 0 slower" in "\n".join(swapped)
 
 
@@ -178,38 +179,39 @@ def test_conclusions_are_derived_from_the_numbers():
 def test_demo_and_bench_measure_with_the_same_code_and_parameters(kvm, monkeypatch, capsys):
     calls = {"demo": [], "bench": []}
     caller = ["demo"]
-    real_measure, real_c = delivery.measure, delivery.measure_c_baseline
+    real_measure, real_c = delivery_latency.measure, delivery_latency.measure_c_baseline
 
     def recording(real, kind):
         def measure(kvm, path, state, count, pacing, round_index):
             calls[caller[0]].append((kind, path, state, pacing, count, round_index))
             return real(kvm, path, state, count, pacing, round_index)
         return measure
-    monkeypatch.setattr(delivery, "measure", recording(real_measure, "python"))
-    monkeypatch.setattr(delivery, "measure_c_baseline", recording(real_c, "c"))
+    monkeypatch.setattr(delivery_latency, "measure", recording(real_measure, "python"))
+    monkeypatch.setattr(delivery_latency, "measure_c_baseline", recording(real_c, "c"))
     assert demo.main(["--path-count", "2"]) == 0
     demo_out = capsys.readouterr().out
     caller[0] = "bench"
     bench_lines = bench.bench_injection(count=3, rounds=1)
     python_calls = {name: {call[:4] for call in made if call[0] == "python"} for name, made in calls.items()}
     assert python_calls["demo"] == python_calls["bench"]          # same paths, states, pacing object
-    assert {call[3] for made in calls.values() for call in made} == {delivery.PACING}
-    assert len(python_calls["demo"]) == len(delivery.PATHS) * len(delivery.STATES)
+    assert {call[3] for made in calls.values() for call in made} == {delivery_latency.PACING}
+    assert len(python_calls["demo"]) == len(delivery_latency.PATHS) * len(delivery_latency.STATES)
     assert {call[4] for call in calls["demo"]} == {2} and {call[4] for call in calls["bench"]} == {3}
     # the bench adds only the C baselines, on the same targets
     assert {call[1:4] for call in calls["bench"] if call[0] == "c"} == \
-        {(path, state, delivery.PACING) for path in delivery.C_PATHS for state in delivery.STATES}
+        {(path, state, delivery_latency.PACING)
+         for path in delivery_latency.C_PATHS for state in delivery_latency.STATES}
     # and both print the same report: table per state, offset, host-clock check, conclusions
     table = demo_out[demo_out.index("== 5."):demo_out.index("== summary")]
     for text in (table, "\n".join(bench_lines)):
         assert "failed" not in text
-        for title in delivery.STATES.values():
+        for title in delivery_latency.STATES.values():
             assert title in text
         for marker in ("TSC offset", "host-clock check", "conclusions", "paced: each send waits"):
             assert marker in text
-    for title in delivery.STATES.values():
-        rows = table.split(title)[1].splitlines()[1:len(delivery.PATHS) + 1]
-        for row, path_title in zip(rows, delivery.PATHS.values(), strict=True):
+    for title in delivery_latency.STATES.values():
+        rows = table.split(title)[1].splitlines()[1:len(delivery_latency.PATHS) + 1]
+        for row, path_title in zip(rows, delivery_latency.PATHS.values(), strict=True):
             assert row.strip().startswith(path_title)
             impl, rate, p50, p99, host_p50, exits_per_irq, *_ = row.strip()[38:].split()
             assert impl == "python" and float(rate) > 0 and float(exits_per_irq) >= 1.0
@@ -218,28 +220,30 @@ def test_demo_and_bench_measure_with_the_same_code_and_parameters(kvm, monkeypat
 def test_injection_benchmark_keeps_the_c_ratios(kvm):
     lines = bench.bench_injection(count=3, rounds=1)
     text = "\n".join(lines)
-    for state in delivery.STATES:
-        for path in delivery.C_PATHS:
-            assert f"{delivery.STATE_SHORT[state]:28} {path:6} rate" in text
-    assert sum(1 for line in lines if " python " in line) == len(delivery.PATHS) * len(delivery.STATES)
-    assert sum(1 for line in lines if " c      " in line) == len(delivery.C_PATHS) * len(delivery.STATES)
+    for state in delivery_latency.STATES:
+        for path in delivery_latency.C_PATHS:
+            assert f"{delivery_latency.STATE_SHORT[state]:28} {path:6} rate" in text
+    states = len(delivery_latency.STATES)
+    assert sum(1 for line in lines if " python " in line) == len(delivery_latency.PATHS) * states
+    assert sum(1 for line in lines if " c      " in line) == len(delivery_latency.C_PATHS) * states
 
 
 def test_negative_latencies_are_reported_not_hidden():
-    skewed = delivery.PathMeasurement("msi", "spinning", [-5000.0, 2000.0], [1e4, 1e4], {"exits": 2})
-    fine = delivery.PathMeasurement("irqfd", "spinning", [1000.0], [1e4], {"exits": 1})
-    assert delivery.tsc_warning([fine]) == []
-    assert "1 of 3 latencies are negative" in delivery.tsc_warning([skewed, fine])[0]
+    skewed = delivery_latency.PathMeasurement("msi", "spinning", [-5000.0, 2000.0], [1e4, 1e4], {"exits": 2})
+    fine = delivery_latency.PathMeasurement("irqfd", "spinning", [1000.0], [1e4], {"exits": 1})
+    assert delivery_latency.tsc_warning([fine]) == []
+    assert "1 of 3 latencies are negative" in delivery_latency.tsc_warning([skewed, fine])[0]
 
 
 def test_interrupts_delivered_twice_are_reported():
-    twice = delivery.PathMeasurement("msi", "spinning", [1000.0, 2000.0], [1e4, 1e4],
-                                     {"exits": 2, "duplicate_deliveries": 2})
-    fine = delivery.PathMeasurement("irqfd", "spinning", [1000.0], [1e4], {"exits": 1, "duplicate_deliveries": 0})
-    assert delivery.tsc_warning([fine]) == []
-    assert "2 deliveries more than the 3 interrupts sent" in delivery.tsc_warning([twice, fine])[0]
+    twice = delivery_latency.PathMeasurement("msi", "spinning", [1000.0, 2000.0], [1e4, 1e4],
+                                             {"exits": 2, "duplicate_deliveries": 2})
+    fine = delivery_latency.PathMeasurement("irqfd", "spinning", [1000.0], [1e4],
+                                            {"exits": 1, "duplicate_deliveries": 0})
+    assert delivery_latency.tsc_warning([fine]) == []
+    assert "2 deliveries more than the 3 interrupts sent" in delivery_latency.tsc_warning([twice, fine])[0]
 
 
 def test_each_send_is_paired_with_the_first_record_after_it(kvm):
-    result = delivery.measure(kvm, "msi", "halted", 4)
+    result = delivery_latency.measure(kvm, "msi", "halted", 4)
     assert result.count == 4 and result.counters["duplicate_deliveries"] >= 0
