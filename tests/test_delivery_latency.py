@@ -10,6 +10,9 @@ the guest TSC offset agrees with a host-clock-only measurement.
 """
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -247,3 +250,33 @@ def test_interrupts_delivered_twice_are_reported():
 def test_each_send_is_paired_with_the_first_record_after_it(kvm):
     result = delivery_latency.measure(kvm, "msi", "halted", 4)
     assert result.count == 4 and result.counters["duplicate_deliveries"] >= 0
+
+
+def _spin_on_one_cpu(seconds: float, rival: bool) -> float:
+    """The CPU wait waited_for_a_cpu() counts while this thread spins on one CPU, with or without a rival there."""
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    competitor = None
+    os.sched_setaffinity(0, {cpu})
+    try:
+        if rival:
+            program = (f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
+                       f"end = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass")
+            competitor = subprocess.Popen([sys.executable, "-c", program])
+            time.sleep(0.1)                                     # its interpreter is up and spinning
+        before, end = delivery_latency.waited_for_a_cpu(), time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        return delivery_latency.waited_for_a_cpu() - before
+    finally:
+        os.sched_setaffinity(0, allowed)
+        if competitor is not None:
+            competitor.wait()
+
+
+@pytest.mark.host_independent
+def test_the_cpu_wait_that_extends_a_delivery_deadline_is_measured():
+    """A delivery's deadline grows by the time this process's threads waited for a CPU (schedstat): measured
+    here as a spin on one CPU shared with a spinning rival (about half its time), against the spin alone."""
+    shared, alone = _spin_on_one_cpu(0.6, rival=True), _spin_on_one_cpu(0.6, rival=False)
+    assert shared > alone + 0.1, (shared, alone)
