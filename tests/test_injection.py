@@ -57,11 +57,13 @@ def test_vectors_0x20_to_0xff_one_by_one(boot, host, mode):
 
 @pytest.mark.parametrize("explain", [explain_exit, None], ids=["explained", "control-without-an-explainer"])
 def test_a_host_limit_is_one_only_where_the_session_was_given_the_hosts_explainer(vm, host, explain):
-    if not _limit(host, "protected"):
-        pytest.skip(f"{host.name} runs IRET in 32-bit protected mode: no internal error to explain")
     guest = guests.load("protected").boot(vm.create_vcpu(), explain=explain)
     guest.command(Command.STI)
     guest.vcpu.interrupt(0x20)
+    if not _limit(host, "protected"):   # kvm_amd, kvm_intel: the handler's IRET runs; nothing to explain either way
+        guest.command(Command.NOP)
+        assert [record.vector for record in guest.log()] == [0x20]
+        return
     with pytest.raises(GuestError) as raised:
         guest.command(Command.NOP)
     exit = raised.value.exit

@@ -56,7 +56,8 @@ def _student_file(cheat: Path) -> Path:
     return cheat / STUDENT_FILE if cheat.is_dir() else cheat
 
 
-CHEAT_NAMES = sorted(path.stem for path in CHEATS.iterdir() if path.stem != "__init__" and path.suffix in ("", ".py"))
+CHEAT_NAMES = sorted(path.stem for path in CHEATS.iterdir()      # a file, or a folder holding the student's file
+                     if path.stem != "__init__" and (path.suffix == ".py" or (path / STUDENT_FILE).is_file()))
 
 
 def _planted(name: str, tmp_path: Path) -> Path:
