@@ -271,3 +271,22 @@ def test_every_cheat_fails_when_graded_too(kvm, tmp_path, number, deadline):
         assert any(not row.steps[step - 1].passed and phrase in row.steps[step - 1].detail
                    for step, phrase in expected), (name, row.steps)
     assert [pid for name, _ in cheats for pid in _left_running(tmp_path / name)] == []
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("enabled, available, capped", [("pids", "cpu pids", True), ("", "cpu pids", True),
+                                                         ("", "cpu", False)])
+def test_a_unified_cgroup_caps_tasks_where_its_pids_controller_is_or_can_be_enabled(tmp_path, enabled, available,
+                                                                                     capped):
+    """cgroup v2 (the unified hierarchy, most hosts today): a check's cgroup gets the pids controller from its
+    parent's subtree_control, enabled by the checker where the parent's controllers offer it."""
+    (tmp_path / "cgroup.subtree_control").write_text(enabled)
+    (tmp_path / "cgroup.controllers").write_text(available)
+    assert runner._pids_enabled_below(tmp_path) == (tmp_path if capped else None)
+    assert ("pids" in (tmp_path / "cgroup.subtree_control").read_text()) == capped
+
+
+@pytest.mark.host_independent
+def test_the_unified_hierarchy_is_found_where_the_kernel_mounted_it():
+    mounted = [Path(p.mountpoint) for p in psutil.disk_partitions(all=True) if p.fstype == "cgroup2"]
+    assert runner._unified_mount() == (mounted[0] if mounted else None)

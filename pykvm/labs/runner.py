@@ -91,14 +91,42 @@ PIDS_HIERARCHY = Path("/sys/fs/cgroup/pids")      # where cgroup v1 mounts its p
 
 @functools.cache
 def _pids_parent() -> Path | None:
-    """This process's own cgroup in the v1 pids hierarchy, if this process may make cgroups below it."""
+    """This process's own cgroup, if this process may make pids-capped cgroups below it: in the v1 pids
+    hierarchy, else in the unified (v2) one where its pids controller is, or can be, enabled for children."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
+        lines = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+        for _, controllers, path in lines:
             if "pids" in controllers.split(","):
                 own = PIDS_HIERARCHY / path.lstrip("/")
                 return own if os.access(own, os.W_OK) else None
+        unified = _unified_mount()
+        for hierarchy, controllers, path in lines:
+            if hierarchy == "0" and controllers == "" and unified is not None:
+                return _pids_enabled_below(unified / path.lstrip("/"))
     return None
+
+
+def _unified_mount() -> Path | None:
+    """Where the unified (cgroup v2) hierarchy is mounted, if it is."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields, _, filesystem = line.partition(" - ")
+            if filesystem.split(" ", 1)[0] == "cgroup2":
+                return Path(fields.split(" ")[4])
+    return None
+
+
+def _pids_enabled_below(own: Path) -> Path | None:
+    """``own`` (a v2 cgroup) if its children get the pids controller, enabling it where allowed (in the root
+    cgroup, or one without processes of its own: v2's rule); None where they cannot."""
+    try:
+        if "pids" not in (own / "cgroup.subtree_control").read_text().split():
+            if "pids" not in (own / "cgroup.controllers").read_text().split():
+                return None
+            (own / "cgroup.subtree_control").write_text("+pids")
+    except OSError:
+        return None
+    return own if os.access(own, os.W_OK) else None
 
 
 def tasks_capped() -> bool:

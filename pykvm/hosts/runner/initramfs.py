@@ -108,6 +108,8 @@ mount -t devtmpfs devtmpfs /host/dev || fail "cannot mount /dev in the host's ro
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts || fail "cannot mount /dev/pts in the host's root"
 mount -t tmpfs tmpfs /host/dev/shm || fail "cannot mount /dev/shm in the host's root"
+# As systemd would: the unified cgroup hierarchy (the lab checker caps a check's tasks with its pids controller).
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || fail "cannot mount the cgroup2 hierarchy in the host's root"
 # What udev or systemd would add (devtmpfs has none of them): bash's <(...) opens /dev/fd/N
 # (kvm-unit-tests' x86/run uses it), and scripts read /dev/stdin.
 ln -s /proc/self/fd /host/dev/fd && ln -s fd/0 /host/dev/stdin && ln -s fd/1 /host/dev/stdout \
