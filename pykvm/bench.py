@@ -46,8 +46,8 @@ exit_loop:
     out %al, ${BENCH_PORT:#x}
     jmp exit_loop
 """
-TARGET_VS_BARE = 1.05      # Vcpu.run() + check against the bare cffi loop (the Python floor)
-TARGET_VS_C = 1.15         # ... and against the C loop
+TARGET_VS_BARE = 1.10      # Vcpu.run() + check against the bare cffi loop (the Python floor)
+TARGET_VS_C = 1.20         # ... and against the C loop
 KINDS = ("c", "bare", "python")
 
 
