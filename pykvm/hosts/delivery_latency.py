@@ -402,16 +402,19 @@ class _Target:
         spent waiting for a CPU meanwhile (a loaded host: the vCPU thread to kick was not running).
         """
         started, queued = time.monotonic(), waited_for_a_cpu()
+        deadline = started + DELIVERY_TIMEOUT
         while self.session.log_count() < count:
             # Sleep rather than spin: the kick path's vCPU thread needs the GIL to take its
             # EINTR exit and inject, and a spinning waiter would hold it for the whole 5 ms
             # switch interval.
             time.sleep(POLL_INTERVAL)
-            elapsed = time.monotonic() - started
-            if elapsed > DELIVERY_TIMEOUT and elapsed > DELIVERY_TIMEOUT + waited_for_a_cpu() - queued:
-                raise PyKvmError(f"path {self.path}, {self.state}: interrupt {count} not delivered "
-                                 f"within {DELIVERY_TIMEOUT} s (plus {waited_for_a_cpu() - queued:.2f} s "
-                                 f"this process's threads waited for a CPU)")
+            if time.monotonic() > deadline:      # the CPU wait is read only here, not at every poll
+                starved = waited_for_a_cpu() - queued
+                deadline = started + DELIVERY_TIMEOUT + starved
+                if time.monotonic() > deadline:
+                    raise PyKvmError(f"path {self.path}, {self.state}: interrupt {count} not delivered "
+                                     f"within {DELIVERY_TIMEOUT} s (plus {starved:.2f} s this process's "
+                                     f"threads waited for a CPU)")
         return lib.pykvm_rdtsc()
 
     @contextlib.contextmanager
