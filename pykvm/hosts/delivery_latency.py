@@ -48,6 +48,7 @@ from ..core.interrupts import MsiMessage, MsiRoute
 from ..guests import Command, GuestSession, StopKind, protocol
 from ..irqchip import UserspaceIrqController, ioapic, lapic
 from ..runtime import VcpuThread
+from ..runtime.cpu_wait import CpuFairDeadline
 from ..x86.modes import RFLAGS_IF
 from .limits import explain_exit
 
@@ -81,18 +82,6 @@ STATE_NOTES = {
               "vCPU thread waits for a wake-up, and the\n\"kick\" is queue + wake that thread, which "
               "injects with KVM_INTERRUPT and re-enters (no signal).",
 }
-
-
-def waited_for_a_cpu() -> float:
-    """Seconds this process's threads have waited for a CPU, summed (``/proc/self/task/*/schedstat``'s
-    run delay); 0 where the kernel does not say."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError, ValueError, IndexError), \
-                    open(f"/proc/self/task/{task}/schedstat") as schedstat:
-                total += int(schedstat.read().split()[1])
-    return total / 1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,20 +390,15 @@ class _Target:
         The interrupt has :data:`DELIVERY_TIMEOUT` seconds, plus the time this process's threads
         spent waiting for a CPU meanwhile (a loaded host: the vCPU thread to kick was not running).
         """
-        started, queued = time.monotonic(), waited_for_a_cpu()
-        deadline = started + DELIVERY_TIMEOUT
+        deadline = CpuFairDeadline(DELIVERY_TIMEOUT)
         while self.session.log_count() < count:
             # Sleep rather than spin: the kick path's vCPU thread needs the GIL to take its
             # EINTR exit and inject, and a spinning waiter would hold it for the whole 5 ms
             # switch interval.
             time.sleep(POLL_INTERVAL)
-            if time.monotonic() > deadline:      # the CPU wait is read only here, not at every poll
-                starved = waited_for_a_cpu() - queued
-                deadline = started + DELIVERY_TIMEOUT + starved
-                if time.monotonic() > deadline:
-                    raise PyKvmError(f"path {self.path}, {self.state}: interrupt {count} not delivered "
-                                     f"within {DELIVERY_TIMEOUT} s (plus {starved:.2f} s this process's "
-                                     f"threads waited for a CPU)")
+            if deadline.expired():
+                raise PyKvmError(f"path {self.path}, {self.state}: interrupt {count} not delivered "
+                                 f"within {deadline.describe()}")
         return lib.pykvm_rdtsc()
 
     @contextlib.contextmanager

@@ -20,6 +20,7 @@ from ..core import checks
 from ..core.errors import ArgumentTypeError, GuestCancelled, VcpuThreadError
 from ..core.exits import Exit
 from ..core.vcpu import Vcpu
+from .cpu_wait import CpuFairDeadline
 
 KICK_GRACE = 1.0     # seconds a kicked vCPU thread gets to leave KVM_RUN and finish
 
@@ -75,17 +76,23 @@ class VcpuThread:
             raise VcpuThreadError(f"the thread of vCPU {self.vcpu.id} died: "
                                   f"{type(self._error).__name__}: {self._error}") from self._error
 
-    def result(self, timeout: float = 5.0) -> Any:
-        """Wait up to ``timeout`` s for the target's return value; then kick, then give up loudly."""
-        checks.seconds("timeout", timeout, "every join is bounded: pass how long to wait for the vCPU's thread")
-        self._thread.join(timeout)
+    def result(self, timeout: float | CpuFairDeadline = 5.0) -> Any:
+        """Wait up to ``timeout`` s (or until a :class:`CpuFairDeadline`) for the target's return value; then
+        kick, then give up loudly."""
+        if isinstance(timeout, CpuFairDeadline):
+            while self._thread.is_alive() and (left := timeout.remaining()):
+                self._thread.join(left)
+            bound = timeout.describe()
+        else:
+            checks.seconds("timeout", timeout, "every join is bounded: pass how long to wait for the vCPU's thread")
+            self._thread.join(timeout)
+            bound = f"{timeout:.2g} s"
         if self._thread.is_alive():
             self.stop()
             self._thread.join(KICK_GRACE)
             state = ("did not stop even after a kick; its thread is left running as a daemon"
                      if self._thread.is_alive() else "was stopped with a kick")
-            raise VcpuThreadError(f"vCPU {self.vcpu.id} did not finish within {timeout:.2g} s and "
-                                  f"{state}") from self._error
+            raise VcpuThreadError(f"vCPU {self.vcpu.id} did not finish within {bound} and {state}") from self._error
         if self._error is not None:
             raise VcpuThreadError(f"the thread of vCPU {self.vcpu.id} died: "
                                   f"{type(self._error).__name__}: {self._error}") from self._error

@@ -4,7 +4,7 @@ import os
 import signal
 
 LAB = 1
-DEADLINE = 3                   # the step it stops in fails at its deadline
+DEADLINE = 1.5                 # the step it stops in fails at its deadline
 EXPECTED_FAILURES = [(1, "was stopped (SIGSTOP")]
 
 

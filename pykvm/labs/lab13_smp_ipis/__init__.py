@@ -23,6 +23,7 @@ from ...guests import Command, GuestSession, boot_cpus
 from ...hosts import explain_exit
 from ...irqchip.lapic import ApicReg
 from ...runtime import WATCHDOG, command_in_thread
+from ...runtime.cpu_wait import CpuFairDeadline
 from ...x86.asm import assemble
 from ...x86.modes import CR0_PE
 from ...x86.vectors import Vector
@@ -40,7 +41,9 @@ stub_out:
         hlt
         jmp     stub_out
 """
-WAIT = 5.0                          # seconds for an AP to start or an IPI to arrive
+WAIT = 5.0                          # seconds a woken AP's first run may take (a watchdog against a hang)
+IPI_WAIT = 2.0                      # seconds a halted CPU has to log an IPI or to halt, plus this process's
+                                    # CPU wait meanwhile (a CpuFairDeadline): a wrong IPI costs only this
 
 
 # -- INIT and SIPI -----------------------------------------------------------------------
@@ -178,8 +181,8 @@ def _counters(cpu: GuestSession) -> dict[str, int]:
 
 
 def _halted(cpu: GuestSession, before: int) -> bool:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
+    deadline = CpuFairDeadline(IPI_WAIT)
+    while not deadline.expired():
         if _counters(cpu)["halt_exits"] > before:
             return True
         time.sleep(0.002)
@@ -220,7 +223,7 @@ def _ipis(ctx: Context) -> dict:
             woken: frozenset[int] = frozenset()
             if waiter is not None:
                 try:
-                    waiter.result(timeout=WAIT)
+                    waiter.result(CpuFairDeadline(IPI_WAIT))
                 except (VcpuThreadError, CommandTimeout, GuestCancelled):
                     pass                   # it was never woken: its log says so
                 woken = ipi.cpus
