@@ -10,7 +10,9 @@ where KVM is unusable); on a second host run this file under
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -302,3 +304,27 @@ def test_checks_leave_no_fds_or_processes_behind(kvm, tmp_path):
     assert me.num_fds() == before
     assert me.children(recursive=True) == []
     assert os.listdir(tmp_path)                              # (the files themselves are untouched)
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("listed", [True, False], ids=["proc-children", "proc-scan"])
+def test_the_checker_finds_a_process_tree_with_or_without_proc_children(monkeypatch, listed):
+    """The checker walks a child's process tree through /proc/PID/task/TID/children; kernels without
+    CONFIG_PROC_CHILDREN get a scan of /proc that finds the same tree, zombie included, and nothing else."""
+    monkeypatch.setattr(runner, "_CHILDREN_LISTED", listed)
+    tree = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & (exit 0) & sleep 0.2; echo ready; wait"],
+                            stdout=subprocess.PIPE, text=True)
+    expected: set[int] = set()
+    try:
+        assert tree.stdout is not None and tree.stdout.readline() == "ready\n"
+        expected = {tree.pid} | {child.pid for child in psutil.Process(tree.pid).children(recursive=True)}
+        assert len(expected) >= 3                       # the shell and its two sleeps (and the exited one's zombie)
+        assert set(runner._below(tree.pid)) == expected
+        assert runner._below(2 ** 22 + 1) == []          # no such process
+    finally:
+        for pid in expected - {tree.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        tree.kill()
+        tree.wait()
+        tree.stdout.close()

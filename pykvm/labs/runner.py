@@ -286,7 +286,7 @@ class _Child:
     def tree(self) -> list[int]:
         """The child and every process below it (all in its namespace, or all it forked), then those of its
         pids cgroup that left it (without a namespace, a daemon's orphans are this process's children)."""
-        below = _below(self.process.pid, _processes())
+        below = _below(self.process.pid)
         return below + [pid for pid in self._cgroup_members() if pid not in below]
 
     def _cgroup_members(self) -> list[int]:
@@ -313,8 +313,7 @@ class _Child:
         return True
 
     def stopped(self) -> bool:
-        processes = _processes()
-        return any(processes[pid].state in "tT" for pid in _below(self.process.pid, processes))
+        return any(_state(pid) in ("t", "T") for pid in _below(self.process.pid))
 
     # -- the reports ----------------------------------------------------------------------------
     def next_message(self, deadline: float) -> dict | None:
@@ -435,36 +434,49 @@ class _Child:
             _remove_cgroup(self.pids_cgroup)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Process:
-    parent: int
-    state: str                  # /proc/PID/stat's state letter: "T" stopped, "t" traced, "Z" zombie...
+def _state(pid: int) -> str | None:
+    """``/proc/PID/stat``'s state letter ("T" stopped, "t" traced, "Z" zombie...); None once ``pid`` has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
-def _processes() -> dict[int, _Process]:
-    """Every process of the host now, from /proc."""
-    found = {}
+def _children_by_scan(pid: int) -> list[int]:
+    """``pid``'s children, from every process's parent field (kernels without CONFIG_PROC_CHILDREN)."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rpartition(")")[2].split()
-            except OSError:                  # it ended meanwhile
-                continue
-            found[int(entry)] = _Process(int(fields[1]), fields[0])
+            with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(entry))
     return found
 
 
-def _below(root: int, processes: dict[int, _Process]) -> list[int]:
+def _children(pid: int) -> list[int]:
+    """``pid``'s children, from its threads' ``/proc/PID/task/TID/children``: the few files of one process
+    tree, where a scan of /proc reads every process of the host (8 ms here, 40 times a check)."""
+    if not _CHILDREN_LISTED:
+        return _children_by_scan(pid)
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{task}/children") as children:
+                found += map(int, children.read().split())
+    return found
+
+
+_CHILDREN_LISTED = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _below(root: int) -> list[int]:
     """``root`` (if it runs) and its descendants."""
-    children: dict[int, list[int]] = {}
-    for pid, process in processes.items():
-        children.setdefault(process.parent, []).append(pid)
-    found, waiting = [], [root] if root in processes else []
+    found, waiting = [], [root] if _state(root) is not None else []
     while waiting:
         pid = waiting.pop()
         found.append(pid)
-        waiting += children.get(pid, [])
+        waiting += _children(pid)
     return found
 
 
@@ -506,8 +518,7 @@ def _gone(pids: list[int], timeout: float = 5.0) -> None:
     """Wait until the killed ``pids`` have left (a PID namespace's processes are killed after its init ends)."""
     ends = time.monotonic() + timeout
     while time.monotonic() < ends:
-        processes = _processes()
-        if not any(pid in processes and processes[pid].state != "Z" for pid in pids):
+        if all(_state(pid) in (None, "Z") for pid in pids):
             return
         time.sleep(0.01)
 
@@ -531,11 +542,11 @@ def _adopting() -> Iterator[None]:
     libc.prctl(37, ctypes.byref(was), 0, 0, 0)           # PR_GET_CHILD_SUBREAPER
     libc.prctl(36, 1, 0, 0, 0)                           # PR_SET_CHILD_SUBREAPER
     me = os.getpid()
-    before = {pid for pid, process in _processes().items() if process.parent == me}
+    before = set(_children(me))
     try:
         yield
     finally:
-        adopted = [pid for pid, process in _processes().items() if process.parent == me and pid not in before]
+        adopted = [pid for pid in _children(me) if pid not in before]
         _kill(adopted)
         for pid in adopted:
             with contextlib.suppress(ChildProcessError):
