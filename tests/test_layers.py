@@ -1,6 +1,6 @@
 """The direction of imports is the architecture: a layer imports only the layers below it.
 
-Layers, bottom to top: core, x86, irqchip, runtime, guests, hosts, then the tools
+Layers, bottom to top: core, injection, x86, irqchip, runtime, guests, hosts, then the tools
 (every other module of the package, and every package's ``__main__``). Each module's imports, including those inside
 functions and under ``TYPE_CHECKING``, are read with ``ast``; no KVM needed.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pykvm"
-LAYERS = ("core", "x86", "irqchip", "runtime", "guests", "hosts")
+LAYERS = ("core", "injection", "x86", "irqchip", "runtime", "guests", "hosts")
 TOOLS = len(LAYERS)            # rank of every module outside the layer packages
 
 

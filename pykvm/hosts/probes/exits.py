@@ -125,11 +125,11 @@ NOT_READY_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutco
 
 
 def interrupt_not_ready(kvm, mode: str) -> Observation:
-    """KVM_INTERRUPT (forced) while the guest has IF=0, then KVM_RUN."""
+    """The bare KVM_INTERRUPT while the guest has IF=0 (an Injector would refuse it), then KVM_RUN."""
     vm, guest = boot(kvm, mode)
     with vm:
         guest.command(Command.CLI)
-        guest.vcpu.interrupt(PROBE_VECTOR, force=True)
+        guest.vcpu.interrupt(PROBE_VECTOR)
         guest.send(Command.NOP)
         try:
             stop = run_once(guest)
