@@ -1,4 +1,5 @@
-"""The injection layer (``pykvm.injection.Injector``): each refusal beside its control, in what KVM and the guest report.
+"""The injection layer (``pykvm.injection.Injector``): each refusal beside its control, in what KVM and the
+guest report.
 
 The core's ``vcpu.interrupt()`` is the bare ``KVM_INTERRUPT``; the controls show
 what KVM does with it where the injector refuses (queues a vector while IF=0,
