@@ -5,8 +5,10 @@ returns typed exits; ``pykvm.guests`` boots assembled guests that log every
 vector they receive, so interrupt delivery is checked inside the guest.
 
 The layers, each importing only those before it: :mod:`pykvm.core` (the
-binding and the fd objects), :mod:`pykvm.x86` (modes, descriptors, the
-assembler), :mod:`pykvm.irqchip` (chip models, the userspace controller),
+binding and the fd objects, one method per ioctl), :mod:`pykvm.injection`
+(the rules for injecting: an interrupt only when ready, the exception
+sequence), :mod:`pykvm.x86` (modes, descriptors, the assembler),
+:mod:`pykvm.irqchip` (chip models, the userspace controller),
 :mod:`pykvm.runtime` (vCPU threads, deadlines), :mod:`pykvm.guests` (the
 images and their protocol), :mod:`pykvm.hosts` (detection, conformance,
 probes, other hosts); the tools (``python -m pykvm.demo``, ``doctor``,
@@ -48,7 +50,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ".x86.asm": ("Assembled", "Mode", "assemble"),
 }
 _RENAMED = {"detect_host": (".hosts", "detect")}
-_SUBPACKAGES = ("guests", "hosts", "irqchip", "runtime", "x86")
+_SUBPACKAGES = ("guests", "hosts", "injection", "irqchip", "runtime", "x86")
 _WHERE = {name: (module, name) for module, names in _EXPORTS.items() for name in names} | _RENAMED
 
 __all__ = [*_SUBPACKAGES, *_WHERE]
@@ -77,7 +79,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:       # what type checkers and IDEs see: the same names, imported eagerly
     from typing import Any
 
-    from . import guests, hosts, irqchip, runtime, x86
+    from . import guests, hosts, injection, irqchip, runtime, x86
     from .core.constants import Cap, ExitReason, IoDirection, MpState
     from .core.errors import (
         AssemblerError,

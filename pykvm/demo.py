@@ -32,6 +32,7 @@ from .core.system import Kvm
 from .exit_status import exit_with, run_command
 from .guests import Command, GuestSession, LogRecord, StopKind
 from .hosts import delivery_latency, latency_plot
+from .injection import Injector
 from .irqchip import UserspaceIrqController
 from .runtime import trace
 from .x86 import Mode
@@ -174,10 +175,11 @@ def _compare_paths(kvm: Kvm, count: int, plot: Path | None, host_name: str) -> N
 def _inject_sequence(session: GuestSession, timeline: TimelinePrinter) -> None:
     _section(f"1. inject {len(DEMO_VECTORS)} vectors with KVM_INTERRUPT (guest IF=1)")
     session.command(Command.STI)
+    injector = Injector(session.vcpu)
     for vector in DEMO_VECTORS:
         ready = session.vcpu.kvm_run.ready_for_interrupt_injection
         timeline.host(f"KVM_INTERRUPT {vector:#x} (last exit reported ready={ready})")
-        session.vcpu.interrupt(vector)
+        injector.interrupt(vector)
         session.command(Command.NOP)
         records = timeline.flush()
         assert [r.vector for r in records] == [vector], "the guest did not log the vector"

@@ -232,7 +232,8 @@ Notes on the kvm_intel column (Bochs 3.0, one CPU, `enable_apicv=0`):
 - `interrupt_not_ready`: `KVM_EXIT_FAIL_ENTRY`, reason 0x80000021 (invalid guest
   state): the SDM's VM-entry check that RFLAGS.IF is 1 when an external interrupt is
   injected, named as such in Bochs's log. pykvm explains the exit
-  (`pykvm.hosts.limits`) and refuses such an injection unless `force=True`.
+  (`pykvm.hosts.limits`), and `pykvm.injection.Injector` refuses such an injection
+  (the core's `vcpu.interrupt()`, the bare ioctl, makes it).
 - `step_sti_shadow`: the step over `sti` stops at the shadowed `nop` with
   `KVM_X86_SHADOW_INT_STI` set. That is Bochs 3.0's answer; Bochs 2.7 reported no
   shadow there because its `VMexit_Event` cleared the STI blocking before the VM exit

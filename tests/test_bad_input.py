@@ -47,7 +47,8 @@ from pykvm.core.exits import InternalErrorExit
 from pykvm.core.interrupts import IrqchipRoute, MsiMessage, MsiRoute
 from pykvm.core.memory import guest_phys_bits
 from pykvm.guests import Command
-from pykvm.irqchip import ioapic, lapic, pit
+from pykvm.injection import Injector
+from pykvm.irqchip import UserspaceIrqController, ioapic, lapic, pit
 from pykvm.irqchip.ioapic import RedirectionEntry
 from pykvm.runtime import VcpuThread, run_vcpus
 from pykvm.vmm import Machine, MultibootError, testkernels
@@ -234,9 +235,13 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     ("msrs-str-index", lambda w: w.plain_vcpu.set_msrs({"x": 1}), TypeError, "index='x'"),
     ("msrs-index-too-big", lambda w: w.plain_vcpu.get_msrs([1 << 40]), ValueError, "index="),
     ("cr8-negative", lambda w: setattr(w.plain_vcpu.kvm_run, "cr8", -1), ValueError, "cr8=-1"),
-    ("exception-vector-external", lambda w: w.plain_vcpu.inject_exception(0x40), InvalidVector, "vector"),
-    ("exception-error-code-on-de", lambda w: w.plain_vcpu.inject_exception(0, error_code=1), ValueError,
+    ("exception-vector-external", lambda w: Injector(w.plain_vcpu).exception(0x40), InvalidVector, "vector"),
+    ("exception-error-code-on-de", lambda w: Injector(w.plain_vcpu).exception(0, error_code=1), ValueError,
      "error_code"),
+    ("injector-interrupt-str", lambda w: Injector(w.plain_vcpu).interrupt("0x20"), InvalidVector, "'0x20'"),
+    ("injector-interrupt-kernel-pic", lambda w: Injector(w.vcpu).interrupt(0x40), IrqchipModeError, "in-kernel PIC"),
+    ("controller-foreign-injector", lambda w: UserspaceIrqController(w.plain_vcpu, injector=Injector(w.vcpu)),
+     InvalidArgument, "injector="),
     # -- guests, x86, runtime -------------------------------------------------------------------
     ("guest-mode-unknown", lambda w: guests.load("vm86"), ValueError, "vm86"),
     ("guest-mode-unhashable", lambda w: guests.load(["long"]), InvalidArgument, "mode=['long']"),

@@ -1,4 +1,5 @@
-"""Exceptions injected from the host (``Vcpu.inject_exception``, KVM_SET_VCPU_EVENTS), checked in the guest's log.
+"""Exceptions injected from the host (``pykvm.injection.Injector.exception``, KVM_SET_VCPU_EVENTS), checked in the
+guest's log.
 
 Each delivery test stops a packaged guest image at a sync point (an ``out``
 exit), lets KVM finish that instruction (``complete_pending_exit``: KVM_RUN
@@ -20,6 +21,7 @@ from pykvm.core.errors import StaleExitError
 from pykvm.core.exits import IntrExit, IoExit
 from pykvm.core.state import ExceptionEvent
 from pykvm.guests import Command
+from pykvm.injection import Injector
 
 pytestmark = pytest.mark.injection
 
@@ -33,7 +35,7 @@ EXCEPTIONS = [("DE", 0, None, None), ("GP", 13, 0x1234, None), ("PF", 14, 0x6, A
 
 # Real mode: every vector, exceptions included, is delivered through the IVT (Intel SDM Vol. 3A
 # 20.1.4, "Interrupt and Exception Handling" in real-address mode), which pushes FLAGS, CS and IP
-# and never an error code; KVM drops has_error_code there, so inject_exception refuses one and
+# and never an error code; KVM drops has_error_code there, so Injector.exception refuses one and
 # the image's real-mode stubs log none. #DE, #GP (a segment-limit overrun) and #DF (a fault while
 # delivering another) do happen in real mode. #PF cannot (no paging), but an injected one is
 # delivered by its vector like any other, and KVM still loads the payload into CR2.
@@ -63,7 +65,7 @@ def test_injected_exception_reaches_its_handler(boot, host, mode, name, vector, 
     assert vcpu.complete_pending_exit() is None       # nothing left to finish
     if mode == "real":
         error_code = None
-    vcpu.inject_exception(vector, error_code, address)
+    Injector(vcpu).exception(vector, error_code, address)
     _resume(guest, host, mode)
     (record,) = guest.log()
     assert record.vector == vector
@@ -93,16 +95,16 @@ def test_without_injection_nothing_is_logged(boot, mode):
 def test_events_show_the_exception_before_the_run(boot, kvm, pending):
     """Pending: KVM holds CR2 back until delivery. Injected: pykvm wrote CR2 already.
 
-    No explicit complete_pending_exit() here: inject_exception finishes the sync `out` itself.
+    No explicit complete_pending_exit() here: Injector.exception finishes the sync `out` itself.
     """
     guest = boot("long")
     vcpu = guest.vcpu
     guest.command(Command.NOP)
     if pending and not kvm.check_extension(Cap.EXCEPTION_PAYLOAD):
         with pytest.raises(CapabilityMissing, match="KVM_CAP_EXCEPTION_PAYLOAD"):
-            vcpu.inject_exception(14, 0x6, ADDRESS, pending=True)
+            Injector(vcpu).exception(14, 0x6, ADDRESS, pending=True)
         return
-    vcpu.inject_exception(14, 0x6, ADDRESS, pending=pending)
+    Injector(vcpu).exception(14, 0x6, ADDRESS, pending=pending)
     events = vcpu.events
     exception = events.exception
     assert (exception.nr, exception.has_error_code, exception.error_code) == (14, 1, 0x6)
@@ -172,7 +174,7 @@ def test_invalid_arguments_are_refused_before_any_ioctl(boot, ioctls, arguments,
     guest.command(Command.NOP)                        # an unfinished `out`: no KVM_RUN may finish it
     issued = ioctls(guest.vcpu)
     with pytest.raises(InvalidVector) as refused:
-        guest.vcpu.inject_exception(**arguments)
+        Injector(guest.vcpu).exception(**arguments)
     assert isinstance(refused.value, ValueError) and isinstance(refused.value, PyKvmError)
     assert text in str(refused.value)
     assert issued == []
@@ -193,7 +195,7 @@ def test_mode_dependent_refusals_change_nothing(boot, host, ioctls, mode, argume
     guest.command(Command.NOP)
     issued = ioctls(guest.vcpu)
     with pytest.raises(InvalidVector, match=text.replace("(", r"\(")):
-        guest.vcpu.inject_exception(**arguments)
+        Injector(guest.vcpu).exception(**arguments)
     assert "KVM_GET_SREGS" in issued
     assert not [name for name in issued if name.startswith("KVM_SET") or name in ("KVM_RUN", "KVM_ENABLE_CAP")]
     assert guest.vcpu.events.exception == ExceptionEvent()
@@ -205,9 +207,9 @@ def test_a_second_exception_is_refused_not_replaced(boot):
     guest = boot("long")
     vcpu = guest.vcpu
     guest.command(Command.NOP)
-    vcpu.inject_exception(0)
+    Injector(vcpu).exception(0)
     with pytest.raises(NotReadyForInjection, match="already has exception 0"):
-        vcpu.inject_exception(13, error_code=0)
+        Injector(vcpu).exception(13, error_code=0)
     assert vcpu.events.exception.nr == 0
     guest.command(Command.NOP)
     assert [(r.vector, r.error_code) for r in guest.log()] == [(0, None)]
@@ -231,7 +233,7 @@ def test_complete_pending_exit_keeps_the_reply_to_an_in(vm):
     with pytest.raises(NotReadyForInjection, match="not been answered"):
         vcpu.complete_pending_exit()                  # KVM would take whatever kvm_run holds
     with pytest.raises(NotReadyForInjection, match="not been answered"):
-        vcpu.inject_exception(0)                      # the same check, before anything is set
+        Injector(vcpu).exception(0)                   # the same check, before anything is set
     exit.reply(0x5A)
     assert isinstance(vcpu.complete_pending_exit(), IntrExit)
     regs = vcpu.regs
@@ -260,6 +262,6 @@ def test_closed_vcpu_is_refused(vm):
     vcpu = vm.create_vcpu()
     vcpu.close()
     with pytest.raises(pykvm.ClosedError):
-        vcpu.inject_exception(0)
+        Injector(vcpu).exception(0)
     with pytest.raises(pykvm.ClosedError):
         vcpu.complete_pending_exit()

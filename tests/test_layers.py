@@ -1,6 +1,6 @@
 """The direction of imports is the architecture: a layer imports only the layers below it.
 
-Layers, bottom to top: core, x86, irqchip, runtime, guests, hosts, then the tools
+Layers, bottom to top: core, injection, x86, irqchip, runtime, guests, hosts, then the tools
 (every other module of the package, and every package's ``__main__``). Each module's imports, including those inside
 functions and under ``TYPE_CHECKING``, are read with ``ast``; no KVM needed.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pykvm"
-LAYERS = ("core", "x86", "irqchip", "runtime", "guests", "hosts")
+LAYERS = ("core", "injection", "x86", "irqchip", "runtime", "guests", "hosts")
 TOOLS = len(LAYERS)            # rank of every module outside the layer packages
 
 
@@ -183,3 +183,85 @@ def test_a_circle_of_imports_is_caught(tmp_path):
     (copy / "c.py").write_text("from . import a, e\n")
     assert import_cycles(copy) == [["pykvm.a", "pykvm.b"]]
     assert import_cycles(copy, annotations=True) == [["pykvm.a", "pykvm.b"], ["pykvm.c", "pykvm.d", "pykvm.e"]]
+
+
+def import_time_hooks(package: Path = PACKAGE) -> list[str]:
+    """Every statement run at import, outside the core, that sets an attribute of a core module or object.
+
+    That is how a layer would register a hook with the core (``exits.EXPLAIN = explain_exit``,
+    ``setattr(Vcpu, "policy", ...)``), which the core would then call without its caller passing it in.
+    Policy and explanations are given explicitly (``GuestSession(explain=...)``, ``Injector(vcpu)``), so none
+    may exist; code inside functions (a lab's trace wrapping ``Vcpu`` while it runs) is not run at import.
+    """
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        name = module_name(path, package)
+        if rank(name) == 0:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        core_names = _names_bound_to_core(tree, name, path.name == "__init__.py")
+        for statement in _run_at_import(tree.body):
+            for node in ast.walk(statement):
+                targets = []
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                elif isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr" and node.args:
+                    targets = [ast.Attribute(node.args[0], "?")]
+                for target in targets:
+                    root = target
+                    while isinstance(root, (ast.Attribute, ast.Subscript)):
+                        root = root.value
+                    if target is not root and isinstance(root, ast.Name) and root.id in core_names:
+                        found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def _run_at_import(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements of a module body that run when it is imported (not function or class bodies' functions)."""
+    statements: list[ast.stmt] = []
+    for statement in body:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(statement, ast.ClassDef):
+            statements += _run_at_import(statement.body)
+        else:
+            statements.append(statement)
+    return statements
+
+
+def _names_bound_to_core(tree: ast.Module, module: str, is_package: bool) -> set[str]:
+    """The names a module binds to core modules or to objects imported from the core."""
+    package = module if is_package else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names
+                      if rank(alias.name) == 0 and alias.name.startswith("pykvm.core")}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            source = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                target = source if node.module else f"{source}.{alias.name}"
+                if target.startswith("pykvm.core") or target == "pykvm._binding":
+                    names.add(alias.asname or alias.name)
+    return names
+
+
+def test_no_layer_registers_a_hook_with_the_core_at_import():
+    assert import_time_hooks() == []
+
+
+@pytest.mark.parametrize("source, caught", [
+    ("from ..core import exits\n\ndef explain(vcpu, exit): ...\n\nexits.EXPLAIN = explain\n", True),
+    ("from ..core.vcpu import Vcpu\nsetattr(Vcpu, 'policy', None)\n", True),
+    ("from ..core.vcpu import Vcpu\n\ndef install():\n    Vcpu.policy = None\n", False),   # the control: not at import
+    ("from ..core import exits\nEXPLAIN = exits.ExitExplainer\n", False),
+])
+def test_a_hook_set_on_the_core_at_import_is_caught(tmp_path, source, caught):
+    copy = tmp_path / "pykvm"
+    (copy / "hosts").mkdir(parents=True)
+    (copy / "__init__.py").write_text("")
+    (copy / "hosts" / "__init__.py").write_text("")
+    (copy / "hosts" / "limits.py").write_text(source)
+    found = import_time_hooks(copy)
+    assert bool(found) == caught and all("pykvm/hosts/limits.py" in line for line in found), found

@@ -25,6 +25,7 @@ from pykvm.core.errors import (
 )
 from pykvm.core.ioctls import Ioctl
 from pykvm.core.vm import open_vm_fds, open_vms
+from pykvm.injection import Injector
 
 
 def test_objects_report_what_kvm_says(kvm):
@@ -95,7 +96,9 @@ def test_close_is_idempotent_and_use_after_close_raises(kvm):
     with pytest.raises(ClosedError):
         vm.create_vcpu()
     with pytest.raises(ClosedError):
-        vcpu.interrupt(0x20, force=True)
+        vcpu.interrupt(0x20)
+    with pytest.raises(ClosedError):
+        Injector(vcpu).interrupt(0x20)
     assert "closed" in repr(vcpu) and "closed" in repr(view)
 
 
@@ -124,12 +127,12 @@ def test_stale_exit_reply_is_refused(vm):
 def test_vector_out_of_range(vcpu):
     for vector in (256, -1, 1000):
         with pytest.raises(InvalidVector, match="0..255"):
-            vcpu.interrupt(vector, force=True)
+            vcpu.interrupt(vector)
 
 
 def test_interrupt_refused_before_guest_is_ready(vcpu):
     with pytest.raises(NotReadyForInjection, match="request_interrupt_window"):
-        vcpu.interrupt(0x20)
+        Injector(vcpu).interrupt(0x20)          # no exit yet: nothing reported ready
 
 
 def test_overlapping_memory_slot(vm):

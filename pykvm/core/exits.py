@@ -203,12 +203,14 @@ class FailEntryExit(Exit):
 class InternalErrorExit(Exit):
     """``KVM_EXIT_INTERNAL_ERROR``: KVM itself could not go on (e.g. emulation failure).
 
-    ``insn_bytes`` are the instruction bytes KVM reported (emulation failures), or
-    fetched from guest memory at the faulting RIP; ``explanation`` says what is
-    known about it on this host and ``host_limit`` is True when it is a documented
-    limit of this host's KVM rather than a guest bug: both are filled in by an
-    :data:`ExitExplainer` (``pykvm.hosts.explain_exit``, which guest sessions and
-    the VMM are given), not by the core.
+    ``insn_bytes`` are the instruction bytes KVM reported (emulation failures).
+    The rest is not in ``kvm_run`` and is filled in by an :data:`ExitExplainer`
+    (``pykvm.hosts.explain_exit``, which guest sessions and the VMM are given),
+    not by the core, which issues no ioctl to decode an exit: ``rip`` (read with
+    ``KVM_GET_REGS``, 0 until then), ``insn_bytes`` fetched from guest memory
+    at that RIP when KVM reported none, ``explanation`` (what is known about it
+    on this host) and ``host_limit`` (True when it is a documented limit of this
+    host's KVM rather than a guest bug).
     """
 
     reason: ClassVar = ExitReason.INTERNAL_ERROR
@@ -370,7 +372,7 @@ def _internal(vcpu, run) -> Exit:
         failure = run.emulation_failure
         if failure.ndata >= 2 and failure.flags & 1:
             insn = bytes(failure.insn_bytes[0:failure.insn_size])
-    return InternalErrorExit(internal.suberror, data, vcpu.regs.rip, insn)
+    return InternalErrorExit(internal.suberror, data, 0, insn)
 
 
 def _debug(vcpu, run) -> DebugExit:

@@ -50,30 +50,30 @@ def check_exception(vector: int, error_code: int | None = None, address: int | N
     ``error_code`` a 32-bit integer and only on :data:`ERROR_CODE_VECTORS`, ``address``
     (the payload: CR2 for #PF, DR6 bits for #DB) a 64-bit integer and only on those
     two. Whether an error-code vector may go without one depends on the CPU mode
-    (real mode pushes none); :meth:`pykvm.Vcpu.inject_exception` checks that.
+    (real mode pushes none); :meth:`pykvm.injection.Injector.exception` checks that.
     """
     if not _plain_int(vector) or vector not in EXCEPTION_VECTORS:
-        raise InvalidVector(f"inject_exception(vector={vector!r}): exceptions are the integer "
+        raise InvalidVector(f"exception(vector={vector!r}): exceptions are the integer "
                             f"vectors 0..31; deliver vectors 32..255 as interrupts "
                             f"(vcpu.interrupt(), an MSI or an irqchip line)")
     if vector == NMI_VECTOR:
-        raise InvalidVector("inject_exception(vector=2): vector 2 is the NMI, which KVM does not "
+        raise InvalidVector("exception(vector=2): vector 2 is the NMI, which KVM does not "
                             "take as an exception; use vcpu.nmi()")
     if error_code is not None:
         if not _plain_int(error_code) or not 0 <= error_code <= 0xFFFFFFFF:
-            raise InvalidVector(f"inject_exception({vector}, error_code={error_code!r}): an error "
+            raise InvalidVector(f"exception({vector}, error_code={error_code!r}): an error "
                                 f"code is an unsigned 32-bit integer (0..0xffffffff)")
         if vector not in ERROR_CODE_VECTORS:
-            raise InvalidVector(f"inject_exception({vector}, error_code={error_code:#x}): vector "
+            raise InvalidVector(f"exception({vector}, error_code={error_code:#x}): vector "
                                 f"{vector} pushes no error code; drop error_code (the vectors "
                                 f"that take one are {sorted(ERROR_CODE_VECTORS)})")
     if address is not None:
         if vector not in PAYLOAD_VECTORS:
-            raise InvalidVector(f"inject_exception({vector}, address={address!r}): only #PF (14, "
+            raise InvalidVector(f"exception({vector}, address={address!r}): only #PF (14, "
                                 f"the faulting address for CR2) and #DB (1, the DR6 bits) carry "
                                 f"a payload; drop address")
         if not _plain_int(address) or not 0 <= address < 1 << 64:
-            raise InvalidVector(f"inject_exception({vector}, address={address!r}): the address "
+            raise InvalidVector(f"exception({vector}, address={address!r}): the address "
                                 f"is an unsigned 64-bit integer")
 
 

@@ -2,8 +2,11 @@
 
 Why this exists: this is where a test puts the guest into a precise state
 (registers, segments, pending events), runs it (``run()`` returns a typed exit)
-and injects interrupts and NMIs with the checks the KVM API leaves to the
-caller (``KVM_INTERRUPT`` only when the last exit reported ready).
+and issues the vCPU's ioctls, one method each (``interrupt()`` is
+``KVM_INTERRUPT``, ``events`` is ``KVM_GET/SET_VCPU_EVENTS``). The rules the
+KVM API leaves to the caller around them (inject only when the last exit
+reported ready, finish a pending exit before setting an event) are
+:mod:`pykvm.injection`'s.
 """
 
 from __future__ import annotations
@@ -18,13 +21,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import checks, exits
 from .binding import ffi, lib
-from .constants import Cap, ExitReason, IoDirection, MpState, VcpuEventValid, as_enum
+from .constants import Cap, ExitReason, IoDirection, MpState, as_enum
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c
 from .errors import (
-    CapabilityMissing,
     ClosedError,
     InvalidArgument,
-    InvalidVector,
     IrqchipModeError,
     KvmBusy,
     KvmError,
@@ -35,9 +36,9 @@ from .errors import (
     ioctl_error,
 )
 from .fdobject import FdObject
-from .interrupts import DEBUG_VECTOR, ERROR_CODE_VECTORS, PAGE_FAULT_VECTOR, IrqchipMode, check_exception, check_vector
+from .interrupts import IrqchipMode, check_vector
 from .ioctls import Ioctl
-from .state import ExceptionEvent, Fpu, NestedState, Regs, Sregs, VcpuEvents, from_c, to_c
+from .state import Fpu, NestedState, Regs, Sregs, VcpuEvents, from_c, to_c
 from .stats import Stats
 
 if TYPE_CHECKING:
@@ -70,8 +71,6 @@ _MSR_VALUE_NOTES = {
     0xC0000080: "IA32_EFER has SCE 0, LME 8, LMA 10, NXE 11, SVME 12, LMSLE 13, FFXSR 14, TCE 15 and AutoIBRS 21, "
                 "each only with its CPUID feature; the other bits are reserved",
 }
-_INTERRUPT_HINT = ("KVM_INTERRUPT only works with the userspace irqchip; with an in-kernel "
-                   "PIC/IOAPIC use vm.irq_line() or MSI instead")
 
 
 class EntryHook(Protocol):
@@ -159,7 +158,6 @@ class Vcpu(FdObject):
         self._run_fd = fd              # likewise: close() closes the guard before the fd
         self._run_buffer = ffi.buffer(pointer, self._run_size)
         self._exit_sequence = 0
-        self._queued: tuple[int, int] = (-1, 0)   # (exit sequence, vector) of the last KVM_INTERRUPT
         self.kvm_run = KvmRun(self)
         self.irq_controller: EntryHook | None = None   # e.g. pykvm.irqchip.UserspaceIrqController
         self._last_result = _NO_EXIT  # what the last KVM_RUN returned: an exit reason or -errno
@@ -167,6 +165,16 @@ class Vcpu(FdObject):
 
     def describe(self) -> str:
         return f"Vcpu {self.id} of Vm (fd {self.vm._fd})"
+
+    @property
+    def exit_sequence(self) -> int:
+        """How many times ``KVM_RUN`` has returned on this vCPU: the ``sequence`` of its last exit (0 before any).
+
+        ``run()`` and ``complete_pending_exit()`` each add one. Code that acts
+        "before the next entry" (e.g. :class:`pykvm.injection.Injector`, which
+        remembers the interrupt it queued) compares it with the value it saw.
+        """
+        return self._exit_sequence
 
     def _release(self) -> None:
         if "stats" in self.__dict__:
@@ -347,6 +355,13 @@ class Vcpu(FdObject):
         since KVM reads it now: without one this raises
         :class:`NotReadyForInjection`. A :meth:`kick` pending for the next
         ``run()`` stays pending; the irq controller's hook does not run.
+
+        It is one ioctl, so it belongs to the binding: the ``KVM_RUN`` has to be
+        made under the vCPU's run guard with ``immediate_exit`` saved and
+        restored, which only the core can do safely beside ``run()``,
+        ``kick()`` and ``close()`` on other threads. When to call it (before
+        setting an event) is the caller's rule: :meth:`pykvm.injection.Injector.exception`
+        calls it.
         """
         run = self._run
         if run is None:
@@ -379,159 +394,37 @@ class Vcpu(FdObject):
                 _guard_release(self._guard)
 
     # -- injection ------------------------------------------------------------
-    def interrupt(self, vector: int, force: bool = False) -> None:
-        """``KVM_INTERRUPT``: queue external interrupt ``vector`` for the next entry.
+    def interrupt(self, vector: int) -> None:
+        """``KVM_INTERRUPT``: queue external interrupt ``vector`` for the next entry (userspace irqchip).
 
-        Refuses unless the last exit reported ``ready_for_interrupt_injection``
-        (the guest has IF=1, no interrupt shadow, nothing else queued): KVM
-        would otherwise deliver it regardless of IF on some hosts and fail the
-        entry on others. ``force=True`` skips the check. A second call before
-        ``run()`` is refused too, since KVM would silently replace the first.
+        The bare ioctl. KVM takes it whatever the guest's state: the API asks
+        the caller to inject only after an exit that reported
+        ``kvm_run.ready_for_interrupt_injection``, and a second call before
+        ``run()`` replaces the first. :class:`pykvm.injection.Injector` follows
+        those rules; this method is for code that follows them itself or breaks
+        them on purpose (KVM then delivers the vector regardless of IF on
+        kvm_amd and kvm_pvm, and the VM entry fails on kvm_intel). With the
+        in-kernel PIC (``irqchip='kernel'``) KVM refuses it (ENXIO):
+        :class:`IrqchipModeError` names the paths that VM has.
         """
         check_vector(vector)
-        run = self._run
-        if run is None:
+        if self._run is None:
             raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
-        if self.vm.irqchip == IrqchipMode.KERNEL:
-            self._interrupt_with_kernel_pic(vector)
-        if not force:
-            if self._queued[0] == self._exit_sequence:
-                raise NotReadyForInjection(
-                    f"vector {self._queued[1]:#x} is already queued on vCPU {self.id} for the "
-                    f"next entry and KVM would silently replace it with {vector:#x}; call run() "
-                    f"first, or use pykvm.irqchip.UserspaceIrqController to queue several")
-            if not run.ready_for_interrupt_injection:
-                raise NotReadyForInjection(
-                    f"vCPU {self.id} is not ready for an interrupt (last exit: "
-                    f"ready_for_interrupt_injection=0, if_flag={run.if_flag}): the guest has "
-                    f"interrupts disabled, is in an interrupt shadow, or an event is pending. Set "
-                    f"kvm_run.request_interrupt_window and inject at the next exit that reports "
-                    f"ready (pykvm.irqchip.UserspaceIrqController does this), or pass force=True")
-        self._ioctl(Ioctl.INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}),
-                    hint=_INTERRUPT_HINT)
-        self._queued = (self._exit_sequence, vector)
-
-    def _interrupt_with_kernel_pic(self, vector: int) -> None:
-        """KVM_INTERRUPT with the in-kernel PIC: KVM answers ENXIO; say why."""
         try:
             self._ioctl(Ioctl.INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}))
         except KvmError as exc:
+            if self.vm.irqchip != IrqchipMode.KERNEL:
+                raise
             raise IrqchipModeError(
                 f"KVM_INTERRUPT of {vector:#x} refused ({exc.strerror}): this VM has the in-kernel "
                 f"PIC/IOAPIC (irqchip='kernel'), which owns external interrupts. Raise a GSI with "
                 f"vm.irq_line() or an irqfd, send an MSI with vm.signal_msi(), or create the VM "
                 f"with irqchip='none' (or 'split') to inject from userspace") from exc
-        raise IrqchipModeError(f"KVM_INTERRUPT of {vector:#x} was accepted with the in-kernel PIC; "
-                               f"this host does not follow the KVM API here")
 
     def nmi(self) -> None:
         """``KVM_NMI``: make an NMI pending (delivered once the guest is not blocking NMIs)."""
         self.vm.kvm.require(Cap.USER_NMI, "vcpu.nmi()")
         self._ioctl(Ioctl.NMI, hint="with an in-kernel irqchip, KVM_NMI needs the vCPU's LAPIC enabled")
-
-    def inject_exception(self, vector: int, error_code: int | None = None, address: int | None = None,
-                         *, pending: bool | None = None) -> None:
-        """``KVM_SET_VCPU_EVENTS``: make exception ``vector`` (0..31) the vCPU's next event.
-
-        ``error_code`` is required for the vectors that push one
-        (:data:`pykvm.core.interrupts.ERROR_CODE_VECTORS`: #DF, #TS, #NP, #SS, #GP,
-        #PF, #AC, #CP, #VC, #SX) and refused for the others. In real mode
-        (CR0.PE=0) no exception pushes an error code (the IVT frame has no slot
-        for it; KVM drops ``has_error_code`` there), so ``error_code`` is
-        refused and never required. ``address`` is the payload: for #PF (14)
-        the faulting address that lands in CR2, for #DB (1) the DR6 bits to
-        set. NMIs are not exceptions here: vector 2 is refused (``nmi()``).
-        Each of these refusals is an :class:`InvalidVector` naming the argument,
-        raised before anything is changed: the arguments are checked before any
-        ioctl, what depends on the CPU mode after a ``KVM_GET_SREGS``.
-
-        **Pending or injected.** KVM holds an exception in one of two states. A
-        *pending* exception has not been delivered yet: at the next entry KVM
-        still decides what it becomes (a nested VM exit when L1 intercepts it,
-        #DF when it meets another fault) and applies its payload (CR2 / DR6) at
-        delivery, as the CPU does. An *injected* one is already being delivered
-        (KVM re-injects it as it is, e.g. after an exit in the middle of
-        delivery) and cannot be intercepted any more. Userspace can only set a
-        pending exception after enabling ``KVM_CAP_EXCEPTION_PAYLOAD`` on the
-        VM. ``pending=None`` (default) does that where the host has the
-        capability (``KVM_ENABLE_CAP`` once per VM, which also makes
-        ``vcpu.events`` report pending and injected apart for every vCPU of the
-        VM) and injects a pending exception with ``KVM_VCPUEVENT_VALID_PAYLOAD``;
-        ``pending=True`` requires that (:class:`CapabilityMissing` otherwise).
-        Without the capability, or with ``pending=False``, the exception is set
-        as injected and pykvm writes a #PF's ``address`` into CR2 itself with
-        ``KVM_SET_SREGS`` before the run (a #DB payload then needs DR6 written
-        through ``KVM_SET_DEBUGREGS``, which pykvm does not wrap: refused).
-
-        **After an IO or MMIO exit.** KVM finishes the exiting instruction only
-        at the next ``KVM_RUN``, so an exception set before that would meet a
-        half-done instruction. This method first calls
-        :meth:`complete_pending_exit` (``KVM_RUN`` with ``immediate_exit=1``:
-        the instruction completes, the guest does not run); answer an IN or
-        MMIO read before. The handler then sees RIP after that instruction.
-
-        Refused with :class:`NotReadyForInjection` when an exception is already
-        pending or injected (KVM_SET_VCPU_EVENTS would silently replace it).
-        KVM delivers a pending fault as the CPU does, with RFLAGS.RF set in the
-        pushed image; an injected one is pushed as it is. On kvm_intel only
-        bits 15:0 of an error code reach the guest (KVM's vmx code drops the
-        rest rather than fail the VM entry; not measured here).
-        """
-        check_exception(vector, error_code, address)
-        if pending is not None and not isinstance(pending, bool):
-            raise TypeError(f"inject_exception(pending={pending!r}): pass True, False or None")
-        if self._run is None:
-            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
-        kvm = self.vm.kvm
-        kvm.require(Cap.VCPU_EVENTS, "vcpu.inject_exception()")
-        if pending:
-            kvm.require(Cap.EXCEPTION_PAYLOAD, "inject_exception(pending=True)")
-        real_mode = not self.sregs.cr0 & 1
-        if real_mode and error_code is not None:
-            raise InvalidVector(f"inject_exception({vector}, error_code={error_code:#x}): vCPU "
-                                f"{self.id} is in real mode (CR0.PE=0), where exceptions push no "
-                                f"error code and KVM drops it; drop error_code")
-        if not real_mode and vector in ERROR_CODE_VECTORS and error_code is None:
-            raise InvalidVector(f"inject_exception({vector}): vector {vector} pushes an error code "
-                                f"in protected and long mode; pass error_code= (e.g. 0)")
-        use_payload = pending if pending is not None else bool(
-            kvm.check_extension(Cap.EXCEPTION_PAYLOAD))
-        if vector == DEBUG_VECTOR and address is not None and not use_payload:
-            message = (f"inject_exception(1, address={address:#x}): a #DB payload (DR6 bits) needs "
-                       f"KVM_CAP_EXCEPTION_PAYLOAD; without it set DR6 with KVM_SET_DEBUGREGS and "
-                       f"inject without address")
-            raise InvalidVector(message) if pending is False else CapabilityMissing(message)
-        self.complete_pending_exit()
-        events = self.events
-        current = events.exception
-        if current.injected or current.pending:
-            raise NotReadyForInjection(
-                f"vCPU {self.id} already has exception {current.nr} "
-                f"{'pending' if current.pending else 'injected'}; KVM_SET_VCPU_EVENTS would replace "
-                f"it. Run the vCPU first so that it is delivered")
-        events.exception = ExceptionEvent(injected=int(not use_payload), nr=vector,
-                                          has_error_code=int(error_code is not None),
-                                          pending=int(use_payload), error_code=error_code or 0)
-        # The other fields go back as KVM_GET_VCPU_EVENTS reported them (KVM always takes the
-        # injected interrupt and NMI fields); flags select nothing else (NMI pending, SIPI,
-        # shadow, SMM and triple fault stay as they are).
-        events.flags = 0
-        events.exception_has_payload, events.exception_payload = 0, 0
-        if use_payload:
-            self._enable_exception_payload()
-            events.flags = VcpuEventValid.PAYLOAD
-            events.exception_has_payload = int(address is not None)
-            events.exception_payload = address or 0
-        elif vector == PAGE_FAULT_VECTOR and address is not None:
-            sregs = self.sregs
-            sregs.cr2 = address
-            self.sregs = sregs
-        self.events = events
-
-    def _enable_exception_payload(self) -> None:
-        """``KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD)`` on this vCPU's VM, once."""
-        if Cap.EXCEPTION_PAYLOAD not in self.vm.enabled_caps:
-            self.vm.enable_cap(Cap.EXCEPTION_PAYLOAD, 1)
 
     # -- LAPIC and statistics ------------------------------------------------------
     def get_lapic(self) -> bytes:
@@ -626,7 +519,7 @@ class Vcpu(FdObject):
         self._set(Ioctl.SET_VCPU_EVENTS, "struct kvm_vcpu_events *", value,
                   hint="KVM refused the events: unknown bits in flags, a vector above 31 for an "
                        "exception, or a pending and an injected exception at once; to inject an "
-                       "exception use vcpu.inject_exception()")
+                       "exception use pykvm.injection.Injector(vcpu).exception()")
 
     @property
     def mp_state(self) -> MpState:

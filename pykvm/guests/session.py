@@ -207,7 +207,7 @@ class GuestSession:
         exit = stop.exit
         if isinstance(exit, InternalErrorExit):
             error = HostLimitation if exit.host_limit else GuestError
-            return error(exit.explanation or f"KVM_EXIT_INTERNAL_ERROR at RIP {exit.rip:#x} (step {self.step}, "
+            return error(exit.explanation or f"KVM_EXIT_INTERNAL_ERROR at RIP {stop.rip:#x} (step {self.step}, "
                                              f"unexplained: this session has no explainer): {exit!r}", exit)
         if stop.kind == StopKind.ASSERT:
             return GuestError(f"guest assert {stop.value:#x} at RIP {stop.rip:#x}", exit)
@@ -241,7 +241,8 @@ class GuestSession:
         if command == Command.RAISE and arg not in raisable:
             raise InvalidArgument(f"arg={arg}: Command.RAISE of the {self.image.mode.value}-mode image raises "
                                   f"only vectors {sorted(raisable)}; inject any other exception with "
-                                  f"vcpu.inject_exception(), or raise it from your own code (pykvm.assemble)")
+                                  f"pykvm.injection.Injector(vcpu).exception(), or raise it from your own code "
+                                  f"(pykvm.assemble)")
         self.memory.write_u32(self._mailbox(protocol.MB_COMMAND), int(command))
         self.memory.write_u64(self._mailbox(protocol.MB_ARG), arg)
         self.memory.write_u64(self._mailbox(protocol.MB_ARG2), arg2)

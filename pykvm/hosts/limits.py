@@ -54,7 +54,7 @@ def explain_entry_failure(host: HostInfo, reason: int) -> str:
         basic = reason & 0xFFFF
         if basic == VMX_INVALID_GUEST_STATE:
             return (f"VM entry failed ({reason:#x}): invalid guest state. An external interrupt "
-                    f"injected while the guest had RFLAGS.IF=0 (KVM_INTERRUPT with force=True) "
+                    f"injected while the guest had RFLAGS.IF=0 (a bare vcpu.interrupt() while not ready) "
                     f"fails this VM-entry check (Intel SDM Vol. 3C, 'Checks on Guest RFLAGS'): "
                     f"inject only when the last exit reported ready_for_interrupt_injection=1")
         text = {34: "MSR loading failed", 41: "machine-check event"}.get(basic,
@@ -87,12 +87,17 @@ def explain_internal_error(host: HostInfo, exit: InternalErrorExit, mode: Mode) 
 
 
 def explain_exit(vcpu: Vcpu, exit: Exit) -> None:
-    """An :data:`~pykvm.core.exits.ExitExplainer`: fills in ``explanation`` (and ``host_limit``) for this host."""
+    """An :data:`~pykvm.core.exits.ExitExplainer`: fills in ``explanation`` (and ``host_limit``) for this host.
+
+    For an internal error it also reads what ``kvm_run`` does not hold: ``rip``
+    (``KVM_GET_REGS``) and, when KVM reported none, the instruction bytes there.
+    """
     host = detect()
     if isinstance(exit, FailEntryExit):
         exit.explanation = explain_entry_failure(host, exit.hardware_entry_failure_reason)
     elif isinstance(exit, InternalErrorExit):
         sregs = vcpu.sregs
+        exit.rip = vcpu.regs.rip          # not in kvm_run: the core's decoder leaves it 0
         if not exit.insn_bytes:
             try:
                 exit.insn_bytes = vcpu.vm.memory.read(linear_rip(sregs, exit.rip), 15)

@@ -146,7 +146,7 @@ class InjectionRecord:
     vcpu: int
     kind: str                   # "interrupt" or "nmi"
     vector: int
-    forced: bool
+    forced: bool                # KVM_INTERRUPT made although the last exit reported not ready
     after_exits: int            # how many exits of that vCPU the trace had seen
     ready: int                  # kvm_run.ready_for_interrupt_injection at the time
     if_flag: int
@@ -213,9 +213,10 @@ class Trace:
             trace._record_exit(vcpu, exit)
             return exit
 
-        def interrupt(vcpu: Vcpu, vector: int, force: bool = False) -> None:
-            trace._record_injection(vcpu, "interrupt", vector, force)
-            original_interrupt(vcpu, vector, force)
+        def interrupt(vcpu: Vcpu, vector: int) -> None:
+            # Forced: the bare KVM_INTERRUPT while the last exit reported not ready (an Injector refuses that).
+            trace._record_injection(vcpu, "interrupt", vector, not vcpu.kvm_run.ready_for_interrupt_injection)
+            original_interrupt(vcpu, vector)
 
         def nmi(vcpu: Vcpu) -> None:
             trace._record_injection(vcpu, "nmi", 2, False)

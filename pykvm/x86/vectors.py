@@ -39,8 +39,8 @@ class Vector(enum.IntEnum):
     CP = 21   # control protection
 
 
-# ERROR_CODE_VECTORS (imported from pykvm.core.interrupts, where the core's
-# inject_exception checks it): the exceptions that push an error code in protected and
+# ERROR_CODE_VECTORS (imported from pykvm.core.interrupts; pykvm.injection.Injector.exception
+# checks it): the exceptions that push an error code in protected and
 # long mode (never in real mode).
 FIRST_EXTERNAL_VECTOR = 32
 

@@ -17,5 +17,5 @@ class Controller:
 
     def before_entry(self) -> None:
         if self.pending:
-            self.vcpu.interrupt(self.pending.pop(0), force=True)
+            self.vcpu.interrupt(self.pending.pop(0))      # the bare KVM_INTERRUPT, ready or not
         self.vcpu.kvm_run.request_interrupt_window = bool(self.pending)

@@ -1,4 +1,4 @@
-"""Lab 6, wrong: injects (forced) at the stop on the sti, before the guest can take it."""
+"""Lab 6, wrong: injects (the bare KVM_INTERRUPT) at the stop on the sti, before the guest can take it."""
 
 from pykvm.guests import Command, StopKind
 
@@ -13,6 +13,6 @@ def inject_after_sti(task) -> None:
     guest.send(Command.STI_NOP)
     vcpu.set_single_step(True)
     _step_to(guest, "sti_nop_sti")
-    vcpu.interrupt(task.vector, force=True)
+    vcpu.interrupt(task.vector)
     vcpu.set_single_step(False)
     guest.run_until(StopKind.SYNC)

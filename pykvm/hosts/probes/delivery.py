@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ...core.errors import GuestError
 from ...core.exits import ShutdownExit
 from ...guests import Command, GuestSession
+from ...injection import Injector
 from .base import Expectation, Observation, ProbeOutcome, measured, scenario
 from .harness import PROBE_VECTOR, SOFTWARE_VECTOR, boot, internal_error
 
@@ -79,7 +80,7 @@ def _deliver(kvm, mode: str, trigger: Callable[[GuestSession], object]) -> Obser
 
 def _inject(guest: GuestSession) -> None:
     guest.command(Command.STI)
-    guest.vcpu.interrupt(PROBE_VECTOR)
+    Injector(guest.vcpu).interrupt(PROBE_VECTOR)
     guest.command(Command.NOP)
 
 

@@ -115,7 +115,7 @@ NOT_READY_SOURCE = ("Intel SDM Vol. 3A 6.8.1 (IF masks external interrupts); api
                     "ready_for_interrupt_injection=1")
 NOT_READY_EXPLANATIONS: dict[ProbeOutcome, str] = {
     NotReady.DELIVERED_WITH_IF_CLEAR: "KVM injects the event regardless of IF; userspace must wait for "
-                                      "ready_for_interrupt_injection=1 (pykvm refuses otherwise)",
+                                      "ready_for_interrupt_injection=1 (pykvm.injection.Injector refuses otherwise)",
     NotReady.ENTRY_FAILS: "VT-x's VM-entry checks reject an external interrupt with RFLAGS.IF=0"}
 NOT_READY_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
     "real": (NotReady.DELIVERED_WITH_IF_CLEAR, None, NotReady.ENTRY_FAILS),
@@ -125,11 +125,11 @@ NOT_READY_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutco
 
 
 def interrupt_not_ready(kvm, mode: str) -> Observation:
-    """KVM_INTERRUPT (forced) while the guest has IF=0, then KVM_RUN."""
+    """The bare KVM_INTERRUPT while the guest has IF=0 (an Injector would refuse it), then KVM_RUN."""
     vm, guest = boot(kvm, mode)
     with vm:
         guest.command(Command.CLI)
-        guest.vcpu.interrupt(PROBE_VECTOR, force=True)
+        guest.vcpu.interrupt(PROBE_VECTOR)
         guest.send(Command.NOP)
         try:
             stop = run_once(guest)

@@ -50,7 +50,7 @@ def check_ready(ctx: Context) -> str:
         raise Fail("inject_when_ready() never called vcpu.interrupt()")
     bad = [i for i in injections if not i.ready or i.forced]
     if bad:
-        raise Fail(f"you injected with force=True while the last exit reported "
+        raise Fail(f"you injected while the last exit reported "
                    f"ready_for_interrupt_injection={bad[0].ready}, if_flag={bad[0].if_flag}")
     log = run["log"]
     if [r.vector for r in log] != [vector]:
@@ -85,7 +85,8 @@ def check_masked_injection(ctx: Context) -> str:
     task = run["task"]
     forced = [i for i in run["injections"] if i.kind == "interrupt" and i.forced]
     if not forced or forced[0].vector != task.vector:
-        raise Fail(f"no KVM_INTERRUPT of task.vector={task.vector:#x} with force=True")
+        raise Fail(f"no KVM_INTERRUPT of task.vector={task.vector:#x} while the guest was not ready "
+                   f"(the bare vcpu.interrupt())")
     if forced[0].if_flag or forced[0].ready:
         raise Fail("you forced the interrupt while the guest had IF=1: the task is to inject while IF=0")
     outcome = _observed(run)
@@ -138,8 +139,8 @@ LAB = Lab(
              check_ready, "after each exit kvm_run says whether the guest can take an interrupt; "
                           "what must the guest execute before it can? (the Command enum)", ready_evidence),
         Step("inject_while_masked(): a forced KVM_INTERRUPT while IF=0, then the guest runs",
-             check_masked_injection, "vcpu.interrupt(vector, force=True) skips pykvm's check; then "
-                                     "let the guest run one command", masked_evidence),
+             check_masked_injection, "vcpu.interrupt(vector) is the bare KVM_INTERRUPT, which an Injector "
+                                     "would refuse here; then let the guest run one command", masked_evidence),
         Step("inject_while_masked() answers what happened on this host", check_masked_answer,
              "look at the exit you got and at task.guest.log(): which of the three outcomes was it?",
              masked_evidence),

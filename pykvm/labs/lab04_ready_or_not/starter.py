@@ -13,7 +13,7 @@ def inject_when_ready(task) -> None:
 
 def inject_while_masked(task) -> str:
     """The guest has IF=0: force task.vector in, run, return "delivered", "entry failed" or "held"."""
-    # TODO: inject with force=True, run the guest (task.guest.run() gives one exit),
+    # TODO: inject with the bare task.guest.vcpu.interrupt(), run the guest (task.guest.run() gives one exit),
     #       look at the exit and task.guest.log(), and say what happened.
     raise NotImplementedError("TODO in inject_while_masked() (sheet.md, step 2)")
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from ...core.constants import Cap
 from ...core.errors import PyKvmError
 from ...core.interrupts import PAGE_FAULT_VECTOR
-from ...core.vcpu import Vcpu
 from ...guests import Command
+from ...injection import Injector
 from ...x86.vectors import vector_name
 from ..framework import Context, Fail, Lab, Step, lab_folder
 from ..guest_task import booted
@@ -58,17 +58,17 @@ def _draw(kind: str, rng: random.Random) -> HostExceptionTask:
 
 @contextlib.contextmanager
 def _events_by_hand() -> Iterator[None]:
-    """While the student's inject() runs, pykvm's own inject_exception() is not theirs to call."""
-    original = Vcpu.inject_exception
+    """While the student's inject() runs, pykvm's own Injector.exception() is not theirs to call."""
+    original = Injector.exception
 
-    def refuse(vcpu: Vcpu, *args: object, **kwargs: object) -> None:
-        raise RuntimeError("vcpu.inject_exception() would do this lab for you: read vcpu.events, "
+    def refuse(injector: Injector, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("pykvm.injection.Injector.exception() would do this lab for you: read vcpu.events, "
                            "fill in events.exception yourself and assign vcpu.events")
-    Vcpu.inject_exception = refuse        # type: ignore[method-assign, assignment]
+    Injector.exception = refuse           # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
-        Vcpu.inject_exception = original  # type: ignore[method-assign]
+        Injector.exception = original     # type: ignore[method-assign]
 
 
 def _scenario(kind: str) -> Callable[[Context], dict]:

@@ -8,6 +8,7 @@ import pykvm
 from pykvm import x86
 from pykvm.core.constants import VcpuEventValid
 from pykvm.core.exits import ShutdownExit
+from pykvm.injection import Injector
 
 from .common import (
     OBSERVED,
@@ -45,7 +46,7 @@ def event(control: bool = False) -> ScenarioResult:
         with vcpu.stats.delta("req_event", "irq_injections") as d:
             if not control:
                 t.host("KVM_INTERRUPT vector 0x40 (KVM raises KVM_REQ_EVENT)")
-                vcpu.interrupt(0x40)
+                Injector(vcpu).interrupt(0x40)     # the `out` exit reported ready
             else:
                 t.host("nothing (control)")
             exit = t.exit(vcpu.run())
