@@ -17,6 +17,7 @@ from pykvm.hosts.probes.exits import NotReady
 from pykvm.hosts.probes.nmi import NmiBlocking
 from pykvm.injection import Injector
 from pykvm.irqchip import UserspaceIrqController
+from pykvm.runtime import WATCHDOG
 
 pytestmark = pytest.mark.injection
 
@@ -253,6 +254,30 @@ def test_queued_interrupt_waits_for_sti(boot, host, mode):
         assert record.rip == guest.address("sync_done")
     assert record.vector == 0x51 and record.interrupts_were_enabled
     assert controller.pending == [] and guest.vcpu.kvm_run.request_interrupt_window == 0
+
+
+@pytest.mark.parametrize("requested", [True, False], ids=["window-requested", "control-no-request"])
+def test_a_window_requested_while_if_is_already_1_exits_at_the_entry(boot, requested):
+    """Every host, kvm_pvm included: KVM checks the window at each VM entry, so with IF=1 already a requested
+    window exits at once (KVM_EXIT_IRQ_WINDOW_OPEN, irq_window_exits and request_irq_exits +1), before the guest
+    gets far in a spin that would not exit for seconds. This is how kvm_pvm, which has no exit at the `sti`
+    itself, still sends a late window exit after an in-kernel exit (lab 5, test_queued_interrupt_waits_for_sti).
+    The control, without the request, spins until the host kicks it."""
+    guest = boot("long")
+    guest.command(Command.STI)
+    stats = guest.vcpu.stats
+    with stats.delta("irq_window_exits", "request_irq_exits", "signal_exits") as counted:
+        guest.send(Command.SPIN, 2**32 - 1)
+        guest.vcpu.kvm_run.request_interrupt_window = int(requested)
+        with WATCHDOG.guard(0.5, guest.vcpu.kick):
+            stop = guest.run()
+        guest.vcpu.kvm_run.request_interrupt_window = 0
+    if requested:
+        assert stop.kind == StopKind.WINDOW and guest.vcpu.kvm_run.ready_for_interrupt_injection == 1, stop
+        assert counted["request_irq_exits"] == 1 and counted["signal_exits"] == 0, counted   # not the kick
+    else:
+        assert stop.kind == StopKind.KICKED, stop
+        assert counted["irq_window_exits"] == counted["request_irq_exits"] == 0, counted
 
 
 @pytest.mark.parametrize("mode", ["real", "long"])

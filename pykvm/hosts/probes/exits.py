@@ -54,8 +54,9 @@ class IrqWindow(ProbeOutcome):
 IRQ_WINDOW_SOURCE = ("api.rst request_interrupt_window / KVM_EXIT_IRQ_WINDOW_OPEN; Intel SDM Vol. 3C "
                      "'interrupt-window exiting'; AMD APM Vol. 2 'virtual interrupt intercept (VINTR)'")
 IRQ_WINDOW_EXPLANATIONS: dict[ProbeOutcome, str] = {
-    IrqWindow.NO_EXIT: "the host never sends KVM_EXIT_IRQ_WINDOW_OPEN; inject at the next exit that reports "
-                       "ready_for_interrupt_injection=1",
+    IrqWindow.NO_EXIT: "the host sends no KVM_EXIT_IRQ_WINDOW_OPEN when the guest's STI opens the window (it "
+                       "checks the request only at VM entries, where IF=1 already exits at once); inject at the "
+                       "next exit that reports ready_for_interrupt_injection=1",
     IrqWindow.RIGHT_AFTER_STI: "the window opened inside the STI shadow"}
 # What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel); None: not measured there.
 IRQ_WINDOW_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
