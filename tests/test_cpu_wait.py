@@ -1,8 +1,10 @@
-"""CPU-fair deadlines (pykvm.runtime.cpu_wait): the CPU wait they excuse is measured, and they grow by it."""
+"""Deadlines of pykvm.runtime.cpu_wait: the CPU wait a CpuFairDeadline excuses is measured and it grows by it; a
+ThreadCpuDeadline counts one thread's CPU time, not the wall time."""
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from pykvm.core.errors import InvalidArgument
-from pykvm.runtime.cpu_wait import CpuFairDeadline, waited_for_a_cpu
+from pykvm.runtime.cpu_wait import CpuFairDeadline, ThreadCpuDeadline, waited_for_a_cpu
 
 pytestmark = pytest.mark.host_independent
 
@@ -74,3 +76,56 @@ def test_a_deadline_grows_by_the_cpu_wait_it_counted(rival):
 def test_a_deadline_needs_finite_positive_seconds(seconds):
     with pytest.raises(InvalidArgument, match="seconds=.*finite number of seconds > 0"):
         CpuFairDeadline(seconds)
+
+
+def _spinner(stop: threading.Event, native_id: list[int], cpu: int | None) -> None:
+    native_id.append(threading.get_native_id())
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})               # this thread only
+    while not stop.is_set():
+        pass
+
+
+@pytest.mark.parametrize("rival", [False, True], ids=["alone", "beside-a-rival"])
+def test_a_thread_cpu_deadline_ends_when_the_thread_has_run_its_seconds(rival):
+    """A spinning thread gets 0.3 s of CPU: alone that takes about 0.3 s of wall time, beside a rival spinning on
+    its CPU about twice that (the wall time does not matter, the thread's CPU time does)."""
+    stop, native_id = threading.Event(), []
+    cpu = min(os.sched_getaffinity(0))
+    with _one_cpu(rival):
+        thread = threading.Thread(target=_spinner, args=(stop, native_id, cpu))
+        thread.start()
+        try:
+            while not native_id:
+                time.sleep(0.001)
+            deadline, started = ThreadCpuDeadline(native_id[0], 0.3), time.monotonic()
+            while not deadline.expired():
+                time.sleep(0.01)
+            wall, ran = time.monotonic() - started, deadline.ran()
+        finally:
+            stop.set()
+            thread.join()
+    assert 0.3 <= ran < 0.4 and ran <= wall + 0.01, (ran, wall)
+    if rival:
+        assert wall > 0.45, deadline.describe()             # it shared its CPU
+
+
+def test_a_thread_cpu_deadline_waits_for_a_sleeping_thread_until_its_limit_and_ends_with_the_thread():
+    """The control: a thread that does not run never uses its CPU seconds; the wall-clock limit ends the wait.
+    A thread that has ended has nothing left to do: expired at once."""
+    stop = threading.Event()
+    native_id: list[int] = []
+    thread = threading.Thread(target=lambda: (native_id.append(threading.get_native_id()), stop.wait()))
+    thread.start()
+    while not native_id:
+        time.sleep(0.001)
+    deadline, started = ThreadCpuDeadline(native_id[0], 0.1, limit=0.3), time.monotonic()
+    while not deadline.expired():
+        time.sleep(0.01)
+    assert 0.3 <= time.monotonic() - started < 0.5 and deadline.ran() < 0.01
+    stop.set()
+    thread.join()                      # the OS thread ends a moment after join() returns
+    gone = time.monotonic() + 5
+    while os.path.exists(f"/proc/self/task/{native_id[0]}") and time.monotonic() < gone:
+        time.sleep(0.001)
+    assert ThreadCpuDeadline(native_id[0], 10.0).expired()

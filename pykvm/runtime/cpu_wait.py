@@ -5,11 +5,16 @@ interrupt delivered, an AP halted, a kicked vCPU leaving ``KVM_RUN``) takes
 microseconds to milliseconds when the threads involved run; on a loaded host
 it can miss any wall-clock bound only because they were not running. Giving
 such waits seconds of slack made every negative case (a wrong solution, a
-lost kick) cost those seconds. A :class:`CpuFairDeadline` is short instead,
-and grows by the run delay that the kernel counted for this process's threads
-meanwhile (``/proc/self/task/*/schedstat``, second field: nanoseconds spent
-runnable but waiting for a CPU), so a starved host is told apart from an event
-that never comes.
+lost kick) cost those seconds. Two short deadlines instead, from the kernel's
+per-thread scheduler statistics (``/proc/self/task/TID/schedstat``: nanoseconds
+on a CPU, then nanoseconds runnable but waiting for one):
+
+- :class:`CpuFairDeadline` grows by the run delay of this process's threads
+  meanwhile, for waits where no thread of the process spins;
+- :class:`ThreadCpuDeadline` expires once one thread, the one that must act
+  (a vCPU thread spinning in its guest, say), has had so much CPU time: a spinning
+  thread keeps waiting for a CPU as long as it spins on a loaded host, so only
+  its own CPU time tells a lost kick from a starved one.
 
 Example (no KVM needed)::
 
@@ -69,3 +74,48 @@ class CpuFairDeadline:
     def describe(self) -> str:
         """The bound as a reason says it: ``"1 s (plus 0.00 s this process's threads waited for a CPU)"``."""
         return f"{self.seconds:g} s (plus {self.starved:.2f} s this process's threads waited for a CPU)"
+
+
+class ThreadCpuDeadline:
+    """Until the thread ``native_id`` (``threading.get_native_id()``) of this process has run ``seconds`` more
+    of CPU time, or has ended; in any case after ``limit`` seconds of wall time.
+
+    Inside ``KVM_RUN`` guest time counts as the thread's CPU time: a vCPU thread
+    that has run ``seconds`` since a kick and is still in its guest lost the kick.
+    """
+
+    def __init__(self, native_id: int, seconds: float, limit: float = 30.0) -> None:
+        self.native_id = native_id
+        self.seconds = checks.seconds("seconds", seconds, "the CPU time the thread gets to act")
+        self.limit = checks.seconds("limit", limit, "the wall-clock bound, whatever the thread gets")
+        self._started = time.monotonic()
+        self._ran_before = self._ran()
+
+    def _ran(self) -> float | None:
+        """The thread's CPU time so far; None once it has ended."""
+        try:
+            with open(f"/proc/self/task/{self.native_id}/schedstat") as schedstat:
+                return int(schedstat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def ran(self) -> float:
+        """The thread's CPU time since the deadline began (0 if it ended before)."""
+        now, before = self._ran(), self._ran_before
+        return 0.0 if now is None or before is None else now - before
+
+    def remaining(self) -> float:
+        """Seconds to wait before looking again, >= 0 (0: expired)."""
+        wall_left = self._started + self.limit - time.monotonic()
+        if wall_left <= 0 or self._ran() is None:
+            return 0.0
+        return max(0.0, min(wall_left, self.seconds - self.ran()))
+
+    def expired(self) -> bool:
+        return self.remaining() == 0.0
+
+    def describe(self) -> str:
+        """The bound as a reason says it."""
+        waited = time.monotonic() - self._started
+        return f"{self.seconds:g} s of its thread's CPU time ({self.ran():.2f} s run in {waited:.2f} s)"
+

@@ -20,7 +20,7 @@ from ..core import checks
 from ..core.errors import ArgumentTypeError, GuestCancelled, VcpuThreadError
 from ..core.exits import Exit
 from ..core.vcpu import Vcpu
-from .cpu_wait import CpuFairDeadline
+from .cpu_wait import CpuFairDeadline, ThreadCpuDeadline
 
 KICK_GRACE = 1.0     # seconds a kicked vCPU thread gets to leave KVM_RUN and finish
 
@@ -76,10 +76,10 @@ class VcpuThread:
             raise VcpuThreadError(f"the thread of vCPU {self.vcpu.id} died: "
                                   f"{type(self._error).__name__}: {self._error}") from self._error
 
-    def result(self, timeout: float | CpuFairDeadline = 5.0) -> Any:
-        """Wait up to ``timeout`` s (or until a :class:`CpuFairDeadline`) for the target's return value; then
-        kick, then give up loudly."""
-        if isinstance(timeout, CpuFairDeadline):
+    def result(self, timeout: float | CpuFairDeadline | ThreadCpuDeadline = 5.0) -> Any:
+        """Wait up to ``timeout`` s (or until a :mod:`~pykvm.runtime.cpu_wait` deadline) for the target's return
+        value; then kick, then give up loudly."""
+        if isinstance(timeout, (CpuFairDeadline, ThreadCpuDeadline)):
             while self._thread.is_alive() and (left := timeout.remaining()):
                 self._thread.join(left)
             bound = timeout.describe()
