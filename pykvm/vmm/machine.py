@@ -122,7 +122,7 @@ class BootResult:
     def guest_seconds(self) -> float:
         """The boot processor's (vCPU 0's) seconds inside ``KVM_RUN`` plus the machine's in S3: the guest's own time.
 
-        The rest of :attr:`elapsed` is this process's: handling exits in Python,
+        The rest of ``elapsed`` is this process's: handling exits in Python,
         starting and joining the vCPU threads. Any VMM pays the guest's own time
         to run the same kernel on the same KVM; a run ends when vCPU 0 writes
         the debug-exit port, so the other vCPUs' time runs beside it.
