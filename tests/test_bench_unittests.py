@@ -133,6 +133,23 @@ def test_the_cross_checks_compare_the_machines_clock_and_cpu_time_with_wall_time
     assert "command/QEMU by CPU time 0.279 against 0.261 by wall time (they differ by 7%)" in text
 
 
+def test_the_floor_is_the_guests_own_time_in_the_in_process_runs_against_qemus_total():
+    figures = result([4.0, 6.0, 5.0])
+    assert "floor" not in "\n".join(figures.report())        # control: runs that did not measure the guest's time
+    guests = {"a": [0.16, 0.05, 0.25], "b": [0.09, 0.09, 0.09]}
+    for name, times in guests.items():
+        runs = figures.samples[name]["in-process"]
+        runs[:] = [dataclasses.replace(sample, run=dataclasses.replace(sample.run, guest=guest))
+                   for sample, guest in zip(runs, times, strict=True)]
+    assert figures.guest("a") == 0.16
+    text = "\n".join(figures.report())
+    assert "    a: 0.160 s, 0.008\n    b: 0.090 s, 0.030" in text           # of QEMU's medians 20 and 3
+    assert ("floor: that guest time totals 0.250 s, 0.011 of QEMU's total (the ratio if pykvm's own time were "
+            "nil" in text)
+    assert "pykvm's own, the command total less it, 5.750 s (0.250 of QEMU's total" in text
+    assert "QEMU's total less the same guest time, 22.750 s" in text
+
+
 def test_the_conditions_and_the_entries_left_out_are_printed():
     text = "\n".join(result([5.0] * 3, {"vmx": "under QEMU: SKIP vmx (no vmx)"}).report())
     assert ("conditions: host kvm_intel, 8 CPUs, load average (1, 5, 15 min) 0.10 0.20 0.30 at start, "
@@ -215,6 +232,7 @@ def test_a_stand_in_tree_is_measured_with_real_runs(kvm_available, tree, capsys)
     in_process, command, qemu, *ratios = (float(word) for word in row.split()[1:])
     assert 0 < in_process < command and qemu > 0          # the command pays Python's start-up on top
     assert "inside the measured time in 2 of 2 runs" in out
+    assert "floor: that guest time totals" in out          # the Machine measured the guest's own time
     assert "left out: fails: under pykvm: FAIL fails (QEMU not run)" in out
     assert "left out: qemu_fails: under QEMU: FAIL qemu_fails (pykvm: PASS qemu_fails)" in out
 

@@ -148,6 +148,36 @@ def test_pit_ticks_through_the_8259(kvm, cpus):
     assert result.elapsed >= 0.09          # 10 ticks of 10 ms
 
 
+class SlowStream:
+    """A serial stream that takes ``delay`` seconds over each write, as a slow terminal would."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        time.sleep(self.delay)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("cpus", SMP)
+def test_the_guests_own_time_counts_its_halts_in_kvm_run_and_not_the_devices(kvm, cpus):
+    ticking = boot(kvm, "pit", cpus)
+    assert set(ticking.in_kvm_run) == set(range(cpus))
+    # vCPU 0 waits for 10 ticks of 10 ms halted inside KVM_RUN: the guest's time, all but the start-up
+    assert 0.09 <= ticking.guest_seconds <= ticking.elapsed
+    # control: a device slow to answer (the serial stream, 20 ms a byte) costs the run time outside KVM_RUN
+    slow = SlowStream(0.02)
+    printing = boot(kvm, "hello", cpus, serial_output=slow)
+    assert slow.writes == len(printing.serial) == 39
+    assert printing.elapsed - printing.guest_seconds >= slow.writes * slow.delay
+    assert printing.asleep == 0.0
+
+
 @pytest.mark.parametrize("cpus", SMP)
 def test_ioapic_edge_and_level_through_a_test_irq_line(kvm, host, cpus):
     result = boot(kvm, "ioapic", cpus)

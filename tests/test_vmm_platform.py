@@ -87,11 +87,15 @@ def test_s3_sleeps_until_the_rtc_alarm_then_resumes_at_the_waking_vector_in_real
     result = run(kernel(S3, FACS=acpi.FACS_ADDRESS, RTC_EN=0x400, SLP_TYP=1), cpus, kvm=kvm)
     assert (result.ending, result.exit_code) == (Ending.EXIT_PORT, 0x21), result.message   # WAK_STS, RTC_STS
     assert result.elapsed < 3.0                              # the alarm comes within a second
+    # the sleep (to the next second's alarm) is the guest's own time, besides vCPU 0's inside KVM_RUN
+    assert 0.0 < result.asleep <= result.elapsed and result.asleep < 1.5
+    assert result.guest_seconds == pytest.approx(result.in_kvm_run[0] + result.asleep)
 
 
 def test_control_s3_without_rtc_en_sleeps_until_the_timeout(kvm):
     result = run(kernel(S3, FACS=acpi.FACS_ADDRESS, RTC_EN=0, SLP_TYP=1), timeout=2.5, kvm=kvm)
     assert result.ending == Ending.TIMEOUT and "asleep in ACPI S3" in result.message
+    assert 2.0 < result.asleep <= result.elapsed             # asleep from the request to the timeout
 
 
 def test_s5_powers_off_and_an_undeclared_sleep_type_is_ignored(kvm):

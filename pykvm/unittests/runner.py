@@ -62,6 +62,7 @@ class EntryResult:
     output: str = ""            # everything the test printed
     seconds: float = 0.0
     elapsed: float | None = None  # pykvm: the Machine's own clock (BootResult.elapsed), run() to the guest's end
+    guest_seconds: float | None = None  # pykvm: the guest's own part of elapsed (BootResult.guest_seconds)
 
     @property
     def results(self) -> list[str]:
@@ -146,13 +147,14 @@ def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str
                      if issubclass(warning.category, CpuFeatureWarning)) + result.text
     if result.ending == Ending.EXIT_PORT:
         return EntryResult(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
-                       output=output, seconds=seconds, elapsed=result.elapsed)
+                       output=output, seconds=seconds, elapsed=result.elapsed,
+                       guest_seconds=result.guest_seconds)
     if result.ending == Ending.TIMEOUT:
         reason = f"timeout; duration={timeout or entry.timeout:g}s"
     else:
         reason = f"{result.ending.value}: {result.message}"
     return EntryResult(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds,
-                   elapsed=result.elapsed)
+                   elapsed=result.elapsed, guest_seconds=result.guest_seconds)
 
 
 def qemu_command(entry: Entry, tree: Path, timeout: float | None = None) -> str:

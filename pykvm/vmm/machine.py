@@ -115,6 +115,19 @@ class BootResult:
     first_byte: float | None            # seconds from run() to the first serial byte
     elapsed: float                      # seconds from run() to the end of the guest
     error: BaseException | None = dataclasses.field(default=None, repr=False)
+    in_kvm_run: dict[int, float] = dataclasses.field(default_factory=dict)    # seconds inside KVM_RUN per vCPU id
+    asleep: float = 0.0                 # seconds the machine slept in ACPI S3, waiting for its wake event
+
+    @property
+    def guest_seconds(self) -> float:
+        """The boot processor's (vCPU 0's) seconds inside ``KVM_RUN`` plus the machine's in S3: the guest's own time.
+
+        The rest of ``elapsed`` is this process's: handling exits in Python,
+        starting and joining the vCPU threads. Any VMM pays the guest's own time
+        to run the same kernel on the same KVM; a run ends when vCPU 0 writes
+        the debug-exit port, so the other vCPUs' time runs beside it.
+        """
+        return self.in_kvm_run.get(0, 0.0) + self.asleep
 
     @property
     def text(self) -> str:
@@ -239,6 +252,8 @@ class Machine:
         self._ending: tuple[Ending, int, str, int | None, BaseException | None] | None = None
         self._end_time = 0.0
         self._exits: dict[int, int] = {}
+        self._in_kvm_run: dict[int, float] = {}
+        self._asleep = 0.0
 
     # -- devices ------------------------------------------------------------------
     def _add_platform(self) -> None:
@@ -366,7 +381,8 @@ class Machine:
         assert self._ending is not None
         ending, status, message, code, error = self._ending
         return BootResult(status, ending, message, code, bytes(self._serial), list(self._unknown.values()),
-                          dict(self._exits), self._first_byte, self._end_time - self._start, error)
+                          dict(self._exits), self._first_byte, self._end_time - self._start, error,
+                          dict(self._in_kvm_run), self._asleep)
 
     def _start_vcpus(self, vcpus: list) -> list[VcpuThread]:
         return [VcpuThread(vcpu, functools.partial(self._vcpu_thread, vcpu), name=f"pykvm-boot-vcpu{vcpu.id}")
@@ -383,6 +399,13 @@ class Machine:
         at the FACS waking vector with new vCPU threads; [] when the run ends instead."""
         if self._ending is not None:     # another vCPU ended the run meanwhile
             return []
+        asleep = time.perf_counter()
+        try:
+            return self._sleep_until_woken(vcpus, deadline, timeout)
+        finally:
+            self._asleep += time.perf_counter() - asleep
+
+    def _sleep_until_woken(self, vcpus: list, deadline: float | None, timeout: float | None) -> list[VcpuThread]:
         alarm = self.cmos.next_alarm() if self.pm1.rtc_wake else None
         wake = None if alarm is None else time.perf_counter() + alarm - time.monotonic()
         if wake is None or (deadline is not None and deadline < wake):
@@ -421,15 +444,19 @@ class Machine:
         self._vcpu_loop(vcpu, stopping)
 
     def _vcpu_loop(self, vcpu, stopping: threading.Event) -> None:
-        run, done = vcpu.run, self._done
+        run, done, clock = vcpu.run, self._done, time.perf_counter
         exits = 0
+        in_kvm_run = 0.0
         try:
             while not done.is_set():
+                entered = clock()
                 try:
                     exit = run()
                 except KvmBusy:
                     # EAGAIN: an AP left MP_STATE_UNINITIALIZED (INIT/SIPI arrived); run it again
                     continue
+                finally:
+                    in_kvm_run += clock() - entered
                 exits += 1
                 if type(exit) is IoExit:
                     self._port_io(vcpu, exit)
@@ -447,6 +474,7 @@ class Machine:
                          f"vCPU {vcpu.id}: {type(exc).__name__}: {exc}", error=exc)
         finally:
             self._exits[vcpu.id] = self._exits.get(vcpu.id, 0) + exits
+            self._in_kvm_run[vcpu.id] = self._in_kvm_run.get(vcpu.id, 0.0) + in_kvm_run
 
     def _port_io(self, vcpu, exit: IoExit) -> None:
         """One device access per element, in order: string IO (``rep ins``/``rep outs``) has ``count`` > 1."""
