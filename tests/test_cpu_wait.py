@@ -100,7 +100,8 @@ def test_a_thread_cpu_deadline_ends_when_the_thread_has_run_its_seconds(rival):
         try:
             while not native_id:
                 time.sleep(0.001)
-            deadline, started = ThreadCpuDeadline(native_id[0], 0.3), time.monotonic()
+            started = time.monotonic()
+            deadline = ThreadCpuDeadline(native_id[0], 0.3)
             while not deadline.expired():
                 time.sleep(0.01)
             wall, ran = time.monotonic() - started, deadline.ran()
@@ -121,7 +122,8 @@ def test_a_thread_cpu_deadline_waits_for_a_sleeping_thread_until_its_limit_and_e
     thread.start()
     while not native_id:
         time.sleep(0.001)
-    deadline, started = ThreadCpuDeadline(native_id[0], 0.1, limit=0.3), time.monotonic()
+    started = time.monotonic()
+    deadline = ThreadCpuDeadline(native_id[0], 0.1, limit=0.3)
     while not deadline.expired():
         time.sleep(0.01)
     assert 0.3 <= time.monotonic() - started < 0.5 and deadline.ran() < 0.01
