@@ -124,6 +124,7 @@ class Identity:
 
 
 HOST_BRIDGE = Identity(0x8086, 0x1237, 0x060000)    # the Intel 440FX host bridge's IDs, as a PC's 00.0
+Q35_HOST_BRIDGE = Identity(0x8086, 0x29C0, 0x060000)    # the Intel Q35 (82G33 DRAM controller) host bridge
 WRITABLE = {   # register: (width, writable bits)
     Register.COMMAND: (2, int(Command.IO | Command.MEMORY | Command.BUS_MASTER | Command.INTX_DISABLE)),
     Register.CACHE_LINE_SIZE: (1, 0xFF), Register.LATENCY_TIMER: (1, 0xFF), Register.INTERRUPT_LINE: (1, 0xFF)}
@@ -221,8 +222,8 @@ class Claim:
 class PciHost:
     """Bus 0: the host bridge at device 0, devices added with :meth:`add`, and the decoding of their BARs."""
 
-    def __init__(self) -> None:
-        self.functions: dict[int, PciFunction] = {0: PciFunction(HOST_BRIDGE)}
+    def __init__(self, bridge: Identity = HOST_BRIDGE) -> None:
+        self.functions: dict[int, PciFunction] = {0: PciFunction(bridge)}
         self.address = 0
         self._next_io = IO_WINDOW[0]
         self._next_memory_top = MEMORY_WINDOW[1]
