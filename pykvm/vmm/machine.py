@@ -7,7 +7,9 @@ the IO bus: COM1 (:mod:`.serial`), the debug-exit port (:mod:`.debug_exit`),
 fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), pc-testdev's IRQ lines, echo
 and flush-page ports and MMIO scratch window (:mod:`.testdev`), the VMware
 backdoor port (:mod:`.vmware_backdoor`), PCI bus 0 with its host bridge
-(:mod:`.pci`; ``devices=("pci-testdev",)`` adds :mod:`.pci_testdev`), the ACPI
+(:mod:`.pci`; ``devices=("pci-testdev",)`` adds :mod:`.pci_testdev`, ``"edu"``
+:mod:`.edu`, and on ``chipset="q35"`` ``"intel-iommu"`` the VT-d unit of
+:mod:`.vtd` in front of them), the ACPI
 tables (:mod:`.acpi`), PM1 block and PM timer (:mod:`.pm1`, :mod:`.pm_timer`),
 the reset ports (:mod:`.reset`), the HPET on the MMIO bus (:mod:`.hpet`), and
 ports 0x61 and 0x80 tolerated. Users add devices
@@ -644,8 +646,8 @@ def _check_chipset(chipset: object, devices: Sequence[str], intremap: bool) -> s
     if chipset not in CHIPSETS:
         raise InvalidArgument(f"chipset={chipset!r}: choose one of {', '.join(CHIPSETS)}")
     if "intel-iommu" in devices and chipset != "q35":
-        raise InvalidArgument("devices: 'intel-iommu' needs chipset='q35' (the remapping unit is the Q35 "
-                              "chipset's, as in QEMU)")
+        raise InvalidArgument("devices: 'intel-iommu' needs chipset='q35' (pykvm.boot: --machine q35): the "
+                              "remapping unit is the Q35 chipset's, as in QEMU")
     if intremap and "intel-iommu" not in devices:
         raise InvalidArgument("intremap=True: interrupt remapping is the IOMMU's; add 'intel-iommu' to devices")
     return str(chipset)

@@ -34,8 +34,9 @@ What is modelled (PCI Local Bus Specification 3.0, 3.2.2.3.2 and 6.1-6.2.5):
   reads all ones and is not listed among the machine's unknown accesses.
 
 Not modelled: other buses and PCI-to-PCI bridges, multi-function devices,
-64-bit and prefetchable BARs, expansion ROMs, capabilities (MSI), INTx
-routing, and the reset control register at 0xcf9.
+64-bit and prefetchable BARs, expansion ROMs, and the reset control
+register at 0xcf9. Capabilities and INTx are the devices' own (:mod:`.edu`
+adds its MSI capability and has the machine route its pin).
 """
 
 from __future__ import annotations
