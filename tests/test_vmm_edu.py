@@ -222,3 +222,12 @@ def test_the_plan_gives_the_intel_iommu_entry_its_machine_and_skips_what_it_cann
     # split mode is taken only for the IOMMU's interrupt remapping; EIM is not modelled
     assert any("kernel-irqchip=split" in reason for reason in plan(entries["split_alone"], tmp_path).missing)
     assert any("eim=on" in reason for reason in plan(entries["eim"], tmp_path).missing)
+
+
+@pytest.mark.host_independent
+def test_the_status_register_keeps_computing_read_only_and_a_factorial_can_interrupt(device, wires):
+    device.bar_write(0, Reg.STATUS, 4, 0x81)
+    assert device.bar_read(0, Reg.STATUS, 4) == 0x80
+    device.bar_write(0, Reg.FACTORIAL, 4, 4)
+    assert device.bar_read(0, Reg.FACTORIAL, 4) == 24
+    assert device.bar_read(0, Reg.INTR_STATUS, 4) == edu.FACTORIAL_INTERRUPT and wires.intx == [(LINE, 1)]

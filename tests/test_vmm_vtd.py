@@ -252,3 +252,28 @@ def test_an_ioapic_entry_in_remappable_format_names_its_irte(unit, memory):
     assert unit.remap_ioapic(entry) == MsiMessage.compose(destination=0, vector=0xED)
     # the IOAPIC's messages carry no requester ID: the entry's SVT (edu's SID) does not block them
     assert unit.remap_ioapic(0xED | 1 << 48 | 2 << 49) is None    # handle 2 is not present
+
+
+def test_the_fault_event_is_held_while_masked_and_sent_when_unmasked(unit, memory, sent):
+    enable_translation(unit)                                      # an empty root table: every DMA faults
+    unit.write(Reg.FEDATA, 4, 0x51)
+    unit.write(Reg.FEADDR, 4, 0xFEE00000)
+    with pytest.raises(vtd.DmaFault):
+        unit.dma(EDU, 0, 4, write=False)
+    assert sent == [] and unit.read(Reg.FECTL, 4) == vtd.FECTL_IM | vtd.FECTL_IP     # masked after reset
+    unit.write(Reg.FECTL, 4, 0)
+    assert sent == [MsiMessage(0xFEE00000, 0, 0x51)] and unit.read(Reg.FECTL, 4) == 0
+    unit.write(vtd.FAULT_RECORD + 12, 4, 1 << 31)
+    with pytest.raises(vtd.DmaFault):
+        unit.dma(EDU, 0, 4, write=False)
+    assert len(sent) == 2                                          # unmasked: sent at once
+
+
+def test_a_second_fault_while_one_is_recorded_sets_overflow(unit):
+    enable_translation(unit)
+    for _ in range(2):
+        with pytest.raises(vtd.DmaFault):
+            unit.dma(EDU, 0, 4, write=False)
+    assert unit.read(Reg.FSTS, 4) == vtd.FSTS_PPF | vtd.FSTS_PFO
+    unit.write(Reg.FSTS, 4, vtd.FSTS_PFO)                         # PFO is write-1-to-clear, PPF is not
+    assert unit.read(Reg.FSTS, 4) == vtd.FSTS_PPF

@@ -47,6 +47,7 @@ DMA_MASK = (1 << 28) - 1
 DMA_INTERRUPT = 0x100
 FACTORIAL_INTERRUPT = 0x1
 FACTORIAL_ZERO_FROM = 34
+STATUS_FACTORIAL_INTERRUPT = 0x80
 MSI_CAPABILITY = 0x40
 MSI_CAPABILITY_ID = 0x05
 STATUS_CAPABILITIES = 1 << 4        # status register bit: a capability list exists
@@ -136,10 +137,12 @@ class Edu(PciFunction):
             shift, mask = 8 * (offset - base), (1 << 8 * size) - 1
             register = Reg(base)
             self.registers[register] = (self.registers[register] & ~(mask << shift)) | (value & mask) << shift
-        elif offset in (Reg.ALIVE, Reg.FACTORIAL, Reg.STATUS):
+        elif offset in (Reg.ALIVE, Reg.FACTORIAL):
             self.registers[Reg(offset)] = value & 0xFFFFFFFF
             if offset == Reg.FACTORIAL:
                 self._factorial()
+        elif offset == Reg.STATUS:
+            self.registers[Reg.STATUS] = value & STATUS_FACTORIAL_INTERRUPT   # 0x01 (computing) is read-only
         elif offset == Reg.INTR_RAISE:
             self.raise_interrupt(value)
         elif offset == Reg.INTR_ACK:
@@ -175,7 +178,7 @@ class Edu(PciFunction):
         value = self.registers[Reg.FACTORIAL]
         # in 32 bits, as the register holds it: from 34! on, 2**32 divides the factorial
         self.registers[Reg.FACTORIAL] = math.factorial(value) & 0xFFFFFFFF if value < FACTORIAL_ZERO_FROM else 0
-        if self.registers[Reg.STATUS] & 0x80:
+        if self.registers[Reg.STATUS] & STATUS_FACTORIAL_INTERRUPT:
             self.raise_interrupt(FACTORIAL_INTERRUPT)
 
     def _transfer(self) -> None:

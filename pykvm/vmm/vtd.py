@@ -131,6 +131,9 @@ CCMD_ICC, IOTLB_IVT = 1 << 63, 1 << 63
 PTE_READ, PTE_WRITE, PTE_LARGE = 1 << 0, 1 << 1, 1 << 7
 MSI_REMAPPABLE, MSI_SHV = 1 << 4, 1 << 3
 DESCRIPTOR = struct.Struct("<QQ")
+QUADWORDS = frozenset((Reg.RTADDR, Reg.CCMD, Reg.IQT, Reg.IQA, Reg.IRTA, Reg.IVA, Reg.IOTLB))
+PLAIN = frozenset((Reg.RTADDR, Reg.IQA, Reg.IRTA, Reg.IVA, Reg.FEDATA, Reg.FEADDR, Reg.FEUADDR, Reg.IEDATA,
+                   Reg.IEADDR, Reg.IEUADDR))     # registers whose writes only store the value
 
 
 def capabilities(huge_pages: bool = True) -> int:
@@ -238,13 +241,9 @@ class Vtd:
             return 0                                # write-only
         return self._get(offset, size)
 
-    _WRITABLE = {Reg.RTADDR: 8, Reg.IQA: 8, Reg.IRTA: 8, Reg.FEDATA: 4, Reg.FEADDR: 4, Reg.FEUADDR: 4,
-                 Reg.IEDATA: 4, Reg.IEADDR: 4, Reg.IEUADDR: 4, Reg.IVA: 8}
-
     def write(self, offset: int, size: int, value: int) -> None:
-        register = offset & ~7 if offset & ~7 in (Reg.RTADDR, Reg.IQA, Reg.IRTA, Reg.IVA, Reg.CCMD, Reg.IOTLB,
-                                                   Reg.IQT) else offset
-        if register in self._WRITABLE:
+        register = offset & ~7 if offset & ~7 in QUADWORDS else offset     # either half of a 64-bit register
+        if register in PLAIN:
             self._put(offset, size, value)
         elif register == Reg.GCMD:
             self._command(Global(value & 0xFFFFFFFF & ~0x7FFFFF))
@@ -263,6 +262,9 @@ class Vtd:
             self._put(offset, 4, self._get(Reg.ICS, 4) & ~(value & ICS_IWC))
         elif register in (Reg.FECTL, Reg.IECTL):
             self._put(offset, 4, (self._get(offset, 4) & ~FECTL_IM) | (value & FECTL_IM))
+            if not value & FECTL_IM and self._get(offset, 4) & FECTL_IP:    # unmasked: the held event goes
+                self._put(offset, 4, 0)
+                self._event(offset, offset + 4, offset + 8)
         elif FAULT_RECORD + 12 == offset:
             if value & 1 << 31:                     # F is write-1-to-clear
                 self._put(offset, 4, 0)
@@ -352,17 +354,17 @@ class Vtd:
             raise DmaFault(FaultReason.INVALID_CONTEXT, record)
         if address >> ADDRESS_WIDTH:
             raise DmaFault(FaultReason.BEYOND_ADDRESS_WIDTH, record)
-        table = context_low & ADDRESS_BITS
-        for level in range(LEVELS, 0, -1):
+        table, level = context_low & ADDRESS_BITS, LEVELS
+        while True:
             shift = 12 + 9 * (level - 1)
             pte = int.from_bytes(self._read(memory, table + 8 * (address >> shift & 0x1FF), 8), "little")
             if not pte & (PTE_WRITE if write else PTE_READ):
                 raise DmaFault(FaultReason.WRITE_DENIED if write else FaultReason.READ_DENIED, record)
             table = pte & ADDRESS_BITS
-            if level == 1 or pte & PTE_LARGE:
+            if level == 1 or pte & PTE_LARGE:          # a 4 KiB page, or a 2 MiB / 1 GiB one
                 mask = (1 << shift) - 1
                 return (table & ~mask) | (address & mask)
-        raise AssertionError("unreachable: level 1 always ends the walk")
+            level -= 1
 
     def _entry(self, memory: Any, address: int, missing: FaultReason) -> int:
         low = int.from_bytes(self._read(memory, address, 8), "little")
