@@ -259,7 +259,8 @@ def bench_injection(count: int, rounds: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=invoked_as("pykvm.bench"), description=description(__doc__))
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    exits = sub.add_parser("exits", help="per-exit cost of Vcpu.run() against a C KVM_RUN loop")
+    exits = sub.add_parser("exits", help="per-exit cost of Vcpu.run() against a C KVM_RUN loop, "
+                                                "and where its time goes")
     exits.add_argument("--iterations", type=int, default=4000, help="exits per batch")
     exits.add_argument("--rounds", type=int, default=15, help="batches of each kind")
     injection = sub.add_parser("injection", help="rate and latency of each interrupt delivery path, "
