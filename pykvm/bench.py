@@ -7,8 +7,8 @@ hosts are noisy. Run ``python -m pykvm.bench exits`` or ``... injection``
 :mod:`pykvm.vmm.bench`, :mod:`pykvm.unittests.bench`).
 
 ``exits``: the cost of one userspace exit, and where it goes. The guest
-loops on ``out``; six loops make the same exits on one vCPU, each adding one
-layer to the one before it: the C loop (``pykvm_bench_run_loop`` in
+loops on ``out``; seven loops make the same exits on one vCPU, five of them
+a chain, each adding one layer to the one before it: the C loop (``pykvm_bench_run_loop`` in
 ``csrc/pykvm_helpers.h``: KVM_RUN and the exit reason, nothing else), the
 same in C through the run guard (``pykvm_bench_guarded_loop``: the guard
 taken, the thread published for kicks, the guard given back, the IO exit
@@ -16,7 +16,9 @@ packed), a Python loop calling that guarded KVM_RUN through cffi, the same
 plus the decode to a typed ``IoExit`` and the caller's check, and
 ``Vcpu.run()`` with the same check. Beside them, the bare loop calls KVM_RUN
 through cffi and reads the exit reason, the floor for any Python driver, the
-baseline of the targets. Each round times every loop in rotating order; a
+baseline of the targets; ``Vcpu.run()`` with a do-nothing ``irq_controller``
+shows what the hook path adds (the hook counts its calls, checked against
+the loop's exits). Each round times every loop in rotating order; a
 part's cost is the per-round difference of two neighbouring loops, so the
 parts of one round add up to that round's ``Vcpu.run()`` time exactly, and
 their medians to the median within the error printed. Times are the loop
@@ -83,8 +85,10 @@ LOOPS = (
     ExitLoop("python", "Vcpu.run() + check", "Vcpu.run() itself: method call, irq_controller hook check, "
                                              "exit sequence, the guard's finally"),
     ExitLoop("bare", "bare cffi KVM_RUN + exit_reason", ""),
+    ExitLoop("hooked", "Vcpu.run() + hook + check", ""),
 )
 CHAIN = tuple(loop for loop in LOOPS if loop.adds)
+HOOKED = "hooked"     # Vcpu.run() with a do-nothing irq_controller: the hook path (guard taken in Python, the call)
 KINDS = tuple(loop.name for loop in LOOPS)
 
 
@@ -116,7 +120,11 @@ class ExitBenchResult:
         loop = self.times_us[CHAIN[index].name]
         if index == 0:
             return list(loop)
-        return [a - b for a, b in zip(loop, self.times_us[CHAIN[index - 1].name], strict=True)]
+        return self.difference(CHAIN[index].name, CHAIN[index - 1].name)
+
+    def difference(self, kind: str, baseline: str) -> list[float]:
+        """Per round, ``kind``'s time minus ``baseline``'s (us per exit)."""
+        return [a - b for a, b in zip(self.times_us[kind], self.times_us[baseline], strict=True)]
 
     def parts(self) -> list[tuple[ExitLoop, float]]:
         """Each part of :data:`CHAIN` with the median of its per-round costs (us per exit)."""
@@ -152,6 +160,8 @@ class ExitBenchResult:
             f"  ratio Vcpu.run()/C:    {vs_c:.3f} ({verdict(vs_c, TARGET_VS_C)})",
             f"  the same ratios in wall-clock time: Vcpu.run()/bare {self.ratio('python', 'bare', 'wall'):.3f}, "
             f"Vcpu.run()/C {self.ratio('python', 'c', 'wall'):.3f}",
+            f"  an irq_controller attached (Vcpu.run() takes the guard itself, calls before_entry(), which "
+            f"only counts here): {statistics.median(self.difference(HOOKED, 'python')):+.2f} us per exit",
             "  where one exit's time goes (each part: the per-round difference of two loops above, median):"]
         parts = self.parts()
         lines += [f"    {'' if index == 0 else '+ '}{loop.adds:96} {cost:6.2f} us"
@@ -172,6 +182,7 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
         run_struct, fd, guard = vcpu._run_c, vcpu.fd, vcpu._guard
         stats = vcpu.stats if kvm.check_extension(Cap.BINARY_STATS_FD) else None
         packed_io = lib.PYKVM_PACKED_IO
+        hook = CountingHook()
 
         def check_c(done: int) -> None:
             if done != iterations:
@@ -208,8 +219,15 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
             for _ in range(iterations):
                 check(run())
 
+        def hooked_batch() -> None:
+            vcpu.irq_controller = hook
+            try:
+                python_batch()
+            finally:
+                vcpu.irq_controller = None
+
         batches = {"c": c_batch, "c_guarded": c_guarded_batch, "cffi_guarded": cffi_guarded_batch,
-                   "decoded": decoded_batch, "python": python_batch, "bare": bare_batch}
+                   "decoded": decoded_batch, "python": python_batch, "bare": bare_batch, HOOKED: hooked_batch}
         for batch in batches.values():              # warm up every path
             batch()
         times: dict[str, list[float]] = {kind: [] for kind in KINDS}
@@ -224,8 +242,20 @@ def bench_exits(iterations: int = 4000, rounds: int = 15) -> ExitBenchResult:
                 times[kind].append((time.thread_time() - start_cpu) / iterations * 1e6)
                 wall[kind].append((time.perf_counter() - start) / iterations * 1e6)
         counted = int(stats.read()["exits"]) - int(before) if stats is not None else -1
+        if hook.entries != (rounds + 1) * iterations:
+            raise PyKvmError(f"the irq_controller hook ran {hook.entries} times for {(rounds + 1) * iterations} exits")
         return ExitBenchResult(detect().name, iterations, times, wall, counted, rounds * len(KINDS) * iterations,
                                load)
+
+
+class CountingHook:
+    """An irq_controller whose hook only counts its calls: what the hook path itself costs."""
+
+    def __init__(self) -> None:
+        self.entries = 0
+
+    def before_entry(self) -> None:
+        self.entries += 1
 
 
 def check(exit: Exit) -> None:

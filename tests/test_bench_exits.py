@@ -51,3 +51,10 @@ def test_the_report_shows_each_part_and_their_sum_against_the_measured_total(res
     assert abs(total - statistics.median(result.times_us["python"])) <= ranges + 1e-9
     assert f"error of the sum: +-{result.error():.2f} us" in report
     assert "ratio Vcpu.run()/bare:" in report and "in wall-clock time" in report
+
+
+def test_the_hook_path_is_measured_beside_the_chain(result):
+    # bench_exits checks that the hook ran once per exit of its loop (warm-up included) or raises.
+    assert bench.HOOKED not in {loop.name for loop in bench.CHAIN}
+    added = statistics.median(result.difference(bench.HOOKED, "python"))
+    assert f"only counts here): {added:+.2f} us per exit" in result.report()
