@@ -39,9 +39,9 @@ from .fdobject import FdObject
 from .interrupts import IrqchipMode, check_vector
 from .ioctls import Ioctl
 from .state import Fpu, NestedState, Regs, Sregs, VcpuEvents, from_c, to_c
-from .stats import Stats
 
 if TYPE_CHECKING:
+    from .stats import Stats
     from .vm import Vm
 
 _thread_id = threading.get_ident
@@ -457,6 +457,8 @@ class Vcpu(FdObject):
     @functools.cached_property
     def stats(self) -> Stats:
         """This vCPU's binary statistics: ``with vcpu.stats.delta() as d: ...; d["exits"]``."""
+        from .stats import Stats  # here: a vCPU that never reads its statistics skips the import
+
         return Stats.open(self)
 
     # -- state ----------------------------------------------------------------

@@ -55,9 +55,9 @@ from .interrupts import (
 from .ioctls import Ioctl
 from .memory import MAX_GPA, GuestMemory
 from .state import ClockData, MsrFilterRange, from_c
-from .stats import Stats
 
 if TYPE_CHECKING:
+    from .stats import Stats
     from .system import Kvm
     from .vcpu import Vcpu
 
@@ -549,6 +549,8 @@ class Vm(FdObject):
     @functools.cached_property
     def stats(self) -> Stats:
         """The VM's binary statistics (``KVM_GET_STATS_FD``); ``vm.stats.read()``."""
+        from .stats import Stats  # here: a VM that never reads its statistics skips the import
+
         return Stats.open(self)
 
     def _release(self) -> None:
