@@ -59,7 +59,6 @@ from ..core.exits import (
 from ..core.interrupts import MsiMessage
 from ..core.state import Regs, Segment
 from ..core.system import Kvm
-from ..irqchip import ioapic
 from ..runtime.threads import VcpuThread
 from . import (
     acpi,
@@ -337,6 +336,7 @@ class Machine:
         if vm is None:
             return
         if self.iommu is not None and self.iommu.status & vtd.Global.IRE:
+            from ..irqchip import ioapic  # here: only remapping reads the IOAPIC (boot stays light)
             entry = ioapic.read(vm).entry_bits(gsi)
             if entry >> 48 & 1:
                 message = self.iommu.remap_ioapic(entry) if level and not entry >> 16 & 1 else None
