@@ -16,12 +16,13 @@ import pytest
 
 from pykvm.core.eventfds import Ioeventfd, Irqfd
 from pykvm.core.ioctls import Ioctl
+from pykvm.core.memory import GuestMemory
 from pykvm.core.stats import Stats
 from pykvm.core.system import Kvm
 from pykvm.core.vcpu import Vcpu
 from pykvm.core.vm import Vm
 
-CLASSES = (Kvm, Vm, Vcpu, Irqfd, Ioeventfd, Stats)
+CLASSES = (Kvm, Vm, Vcpu, Irqfd, Ioeventfd, Stats, GuestMemory)
 
 # Public members that issue no ioctl of their own, so their first line names none (they still
 # need an example, except those in NO_EXAMPLE).
@@ -40,7 +41,13 @@ NOT_IOCTLS = {
     "Vcpu.describe": "likewise",
     "Stats.describe": "likewise",
 }
-NO_EXAMPLE = {"Kvm.describe", "Vm.describe", "Vcpu.describe", "Stats.describe"}
+# GuestMemory's accessors read and write this process's mapping of guest RAM: no KVM call at all
+# (provide_pages is userfaultfd's, see pykvm.core.userfault; slots is pykvm's own list).
+MEMORY_ACCESSES = {f"GuestMemory.{name}" for name in (
+    "slots", "provide_pages", "host_pointer", "read", "write", "fill", "read_int", "write_int",
+    "read_u8", "read_u16", "read_u32", "read_u64", "write_u8", "write_u16", "write_u32", "write_u64")}
+NOT_IOCTLS.update(dict.fromkeys(MEMORY_ACCESSES, "an access to guest memory's host mapping"))
+NO_EXAMPLE = {"Kvm.describe", "Vm.describe", "Vcpu.describe", "Stats.describe", *MEMORY_ACCESSES}
 
 EXAMPLE = re.compile(r"\n( *)Example::\n\n((?:\1 {4}.*\n|\n)+)")
 IOCTL_NAMES = {request.macro for request in Ioctl} | {"KVM_IRQFD", "KVM_IOEVENTFD"}
