@@ -625,8 +625,8 @@ class Vcpu(FdObject):
     def fpu(self) -> Fpu:
         """``KVM_GET_FPU`` / ``KVM_SET_FPU``: the x87 and SSE registers (FXSAVE layout).
 
-        ``mxcsr`` does not travel through them: it reads 0 and a value assigned is
-        not loaded (measured on kvm_pvm).
+        KVM copies ``mxcsr`` in neither direction (upstream's get/set_fpu leave it
+        out): it reads 0, and a value assigned is not loaded.
 
         Example::
 
