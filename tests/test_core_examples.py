@@ -19,10 +19,11 @@ from pykvm.core.ioctls import Ioctl
 from pykvm.core.memory import GuestMemory
 from pykvm.core.stats import Stats
 from pykvm.core.system import Kvm
+from pykvm.core.userfault import UffdIoctl, Userfaultfd
 from pykvm.core.vcpu import Vcpu
 from pykvm.core.vm import Vm
 
-CLASSES = (Kvm, Vm, Vcpu, Irqfd, Ioeventfd, Stats, GuestMemory)
+CLASSES = (Kvm, Vm, Vcpu, Irqfd, Ioeventfd, Stats, GuestMemory, Userfaultfd)
 
 # Public members that issue no ioctl of their own, so their first line names none (they still
 # need an example, except those in NO_EXAMPLE).
@@ -40,6 +41,9 @@ NOT_IOCTLS = {
     "Vm.describe": "likewise",
     "Vcpu.describe": "likewise",
     "Stats.describe": "likewise",
+    "Userfaultfd.read_fault": "a read of the userfaultfd",
+    "Userfaultfd.fd": "the fd number",
+    "Userfaultfd.close": "close(2)",
 }
 # GuestMemory's accessors read and write this process's mapping of guest RAM: no KVM call at all
 # (provide_pages is userfaultfd's, see pykvm.core.userfault; slots is pykvm's own list).
@@ -47,10 +51,11 @@ MEMORY_ACCESSES = {f"GuestMemory.{name}" for name in (
     "slots", "provide_pages", "host_pointer", "read", "write", "fill", "read_int", "write_int",
     "read_u8", "read_u16", "read_u32", "read_u64", "write_u8", "write_u16", "write_u32", "write_u64")}
 NOT_IOCTLS.update(dict.fromkeys(MEMORY_ACCESSES, "an access to guest memory's host mapping"))
-NO_EXAMPLE = {"Kvm.describe", "Vm.describe", "Vcpu.describe", "Stats.describe", *MEMORY_ACCESSES}
+NO_EXAMPLE = {"Kvm.describe", "Vm.describe", "Vcpu.describe", "Stats.describe", "Userfaultfd.fd",
+              "Userfaultfd.close", *MEMORY_ACCESSES}
 
 EXAMPLE = re.compile(r"\n( *)Example::\n\n((?:\1 {4}.*\n|\n)+)")
-IOCTL_NAMES = {request.macro for request in Ioctl} | {"KVM_IRQFD", "KVM_IOEVENTFD"}
+IOCTL_NAMES = {request.macro for request in (*Ioctl, *UffdIoctl)}
 
 
 def members() -> dict[str, object]:
@@ -99,10 +104,10 @@ def test_every_member_names_its_ioctl_and_has_an_example():
     assert not missing, f"members without an Example:: block: {missing}"
     unnamed = []
     for name, member in found.items():
-        first = re.match(r"``(KVM_[A-Z0-9_]+)", docstring(member))
+        first = re.match(r"``((?:KVM|UFFDIO)_[A-Z0-9_]+)", docstring(member))
         if name not in NOT_IOCTLS and not (first and first.group(1) in IOCTL_NAMES):
             unnamed.append(name)
-    assert not unnamed, f"members whose docstring does not start with ``KVM_<ioctl>``: {unnamed}"
+    assert not unnamed, f"members whose docstring does not start with the ioctl's name: {unnamed}"
 
 
 @pytest.mark.host_independent

@@ -126,18 +126,65 @@ class Userfaultfd:
             raise ioctl_error(-result, request.macro, f"Userfaultfd (fd {self._fd})")
 
     def register(self, address: int, length: int) -> None:
-        """Report missing pages of ``[address, +length)`` (page-aligned host addresses) to this fd."""
+        """``UFFDIO_REGISTER``: report missing pages of ``[address, +length)`` (page-aligned host addresses) to this fd.
+
+        A thread touching such a page then waits until :meth:`copy` fills it (or the range is unregistered).
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.errors import KvmError
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with Userfaultfd(user_mode_only=True) as uffd:
+                try:
+                    uffd.copy(address, bytes(4096))
+                    raise AssertionError("the kernel filled a page of a range nobody registered")
+                except KvmError:
+                    uffd.register(address, 4096)     # now its missing pages are this fd's to fill
+                    uffd.copy(address, bytes(4096))
+        """
         _check_range(address, length)
         self._ioctl(UffdIoctl.UFFDIO_REGISTER,
                     bytearray(UFFDIO_REGISTER_STRUCT.pack(address, length, UFFDIO_REGISTER_MODE_MISSING, 0)))
 
     def unregister(self, address: int, length: int) -> None:
-        """Stop reporting ``[address, +length)``: its missing pages fill with zeros again, waiters wake."""
+        """``UFFDIO_UNREGISTER``: stop reporting ``[address, +length)``; missing pages fill with zeros, waiters wake.
+
+        Example::
+
+            import ctypes, mmap, threading
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            seen = ctypes.create_string_buffer(b"old", 4)
+            with Userfaultfd(user_mode_only=True) as uffd:
+                uffd.register(address, 4096)
+                reader = threading.Thread(target=ctypes.memmove, args=(seen, address, 4))
+                reader.start()                       # faults on the missing page and waits
+                assert uffd.read_fault(timeout=2) is not None
+                uffd.unregister(address, 4096)       # the waiter wakes, the page fills with zeros
+                reader.join(timeout=2)
+                assert seen.raw == bytes(4)
+        """
         _check_range(address, length)
         self._ioctl(UffdIoctl.UFFDIO_UNREGISTER, bytearray(UFFDIO_RANGE.pack(address, length)))
 
     def copy(self, address: int, data: bytes) -> None:
-        """``UFFDIO_COPY``: place ``data`` (whole pages) at ``address`` and wake whoever waits for it."""
+        """``UFFDIO_COPY``: place ``data`` (whole pages) at ``address`` and wake whoever waits for it.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with Userfaultfd(user_mode_only=True) as uffd:
+                uffd.register(address, 4096)
+                uffd.copy(address, b"page".ljust(4096, b"\\0"))    # filled before anyone touches it
+                assert area[:4] == b"page" and uffd.read_fault(timeout=0) is None   # so no fault
+        """
         raw = checks.data("data", data)
         _check_range(address, len(raw))
         source = ffi.from_buffer(raw)
@@ -145,7 +192,25 @@ class Userfaultfd:
             address, int(ffi.cast("uintptr_t", source)), len(raw), 0, 0)))
 
     def read_fault(self, timeout: float) -> PageFault | None:
-        """The next page fault, or None when none arrives within ``timeout`` seconds."""
+        """The next page fault, or None when none arrives within ``timeout`` seconds.
+
+        Example::
+
+            import ctypes, mmap, threading
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            seen = ctypes.create_string_buffer(4)
+            with Userfaultfd(user_mode_only=True) as uffd:
+                uffd.register(address, 4096)
+                reader = threading.Thread(target=ctypes.memmove, args=(seen, address, 4))
+                reader.start()                       # ctypes.memmove releases the GIL while it waits
+                fault = uffd.read_fault(timeout=2)
+                assert (fault.address, fault.write, fault.thread) == (address, False, reader.native_id)
+                uffd.copy(address, b"data".ljust(4096, b"\\0"))
+                reader.join(timeout=2)
+                assert seen.raw == b"data"
+        """
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return None
