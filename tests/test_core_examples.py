@@ -1,11 +1,12 @@
 """The core's docstring examples run on the hardware, and every core method has one.
 
 Why this exists: the core is a binding, one method per ioctl, and its
-reference is its docstrings. Each public method and property of the fd
-objects says which ioctl it issues in its first line and ends with an
-``Example::`` block that builds what it needs and asserts what KVM reported;
-this module runs every such block (a fresh namespace each) so the examples
-stay true, and refuses a member that has none.
+reference is its docstrings. Each public method and property of the
+classes that own an fd or issue an ioctl (Kvm, Vm, Vcpu, the eventfds, Stats,
+guest memory and its userfaultfd) says which ioctl it issues in its first
+line and ends with an ``Example::`` block that builds what it needs and
+asserts what the kernel reported; this module runs every such block (a fresh
+namespace each) so the examples stay true, and refuses a member that has none.
 """
 
 import inspect
@@ -19,14 +20,15 @@ from pykvm.core.ioctls import Ioctl
 from pykvm.core.memory import GuestMemory
 from pykvm.core.stats import Stats
 from pykvm.core.system import Kvm
-from pykvm.core.userfault import UffdIoctl, Userfaultfd
+from pykvm.core.userfault import PageProvider, UffdIoctl, Userfaultfd
 from pykvm.core.vcpu import Vcpu
 from pykvm.core.vm import Vm
 
-CLASSES = (Kvm, Vm, Vcpu, Irqfd, Ioeventfd, Stats, GuestMemory, Userfaultfd)
+CLASSES = (Kvm, Vm, Vcpu, Irqfd, Ioeventfd, Stats, GuestMemory, Userfaultfd, PageProvider)
 
-# Public members that issue no ioctl of their own, so their first line names none (they still
-# need an example, except those in NO_EXAMPLE).
+# Public members that issue no ioctl of their own, so their first line names none. They still
+# need an example, except those in NO_EXAMPLE: a name for messages, an fd number, close(2), and
+# plain accesses to guest memory, which show nothing an example of their own would add.
 NOT_IOCTLS = {
     "Vcpu.exit_sequence": "a counter pykvm keeps of the KVM_RUN returns",
     "Vcpu.kick": "writes kvm_run.immediate_exit and signals the thread inside KVM_RUN",
@@ -44,11 +46,14 @@ NOT_IOCTLS = {
     "Userfaultfd.read_fault": "a read of the userfaultfd",
     "Userfaultfd.fd": "the fd number",
     "Userfaultfd.close": "close(2)",
+    "PageProvider.read": "a copy out of the mapping, faulting missing pages in",
+    "PageProvider.close": "stops the serving thread and closes its Userfaultfd",
+    "GuestMemory.provide_pages": "a PageProvider (userfaultfd) on the slot's mapping",
 }
 # GuestMemory's accessors read and write this process's mapping of guest RAM: no KVM call at all
-# (provide_pages is userfaultfd's, see pykvm.core.userfault; slots is pykvm's own list).
+# (slots is pykvm's own list).
 MEMORY_ACCESSES = {f"GuestMemory.{name}" for name in (
-    "slots", "provide_pages", "host_pointer", "read", "write", "fill", "read_int", "write_int",
+    "slots", "host_pointer", "read", "write", "fill", "read_int", "write_int",
     "read_u8", "read_u16", "read_u32", "read_u64", "write_u8", "write_u16", "write_u32", "write_u64")}
 NOT_IOCTLS.update(dict.fromkeys(MEMORY_ACCESSES, "an access to guest memory's host mapping"))
 NO_EXAMPLE = {"Kvm.describe", "Vm.describe", "Vcpu.describe", "Stats.describe", "Userfaultfd.fd",

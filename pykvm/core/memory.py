@@ -227,6 +227,19 @@ class GuestMemory:
         provider's ``read()`` or with ``vm.memory.read``: while a provider exists,
         memory copies release the GIL, which the serving thread needs. Close the provider (a context manager) when done;
         closing the VM closes it too. See :mod:`pykvm.core.userfault`.
+
+        Example::
+
+            import pykvm
+            from pykvm import HltExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=1 << 20) as vm:
+                slot = vm.memory.add_slot(0x100000, 0x2000)
+                with vm.memory.provide_pages(slot.slot, lambda gpa: gpa.to_bytes(4, "little")) as provider:
+                    vcpu = vm.create_vcpu()
+                    x86.load_code(vcpu, "mov (0x101000), %eax\\nhlt", mode="protected")
+                    assert isinstance(vcpu.run(), HltExit)   # KVM waited for the page, then the guest read it
+                    assert vcpu.regs.rax == 0x101000
+                    assert [fault.address - provider.address for fault in provider.faults] == [0x1000]
         """
         self._vm._check_open()
         with self._lock:

@@ -273,7 +273,19 @@ class PageProvider:
         self._thread.start()
 
     def fill(self, offset: int, data: bytes) -> None:
-        """Place ``data`` at ``offset`` (page-aligned) now, before it is touched."""
+        """``UFFDIO_COPY``: place ``data`` at ``offset`` (page-aligned) now, before it is touched.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.userfault import PageProvider
+            area = mmap.mmap(-1, 2 * 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with PageProvider(address, 2 * 4096, lambda offset: b"late", user_mode_only=True) as provider:
+                provider.fill(4096, b"early")                # placed before anyone touches it
+                assert (provider.read(0, 4), provider.read(4096, 5)) == (b"late", b"early")
+                assert [fault.address - address for fault in provider.faults] == [0]
+        """
         checks.integer("offset", offset, 0, self.size - 1, f"a page offset inside the {self.size:#x}-byte range")
         self._uffd.copy(self.address + offset, _page(data))
 
@@ -283,6 +295,17 @@ class PageProvider:
         Use this (or ``vm.memory.read``, which does the same while a provider exists), not ``ffi.buffer``,
         for a page that may still be missing: a copy holding the GIL, which the serving thread needs,
         would wait forever.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.userfault import PageProvider
+            area = mmap.mmap(-1, 4 * 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with PageProvider(address, 4 * 4096, lambda offset: offset.to_bytes(8, "little"),
+                              user_mode_only=True) as provider:
+                assert provider.read(2 * 4096, 8) == (2 * 4096).to_bytes(8, "little")   # served on first touch
+                assert len(provider.faults) == 1
         """
         checks.integer("offset", offset, 0, self.size - 1, f"an offset inside the {self.size:#x}-byte range")
         checks.integer("size", size, 0, self.size - offset, "a length that stays inside the range")
@@ -308,7 +331,24 @@ class PageProvider:
             self._uffd.close()            # waiters continue with zero pages
 
     def close(self) -> None:
-        """Stop serving, unregister the range, and raise the provider's error if it had one."""
+        """Stop serving, unregister the range, and raise the provider's error if it had one.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.errors import PyKvmError
+            from pykvm.core.userfault import PageProvider
+            def lost(offset):
+                raise OSError("the backing store is gone")
+            area = mmap.mmap(-1, 4096)
+            provider = PageProvider(ctypes.addressof(ctypes.c_char.from_buffer(area)), 4096, lost, user_mode_only=True)
+            assert provider.read(0, 4) == bytes(4)           # the page was zero-filled instead
+            try:
+                provider.close()
+                raise AssertionError("close() hid the provider's error")
+            except PyKvmError as error:
+                assert "backing store is gone" in str(error)
+        """
         self._stop.set()
         self._thread.join(self._deadline)
         self._uffd.close()
