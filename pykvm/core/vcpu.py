@@ -938,8 +938,9 @@ class Vcpu(FdObject):
             with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
                 vcpu = vm.create_vcpu()
                 vcpu.tpr_access_reporting(True)
-                x86.load_code(vcpu, "movl $0x20, 0xFEE00080\\n1: jmp 1b", mode="protected")
-                exit = vcpu.run()                    # KVM may report it a little later, in the spin
+                spin = "mov $5000, %ecx\\n1: loop 1b\\n"  # kvm_pvm reports late, in guest code that follows
+                x86.load_code(vcpu, "movl $0x20, 0xFEE00080\\n" + spin + "out %al, $0x80", mode="protected")
+                exit = vcpu.run()
                 assert isinstance(exit, TprAccessExit) and exit.is_write
         """
         self.vm._require_irqchip(IrqchipMode.SPLIT, "TPR access reporting")
