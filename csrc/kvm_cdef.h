@@ -422,3 +422,5 @@ long pykvm_bench_inject(int kind, int fd, const struct kvm_msi *msi, volatile un
                         long n, unsigned long long *sent, unsigned long long timeout_cycles,
                         long poll_ns);
 long pykvm_bench_run_loop(int fd, struct kvm_run *run, long iterations, unsigned int port);
+long pykvm_bench_guarded_loop(int fd, struct kvm_run *run, struct pykvm_vcpu_guard *guard, long iterations,
+                                unsigned int port);

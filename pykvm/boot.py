@@ -31,7 +31,7 @@ from .command import description, invoked_as
 from .exit_status import exit_with, run_command
 from .startup import imports_done
 from .vmm.cpu_model import DEFAULT_MODEL, CpuFeatureWarning
-from .vmm.machine import DEFAULT_MEMORY_MIB, OPTIONAL_DEVICES, Ending, Machine
+from .vmm.machine import CHIPSETS, DEFAULT_MEMORY_MIB, OPTIONAL_DEVICES, Ending, Machine
 
 PROG = "pykvm boot"
 
@@ -94,7 +94,11 @@ def parser() -> argparse.ArgumentParser:
                         help="end the run (status 8) at the first port or MMIO access no device claims")
     parser.add_argument("--device", action="append", default=[], choices=OPTIONAL_DEVICES, metavar="NAME",
                         help=f"add an optional device, as QEMU's -device (repeat for more): "
-                             f"{', '.join(OPTIONAL_DEVICES)}")
+                             f"{', '.join(OPTIONAL_DEVICES)} (intel-iommu needs --machine q35)")
+    parser.add_argument("--machine", default=CHIPSETS[0], choices=CHIPSETS,
+                        help=f"the chipset, as QEMU's -machine (default {CHIPSETS[0]})")
+    parser.add_argument("--intremap", action="store_true",
+                        help="with --device intel-iommu: interrupt remapping (QEMU's intremap=on)")
     return parser
 
 
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = Machine(args.kernel, cpus=args.smp, memory=args.memory, cmdline=args.append,
                           modules=args.initrd, serial_output=sys.stdout.buffer, stdin=sys.stdin.isatty(),
                           strict_io=args.strict_io, trace=sys.stderr if args.trace_exits else None,
-                          devices=args.device, cpu=args.cpu)
+                          devices=args.device, cpu=args.cpu, chipset=args.machine, intremap=args.intremap)
         with warnings.catch_warnings():
             warnings.simplefilter("always", CpuFeatureWarning)
             warnings.showwarning = _show_warning

@@ -66,3 +66,35 @@ def test_the_core_leaves_an_entry_failure_unexplained_and_the_hosts_explainer_ex
     imported, unexplained, explanation = done.stdout.split(" ", 2)
     assert (imported, unexplained) == ("False", "''")
     assert "0x80000021" in explanation and "hardware reason" in explanation, explanation
+
+
+# What `python -m pykvm.boot` needs before its first serial byte leaves out (each imported where it is used):
+# the x86 layer (pm1's S3 wake), the statistics fds and userfaultfd (vcpu/vm.stats, memory.provide_pages),
+# difflib (a misspelt name's suggestions), and ctypes.util with the subprocess and tempfile it imports
+# (the flush-page port's mprotect).
+NOT_FOR_THE_FIRST_BYTE = ("pykvm.x86", "pykvm.core.stats", "pykvm.core.userfault", "difflib", "ctypes.util",
+                          "subprocess")
+
+
+def loaded(code: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` a fresh interpreter holds after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(name for name in {names!r} if name in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.split()
+
+
+@pytest.mark.host_independent
+def test_the_boot_command_imports_nothing_its_first_byte_does_not_need():
+    assert loaded("import pykvm.boot", NOT_FOR_THE_FIRST_BYTE) == []
+
+
+def test_the_deferred_imports_happen_where_they_are_used(kvm):
+    # The control: the same probe sees each of them once the code that needs it has run (a real vCPU's
+    # statistics and S3 wake, a misspelt name's suggestions, the flush page's libc).
+    code = ("import pykvm.boot\nfrom pykvm.core import memory, stats\nfrom pykvm.core.system import Kvm\n"
+            "from pykvm.vmm import cpu_model, pm1, testdev\n"
+            "with Kvm() as kvm, kvm.create_vm() as vm:\n    vcpu = vm.create_vcpu()\n    vcpu.stats\n"
+            "    pm1.resume_cpus([vcpu], 0x1000)\n"
+            "    vm.memory.provide_pages(vm.memory.add_slot(1 << 30, 4096).slot, lambda gpa: bytes(4096))\n"
+            "stats._close_matches('exit', ['exits'])\ncpu_model._suggest('sse4-3', ['sse4.2'])\ntestdev._libc()")
+    assert loaded(code, NOT_FOR_THE_FIRST_BYTE) == list(NOT_FOR_THE_FIRST_BYTE)

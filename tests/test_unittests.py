@@ -58,7 +58,7 @@ groups = nodefault
 
 [needs_a_device]
 file = exitcode.flat
-qemu_params = -device edu -m 256
+qemu_params = -device virtio-rng-pci -m 256
 
 [block]
 file = exitcode.flat
@@ -102,7 +102,7 @@ def test_the_plan_turns_qemu_parameters_into_machine_keywords_or_named_reasons(t
     assert (block.memory, block.cpus, block.missing) == (64, 1, ())
     assert plan(entries["fails"], tree).cpus == 2 and plan(entries["fails"], tree).args == "exit=1"
     device = plan(entries["needs_a_device"], tree)
-    assert device.memory == 256 and any("-device edu" in reason for reason in device.missing)
+    assert device.memory == 256 and any("-device virtio-rng-pci" in reason for reason in device.missing)
 
 
 def test_the_runners_conditions_skip_as_run_tests_sh_does(tree):
@@ -140,7 +140,7 @@ def test_a_hang_is_a_timeout_failure_and_a_skipped_entry_is_not_booted(kvm_avail
     hang = run_pykvm(entries["hangs"], tree)
     assert hang.verdict == Verdict.FAIL and hang.line() == "FAIL hangs (timeout; duration=1s)"
     device = run_pykvm(entries["needs_a_device"], tree)
-    assert device.verdict == Verdict.SKIP and device.status is None and "-device edu" in device.reason
+    assert device.verdict == Verdict.SKIP and device.status is None and "-device virtio-rng-pci" in device.reason
 
 
 def test_the_command_prints_the_runners_lines_writes_reports_and_exits_1_on_a_failure(kvm_available, tree,

@@ -317,4 +317,4 @@ def test_the_boot_command_takes_device_options():
     assert parser().parse_args(["kernel", "--device", "pci-testdev"]).device == ["pci-testdev"]
     assert parser().parse_args(["kernel"]).device == []
     with pytest.raises(SystemExit):
-        parser().parse_args(["kernel", "--device", "edu"])
+        parser().parse_args(["kernel", "--device", "virtio-rng-pci"])

@@ -44,8 +44,8 @@ from sphinx.util.nodes import make_refnode
 REPOSITORY = Path(__file__).resolve().parents[2]
 # The library's layers and the packages a user programs against; the tools' modules document themselves
 # through their --help (reference/commands), and a lab's package is its sheet (labs/).
-API_PACKAGES = ("pykvm.core", "pykvm.injection", "pykvm.x86", "pykvm.irqchip", "pykvm.runtime", "pykvm.guests", "pykvm.hosts",
-                "pykvm.vmm", "pykvm.requests", "pykvm.testing")
+API_PACKAGES = ("pykvm.core", "pykvm.injection", "pykvm.x86", "pykvm.irqchip", "pykvm.runtime", "pykvm.guests",
+                "pykvm.hosts", "pykvm.vmm", "pykvm.requests", "pykvm.testing")
 # The tools' shared modules, each a page of its own (a tool's package is in API_PACKAGES when it holds a table).
 API_MODULES = ("pykvm.command", "pykvm.exit_status", "pykvm.startup", "pykvm.interrupt_path")
 API_DIR = "reference/api"

@@ -31,9 +31,9 @@ from .errors import (
     ioctl_error,
 )
 from .ioctls import Ioctl
-from .userfault import PageProvider
 
 if TYPE_CHECKING:
+    from .userfault import PageProvider
     from .vm import Vm
 
 PAGE_SIZE = 4096
@@ -246,6 +246,8 @@ class GuestMemory:
             entry, pointer = self._find(slot)
             checks.function("provide", provide, "provide(gpa) -> bytes (up to a page)")
             checks.seconds("deadline", deadline, "how long close() waits for the serving thread")
+            from .userfault import PageProvider  # here: memory never served this way skips the import
+
             base = entry.guest_phys_addr
             provider = PageProvider(int(ffi.cast("uintptr_t", pointer)), entry.size,
                                     lambda offset: provide(base + offset), deadline)

@@ -58,7 +58,7 @@ def record(cls: None = None, *, slots: bool = False) -> Callable[[type[T]], type
 def record(cls: type[T] | None = None, *, slots: bool = False) -> Any:
     """A mutable dataclass whose repr shows integers in hex (``@record`` or ``@record(slots=True)``)."""
     def wrap(cls: type[T]) -> type[T]:
-        made = dataclasses.dataclass(cls, slots=slots)
+        made = dataclasses.dataclass(cls, slots=slots, repr=False)    # repr: _hexrepr, not a generated one
         made.__repr__ = _hexrepr  # type: ignore[method-assign]
         return made
     return wrap if cls is None else wrap(cls)

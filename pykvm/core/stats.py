@@ -25,7 +25,6 @@ difference of every cumulative counter::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import struct
 import time
@@ -189,6 +188,8 @@ class StatDescriptor:
 
 
 def _close_matches(name: str, names: Iterable[str]) -> str:
+    import difflib  # here: only a misspelt name pays for it
+
     close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
     return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
 

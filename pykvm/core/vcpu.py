@@ -39,9 +39,9 @@ from .fdobject import FdObject
 from .interrupts import IrqchipMode, check_vector
 from .ioctls import Ioctl
 from .state import Fpu, NestedState, Regs, Sregs, VcpuEvents, from_c, to_c
-from .stats import Stats
 
 if TYPE_CHECKING:
+    from .stats import Stats
     from .vm import Vm
 
 _thread_id = threading.get_ident
@@ -544,7 +544,7 @@ class Vcpu(FdObject):
 
     @functools.cached_property
     def stats(self) -> Stats:
-        """``KVM_GET_STATS_FD``: this vCPU's binary statistics (a :class:`Stats`, opened on first use).
+        """``KVM_GET_STATS_FD``: this vCPU's statistics (a :class:`~pykvm.core.stats.Stats`, opened on first use).
 
         Example::
 
@@ -557,6 +557,8 @@ class Vcpu(FdObject):
                     vcpu.run()
                 assert delta["exits"] >= 1
         """
+        from .stats import Stats  # here: a vCPU that never reads its statistics skips the import
+
         return Stats.open(self)
 
     # -- state ----------------------------------------------------------------

@@ -55,9 +55,9 @@ from .interrupts import (
 from .ioctls import Ioctl
 from .memory import MAX_GPA, GuestMemory
 from .state import ClockData, MsrFilterRange, from_c
-from .stats import Stats
 
 if TYPE_CHECKING:
+    from .stats import Stats
     from .system import Kvm
     from .vcpu import Vcpu
 
@@ -807,7 +807,7 @@ class Vm(FdObject):
     # -- statistics --------------------------------------------------------------
     @functools.cached_property
     def stats(self) -> Stats:
-        """``KVM_GET_STATS_FD``: the VM's binary statistics (a :class:`Stats`, opened on first use).
+        """``KVM_GET_STATS_FD``: the VM's binary statistics (a :class:`~pykvm.core.stats.Stats`, opened on first use).
 
         Example::
 
@@ -816,6 +816,8 @@ class Vm(FdObject):
                 assert "remote_tlb_flush" in vm.stats.names()
                 assert vm.stats["remote_tlb_flush"] >= 0
         """
+        from .stats import Stats  # here: a VM that never reads its statistics skips the import
+
         return Stats.open(self)
 
     def _release(self) -> None:

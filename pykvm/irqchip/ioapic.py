@@ -73,6 +73,11 @@ class IoapicState:
                    tuple(RedirectionEntry.from_bits(e) for e in entries),
                    bytes(raw[:_IOAPIC_HEAD.size + 8 * IOAPIC_NUM_PINS]))
 
+    def entry_bits(self, pin: int) -> int:
+        """Pin ``pin``'s 64 raw bits, with those :class:`RedirectionEntry` omits (an IOMMU's remappable format)."""
+        checks.integer("pin", pin, 0, IOAPIC_NUM_PINS - 1, f"the IOAPIC has {IOAPIC_NUM_PINS} pins")
+        return int(struct.unpack_from("<Q", self.raw, _IOAPIC_HEAD.size + 8 * pin)[0])
+
     def with_entry(self, pin: int, entry: RedirectionEntry) -> IoapicState:
         checks.integer("pin", pin, 0, IOAPIC_NUM_PINS - 1, f"the IOAPIC has {IOAPIC_NUM_PINS} pins")
         checks.instance("entry", entry, RedirectionEntry, "e.g. RedirectionEntry(vector=0x40)")

@@ -7,6 +7,13 @@ cannot give is a named reason to skip the entry, never a silent difference.
 QEMU's own defaults as kvm-unit-tests starts it (``x86/run``: pc-testdev, the
 debug-exit port, pci-testdev, 128 MiB, the PIT discarding lost ticks) are the
 Machine's defaults too.
+
+``-machine kernel-irqchip=split`` is taken only beside ``-device intel-iommu``
+with ``intremap=on``: QEMU needs its userspace IOAPIC there so that IOAPIC
+interrupts go through the IOMMU's remapping; pykvm keeps KVM's IOAPIC and the
+Machine sends its PCI devices' interrupts on pins in remappable format through
+the IOMMU itself (:mod:`pykvm.vmm.vtd`). Anywhere else split mode is a reason
+to skip.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ def plan(entry: Entry, tree: Path) -> Plan:
                 missing.append(f"-global {value}: pykvm's PIT discards or delays (re-injects) lost ticks")
         else:
             missing.append(f"{option} {value}".strip() + ": a QEMU option pykvm's Machine does not model")
+    if options.pop("split_irqchip", False) and not options.get("intremap"):
+        missing.append("-machine kernel-irqchip=split: pykvm's Machine keeps KVM's IOAPIC; it models split "
+                       "mode's effect only for intel-iommu's interrupt remapping")
     args = " ".join(shell_words(entry.test_args, tree))
     return Plan(entry.kernel(tree), max(cpus, 1), memory, args, options, tuple(missing))
 
@@ -114,6 +124,10 @@ def _machine(value: str, options: dict[str, object], missing: list[str]) -> None
             options["pit"] = setting == "on"
         elif key == "vmport" and setting == "on":
             continue                                # the Machine always has the VMware backdoor port
+        elif key == "q35" and not setting:
+            options["chipset"] = "q35"
+        elif key == "kernel-irqchip" and setting == "split":
+            options["split_irqchip"] = True         # checked once the devices are known (plan())
         else:
             missing.append(f"-machine {part}: pykvm's Machine is an i440FX-like PC without that option")
 
@@ -124,7 +138,20 @@ def _device(value: str, options: dict[str, object], missing: list[str]) -> None:
     assert isinstance(devices, tuple)
     if name in BUILT_IN_DEVICES or name in devices:
         return
-    if name in OPTIONAL_DEVICES and value == name:
+    if name == "intel-iommu" and _iommu_options(value, options):
+        options["devices"] = (*devices, name)
+    elif name in OPTIONAL_DEVICES and value == name:
         options["devices"] = (*devices, name)
     else:
         missing.append(f"-device {value}: pykvm's Machine has no such device")
+
+
+def _iommu_options(value: str, options: dict[str, object]) -> bool:
+    """Whether pykvm's IOMMU has what ``-device intel-iommu,...`` asks (and set ``intremap``)."""
+    for part in value.split(",")[1:]:
+        key, _, setting = part.partition("=")
+        if key == "intremap" and setting in ("on", "off"):
+            options["intremap"] = setting == "on"
+        elif not (key == "eim" and setting == "off"):
+            return False                            # eim=on, aw-bits, caching-mode ...: not modelled
+    return True

@@ -7,9 +7,9 @@
     assert result.status == 7 and "exiting with 3" in result.text
 
 One module per device (``serial``, ``debug_exit``, ``fw_cfg``, ``cmos``,
-``testdev``), the buses (``bus``), the loader (``multiboot``), the machine
-(``machine``), the test kernels (``testkernels``) and the boot benchmark
-(``bench``).
+``testdev``, ``pci_testdev``, ``edu``, the ``vtd`` IOMMU ...), the buses
+(``bus``), the loader (``multiboot``), the machine (``machine``), the test
+kernels (``testkernels``) and the boot benchmark (``bench``).
 """
 
 from .bus import Device, UnknownAccess

@@ -29,7 +29,8 @@ What the tables say:
   to IOAPIC pin n, which is what ACPI assumes when no override is given.
 * HPET: the event timer block's ID and address (:mod:`.hpet`).
 
-Not built: SSDT, SRAT/SLIT, MCFG (no PCIe), x2APIC entries (APIC IDs stay
+Not built: SSDT, SRAT/SLIT, MCFG (no PCIe), DMAR (the VT-d unit of
+:mod:`.vtd` is found at its fixed address), x2APIC entries (APIC IDs stay
 below 255), NMI entries. Pure Python; a bad description raises
 :class:`AcpiError` naming the field.
 """

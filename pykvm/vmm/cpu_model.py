@@ -49,7 +49,6 @@ without those features.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -733,6 +732,8 @@ def _feature_name(text: str, raw: str) -> str:
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
+    import difflib  # here: only a misspelling pays for it
+
     close = difflib.get_close_matches(name, list(known), n=3)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 

@@ -7,7 +7,9 @@ the IO bus: COM1 (:mod:`.serial`), the debug-exit port (:mod:`.debug_exit`),
 fw_cfg (:mod:`.fw_cfg`), CMOS/RTC (:mod:`.cmos`), pc-testdev's IRQ lines, echo
 and flush-page ports and MMIO scratch window (:mod:`.testdev`), the VMware
 backdoor port (:mod:`.vmware_backdoor`), PCI bus 0 with its host bridge
-(:mod:`.pci`; ``devices=("pci-testdev",)`` adds :mod:`.pci_testdev`), the ACPI
+(:mod:`.pci`; ``devices=("pci-testdev",)`` adds :mod:`.pci_testdev`, ``"edu"``
+:mod:`.edu`, and on ``chipset="q35"`` ``"intel-iommu"`` the VT-d unit of
+:mod:`.vtd` in front of them), the ACPI
 tables (:mod:`.acpi`), PM1 block and PM timer (:mod:`.pm1`, :mod:`.pm_timer`),
 the reset ports (:mod:`.reset`), the HPET on the MMIO bus (:mod:`.hpet`), and
 ports 0x61 and 0x80 tolerated. Users add devices
@@ -44,7 +46,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from ..core.errors import ClosedError, InvalidArgument, KvmBusy
+from ..core.errors import ClosedError, InvalidArgument, InvalidMsi, KvmBusy
 from ..core.exits import (
     FailEntryExit,
     InternalErrorExit,
@@ -54,14 +56,17 @@ from ..core.exits import (
     ShutdownExit,
     SystemEventExit,
 )
+from ..core.interrupts import MsiMessage
 from ..core.state import Regs, Segment
 from ..core.system import Kvm
+from ..irqchip import ioapic
 from ..runtime.threads import VcpuThread
 from . import (
     acpi,
     cmos,
     cpu_model,
     debug_exit,
+    edu,
     fw_cfg,
     hpet,
     multiboot,
@@ -73,6 +78,7 @@ from . import (
     serial,
     testdev,
     vmware_backdoor,
+    vtd,
 )
 from .bus import Device, IoBus, MmioBus, UnknownAccess
 
@@ -84,7 +90,12 @@ STATUS_TIMEOUT = 124        # as timeout(1)
 DEFAULT_MEMORY_MIB = 128
 TOLERATED_PORTS = ((0x61, 1, "port 0x61 (system control B)"), (0x80, 1, "port 0x80 (POST code)"))
 CR0_PE, CR0_ET, CR0_PG = 1 << 0, 1 << 4, 1 << 31
-OPTIONAL_DEVICES = ("pci-testdev",)     # Machine(devices=...), python -m pykvm.boot --device
+OPTIONAL_DEVICES = ("pci-testdev", "edu", "intel-iommu")     # Machine(devices=...), python -m pykvm.boot --device
+CHIPSETS = ("i440fx", "q35")
+# The first PCI device number QEMU gives a -device: the i440FX PC's ISA bridge is at 00:01.0, the
+# q35's at 00:1f.0. Optional devices take the next numbers in the order given (pci-testdev, edu).
+FIRST_FREE_DEVICE = {"i440fx": pci_testdev.DEVICE, "q35": 1}
+EDU_INTX_GSI = 11           # the IOAPIC pin the machine (as firmware) routes edu's INTA to
 STDIN_POLL = 0.05
 
 
@@ -164,7 +175,13 @@ class Machine:
     mode meanwhile); ``strict_io`` makes the first access no device claims end
     the run; ``trace`` is a text stream that gets one line per exit.
     ``devices`` names optional devices to add, as QEMU's ``-device``:
-    ``"pci-testdev"`` (:mod:`.pci_testdev`). ``pit=False`` leaves the PIT out
+    ``"pci-testdev"`` (:mod:`.pci_testdev`), ``"edu"`` (:mod:`.edu`) and, on
+    ``chipset="q35"`` only, ``"intel-iommu"`` (:mod:`.vtd`; ``intremap=True``
+    adds interrupt remapping). ``chipset`` is QEMU's ``-machine``: ``"i440fx"``
+    (``pc``, the default) or ``"q35"`` (its host bridge's IDs). The PCI
+    devices take device numbers in the order given, from 2 on i440fx and 1 on
+    q35, as QEMU numbers them (``("pci-testdev", "edu")`` on q35: 00:01.0 and
+    00:02.0). ``pit=False`` leaves the PIT out
     (QEMU's ``-machine pit=off``); ``pit_reinject=False`` drops the ticks a
     guest was late to take instead of re-injecting them (``KVM_REINJECT_CONTROL``;
     QEMU's ``-global kvm-pit.lost_tick_policy=discard``). ``overcommit=True``
@@ -184,10 +201,11 @@ class Machine:
                  serial_output: IO[bytes] | None = None, stdin: bool = False, strict_io: bool = False,
                  trace: IO[str] | None = None, kvm: Kvm | None = None, devices: Sequence[str] = (),
                  cpu: str | cpu_model.CpuSpec | None = None, pit: bool = True, pit_reinject: bool = True,
-                 overcommit: bool = False) -> None:
+                 overcommit: bool = False, chipset: str = "i440fx", intremap: bool = False) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 255:
             raise InvalidArgument(f"cpus={cpus!r}: expected 1 to 255 vCPUs")
-        for name, value in (("pit", pit), ("pit_reinject", pit_reinject), ("overcommit", overcommit)):
+        for name, value in (("pit", pit), ("pit_reinject", pit_reinject), ("overcommit", overcommit),
+                            ("intremap", intremap)):
             if not isinstance(value, bool):
                 raise InvalidArgument(f"{name}={value!r}: expected True or False")
         self.pit, self.pit_reinject, self.overcommit = pit, pit_reinject, overcommit
@@ -236,9 +254,7 @@ class Machine:
         self._current = threading.local()       # .vcpu: the vCPU of this thread
         self.add_io(vmware_backdoor.PORT, vmware_backdoor.PORTS, vmware_backdoor.VmwareBackdoor(self._current_vcpu),
                     "VMware backdoor")
-        self.pci = pci.PciHost()
-        if "pci-testdev" in _check_devices(devices):
-            self.pci.add(pci_testdev.DEVICE, pci_testdev.PciTestdev(lambda: self._vm))
+        self._add_pci(_check_devices(devices), _check_chipset(chipset, devices, intremap), intremap)
         for claim in self.pci.claims():
             (self.add_io if claim.io else self.add_mmio)(claim.base, claim.length, claim.device, claim.name)
         self._reset_run_state()
@@ -273,6 +289,61 @@ class Machine:
             pm_timer_bits=self.pm_timer.bits, reset_port=reset.RESET_CONTROL_PORT, reset_value=reset.ACPI_VALUE,
             sleep_states=((3, pm1.SleepType.S3), (5, pm1.SleepType.S5)),
             hpet_address=hpet.BASE, hpet_block_id=self.hpet.capabilities & 0xFFFFFFFF))
+
+    def _add_pci(self, devices: tuple[str, ...], chipset: str, intremap: bool) -> None:
+        """PCI bus 0 with the ``devices`` asked for, and the IOMMU (``self.iommu``) in front of them."""
+        self.pci = pci.PciHost(pci.Q35_HOST_BRIDGE if chipset == "q35" else pci.HOST_BRIDGE)
+        self.iommu: vtd.Vtd | None = None
+        if "intel-iommu" in devices:
+            self.iommu = vtd.Vtd(self._memory, self._signal_msi, intremap)
+            self.add_mmio(vtd.BASE, vtd.SIZE, self.iommu, "Intel VT-d (intel-iommu)")
+        number = FIRST_FREE_DEVICE[chipset]
+        for name in (name for name in devices if name != "intel-iommu"):
+            source = number << 3                    # bus 0, the device, function 0: its requester ID
+            self.pci.add(number, pci_testdev.PciTestdev(lambda: self._vm) if name == "pci-testdev" else
+                         edu.Edu(self._memory, functools.partial(self._dma, source), self._pci_intx,
+                                 functools.partial(self._device_msi, source), EDU_INTX_GSI))
+            number += 1
+
+    def _dma(self, source: int, address: int, size: int, write: bool) -> list[tuple[int, int]]:
+        return [(address, size)] if self.iommu is None else self.iommu.dma(source, address, size, write)
+
+    def _device_msi(self, source: int, address: int, data: int) -> None:
+        """A PCI device's MSI, remapped by the IOMMU if there is one."""
+        if self.iommu is not None:
+            message = self.iommu.remap_msi(source, address, data)
+        else:
+            try:
+                message = MsiMessage(address & 0xFFFFFFFF, address >> 32, data)
+            except InvalidMsi:          # not an interrupt message: a write nothing decodes
+                message = None
+        if message is not None:
+            self._signal_msi(message)
+
+    def _signal_msi(self, message: MsiMessage) -> None:
+        vm = self._vm
+        if vm is not None:
+            vm.signal_msi(message)
+
+    def _pci_intx(self, gsi: int, level: int) -> None:
+        """A PCI device's INTx line: KVM's IOAPIC pin, unless the pin's entry is in the IOMMU's remappable format.
+
+        KVM's IOAPIC reads such an entry (bit 48 set) in compatibility format, so
+        with interrupt remapping on, the machine plays the remapping IOAPIC of
+        QEMU's split irqchip: on the rising edge of an unmasked pin, the IOMMU
+        turns the entry's handle into the message sent (an edge; no remote IRR).
+        """
+        vm = self._vm
+        if vm is None:
+            return
+        if self.iommu is not None and self.iommu.status & vtd.Global.IRE:
+            entry = ioapic.read(vm).entry_bits(gsi)
+            if entry >> 48 & 1:
+                message = self.iommu.remap_ioapic(entry) if level and not entry >> 16 & 1 else None
+                if message is not None:
+                    vm.signal_msi(message)
+                return
+        vm.irq_line(gsi, level)
 
     def add_io(self, base: int, length: int, device: Device, name: str = "") -> None:
         """Put ``device`` on IO ports ``base .. base + length - 1`` (before :meth:`run`)."""
@@ -597,6 +668,17 @@ def _check_devices(devices: Sequence[str]) -> tuple[str, ...]:
             problem = "is named twice" if name in OPTIONAL_DEVICES else "is not a device pykvm has"
             raise InvalidArgument(f"devices: {name!r} {problem}; choose from {', '.join(OPTIONAL_DEVICES)}")
     return tuple(devices)
+
+
+def _check_chipset(chipset: object, devices: Sequence[str], intremap: bool) -> str:
+    if chipset not in CHIPSETS:
+        raise InvalidArgument(f"chipset={chipset!r}: choose one of {', '.join(CHIPSETS)}")
+    if "intel-iommu" in devices and chipset != "q35":
+        raise InvalidArgument("devices: 'intel-iommu' needs chipset='q35' (pykvm.boot: --machine q35): the "
+                              "remapping unit is the Q35 chipset's, as in QEMU")
+    if intremap and "intel-iommu" not in devices:
+        raise InvalidArgument("intremap=True: interrupt remapping is the IOMMU's; add 'intel-iommu' to devices")
+    return str(chipset)
 
 
 def _check_device(device: object) -> None:

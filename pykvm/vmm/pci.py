@@ -34,8 +34,9 @@ What is modelled (PCI Local Bus Specification 3.0, 3.2.2.3.2 and 6.1-6.2.5):
   reads all ones and is not listed among the machine's unknown accesses.
 
 Not modelled: other buses and PCI-to-PCI bridges, multi-function devices,
-64-bit and prefetchable BARs, expansion ROMs, capabilities (MSI), INTx
-routing, and the reset control register at 0xcf9.
+64-bit and prefetchable BARs, expansion ROMs, and the reset control
+register at 0xcf9. Capabilities and INTx are the devices' own (:mod:`.edu`
+adds its MSI capability and has the machine route its pin).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Identity:
 
 
 HOST_BRIDGE = Identity(0x8086, 0x1237, 0x060000)    # the Intel 440FX host bridge's IDs, as a PC's 00.0
+Q35_HOST_BRIDGE = Identity(0x8086, 0x29C0, 0x060000)    # the Intel Q35 (82G33 DRAM controller) host bridge
 WRITABLE = {   # register: (width, writable bits)
     Register.COMMAND: (2, int(Command.IO | Command.MEMORY | Command.BUS_MASTER | Command.INTX_DISABLE)),
     Register.CACHE_LINE_SIZE: (1, 0xFF), Register.LATENCY_TIMER: (1, 0xFF), Register.INTERRUPT_LINE: (1, 0xFF)}
@@ -221,8 +223,8 @@ class Claim:
 class PciHost:
     """Bus 0: the host bridge at device 0, devices added with :meth:`add`, and the decoding of their BARs."""
 
-    def __init__(self) -> None:
-        self.functions: dict[int, PciFunction] = {0: PciFunction(HOST_BRIDGE)}
+    def __init__(self, bridge: Identity = HOST_BRIDGE) -> None:
+        self.functions: dict[int, PciFunction] = {0: PciFunction(bridge)}
         self.address = 0
         self._next_io = IO_WINDOW[0]
         self._next_memory_top = MEMORY_WINDOW[1]

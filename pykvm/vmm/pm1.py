@@ -31,7 +31,6 @@ import enum
 from collections.abc import Callable, Sequence
 
 from ..core.constants import MpState
-from ..x86.modes import enter_real_mode
 
 EVENT_PORT = 0x600
 CONTROL_PORT = 0x604
@@ -160,6 +159,8 @@ def resume_cpus(vcpus: Sequence, vector: int) -> None:
 
     The LAPICs and the rest of the in-kernel irqchip keep their state (on a PC they are reset).
     """
+    from ..x86.modes import enter_real_mode  # here: a boot that never sleeps skips the x86 layer's imports
+
     bsp, *aps = vcpus
     enter_real_mode(bsp, ip=vector & 0xF, cs=vector >> 4)
     for ap in aps:

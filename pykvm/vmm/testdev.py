@@ -25,7 +25,6 @@ test uses.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import enum
 import functools
 import mmap
@@ -129,6 +128,8 @@ class FlushPage:
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
+    import ctypes.util  # here: its find_library imports subprocess and tempfile
+
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return libc
