@@ -153,11 +153,35 @@ class Irqfd(EventfdRegistration):
                        "resample needs a level-triggered in-kernel IOAPIC or PIC line")
 
     def trigger(self) -> None:
-        """Signal the eventfd: KVM raises the GSI (from any thread, no vCPU exit needed)."""
+        """Signal the eventfd: KVM raises the GSI (from any thread, no vCPU exit needed).
+
+        Example::
+
+            import time
+            import pykvm
+            from pykvm.irqchip import ioapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                vm.create_vcpu()
+                with vm.irqfd(17, resample=True) as irqfd:  # level-triggered: KVM holds the line up
+                    irqfd.trigger()
+                    deadline = time.monotonic() + 2
+                    while 17 not in ioapic.read(vm).irr:   # KVM raises it from a work item
+                        assert time.monotonic() < deadline
+        """
         os.write(self.fd, (1).to_bytes(8, "little"))
 
     def wait_resample(self, timeout: float | None = 1.0) -> bool:
-        """Wait until the guest EOId the level interrupt (resample); False on timeout."""
+        """Wait until the guest EOId the level interrupt (resample); False on timeout.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                vm.create_vcpu()
+                with vm.irqfd(18, resample=True) as irqfd:
+                    irqfd.trigger()
+                    assert not irqfd.wait_resample(timeout=0.05)   # no EOI from the guest: no resample
+        """
         if not self.resample:
             raise InvalidRouting("this irqfd was created without resample=True")
         self.fd                     # noqa: B018 (raises ClosedError once closed)
@@ -187,5 +211,19 @@ class Ioeventfd(EventfdRegistration):
         self.vm._ioctl(Ioctl.IOEVENTFD, arg, hint="the address range may overlap another ioeventfd")
 
     def wait(self, timeout: float | None = 1.0) -> int:
-        """How many matching guest writes happened (waits up to ``timeout`` for the first)."""
+        """How many matching guest writes happened (waits up to ``timeout`` for the first).
+
+        Example::
+
+            import pykvm
+            from pykvm import HltExit, IoExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                code = "mov $6, %al\\nout %al, $0x11\\nmov $7, %al\\nout %al, $0x11\\nhlt"
+                with vm.ioeventfd(0x11, length=1, pio=True, datamatch=7) as doorbell:
+                    x86.load_code(vcpu, code, mode="real")
+                    assert isinstance(vcpu.run(), IoExit)        # 6 does not match: an exit to userspace
+                    assert isinstance(vcpu.run(), HltExit)       # 7 matches: KVM signalled the eventfd
+                    assert doorbell.wait(timeout=0) == 1
+        """
         return _wait(self.fd, timeout)

@@ -105,7 +105,10 @@ class GuestMemory:
 
     def add_slot(self, guest_phys_addr: int, size: int, readonly: bool = False,
                  allow_overcommit: bool = False, address_space: int = 0) -> MemorySlot:
-        """Back ``[guest_phys_addr, +size)`` with fresh zeroed anonymous memory.
+        """``KVM_SET_USER_MEMORY_REGION``: back ``[guest_phys_addr, +size)`` with fresh zeroed memory.
+
+        KVM maps the guest-physical range to a new anonymous mapping of this
+        process, in the lowest free slot number; guest accesses there need no exit.
 
         A slot larger than the host's available memory is refused unless
         ``allow_overcommit=True`` (the mapping is lazy, but KVM and the guest can
@@ -113,6 +116,17 @@ class GuestMemory:
         system-management view (``KVM_CAP_MULTI_ADDRESS_SPACE``): a vCPU in SMM sees
         only the slots of address space 1, e.g. SMRAM at SMBASE; read and write them
         with ``read(..., address_space=1)`` and ``write(..., address_space=1)``.
+
+        Example::
+
+            import pykvm
+            from pykvm import HltExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=1 << 20) as vm:
+                slot = vm.memory.add_slot(0x100000, 0x1000)        # one more page, at 1 MiB
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "movb $7, (0x100000)\\nhlt", mode="protected")
+                assert isinstance(vcpu.run(), HltExit)              # the write went to RAM, no exit
+                assert (slot.slot, vm.memory.read_u8(0x100000)) == (1, 7)
         """
         self._vm._check_open()
         if address_space:
@@ -181,6 +195,21 @@ class GuestMemory:
         """``KVM_SET_USER_MEMORY_REGION`` with ``KVM_MEM_LOG_DIRTY_PAGES`` on or off for ``slot``.
 
         Then ``vm.get_dirty_log(slot)`` returns the pages written since the last call.
+
+        Example::
+
+            import errno
+            import pykvm
+            from pykvm import KvmError
+            with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=1 << 20) as vm:
+                vm.memory.set_dirty_logging(0, True)
+                assert not any(vm.get_dirty_log(0))                  # the guest wrote nothing yet
+                vm.memory.set_dirty_logging(0, False)
+                try:
+                    vm.get_dirty_log(0)
+                    raise AssertionError("KVM gave a dirty log for a slot that keeps none")
+                except KvmError as refused:
+                    assert refused.errno == errno.ENOENT
         """
         self._vm._check_open()
         with self._lock:
@@ -198,6 +227,19 @@ class GuestMemory:
         provider's ``read()`` or with ``vm.memory.read``: while a provider exists,
         memory copies release the GIL, which the serving thread needs. Close the provider (a context manager) when done;
         closing the VM closes it too. See :mod:`pykvm.core.userfault`.
+
+        Example::
+
+            import pykvm
+            from pykvm import HltExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=1 << 20) as vm:
+                slot = vm.memory.add_slot(0x100000, 0x2000)
+                with vm.memory.provide_pages(slot.slot, lambda gpa: gpa.to_bytes(4, "little")) as provider:
+                    vcpu = vm.create_vcpu()
+                    x86.load_code(vcpu, "mov (0x101000), %eax\\nhlt", mode="protected")
+                    assert isinstance(vcpu.run(), HltExit)   # KVM waited for the page, then the guest read it
+                    assert vcpu.regs.rax == 0x101000
+                    assert [fault.address - provider.address for fault in provider.faults] == [0x1000]
         """
         self._vm._check_open()
         with self._lock:
@@ -213,9 +255,21 @@ class GuestMemory:
             return provider
 
     def remove_slot(self, slot: int) -> None:
-        """Delete memory slot ``slot`` (``KVM_SET_USER_MEMORY_REGION`` with size 0) and unmap its memory.
+        """``KVM_SET_USER_MEMORY_REGION`` with size 0: delete memory slot ``slot``, then unmap its memory.
 
         KVM invalidates every MMU root that may map it (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS on each vCPU).
+
+        Example::
+
+            import pykvm
+            from pykvm import MmioExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=1 << 20) as vm:
+                slot = vm.memory.add_slot(0x100000, 0x1000)
+                vm.memory.remove_slot(slot.slot)
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "movb $7, (0x100000)\\nhlt", mode="protected")
+                exit = vcpu.run()                                    # no memory there any more: MMIO
+                assert isinstance(exit, MmioExit) and (exit.phys_addr, exit.is_write) == (0x100000, True)
         """
         self._vm._check_open()
         with self._lock:

@@ -223,7 +223,16 @@ class Stats(FdObject):
     # -- construction ---------------------------------------------------------------
     @classmethod
     def open(cls, owner: Any) -> Stats:
-        """``KVM_GET_STATS_FD`` on a :class:`~pykvm.Vm` or :class:`~pykvm.Vcpu`."""
+        """``KVM_GET_STATS_FD`` on a :class:`~pykvm.Vm` or :class:`~pykvm.Vcpu`.
+
+        Example::
+
+            import pykvm
+            from pykvm.core.stats import Stats
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm, Stats.open(vm.create_vcpu()) as stats:
+                assert stats.describe().startswith("Stats for Vcpu 0")
+                assert stats["exits"] == 0               # a vCPU that never ran
+        """
         vm = getattr(owner, "vm", owner)
         kvm = getattr(vm, "kvm", None)
         if kvm is None or not hasattr(owner, "_ioctl_value"):
@@ -292,14 +301,30 @@ class Stats(FdObject):
 
     # -- reading ------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Every statistic's name, in the kernel's order."""
+        """Every statistic's name, in the kernel's order.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                names = vm.create_vcpu().stats.names()
+                assert {"exits", "halt_exits", "io_exits"} <= set(names)
+        """
         return list(self.descriptors)
 
     def __contains__(self, name: object) -> bool:
         return name in self.descriptors
 
     def descriptor(self, name: str) -> StatDescriptor:
-        """The descriptor of ``name``; :class:`UnknownStatistic` (a KeyError) naming close matches."""
+        """The descriptor of ``name``; :class:`UnknownStatistic` (a KeyError) naming close matches.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                wait = vm.create_vcpu().stats.descriptor("halt_wait_ns")
+                assert wait.cumulative and wait.unit_label == "ns"
+        """
         try:
             return self.descriptors[name]
         except KeyError:
@@ -316,7 +341,15 @@ class Stats(FdObject):
         return data
 
     def read(self) -> dict[str, Value]:
-        """Every statistic now (one ``pread``): an int, or a tuple of bucket counts for a histogram."""
+        """Every statistic now (one ``pread``): an int, or a tuple of bucket counts for a histogram.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                values = vm.create_vcpu().stats.read()
+                assert values["exits"] == 0 and "halt_exits" in values
+        """
         data = self._read_block()
         return {name: (unpack(data, offset)[0] if scalar else unpack(data, offset))
                 for name, unpack, offset, scalar in self._layout}
@@ -338,6 +371,17 @@ class Stats(FdObject):
         Reads every statistic (or only ``names``) on entry and on exit. Cumulative
         counters and histogram buckets give the difference; instant and peak values
         give their value at the end of the block.
+
+        Example::
+
+            import pykvm
+            from pykvm import x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "hlt", mode="real")
+                with vcpu.stats.delta() as delta:
+                    vcpu.run()
+                assert delta["exits"] >= 1 and "exits" in delta.changed()
         """
         for name in names:
             self.descriptor(name)          # an unknown name fails now, not after the block

@@ -69,12 +69,37 @@ class Kvm(FdObject):
         return f"Kvm ({self.path}, fd {self._fd})"
 
     def check_extension(self, cap: Cap | int) -> int:
-        """``KVM_CHECK_EXTENSION``: 0 if absent, else a positive, cap-specific value."""
+        """``KVM_CHECK_EXTENSION``: whether this host's KVM offers capability ``cap``.
+
+        KVM answers 0 if absent, else a positive, cap-specific value (a count, a size, a bit mask).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm:
+                assert kvm.check_extension(Cap.USER_MEMORY) == 1
+                assert kvm.check_extension(Cap.MAX_VCPUS) >= kvm.check_extension(Cap.NR_VCPUS) > 0
+        """
         return self._ioctl_value(Ioctl.CHECK_EXTENSION, checks.integer(
             "cap", cap, 0, 0x7FFFFFFF, "a KVM_CAP_* number, e.g. pykvm.Cap.IRQCHIP"))
 
     def require(self, cap: Cap, purpose: str) -> int:
-        """``check_extension(cap)``, raising :class:`CapabilityMissing` when it is absent."""
+        """``KVM_CHECK_EXTENSION`` as :meth:`check_extension`, raising :class:`CapabilityMissing` if absent.
+
+        Returns KVM's positive, cap-specific value; ``purpose`` names the feature in the message.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap, CapabilityMissing
+            with pykvm.Kvm() as kvm:
+                assert kvm.require(Cap.USER_MEMORY, "guest memory") == 1
+                try:
+                    kvm.require(Cap.X86_SMM, "vcpu.smi()")
+                except CapabilityMissing as missing:          # this host's KVM has no SMM
+                    assert "KVM_CAP_X86_SMM" in str(missing) and not kvm.check_extension(Cap.X86_SMM)
+        """
         value = self.check_extension(cap)
         if not value:
             raise CapabilityMissing(
@@ -84,12 +109,32 @@ class Kvm(FdObject):
 
     @functools.cached_property
     def vcpu_mmap_size(self) -> int:
-        """Size of each vCPU's shared ``kvm_run`` mapping."""
+        """``KVM_GET_VCPU_MMAP_SIZE``: the size of each vCPU's shared ``kvm_run`` mapping.
+
+        KVM places ``struct kvm_run`` in the first page and, after it, pages such as
+        the PIO data page; every vCPU fd is mapped at this length.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm:
+                assert kvm.vcpu_mmap_size >= 4096 and kvm.vcpu_mmap_size % 4096 == 0
+        """
         return self._ioctl_value(Ioctl.GET_VCPU_MMAP_SIZE, 0)
 
     @functools.cached_property
     def supported_cpuid(self) -> tuple[CpuidEntry, ...]:
-        """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest."""
+        """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest.
+
+        The host's CPUID masked to what KVM can virtualize, plus KVM's own leaves (0x40000000).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm:
+                leaves = {entry.function for entry in kvm.supported_cpuid}
+                assert {0x0, 0x1, 0x80000000, 0x80000001} <= leaves
+        """
         entries = lib.KVM_MAX_CPUID_ENTRIES
         while True:
             cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": entries, "entries": entries})
@@ -107,6 +152,15 @@ class Kvm(FdObject):
 
         The bank count KVM allows is ``check_extension(Cap.MCE)``; needs
         ``KVM_CAP_MCE``: :class:`CapabilityMissing` without it.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm:
+                if kvm.check_extension(Cap.MCE):
+                    assert kvm.mce_cap_supported & (1 << 8)      # MCG_CTL_P: KVM emulates MCG_CTL
+                    assert kvm.mce_cap_supported & 0xFF == 0     # no bank count: that is KVM_CAP_MCE's
         """
         self.require(Cap.MCE, "kvm.mce_cap_supported")
         value = ffi.new("__u64 *")
@@ -120,6 +174,15 @@ class Kvm(FdObject):
         Merge them into a vCPU's CPUID (``vcpu.set_cpuid``) to give the guest
         Hyper-V's MSRs (crash, reset, SynIC, synthetic timers). Needs
         ``KVM_CAP_SYS_HYPERV_CPUID``: :class:`CapabilityMissing` without it.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm:
+                if kvm.check_extension(Cap.SYS_HYPERV_CPUID):
+                    leaves = {entry.function for entry in kvm.supported_hv_cpuid}
+                    assert 0x40000000 in leaves and 0x40000001 in leaves
         """
         self.require(Cap.SYS_HYPERV_CPUID, "kvm.supported_hv_cpuid")
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": lib.KVM_MAX_CPUID_ENTRIES,
@@ -140,6 +203,14 @@ class Kvm(FdObject):
         and ``identity_map_addr`` place the pages VT-x needs for real mode (``None``:
         leave unset); ``allow_overcommit`` allows more RAM than the host has available.
         See :class:`pykvm.Vm`.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=1 << 20, irqchip="kernel") as vm:
+                (slot,) = vm.memory.slots
+                assert (slot.guest_phys_addr, slot.size) == (0, 1 << 20)
+                assert len(vm.create_vcpu().get_lapic()) == 1024     # the in-kernel LAPIC answers
         """
         from .vm import Vm
         return Vm(self, memory_size=memory_size, irqchip=irqchip, pit=pit, tss_addr=tss_addr,

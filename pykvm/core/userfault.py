@@ -126,18 +126,65 @@ class Userfaultfd:
             raise ioctl_error(-result, request.macro, f"Userfaultfd (fd {self._fd})")
 
     def register(self, address: int, length: int) -> None:
-        """Report missing pages of ``[address, +length)`` (page-aligned host addresses) to this fd."""
+        """``UFFDIO_REGISTER``: report missing pages of ``[address, +length)`` (page-aligned host addresses) to this fd.
+
+        A thread touching such a page then waits until :meth:`copy` fills it (or the range is unregistered).
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.errors import KvmError
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with Userfaultfd(user_mode_only=True) as uffd:
+                try:
+                    uffd.copy(address, bytes(4096))
+                    raise AssertionError("the kernel filled a page of a range nobody registered")
+                except KvmError:
+                    uffd.register(address, 4096)     # now its missing pages are this fd's to fill
+                    uffd.copy(address, bytes(4096))
+        """
         _check_range(address, length)
         self._ioctl(UffdIoctl.UFFDIO_REGISTER,
                     bytearray(UFFDIO_REGISTER_STRUCT.pack(address, length, UFFDIO_REGISTER_MODE_MISSING, 0)))
 
     def unregister(self, address: int, length: int) -> None:
-        """Stop reporting ``[address, +length)``: its missing pages fill with zeros again, waiters wake."""
+        """``UFFDIO_UNREGISTER``: stop reporting ``[address, +length)``; missing pages fill with zeros, waiters wake.
+
+        Example::
+
+            import ctypes, mmap, threading
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            seen = ctypes.create_string_buffer(b"old", 4)
+            with Userfaultfd(user_mode_only=True) as uffd:
+                uffd.register(address, 4096)
+                reader = threading.Thread(target=ctypes.memmove, args=(seen, address, 4))
+                reader.start()                       # faults on the missing page and waits
+                assert uffd.read_fault(timeout=2) is not None
+                uffd.unregister(address, 4096)       # the waiter wakes, the page fills with zeros
+                reader.join(timeout=2)
+                assert seen.raw == bytes(4)
+        """
         _check_range(address, length)
         self._ioctl(UffdIoctl.UFFDIO_UNREGISTER, bytearray(UFFDIO_RANGE.pack(address, length)))
 
     def copy(self, address: int, data: bytes) -> None:
-        """``UFFDIO_COPY``: place ``data`` (whole pages) at ``address`` and wake whoever waits for it."""
+        """``UFFDIO_COPY``: place ``data`` (whole pages) at ``address`` and wake whoever waits for it.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with Userfaultfd(user_mode_only=True) as uffd:
+                uffd.register(address, 4096)
+                uffd.copy(address, b"page".ljust(4096, b"\\0"))    # filled before anyone touches it
+                assert area[:4] == b"page" and uffd.read_fault(timeout=0) is None   # so no fault
+        """
         raw = checks.data("data", data)
         _check_range(address, len(raw))
         source = ffi.from_buffer(raw)
@@ -145,7 +192,25 @@ class Userfaultfd:
             address, int(ffi.cast("uintptr_t", source)), len(raw), 0, 0)))
 
     def read_fault(self, timeout: float) -> PageFault | None:
-        """The next page fault, or None when none arrives within ``timeout`` seconds."""
+        """The next page fault, or None when none arrives within ``timeout`` seconds.
+
+        Example::
+
+            import ctypes, mmap, threading
+            from pykvm.core.userfault import Userfaultfd
+            area = mmap.mmap(-1, 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            seen = ctypes.create_string_buffer(4)
+            with Userfaultfd(user_mode_only=True) as uffd:
+                uffd.register(address, 4096)
+                reader = threading.Thread(target=ctypes.memmove, args=(seen, address, 4))
+                reader.start()                       # ctypes.memmove releases the GIL while it waits
+                fault = uffd.read_fault(timeout=2)
+                assert (fault.address, fault.write, fault.thread) == (address, False, reader.native_id)
+                uffd.copy(address, b"data".ljust(4096, b"\\0"))
+                reader.join(timeout=2)
+                assert seen.raw == b"data"
+        """
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return None
@@ -208,7 +273,19 @@ class PageProvider:
         self._thread.start()
 
     def fill(self, offset: int, data: bytes) -> None:
-        """Place ``data`` at ``offset`` (page-aligned) now, before it is touched."""
+        """``UFFDIO_COPY``: place ``data`` at ``offset`` (page-aligned) now, before it is touched.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.userfault import PageProvider
+            area = mmap.mmap(-1, 2 * 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with PageProvider(address, 2 * 4096, lambda offset: b"late", user_mode_only=True) as provider:
+                provider.fill(4096, b"early")                # placed before anyone touches it
+                assert (provider.read(0, 4), provider.read(4096, 5)) == (b"late", b"early")
+                assert [fault.address - address for fault in provider.faults] == [0]
+        """
         checks.integer("offset", offset, 0, self.size - 1, f"a page offset inside the {self.size:#x}-byte range")
         self._uffd.copy(self.address + offset, _page(data))
 
@@ -218,6 +295,17 @@ class PageProvider:
         Use this (or ``vm.memory.read``, which does the same while a provider exists), not ``ffi.buffer``,
         for a page that may still be missing: a copy holding the GIL, which the serving thread needs,
         would wait forever.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.userfault import PageProvider
+            area = mmap.mmap(-1, 4 * 4096)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            with PageProvider(address, 4 * 4096, lambda offset: offset.to_bytes(8, "little"),
+                              user_mode_only=True) as provider:
+                assert provider.read(2 * 4096, 8) == (2 * 4096).to_bytes(8, "little")   # served on first touch
+                assert len(provider.faults) == 1
         """
         checks.integer("offset", offset, 0, self.size - 1, f"an offset inside the {self.size:#x}-byte range")
         checks.integer("size", size, 0, self.size - offset, "a length that stays inside the range")
@@ -243,7 +331,24 @@ class PageProvider:
             self._uffd.close()            # waiters continue with zero pages
 
     def close(self) -> None:
-        """Stop serving, unregister the range, and raise the provider's error if it had one."""
+        """Stop serving, unregister the range, and raise the provider's error if it had one.
+
+        Example::
+
+            import ctypes, mmap
+            from pykvm.core.errors import PyKvmError
+            from pykvm.core.userfault import PageProvider
+            def lost(offset):
+                raise OSError("the backing store is gone")
+            area = mmap.mmap(-1, 4096)
+            provider = PageProvider(ctypes.addressof(ctypes.c_char.from_buffer(area)), 4096, lost, user_mode_only=True)
+            assert provider.read(0, 4) == bytes(4)           # the page was zero-filled instead
+            try:
+                provider.close()
+                raise AssertionError("close() hid the provider's error")
+            except PyKvmError as error:
+                assert "backing store is gone" in str(error)
+        """
         self._stop.set()
         self._thread.join(self._deadline)
         self._uffd.close()

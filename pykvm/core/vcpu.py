@@ -173,6 +173,17 @@ class Vcpu(FdObject):
         ``run()`` and ``complete_pending_exit()`` each add one. Code that acts
         "before the next entry" (e.g. :class:`pykvm.injection.Injector`, which
         remembers the interrupt it queued) compares it with the value it saw.
+
+        Example::
+
+            import pykvm
+            from pykvm import x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "1: hlt\\njmp 1b", mode="real")
+                assert vcpu.exit_sequence == 0
+                vcpu.run(), vcpu.run()
+                assert vcpu.exit_sequence == 2
         """
         return self._exit_sequence
 
@@ -241,6 +252,16 @@ class Vcpu(FdObject):
         One thread at a time: a second thread calling ``run()`` meanwhile gets
         :class:`VcpuBusyError`. ``close()`` from another thread kicks this one out
         of ``KVM_RUN`` and waits for it; the next ``run()`` raises :class:`ClosedError`.
+
+        Example::
+
+            import pykvm
+            from pykvm import IoExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "mov $0x42, %al\\nout %al, $0x80", mode="real")
+                exit = vcpu.run()
+                assert isinstance(exit, IoExit) and (exit.port, exit.data) == (0x80, b"\\x42")
         """
         guard = self._guard
         result = -1
@@ -326,6 +347,17 @@ class Vcpu(FdObject):
         "kick" does before injecting through the userspace path. It needs
         neither the :class:`~pykvm.Kvm` open nor room in the signal queue: a
         storm of kicks sends one signal per ``KVM_RUN``.
+
+        Example::
+
+            import pykvm
+            from pykvm import IntrExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "hlt", mode="real")
+                vcpu.kick()                          # no thread in KVM_RUN: the next one returns at once
+                assert isinstance(vcpu.run(), IntrExit)
+                assert vcpu.regs.rip == 0            # the guest did not run
         """
         if not self._immediate_exit:
             self.vm.kvm.require(Cap.IMMEDIATE_EXIT, "vcpu.kick()")
@@ -337,7 +369,7 @@ class Vcpu(FdObject):
         self._signal_runner()
 
     def complete_pending_exit(self) -> exits.Exit | None:
-        """Let KVM finish the instruction behind the last exit, without running the guest further.
+        """``KVM_RUN`` with ``immediate_exit`` set: KVM finishes the last exit's instruction, runs no further.
 
         After ``KVM_EXIT_IO``, ``KVM_EXIT_MMIO``, an MSR or a hypercall exit, KVM
         finishes the instruction (stores an IN's data, steps RIP past it) only
@@ -362,6 +394,17 @@ class Vcpu(FdObject):
         ``kick()`` and ``close()`` on other threads. When to call it (before
         setting an event) is the caller's rule: :meth:`pykvm.injection.Injector.exception`
         calls it.
+
+        Example::
+
+            import pykvm
+            from pykvm import IntrExit, IoExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "out %al, $0x80\\nhlt", mode="real")
+                assert isinstance(vcpu.run(), IoExit)
+                assert isinstance(vcpu.complete_pending_exit(), IntrExit)
+                assert vcpu.regs.rip == 2            # past the 2-byte OUT, and not one instruction further
         """
         run = self._run
         if run is None:
@@ -406,6 +449,14 @@ class Vcpu(FdObject):
         kvm_amd and kvm_pvm, and the VM entry fails on kvm_intel). With the
         in-kernel PIC (``irqchip='kernel'``) KVM refuses it (ENXIO):
         :class:`IrqchipModeError` names the paths that VM has.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                vcpu.interrupt(0x40)
+                assert (vcpu.events.interrupt.injected, vcpu.events.interrupt.nr) == (1, 0x40)
         """
         check_vector(vector)
         if self._run is None:
@@ -422,7 +473,16 @@ class Vcpu(FdObject):
                 f"with irqchip='none' (or 'split') to inject from userspace") from exc
 
     def nmi(self) -> None:
-        """``KVM_NMI``: make an NMI pending (delivered once the guest is not blocking NMIs)."""
+        """``KVM_NMI``: make an NMI pending (delivered once the guest is not blocking NMIs).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                vcpu.nmi()
+                assert vcpu.events.nmi.pending == 1
+        """
         self.vm.kvm.require(Cap.USER_NMI, "vcpu.nmi()")
         self._ioctl(Ioctl.NMI, hint="with an in-kernel irqchip, KVM_NMI needs the vCPU's LAPIC enabled")
 
@@ -431,6 +491,15 @@ class Vcpu(FdObject):
         """``KVM_GET_LAPIC``: the 1 KiB of LAPIC registers (decode with :func:`pykvm.irqchip.lapic.read`).
 
         Needs an in-kernel LAPIC (irqchip 'kernel' or 'split').
+
+        Example::
+
+            import pykvm
+            from pykvm.irqchip import lapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+                vm.create_vcpu()
+                registers = vm.create_vcpu().get_lapic()
+                assert lapic.read_register(registers, lapic.ApicReg.ID) >> 24 == 1   # vCPU 1's APIC ID
         """
         self.vm._require_irqchip(IrqchipMode.SPLIT, "KVM_GET_LAPIC")
         cdata = ffi.new("struct kvm_lapic_state *")
@@ -438,7 +507,17 @@ class Vcpu(FdObject):
         return bytes(ffi.buffer(cdata))
 
     def set_lapic(self, registers: bytes) -> None:
-        """``KVM_SET_LAPIC``: load 1 KiB of LAPIC registers."""
+        """``KVM_SET_LAPIC``: load 1 KiB of LAPIC registers.
+
+        Example::
+
+            import pykvm
+            from pykvm.irqchip import lapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+                vcpu = vm.create_vcpu()
+                vcpu.set_lapic(lapic.with_register(vcpu.get_lapic(), lapic.ApicReg.TPR, 0x20))
+                assert lapic.read(vcpu).tpr == 0x20
+        """
         self.vm._require_irqchip(IrqchipMode.SPLIT, "KVM_SET_LAPIC")
         cdata = ffi.new("struct kvm_lapic_state *")
         size = ffi.sizeof(cdata[0])
@@ -450,13 +529,34 @@ class Vcpu(FdObject):
 
     @functools.cached_property
     def tsc_khz(self) -> int:
-        """``KVM_GET_TSC_KHZ``: the guest TSC frequency, to turn logged TSC values into time."""
+        """``KVM_GET_TSC_KHZ``: the guest TSC frequency, to turn logged TSC values into time.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.GET_TSC_KHZ):
+                    assert vm.create_vcpu().tsc_khz > 100_000    # over 100 MHz
+        """
         self.vm.kvm.require(Cap.GET_TSC_KHZ, "vcpu.tsc_khz")
         return self._ioctl(Ioctl.GET_TSC_KHZ)
 
     @functools.cached_property
     def stats(self) -> Stats:
-        """This vCPU's binary statistics: ``with vcpu.stats.delta() as d: ...; d["exits"]``."""
+        """``KVM_GET_STATS_FD``: this vCPU's statistics (a :class:`~pykvm.core.stats.Stats`, opened on first use).
+
+        Example::
+
+            import pykvm
+            from pykvm import x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "out %al, $0x80", mode="real")
+                with vcpu.stats.delta("exits") as delta:
+                    vcpu.run()
+                assert delta["exits"] >= 1
+        """
         from .stats import Stats  # here: a vCPU that never reads its statistics skips the import
 
         return Stats.open(self)
@@ -474,7 +574,21 @@ class Vcpu(FdObject):
 
     @property
     def regs(self) -> Regs:
-        """General-purpose registers (``KVM_GET_REGS``); assign a :class:`Regs` to set."""
+        """``KVM_GET_REGS`` / ``KVM_SET_REGS``: the general-purpose registers, RIP and RFLAGS.
+
+        Reading returns a :class:`Regs`; assigning one loads all of them.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                assert vcpu.regs.rip == 0xFFF0       # the x86 reset vector
+                regs = vcpu.regs
+                regs.rip, regs.rax = 0x1000, 42
+                vcpu.regs = regs
+                assert (vcpu.regs.rip, vcpu.regs.rax) == (0x1000, 42)
+        """
         return self._get(Ioctl.GET_REGS, "struct kvm_regs *", Regs)
 
     @regs.setter
@@ -484,7 +598,21 @@ class Vcpu(FdObject):
 
     @property
     def sregs(self) -> Sregs:
-        """Segments, descriptor tables, control registers (``KVM_GET_SREGS``)."""
+        """``KVM_GET_SREGS`` / ``KVM_SET_SREGS``: segments, descriptor tables, control registers, EFER.
+
+        Assigning an :class:`Sregs` loads them; KVM checks them for consistency (EINVAL).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                sregs = vcpu.sregs
+                assert (sregs.cs.selector, sregs.cs.base) == (0xF000, 0xFFFF0000)   # reset state
+                sregs.ds.base = 0x2000
+                vcpu.sregs = sregs
+                assert vcpu.sregs.ds.base == 0x2000
+        """
         return self._get(Ioctl.GET_SREGS, "struct kvm_sregs *", Sregs)
 
     @sregs.setter
@@ -497,7 +625,22 @@ class Vcpu(FdObject):
 
     @property
     def fpu(self) -> Fpu:
-        """x87/SSE state (``KVM_GET_FPU``)."""
+        """``KVM_GET_FPU`` / ``KVM_SET_FPU``: the x87 and SSE registers (FXSAVE layout).
+
+        KVM copies ``mxcsr`` in neither direction (upstream's get/set_fpu leave it
+        out): it reads 0, and a value assigned is not loaded.
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                fpu = vcpu.fpu
+                assert fpu.fcw == 0x37F              # the x87 control word FNINIT sets
+                fpu.fcw = 0x27F                      # round to double precision
+                vcpu.fpu = fpu
+                assert vcpu.fpu.fcw == 0x27F
+        """
         return self._get(Ioctl.GET_FPU, "struct kvm_fpu *", Fpu)
 
     @fpu.setter
@@ -507,9 +650,20 @@ class Vcpu(FdObject):
 
     @property
     def events(self) -> VcpuEvents:
-        """Pending/injected exception, interrupt, NMI, shadow (``KVM_GET_VCPU_EVENTS``).
+        """``KVM_GET_VCPU_EVENTS`` / ``KVM_SET_VCPU_EVENTS``: pending/injected exception, interrupt, NMI, shadow.
 
         Assigning applies the fields selected by ``flags`` (``KVM_VCPUEVENT_VALID_*``).
+
+        Example::
+
+            import pykvm
+            from pykvm.core.constants import VcpuEventValid
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                events = vcpu.events
+                events.nmi.pending, events.flags = 1, VcpuEventValid.NMI_PENDING
+                vcpu.events = events
+                assert vcpu.events.nmi.pending == 1
         """
         self.vm.kvm.require(Cap.VCPU_EVENTS, "vcpu.events")
         return self._get(Ioctl.GET_VCPU_EVENTS, "struct kvm_vcpu_events *", VcpuEvents)
@@ -525,6 +679,21 @@ class Vcpu(FdObject):
 
     @property
     def mp_state(self) -> MpState:
+        """``KVM_GET_MP_STATE`` / ``KVM_SET_MP_STATE``: the vCPU's multiprocessor state.
+
+        With an in-kernel LAPIC KVM creates the first vCPU RUNNABLE and the others
+        UNINITIALIZED (waiting for INIT and SIPI); the other states need that LAPIC.
+
+        Example::
+
+            import pykvm
+            from pykvm import MpState
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                bsp, ap = vm.create_vcpu(), vm.create_vcpu()
+                assert (bsp.mp_state, ap.mp_state) == (MpState.RUNNABLE, MpState.UNINITIALIZED)
+                ap.mp_state = MpState.INIT_RECEIVED
+                assert ap.mp_state == MpState.INIT_RECEIVED
+        """
         cdata = ffi.new("struct kvm_mp_state *")
         self._ioctl(Ioctl.GET_MP_STATE, cdata)
         return MpState(cdata.mp_state)
@@ -540,14 +709,37 @@ class Vcpu(FdObject):
 
     @property
     def cpuid(self) -> tuple[CpuidEntry, ...]:
-        """The CPUID leaves this vCPU was given (``KVM_GET_CPUID2``)."""
+        """``KVM_GET_CPUID2``: the CPUID leaves this vCPU was given (by ``KVM_SET_CPUID2``).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                functions = {entry.function for entry in vcpu.cpuid}
+                assert functions == {entry.function for entry in kvm.supported_cpuid}
+        """
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": lib.KVM_MAX_CPUID_ENTRIES,
                                                 "entries": lib.KVM_MAX_CPUID_ENTRIES})
         self._ioctl(Ioctl.GET_CPUID2, cpuid)
         return cpuid_from_c(cpuid)
 
     def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
-        """``KVM_SET_CPUID2`` (before the first run)."""
+        """``KVM_SET_CPUID2``: the CPUID leaves the guest sees, before the first run.
+
+        KVM also derives from them what the guest may use (e.g. EFER.LME needs the
+        long-mode bit of leaf 0x80000001).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu(cpuid=False)
+                assert vcpu.cpuid == ()
+                vcpu.set_cpuid([entry for entry in kvm.supported_cpuid if entry.function in (0, 1)])
+                functions = {entry.function for entry in vcpu.cpuid}
+                assert {0, 1} <= functions and 0x80000001 not in functions   # no long mode now
+        """
         entries = list(entries)
         for index, entry in enumerate(entries):
             checks.instance(f"entries[{index}]", entry, CpuidEntry, "CpuidEntry records, e.g. from "
@@ -560,6 +752,16 @@ class Vcpu(FdObject):
 
         ``mcg_cap`` is the MSR's value: the bank count in bits 7:0 (1 to
         ``kvm.check_extension(Cap.MCE)``), capability bits from ``kvm.mce_cap_supported``.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.MCE) >= 4:
+                    vcpu = vm.create_vcpu()
+                    vcpu.setup_mce(kvm.mce_cap_supported | 4)      # four banks
+                    assert vcpu.get_msrs([0x179])[0x179] & 0xFF == 4   # IA32_MCG_CAP
         """
         self.vm.kvm.require(Cap.MCE, "vcpu.setup_mce")
         checks.unsigned("mcg_cap", mcg_cap, 64, "an MCG_CAP value: banks in bits 7:0")
@@ -568,7 +770,17 @@ class Vcpu(FdObject):
                          "KVM_X86_GET_MCE_CAP_SUPPORTED")
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
-        """``KVM_GET_MSRS``: the values of the given MSR indices."""
+        """``KVM_GET_MSRS``: the values of the given MSR indices, read as the host (not as the guest).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+                vcpu = vm.create_vcpu()
+                msrs = vcpu.get_msrs([0x1B, 0x10])          # IA32_APIC_BASE, IA32_TSC
+                assert msrs[0x1B] == 0xFEE00900              # xAPIC enabled, at 0xFEE00000, the BSP
+                assert vcpu.get_msrs([0x10])[0x10] > msrs[0x10]
+        """
         indices = [checks.unsigned("index", index, 32, "an MSR number") for index in indices]
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for entry, index in zip(msrs.entries, indices, strict=True):
@@ -580,7 +792,17 @@ class Vcpu(FdObject):
         return {entry.index: entry.data for entry in msrs.entries[0:done]}
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
-        """``KVM_SET_MSRS``."""
+        """``KVM_SET_MSRS``: write MSRs as the host; KVM stops at the first it refuses (raised, naming it).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                star = 0x0023_0010 << 32                      # IA32_STAR: SYSCALL/SYSRET selectors
+                vcpu.set_msrs({0xC0000081: star})
+                assert vcpu.get_msrs([0xC0000081]) == {0xC0000081: star}
+        """
         checks.instance("values", values, Mapping, "a dict {MSR index: value}")
         for index, value in values.items():
             checks.unsigned("index", index, 32, "an MSR number")
@@ -613,12 +835,34 @@ class Vcpu(FdObject):
         kvmclock page at the next entry, so its soft-lockup watchdog does not fire).
 
         Needs the guest to have enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW): EINVAL before.
+
+        Example::
+
+            import pykvm
+            from pykvm import x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "hlt", mode="real")
+                vcpu.set_msrs({0x4B564D01: 0x3000 | 1})      # MSR_KVM_SYSTEM_TIME_NEW: kvmclock at 0x3000
+                vcpu.kvmclock_ctrl()
+                vcpu.run()
+                assert vm.memory.read_u8(0x3000 + 29) & 2     # pvclock flags: PVCLOCK_GUEST_STOPPED
         """
         self._ioctl(Ioctl.KVMCLOCK_CTRL, hint="the guest has not enabled its kvmclock (MSR 0x4b564d01 with "
                                               "bit 0 set)")
 
     def get_nested_state(self) -> NestedState:
-        """``KVM_GET_NESTED_STATE``: the vCPU's nested-virtualization state (L1's VMCB/VMCS, guest mode)."""
+        """``KVM_GET_NESTED_STATE``: the vCPU's nested-virtualization state (L1's VMCB/VMCS, guest mode).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.NESTED_STATE):
+                    state = vm.create_vcpu().get_nested_state()
+                    assert not state.guest_mode              # L1 has not entered a nested guest
+        """
         size = self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.get_nested_state()")
         cdata = ffi.from_buffer("struct kvm_nested_state *", bytearray(size))
         cdata.size = size                 # KVM_CAP_NESTED_STATE: the largest state, header included
@@ -631,6 +875,17 @@ class Vcpu(FdObject):
         KVM checks the state like a VM entry would and raises
         KVM_REQ_GET_NESTED_STATE_PAGES: before the next entry it maps the pages
         the state refers to (SVM: L1's MSR permission map).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.NESTED_STATE):
+                    vcpu = vm.create_vcpu()
+                    state = vcpu.get_nested_state()
+                    vcpu.set_nested_state(state)             # what migration does on the target
+                    assert vcpu.get_nested_state().flags == state.flags
         """
         checks.instance("state", state, NestedState, "a pykvm.core.state.NestedState, e.g. NestedState.svm(...)")
         self.vm.kvm.require(Cap.NESTED_STATE, "vcpu.set_nested_state()")
@@ -640,7 +895,18 @@ class Vcpu(FdObject):
                          f"({ffi.sizeof('struct kvm_nested_state')}-byte header + data)")
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
-        """``KVM_ENABLE_CAP`` on this vCPU (per-vCPU capabilities, e.g. ``Cap.HYPERV_SYNIC``)."""
+        """``KVM_ENABLE_CAP`` on this vCPU (per-vCPU capabilities, e.g. ``Cap.HYPERV_SYNIC``).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                if kvm.check_extension(Cap.HYPERV_SYNIC):
+                    vcpu = vm.create_vcpu()
+                    vcpu.enable_cap(Cap.HYPERV_SYNIC)
+                    assert vcpu.get_msrs([0x40000081])[0x40000081] == 1   # HV_X64_MSR_SVERSION
+        """
         self._enable_cap(cap, args, flags, hint="the host may not offer this capability (see kvm.check_extension), "
                                                  "or it must be enabled before the vCPU first runs")
 
@@ -648,17 +914,54 @@ class Vcpu(FdObject):
         return self.vm
 
     def smi(self) -> None:
-        """``KVM_SMI``: make a system-management interrupt pending (needs ``KVM_CAP_X86_SMM``)."""
+        """``KVM_SMI``: make a system-management interrupt pending (needs ``KVM_CAP_X86_SMM``).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.X86_SMM):
+                    vcpu = vm.create_vcpu()
+                    vcpu.smi()
+                    assert vcpu.events.smi.pending == 1
+        """
         self.vm.kvm.require(Cap.X86_SMM, "vcpu.smi()")
         self._ioctl(Ioctl.SMI)
 
     def tpr_access_reporting(self, enabled: bool) -> None:
-        """``KVM_TPR_ACCESS_REPORTING``: KVM reports guest accesses to the xAPIC TPR as ``TprAccessExit``."""
+        """``KVM_TPR_ACCESS_REPORTING``: KVM reports guest accesses to the xAPIC TPR as ``TprAccessExit``.
+
+        Example::
+
+            import pykvm
+            from pykvm import x86
+            from pykvm.core.exits import TprAccessExit
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+                vcpu = vm.create_vcpu()
+                vcpu.tpr_access_reporting(True)
+                spin = "mov $5000, %ecx\\n1: loop 1b\\n"  # kvm_pvm reports late, in guest code that follows
+                x86.load_code(vcpu, "movl $0x20, 0xFEE00080\\n" + spin + "out %al, $0x80", mode="protected")
+                exit = vcpu.run()
+                assert isinstance(exit, TprAccessExit) and exit.is_write
+        """
         self.vm._require_irqchip(IrqchipMode.SPLIT, "TPR access reporting")
         self._ioctl(Ioctl.TPR_ACCESS_REPORTING, ffi.new("struct kvm_tpr_access_ctl *", {"enabled": int(bool(enabled))}))
 
     def set_single_step(self, enabled: bool) -> None:
-        """``KVM_SET_GUEST_DEBUG`` single-step: one ``DebugExit`` per guest instruction."""
+        """``KVM_SET_GUEST_DEBUG`` single-step: one ``DebugExit`` per guest instruction.
+
+        Example::
+
+            import pykvm
+            from pykvm import DebugExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "nop\\nnop\\nhlt", mode="real")
+                vcpu.set_single_step(True)
+                assert isinstance(vcpu.run(), DebugExit) and vcpu.regs.rip == 1
+                assert isinstance(vcpu.run(), DebugExit) and vcpu.regs.rip == 2
+        """
         self.vm.kvm.require(Cap.SET_GUEST_DEBUG, "single-stepping")
         control = (lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP) if enabled else 0
         self._ioctl(Ioctl.SET_GUEST_DEBUG, ffi.new("struct kvm_guest_debug *", {"control": control}))

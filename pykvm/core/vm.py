@@ -165,12 +165,35 @@ class Vm(FdObject):
         return f"Vm (fd {self._fd})"
 
     def set_tss_addr(self, addr: int) -> None:
-        """``KVM_SET_TSS_ADDR``: 3 pages VT-x uses to run real mode without unrestricted guest."""
+        """``KVM_SET_TSS_ADDR``: 3 pages VT-x uses to run real mode without unrestricted guest.
+
+        Example::
+
+            import pykvm
+            from pykvm import HltExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm(tss_addr=None) as vm:
+                vm.set_tss_addr(0xFFFBD000)          # three pages below 4 GiB, outside guest RAM
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "hlt", mode="real")
+                assert isinstance(vcpu.run(), HltExit)
+        """
         self._ioctl_value(Ioctl.SET_TSS_ADDR, checks.integer("addr", addr, 0, 0xFFFFFFFF - 0x3000,
                                                              "a 32-bit guest-physical address"))
 
     def set_identity_map_addr(self, addr: int) -> None:
-        """``KVM_SET_IDENTITY_MAP_ADDR``: 1 page VT-x uses for the EPT identity map."""
+        """``KVM_SET_IDENTITY_MAP_ADDR``: 1 page VT-x uses for the EPT identity map.
+
+        Example::
+
+            import pykvm
+            from pykvm import HltExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm(identity_map_addr=None, tss_addr=None) as vm:
+                vm.set_identity_map_addr(0xFFFBC000)  # before the TSS pages and the first vCPU
+                vm.set_tss_addr(0xFFFBD000)
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "hlt", mode="real")
+                assert isinstance(vcpu.run(), HltExit)
+        """
         checks.integer("addr", addr, 0, 0xFFFFFFFF - 0x1000, "a 32-bit guest-physical address")
         self._ioctl(Ioctl.SET_IDENTITY_MAP_ADDR, ffi.new("__u64 *", addr))
 
@@ -179,6 +202,14 @@ class Vm(FdObject):
 
         With ``cpuid=True`` the vCPU gets every CPUID leaf KVM supports (needed
         for long mode: KVM refuses EFER.LME when the guest's CPUID lacks LM).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                first, second = vm.create_vcpu(), vm.create_vcpu()
+                assert (first.id, second.id) == (0, 1)
+                assert any(entry.function == 0x80000001 for entry in second.cpuid)   # long mode offered
         """
         from .vcpu import Vcpu
         self._check_open()
@@ -218,7 +249,18 @@ class Vm(FdObject):
 
     # -- irqchip ----------------------------------------------------------------
     def create_irqchip(self) -> None:
-        """``KVM_CREATE_IRQCHIP``: PICs, IOAPIC and a LAPIC per vCPU in the kernel (before any vCPU)."""
+        """``KVM_CREATE_IRQCHIP``: PICs, IOAPIC and a LAPIC per vCPU in the kernel (before any vCPU).
+
+        Example::
+
+            import pykvm
+            from pykvm.irqchip import ioapic
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vm.create_irqchip()
+                vcpu = vm.create_vcpu()
+                assert ioapic.read(vm).base_address == 0xFEC00000
+                assert len(vcpu.get_lapic()) == 1024
+        """
         self.kvm.require(Cap.IRQCHIP, "an in-kernel irqchip")
         try:
             self._ioctl(Ioctl.CREATE_IRQCHIP)
@@ -228,7 +270,18 @@ class Vm(FdObject):
         self.routes = default_routes(IrqchipMode.KERNEL)
 
     def enable_split_irqchip(self, ioapic_routes: int = IOAPIC_NUM_PINS) -> None:
-        """``KVM_CAP_SPLIT_IRQCHIP``: LAPICs in the kernel; ``ioapic_routes`` GSIs reserved for a userspace IOAPIC."""
+        """``KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)``: LAPICs in the kernel, the PIC and IOAPIC left to userspace.
+
+        ``ioapic_routes`` GSIs are reserved for a userspace IOAPIC; before the first vCPU.
+
+        Example::
+
+            import pykvm
+            from pykvm.irqchip import lapic
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vm.enable_split_irqchip()
+                assert lapic.read(vm.create_vcpu()).version & 0xFF == 0x14   # KVM's LAPIC answers
+        """
         self.kvm.require(Cap.SPLIT_IRQCHIP, "a split irqchip")
         try:
             self.enable_cap(Cap.SPLIT_IRQCHIP, ioapic_routes)
@@ -247,12 +300,34 @@ class Vm(FdObject):
         return exc
 
     def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
-        """``KVM_ENABLE_CAP`` on the VM: KVM turns on a VM-wide capability (recorded in ``enabled_caps``)."""
+        """``KVM_ENABLE_CAP`` on the VM: KVM turns on a VM-wide capability (recorded in ``enabled_caps``).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap, MsrExit, x86
+            from pykvm.core.constants import MsrExitReason
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.X86_USER_SPACE_MSR):
+                    vm.enable_cap(Cap.X86_USER_SPACE_MSR, MsrExitReason.UNKNOWN)
+                    vcpu = vm.create_vcpu()
+                    x86.load_code(vcpu, "mov $0x4b5a0001, %ecx\\nrdmsr", mode="real")
+                    msr = vcpu.run()                 # an MSR KVM does not know: an exit, not a #GP
+                    assert isinstance(msr, MsrExit) and msr.index == 0x4B5A0001
+        """
         self._enable_cap(cap, args, flags)
         self.enabled_caps.add(cap)
 
     def create_pit2(self) -> None:
-        """``KVM_CREATE_PIT2``: the in-kernel 8254 timer, wired to GSI 0 (needs irqchip='kernel')."""
+        """``KVM_CREATE_PIT2``: the in-kernel 8254 timer, wired to GSI 0 (needs irqchip='kernel').
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                vm.create_pit2()
+                assert len(vm.get_pit2().channels) == 3
+        """
         self._require_irqchip(IrqchipMode.KERNEL, "the in-kernel PIT")
         self.kvm.require(Cap.PIT2, "the in-kernel PIT")
         self._ioctl(Ioctl.CREATE_PIT2, ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY}),
@@ -265,10 +340,16 @@ class Vm(FdObject):
         KVM's default is to re-inject them (each tick is delivered, late ones back to back after the
         guest acks the previous). ``pit_reinject=False`` drops a tick that comes while the previous one
         is still pending, as QEMU's ``-global kvm-pit.lost_tick_policy=discard`` (which kvm-unit-tests'
-        ``x86/run`` always passes)::
+        ``x86/run`` always passes). KVM reports nothing back but success.
 
-            with kvm.create_vm(irqchip="kernel", pit=True) as vm:
-                vm.reinject_control(pit_reinject=False)
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel", pit=True) as vm:
+                if kvm.check_extension(Cap.REINJECT_CONTROL):
+                    vm.reinject_control(pit_reinject=False)   # KVM reports nothing back but success
+                    assert len(vm.get_pit2().channels) == 3
         """
         if not isinstance(pit_reinject, bool):
             raise ArgumentTypeError(f"reinject_control(pit_reinject={pit_reinject!r}): pass True or False")
@@ -278,14 +359,33 @@ class Vm(FdObject):
         self._ioctl(Ioctl.REINJECT_CONTROL, control)
 
     def get_pit2(self) -> PitState:
-        """``KVM_GET_PIT2``: the three 8254 channels (see :mod:`pykvm.irqchip.pit`)."""
+        """``KVM_GET_PIT2``: the three 8254 channels (see :mod:`pykvm.irqchip.pit`).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel", pit=True) as vm:
+                gates = [channel.gate for channel in vm.get_pit2().channels]
+                assert gates == [1, 1, 0]            # after reset only channel 2's gate is low
+        """
         state = self._pit_state2()
         fields = [f.name for f in dataclasses.fields(PitChannel)]
         return PitState(tuple(PitChannel(**{name: getattr(channel, name) for name in fields})
                               for channel in state.channels), state.flags)
 
     def set_pit2(self, state: PitState) -> None:
-        """``KVM_SET_PIT2``: load the 8254's state."""
+        """``KVM_SET_PIT2``: load the 8254's state.
+
+        Example::
+
+            import dataclasses
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel", pit=True) as vm:
+                state = vm.get_pit2()
+                channel0 = dataclasses.replace(state.channels[0], count=1193)   # 1 kHz
+                vm.set_pit2(dataclasses.replace(state, channels=(channel0, *state.channels[1:])))
+                assert vm.get_pit2().channels[0].count == 1193
+        """
         if not isinstance(state, PitState) or len(state.channels) != 3:
             raise ArgumentTypeError(f"set_pit2(state={state!r}): pass a PitState with three channels, "
                             f"e.g. dataclasses.replace() of vm.get_pit2()")
@@ -318,6 +418,17 @@ class Vm(FdObject):
         Returns KVM's status where ``KVM_CAP_IRQ_INJECT_STATUS`` exists: > 0 the
         number of CPUs it was delivered to, 0 coalesced (already pending), < 0
         masked or ignored; ``None`` on hosts without the capability.
+
+        Example::
+
+            import pykvm
+            from pykvm.irqchip import ioapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                vm.create_vcpu()
+                vm.irq_line(16, 1)                   # a level-triggered PCI line, still masked
+                assert 16 in ioapic.read(vm).irr
+                vm.irq_line(16, 0)
+                assert 16 not in ioapic.read(vm).irr
         """
         checks.integer("gsi", gsi, 0, MAX_IRQ_ROUTES - 1, "a GSI number")
         checks.integer("level", level, 0, 1, "0 (low) or 1 (high)") if not isinstance(level, bool) else None
@@ -341,7 +452,20 @@ class Vm(FdObject):
         return bool(self.kvm.check_extension(Cap.IRQ_INJECT_STATUS))
 
     def set_gsi_routing(self, routes: Iterable[Route]) -> None:
-        """``KVM_SET_GSI_ROUTING``: replace the whole GSI routing table (see ``Vm.routes``)."""
+        """``KVM_SET_GSI_ROUTING``: replace the whole GSI routing table (see ``Vm.routes``).
+
+        Example::
+
+            import pykvm
+            from pykvm.core.interrupts import MsiMessage, MsiRoute
+            from pykvm.irqchip import lapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+                vcpu = vm.create_vcpu()
+                vcpu.set_lapic(lapic.with_register(vcpu.get_lapic(), lapic.ApicReg.SVR, 0x1FF))  # enabled
+                vm.set_gsi_routing([MsiRoute(24, MsiMessage.compose(destination=0, vector=0x40))])
+                vm.irq_line(24, 1)
+                assert 0x40 in lapic.read(vcpu).irr
+        """
         self._require_irqchip(IrqchipMode.SPLIT, "GSI routing")
         self.kvm.require(Cap.IRQ_ROUTING, "GSI routing")
         checks.instance("routes", routes, (list, tuple), "a list of IrqchipRoute / MsiRoute, e.g. "
@@ -372,6 +496,17 @@ class Vm(FdObject):
         """``KVM_SIGNAL_MSI``: send one MSI, given as a message or as :meth:`MsiMessage.compose` fields.
 
         Returns > 0 if delivered, 0 if the guest blocked it (e.g. LAPIC disabled).
+
+        Example::
+
+            import pykvm
+            from pykvm.irqchip import lapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+                vcpu = vm.create_vcpu()
+                assert vm.signal_msi(destination=0, vector=0x41) == 0       # LAPIC still disabled
+                vcpu.set_lapic(lapic.with_register(vcpu.get_lapic(), lapic.ApicReg.SVR, 0x1FF))
+                assert vm.signal_msi(destination=0, vector=0x41) == 1
+                assert 0x41 in lapic.read(vcpu).irr
         """
         self._require_irqchip(IrqchipMode.SPLIT, "vm.signal_msi()")
         self.kvm.require(Cap.SIGNAL_MSI, "vm.signal_msi()")
@@ -386,7 +521,24 @@ class Vm(FdObject):
             "address_lo": message.address_lo, "address_hi": message.address_hi, "data": message.data}))
 
     def irqfd(self, gsi: int, resample: bool = False, eventfd: int | None = None) -> Irqfd:
-        """``KVM_IRQFD``: an eventfd that raises ``gsi``; closed with the VM (or ``with``)."""
+        """``KVM_IRQFD``: an eventfd that raises ``gsi``; closed with the VM (or ``with``).
+
+        Example::
+
+            import time
+            import pykvm
+            from pykvm.core.interrupts import MsiMessage, MsiRoute
+            from pykvm.irqchip import lapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="split") as vm:
+                vcpu = vm.create_vcpu()
+                vcpu.set_lapic(lapic.with_register(vcpu.get_lapic(), lapic.ApicReg.SVR, 0x1FF))  # enabled
+                vm.set_gsi_routing([MsiRoute(24, MsiMessage.compose(destination=0, vector=0x42))])
+                with vm.irqfd(24) as irqfd:
+                    irqfd.trigger()
+                    deadline = time.monotonic() + 2
+                    while 0x42 not in lapic.read(vcpu).irr:   # delivered with no vCPU exit
+                        assert time.monotonic() < deadline
+        """
         checks.integer("gsi", gsi, 0, MAX_IRQ_ROUTES - 1, "a routed GSI number")
         if eventfd is not None:
             checks.integer("eventfd", eventfd, 0, 0x7FFFFFFF, "an open eventfd's number, or None")
@@ -407,7 +559,19 @@ class Vm(FdObject):
 
     def ioeventfd(self, address: int, length: int = 4, pio: bool = False,
                   datamatch: int | None = None) -> Ioeventfd:
-        """``KVM_IOEVENTFD``: guest writes to ``address`` signal an eventfd with no userspace exit."""
+        """``KVM_IOEVENTFD``: guest writes to ``address`` signal an eventfd with no userspace exit.
+
+        Example::
+
+            import pykvm
+            from pykvm import HltExit, x86
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                vcpu = vm.create_vcpu()
+                with vm.ioeventfd(0x510, length=2, pio=True) as doorbell:
+                    x86.load_code(vcpu, "mov $0x510, %dx\\nout %ax, %dx\\nout %ax, %dx\\nhlt", mode="real")
+                    assert isinstance(vcpu.run(), HltExit)   # no IoExit: KVM took both writes
+                    assert doorbell.wait(timeout=0) == 2
+        """
         checks.integer("address", address, 0, 0xFFFF if pio else MAX_GPA,
                        "a port (pio=True) or a guest-physical address")
         if isinstance(length, bool) or length not in IOEVENTFD_LENGTHS:
@@ -447,13 +611,36 @@ class Vm(FdObject):
         return cdata
 
     def get_irqchip(self, chip: IrqchipId) -> bytes:
-        """``KVM_GET_IRQCHIP``: one in-kernel chip's raw state (decode with :mod:`pykvm.irqchip`)."""
+        """``KVM_GET_IRQCHIP``: one in-kernel chip's raw state (decode with :mod:`pykvm.irqchip`).
+
+        Example::
+
+            import pykvm
+            from pykvm.core.constants import IrqchipId
+            from pykvm.irqchip import ioapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                state = ioapic.IoapicState.from_bytes(vm.get_irqchip(IrqchipId.IOAPIC))
+                assert state.base_address == 0xFEC00000
+                assert all(entry.masked for entry in state.redirection)   # every pin masked at reset
+        """
         chip = _irqchip_id(chip)
         cdata = self._get_chip(chip)
         return bytes(ffi.buffer(ffi.addressof(cdata.chip, _chip_field(chip))))
 
     def set_irqchip(self, chip: IrqchipId, raw: bytes) -> None:
-        """``KVM_SET_IRQCHIP``: load one chip's raw state (e.g. ``IoapicState.with_entry(...).raw``)."""
+        """``KVM_SET_IRQCHIP``: load one chip's raw state (e.g. ``IoapicState.with_entry(...).raw``).
+
+        Example::
+
+            import pykvm
+            from pykvm.core.constants import IrqchipId
+            from pykvm.irqchip import ioapic
+            with pykvm.Kvm() as kvm, kvm.create_vm(irqchip="kernel") as vm:
+                entry = ioapic.RedirectionEntry(vector=0x40)
+                vm.set_irqchip(IrqchipId.IOAPIC, ioapic.read(vm).with_entry(5, entry).raw)
+                assert ioapic.read(vm).redirection[5].vector == 0x40
+                assert not ioapic.read(vm).redirection[5].masked
+        """
         chip = _irqchip_id(chip)
         cdata = self._get_chip(chip)
         target = ffi.buffer(ffi.addressof(cdata.chip, _chip_field(chip)))
@@ -465,7 +652,17 @@ class Vm(FdObject):
 
     # -- kvmclock, MSR filter, PMU event filter, dirty log -------------------------
     def get_clock(self) -> ClockData:
-        """``KVM_GET_CLOCK``: the VM's kvmclock (ns), and whether it is TSC-stable (master clock)."""
+        """``KVM_GET_CLOCK``: the VM's kvmclock (ns), and whether it is TSC-stable (master clock).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.ADJUST_CLOCK):
+                    before = vm.get_clock().clock
+                    assert vm.get_clock().clock > before     # kvmclock runs, in ns
+        """
         self.kvm.require(Cap.ADJUST_CLOCK, "vm.get_clock()")
         cdata = ffi.new("struct kvm_clock_data *")
         self._ioctl(Ioctl.GET_CLOCK, cdata)
@@ -473,14 +670,40 @@ class Vm(FdObject):
 
     def set_clock(self, clock: int) -> None:
         """``KVM_SET_CLOCK``: set the VM's kvmclock to ``clock`` ns (every vCPU's kvmclock page follows
-        at its next entry: KVM raises KVM_REQ_CLOCK_UPDATE on each)."""
+        at its next entry: KVM raises KVM_REQ_CLOCK_UPDATE on each).
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.ADJUST_CLOCK):
+                    vm.set_clock(3_600 * 10**9)            # one hour of guest time
+                    assert 3_600 * 10**9 <= vm.get_clock().clock < 3_601 * 10**9
+        """
         checks.unsigned("clock", clock, 64, "nanoseconds of guest kvmclock time")
         self.kvm.require(Cap.ADJUST_CLOCK, "vm.set_clock()")
         self._ioctl(Ioctl.SET_CLOCK, ffi.new("struct kvm_clock_data *", {"clock": clock}))
 
     def enable_user_space_msr(self, reasons: int = MsrExitReason.FILTER) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)``: RDMSR/WRMSR that fail for ``reasons`` exit to
-        userspace (``MsrExit``) instead of injecting #GP; the default is accesses denied by the MSR filter."""
+        userspace (``MsrExit``) instead of injecting #GP; the default is accesses denied by the MSR filter.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap, MsrExit, x86
+            from pykvm.core.constants import MsrExitReason
+            from pykvm.core.state import MsrFilterRange
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.X86_USER_SPACE_MSR) and kvm.check_extension(Cap.X86_MSR_FILTER):
+                    vm.enable_user_space_msr()           # accesses the filter denies exit
+                    vm.set_msr_filter([MsrFilterRange.deny(0x10)])
+                    vcpu = vm.create_vcpu()
+                    x86.load_code(vcpu, "mov $0x10, %ecx\\nrdmsr", mode="real")
+                    msr = vcpu.run()
+                    assert isinstance(msr, MsrExit) and msr.msr_reason == MsrExitReason.FILTER
+        """
         checks.unsigned("reasons", reasons, 32, "pykvm.core.constants.MsrExitReason bits")
         self.kvm.require(Cap.X86_USER_SPACE_MSR, "vm.enable_user_space_msr()")
         self.enable_cap(Cap.X86_USER_SPACE_MSR, reasons)
@@ -492,6 +715,21 @@ class Vm(FdObject):
         :meth:`enable_user_space_msr`, a #GP in the guest otherwise. No ranges and
         ``default_allow`` removes the filter. KVM raises KVM_REQ_MSR_FILTER_CHANGED
         on every vCPU, which reloads its MSR intercepts before the next entry.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap, MsrExit, x86
+            from pykvm.core.constants import MsrFilterAccess
+            from pykvm.core.state import MsrFilterRange
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.X86_USER_SPACE_MSR) and kvm.check_extension(Cap.X86_MSR_FILTER):
+                    vm.enable_user_space_msr()
+                    vm.set_msr_filter([MsrFilterRange.deny(0x10, MsrFilterAccess.READ)])   # TSC: reads only
+                    vcpu = vm.create_vcpu()
+                    x86.load_code(vcpu, "mov $0x10, %ecx\\nwrmsr\\nrdmsr", mode="real")
+                    msr = vcpu.run()                     # the WRMSR went through, the RDMSR exits
+                    assert isinstance(msr, MsrExit) and (msr.index, msr.is_write) == (0x10, False)
         """
         self.kvm.require(Cap.X86_MSR_FILTER, "vm.set_msr_filter()")
         ranges = list(ranges)
@@ -516,6 +754,14 @@ class Vm(FdObject):
         in a counter's event-select MSR); ``deny=True`` forbids them, ``False``
         allows only them. KVM raises KVM_REQ_PMU on every vCPU, which reprograms
         every counter against the new filter before the next entry.
+
+        Example::
+
+            import pykvm
+            from pykvm import Cap
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                if kvm.check_extension(Cap.PMU_EVENT_FILTER):
+                    vm.set_pmu_event_filter([0x00C0], deny=True)   # no "instructions retired"
         """
         self.kvm.require(Cap.PMU_EVENT_FILTER, "vm.set_pmu_event_filter()")
         codes = [checks.unsigned(f"events[{index}]", event, 64, "an event-select code")
@@ -533,6 +779,19 @@ class Vm(FdObject):
         The slot must log dirty pages (``vm.memory.set_dirty_logging(slot, True)``);
         fetching the log write-protects the pages again and flushes the TLBs
         (KVM_REQ_TLB_FLUSH on each vCPU).
+
+        Example::
+
+            import pykvm
+            from pykvm import x86
+            with pykvm.Kvm() as kvm, kvm.create_vm(memory_size=1 << 20) as vm:
+                vm.memory.set_dirty_logging(0, True)
+                vcpu = vm.create_vcpu()
+                x86.load_code(vcpu, "movb $1, (0x5000)\\nhlt", mode="real")
+                vcpu.run()
+                dirty = int.from_bytes(vm.get_dirty_log(0), "little")
+                assert dirty >> 0x5 & 1                  # page 5 (0x5000) was written
+                assert int.from_bytes(vm.get_dirty_log(0), "little") == 0   # and the log was reset
         """
         for candidate in self.memory.slots:
             if candidate.slot == slot:
@@ -548,7 +807,15 @@ class Vm(FdObject):
     # -- statistics --------------------------------------------------------------
     @functools.cached_property
     def stats(self) -> Stats:
-        """The VM's binary statistics (``KVM_GET_STATS_FD``); ``vm.stats.read()``."""
+        """``KVM_GET_STATS_FD``: the VM's binary statistics (a :class:`~pykvm.core.stats.Stats`, opened on first use).
+
+        Example::
+
+            import pykvm
+            with pykvm.Kvm() as kvm, kvm.create_vm() as vm:
+                assert "remote_tlb_flush" in vm.stats.names()
+                assert vm.stats["remote_tlb_flush"] >= 0
+        """
         from .stats import Stats  # here: a VM that never reads its statistics skips the import
 
         return Stats.open(self)
