@@ -328,3 +328,29 @@ def test_the_checker_finds_a_process_tree_with_or_without_proc_children(monkeypa
         tree.kill()
         tree.wait()
         tree.stdout.close()
+
+
+@pytest.mark.host_independent
+@pytest.mark.parametrize("ctrl_c", [True, False], ids=["ctrl-c-as-it-starts", "control-no-ctrl-c"])
+def test_a_ctrl_c_held_back_while_a_child_starts_still_ends_that_child(monkeypatch, ctrl_c):
+    """A Ctrl-C during a child's start is held back, then raised as SIGINT is unblocked: the child must be
+    closed then too (it was left running with the student's code: 1-2 of 40 checks Ctrl-C'd in their first
+    0.15 s). The control, no Ctrl-C, closes it once as the block ends."""
+    closed = []
+
+    class StartingChild:
+        def __init__(self, *args) -> None:
+            if ctrl_c:
+                os.kill(os.getpid(), signal.SIGINT)      # held back: SIGINT is blocked while a child starts
+
+        def close(self) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr(runner, "_Child", StartingChild)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)      # whatever the suite inherited
+    try:
+        with contextlib.suppress(KeyboardInterrupt), runner._started():
+            assert not ctrl_c, "the held-back Ctrl-C should have ended the block before its body"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert closed == [True]

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 from xml.etree import ElementTree
@@ -43,7 +43,7 @@ from xml.etree import ElementTree
 from ..core.errors import InvalidArgument
 from . import all_labs, get_lab
 from .framework import STUDENT_FILE, Lab
-from .runner import DEFAULT_DEADLINE, STARTUP, Report
+from .runner import DEFAULT_DEADLINE, STARTUP, Report, sigint_held
 
 STOP_GRACE = 10.0          # seconds a check may take to clean up after Ctrl-C before it is killed
 SEED_BYTES = 4             # the size of the seeds `labs check` draws itself
@@ -279,26 +279,16 @@ def grade(number: int, files: Iterable[Path | str], seed_from_names: bool = Fals
         try:
             while waiting or running:
                 while waiting and len(running) < jobs:
-                    # (not under _sigint_held: the check would inherit the blocked SIGINT)
+                    # (not under sigint_held: the check would inherit the blocked SIGINT)
                     index, submission = waiting.popleft()
                     check = _Check(lab, submission, Path(scratch), deadline, python)
                     running[check.pidfd] = (index, check)
                 _collect(running, rows)
         finally:
-            with _sigint_held():                   # a second Ctrl-C waits until every check is gone
+            with sigint_held():                   # a second Ctrl-C waits until every check is gone
                 for _, check in running.values():
                     check.close()
     return [rows[index] for index in range(len(chosen))]
-
-
-@contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Hold SIGINT back during the block; a Ctrl-C meanwhile raises KeyboardInterrupt after it."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _collect(running: dict[int, tuple[int, _Check]], rows: dict[int, Row]) -> None:

@@ -33,8 +33,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ GRACE = 2.0                # seconds a child that closed its report channel has 
 # Seconds of silence during a step after which the checker looks whether any of the child's processes still
 # holds the report channel: with namespaces ``unshare`` keeps its copy, so closing it gives no end-of-file.
 CHANNEL_POLL = 0.5
+WALKS = 100                # walks of a process tree at most while stopping it (each stops what it found)
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])     # where this pykvm is imported from
 # The child's program: this very pykvm, whatever the student's folder or the environment hold.
 CHILD_PROGRAM = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); from pykvm.labs.child import main; "
@@ -302,7 +304,7 @@ class _Child:
 
     def end_leftovers(self) -> None:
         """End every process the student's code started (the checker's own stay)."""
-        _kill([pid for pid in self.tree() if pid not in self.own])
+        _kill(lambda: [pid for pid in self.tree() if pid not in self.own])
 
     def channel_closed(self) -> bool:
         """Whether no process below the child's first one (``unshare`` keeps its copy) holds the report channel."""
@@ -408,8 +410,7 @@ class _Child:
     # -- the end --------------------------------------------------------------------------------
     def close(self) -> None:
         """End every process of the child and release everything."""
-        tree = self.tree()
-        _kill(tree)
+        tree = _kill(self.tree)
         self.process.wait()
         _gone(tree)
         if not isolation():
@@ -481,13 +482,27 @@ def _below(root: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def _no_ctrl_c() -> Iterator[None]:
-    """SIGINT held back meanwhile (delivered at the end): starting and ending a child is never cut short."""
+def sigint_held() -> Iterator[None]:
+    """SIGINT held back meanwhile and raised again after the block: starting and ending a child (a check) is
+    never cut short. A process started meanwhile inherits SIGINT blocked.
+
+    Blocking SIGINT in this thread is not enough: the kernel then gives the signal to another thread of the
+    process (pytest's, a vCPU's), and Python raises KeyboardInterrupt in the main thread all the same (a
+    child started that way was left running). So the main thread's Python handler only notes it meanwhile.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield                           # KeyboardInterrupt is only ever raised in the main thread
+        return
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)      # (one held back here is noted too)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if noted:
+            signal.raise_signal(signal.SIGINT)                     # now, to whatever handled it before
 
 
 @contextlib.contextmanager
@@ -497,21 +512,41 @@ def _started(*args: Any) -> Iterator[_Child]:
     The child inherits SIGINT blocked: it runs in a session of its own, where a terminal's Ctrl-C does not
     reach it anyway.
     """
-    with _no_ctrl_c():
-        child = _Child(*args)
-    try:
+    child = None
+    try:        # (a Ctrl-C held back meanwhile is raised as SIGINT is unblocked: the child is closed then too)
+        with sigint_held():
+            child = _Child(*args)
         yield child
     finally:
-        with _no_ctrl_c():
-            child.close()
+        if child is not None:
+            with sigint_held():
+                child.close()
 
 
-def _kill(pids: list[int]) -> None:
-    """SIGSTOP all first (a forking process cannot outrun it), then SIGKILL."""
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+def _kill(walk: Callable[[], list[int]]) -> list[int]:
+    """Stop every process ``walk()`` finds, walking again until it finds none not yet stopped, then kill them
+    all; the processes killed.
+
+    SIGSTOP first, so a forking process cannot outrun the walk, and a walk of stopped processes is exact
+    (proc(5): a children list is reliable only while its processes are stopped). One walk was not: a check
+    Ctrl-C'd as ``unshare`` forked its child left that child running, unseen by the walk, orphaned before it
+    set its parent-death signal. A walk finds at most the check's task cap, so this ends; a bound keeps it so.
+    """
+    stopped: list[int] = []
+    for _ in range(WALKS):
+        new = [pid for pid in walk() if pid not in stopped]
+        if not new:
+            break
+        _signal(new, signal.SIGSTOP)
+        stopped += new
+    _signal(stopped, signal.SIGKILL)
+    return stopped
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _gone(pids: list[int], timeout: float = 5.0) -> None:
@@ -546,8 +581,7 @@ def _adopting() -> Iterator[None]:
     try:
         yield
     finally:
-        adopted = [pid for pid in _children(me) if pid not in before]
-        _kill(adopted)
+        adopted = _kill(lambda: [pid for pid in _children(me) if pid not in before])
         for pid in adopted:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
