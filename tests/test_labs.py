@@ -354,3 +354,17 @@ def test_a_ctrl_c_held_back_while_a_child_starts_still_ends_that_child(monkeypat
     finally:
         signal.signal(signal.SIGINT, previous)
     assert closed == [True]
+
+
+@pytest.mark.host_independent
+def test_a_check_imports_only_its_labs_package():
+    """``get_lab(n)`` imports lab n alone (a check's two processes need no other lab: 40 ms of imports each);
+    the control, ``all_labs()``, imports all of them."""
+    program = ("import sys; from pykvm.labs import {call}; {call}({args}); "
+               "print(sorted(m for m in sys.modules if m.count('.') == 2 and m.startswith('pykvm.labs.lab')))")
+    one = subprocess.run([sys.executable, "-c", program.format(call="get_lab", args="5")],
+                         capture_output=True, text=True, timeout=60)
+    every = subprocess.run([sys.executable, "-c", program.format(call="all_labs", args="")],
+                           capture_output=True, text=True, timeout=60)
+    assert one.stdout.strip() == "['pykvm.labs.lab05_interrupt_window']", one.stdout + one.stderr
+    assert every.stdout.count("pykvm.labs.lab") == len(all_labs()) == 14, every.stdout + every.stderr

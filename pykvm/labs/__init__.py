@@ -66,24 +66,29 @@ __all__ = ["Fail", "Lab", "Step", "Support", "all_labs", "get_lab"]
 _LAB_PACKAGE = re.compile(r"lab(\d+)_\w+$")
 
 
+def _folders() -> dict[int, str]:
+    """The lab packages of this folder by the number their name gives (``lab05_interrupt_window``: 5)."""
+    return {int(match.group(1)): info.name for info in pkgutil.iter_modules(__path__)
+            if info.ispkg and (match := _LAB_PACKAGE.match(info.name))}
+
+
 @functools.cache
+def _load(number: int, package: str) -> Lab:
+    lab = importlib.import_module(f"{__name__}.{package}").LAB
+    if lab.number != number:
+        raise ValueError(f"pykvm.labs.{package} defines lab {lab.number}; its folder says {number}")
+    return lab
+
+
 def all_labs() -> tuple[Lab, ...]:
     """Every lab folder of this package, by number."""
-    labs = []
-    for info in pkgutil.iter_modules(__path__):
-        match = _LAB_PACKAGE.match(info.name)
-        if info.ispkg and match:
-            lab = importlib.import_module(f"{__name__}.{info.name}").LAB
-            if lab.number != int(match.group(1)):
-                raise ValueError(f"pykvm.labs.{info.name} defines lab {lab.number}; its folder says "
-                                 f"{int(match.group(1))}")
-            labs.append(lab)
-    return tuple(sorted(labs, key=lambda lab: lab.number))
+    return tuple(_load(number, package) for number, package in sorted(_folders().items()))
 
 
 def get_lab(number: int) -> Lab:
-    for lab in all_labs():
-        if lab.number == number:
-            return lab
-    raise KeyError(f"there is no lab {number}; the labs are "
-                   f"{', '.join(str(lab.number) for lab in all_labs())} (python -m pykvm.labs)")
+    """Lab ``number``; only its package is imported (a check's processes need no other lab's imports)."""
+    package = _folders().get(number)
+    if package is None:
+        raise KeyError(f"there is no lab {number}; the labs are {', '.join(map(str, sorted(_folders())))} "
+                       f"(python -m pykvm.labs)")
+    return _load(number, package)
