@@ -92,8 +92,9 @@ def summary_of(output: str) -> str:
 
 
 def _kernel_ran(output: str) -> bool:
-    """Whether x86/run's output holds anything of the kernel's: a line besides its echo of QEMU's command."""
-    return any(line.strip() and not line.startswith(("/", "qemu")) for line in output.splitlines())
+    """Whether x86/run's output holds anything of the kernel's: a line besides its echo of QEMU's command
+    (which starts with ``timeout -k 1s --foreground 90s`` when run_tests.sh passes a TIMEOUT)."""
+    return any(line.strip() and not line.startswith(("/", "qemu", "timeout ")) for line in output.splitlines())
 
 
 def verdict_of(status: int) -> Verdict:
