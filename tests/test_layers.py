@@ -95,6 +95,17 @@ def test_every_layer_package_exists():
         assert (PACKAGE / layer / "__init__.py").exists(), layer
 
 
+def _package_with(tmp_path: Path, module: str, source: str) -> Path:
+    """A stand-in ``pykvm`` package under ``tmp_path`` holding one module (``"core/vm.py"``) with ``source``."""
+    copy = tmp_path / "pykvm"
+    path = copy / module
+    path.parent.mkdir(parents=True)
+    (copy / "__init__.py").write_text("")
+    (path.parent / "__init__.py").write_text("")
+    path.write_text(source)
+    return copy
+
+
 @pytest.mark.parametrize("source, expected", [
     ("from ..hosts import detect\n", "pykvm.core.vm (core) imports pykvm.hosts (hosts)"),
     ("from pykvm.guests import Command\n", "pykvm.core.vm (core) imports pykvm.guests (guests)"),
@@ -103,12 +114,7 @@ def test_every_layer_package_exists():
 ])
 def test_a_core_module_importing_a_higher_layer_is_caught(tmp_path, source, expected):
     # The control case: the same walk over a copy of the package where core imports upward.
-    copy = tmp_path / "pykvm"
-    (copy / "core").mkdir(parents=True)
-    (copy / "__init__.py").write_text("")
-    (copy / "core" / "__init__.py").write_text("")
-    (copy / "core" / "vm.py").write_text(source)
-    found = violations(copy)
+    found = violations(_package_with(tmp_path, "core/vm.py", source))
     assert len(found) == 1 and expected in found[0], found
 
 
@@ -258,10 +264,5 @@ def test_no_layer_registers_a_hook_with_the_core_at_import():
     ("from ..core import exits\nEXPLAIN = exits.ExitExplainer\n", False),
 ])
 def test_a_hook_set_on_the_core_at_import_is_caught(tmp_path, source, caught):
-    copy = tmp_path / "pykvm"
-    (copy / "hosts").mkdir(parents=True)
-    (copy / "__init__.py").write_text("")
-    (copy / "hosts" / "__init__.py").write_text("")
-    (copy / "hosts" / "limits.py").write_text(source)
-    found = import_time_hooks(copy)
+    found = import_time_hooks(_package_with(tmp_path, "hosts/limits.py", source))
     assert bool(found) == caught and all("pykvm/hosts/limits.py" in line for line in found), found
