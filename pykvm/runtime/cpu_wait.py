@@ -34,15 +34,24 @@ import time
 from ..core import checks
 
 
+def _schedstat(task: int | str) -> tuple[int, int] | None:
+    """``/proc/self/task/TASK/schedstat``: (ns on a CPU, ns runnable but waiting for one); None once it ended."""
+    try:
+        with open(f"/proc/self/task/{task}/schedstat") as schedstat:
+            ran, waited = schedstat.read().split()[:2]
+        return int(ran), int(waited)
+    except (OSError, ValueError):
+        return None
+
+
 def waited_for_a_cpu() -> float:
     """Seconds this process's threads have waited for a CPU, summed (``/proc/self/task/*/schedstat``'s
     run delay); 0 where the kernel does not say."""
     total = 0
     with contextlib.suppress(OSError):
         for task in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError, ValueError, IndexError), \
-                    open(f"/proc/self/task/{task}/schedstat") as schedstat:
-                total += int(schedstat.read().split()[1])
+            if (times := _schedstat(task)) is not None:
+                total += times[1]
     return total / 1e9
 
 
@@ -93,11 +102,8 @@ class ThreadCpuDeadline:
 
     def _ran(self) -> float | None:
         """The thread's CPU time so far; None once it has ended."""
-        try:
-            with open(f"/proc/self/task/{self.native_id}/schedstat") as schedstat:
-                return int(schedstat.read().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            return None
+        times = _schedstat(self.native_id)
+        return None if times is None else times[0] / 1e9
 
     def ran(self) -> float:
         """The thread's CPU time since the deadline began (0 if it ended before)."""
