@@ -435,24 +435,24 @@ class _Child:
             _remove_cgroup(self.pids_cgroup)
 
 
-def _state(pid: int) -> str | None:
-    """``/proc/PID/stat``'s state letter ("T" stopped, "t" traced, "Z" zombie...); None once ``pid`` has gone."""
+def _stat(pid: int | str) -> list[str]:
+    """``/proc/PID/stat``'s fields after the command name (state, parent, ...); [] once ``pid`` has gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return None
+            return stat.read().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def _state(pid: int) -> str | None:
+    """``/proc/PID/stat``'s state letter ("T" stopped, "t" traced, "Z" zombie...); None once ``pid`` has gone."""
+    return next(iter(_stat(pid)), None)
 
 
 def _children_by_scan(pid: int) -> list[int]:
     """``pid``'s children, from every process's parent field (kernels without CONFIG_PROC_CHILDREN)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rpartition(")")[2].split()[1]) == pid:
-                    found.append(int(entry))
-    return found
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and _stat(entry)[1:2] == [str(pid)]]
 
 
 def _children(pid: int) -> list[int]:
