@@ -39,8 +39,9 @@ def run_pytest(tmp_path, source: str, timeout: float = 120, **environ: str) -> s
 
 @pytest.mark.host_independent
 def test_pytest_rewrites_the_asserts_of_pykvm_testing_only(request):
-    """pytest marks a plugin's whole package for assertion rewriting where it finds it on sys.path (a run from the
-    clone, as this suite's): all of pykvm, each time. The plugin narrows the mark to pykvm.testing."""
+    """pytest marks a plugin's whole package for assertion rewriting where it finds it on sys.path (`python -m
+    pytest` from the clone): all of pykvm, each time; through the `pytest` script with an editable install it marks
+    nothing. Either way the plugin leaves pykvm.testing, and only it, marked."""
     import pykvm.core.stats
     import pykvm.testing.helpers
     marked = request.config.pluginmanager.rewrite_hook._must_rewrite

@@ -114,13 +114,15 @@ def _rewrite_asserts_of_this_package_only(pluginmanager: pytest.PytestPluginMana
     pytest marks a plugin's whole top-level package for rewriting, so each pytest
     process (each xdist worker, each pytest a test runs) rewrote pykvm's 150
     modules as it imported them, bypassing their compiled files; where
-    ``PYTHONDONTWRITEBYTECODE`` is set it did so in every run. Only this package
-    holds asserts meant for a test report. Called as the plugin registers, before
-    any test module imports pykvm. Where pytest keeps the marks differently, the
-    marks stay as they are: slower, not wrong.
+    ``PYTHONDONTWRITEBYTECODE`` is set it did so in every run. Where pytest finds
+    no package in the distribution's files (the ``pytest`` script with an editable
+    install), it marks nothing, and this package's asserts would go unexplained.
+    Only this package holds asserts meant for a test report, so it is marked
+    either way. Called as the plugin registers, before any test module imports
+    pykvm. Where pytest keeps the marks differently, the marks stay as they are.
     """
     marked = getattr(getattr(pluginmanager, "rewrite_hook", None), "_must_rewrite", None)
-    if isinstance(marked, set) and "pykvm" in marked:
+    if isinstance(marked, set):
         marked.discard("pykvm")
         marked.add(__name__.rpartition(".")[0])
 
