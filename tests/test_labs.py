@@ -319,8 +319,8 @@ def test_the_checker_finds_a_process_tree_with_or_without_proc_children(monkeypa
         assert tree.stdout is not None and tree.stdout.readline() == "ready\n"
         expected = {tree.pid} | {child.pid for child in psutil.Process(tree.pid).children(recursive=True)}
         assert len(expected) >= 3                       # the shell and its two sleeps (and the exited one's zombie)
-        assert set(runner._below(tree.pid)) == expected
-        assert runner._below(2 ** 22 + 1) == []          # no such process
+        assert set(runner.process_tree(tree.pid)) == expected
+        assert runner.process_tree(2 ** 22 + 1) == []          # no such process
     finally:
         for pid in expected - {tree.pid}:
             with contextlib.suppress(ProcessLookupError):

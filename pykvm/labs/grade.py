@@ -22,7 +22,6 @@ S`` repeats a student's run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,7 +42,7 @@ from xml.etree import ElementTree
 from ..core.errors import InvalidArgument
 from . import all_labs, get_lab
 from .framework import STUDENT_FILE, Lab
-from .runner import DEFAULT_DEADLINE, STARTUP, Report, sigint_held
+from .runner import DEFAULT_DEADLINE, STARTUP, Report, end_tree, sigint_held
 
 STOP_GRACE = 10.0          # seconds a check may take to clean up after Ctrl-C before it is killed
 SEED_BYTES = 4             # the size of the seeds `labs check` draws itself
@@ -207,9 +206,7 @@ class _Check:
         try:
             self.process.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:
-            for pid in [*_descendants(self.process.pid), self.process.pid]:   # while the tree is whole
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            end_tree(self.process.pid)
             self.process.wait()
 
     def close(self) -> None:
@@ -219,23 +216,6 @@ class _Check:
         self.stdout.close()
         self.stderr.close()
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from each process's parent in /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except (OSError, ValueError):
-            continue            # not a process, or one that just ended
-        if entry.name.isdigit():
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, below = [], children.get(pid, [])
-    while below:
-        found += below
-        below = [grandchild for child in below for grandchild in children.get(child, [])]
-    return found
 
 
 def _last_json(stream: IO[bytes]) -> dict | None:

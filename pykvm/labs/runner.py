@@ -288,7 +288,7 @@ class _Child:
     def tree(self) -> list[int]:
         """The child and every process below it (all in its namespace, or all it forked), then those of its
         pids cgroup that left it (without a namespace, a daemon's orphans are this process's children)."""
-        below = _below(self.process.pid)
+        below = process_tree(self.process.pid)
         return below + [pid for pid in self._cgroup_members() if pid not in below]
 
     def _cgroup_members(self) -> list[int]:
@@ -315,7 +315,7 @@ class _Child:
         return True
 
     def stopped(self) -> bool:
-        return any(_state(pid) in ("t", "T") for pid in _below(self.process.pid))
+        return any(_state(pid) in ("t", "T") for pid in process_tree(self.process.pid))
 
     # -- the reports ----------------------------------------------------------------------------
     def next_message(self, deadline: float) -> dict | None:
@@ -471,7 +471,7 @@ def _children(pid: int) -> list[int]:
 _CHILDREN_LISTED = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
-def _below(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
     """``root`` (if it runs) and its descendants."""
     found, waiting = [], [root] if _state(root) is not None else []
     while waiting:
@@ -541,6 +541,11 @@ def _kill(walk: Callable[[], list[int]]) -> list[int]:
         stopped += new
     _signal(stopped, signal.SIGKILL)
     return stopped
+
+
+def end_tree(root: int) -> list[int]:
+    """Stop, then kill, ``root`` and every process below it (:func:`_kill`); the processes killed."""
+    return _kill(lambda: process_tree(root))
 
 
 def _signal(pids: list[int], sig: signal.Signals) -> None:
