@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import py_compile
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,16 @@ def test_the_report_names_stale_modules_only_where_no_bytecode_is_written(monkey
     assert "python -m compileall" in note[0]
     monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")                # the first spawn writes them: nothing to say
     assert bench._bytecode_note() == []
+
+
+@pytest.mark.host_independent
+def test_a_spawn_counts_its_cpu_time_to_the_first_byte_not_its_sleep():
+    # It sleeps after its byte, so what the spawn reads as the byte arrives is what ran before it.
+    spin = ("import time\nend = time.thread_time() + 0.15\nwhile time.thread_time() < end: pass\n"
+            "print('x', flush=True)\ntime.sleep(0.3)")
+    spun = bench._spawn([sys.executable, "-c", spin])
+    assert (spun.status, spun.output) == (0, b"x\n"), spun.errors
+    assert spun.cpu >= 0.15 and spun.cpu + spun.waited <= spun.first + 0.02 and spun.first + 0.3 <= spun.end
+    # The control: sleeping as long costs no CPU time.
+    slept = bench._spawn([sys.executable, "-c", "import time\ntime.sleep(0.15)\nprint('x')"])
+    assert slept.first >= 0.15 and slept.cpu < 0.1, slept
