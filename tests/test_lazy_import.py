@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import pykvm
+from pykvm.vmm import testkernels
 
 
 def modules_after(code: str) -> list[str]:
@@ -70,16 +72,24 @@ def test_the_core_leaves_an_entry_failure_unexplained_and_the_hosts_explainer_ex
 
 # What `python -m pykvm.boot` needs before its first serial byte leaves out (each imported where it is used):
 # the x86 layer (pm1's S3 wake), the statistics fds and userfaultfd (vcpu/vm.stats, memory.provide_pages),
-# difflib (a misspelt name's suggestions), and ctypes.util with the subprocess and tempfile it imports
-# (the flush-page port's mprotect).
+# difflib (a misspelt name's suggestions), ctypes.util with the subprocess and tempfile it imports (the
+# flush-page port's mprotect), the optional devices edu and intel-iommu (Machine(devices=...)), and
+# pathlib (the `pykvm --help` listing's; the host's CPU brand is read with open()).
 NOT_FOR_THE_FIRST_BYTE = ("pykvm.x86", "pykvm.core.stats", "pykvm.core.userfault", "difflib", "ctypes.util",
-                          "subprocess")
+                          "subprocess", "pykvm.vmm.edu", "pykvm.vmm.vtd", "pathlib")
 
 
 def loaded(code: str, names: tuple[str, ...]) -> list[str]:
-    """Which of ``names`` a fresh interpreter holds after running ``code``."""
-    probe = f"{code}\nimport sys\nprint(' '.join(name for name in {names!r} if name in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    """Which of ``names`` a fresh interpreter holds after running ``code``.
+
+    The interpreter runs without ``site`` (-S), given pykvm's and the site-packages' folders: what pykvm
+    imports, not what an editable install's import hook loads at start-up (pathlib).
+    """
+    path = [str(Path(pykvm.__file__).parent.parent), *site.getsitepackages()]
+    probe = (f"import sys\nsys.path[:0] = {path!r}\n{code}\n"
+             f"print(' '.join(name for name in {names!r} if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=60,
+                          check=True)
     return done.stdout.split()
 
 
@@ -90,11 +100,15 @@ def test_the_boot_command_imports_nothing_its_first_byte_does_not_need():
 
 def test_the_deferred_imports_happen_where_they_are_used(kvm):
     # The control: the same probe sees each of them once the code that needs it has run (a real vCPU's
-    # statistics and S3 wake, a misspelt name's suggestions, the flush page's libc).
+    # statistics and S3 wake, a misspelt name's suggestions, the flush page's libc, a q35 machine with
+    # edu behind the IOMMU, the command's listing of the tools).
     code = ("import pykvm.boot\nfrom pykvm.core import memory, stats\nfrom pykvm.core.system import Kvm\n"
-            "from pykvm.vmm import cpu_model, pm1, testdev\n"
+            "from pykvm.vmm import cpu_model, pm1, testdev\nfrom pykvm.vmm.machine import Machine\n"
+            "from pykvm.command import summary\n"
             "with Kvm() as kvm, kvm.create_vm() as vm:\n    vcpu = vm.create_vcpu()\n    vcpu.stats\n"
             "    pm1.resume_cpus([vcpu], 0x1000)\n"
             "    vm.memory.provide_pages(vm.memory.add_slot(1 << 30, 4096).slot, lambda gpa: bytes(4096))\n"
-            "stats._close_matches('exit', ['exits'])\ncpu_model._suggest('sse4-3', ['sse4.2'])\ntestdev._libc()")
+            "stats._close_matches('exit', ['exits'])\ncpu_model._suggest('sse4-3', ['sse4.2'])\ntestdev._libc()\n"
+            f"Machine({str(testkernels.path('hello'))!r}, chipset='q35', devices=['intel-iommu', 'edu'])\n"
+            "summary('boot')")
     assert loaded(code, NOT_FOR_THE_FIRST_BYTE) == list(NOT_FOR_THE_FIRST_BYTE)

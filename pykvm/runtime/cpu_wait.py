@@ -34,25 +34,32 @@ import time
 from ..core import checks
 
 
-def _schedstat(task: int | str) -> tuple[int, int] | None:
-    """``/proc/self/task/TASK/schedstat``: (ns on a CPU, ns runnable but waiting for one); None once it ended."""
+def _schedstat(task: int | str, process: int | str = "self") -> tuple[int, int] | None:
+    """``/proc/PROCESS/task/TASK/schedstat``: (ns on a CPU, ns runnable but waiting for one); None once it ended."""
     try:
-        with open(f"/proc/self/task/{task}/schedstat") as schedstat:
+        with open(f"/proc/{process}/task/{task}/schedstat") as schedstat:
             ran, waited = schedstat.read().split()[:2]
         return int(ran), int(waited)
     except (OSError, ValueError):
         return None
 
 
+def scheduled(process: int | str = "self") -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of process ``process``'s living threads,
+    summed (``/proc/PROCESS/task/*/schedstat``); zeros where the kernel does not say."""
+    ran = waited = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{process}/task"):
+            if (times := _schedstat(task, process)) is not None:
+                ran += times[0]
+                waited += times[1]
+    return ran / 1e9, waited / 1e9
+
+
 def waited_for_a_cpu() -> float:
     """Seconds this process's threads have waited for a CPU, summed (``/proc/self/task/*/schedstat``'s
     run delay); 0 where the kernel does not say."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            if (times := _schedstat(task)) is not None:
-                total += times[1]
-    return total / 1e9
+    return scheduled()[1]
 
 
 class CpuFairDeadline:

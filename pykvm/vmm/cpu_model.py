@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from ..core.constants import Cap
@@ -580,7 +579,8 @@ class HostCpu:
 
 def _host_model_name() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as cpuinfo:      # not pathlib: the boot command starts without it
+            text = cpuinfo.read()
     except OSError:
         return ""
     for line in text.splitlines():

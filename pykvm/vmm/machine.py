@@ -44,7 +44,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..core.errors import ClosedError, InvalidArgument, InvalidMsi, KvmBusy
 from ..core.exits import (
@@ -65,7 +65,6 @@ from . import (
     cmos,
     cpu_model,
     debug_exit,
-    edu,
     fw_cfg,
     hpet,
     multiboot,
@@ -77,9 +76,11 @@ from . import (
     serial,
     testdev,
     vmware_backdoor,
-    vtd,
 )
 from .bus import Device, IoBus, MmioBus, UnknownAccess
+
+if TYPE_CHECKING:
+    from . import edu, vtd  # imported when a machine has the device: the boot command starts without them
 
 STATUS_POWER_OFF = 0        # KVM_EXIT_SYSTEM_EVENT, ACPI S5, or a reset (QEMU -no-reboot exits 0 too)
 STATUS_TRIPLE_FAULT = 4     # KVM_EXIT_SHUTDOWN
@@ -294,15 +295,20 @@ class Machine:
         self.pci = pci.PciHost(pci.Q35_HOST_BRIDGE if chipset == "q35" else pci.HOST_BRIDGE)
         self.iommu: vtd.Vtd | None = None
         if "intel-iommu" in devices:
+            from . import vtd
             self.iommu = vtd.Vtd(self._memory, self._signal_msi, intremap)
             self.add_mmio(vtd.BASE, vtd.SIZE, self.iommu, "Intel VT-d (intel-iommu)")
         number = FIRST_FREE_DEVICE[chipset]
         for name in (name for name in devices if name != "intel-iommu"):
-            source = number << 3                    # bus 0, the device, function 0: its requester ID
             self.pci.add(number, pci_testdev.PciTestdev(lambda: self._vm) if name == "pci-testdev" else
-                         edu.Edu(self._memory, functools.partial(self._dma, source), self._pci_intx,
-                                 functools.partial(self._device_msi, source), EDU_INTX_GSI))
+                         self._edu(source=number << 3))     # bus 0, the device, function 0: its requester ID
             number += 1
+
+    def _edu(self, source: int) -> edu.Edu:
+        """QEMU's edu device with requester ID ``source``, its DMA through the IOMMU if there is one."""
+        from .edu import Edu
+        return Edu(self._memory, functools.partial(self._dma, source), self._pci_intx,
+                   functools.partial(self._device_msi, source), EDU_INTX_GSI)
 
     def _dma(self, source: int, address: int, size: int, write: bool) -> list[tuple[int, int]]:
         return [(address, size)] if self.iommu is None else self.iommu.dma(source, address, size, write)
@@ -335,15 +341,23 @@ class Machine:
         vm = self._vm
         if vm is None:
             return
-        if self.iommu is not None and self.iommu.status & vtd.Global.IRE:
-            from ..irqchip import ioapic  # here: only remapping reads the IOAPIC (boot stays light)
-            entry = ioapic.read(vm).entry_bits(gsi)
-            if entry >> 48 & 1:
-                message = self.iommu.remap_ioapic(entry) if level and not entry >> 16 & 1 else None
-                if message is not None:
-                    vm.signal_msi(message)
-                return
-        vm.irq_line(gsi, level)
+        if self.iommu is None or not self._remapped_intx(vm, gsi, level):
+            vm.irq_line(gsi, level)
+
+    def _remapped_intx(self, vm: Any, gsi: int, level: int) -> bool:
+        """Send pin ``gsi``'s edge through the IOMMU if its entry is remappable (True), else False."""
+        from .vtd import Global  # loaded with the IOMMU
+        assert self.iommu is not None
+        if not self.iommu.status & Global.IRE:
+            return False
+        from ..irqchip import ioapic  # here: only remapping reads the IOAPIC (boot stays light)
+        entry = ioapic.read(vm).entry_bits(gsi)
+        if not entry >> 48 & 1:
+            return False
+        message = self.iommu.remap_ioapic(entry) if level and not entry >> 16 & 1 else None
+        if message is not None:
+            vm.signal_msi(message)
+        return True
 
     def add_io(self, base: int, length: int, device: Device, name: str = "") -> None:
         """Put ``device`` on IO ports ``base .. base + length - 1`` (before :meth:`run`)."""
