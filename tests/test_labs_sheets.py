@@ -9,6 +9,7 @@ elsewhere); the sheets' text and the shadowing folder need no KVM.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from test_labs import REFERENCE
 
+import pykvm
 from pykvm.core.constants import ExitReason, MpState
 from pykvm.guests import Command
 from pykvm.irqchip import MsiMessage
@@ -164,24 +166,58 @@ def _clone_named_pykvm(folder: Path) -> None:
     (folder / "pykvm" / "setup.py").write_text("")
 
 
+# An editable install through setuptools' import hook (a finder on sys.meta_path, asked after the folders of
+# sys.path), as pip makes for a project whose package does not sit at its top: this sitecustomize takes the
+# clone's folder off sys.path and puts such a hook in its place.
+_IMPORT_HOOK = """
+import importlib.machinery, importlib.util, os, sys
+ROOT = {root!r}
+sys.path[:] = [entry for entry in sys.path if not entry or os.path.realpath(entry) != ROOT]
+PACKAGE = os.path.join(ROOT, "pykvm")
+class Hook:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "pykvm":
+            return importlib.util.spec_from_file_location(name, os.path.join(PACKAGE, "__init__.py"),
+                                                          submodule_search_locations=[PACKAGE])
+        if name.count(".") == 1 and name.startswith("pykvm."):       # the package's modules, wherever pykvm is
+            return importlib.machinery.PathFinder.find_spec(name, [PACKAGE])
+        return None
+sys.meta_path.append(Hook)
+"""
+
+
+def _through_an_import_hook(tmp_path: Path) -> dict[str, str]:
+    """The environment of a Python that finds this pykvm through an import hook, as above."""
+    root = Path(pykvm.__file__).resolve().parent.parent
+    if "-packages" in root.name:
+        pytest.skip(f"a regular install ({root}): no import hook to stand in for")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_IMPORT_HOOK.format(root=str(root)))
+    return {**os.environ, "PYTHONPATH": str(hook)}
+
+
 @pytest.mark.host_independent
 def test_a_clone_named_pykvm_in_the_folder_is_named_with_the_fix(tmp_path):
     _clone_named_pykvm(tmp_path)
-    found = subprocess.run([sys.executable, "-c", "import pykvm; print(getattr(pykvm, '__file__', None))"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    if found.stdout.strip() != "None":
-        pytest.skip(f"this installation of pykvm is not shadowed by a folder named pykvm ({found.stdout.strip()})")
+    probe = [sys.executable, "-c", "import pykvm; print(getattr(pykvm, '__file__', None))"]
+    # The control: this suite's install (the clone's folder on sys.path) is not shadowed.
+    assert subprocess.run(probe, cwd=tmp_path, capture_output=True, text=True, timeout=120).stdout.strip() != "None"
+    env = _through_an_import_hook(tmp_path)
+    found = subprocess.run(probe, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert found.stdout.strip() == "None", found          # the folder was taken for the package
     start = subprocess.run([sys.executable, "-m", "pykvm.labs", "start", "1", "mine"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env=env)
     assert start.returncode == 2 and "Traceback" not in start.stderr
     assert f"the folder {tmp_path / 'pykvm'} shadows the installed pykvm package" in start.stderr
     assert "python -P -m pykvm.labs" in start.stderr and not (tmp_path / "mine").exists()
     imported = subprocess.run([sys.executable, "-c", "import pykvm.labs"], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120, env=env)
     assert "pykvm.labs.shadowing.ShadowedPackage: the folder" in imported.stderr
     if sys.version_info < (3, 11):
         return                                        # python -P came with 3.11
     fixed = subprocess.run([sys.executable, "-P", "-m", "pykvm.labs", "start", "1", "mine"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)        # the fix the message gives
+                           capture_output=True, text=True, timeout=120, env=env)        # the fix the message gives
     assert fixed.returncode == 0, fixed.stderr
     assert (tmp_path / "mine" / STUDENT_FILE).read_text() == get_lab(1).starter
