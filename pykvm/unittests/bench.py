@@ -321,8 +321,7 @@ class Result:
         seconds, sites = measured
         exits = sum(sites.values())
         busiest = sorted(sites.items(), key=lambda item: (-item[1], item[0]))[:BUSIEST_SITES]
-        each = f" ({seconds / exits * 1e6:.1f} us each)" if exits else ""
-        return (f"; outside KVM_RUN {seconds:.3f} s, {exits} IO/MMIO exits to userspace{each}"
+        return (f"; outside KVM_RUN {seconds:.3f} s, {exits} IO/MMIO exits to userspace"
                 + "".join(f", {site.describe()} {count}" for site, count in busiest))
 
     def _cross_checks(self) -> list[str]:
