@@ -43,7 +43,7 @@ same work under QEMU on the same KVM (the vmexit tests, for one, loop until
 pykvm's own can take the ratio. Beside each entry's guest time: the Machine's
 time outside ``KVM_RUN`` (``elapsed`` less the guest's: the exits handled in
 Python, starting and joining the vCPU threads), its exits to userspace and
-the sites most of them went to (:attr:`~pykvm.vmm.BootResult.exit_sites`),
+the sites most of them went to (``exit_sites`` of :class:`~pykvm.vmm.BootResult`),
 so an entry whose time goes to exits handled in Python shows it.
 """
 
