@@ -20,6 +20,7 @@ from pykvm.bench import main
 from pykvm.hosts import VendorModule
 from pykvm.unittests.bench import TARGET, WAYS, Conditions, Result, Run, Sample, conditions, measure, qualify, rotation
 from pykvm.unittests.config import Entry
+from pykvm.vmm import ExitSite
 
 QUIET = Conditions("kvm_intel", 8, (0.1, 0.2, 0.3), (1.1, 0.4, 0.3), "/usr/bin/qemu, QEMU emulator version 9.9")
 
@@ -148,6 +149,26 @@ def test_the_floor_is_the_guests_own_time_in_the_in_process_runs_against_qemus_t
             "nil" in text)
     assert "pykvm's own, the command total less it, 5.750 s (0.250 of QEMU's total" in text
     assert "QEMU's total less the same guest time, 22.750 s" in text
+
+
+def test_each_entry_shows_its_time_outside_kvm_run_and_its_busiest_exit_sites():
+    figures = result([4.0, 6.0, 5.0])
+    timer, thr, lsr, mmio = (ExitSite("io", 0x608, False), ExitSite("io", 0x3F8, True), ExitSite("io", 0x3FD, False),
+                             ExitSite("mmio", 0xFED00000, True))
+    # a's runs: (elapsed, guest, sites); the median run by exits is the second
+    runs = [(0.5, 0.3, {timer: 900, thr: 10, lsr: 10}), (0.6, 0.3, {timer: 1000, thr: 10, lsr: 10, mmio: 2}),
+            (0.7, 0.3, {timer: 1100, thr: 10, lsr: 10})]
+    figures.samples["a"]["in-process"][:] = [
+        dataclasses.replace(sample, run=Run("PASS a", True, elapsed, guest, counted))
+        for sample, (elapsed, guest, counted) in zip(figures.samples["a"]["in-process"], runs, strict=True)]
+    figures.samples["b"]["in-process"][:] = [
+        dataclasses.replace(sample, run=dataclasses.replace(sample.run, guest=0.05))
+        for sample in figures.samples["b"]["in-process"]]
+    assert figures.outside("a") == (pytest.approx(0.3), runs[1][2])
+    assert figures.outside("b") is None                 # control: runs that did not count their exits
+    text = "\n".join(figures.report())
+    assert ("    a: 0.300 s, 0.015; outside KVM_RUN 0.300 s, 1022 IO/MMIO exits to userspace, "
+            "in port 0x608 1000, out port 0x3f8 10, in port 0x3fd 10\n    b: 0.050 s, 0.017\n") in text
 
 
 def test_the_conditions_and_the_entries_left_out_are_printed():

@@ -22,7 +22,7 @@ from pykvm import startup
 from pykvm.boot import main
 from pykvm.core.errors import InvalidArgument
 from pykvm.testing import popen_interruptible
-from pykvm.vmm import Ending, Machine, testkernels
+from pykvm.vmm import Ending, Machine, debug_exit, testkernels
 from pykvm.vmm.multiboot import e820_map
 
 SMP = [1, 2]
@@ -110,6 +110,27 @@ def test_unknown_port_and_mmio_are_listed_with_their_rip(kvm, strict):
         assert result.status == PASS
         assert [(u.space, u.address, u.count) for u in result.unknown] == [("io", 0x1234, 2),
                                                                            ("mmio", 0xD0000000, 2)]
+
+
+def sites(result) -> dict[tuple[str, int, bool], int]:
+    return {(site.space, site.address, site.write): count for site, count in result.exit_sites.items()}
+
+
+@pytest.mark.parametrize("cpus", SMP)
+def test_exits_to_userspace_are_counted_per_port_and_address(kvm, cpus):
+    hello = boot(kvm, "hello", cpus)
+    counted = sites(hello)
+    # putc32 polls LSR (COM1 + 5) until THRE, then writes THR (COM1): one write per byte printed
+    assert counted[("io", 0x3F8, True)] == len(hello.serial) == 39
+    assert counted[("io", 0x3FD, False)] >= 39
+    assert counted[("io", debug_exit.PORT, True)] == 1
+    assert not any(space == "mmio" or address == 0x1234 for space, address, _ in counted)
+    assert sum(counted.values()) <= sum(hello.exits.values())        # the rest: KVM_EXIT_INTR, the end
+    assert [site.describe() for site in hello.exit_sites][:1] == [f"out port {debug_exit.PORT:#x}"]
+    # control: a kernel that reads and writes an unclaimed port and MMIO address has exactly those sites
+    probing = sites(boot(kvm, "exitcode", cpus, cmdline="unknown"))
+    assert (probing[("io", 0x1234, False)], probing[("io", 0x1234, True)]) == (1, 1)
+    assert (probing[("mmio", 0xD0000000, False)], probing[("mmio", 0xD0000000, True)]) == (1, 1)
 
 
 @pytest.mark.parametrize("cpus", SMP)

@@ -40,7 +40,11 @@ ratio pykvm would reach if all of its own time (start-up, building the
 Machine, exits handled in Python, teardown) were nil. The same kernel does the
 same work under QEMU on the same KVM (the vmexit tests, for one, loop until
 2^30 TSC cycles have passed), so the floor tells how far any speed-up of
-pykvm's own can take the ratio.
+pykvm's own can take the ratio. Beside each entry's guest time: the Machine's
+time outside ``KVM_RUN`` (``elapsed`` less the guest's: the exits handled in
+Python, starting and joining the vCPU threads), its exits to userspace and
+the sites most of them went to (``exit_sites`` of :class:`~pykvm.vmm.BootResult`),
+so an entry whose time goes to exits handled in Python shows it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..hosts import detect_vendor
+from ..vmm.bus import ExitSite
 from .__main__ import select
 from .config import ConfigError, Entry, read_config
 from .runner import Verdict, run_pykvm, run_qemu
@@ -67,6 +72,7 @@ WAYS = ("in-process", "command", "qemu")
 LABELS = {"in-process": "pykvm in-process", "command": "pykvm command", "qemu": "QEMU x86/run"}
 HEADLINE = "command"
 COMMAND_SLACK = 60.0            # seconds a command may take beyond its entry's timeout (start-up, teardown)
+BUSIEST_SITES = 3               # exit sites printed per entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Run:
     passed: bool
     elapsed: float | None = None    # BootResult.elapsed, in-process only
     guest: float | None = None      # BootResult.guest_seconds, in-process only
+    sites: dict[ExitSite, int] | None = None    # BootResult.exit_sites, in-process only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +102,8 @@ def runners(tree: Path, qemu: str | None) -> dict[str, Runner]:
     """The three ways to run an entry of ``tree``; ``qemu`` names QEMU's binary (None: x86/run's search)."""
     def in_process(entry: Entry) -> Run:
         outcome = run_pykvm(entry, tree)
-        return Run(outcome.line(), outcome.verdict == Verdict.PASS, outcome.elapsed, outcome.guest_seconds)
+        return Run(outcome.line(), outcome.verdict == Verdict.PASS, outcome.elapsed, outcome.guest_seconds,
+                   outcome.exit_sites)
 
     def command(entry: Entry) -> Run:
         argv = [sys.executable, "-m", "pykvm.unittests", str(tree), entry.name]
@@ -233,6 +241,16 @@ class Result:
         runs = [sample.run.guest for sample in self.samples[name]["in-process"]]
         return None if None in runs else statistics.median(run for run in runs if run is not None)
 
+    def outside(self, name: str) -> tuple[float, dict[ExitSite, int]] | None:
+        """The median of the Machine's time outside ``KVM_RUN`` in ``name``'s in-process runs, and the exit
+        sites of its run with the median number of exits; None if a run lacks either."""
+        runs = [sample.run for sample in self.samples[name]["in-process"]]
+        if any(run.elapsed is None or run.guest is None or run.sites is None for run in runs):
+            return None
+        by_exits = sorted(runs, key=lambda run: sum((run.sites or {}).values()))
+        return (statistics.median((run.elapsed or 0.0) - (run.guest or 0.0) for run in runs),
+                by_exits[len(by_exits) // 2].sites or {})
+
     def total(self, way: str, cpu: bool = False) -> float:
         """The sum over entries of each entry's median (of wall time, or of CPU time)."""
         return sum(statistics.median(sample.cpu if cpu else sample.wall for sample in ways[way])
@@ -284,7 +302,7 @@ class Result:
         qemu, command = self.total("qemu"), self.total(HEADLINE)
         lines = ["  the guest's own time in pykvm's in-process runs (median; vCPU 0 inside KVM_RUN, plus any ACPI S3 "
                  "sleep), per entry, and over QEMU's median:"]
-        lines += [f"    {name}: {guest:.3f} s, {guest / self.median(name, 'qemu'):.3f}"
+        lines += [f"    {name}: {guest:.3f} s, {guest / self.median(name, 'qemu'):.3f}{self._exits(name)}"
                   for name, guest in guests.items() if guest is not None]
         floor = sum(guest for guest in guests.values() if guest is not None)
         lines.append(f"  floor: that guest time totals {floor:.3f} s, {floor / qemu:.3f} of QEMU's total (the ratio "
@@ -294,6 +312,17 @@ class Result:
                      f"total less the same guest time, {qemu - floor:.3f} s (its firmware, x86/run's device "
                      f"probe, QEMU's start-up)")
         return lines
+
+    def _exits(self, name: str) -> str:
+        """``name``'s time outside KVM_RUN and its exits to userspace, with the busiest sites ("" if unmeasured)."""
+        measured = self.outside(name)
+        if measured is None:
+            return ""
+        seconds, sites = measured
+        exits = sum(sites.values())
+        busiest = sorted(sites.items(), key=lambda item: (-item[1], item[0]))[:BUSIEST_SITES]
+        return (f"; outside KVM_RUN {seconds:.3f} s, {exits} IO/MMIO exits to userspace"
+                + "".join(f", {site.describe()} {count}" for site, count in busiest))
 
     def _cross_checks(self) -> list[str]:
         runs = [sample for ways in self.samples.values() for sample in ways["in-process"]]

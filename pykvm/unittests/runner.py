@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 from ..core.errors import InvalidArgument
+from ..vmm.bus import ExitSite
 from ..vmm.cpu_model import CpuFeatureWarning
 from ..vmm.machine import STATUS_POWER_OFF, Ending
 from .config import ARCH, Entry, shell_true
@@ -63,6 +64,7 @@ class EntryResult:
     seconds: float = 0.0
     elapsed: float | None = None  # pykvm: the Machine's own clock (BootResult.elapsed), run() to the guest's end
     guest_seconds: float | None = None  # pykvm: the guest's own part of elapsed (BootResult.guest_seconds)
+    exit_sites: dict[ExitSite, int] | None = None   # pykvm: its exits to userspace per site (BootResult.exit_sites)
 
     @property
     def results(self) -> list[str]:
@@ -149,13 +151,13 @@ def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str
     if result.ending == Ending.EXIT_PORT:
         return EntryResult(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
                        output=output, seconds=seconds, elapsed=result.elapsed,
-                       guest_seconds=result.guest_seconds)
+                       guest_seconds=result.guest_seconds, exit_sites=result.exit_sites)
     if result.ending == Ending.TIMEOUT:
         reason = f"timeout; duration={timeout or entry.timeout:g}s"
     else:
         reason = f"{result.ending.value}: {result.message}"
     return EntryResult(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds,
-                   elapsed=result.elapsed, guest_seconds=result.guest_seconds)
+                   elapsed=result.elapsed, guest_seconds=result.guest_seconds, exit_sites=result.exit_sites)
 
 
 def qemu_command(entry: Entry, tree: Path, timeout: float | None = None) -> str:

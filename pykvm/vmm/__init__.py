@@ -12,7 +12,7 @@ One module per device (``serial``, ``debug_exit``, ``fw_cfg``, ``cmos``,
 kernels (``testkernels``) and the boot benchmark (``bench``).
 """
 
-from .bus import Device, UnknownAccess
+from .bus import Device, ExitSite, UnknownAccess
 from .fw_cfg import FwCfg, FwCfgError, FwCfgKey
 from .machine import (
     STATUS_INTERNAL_ERROR,
@@ -26,6 +26,6 @@ from .machine import (
 )
 from .multiboot import MultibootError
 
-__all__ = ["Machine", "BootResult", "Ending", "Device", "UnknownAccess", "FwCfg", "FwCfgKey", "FwCfgError",
-           "MultibootError", "STATUS_POWER_OFF", "STATUS_TRIPLE_FAULT", "STATUS_INTERNAL_ERROR",
+__all__ = ["Machine", "BootResult", "Ending", "Device", "ExitSite", "UnknownAccess", "FwCfg", "FwCfgKey",
+           "FwCfgError", "MultibootError", "STATUS_POWER_OFF", "STATUS_TRIPLE_FAULT", "STATUS_INTERNAL_ERROR",
            "STATUS_STRICT_IO", "STATUS_TIMEOUT"]

@@ -5,7 +5,9 @@ which finds the device by address (a dict per port, a sorted list of MMIO
 ranges) and calls ``device.read(offset, size)`` or ``device.write(offset,
 size, value)``. An access no device claims reads as all ones and is ignored
 on write, like an empty ISA bus; it is counted with the guest RIP of its
-first access, so the end of a run can list what the guest looked for.
+first access, so the end of a run can list what the guest looked for. Every
+exit is counted by its :class:`ExitSite` too, so a run tells which ports and
+addresses its exits to userspace went to.
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ class UnknownAccess:
         first = "write" if self.first_write else "read"
         return (f"unknown {what}: {self.count} access{'es' if self.count != 1 else ''} (first: a "
                 f"{self.first_size}-byte {first} by vCPU {self.first_vcpu} at RIP {self.first_rip:#x})")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ExitSite:
+    """Where exits to userspace went: an IO port or an MMIO address, read or written (``write``: OUT or store)."""
+
+    space: str              # "io" or "mmio"
+    address: int
+    write: bool
+
+    def describe(self) -> str:
+        if self.space == "io":
+            return f"{'out' if self.write else 'in'} port {self.address:#x}"
+        return f"MMIO {'write' if self.write else 'read'} {self.address:#x}"
 
 
 class IoBus:

@@ -25,9 +25,10 @@ starts; the APs wait in the in-kernel LAPIC for INIT and SIPI.
 :meth:`Machine.run` returns a :class:`BootResult`: the exit status (the
 guest's own through the debug-exit port, or one of the ``STATUS_*`` below),
 how the run ended and why, the serial transcript, the accesses no device
-claimed, and timings. Whatever ends it (the guest, a triple fault, a timeout,
-Ctrl-C), every vCPU thread is kicked out of ``KVM_RUN`` and joined before the
-VM is closed.
+claimed, the exits to userspace per port and MMIO address
+(:class:`~pykvm.vmm.bus.ExitSite`), and timings. Whatever ends it (the
+guest, a triple fault, a timeout, Ctrl-C), every vCPU thread is kicked out of
+``KVM_RUN`` and joined before the VM is closed.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from . import (
     testdev,
     vmware_backdoor,
 )
-from .bus import Device, IoBus, MmioBus, UnknownAccess
+from .bus import Device, ExitSite, IoBus, MmioBus, UnknownAccess
 
 if TYPE_CHECKING:
     from . import edu, vtd  # imported when a machine has the device: the boot command starts without them
@@ -128,6 +129,7 @@ class BootResult:
     error: BaseException | None = dataclasses.field(default=None, repr=False)
     in_kvm_run: dict[int, float] = dataclasses.field(default_factory=dict)    # seconds inside KVM_RUN per vCPU id
     asleep: float = 0.0                 # seconds the machine slept in ACPI S3, waiting for its wake event
+    exit_sites: dict[ExitSite, int] = dataclasses.field(default_factory=dict)   # IO/MMIO exits per site, all vCPUs
 
     @property
     def guest_seconds(self) -> float:
@@ -270,6 +272,7 @@ class Machine:
         self._exits: dict[int, int] = {}
         self._in_kvm_run: dict[int, float] = {}
         self._asleep = 0.0
+        self._sites: dict[tuple[str, int, bool], int] = {}
 
     # -- devices ------------------------------------------------------------------
     def _add_platform(self) -> None:
@@ -467,7 +470,8 @@ class Machine:
         ending, status, message, code, error = self._ending
         return BootResult(status, ending, message, code, bytes(self._serial), list(self._unknown.values()),
                           dict(self._exits), self._first_byte, self._end_time - self._start, error,
-                          dict(self._in_kvm_run), self._asleep)
+                          dict(self._in_kvm_run), self._asleep,
+                          {ExitSite(*site): count for site, count in sorted(self._sites.items())})
 
     def _start_vcpus(self, vcpus: list) -> list[VcpuThread]:
         return [VcpuThread(vcpu, functools.partial(self._vcpu_thread, vcpu), name=f"pykvm-boot-vcpu{vcpu.id}")
@@ -532,6 +536,7 @@ class Machine:
         run, done, clock = vcpu.run, self._done, time.perf_counter
         exits = 0
         in_kvm_run = 0.0
+        sites: dict[tuple[str, int, bool], int] = {}      # merged into self._sites when the thread ends
         try:
             while not done.is_set():
                 entered = clock()
@@ -544,8 +549,12 @@ class Machine:
                     in_kvm_run += clock() - entered
                 exits += 1
                 if type(exit) is IoExit:
+                    site = ("io", exit[0], exit.is_out)
+                    sites[site] = sites.get(site, 0) + 1
                     self._port_io(vcpu, exit)
                 elif type(exit) is MmioExit:
+                    site = ("mmio", exit.phys_addr, exit.is_write)
+                    sites[site] = sites.get(site, 0) + 1
                     self._mmio(vcpu, exit)
                 elif type(exit) is IntrExit:
                     continue
@@ -560,6 +569,9 @@ class Machine:
         finally:
             self._exits[vcpu.id] = self._exits.get(vcpu.id, 0) + exits
             self._in_kvm_run[vcpu.id] = self._in_kvm_run.get(vcpu.id, 0.0) + in_kvm_run
+            with self._lock:
+                for site, count in sites.items():
+                    self._sites[site] = self._sites.get(site, 0) + count
 
     def _port_io(self, vcpu, exit: IoExit) -> None:
         """One device access per element, in order: string IO (``rep ins``/``rep outs``) has ``count`` > 1."""
