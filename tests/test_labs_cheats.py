@@ -29,6 +29,7 @@ from pykvm.labs.framework import STUDENT_FILE
 from pykvm.labs.grade import grade
 from pykvm.labs.runner import OUTPUT_LIMIT, isolation
 from pykvm.labs.verdict import verified_stats
+from pykvm.testing import popen_interruptible
 
 pytestmark = [pytest.mark.deadline(900), pytest.mark.hardware]
 
@@ -185,11 +186,11 @@ def test_ctrl_c_ends_the_check_with_130_and_nothing_left(kvm, tmp_path, wait):
     directory = tmp_path / "hang"
     directory.mkdir()
     (directory / STUDENT_FILE).write_text("def solve(task):\n    while True:\n        pass\n")
-    check = subprocess.Popen([sys.executable, "-m", "pykvm.labs", "check", "1", str(directory)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+    check = popen_interruptible([sys.executable, "-m", "pykvm.labs", "check", "1", str(directory)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     try:
-        assert b"Ctrl-C stops the check" in check.stderr.readline()          # ready: the check runs
+        assert "Ctrl-C stops the check" in check.stderr.readline()           # ready: the check runs
         time.sleep(wait)
         tree = psutil.Process(check.pid).children(recursive=True)
         os.killpg(check.pid, signal.SIGINT)                                  # as a terminal's Ctrl-C
@@ -199,7 +200,7 @@ def test_ctrl_c_ends_the_check_with_130_and_nothing_left(kvm, tmp_path, wait):
             check.kill()
             check.wait()
     assert check.returncode == 130, err
-    assert b"Traceback" not in out + err and b"interrupted" in err
+    assert "Traceback" not in out + err and "interrupted" in err
     assert [process.pid for process in tree if process.is_running() and process.status() != "zombie"] == []
     assert _left_running(directory) == []
 

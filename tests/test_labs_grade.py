@@ -40,6 +40,7 @@ from pykvm.labs.grade import (
     write_csv,
 )
 from pykvm.labs.runner import check
+from pykvm.testing import popen_interruptible
 
 pytestmark = pytest.mark.deadline(600)
 
@@ -262,8 +263,8 @@ def test_ctrl_c_stops_every_check_and_exits_130(kvm, tmp_path):
     # an innermost child, and counting it sent SIGINT before the second check had started (seen under load).
     marks = {name: tmp_path / f"{name}-in-solve" for name in ("a", "b", "c")}
     files = [str(_file(tmp_path, name, _hang_announced(mark))) for name, mark in marks.items()]
-    grader = subprocess.Popen(GRADE + ["1", *files, "--deadline", "120", "--jobs", "2"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    grader = popen_interruptible(GRADE + ["1", *files, "--deadline", "120", "--jobs", "2"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     below: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 180           # start-up of two checks at load 20-30 took over 60 s
