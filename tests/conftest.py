@@ -80,17 +80,19 @@ def stand_in_kut_tree(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (pyproject.toml's addopts): three workers per CPU this process may run on; none on one CPU.
+    """``-n auto`` (pyproject.toml's addopts): a worker per CPU this process may run on, and two more; none on one CPU.
 
     Most of the suite's time is spent waiting (a guest halted until its interrupt, a deadline, a child
     process starting, a tracefs instance or an irqchip VM released after an RCU grace period), so workers
-    beyond the CPUs shorten it: on 2 CPUs (kvm_pvm, quiet, 1681 tests with kvm-unit-tests' kernels) the
-    whole suite took 105.2 s with 3 workers, 86-87 s with 4, 82.7 s with 5 and 80.2 s with 6; beside a
-    helper's benchmarks, 145-161 s with 4 and 132-144 s with 6. Four once had
-    the vCPU threads' host preempted often enough to show kvm_pvm's injections at VM entries that in-kernel
-    exits bring early (a late IRQ-window exit); the tests now assert what the host does then (lab 5's
-    checker, test_queued_interrupt_waits_for_sti). On one CPU (the emulated hosts of ``python -m pykvm.hosts``
-    give their guest one), where every instruction is emulated, workers would only add their own start-up.
+    beyond the CPUs shorten it: on 2 CPUs (kvm_pvm, quiet, 1687 tests with kvm-unit-tests' kernels) the
+    whole suite took 83.6 and 84.2 s with 4 workers, and 80.4-85 s with 6. Six give the vCPU threads' host
+    more preemptions, and each is a VM entry where kvm_pvm delivers what it holds: one run of six saw an NMI
+    held for the next entry taken before the next exit to userspace, and an IOAPIC's remote IRR cleared by
+    an EOI that kvm_pvm's LAPIC otherwise never forwards. Four once had the vCPU threads' host preempted
+    often enough to show kvm_pvm's injections at VM entries that in-kernel exits bring early (a late IRQ-window
+    exit); the tests now assert what the host does then (lab 5's checker, test_queued_interrupt_waits_for_sti).
+    On one CPU (the emulated hosts of ``python -m pykvm.hosts`` give their guest one), where every
+    instruction is emulated, workers would only add their own start-up.
     """
     count = len(os.sched_getaffinity(0))
-    return 3 * count if count > 1 else 0
+    return count + 2 if count > 1 else 0
