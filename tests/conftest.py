@@ -85,12 +85,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     Most of the suite's time is spent waiting (a guest halted until its interrupt, a deadline, a child
     process starting, a tracefs instance or an irqchip VM released after an RCU grace period), so workers
     beyond the CPUs shorten it: on 2 CPUs (kvm_pvm, quiet, 1687 tests with kvm-unit-tests' kernels) the
-    whole suite took 83.6 and 84.2 s with 4 workers, and 80.4-85 s with 6. Six give the vCPU threads' host
-    more preemptions, and each is a VM entry where kvm_pvm delivers what it holds: one run of six saw an NMI
-    held for the next entry taken before the next exit to userspace, and an IOAPIC's remote IRR cleared by
-    an EOI that kvm_pvm's LAPIC otherwise never forwards. Four once had the vCPU threads' host preempted
-    often enough to show kvm_pvm's injections at VM entries that in-kernel exits bring early (a late IRQ-window
-    exit); the tests now assert what the host does then (lab 5's checker, test_queued_interrupt_waits_for_sti).
+    whole suite took 83.6 and 84.2 s with 4 workers, and 80.4-85 s with 6. More workers give the vCPU
+    threads' host more preemptions, and each is a VM entry where kvm_pvm delivers what it holds. The tests
+    assert what the host does then: an NMI held past its handler's IRET and taken at such an entry (the NMI
+    probe reads KVM's exit counters, ``held_nmi_outcome``), a third level-triggered copy the IOAPIC sent
+    while kvm_pvm's LAPIC EOIs at injection (the ioapic kernel exits once with interrupts on to take it), a
+    late IRQ-window exit (lab 5's checker, test_queued_interrupt_waits_for_sti). Each was reproduced with four
+    busy loops beside it (about 1 run in 300-750) before its fix, and not after (1500 NMI trials, 700 boots).
     On one CPU (the emulated hosts of ``python -m pykvm.hosts`` give their guest one), where every
     instruction is emulated, workers would only add their own start-up.
     """

@@ -151,6 +151,23 @@ def test_the_floor_is_the_guests_own_time_in_the_in_process_runs_against_qemus_t
     assert "QEMU's total less the same guest time, 22.750 s" in text
 
 
+def test_the_floor_is_cross_checked_by_the_kernels_time_after_their_first_byte_under_qemu():
+    figures = result([4.0, 6.0, 5.0])
+    for name in figures.samples:
+        runs = figures.samples[name]["in-process"]
+        runs[:] = [dataclasses.replace(sample, run=dataclasses.replace(sample.run, guest=0.1)) for sample in runs]
+    assert "cross-check of the floor" not in "\n".join(figures.report())    # control: no first byte was timed
+    after_first_byte = {("a", "qemu"): [9.0, 8.0, 7.0], ("b", "qemu"): [1.0, 1.0, 1.5],
+                        ("a", "in-process"): [0.05, 0.06, 0.07], ("b", "in-process"): [0.02, 0.01, 0.03]}
+    for (name, way), times in after_first_byte.items():
+        figures.samples[name][way][:] = [dataclasses.replace(sample, run=dataclasses.replace(sample.run, kernel=time))
+                                         for sample, time in zip(figures.samples[name][way], times, strict=True)]
+    assert figures.kernel("a", "qemu") == 8.0
+    text = "\n".join(figures.report())
+    assert ("cross-check of the floor, from each kernel's first output byte to the run's end (median, summed): "
+            "under QEMU 9.000 s, 0.391 of QEMU's total; under pykvm 0.080 s (the guest time above: 0.200 s)") in text
+
+
 def test_each_entry_shows_its_time_outside_kvm_run_and_its_busiest_exit_sites():
     figures = result([4.0, 6.0, 5.0])
     timer, thr, lsr, mmio = (ExitSite("io", 0x608, False), ExitSite("io", 0x3F8, True), ExitSite("io", 0x3FD, False),
@@ -254,6 +271,7 @@ def test_a_stand_in_tree_is_measured_with_real_runs(kvm_available, tree, capsys)
     assert 0 < in_process < command and qemu > 0          # the command pays Python's start-up on top
     assert "inside the measured time in 2 of 2 runs" in out
     assert "floor: that guest time totals" in out          # the Machine measured the guest's own time
+    assert "cross-check of the floor" in out                # both kernels printed: their first bytes were timed
     assert "left out: fails: under pykvm: FAIL fails (QEMU not run)" in out
     assert "left out: qemu_fails: under QEMU: FAIL qemu_fails (pykvm: PASS qemu_fails)" in out
 

@@ -202,11 +202,14 @@ def test_the_guests_own_time_counts_its_halts_in_kvm_run_and_not_the_devices(kvm
 @pytest.mark.parametrize("cpus", SMP)
 def test_ioapic_edge_and_level_through_a_test_irq_line(kvm, host, cpus):
     result = boot(kvm, "ioapic", cpus)
-    # Where the LAPIC keeps nothing in service (kvm_pvm), the EOI never reaches the IOAPIC.
-    irr = "clear" if host.lapic_tracks_in_service else "still set"
+    # Where the LAPIC keeps nothing in service (kvm_pvm), KVM EOIs a level vector as it injects it (a kvm_eoi
+    # trace event before the guest's EOI write): with the line still high, the IOAPIC delivers it a third time,
+    # and the guest takes that one at the KVM_RUN after its last exit with interrupts on. Without that exit
+    # the third copy waited for whatever VM entry came next: a preemption's, in 2 runs of 600 under load (ci19).
+    level = 2 if host.lapic_tracks_in_service else 3
     assert result.lines == ["ioapic: edge-triggered GSI 10: 1 interrupt(s)",
-                            "ioapic: level-triggered GSI 10: 2 interrupt(s)",
-                            f"ioapic: remote IRR {irr} after EOI"]
+                            f"ioapic: level-triggered GSI 10: {level} interrupt(s)",
+                            "ioapic: remote IRR clear after EOI"]
     assert result.status == PASS
 
 

@@ -25,7 +25,7 @@ from pykvm.hosts.probes import Observation, ProbeOutcome, Result, Scenario
 from pykvm.hosts.probes.base import in_mode
 from pykvm.hosts.probes.exits import IrqWindow
 from pykvm.hosts.probes.harness import MSI_VECTOR, run_once, where_taken
-from pykvm.hosts.probes.nmi import NmiBlocking
+from pykvm.hosts.probes.nmi import NmiBlocking, NmiWindow, held_nmi_outcome
 from pykvm.hosts.probes.shadows import Shadow
 from pykvm.hosts.vendor import VendorModule
 
@@ -181,6 +181,21 @@ def test_where_taken_reads_any_log():
     assert seen([_record(0, MSI_VECTOR, 0x10)]) == Observation(Shadow.HELD, "taken at 0x10")
     assert seen([_record(0, MSI_VECTOR, 0x99)]).outcome == Shadow.ELSEWHERE
     assert seen([]).outcome == Shadow.NOT_TAKEN
+
+
+def test_a_held_nmi_is_placed_by_where_it_was_taken_and_by_kvms_exit_counts():
+    returned_to, later = 0x1006d, 0x10068
+    # taken at the IRET's return point: the window KVM asked for (an NMI-window exit), or virtual NMIs (none)
+    assert held_nmi_outcome(returned_to, returned_to, False, 1, 0) == NmiWindow.AFTER_IRET
+    assert held_nmi_outcome(returned_to, returned_to, False, 0, 0) == NmiWindow.AFTER_IRET
+    # taken later before the guest's next exit (ci19, kvm_pvm: at the entry after a preemption), or after it
+    assert held_nmi_outcome(returned_to, later, False, 0, 1) == NmiWindow.NEXT_ENTRY
+    assert held_nmi_outcome(returned_to, None, False, 0, 0) == NmiWindow.NEXT_ENTRY
+    # at the return point, but an exit handled in the kernel came and no window exit: either host could do it
+    assert held_nmi_outcome(returned_to, returned_to, False, 0, 1) is None
+    # the control: the same exit beside an NMI-window exit is the window's
+    assert held_nmi_outcome(returned_to, returned_to, False, 1, 1) == NmiWindow.AFTER_IRET
+    assert held_nmi_outcome(returned_to, 0x10200, True, 0, 0) == NmiWindow.NOT_HELD
 
 
 def test_docs_table_is_generated_from_the_table():

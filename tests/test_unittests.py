@@ -9,15 +9,17 @@ tree, a few real entries run too, and the pytest option collects that tree.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import psutil
 import pytest
 
-from pykvm.unittests import ConfigError, Verdict, read_config, run_pykvm
+from pykvm.unittests import ConfigError, Verdict, read_config, run_pykvm, runner
 from pykvm.unittests.__main__ import main
 from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout, shell_words
 from pykvm.unittests.plan import plan
@@ -283,3 +285,28 @@ def test_x86_runs_status_1_is_a_failure_once_the_kernel_ran_and_a_skip_before(tr
     judged = Parity(EntryResult("passes", "pykvm", Verdict.FAIL, 4, output="PASS: one\nFAIL: two\n"), outcome)
     assert judged.qemu_decided
     assert judged.matches == (verdict == Verdict.FAIL)      # a triple fault under both: the same failure
+
+
+def test_qemus_run_times_the_kernels_first_byte_and_ends_at_its_limit(tree, monkeypatch):
+    run = tree / "x86" / "run"
+    # x86/run echoes QEMU's command at once; the kernel speaks after QEMU's firmware (here 0.3 s)
+    run.write_text('#!/bin/bash\necho "timeout -k 1s --foreground 30s /usr/bin/qemu-system-x86_64 -kernel x"\n'
+                   'sleep 0.3; echo "PASS: one"; echo "SUMMARY: 1 tests"; exit 0\n')
+    run.chmod(0o755)
+    entry = {entry.name: entry for entry in read_config(tree)}["passes"]
+    outcome = run_qemu(entry, tree, 30)
+    assert outcome.verdict == Verdict.PASS and outcome.first_byte is not None
+    assert 0.3 <= outcome.first_byte <= outcome.seconds
+    assert outcome.after_first_byte == pytest.approx(outcome.seconds - outcome.first_byte)
+    # control: only the echo, no kernel output: no first byte
+    run.write_text('#!/bin/bash\necho "timeout -k 1s --foreground 30s /usr/bin/qemu-system-x86_64"\nexit 3\n')
+    assert run_qemu(entry, tree, 30).first_byte is None
+    # a run that outlives its limit (the timeout and QEMU_SLACK) is killed with its whole process group
+    monkeypatch.setattr(runner, "QEMU_SLACK", 0.5)
+    run.write_text('#!/bin/bash\necho "PASS: early"\nsleep 600 & echo $! > "$(dirname "$0")/sleeper"; wait\n')
+    hung = run_qemu(entry, tree, 0.001)
+    sleeper = int((tree / "x86" / "sleeper").read_text())
+    assert hung.status == 124 and "timeout" in hung.reason and hung.first_byte is not None
+    assert 0.5 <= hung.seconds < 5
+    with contextlib.suppress(psutil.NoSuchProcess):    # SIGKILLed with its group: gone within moments
+        psutil.Process(sleeper).wait(timeout=5)        # raises psutil.TimeoutExpired while it lives on

@@ -84,6 +84,7 @@ class Run:
     elapsed: float | None = None    # BootResult.elapsed, in-process only
     guest: float | None = None      # BootResult.guest_seconds, in-process only
     sites: dict[ExitSite, int] | None = None    # BootResult.exit_sites, in-process only
+    kernel: float | None = None     # seconds from the kernel's first output byte to the end (in-process, QEMU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,7 @@ def runners(tree: Path, qemu: str | None) -> dict[str, Runner]:
     def in_process(entry: Entry) -> Run:
         outcome = run_pykvm(entry, tree)
         return Run(outcome.line(), outcome.verdict == Verdict.PASS, outcome.elapsed, outcome.guest_seconds,
-                   outcome.exit_sites)
+                   outcome.exit_sites, outcome.after_first_byte)
 
     def command(entry: Entry) -> Run:
         argv = [sys.executable, "-m", "pykvm.unittests", str(tree), entry.name]
@@ -117,7 +118,7 @@ def runners(tree: Path, qemu: str | None) -> dict[str, Runner]:
 
     def under_qemu(entry: Entry) -> Run:
         outcome = run_qemu(entry, tree, qemu=qemu)
-        return Run(outcome.line(), outcome.verdict == Verdict.PASS)
+        return Run(outcome.line(), outcome.verdict == Verdict.PASS, kernel=outcome.after_first_byte)
 
     return {"in-process": in_process, "command": command, "qemu": under_qemu}
 
@@ -241,6 +242,12 @@ class Result:
         runs = [sample.run.guest for sample in self.samples[name]["in-process"]]
         return None if None in runs else statistics.median(run for run in runs if run is not None)
 
+    def kernel(self, name: str, way: str) -> float | None:
+        """The median of ``name``'s seconds from the kernel's first output byte to the end, ``way``'s runs; None if
+        a run lacks it."""
+        runs = [sample.run.kernel for sample in self.samples[name][way]]
+        return None if None in runs else statistics.median(run for run in runs if run is not None)
+
     def outside(self, name: str) -> tuple[float, dict[ExitSite, int]] | None:
         """The median of the Machine's time outside ``KVM_RUN`` in ``name``'s in-process runs, and the exit
         sites of its run with the median number of exits; None if a run lacks either."""
@@ -311,7 +318,20 @@ class Result:
                      f"QEMU's total: Python's start-up, building the Machine, handling exits, teardown); QEMU's "
                      f"total less the same guest time, {qemu - floor:.3f} s (its firmware, x86/run's device "
                      f"probe, QEMU's start-up)")
-        return lines
+        return lines + self._second_floor(floor)
+
+    def _second_floor(self, floor: float) -> list[str]:
+        """The floor by a second method, from QEMU's runs alone: the time from each kernel's first output byte
+        to the run's end, which QEMU's firmware and start-up do not touch."""
+        kernels = {way: [self.kernel(name, way) for name in self.samples] for way in ("in-process", "qemu")}
+        if any(None in times for times in kernels.values()):
+            return []
+        mine, theirs = (sum(time for time in kernels[way] if time is not None) for way in ("in-process", "qemu"))
+        qemu = self.total("qemu")
+        return [f"  cross-check of the floor, from each kernel's first output byte to the run's end (median, "
+                f"summed): under QEMU {theirs:.3f} s, {theirs / qemu:.3f} of QEMU's total; under pykvm "
+                f"{mine:.3f} s (the guest time above: {floor:.3f} s). Measured on QEMU's runs alone, this is "
+                f"what the kernels took once they began to print, which no VMM's start-up or firmware shortens"]
 
     def _exits(self, name: str) -> str:
         """``name``'s time outside KVM_RUN and its exits to userspace, with the busiest sites ("" if unmeasured)."""

@@ -19,11 +19,14 @@ pykvm lacks for it (:mod:`.plan`): each a SKIP with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
 import re
+import selectors
 import shlex
+import signal
 import subprocess
 import time
 import warnings
@@ -40,6 +43,7 @@ STATUS_PASS_RAW = 1             # the debug-exit value 0, the test's exit(0)
 STATUS_SKIP = 77
 STATUS_TIMEOUT = 124
 STATUS_ABORT = 127
+QEMU_SLACK = 30.0               # seconds x86/run may take beyond the entry's timeout (its own `timeout -k 1s`)
 ENDED_UNANNOUNCED = "the guest ended without the debug exit (a reset, triple fault or power-off)"
 _RESULT_LINE = re.compile(r"^(PASS|FAIL|SKIP|XFAIL|XPASS): ?(.*)$")
 
@@ -65,6 +69,15 @@ class EntryResult:
     elapsed: float | None = None  # pykvm: the Machine's own clock (BootResult.elapsed), run() to the guest's end
     guest_seconds: float | None = None  # pykvm: the guest's own part of elapsed (BootResult.guest_seconds)
     exit_sites: dict[ExitSite, int] | None = None   # pykvm: its exits to userspace per site (BootResult.exit_sites)
+    first_byte: float | None = None     # seconds from the run's start to the kernel's first output byte, if any
+
+    @property
+    def after_first_byte(self) -> float | None:
+        """Seconds from the kernel's first output byte to the run's end: the kernel's own time, as any VMM's
+        output shows it (None if it printed nothing or the run was not timed)."""
+        if self.first_byte is None:
+            return None
+        return (self.elapsed if self.elapsed is not None else self.seconds) - self.first_byte
 
     @property
     def results(self) -> list[str]:
@@ -93,10 +106,15 @@ def summary_of(output: str) -> str:
     return ""
 
 
+def _kernel_line(line: str) -> bool:
+    """Whether a line of x86/run's output is the kernel's: not blank and not its echo of QEMU's command (which
+    starts with ``timeout -k 1s --foreground 90s`` when run_tests.sh passes a TIMEOUT)."""
+    return bool(line.strip()) and not line.startswith(("/", "qemu", "timeout "))
+
+
 def _kernel_ran(output: str) -> bool:
-    """Whether x86/run's output holds anything of the kernel's: a line besides its echo of QEMU's command
-    (which starts with ``timeout -k 1s --foreground 90s`` when run_tests.sh passes a TIMEOUT)."""
-    return any(line.strip() and not line.startswith(("/", "qemu", "timeout ")) for line in output.splitlines())
+    """Whether x86/run's output holds anything of the kernel's."""
+    return any(_kernel_line(line) for line in output.splitlines())
 
 
 def verdict_of(status: int) -> Verdict:
@@ -151,13 +169,15 @@ def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str
     if result.ending == Ending.EXIT_PORT:
         return EntryResult(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
                        output=output, seconds=seconds, elapsed=result.elapsed,
-                       guest_seconds=result.guest_seconds, exit_sites=result.exit_sites)
+                       guest_seconds=result.guest_seconds, exit_sites=result.exit_sites,
+                       first_byte=result.first_byte)
     if result.ending == Ending.TIMEOUT:
         reason = f"timeout; duration={timeout or entry.timeout:g}s"
     else:
         reason = f"{result.ending.value}: {result.message}"
     return EntryResult(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds,
-                   elapsed=result.elapsed, guest_seconds=result.guest_seconds, exit_sites=result.exit_sites)
+                   elapsed=result.elapsed, guest_seconds=result.guest_seconds, exit_sites=result.exit_sites,
+                   first_byte=result.first_byte)
 
 
 def qemu_command(entry: Entry, tree: Path, timeout: float | None = None) -> str:
@@ -178,16 +198,12 @@ def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str 
     if reason:
         return EntryResult(entry.name, "qemu", Verdict.SKIP, None, reason=reason)
     environment = dict(os.environ, QEMU=qemu) if qemu else dict(os.environ)
-    started = time.monotonic()
     seconds = timeout or entry.timeout
-    try:
-        done = subprocess.run(["bash", "-c", qemu_command(entry, tree, timeout)], cwd=tree, env=environment,
-                              capture_output=True, stdin=subprocess.DEVNULL, timeout=seconds + 30)
-    except subprocess.TimeoutExpired as exc:
-        output = (exc.stdout or b"").decode(errors="replace")
-        return EntryResult(entry.name, "qemu", Verdict.FAIL, STATUS_TIMEOUT, reason=f"timeout; duration={seconds:g}s",
-                       output=output, seconds=time.monotonic() - started)
+    done = _run_timed(["bash", "-c", qemu_command(entry, tree, timeout)], tree, environment, seconds + QEMU_SLACK)
     output = done.stdout.decode(errors="replace")
+    if done.returncode is None:
+        return EntryResult(entry.name, "qemu", Verdict.FAIL, STATUS_TIMEOUT, reason=f"timeout; duration={seconds:g}s",
+                       output=output, seconds=done.seconds, first_byte=done.first_kernel_byte)
     status = done.returncode
     # x86/run reports run_tests.sh's scale (0 pass, 77 skip, 124 timeout, >128 a signal, else a failure);
     # give the debug-exit status pykvm reports: a pass is 1 there.
@@ -196,18 +212,78 @@ def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str 
         # The kernel ran and ended without the debug exit: QEMU's -no-reboot exits 0 on a reset, a triple
         # fault or a power-off, and x86/run reports that as 1. run_tests.sh calls it a FAIL; so does this.
         return EntryResult(entry.name, "qemu", Verdict.FAIL, STATUS_POWER_OFF, summary_of(output),
-                       reason=ENDED_UNANNOUNCED, output=output, seconds=time.monotonic() - started)
+                       reason=ENDED_UNANNOUNCED, output=output, seconds=done.seconds,
+                       first_byte=done.first_kernel_byte)
     if status in (1, 2):
         # QEMU (1) or the run script (2) failed before the test ran: an option or CPU feature QEMU refuses
         # here. run_tests.sh skips such an entry with QEMU's last word, and so does this.
         lines = [line for line in done.stderr.decode(errors="replace").splitlines()
                  if line.strip() and "warning" not in line.lower()] or output.strip().splitlines()
         return EntryResult(entry.name, "qemu", Verdict.SKIP, raw, reason=lines[-1] if lines else "QEMU did not start",
-                       output=output, seconds=time.monotonic() - started)
+                       output=output, seconds=done.seconds)
     reason = f"timeout; duration={seconds:g}s" if status == STATUS_TIMEOUT else ""
     stopped = [line for line in done.stderr.decode(errors="replace").splitlines()
                if line.startswith(("KVM internal error", "KVM: entry failed"))]
     if stopped:          # QEMU stops the vCPU there and waits: the timeout follows
         reason = f"{stopped[0].strip()}" + (f"; then {reason}" if reason else "")
     return EntryResult(entry.name, "qemu", verdict_of(raw), raw, summary_of(output), reason=reason, output=output,
-                   seconds=time.monotonic() - started)
+                   seconds=done.seconds, first_byte=done.first_kernel_byte)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimedRun:
+    """A finished command: its status (None: killed at the deadline), its output, and when its kernel spoke."""
+
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    seconds: float                      # from the spawn to the end (or the kill)
+    first_kernel_byte: float | None     # from the spawn to the first byte of x86/run's output that is the kernel's
+
+
+def _run_timed(argv: list[str], cwd: Path, environment: dict[str, str], limit: float) -> TimedRun:
+    """Run ``argv`` to its end or ``limit`` seconds, noting when each piece of its standard output came, so that
+    the kernel's first byte (after x86/run's echo of QEMU's command) is timed. Its process group is killed at the
+    limit, and on any exception here (Ctrl-C) before it is raised again."""
+    started = time.monotonic()
+    process = subprocess.Popen(argv, cwd=cwd, env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    assert process.stdout is not None and process.stderr is not None
+    out, err = process.stdout.fileno(), process.stderr.fileno()
+    pieces: dict[int, list[bytes]] = {out: [], err: []}
+    arrivals: list[tuple[int, float]] = []          # (stdout bytes so far, seconds since the spawn)
+    finished = False
+    try:
+        with selectors.DefaultSelector() as selector:
+            for fd in (out, err):
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map() and time.monotonic() - started < limit:
+                for key, _ in selector.select(limit - (time.monotonic() - started)):
+                    data = os.read(key.fd, 65536)
+                    if not data:
+                        selector.unregister(key.fd)
+                        continue
+                    pieces[key.fd].append(data)
+                    if key.fd == out:
+                        arrivals.append((sum(map(len, pieces[out])), time.monotonic() - started))
+            finished = not selector.get_map()
+    finally:
+        if not finished:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    stdout = b"".join(pieces[out])
+    return TimedRun(process.returncode if finished else None, stdout, b"".join(pieces[err]),
+                    time.monotonic() - started, _first_kernel_byte(stdout, arrivals))
+
+
+def _first_kernel_byte(stdout: bytes, arrivals: list[tuple[int, float]]) -> float | None:
+    """When the first byte of the kernel's output came: that of its first line (see :func:`_kernel_line`)."""
+    offset = 0
+    for line in stdout.splitlines(keepends=True):
+        if _kernel_line(line.decode(errors="replace")):
+            return next((when for size, when in arrivals if size > offset), None)
+        offset += len(line)
+    return None

@@ -59,8 +59,9 @@ LAPIC_ISR = Expectation(
     "Intel SDM Vol. 3A, local APIC 'Interrupt Acceptance for Fixed Interrupts'; lapic.c "
     "kvm_get_apic_interrupt",
     measured(LapicIsr.NOT_IN_SERVICE, LapicIsr.IN_SERVICE, LapicIsr.IN_SERVICE),
-    {LapicIsr.NOT_IN_SERVICE: "the host's LAPIC does not track delivered vectors in the ISR, so level-"
-                              "triggered lines re-deliver without an EOI"},
+    {LapicIsr.NOT_IN_SERVICE: "the host's LAPIC does not track delivered vectors in the ISR: KVM EOIs a "
+                              "vector as it injects it (a kvm_eoi trace event before the guest's EOI write), "
+                              "so a level-triggered line still high is delivered again before the guest's EOI"},
     "lapic_tracks_in_service")
 
 
