@@ -45,6 +45,13 @@ time outside ``KVM_RUN`` (``elapsed`` less the guest's: the exits handled in
 Python, starting and joining the vCPU threads), its exits to userspace and
 the sites most of them went to (``exit_sites`` of :class:`~pykvm.vmm.BootResult`),
 so an entry whose time goes to exits handled in Python shows it.
+
+The floor is checked by a second method that needs no pykvm figure: in QEMU's
+runs, the time from the kernel's first byte of output (the first line after
+x86/run's echo of QEMU's command) to QEMU's exit. QEMU's firmware and
+start-up all come before that byte, so that time is the kernels' own work
+under QEMU, less what each did before it first printed; the same span in
+pykvm's runs (``BootResult.first_byte`` to the guest's end) is printed beside it.
 """
 
 from __future__ import annotations
