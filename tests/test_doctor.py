@@ -22,7 +22,6 @@ from pykvm.core.exits import InternalErrorExit
 from pykvm.guests import LogRecord
 from pykvm.hosts import conformance, facts, measurement, probes
 from pykvm.hosts.probes import Observation, ProbeOutcome, Result, Scenario
-from pykvm.hosts.probes.base import in_mode
 from pykvm.hosts.probes.exits import IrqWindow
 from pykvm.hosts.probes.harness import MSI_VECTOR, run_once, where_taken
 from pykvm.hosts.probes.nmi import NmiBlocking, NmiWindow, held_nmi_outcome
@@ -32,7 +31,6 @@ from pykvm.hosts.vendor import VendorModule
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "host-conformance.md"
 # The probes run per CPU mode whose real- and protected-mode rows came after kvm_amd's measurement.
 PER_MODE = ("irq_window", "interrupt_not_ready", "nmi_blocking", "nmi_window", "step_sti_shadow")
-NOT_MEASURED_ON_AMD = {in_mode(name, mode) for name in PER_MODE for mode in ("real", "protected")}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +66,6 @@ def test_every_vendor_module_is_measured_and_an_unknown_one_gets_the_expectation
     for row in conformance.EXPECTATIONS.values():
         for vendor in (VendorModule.PVM, VendorModule.AMD, VendorModule.INTEL):
             known = row.known(vendor)
-            if vendor == VendorModule.AMD and row.probe in NOT_MEASURED_ON_AMD:
-                assert not known.verified and known.outcome == row.expected, row.probe
-                continue
             assert known.verified and known.source.startswith(f"measured on {vendor.value} "), row.probe
         unknown = row.known(VendorModule.UNKNOWN)
         assert not unknown.verified and unknown.outcome == row.expected and "not measured" in unknown.source

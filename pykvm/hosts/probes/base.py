@@ -88,22 +88,19 @@ class Expectation:
             outcome, f"observed '{outcome}', expected '{self.expected}'")
 
 
-def measured(pvm: ProbeOutcome, amd: ProbeOutcome | None, intel: ProbeOutcome, pvm_note: str = "", intel_note: str = ""
-             ) -> dict[VendorModule, Known]:
+def measured(pvm: ProbeOutcome, amd: ProbeOutcome, intel: ProbeOutcome, pvm_note: str = "", intel_note: str = "",
+             amd_note: str = "") -> dict[VendorModule, Known]:
     """A row's ``hosts``: what kvm_pvm, kvm_amd and kvm_intel did, each measured by the doctor.
 
-    ``amd`` is None where kvm_amd was not measured (the real- and protected-mode
-    rows added after its run): :meth:`Expectation.known` then gives the
-    expectation, marked unmeasured. A note says what else the measurement
-    showed, such as where the emulator under the host, not KVM, decided the outcome.
+    A note says what else the measurement showed, such as where the emulator
+    under the host, not KVM, decided the outcome, or on which kernel a row
+    added later was measured (:func:`mode_note`).
     """
     def source(measurement: str, note: str) -> str:
         return measurement + (f"; {note}" if note else "")
-    hosts = {VendorModule.PVM: Known(pvm, source(PVM_MEASURED, pvm_note), True),
-             VendorModule.INTEL: Known(intel, source(INTEL_MEASURED, intel_note), True)}
-    if amd is not None:
-        hosts[VendorModule.AMD] = Known(amd, AMD_MEASURED, True)
-    return hosts
+    return {VendorModule.PVM: Known(pvm, source(PVM_MEASURED, pvm_note), True),
+            VendorModule.AMD: Known(amd, source(AMD_MEASURED, amd_note), True),
+            VendorModule.INTEL: Known(intel, source(INTEL_MEASURED, intel_note), True)}
 
 
 # The CPU modes the guest images run in. KVM may take another path per mode (kvm_intel without
@@ -113,8 +110,9 @@ def measured(pvm: ProbeOutcome, amd: ProbeOutcome | None, intel: ProbeOutcome, p
 MODES = ("real", "protected", "long")
 
 
-def intel_note(mode: str, note: str = "") -> str:
-    """kvm_intel's note on a row of ``mode``: its real- and protected-mode rows came later, on a newer kernel."""
+def mode_note(mode: str, note: str = "") -> str:
+    """kvm_intel's or kvm_amd's note on a row of ``mode``: their real- and protected-mode rows came later, on a
+    newer kernel (kvm_intel's under Bochs, kvm_amd's under tcg-amd), with ``note`` after it."""
     later = "" if mode == "long" else "this mode's row measured on Debian Linux 6.12.118"
     return "; ".join(text for text in (later, note) if text)
 

@@ -13,7 +13,7 @@ import functools
 from ...core.errors import GuestError
 from ...core.exits import FailEntryExit
 from ...guests import Command, StopKind
-from .base import Expectation, Observation, ProbeOutcome, in_mode, intel_note, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, in_mode, measured, mode_note, scenario
 from .harness import PROBE_VECTOR, boot, internal_error, label, most_common, run_once
 
 
@@ -58,10 +58,10 @@ IRQ_WINDOW_EXPLANATIONS: dict[ProbeOutcome, str] = {
                        "checks the request only at VM entries, where IF=1 already exits at once); inject at the "
                        "next exit that reports ready_for_interrupt_injection=1",
     IrqWindow.RIGHT_AFTER_STI: "the window opened inside the STI shadow"}
-# What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel); None: not measured there.
-IRQ_WINDOW_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
-    "real": (IrqWindow.NO_EXIT, None, IrqWindow.AFTER_STI_NOP),
-    "protected": (IrqWindow.NO_EXIT, None, IrqWindow.AFTER_STI_NOP),
+# What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel).
+IRQ_WINDOW_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome, ProbeOutcome]] = {
+    "real": (IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP, IrqWindow.AFTER_STI_NOP),
+    "protected": (IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP, IrqWindow.AFTER_STI_NOP),
     "long": (IrqWindow.NO_EXIT, IrqWindow.AFTER_STI_NOP, IrqWindow.AFTER_STI_NOP),
 }
 
@@ -91,7 +91,8 @@ def _register_irq_window(mode: str) -> None:
     pvm, amd, intel = IRQ_WINDOW_RECORDS[mode]
     scenario(Expectation(
         in_mode("irq_window", mode), f"IRQ window exit after `sti; nop` (userspace irqchip), {mode} mode",
-        IrqWindow.AFTER_STI_NOP, IRQ_WINDOW_SOURCE, measured(pvm, amd, intel, intel_note=intel_note(mode)),
+        IrqWindow.AFTER_STI_NOP, IRQ_WINDOW_SOURCE, measured(pvm, amd, intel, intel_note=mode_note(mode),
+                                                             amd_note=mode_note(mode)),
         IRQ_WINDOW_EXPLANATIONS,
         in_mode("sends_irq_window_exits", mode)))(functools.partial(irq_window, mode=mode))
 
@@ -118,9 +119,9 @@ NOT_READY_EXPLANATIONS: dict[ProbeOutcome, str] = {
     NotReady.DELIVERED_WITH_IF_CLEAR: "KVM injects the event regardless of IF; userspace must wait for "
                                       "ready_for_interrupt_injection=1 (pykvm.injection.Injector refuses otherwise)",
     NotReady.ENTRY_FAILS: "VT-x's VM-entry checks reject an external interrupt with RFLAGS.IF=0"}
-NOT_READY_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
-    "real": (NotReady.DELIVERED_WITH_IF_CLEAR, None, NotReady.ENTRY_FAILS),
-    "protected": (NotReady.DELIVERED_WITH_IF_CLEAR, None, NotReady.ENTRY_FAILS),
+NOT_READY_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome, ProbeOutcome]] = {
+    "real": (NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS),
+    "protected": (NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS),
     "long": (NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.DELIVERED_WITH_IF_CLEAR, NotReady.ENTRY_FAILS),
 }
 
@@ -155,7 +156,8 @@ def _register_not_ready(mode: str) -> None:
     pvm, amd, intel = NOT_READY_RECORDS[mode]
     scenario(Expectation(
         in_mode("interrupt_not_ready", mode), f"KVM_INTERRUPT while the guest has IF=0, {mode} mode",
-        NotReady.HELD, NOT_READY_SOURCE, measured(pvm, amd, intel, intel_note=intel_note(mode, INTEL_ENTRY_CHECK)),
+        NotReady.HELD, NOT_READY_SOURCE, measured(pvm, amd, intel, intel_note=mode_note(mode, INTEL_ENTRY_CHECK),
+                                         amd_note=mode_note(mode)),
         NOT_READY_EXPLANATIONS, in_mode("interrupt_held_while_not_ready", mode)))(
             functools.partial(interrupt_not_ready, mode=mode))
 

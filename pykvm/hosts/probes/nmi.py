@@ -17,7 +17,7 @@ import functools
 
 from ...core.constants import Cap
 from ...guests import Command, StopKind
-from .base import Expectation, Observation, ProbeOutcome, Result, in_mode, intel_note, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, Result, in_mode, measured, mode_note, scenario
 from .harness import TRIALS, boot, label
 
 
@@ -44,12 +44,14 @@ NMI_WINDOW_SOURCE = ("x86.c inject_pending_event / enable_nmi_window (NMI-window
 NMI_WINDOW_EXPLANATIONS: dict[ProbeOutcome, str] = {
     NmiWindow.NEXT_ENTRY: "no NMI-window exit: the NMI waits (unmasked) until the next KVM_RUN",
     NmiWindow.NOT_HELD: "the second NMI was not held for the IRET (nmi_blocking says how)"}
-# What each vendor module did, per mode: ((blocking, window) on kvm_pvm, kvm_amd, kvm_intel); None: not measured.
+# What each vendor module did, per mode: ((blocking, window) on kvm_pvm, kvm_amd, kvm_intel).
 NmiPair = tuple[ProbeOutcome, ProbeOutcome]         # (nmi_blocking, nmi_window)
-NMI_RECORDS: dict[str, tuple[NmiPair, NmiPair | None, NmiPair]] = {
-    "real": ((NmiBlocking.HELD_UNTIL_IRET, NmiWindow.NEXT_ENTRY), None,
+NMI_RECORDS: dict[str, tuple[NmiPair, NmiPair, NmiPair]] = {
+    "real": ((NmiBlocking.HELD_UNTIL_IRET, NmiWindow.NEXT_ENTRY),
+             (NmiBlocking.HELD_UNTIL_IRET, NmiWindow.AFTER_IRET),
              (NmiBlocking.HELD_UNTIL_IRET, NmiWindow.AFTER_IRET)),
-    "protected": ((Result.INTERNAL_ERROR, Result.INTERNAL_ERROR), None,
+    "protected": ((Result.INTERNAL_ERROR, Result.INTERNAL_ERROR),
+                  (NmiBlocking.HELD_UNTIL_IRET, NmiWindow.AFTER_IRET),
                   (NmiBlocking.HELD_UNTIL_IRET, NmiWindow.AFTER_IRET)),
     "long": ((NmiBlocking.HELD_UNTIL_IRET, NmiWindow.NEXT_ENTRY),
              (NmiBlocking.HELD_UNTIL_IRET, NmiWindow.AFTER_IRET),
@@ -149,7 +151,8 @@ def _nmi_trial(kvm, mode: str, counted: bool) -> tuple[Observation, Observation 
 def _register(mode: str) -> None:
     """The two rows of ``mode`` and the scenario that measures both."""
     pvm, amd, intel = NMI_RECORDS[mode]
-    hosts = [measured(pvm[i], amd[i] if amd else None, intel[i], intel_note=intel_note(mode)) for i in range(2)]
+    hosts = [measured(pvm[i], amd[i], intel[i], intel_note=mode_note(mode), amd_note=mode_note(mode))
+             for i in range(2)]
     blocking = Expectation(in_mode("nmi_blocking", mode), f"a second NMI while the first NMI's handler runs, "
                                                           f"{mode} mode", NmiBlocking.HELD_UNTIL_IRET,
                            NMI_BLOCKING_SOURCE, hosts[0], NMI_BLOCKING_EXPLANATIONS,

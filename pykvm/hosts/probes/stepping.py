@@ -11,7 +11,7 @@ import functools
 from ...core.constants import Cap
 from ...core.exits import DebugExit, HltExit
 from ...guests import Command
-from .base import Expectation, Observation, ProbeOutcome, in_mode, intel_note, measured, scenario
+from .base import Expectation, Observation, ProbeOutcome, in_mode, measured, mode_note, scenario
 from .harness import boot, label, start_stepping, step, stop_stepping
 
 
@@ -67,10 +67,10 @@ STEP_STI_SHADOW_SOURCE = ("Intel SDM Vol. 3A 6.8.3 holds debug exceptions only a
 STEP_STI_SHADOW_EXPLANATIONS: dict[ProbeOutcome, str] = {
     StepStiShadow.HELD_PAST_SHADOW: "the host treats the STI shadow like MOV SS's and holds the single-step "
                                     "trap over the next instruction"}
-# What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel); None: not measured there.
-STEP_STI_SHADOW_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome | None, ProbeOutcome]] = {
-    "real": (StepStiShadow.STOPS_IN_SHADOW, None, StepStiShadow.STOPS_IN_SHADOW),
-    "protected": (StepStiShadow.STOPS_IN_SHADOW, None, StepStiShadow.STOPS_IN_SHADOW),
+# What each vendor module did, per mode: (kvm_pvm, kvm_amd, kvm_intel).
+STEP_STI_SHADOW_RECORDS: dict[str, tuple[ProbeOutcome, ProbeOutcome, ProbeOutcome]] = {
+    "real": (StepStiShadow.STOPS_IN_SHADOW, StepStiShadow.HELD_PAST_SHADOW, StepStiShadow.STOPS_IN_SHADOW),
+    "protected": (StepStiShadow.STOPS_IN_SHADOW, StepStiShadow.HELD_PAST_SHADOW, StepStiShadow.STOPS_IN_SHADOW),
     "long": (StepStiShadow.STOPS_IN_SHADOW, StepStiShadow.HELD_PAST_SHADOW, StepStiShadow.STOPS_IN_SHADOW),
 }
 
@@ -95,7 +95,8 @@ def _register_step_sti_shadow(mode: str) -> None:
     scenario(Expectation(
         in_mode("step_sti_shadow", mode), f"single-step over `sti`: where the next debug exit comes, {mode} mode",
         StepStiShadow.STOPS_IN_SHADOW, STEP_STI_SHADOW_SOURCE, measured(pvm, amd, intel,
-                                                                        intel_note=intel_note(mode, BOCHS_STI_SHADOW)),
+                                                                        intel_note=mode_note(mode, BOCHS_STI_SHADOW),
+                                                                        amd_note=mode_note(mode)),
         STEP_STI_SHADOW_EXPLANATIONS, in_mode("single_step_stops_in_sti_shadow", mode)))(
             functools.partial(step_sti_shadow, mode=mode))
 
