@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from pykvm.testing import skip_missing_input
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kvm_unit_tests: boots a kernel of the tree PYKVM_KUT_DIR names")
@@ -45,12 +47,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def kut_flat() -> Callable[[str], Path]:
     """``kut_flat(name)``: ``x86/NAME.flat`` of the built kvm-unit-tests tree ``PYKVM_KUT_DIR`` names.
 
-    The test skips when the variable is unset or the kernel is not built (CI builds the tree and sets it).
+    The test skips when the variable is unset (a skip even under PYKVM_REQUIRE_KVM=1: no KVM supplies the
+    tree) or the kernel is not built (a failure then: the tree given lacks it). CI builds the tree and sets it.
     """
     def flat(name: str) -> Path:
         tree = os.environ.get("PYKVM_KUT_DIR")
         if not tree:
-            pytest.skip("PYKVM_KUT_DIR is not set: it names a built kvm-unit-tests tree (./configure && make)")
+            skip_missing_input("PYKVM_KUT_DIR is not set: it names a built kvm-unit-tests tree "
+                               "(./configure && make)")
         path = Path(tree, "x86", f"{name}.flat")
         if not path.is_file():
             pytest.skip(f"{path} is not built: run make in the kvm-unit-tests tree")

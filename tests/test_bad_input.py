@@ -141,7 +141,8 @@ _KERNEL_GS_BASE = 0xC0000102
 CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     # -- Kvm -------------------------------------------------------------------------------
     ("kvm-path-type", lambda w: pykvm.Kvm(123), TypeError, "path=123"),
-    ("kvm-path-missing", lambda w: pykvm.Kvm("/nonexistent/kvm"), KvmUnavailableError, "/nonexistent/kvm"),
+    ("kvm-path-missing", lambda w: pykvm.Kvm("/nonexistent/kvm"), KvmUnavailableError,
+     "/nonexistent/kvm does not exist; KVM's device node is '/dev/kvm'"),
     ("check-extension-str", lambda w: w.kvm.check_extension("IRQCHIP"), TypeError, "cap="),
     ("check-extension-negative", lambda w: w.kvm.check_extension(-1), ValueError, "cap=-1"),
     # -- create_vm ---------------------------------------------------------------------------
@@ -219,7 +220,8 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     ("interrupt-bool", lambda w: w.plain_vcpu.interrupt(True), InvalidVector, "True"),
     ("interrupt-too-big", lambda w: w.plain_vcpu.interrupt(256), InvalidVector, "256"),
     ("interrupt-negative", lambda w: w.plain_vcpu.interrupt(-1), InvalidVector, "-1"),
-    ("interrupt-str", lambda w: w.plain_vcpu.interrupt("0x20"), InvalidVector, "'0x20'"),
+    ("interrupt-str", lambda w: w.plain_vcpu.interrupt("0x20"), ArgumentTypeError,
+     "'0x20': expected an integer, got str"),
     ("interrupt-kernel-pic", lambda w: w.vcpu.interrupt(0x40), IrqchipModeError, "in-kernel PIC"),
     ("regs-not-regs", _set("regs", "x"), TypeError, "regs='x'"),
     ("regs-negative-rip", _set("regs", Regs(rip=-1)), ValueError, "Regs.rip=-1"),
@@ -238,7 +240,8 @@ CASES: list[tuple[str, Callable[[World], Any], type[BaseException], str]] = [
     ("exception-vector-external", lambda w: Injector(w.plain_vcpu).exception(0x40), InvalidVector, "vector"),
     ("exception-error-code-on-de", lambda w: Injector(w.plain_vcpu).exception(0, error_code=1), ValueError,
      "error_code"),
-    ("injector-interrupt-str", lambda w: Injector(w.plain_vcpu).interrupt("0x20"), InvalidVector, "'0x20'"),
+    ("injector-interrupt-str", lambda w: Injector(w.plain_vcpu).interrupt("0x20"), ArgumentTypeError,
+     "'0x20': expected an integer, got str"),
     ("injector-interrupt-kernel-pic", lambda w: Injector(w.vcpu).interrupt(0x40), IrqchipModeError, "in-kernel PIC"),
     ("controller-foreign-injector", lambda w: UserspaceIrqController(w.plain_vcpu, injector=Injector(w.vcpu)),
      InvalidArgument, "injector="),

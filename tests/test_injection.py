@@ -71,7 +71,7 @@ def test_a_host_limit_is_one_only_where_the_session_was_given_the_hosts_explaine
     exit = raised.value.exit
     if explain is None:         # the core decodes only the exit as KVM reported it: no ioctl, so no RIP
         assert type(raised.value) is GuestError and exit.explanation == "" and not exit.host_limit
-        assert exit.rip == 0 and "unexplained" in str(raised.value)
+        assert exit.rip == 0 and "this session has no explainer" in str(raised.value)
         assert f"RIP {guest.vcpu.regs.rip:#x}" in str(raised.value)     # the session's own reading
     else:
         assert isinstance(raised.value, HostLimitation) and exit.host_limit

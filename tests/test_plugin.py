@@ -61,6 +61,7 @@ def test_without_kvm_it_skips_with_a_reason(tmp_path):
     result = run_pytest(tmp_path, USER_TEST, PYKVM_DEVICE=str(tmp_path / "no-such-kvm"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 skipped" in result.stdout and "no usable" in result.stdout and "no-such-kvm" in result.stdout
+    assert "PYKVM_DEVICE names it" in result.stdout and "this machine has no KVM" not in result.stdout
 
 
 def test_without_kvm_require_kvm_fails_instead(tmp_path):
@@ -68,6 +69,24 @@ def test_without_kvm_require_kvm_fails_instead(tmp_path):
                         PYKVM_REQUIRE_KVM="1")
     assert result.returncode == 1
     assert "1 failed" in result.stdout and "PYKVM_REQUIRE_KVM=1 but this hardware test would skip" in result.stdout
+
+
+def test_require_kvm_leaves_a_skip_for_a_missing_input_a_skip(kvm_available, tmp_path):
+    source = textwrap.dedent("""
+        import pytest
+        from pykvm.testing import skip_missing_input
+
+        def test_needs_a_tree(kvm):
+            skip_missing_input("MY_TREE is not set: it names a built tree")
+
+        def test_needs_something_kvm_lacks(kvm):
+            pytest.skip("this KVM lacks it")
+    """)
+    result = run_pytest(tmp_path, source, PYKVM_REQUIRE_KVM="1")
+    assert "1 failed, 1 skipped" in result.stdout, result.stdout
+    assert "SKIPPED" in result.stdout and "MY_TREE is not set" in result.stdout
+    # the control: any other skip of a hardware test still fails
+    assert "PYKVM_REQUIRE_KVM=1 but this hardware test would skip: this KVM lacks it" in result.stdout
 
 
 def test_host_limit_skips_with_the_hosts_reason_and_refuses_unknown_facts(kvm_available, tmp_path, host):

@@ -24,8 +24,12 @@ PINS_PER_PIC = 8
 
 
 def check_vector(vector: int) -> None:
-    """Raise :class:`InvalidVector` unless ``vector`` is an integer in 0..255."""
-    if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector <= 255:
+    """Raise :class:`ArgumentTypeError` unless ``vector`` is an integer (not a bool or a string), and
+    :class:`InvalidVector` unless it is in 0..255."""
+    if not isinstance(vector, bool) and not isinstance(vector, int):
+        raise ArgumentTypeError(f"interrupt vector {vector!r}: expected an integer, got {type(vector).__name__}; "
+                                f"write it as a number, e.g. 0x40")
+    if isinstance(vector, bool) or not 0 <= vector <= 255:
         raise InvalidVector(f"interrupt vector {vector!r} is out of range: x86 vectors are "
                             f"0..255 (external interrupts normally use 32..255)")
 

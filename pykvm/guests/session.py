@@ -208,7 +208,7 @@ class GuestSession:
         if isinstance(exit, InternalErrorExit):
             error = HostLimitation if exit.host_limit else GuestError
             return error(exit.explanation or f"KVM_EXIT_INTERNAL_ERROR at RIP {stop.rip:#x} (step {self.step}, "
-                                             f"unexplained: this session has no explainer): {exit!r}", exit)
+                                             f"reported as KVM gave it: this session has no explainer): {exit!r}", exit)
         if stop.kind == StopKind.ASSERT:
             return GuestError(f"guest assert {stop.value:#x} at RIP {stop.rip:#x}", exit)
         if stop.kind == StopKind.DONE:

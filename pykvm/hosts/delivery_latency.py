@@ -694,6 +694,6 @@ def conclusions(results: list[PathMeasurement]) -> list[str]:
         by_state: dict[str, list[str]] = {}
         for path, (_, state) in best_state.items():
             by_state.setdefault(state, []).append(path)
-        lines.append("lowest p50 of each path: " + "; ".join(
-            f"{STATE_SHORT[state]}: {', '.join(paths)}" for state, paths in by_state.items()))
+        lines.append("the state in which each path was fastest: " + "; ".join(
+            f"{', '.join(paths)} in {STATE_SHORT[state]}" for state, paths in by_state.items()))
     return lines

@@ -6,8 +6,8 @@ of someone's conftest. Installing pykvm registers the plugin
 fixtures ``kvm``, ``vm``, ``vcpu``, ``guest``, ``host`` (and the factories
 ``boot`` and ``machine``), the markers ``requires_cap``, ``host_limit``,
 ``guest`` and ``deadline``, and the ``PYKVM_REQUIRE_KVM=1`` switch that turns
-every hardware skip into a failure. The helpers here assert what the guest
-recorded::
+every hardware skip into a failure (but :func:`skip_missing_input`'s). The
+helpers here assert what the guest recorded::
 
     from pykvm.testing import assert_delivered
 
@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .helpers import assert_delivered, popen_interruptible, run_until_vector, scenario_and_control
+    from .plugin import skip_missing_input
     from .stalls import HostStalls
 
 _WHERE = {"assert_delivered": ".helpers", "popen_interruptible": ".helpers", "run_until_vector": ".helpers",
-          "scenario_and_control": ".helpers", "HostStalls": ".stalls"}
+          "scenario_and_control": ".helpers", "HostStalls": ".stalls", "skip_missing_input": ".plugin"}
 
-__all__ = ["HostStalls", "assert_delivered", "popen_interruptible", "run_until_vector", "scenario_and_control"]
+__all__ = ["HostStalls", "assert_delivered", "popen_interruptible", "run_until_vector", "scenario_and_control",
+           "skip_missing_input"]
 
 
 def __getattr__(name: str) -> Any:

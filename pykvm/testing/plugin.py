@@ -27,8 +27,10 @@ a thread the test started, is an error naming what was left; the plugin closes
 it, so that no vCPU thread spins on into later tests.
 
 Environment: ``PYKVM_REQUIRE_KVM=1`` turns every skip of a hardware test into a
-failure (for CI on machines that must have KVM); ``PYKVM_DEVICE`` names the
-device the fixtures open (default ``/dev/kvm``).
+failure (for CI on machines that must have KVM), but for a skip made with
+:func:`skip_missing_input`: the run was not given something besides KVM that the
+test needs (a kvm-unit-tests tree, say), which no KVM can supply. ``PYKVM_DEVICE``
+names the device the fixtures open (default ``/dev/kvm``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,27 @@ class TestDeadlineExceeded(BaseException):
 
 def _require_kvm(config: pytest.Config) -> bool:
     return os.environ.get("PYKVM_REQUIRE_KVM") == "1"
+
+
+class MissingInput(pytest.skip.Exception):  # type: ignore[name-defined]
+    """A skip for want of an input the run was not given (not KVM): :func:`skip_missing_input` raises it."""
+
+
+def skip_missing_input(reason: str) -> None:
+    """Skip this test for want of something the run was not given besides KVM, such as the folder an
+    environment variable should name; ``PYKVM_REQUIRE_KVM=1`` leaves such a skip a skip.
+
+    Example::
+
+        import os
+        from pykvm.testing import skip_missing_input
+
+        def test_boots_my_kernel(kvm):
+            if "MY_KERNEL" not in os.environ:
+                skip_missing_input("MY_KERNEL is not set: it names the kernel to boot")
+    """
+    __tracebackhide__ = True        # the skip is reported at the test's line
+    raise MissingInput(reason)
 
 
 class _HardwareCount:
@@ -175,10 +198,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if item.get_closest_marker("hardware") is None:
         return
+    if report.skipped and call.excinfo is not None and call.excinfo.errisinstance(MissingInput):
+        path, line, _ = report.longrepr        # as pytest.skip's: the reason without the class's name
+        report.longrepr = (path, line, f"Skipped: {call.excinfo.value}")
+        return
     if report.skipped and _require_kvm(item.config):
         report.outcome = "failed"
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.longrepr = f"PYKVM_REQUIRE_KVM=1 but this hardware test would skip: {reason}"
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        report.longrepr = f"PYKVM_REQUIRE_KVM=1 but this hardware test would skip: {reason.removeprefix('Skipped: ')}"
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -396,7 +423,8 @@ def kvm_available() -> None:
     try:
         Kvm(device()).close()
     except KvmUnavailableError as exc:
-        pytest.skip(f"no usable {device()}: {exc}")
+        named = " (PYKVM_DEVICE names it; unset it for /dev/kvm)" if "PYKVM_DEVICE" in os.environ else ""
+        pytest.skip(f"no usable {device()}{named}: {exc}")
 
 
 @pytest.fixture(autouse=True)

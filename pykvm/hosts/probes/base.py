@@ -43,8 +43,8 @@ class Result(ProbeOutcome):
 
 
 RESULT_EXPLANATIONS: dict[ProbeOutcome, str] = {
-    Result.INTERNAL_ERROR: "KVM ended the scenario with KVM_EXIT_INTERNAL_ERROR where the record "
-                           "has none (the exit is in what was seen)",
+    Result.INTERNAL_ERROR: "KVM ended the scenario with KVM_EXIT_INTERNAL_ERROR: it could not run or emulate "
+                           "the guest's code there (the exit is in what was seen)",
 }
 
 
