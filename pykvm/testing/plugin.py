@@ -83,7 +83,7 @@ def _require_kvm(config: pytest.Config) -> bool:
     return os.environ.get("PYKVM_REQUIRE_KVM") == "1"
 
 
-class MissingInput(pytest.skip.Exception):  # type: ignore[name-defined]
+class _MissingInput(pytest.skip.Exception):  # type: ignore[name-defined]
     """A skip for want of an input the run was not given (not KVM): :func:`skip_missing_input` raises it."""
 
 
@@ -101,7 +101,7 @@ def skip_missing_input(reason: str) -> None:
                 skip_missing_input("MY_KERNEL is not set: it names the kernel to boot")
     """
     __tracebackhide__ = True        # the skip is reported at the test's line
-    raise MissingInput(reason)
+    raise _MissingInput(reason)
 
 
 class _HardwareCount:
@@ -198,7 +198,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if item.get_closest_marker("hardware") is None:
         return
-    if report.skipped and call.excinfo is not None and call.excinfo.errisinstance(MissingInput):
+    if report.skipped and call.excinfo is not None and call.excinfo.errisinstance(_MissingInput):
         path, line, _ = report.longrepr        # as pytest.skip's: the reason without the class's name
         report.longrepr = (path, line, f"Skipped: {call.excinfo.value}")
         return
