@@ -1,4 +1,4 @@
-"""Benchmarks that compare pykvm's Python paths with C baselines measured in the same run.
+"""benchmarks of pykvm against baselines measured in the same run: C for its paths, QEMU for booting kernels.
 
 Why this exists: speed claims must be ratios against C on the same machine,
 vCPU and guest, measured at the same time, because absolute times on shared
