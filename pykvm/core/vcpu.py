@@ -376,7 +376,9 @@ class Vcpu(FdObject):
         at the next ``KVM_RUN``; until then guest state is not consistent and no
         event should be set (api.rst, ``struct kvm_run``). This is that
         ``KVM_RUN``, made with ``kvm_run.immediate_exit = 1``: KVM completes
-        the instruction, then returns EINTR before entering the guest.
+        the instruction, then returns EINTR before entering the guest. (Some
+        hosts report RIP already past an OUT at its exit, kvm_pvm among them:
+        the doctor's ``io_exit_rip`` row. The completion is needed all the same.)
 
         Returns None when the last exit needs no completion (nothing is run),
         else what the ``KVM_RUN`` returned: the ``IntrExit`` once the
