@@ -12,6 +12,7 @@ import pytest
 
 import pykvm
 from pykvm import Cap, x86
+from pykvm.core import system
 from pykvm.core.errors import (
     CapabilityMissing,
     ClosedError,
@@ -169,9 +170,15 @@ def test_kvm_errors_are_typed_and_name_the_ioctl(vm):
     assert info.value.ioctl == "KVM_CREATE_VCPU" and "Vm" in info.value.target
 
 
-def test_missing_device_is_explained():
+def test_missing_device_is_explained(tmp_path, monkeypatch):
+    # a wrong path where /dev/kvm exists names /dev/kvm (skipped where it does not: the next case is that)
+    if os.path.exists(system.DEFAULT_PATH):
+        with pytest.raises(KvmUnavailableError, match="this machine's KVM device is '/dev/kvm': pass that"):
+            pykvm.Kvm("/dev/no-such-kvm")
+    # no KVM device at all: load the module
+    monkeypatch.setattr(system, "DEFAULT_PATH", str(tmp_path / "kvm"))
     with pytest.raises(KvmUnavailableError, match="modprobe") as info:
-        pykvm.Kvm("/dev/no-such-kvm")
+        pykvm.Kvm(str(tmp_path / "kvm"))
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOENT
 
 

@@ -238,8 +238,8 @@ def _unavailable(exc: OSError, path: str) -> KvmUnavailableError:
                 f"node, {DEFAULT_PATH!r}")
     elif exc.errno in (errno.EMFILE, errno.ENFILE):
         hint = fd_exhaustion_hint(exc.errno)
-    elif exc.errno == errno.ENOENT and path != DEFAULT_PATH:
-        hint = f"{path} does not exist; KVM's device node is {DEFAULT_PATH!r} (pass that, or the node you made)"
+    elif exc.errno == errno.ENOENT and path != DEFAULT_PATH and os.path.exists(DEFAULT_PATH):
+        hint = f"{path} does not exist; this machine's KVM device is {DEFAULT_PATH!r}: pass that"
     elif exc.errno == errno.ENOENT:
         hint = (f"{path} does not exist: this machine has no KVM. Load the module "
                 f"(`modprobe kvm_intel` or `modprobe kvm_amd`), enable virtualization in the "
