@@ -168,6 +168,33 @@ def test_the_command_refuses_unknown_entries_and_lists_them(tree, capsys):
     assert capsys.readouterr().out == "skips\n"
 
 
+@pytest.mark.parametrize("listing", [[], ["--list"]])
+def test_a_group_no_entry_has_is_refused_with_the_cfgs_groups(tree, capsys, listing):
+    assert main([str(tree), "-g", "quik", *listing]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""                                  # nothing run, nothing listed
+    assert captured.err == ("pykvm unittests: -g quik: no entry of x86/unittests.cfg is in that group (did you mean "
+                            "quick?); the groups its 'groups =' lines name: nodefault, other, quick\n")
+    # control: a group some entry has selects its entries
+    assert main([str(tree), "-g", "quick", "--list", *listing]) == 0
+    assert capsys.readouterr().out == "passes\nskips\n"
+
+
+def test_a_group_that_selects_none_of_the_entries_named_is_refused(tree, capsys):
+    assert main([str(tree), "fails", "hangs", "-g", "quick"]) == 2
+    assert capsys.readouterr().err == ("pykvm unittests: -g quick: none of the entries named (fails, hangs) is in "
+                                       "that group; drop -g to run them, or name entries of the group (--list -g "
+                                       "quick lists them)\n")
+    # control: one of them is in it, and runs alone (the group narrows the entries named)
+    assert main([str(tree), "fails", "skips", "-g", "quick", "--list"]) == 0
+    assert capsys.readouterr().out == "skips\n"
+
+
+def test_a_cfg_without_entries_is_not_a_run_of_none(stand_in_kut_tree, capsys):
+    assert main([str(stand_in_kut_tree("# only a comment\n")), "--list"]) == 2
+    assert "x86/unittests.cfg has no [NAME] entries to run" in capsys.readouterr().err
+
+
 def test_a_built_kernel_the_cfg_lacks_runs_as_x86_run_would(kvm_available, tree, capsys):
     # exitcode.flat has no [exitcode] section; with no command line it exits 0 (a PASS), as `x86/run
     # x86/exitcode.flat` would run it: one vCPU, no arguments.  A name with neither is still refused.
@@ -223,6 +250,16 @@ def test_real_entries_pass_with_their_summary(name, summary):
     entry = next(entry for entry in read_config(KUT) if entry.name == name)
     outcome = run_pykvm(entry, Path(KUT))
     assert outcome.line() == f"PASS {name} {summary}", outcome.output
+
+
+@needs_kut
+def test_a_misspelt_group_of_the_real_cfg_is_refused_and_the_group_listed(capsys):
+    assert main([KUT, "-g", "vmexitt"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "-g vmexitt: no entry of x86/unittests.cfg is in that group (did you mean vmexit" \
+        in captured.err
+    assert main([KUT, "-g", "vmexit", "--list"]) == 0                           # control: the real group
+    assert capsys.readouterr().out.split() == [entry.name for entry in read_config(KUT) if "vmexit" in entry.groups]
 
 
 @needs_kut

@@ -74,7 +74,24 @@ def select(entries: Sequence[Entry], names: Sequence[str], group: str | None,
         raise ConfigError(f"no such entry in x86/unittests.cfg, nor a built x86/NAME.flat: {hints}; "
                           "--list shows the entries")
     chosen = [entry for entry in entries if not names or entry.name in names] + kernels
-    return [entry for entry in chosen if group is None or group in entry.groups]
+    selected = [entry for entry in chosen if group is None or group in entry.groups]
+    if not selected:
+        raise ConfigError(_why_none(entries, names, group))
+    return selected
+
+
+def _why_none(entries: Sequence[Entry], names: Sequence[str], group: str | None) -> str:
+    """Why ``select`` chose no entry, and what to write instead: a run of no entries is never a success."""
+    groups = sorted({name for entry in entries for name in entry.groups})
+    if group is None:
+        return "x86/unittests.cfg has no [NAME] entries to run; name a tree whose cfg lists its tests"
+    if group not in groups:
+        close = difflib.get_close_matches(group, groups, n=3)
+        return (f"-g {group}: no entry of x86/unittests.cfg is in that group"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + f"; the groups its 'groups =' lines name: {', '.join(groups) or 'none'}")
+    return (f"-g {group}: none of the entries named ({', '.join(names)}) is in that group; drop -g to run "
+            f"them, or name entries of the group (--list -g {group} lists them)")
 
 
 def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[EntryResult, EntryResult | None]]:
