@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from pykvm.unittests import ConfigError, Verdict, read_config, run_pykvm, runner
-from pykvm.unittests.__main__ import main
+from pykvm.unittests.__main__ import _qemu_binary, main
 from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout, shell_words
 from pykvm.unittests.plan import plan
 from pykvm.unittests.report import Parity, junit, parity_table, tap
@@ -193,6 +193,34 @@ def test_a_group_that_selects_none_of_the_entries_named_is_refused(tree, capsys)
 def test_a_cfg_without_entries_is_not_a_run_of_none(stand_in_kut_tree, capsys):
     assert main([str(stand_in_kut_tree("# only a comment\n")), "--list"]) == 2
     assert "x86/unittests.cfg has no [NAME] entries to run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("order", ["--qemu first", "--qemu before a TEST"])
+def test_a_qemu_binary_that_is_a_folder_or_no_program_is_refused_saying_how_it_was_taken(tree, capsys, order):
+    # `--qemu KUT_DIR TEST` takes KUT_DIR as QEMU and TEST as the tree; `KUT_DIR --qemu TEST` takes TEST as QEMU
+    argv, taken, what = ((["--qemu", str(tree), "passes"], str(tree), "a folder") if order == "--qemu first" else
+                         ([str(tree), "--qemu", "passes"], "passes", "no executable file (nor a command on PATH)"))
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert (f"error: --qemu {taken}: taken as QEMU's binary, and it is {what}; put --qemu after KUT_DIR and the "
+            f"TESTs (or before another option), or name a binary as --qemu=BINARY") in capsys.readouterr().err
+
+
+def test_a_qemu_binary_named_with_equals_may_stand_anywhere_and_is_made_absolute(tree, tmp_path, monkeypatch, capsys):
+    binary = tmp_path / "bin" / "qemu"
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.chdir(binary.parent)
+    for argv in ([str(tree), "--qemu=./qemu", "passes"], [str(tree), "passes", "--qemu", "./qemu"],
+                 [str(tree), "passes", "--qemu"]):        # after the TESTs, BINARY or not, --qemu takes no TEST
+        assert main([*argv, "--list"]) == 0
+        assert capsys.readouterr().out == "passes\n"
+    assert _qemu_binary("./qemu") == str(binary)           # x86/run runs in the tree: a relative path would miss
+    binary.chmod(0o644)                                    # control: the same file, not executable
+    with pytest.raises(SystemExit):
+        _qemu_binary("./qemu")
 
 
 def test_a_built_kernel_the_cfg_lacks_runs_as_x86_run_would(kvm_available, tree, capsys):

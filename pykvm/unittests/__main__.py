@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import difflib
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--qemu", nargs="?", const="", metavar="BINARY",
                         help="also run entries under QEMU (the tree's x86/run; BINARY, else PATH's "
                              "qemu-system-x86_64), print a parity table, and exit 1 where they differ "
-                             "instead of where pykvm failed")
+                             "instead of where pykvm failed; a word after --qemu is taken as BINARY, so "
+                             "write --qemu=BINARY, or --qemu after KUT_DIR and the TESTs")
     parser.add_argument("--qemu-where", choices=("all", "failed"), default="all",
                         help="with --qemu: every entry (all), or only those that failed under pykvm (failed: "
                              "a failure QEMU shares, with the same lines, is the host's, not pykvm's)")
@@ -94,6 +96,17 @@ def _why_none(entries: Sequence[Entry], names: Sequence[str], group: str | None)
             f"them, or name entries of the group (--list -g {group} lists them)")
 
 
+def _qemu_binary(value: str) -> str:
+    """``--qemu``'s BINARY as an absolute path (x86/run runs in the tree), or a usage error that says how
+    ``--qemu`` took it: ``--qemu KUT_DIR TEST`` makes KUT_DIR the binary and TEST the tree."""
+    found = shutil.which(value)
+    if found is None:
+        what = "a folder" if os.path.isdir(value) else "no executable file (nor a command on PATH)"
+        parser().error(f"--qemu {value}: taken as QEMU's binary, and it is {what}; put --qemu after KUT_DIR "
+                       f"and the TESTs (or before another option), or name a binary as --qemu=BINARY")
+    return os.path.abspath(found)
+
+
 def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[EntryResult, EntryResult | None]]:
     def run(entry: Entry) -> tuple[EntryResult, EntryResult | None]:
         mine = run_pykvm(entry, tree, args.timeout, args.group)
@@ -103,11 +116,13 @@ def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[Ent
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)     # options between KUT_DIR and the TESTs too
     if args.jobs < 1:
         parser().error(f"-j {args.jobs}: run at least one entry at a time")
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         parser().error(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
+    if args.qemu:
+        args.qemu = _qemu_binary(args.qemu)
     tree = Path(args.tree).resolve()
 
     def body() -> int:
