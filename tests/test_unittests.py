@@ -23,7 +23,7 @@ from pykvm.unittests import ConfigError, Verdict, read_config, run_pykvm, runner
 from pykvm.unittests.__main__ import _qemu_binary, main
 from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout, shell_words
 from pykvm.unittests.plan import plan
-from pykvm.unittests.report import Parity, junit, parity_table, tap
+from pykvm.unittests.report import Parity, junit, parity_summary, parity_table, tap
 from pykvm.unittests.runner import EntryResult, qemu_command, run_qemu, skip_reason, summary_of
 
 CFG = '''\
@@ -237,13 +237,25 @@ def test_parity_names_what_differs():
     other = EntryResult("a", "qemu", Verdict.FAIL, 3, "(2 tests, 1 unexpected failures)", output="PASS: x\nFAIL: y\n")
     assert Parity(same, same).judgement() == "match"
     assert Parity(same, other).judgement() == "differ: verdict FAIL under QEMU, lines (+1 -1 against QEMU)"
-    table = parity_table([Parity(same, same), Parity(same, other)])
-    assert "1 of the 2 entries QEMU ran to a verdict match it" in table
-    assert "PASS 1 2/0/0" in table and "FAIL 3 1/1/0" in table
+    table = parity_table([Parity(same, same), Parity(same, other)]).splitlines()
+    assert table[0].startswith("status: the exit status as run_tests.sh reads it: 1 pass, 3 fail, 77 skip, 127 abort")
+    assert table[1].startswith("P/F/S: how many PASS, FAIL and SKIP lines the test printed")
+    assert table[2].split() == ["QEMU", "pykvm"] and table[2].index("QEMU") == table[3].index("verdict")
+    assert table[3].split() == ["entry", *["verdict", "status", "P/F/S", "time"] * 2, "judgement"]
+    assert table[4].split() == ["a", "PASS", "1", "2/0/0", "0.0s", "PASS", "1", "2/0/0", "0.0s", "match"]
+    assert table[5].split()[:9] == ["a", "FAIL", "3", "1/1/0", "0.0s", "PASS", "1", "2/0/0", "0.0s"]
+    assert len(table) == 6                                                  # the summary is not the table's
+    assert parity_summary([Parity(same, same), Parity(same, other)]) == (
+        "pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 1 of the 2 entries QEMU ran to a verdict; "
+        "differs on a; QEMU 0.0 s, pykvm 0.0 s")
     aborted = EntryResult("a", "qemu", Verdict.FAIL, 134)            # QEMU itself died (SIGABRT): nothing to compare
     timed_out = EntryResult("a", "qemu", Verdict.FAIL, 124, reason="timeout; duration=90s")
     assert not Parity(same, aborted).differs and "ended by signal 6" in Parity(same, aborted).judgement()
     assert not Parity(same, timed_out).differs and "timed out" in Parity(same, timed_out).judgement()
+    assert parity_summary([Parity(same, same), Parity(same, aborted), Parity(same, timed_out)]).startswith(
+        "pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 1 of the 1 entry QEMU ran to a verdict; no verdict "
+        "from QEMU on 2 entries (QEMU timed out, aborted or was killed: the row says which); ")
+    assert parity_table([Parity(same, aborted)]).splitlines()[-1].split()[1:3] == ["FAIL", "134"]
     stopped = EntryResult("a", "qemu", Verdict.FAIL, 124, reason="KVM internal error. Suberror: 1; then timeout")
     mine = EntryResult("a", "pykvm", Verdict.FAIL, 6, reason="internal error: KVM internal error (suberror 1)")
     assert Parity(mine, stopped).judgement().startswith("match: KVM internal error in both")
@@ -253,7 +265,7 @@ def test_parity_names_what_differs():
         return EntryResult("svm_npt", runner, Verdict.PASS, 1, output=f"{first}\nPASS: npt_nx\n")
     qemu = entry("qemu", "PASS: Wanted #NPF on rsvd bits = 0x5630000000000, got exit = 0x400")
     drawn = entry("pykvm", "PASS: Wanted #NPF on rsvd bits = 0x8000000000000000, got exit = 0x400")
-    assert Parity(drawn, qemu).judgement() == "match: 1 lines differ in their numbers only (values drawn at run time)"
+    assert Parity(drawn, qemu).judgement() == "match: 1 line differs in their numbers only (values drawn at run time)"
     # ...and a line that differs in a word, or PASS against FAIL, does not (the controls)
     assert Parity(entry("pykvm", "PASS: Wanted #NPF on rsvd bits = 0x80, got exit = 0x400 late"), qemu).differs
     assert Parity(entry("pykvm", "FAIL: Wanted #NPF on rsvd bits = 0x80, got exit = 0x400"), qemu).differs
@@ -319,11 +331,27 @@ def test_with_qemu_only_a_difference_from_qemu_fails_the_run(kvm_available, tree
     out = capsys.readouterr().out
     calls = (tree / "x86" / "calls").read_text().splitlines()
     assert calls == ["TESTNAME=fails ACCEL=kvm x86/exitcode.flat -smp 2 -append exit=1"]     # the failure only
+    summary = [line for line in out.splitlines() if "pykvm matches QEMU's" in line]
     if qemu_passes:        # QEMU does better: pykvm's failure is pykvm's
-        assert "0 of the 1 entries QEMU ran to a verdict match it; differ: fails" in out
+        assert summary == ["pykvm unittests: pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 0 of the "
+                           "1 entry QEMU ran to a verdict; differs on fails; QEMU " + summary[0].split("; QEMU ")[1]]
         assert "verdict PASS under QEMU" in out
     else:                  # QEMU fails it too, with the same lines: the host's failure, not pykvm's
-        assert "1 of the 1 entries QEMU ran to a verdict match it" in out
+        assert len(summary) == 1 and summary[0].startswith(
+            "pykvm unittests: pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 1 of the 1 entry QEMU ran to "
+            "a verdict; QEMU ")
+    assert "2 entries of" in out
+
+
+def test_with_qemu_where_failed_and_no_failure_qemu_runs_nothing_and_says_so(kvm_available, tree, capsys):
+    run = tree / "x86" / "run"
+    run.write_text(FAKE_QEMU_RUN)
+    run.chmod(0o755)
+    assert main([str(tree), "passes", "--qemu", "--qemu-where", "failed"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not (tree / "x86" / "calls").exists() and "P/F/S" not in "".join(out)       # no QEMU run, no table
+    assert out[-1] == "pykvm unittests: QEMU ran no entry: --qemu-where failed and none failed under pykvm"
+    assert out[-2].endswith("under pykvm, 1 entry of " + str(tree.resolve() / "x86" / "unittests.cfg"))
 
 
 @pytest.mark.parametrize("script, verdict, reason", [

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..command import description, invoked_as
 from ..exit_status import exit_with, run_command
 from .config import ConfigError, Entry, read_config
-from .report import Parity, junit, parity_table, tap
+from .report import Parity, junit, parity_summary, parity_table, plural, tap
 from .runner import EntryResult, Verdict, run_pykvm, run_qemu
 
 PROG = "pykvm unittests"
@@ -156,14 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         lacking = sum(o.reason.startswith("pykvm lacks") for o in outcomes)
         print(f"{PROG}: {counts[Verdict.PASS]} passed, {counts[Verdict.FAIL]} failed, "
               f"{counts[Verdict.SKIP]} skipped ({lacking} for what pykvm lacks) under pykvm, "
-              f"{len(outcomes)} entries of {tree / 'x86' / 'unittests.cfg'}")
+              f"{plural(len(outcomes), 'entry', 'entries')} of {tree / 'x86' / 'unittests.cfg'}")
         if args.qemu is None:
             return 1 if counts[Verdict.FAIL] else 0
-        differing = [row.pykvm.name for row in parities if row.differs]
-        decided = sum(row.qemu_decided for row in parities)
-        print(f"{PROG}: {decided - len(differing)} of the {decided} entries QEMU ran to a verdict match it"
-              + (f"; differ: {', '.join(differing)}" if differing else ""))
-        return 1 if differing else 0
+        print(f"{PROG}: {parity_summary(parities)}" if parities else
+              f"{PROG}: QEMU ran no entry: --qemu-where {args.qemu_where} and none failed under pykvm")
+        return 1 if any(row.differs for row in parities) else 0
     return run_command(PROG, body)
 
 
