@@ -20,10 +20,10 @@ import psutil
 import pytest
 
 from pykvm.unittests import ConfigError, Verdict, read_config, run_pykvm, runner
-from pykvm.unittests.__main__ import main
+from pykvm.unittests.__main__ import _qemu_binary, main
 from pykvm.unittests.config import DEFAULT_TIMEOUT, parse_config, parse_timeout, shell_words
 from pykvm.unittests.plan import plan
-from pykvm.unittests.report import Parity, junit, parity_table, tap
+from pykvm.unittests.report import Parity, junit, parity_summary, parity_table, tap
 from pykvm.unittests.runner import EntryResult, qemu_command, run_qemu, skip_reason, summary_of
 
 CFG = '''\
@@ -168,6 +168,61 @@ def test_the_command_refuses_unknown_entries_and_lists_them(tree, capsys):
     assert capsys.readouterr().out == "skips\n"
 
 
+@pytest.mark.parametrize("listing", [[], ["--list"]])
+def test_a_group_no_entry_has_is_refused_with_the_cfgs_groups(tree, capsys, listing):
+    assert main([str(tree), "-g", "quik", *listing]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""                                  # nothing run, nothing listed
+    assert captured.err == ("pykvm unittests: -g quik: no entry of x86/unittests.cfg is in that group (did you mean "
+                            "quick?); the groups its 'groups =' lines name: nodefault, other, quick\n")
+    # control: a group some entry has selects its entries
+    assert main([str(tree), "-g", "quick", "--list", *listing]) == 0
+    assert capsys.readouterr().out == "passes\nskips\n"
+
+
+def test_a_group_that_selects_none_of_the_entries_named_is_refused(tree, capsys):
+    assert main([str(tree), "fails", "hangs", "-g", "quick"]) == 2
+    assert capsys.readouterr().err == ("pykvm unittests: -g quick: none of the entries named (fails, hangs) is in "
+                                       "that group; drop -g to run them, or name entries of the group (--list -g "
+                                       "quick lists them)\n")
+    # control: one of them is in it, and runs alone (the group narrows the entries named)
+    assert main([str(tree), "fails", "skips", "-g", "quick", "--list"]) == 0
+    assert capsys.readouterr().out == "skips\n"
+
+
+def test_a_cfg_without_entries_is_not_a_run_of_none(stand_in_kut_tree, capsys):
+    assert main([str(stand_in_kut_tree("# only a comment\n")), "--list"]) == 2
+    assert "x86/unittests.cfg has no [NAME] entries to run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("order", ["--qemu first", "--qemu before a TEST"])
+def test_a_qemu_binary_that_is_a_folder_or_no_program_is_refused_saying_how_it_was_taken(tree, capsys, order):
+    # `--qemu KUT_DIR TEST` takes KUT_DIR as QEMU and TEST as the tree; `KUT_DIR --qemu TEST` takes TEST as QEMU
+    argv, taken, what = ((["--qemu", str(tree), "passes"], str(tree), "a folder") if order == "--qemu first" else
+                         ([str(tree), "--qemu", "passes"], "passes", "no executable file (nor a command on PATH)"))
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert (f"error: --qemu {taken}: taken as QEMU's binary, and it is {what}; put --qemu after KUT_DIR and the "
+            f"TESTs (or before another option), or name a binary as --qemu=BINARY") in capsys.readouterr().err
+
+
+def test_a_qemu_binary_named_with_equals_may_stand_anywhere_and_is_made_absolute(tree, tmp_path, monkeypatch, capsys):
+    binary = tmp_path / "bin" / "qemu"
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.chdir(binary.parent)
+    for argv in ([str(tree), "--qemu=./qemu", "passes"], [str(tree), "passes", "--qemu", "./qemu"],
+                 [str(tree), "passes", "--qemu"]):        # after the TESTs, BINARY or not, --qemu takes no TEST
+        assert main([*argv, "--list"]) == 0
+        assert capsys.readouterr().out == "passes\n"
+    assert _qemu_binary("./qemu") == str(binary)           # x86/run runs in the tree: a relative path would miss
+    binary.chmod(0o644)                                    # control: the same file, not executable
+    with pytest.raises(SystemExit):
+        _qemu_binary("./qemu")
+
+
 def test_a_built_kernel_the_cfg_lacks_runs_as_x86_run_would(kvm_available, tree, capsys):
     # exitcode.flat has no [exitcode] section; with no command line it exits 0 (a PASS), as `x86/run
     # x86/exitcode.flat` would run it: one vCPU, no arguments.  A name with neither is still refused.
@@ -182,13 +237,25 @@ def test_parity_names_what_differs():
     other = EntryResult("a", "qemu", Verdict.FAIL, 3, "(2 tests, 1 unexpected failures)", output="PASS: x\nFAIL: y\n")
     assert Parity(same, same).judgement() == "match"
     assert Parity(same, other).judgement() == "differ: verdict FAIL under QEMU, lines (+1 -1 against QEMU)"
-    table = parity_table([Parity(same, same), Parity(same, other)])
-    assert "1 of the 2 entries QEMU ran to a verdict match it" in table
-    assert "PASS 1 2/0/0" in table and "FAIL 3 1/1/0" in table
+    table = parity_table([Parity(same, same), Parity(same, other)]).splitlines()
+    assert table[0].startswith("status: the exit status as run_tests.sh reads it: 1 pass, 3 fail, 77 skip, 127 abort")
+    assert table[1].startswith("P/F/S: how many PASS, FAIL and SKIP lines the test printed")
+    assert table[2].split() == ["QEMU", "pykvm"] and table[2].index("QEMU") == table[3].index("verdict")
+    assert table[3].split() == ["entry", *["verdict", "status", "P/F/S", "time"] * 2, "judgement"]
+    assert table[4].split() == ["a", "PASS", "1", "2/0/0", "0.0s", "PASS", "1", "2/0/0", "0.0s", "match"]
+    assert table[5].split()[:9] == ["a", "FAIL", "3", "1/1/0", "0.0s", "PASS", "1", "2/0/0", "0.0s"]
+    assert len(table) == 6                                                  # the summary is not the table's
+    assert parity_summary([Parity(same, same), Parity(same, other)]) == (
+        "pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 1 of the 2 entries QEMU ran to a verdict; "
+        "differs on a; QEMU 0.0 s, pykvm 0.0 s")
     aborted = EntryResult("a", "qemu", Verdict.FAIL, 134)            # QEMU itself died (SIGABRT): nothing to compare
     timed_out = EntryResult("a", "qemu", Verdict.FAIL, 124, reason="timeout; duration=90s")
     assert not Parity(same, aborted).differs and "ended by signal 6" in Parity(same, aborted).judgement()
     assert not Parity(same, timed_out).differs and "timed out" in Parity(same, timed_out).judgement()
+    assert parity_summary([Parity(same, same), Parity(same, aborted), Parity(same, timed_out)]).startswith(
+        "pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 1 of the 1 entry QEMU ran to a verdict; no verdict "
+        "from QEMU on 2 entries (QEMU timed out, aborted or was killed: the row says which); ")
+    assert parity_table([Parity(same, aborted)]).splitlines()[-1].split()[1:3] == ["FAIL", "134"]
     stopped = EntryResult("a", "qemu", Verdict.FAIL, 124, reason="KVM internal error. Suberror: 1; then timeout")
     mine = EntryResult("a", "pykvm", Verdict.FAIL, 6, reason="internal error: KVM internal error (suberror 1)")
     assert Parity(mine, stopped).judgement().startswith("match: KVM internal error in both")
@@ -198,7 +265,7 @@ def test_parity_names_what_differs():
         return EntryResult("svm_npt", runner, Verdict.PASS, 1, output=f"{first}\nPASS: npt_nx\n")
     qemu = entry("qemu", "PASS: Wanted #NPF on rsvd bits = 0x5630000000000, got exit = 0x400")
     drawn = entry("pykvm", "PASS: Wanted #NPF on rsvd bits = 0x8000000000000000, got exit = 0x400")
-    assert Parity(drawn, qemu).judgement() == "match: 1 lines differ in their numbers only (values drawn at run time)"
+    assert Parity(drawn, qemu).judgement() == "match: 1 line differs in their numbers only (values drawn at run time)"
     # ...and a line that differs in a word, or PASS against FAIL, does not (the controls)
     assert Parity(entry("pykvm", "PASS: Wanted #NPF on rsvd bits = 0x80, got exit = 0x400 late"), qemu).differs
     assert Parity(entry("pykvm", "FAIL: Wanted #NPF on rsvd bits = 0x80, got exit = 0x400"), qemu).differs
@@ -223,6 +290,16 @@ def test_real_entries_pass_with_their_summary(name, summary):
     entry = next(entry for entry in read_config(KUT) if entry.name == name)
     outcome = run_pykvm(entry, Path(KUT))
     assert outcome.line() == f"PASS {name} {summary}", outcome.output
+
+
+@needs_kut
+def test_a_misspelt_group_of_the_real_cfg_is_refused_and_the_group_listed(capsys):
+    assert main([KUT, "-g", "vmexitt"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "-g vmexitt: no entry of x86/unittests.cfg is in that group (did you mean vmexit" \
+        in captured.err
+    assert main([KUT, "-g", "vmexit", "--list"]) == 0                           # control: the real group
+    assert capsys.readouterr().out.split() == [entry.name for entry in read_config(KUT) if "vmexit" in entry.groups]
 
 
 @needs_kut
@@ -254,11 +331,27 @@ def test_with_qemu_only_a_difference_from_qemu_fails_the_run(kvm_available, tree
     out = capsys.readouterr().out
     calls = (tree / "x86" / "calls").read_text().splitlines()
     assert calls == ["TESTNAME=fails ACCEL=kvm x86/exitcode.flat -smp 2 -append exit=1"]     # the failure only
+    summary = [line for line in out.splitlines() if "pykvm matches QEMU's" in line]
     if qemu_passes:        # QEMU does better: pykvm's failure is pykvm's
-        assert "0 of the 1 entries QEMU ran to a verdict match it; differ: fails" in out
+        assert summary == ["pykvm unittests: pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 0 of the "
+                           "1 entry QEMU ran to a verdict; differs on fails; QEMU " + summary[0].split("; QEMU ")[1]]
         assert "verdict PASS under QEMU" in out
     else:                  # QEMU fails it too, with the same lines: the host's failure, not pykvm's
-        assert "1 of the 1 entries QEMU ran to a verdict match it" in out
+        assert len(summary) == 1 and summary[0].startswith(
+            "pykvm unittests: pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on 1 of the 1 entry QEMU ran to "
+            "a verdict; QEMU ")
+    assert "2 entries of" in out
+
+
+def test_with_qemu_where_failed_and_no_failure_qemu_runs_nothing_and_says_so(kvm_available, tree, capsys):
+    run = tree / "x86" / "run"
+    run.write_text(FAKE_QEMU_RUN)
+    run.chmod(0o755)
+    assert main([str(tree), "passes", "--qemu", "--qemu-where", "failed"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not (tree / "x86" / "calls").exists() and "P/F/S" not in "".join(out)       # no QEMU run, no table
+    assert out[-1] == "pykvm unittests: QEMU ran no entry: --qemu-where failed and none failed under pykvm"
+    assert out[-2].endswith("under pykvm, 1 entry of " + str(tree.resolve() / "x86" / "unittests.cfg"))
 
 
 @pytest.mark.parametrize("script, verdict, reason", [

@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import difflib
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 from ..command import description, invoked_as
 from ..exit_status import exit_with, run_command
 from .config import ConfigError, Entry, read_config
-from .report import Parity, junit, parity_table, tap
+from .report import Parity, junit, parity_summary, parity_table, plural, tap
 from .runner import EntryResult, Verdict, run_pykvm, run_qemu
 
 PROG = "pykvm unittests"
@@ -45,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--qemu", nargs="?", const="", metavar="BINARY",
                         help="also run entries under QEMU (the tree's x86/run; BINARY, else PATH's "
                              "qemu-system-x86_64), print a parity table, and exit 1 where they differ "
-                             "instead of where pykvm failed")
+                             "instead of where pykvm failed; a word after --qemu is taken as BINARY, so "
+                             "write --qemu=BINARY, or --qemu after KUT_DIR and the TESTs")
     parser.add_argument("--qemu-where", choices=("all", "failed"), default="all",
                         help="with --qemu: every entry (all), or only those that failed under pykvm (failed: "
                              "a failure QEMU shares, with the same lines, is the host's, not pykvm's)")
@@ -74,7 +76,35 @@ def select(entries: Sequence[Entry], names: Sequence[str], group: str | None,
         raise ConfigError(f"no such entry in x86/unittests.cfg, nor a built x86/NAME.flat: {hints}; "
                           "--list shows the entries")
     chosen = [entry for entry in entries if not names or entry.name in names] + kernels
-    return [entry for entry in chosen if group is None or group in entry.groups]
+    selected = [entry for entry in chosen if group is None or group in entry.groups]
+    if not selected:
+        raise ConfigError(_why_none(entries, names, group))
+    return selected
+
+
+def _why_none(entries: Sequence[Entry], names: Sequence[str], group: str | None) -> str:
+    """Why ``select`` chose no entry, and what to write instead: a run of no entries is never a success."""
+    groups = sorted({name for entry in entries for name in entry.groups})
+    if group is None:
+        return "x86/unittests.cfg has no [NAME] entries to run; name a tree whose cfg lists its tests"
+    if group not in groups:
+        close = difflib.get_close_matches(group, groups, n=3)
+        return (f"-g {group}: no entry of x86/unittests.cfg is in that group"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + f"; the groups its 'groups =' lines name: {', '.join(groups) or 'none'}")
+    return (f"-g {group}: none of the entries named ({', '.join(names)}) is in that group; drop -g to run "
+            f"them, or name entries of the group (--list -g {group} lists them)")
+
+
+def _qemu_binary(value: str) -> str:
+    """``--qemu``'s BINARY as an absolute path (x86/run runs in the tree), or a usage error that says how
+    ``--qemu`` took it: ``--qemu KUT_DIR TEST`` makes KUT_DIR the binary and TEST the tree."""
+    found = shutil.which(value)
+    if found is None:
+        what = "a folder" if os.path.isdir(value) else "no executable file (nor a command on PATH)"
+        parser().error(f"--qemu {value}: taken as QEMU's binary, and it is {what}; put --qemu after KUT_DIR "
+                       f"and the TESTs (or before another option), or name a binary as --qemu=BINARY")
+    return os.path.abspath(found)
 
 
 def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[EntryResult, EntryResult | None]]:
@@ -86,11 +116,13 @@ def _runner(args: argparse.Namespace, tree: Path) -> Callable[[Entry], tuple[Ent
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)     # options between KUT_DIR and the TESTs too
     if args.jobs < 1:
         parser().error(f"-j {args.jobs}: run at least one entry at a time")
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         parser().error(f"--timeout {args.timeout}: expected a finite number of seconds > 0")
+    if args.qemu:
+        args.qemu = _qemu_binary(args.qemu)
     tree = Path(args.tree).resolve()
 
     def body() -> int:
@@ -124,14 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         lacking = sum(o.reason.startswith("pykvm lacks") for o in outcomes)
         print(f"{PROG}: {counts[Verdict.PASS]} passed, {counts[Verdict.FAIL]} failed, "
               f"{counts[Verdict.SKIP]} skipped ({lacking} for what pykvm lacks) under pykvm, "
-              f"{len(outcomes)} entries of {tree / 'x86' / 'unittests.cfg'}")
+              f"{plural(len(outcomes), 'entry', 'entries')} of {tree / 'x86' / 'unittests.cfg'}")
         if args.qemu is None:
             return 1 if counts[Verdict.FAIL] else 0
-        differing = [row.pykvm.name for row in parities if row.differs]
-        decided = sum(row.qemu_decided for row in parities)
-        print(f"{PROG}: {decided - len(differing)} of the {decided} entries QEMU ran to a verdict match it"
-              + (f"; differ: {', '.join(differing)}" if differing else ""))
-        return 1 if differing else 0
+        print(f"{PROG}: {parity_summary(parities)}" if parities else
+              f"{PROG}: QEMU ran no entry: --qemu-where {args.qemu_where} and none failed under pykvm")
+        return 1 if any(row.differs for row in parities) else 0
     return run_command(PROG, body)
 
 

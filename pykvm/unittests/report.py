@@ -26,6 +26,11 @@ def without_numbers(line: str) -> str:
     return _NUMBER.sub("#", line)
 
 
+def plural(count: int, noun: str, nouns: str) -> str:
+    """``1 entry``, ``3 entries``."""
+    return f"{count} {noun if count == 1 else nouns}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Parity:
     """One entry under pykvm and under QEMU, compared."""
@@ -85,7 +90,8 @@ class Parity:
                 return (f"match: KVM internal error in both; pykvm stops at once (status {self.pykvm.status}), "
                         f"QEMU waits for its timeout (status {self.qemu.status})")
             if not self.same_lines:
-                return f"match: {self.numbers_apart} lines differ in their numbers only (values drawn at run time)"
+                return (f"match: {plural(self.numbers_apart, 'line differs', 'lines differ')} in their numbers "
+                        f"only (values drawn at run time)")
             return "match"
         parts = []
         if not self.same_verdict:
@@ -96,26 +102,45 @@ class Parity:
         return "differ: " + ", ".join(parts)
 
 
-def _cell(outcome: EntryResult) -> str:
+PARITY_LEGEND = ("status: the exit status as run_tests.sh reads it: 1 pass, 3 fail, 77 skip, 127 abort, 124 "
+                 "timeout (pykvm's own: 4 triple fault, 6 internal error; over 128: a signal; -: not run)\n"
+                 "P/F/S: how many PASS, FAIL and SKIP lines the test printed; time: seconds")
+_SIDE = ("verdict", "status", "P/F/S", "time")
+
+
+def _cells(outcome: EntryResult) -> tuple[str, str, str, str]:
     counts = outcome.counts()
-    shown = f"{outcome.verdict.value} {outcome.status if outcome.status is not None else '-'}"
-    return f"{shown} {counts['PASS']}/{counts['FAIL']}/{counts['SKIP']} {outcome.seconds:.1f}s"
+    return (outcome.verdict.value, "-" if outcome.status is None else str(outcome.status),
+            f"{counts['PASS']}/{counts['FAIL']}/{counts['SKIP']}", f"{outcome.seconds:.1f}s")
 
 
 def parity_table(rows: Sequence[Parity]) -> str:
-    """A text table: entry, QEMU and pykvm (verdict, status, PASS/FAIL/SKIP lines, seconds), judgement."""
-    header = ("entry", "QEMU", "pykvm", "")
-    lines = [header] + [(row.pykvm.name, _cell(row.qemu), _cell(row.pykvm), row.judgement()) for row in rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(3)]
-    text = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in lines]
-    matched = sum(row.qemu_decided and row.matches for row in rows)
+    """A text table: entry, then QEMU's and pykvm's verdict, status, PASS/FAIL/SKIP line counts and seconds,
+    then the judgement; its legend (:data:`PARITY_LEGEND`) above."""
+    lines = [("", "QEMU", "", "", "", "pykvm", "", "", "", ""), ("entry", *_SIDE, *_SIDE, "judgement")]
+    lines += [(row.pykvm.name, *_cells(row.qemu), *_cells(row.pykvm), row.judgement()) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    widths[-1] = 0                      # the judgement, last, is not padded
+    aligned = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+               for line in lines]
+    return "\n".join([PARITY_LEGEND, *aligned])
+
+
+def parity_summary(rows: Sequence[Parity]) -> str:
+    """One line under the table: on how many of the entries QEMU ran to a verdict pykvm matches it, which differ,
+    how many QEMU gave no verdict on, and the time under each."""
     decided = sum(row.qemu_decided for row in rows)
-    qemu_time = sum(row.qemu.seconds for row in rows)
-    pykvm_time = sum(row.pykvm.seconds for row in rows)
-    text.append(f"{matched} of the {decided} entries QEMU ran to a verdict match it (verdict and PASS/FAIL/SKIP "
-                f"lines; {len(rows) - decided} without one); "
-                f"QEMU {qemu_time:.1f} s, pykvm {pykvm_time:.1f} s")
-    return "\n".join(text)
+    differing = [row.pykvm.name for row in rows if row.differs]
+    parts = [f"pykvm matches QEMU's verdict and PASS/FAIL/SKIP lines on {decided - len(differing)} of the "
+             f"{plural(decided, 'entry', 'entries')} QEMU ran to a verdict"]
+    if differing:
+        parts.append(f"differs on {', '.join(differing)}")
+    if len(rows) > decided:
+        parts.append(f"no verdict from QEMU on {plural(len(rows) - decided, 'entry', 'entries')} (QEMU timed out, "
+                     f"aborted or was killed: the row says which)")
+    parts.append(f"QEMU {sum(row.qemu.seconds for row in rows):.1f} s, "
+                 f"pykvm {sum(row.pykvm.seconds for row in rows):.1f} s")
+    return "; ".join(parts)
 
 
 def tap(outcomes: Sequence[EntryResult]) -> str:
