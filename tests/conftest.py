@@ -39,23 +39,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "kut_flat" in getattr(item, "fixturenames", ()):
+        if "kut_tree" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kvm_unit_tests)
 
 
 @pytest.fixture
-def kut_flat() -> Callable[[str], Path]:
-    """``kut_flat(name)``: ``x86/NAME.flat`` of the built kvm-unit-tests tree ``PYKVM_KUT_DIR`` names.
+def kut_tree() -> Path:
+    """The built kvm-unit-tests tree ``PYKVM_KUT_DIR`` names; the test is marked ``kvm_unit_tests``.
 
     The test skips when the variable is unset (a skip even under PYKVM_REQUIRE_KVM=1: no KVM supplies the
-    tree) or the kernel is not built (a failure then: the tree given lacks it). CI builds the tree and sets it.
+    tree), and fails under it when the tree named is not built (a skip otherwise). CI builds it and sets it.
     """
+    tree = os.environ.get("PYKVM_KUT_DIR")
+    if not tree:
+        skip_missing_input("PYKVM_KUT_DIR is not set: it names a built kvm-unit-tests tree (./configure && make)")
+    if not Path(tree, "x86", "run").is_file():
+        pytest.skip(f"PYKVM_KUT_DIR={tree} is not a built kvm-unit-tests tree (no x86/run): run ./configure && make "
+                    f"there")
+    return Path(tree)
+
+
+@pytest.fixture
+def kut_flat(kut_tree: Path) -> Callable[[str], Path]:
+    """``kut_flat(name)``: ``x86/NAME.flat`` of the tree :func:`kut_tree` gives; a kernel not built there skips
+    (a failure under PYKVM_REQUIRE_KVM=1: the tree given lacks it)."""
     def flat(name: str) -> Path:
-        tree = os.environ.get("PYKVM_KUT_DIR")
-        if not tree:
-            skip_missing_input("PYKVM_KUT_DIR is not set: it names a built kvm-unit-tests tree "
-                               "(./configure && make)")
-        path = Path(tree, "x86", f"{name}.flat")
+        path = kut_tree / "x86" / f"{name}.flat"
         if not path.is_file():
             pytest.skip(f"{path} is not built: run make in the kvm-unit-tests tree")
         return path

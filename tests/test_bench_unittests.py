@@ -278,14 +278,9 @@ def test_a_stand_in_tree_is_measured_with_real_runs(kvm_available, tree, capsys)
 
 # -- a real kvm-unit-tests tree (PYKVM_KUT_DIR) ------------------------------------------------------
 
-KUT = os.environ.get("PYKVM_KUT_DIR", "")
-
-
 @pytest.mark.qemu
-@pytest.mark.kvm_unit_tests
-@pytest.mark.skipif(not KUT, reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")
 @pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="qemu-system-x86_64 is not installed")
-def test_a_real_entry_is_measured_against_qemu(kvm_available, capsys):
-    assert main(["unittests", KUT, "smptest", "--rounds", "1"]) == 0
+def test_a_real_entry_is_measured_against_qemu(kvm_available, kut_tree, capsys):
+    assert main(["unittests", str(kut_tree), "smptest", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "unittests: 1 entries PASS under both" in out and "headline: pykvm command total / QEMU total" in out

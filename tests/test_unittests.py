@@ -10,7 +10,6 @@ tree, a few real entries run too, and the pytest option collects that tree.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -274,39 +273,28 @@ def test_parity_names_what_differs():
 
 # -- a real kvm-unit-tests tree (PYKVM_KUT_DIR) ----------------------------------------------------
 
-# Not hardware tests by the plugin's rule (no pykvm fixture): a missing tree is a skip even under
-# PYKVM_REQUIRE_KVM=1, and CI sets PYKVM_KUT_DIR where it has built one.
-KUT = os.environ.get("PYKVM_KUT_DIR", "")
-
-
-def needs_kut(test):
-    return pytest.mark.kvm_unit_tests(pytest.mark.skipif(
-        not KUT, reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")(test))
-
-
-@needs_kut
 @pytest.mark.parametrize("name, summary", [("smptest", "(1 tests)"), ("setjmp", "(10 tests)")])
-def test_real_entries_pass_with_their_summary(name, summary):
-    entry = next(entry for entry in read_config(KUT) if entry.name == name)
-    outcome = run_pykvm(entry, Path(KUT))
+def test_real_entries_pass_with_their_summary(kut_tree, name, summary):
+    entry = next(entry for entry in read_config(kut_tree) if entry.name == name)
+    outcome = run_pykvm(entry, kut_tree)
     assert outcome.line() == f"PASS {name} {summary}", outcome.output
 
 
-@needs_kut
-def test_a_misspelt_group_of_the_real_cfg_is_refused_and_the_group_listed(capsys):
-    assert main([KUT, "-g", "vmexitt"]) == 2
+def test_a_misspelt_group_of_the_real_cfg_is_refused_and_the_group_listed(kut_tree, capsys):
+    assert main([str(kut_tree), "-g", "vmexitt"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "-g vmexitt: no entry of x86/unittests.cfg is in that group (did you mean vmexit" \
         in captured.err
-    assert main([KUT, "-g", "vmexit", "--list"]) == 0                           # control: the real group
-    assert capsys.readouterr().out.split() == [entry.name for entry in read_config(KUT) if "vmexit" in entry.groups]
+    assert main([str(kut_tree), "-g", "vmexit", "--list"]) == 0                 # control: the real group
+    assert capsys.readouterr().out.split() == [entry.name for entry in read_config(kut_tree)
+                                               if "vmexit" in entry.groups]
 
 
-@needs_kut
-def test_pytest_collects_an_item_per_entry(tmp_path):
-    names = [entry.name for entry in read_config(KUT)]
+def test_pytest_collects_an_item_per_entry(kut_tree, tmp_path):
+    names = [entry.name for entry in read_config(kut_tree)]
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--co",
-                           "--kvm-unit-tests", KUT], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           "--kvm-unit-tests", str(kut_tree)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
     assert f"{len(names)} tests collected" in done.stdout, done.stdout + done.stderr
 
 

@@ -398,14 +398,6 @@ def test_guest_sees_what_it_sees_under_qemu(kvm, cpuid_kernel, cpu, cpus):
 
 
 # -- kvm-unit-tests ------------------------------------------------------------------------------------
-KUT_DIR = os.environ.get("PYKVM_KUT_DIR")
-
-
-def needs_kut(test):
-    """Boots kvm-unit-tests' kernels: the ``kvm_unit_tests`` marker, skipped without PYKVM_KUT_DIR."""
-    return pytest.mark.kvm_unit_tests(pytest.mark.skipif(
-        not (KUT_DIR and Path(KUT_DIR, "x86", "run").is_file()),
-        reason="PYKVM_KUT_DIR does not name a built kvm-unit-tests tree")(test))
 VERDICT = re.compile(r"^(PASS|FAIL|SKIP): ", re.MULTILINE)
 
 
@@ -420,23 +412,21 @@ class Verdicts:
         return cls(status, (found.count("PASS"), found.count("FAIL"), found.count("SKIP")))
 
 
-def kut_under_pykvm(flat: str, cpu: str, smp: int, memory: int, timeout: int) -> Verdicts:
-    assert KUT_DIR is not None
-    result = subprocess.run([sys.executable, "-m", "pykvm.boot", str(Path(KUT_DIR, "x86", flat)), "--cpu", cpu,
+def kut_under_pykvm(tree: Path, flat: str, cpu: str, smp: int, memory: int, timeout: int) -> Verdicts:
+    result = subprocess.run([sys.executable, "-m", "pykvm.boot", str(tree / "x86" / flat), "--cpu", cpu,
                              "--smp", str(smp), "--memory", str(memory), "--timeout", str(timeout)],
                             capture_output=True, text=True, timeout=timeout + 60)
     return Verdicts.of(result.returncode, result.stdout)
 
 
-def kut_under_qemu(flat: str, cpu: str, smp: int, memory: int, timeout: int) -> Verdicts:
-    assert KUT_DIR is not None and QEMU is not None
+def kut_under_qemu(tree: Path, flat: str, cpu: str, smp: int, memory: int, timeout: int) -> Verdicts:
+    assert QEMU is not None
     result = subprocess.run(["./x86/run", f"x86/{flat}", "-smp", str(smp), "-m", str(memory), "-cpu", cpu],
-                            cwd=KUT_DIR, capture_output=True, text=True, timeout=timeout + 60,
+                            cwd=tree, capture_output=True, text=True, timeout=timeout + 60,
                             env={**os.environ, "QEMU": QEMU, "ACCEL": "kvm", "TIMEOUT": f"{timeout}s"})
     return Verdicts.of(result.returncode, result.stdout)
 
 
-@needs_kut
 @needs_qemu
 @pytest.mark.deadline(300)
 @pytest.mark.parametrize("flat,cpu,smp,memory,timeout,qemu_cpu", [
@@ -449,28 +439,27 @@ def kut_under_qemu(flat: str, cpu: str, smp: int, memory: int, timeout: int) -> 
     # come on some hosts, under QEMU as under pykvm; 30 s is enough to see both runs agree.
     ("asyncpf.flat", "host", 1, 2048, 30, "host,-arch-capabilities"),
 ])
-def test_kvm_unit_tests_verdicts_match_qemus(flat, cpu, smp, memory, timeout, qemu_cpu):
-    ours = kut_under_pykvm(flat, cpu, smp, memory, timeout)
-    assert ours == kut_under_qemu(flat, qemu_cpu or cpu, smp, memory, timeout)
+def test_kvm_unit_tests_verdicts_match_qemus(kut_tree, flat, cpu, smp, memory, timeout, qemu_cpu):
+    ours = kut_under_pykvm(kut_tree, flat, cpu, smp, memory, timeout)
+    assert ours == kut_under_qemu(kut_tree, flat, qemu_cpu or cpu, smp, memory, timeout)
 
 
-@needs_kut
 @needs_qemu
-def test_lam_runs_and_skips_what_it_does_under_qemu():
+def test_lam_runs_and_skips_what_it_does_under_qemu(kut_tree):
     # [lam]: two of its checks write through pc-testdev's I/O RAM at 0xff000000, which pykvm's machine
     # lacks; which checks run and which skip is the CPU model's doing.
-    ours = kut_under_pykvm("lam.flat", "max", 1, 128, 90)
-    theirs = kut_under_qemu("lam.flat", "max,-arch-capabilities", 1, 128, 90)
+    ours = kut_under_pykvm(kut_tree, "lam.flat", "max", 1, 128, 90)
+    theirs = kut_under_qemu(kut_tree, "lam.flat", "max,-arch-capabilities", 1, 128, 90)
     assert (sum(ours.counts), ours.counts[2]) == (sum(theirs.counts), theirs.counts[2])
 
 
-def _output_until(options: list[str], ends: tuple[str, ...], deadline: float) -> str:
+def _output_until(tree: Path, options: list[str], ends: tuple[str, ...], deadline: float) -> str:
     """apic.flat's serial output under ``pykvm.boot OPTIONS``, up to the first line holding one of ``ends``.
 
     Stops the boot there rather than at a fixed time: at load 10, 3 s of wall time did not reach
     the detection line (Python's start-up and the boot share the CPUs with everything else).
     """
-    command = [sys.executable, "-m", "pykvm.boot", str(Path(str(KUT_DIR), "x86", "apic.flat")), *options,
+    command = [sys.executable, "-m", "pykvm.boot", str(tree / "x86" / "apic.flat"), *options,
                "--timeout", str(deadline)]
     lines = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as boot:
@@ -485,14 +474,12 @@ def _output_until(options: list[str], ends: tuple[str, ...], deadline: float) ->
     return "".join(lines)
 
 
-@needs_kut
 @pytest.mark.deadline(150)
-def test_xapic_entry_hides_x2apic_from_the_apic_test():
+def test_xapic_entry_hides_x2apic_from_the_apic_test(kut_tree):
     # [xapic] and [x2apic] of x86/unittests.cfg; the verdict that differs is x2APIC detection.
-    assert KUT_DIR is not None
     outputs = {}
     for sign in "-+":      # the detection is among apic.flat's first lines; the whole test runs 90 s
-        outputs[sign] = _output_until(["--smp", "2", "--cpu", f"qemu64,{sign}x2apic,+tsc-deadline"],
+        outputs[sign] = _output_until(kut_tree, ["--smp", "2", "--cpu", f"qemu64,{sign}x2apic,+tsc-deadline"],
                                       ("x2apic not detected", "x2apic enabled"), deadline=60)
     assert "x2apic not detected" in outputs["-"] and "x2apic enabled" not in outputs["-"]
     assert "x2apic not detected" not in outputs["+"] and "x2apic enabled" in outputs["+"]

@@ -196,11 +196,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report = outcome.get_result()
-    if item.get_closest_marker("hardware") is None:
-        return
     if report.skipped and call.excinfo is not None and call.excinfo.errisinstance(_MissingInput):
         path, line, _ = report.longrepr        # as pytest.skip's: the reason without the class's name
         report.longrepr = (path, line, f"Skipped: {call.excinfo.value}")
+        return
+    if item.get_closest_marker("hardware") is None:
         return
     if report.skipped and _require_kvm(item.config):
         report.outcome = "failed"
