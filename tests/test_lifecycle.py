@@ -84,9 +84,9 @@ def test_close_is_idempotent_and_use_after_close_raises(kvm):
     vm.close()
     vm.close()
     assert vm.closed and vcpu.closed
-    with pytest.raises(ClosedError):
+    with pytest.raises(ClosedError, match="was closed with its Vm"):
         vcpu.run()
-    with pytest.raises(ClosedError):
+    with pytest.raises(ClosedError, match="was closed with its Vm"):
         vcpu.regs
     with pytest.raises(ClosedError):
         view.ready_for_interrupt_injection
@@ -101,6 +101,13 @@ def test_close_is_idempotent_and_use_after_close_raises(kvm):
     with pytest.raises(ClosedError):
         Injector(vcpu).interrupt(0x20)
     assert "closed" in repr(vcpu) and "closed" in repr(view)
+    # the control: a vCPU closed alone does not blame its VM
+    alone = kvm.create_vm()
+    single = alone.create_vcpu()
+    single.close()
+    with pytest.raises(ClosedError, match="Vcpu 0 is closed; create a new one"):
+        single.regs
+    alone.close()
 
 
 def test_exit_kept_after_close_stays_readable_but_cannot_reply(vm):

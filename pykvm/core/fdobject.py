@@ -52,8 +52,11 @@ class FdObject:
 
     def _check_open(self) -> None:
         if self._fd < 0:
-            raise ClosedError(f"{type(self).__name__} is closed; create a new one "
-                              f"(objects cannot be reopened)")
+            raise self._closed()
+
+    def _closed(self) -> ClosedError:
+        """The error for a use after close (a subclass may say what closed it)."""
+        return ClosedError(f"{type(self).__name__} is closed; create a new one (objects cannot be reopened)")
 
     def close(self) -> None:
         """Release the fd and everything hanging off it. Safe to call twice."""

@@ -299,7 +299,10 @@ class Vcpu(FdObject):
                              f"call run() only from that thread, and kick() it from others")
 
     def _closed(self) -> ClosedError:
-        return ClosedError(f"Vcpu {self.id} is closed; create a new one")
+        if self.vm.closed:
+            return ClosedError(f"Vcpu {self.id} was closed with its Vm (vm.close() closes its vCPUs); create a new "
+                               f"Vm and Vcpu (objects cannot be reopened)")
+        return ClosedError(f"Vcpu {self.id} is closed; create a new one (objects cannot be reopened)")
 
     def _decode(self, result: int) -> exits.Exit:
         """The typed exit for a KVM_RUN result (with the guard held unless ``result`` is packed)."""
@@ -410,7 +413,7 @@ class Vcpu(FdObject):
         """
         run = self._run
         if run is None:
-            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
+            raise self._closed()
         reason = self._last_result
         if reason not in _UNFINISHED:
             return None
@@ -462,7 +465,7 @@ class Vcpu(FdObject):
         """
         check_vector(vector)
         if self._run is None:
-            raise ClosedError(f"Vcpu {self.id} is closed; create a new one")
+            raise self._closed()
         try:
             self._ioctl(Ioctl.INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}))
         except KvmError as exc:
