@@ -34,6 +34,10 @@ long_mode:
     out     %al, $0x21
     mov     $0xff, %al
     out     %al, $0xa1
+    /* the message first: its bytes are exits to the host, and the ticks must all come while the guest
+       waits inside KVM_RUN (a host slow to answer those exits would otherwise see ticks go by outside it) */
+    mov     $msg_start, %esi
+    call    puts64
     /* 8254 channel 0: lobyte/hibyte, mode 2, divisor 11932 (100 Hz) */
     mov     $0x34, %al
     out     %al, $0x43
@@ -41,8 +45,6 @@ long_mode:
     out     %al, $0x40
     mov     $11932 >> 8, %al
     out     %al, $0x40
-    mov     $msg_start, %esi
-    call    puts64
 1:  sti
     hlt                                 /* sti; hlt: no interrupt slips in between */
     cli
