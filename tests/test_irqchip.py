@@ -23,6 +23,7 @@ import pytest
 
 from pykvm import guests
 from pykvm.core.constants import Cap, ExitReason, IrqchipId
+from pykvm.core.errors import CommandTimeout
 from pykvm.core.vcpu import KICK_SIGNAL, install_kick_handler
 from pykvm.guests import Command, StopKind
 from pykvm.hosts.vendor import VendorModule
@@ -329,6 +330,16 @@ def test_lapic_timer_tsc_deadline(machine, kvm):
     guest.command(Command.TSC_DEADLINE, guest.vcpu.tsc_khz * 2)   # 2 ms from now
     guest.wait_log(1)
     assert vectors(guest) == [0x91]
+
+
+@pytest.mark.requires_cap(Cap.TSC_DEADLINE_TIMER)
+def test_a_wait_for_a_tsc_deadline_that_never_comes_names_the_deadline_and_the_tsc(machine):
+    [guest] = machine()
+    guest.apic_enable()
+    guest.apic_write(ApicReg.LVT_TIMER, 0x91 | int(TimerMode.TSC_DEADLINE) << 17)
+    guest.command(Command.TSC_DEADLINE, 1 << 50)                      # armed, and far away
+    with pytest.raises(CommandTimeout, match=r"IA32_TSC_DEADLINE=0x[0-9a-f]+, TSC=0x[0-9a-f]+: due in \d+ TSC ticks"):
+        guest.command(Command.WAIT_LOG, 1, timeout=0.2)
 
 
 def test_kick_interrupts_a_guest_spinning_without_exits(machine, kvm):

@@ -31,6 +31,7 @@ import warnings
 from ..core.constants import MpState
 from ..core.errors import PyKvmError
 from ..core.vcpu import Vcpu
+from ..x86.msr import TSC_DEADLINE_MSR, TSC_MSR
 from . import lapic
 
 RFLAGS_IF = 1 << 9
@@ -111,7 +112,23 @@ def read(vcpu: Vcpu) -> WaitState:
     if not vcpu.vm.irqchip.lapic_in_kernel:
         return WaitState(mp_state, interrupts_enabled, injected, frozenset(), 0, "no in-kernel LAPIC")
     chip = lapic.read(vcpu)
-    return WaitState(mp_state, interrupts_enabled, injected, chip.irr, chip.ppr, chip.describe())
+    words = chip.describe()
+    if chip.lvt["timer"].timer_mode == lapic.TimerMode.TSC_DEADLINE:
+        words += f"; {_tsc_deadline(vcpu)}"
+    return WaitState(mp_state, interrupts_enabled, injected, chip.irr, chip.ppr, words)
+
+
+def _tsc_deadline(vcpu: Vcpu) -> str:
+    """The armed TSC deadline against the guest's TSC now, in words (KVM reads 0 once it fired or was disarmed)."""
+    try:
+        msrs = vcpu.get_msrs([TSC_DEADLINE_MSR, TSC_MSR])
+    except PyKvmError as exc:
+        return f"IA32_TSC_DEADLINE unreadable ({exc})"
+    deadline, now = msrs[TSC_DEADLINE_MSR], msrs[TSC_MSR]
+    if deadline == 0:
+        return "IA32_TSC_DEADLINE=0 (fired or never armed)"
+    when = f"due in {deadline - now} TSC ticks" if deadline > now else f"{now - deadline} TSC ticks past due"
+    return f"IA32_TSC_DEADLINE={deadline:#x}, TSC={now:#x}: {when}"
 
 
 def read_halted(vcpu: Vcpu) -> tuple[WaitState | None, str]:
