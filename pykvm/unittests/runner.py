@@ -112,11 +112,6 @@ def _kernel_line(line: str) -> bool:
     return bool(line.strip()) and not line.startswith(("/", "qemu", "timeout "))
 
 
-def _kernel_ran(output: str) -> bool:
-    """Whether x86/run's output holds anything of the kernel's."""
-    return any(_kernel_line(line) for line in output.splitlines())
-
-
 def verdict_of(status: int) -> Verdict:
     return Verdict.PASS if status == STATUS_PASS_RAW else Verdict.SKIP if status == STATUS_SKIP else Verdict.FAIL
 
@@ -208,7 +203,7 @@ def run_qemu(entry: Entry, tree: Path, timeout: float | None = None, group: str 
     # x86/run reports run_tests.sh's scale (0 pass, 77 skip, 124 timeout, >128 a signal, else a failure);
     # give the debug-exit status pykvm reports: a pass is 1 there.
     raw = STATUS_PASS_RAW if status == 0 else status
-    if status == 1 and _kernel_ran(output):
+    if status == 1 and done.first_kernel_byte is not None:      # the kernel printed: it ran
         # The kernel ran and ended without the debug exit: QEMU's -no-reboot exits 0 on a reset, a triple
         # fault or a power-off, and x86/run reports that as 1. run_tests.sh calls it a FAIL; so does this.
         return EntryResult(entry.name, "qemu", Verdict.FAIL, STATUS_POWER_OFF, summary_of(output),
@@ -252,6 +247,7 @@ def _run_timed(argv: list[str], cwd: Path, environment: dict[str, str], limit: f
     out, err = process.stdout.fileno(), process.stderr.fileno()
     pieces: dict[int, list[bytes]] = {out: [], err: []}
     arrivals: list[tuple[int, float]] = []          # (stdout bytes so far, seconds since the spawn)
+    received = 0
     finished = False
     try:
         with selectors.DefaultSelector() as selector:
@@ -265,7 +261,8 @@ def _run_timed(argv: list[str], cwd: Path, environment: dict[str, str], limit: f
                         continue
                     pieces[key.fd].append(data)
                     if key.fd == out:
-                        arrivals.append((sum(map(len, pieces[out])), time.monotonic() - started))
+                        received += len(data)
+                        arrivals.append((received, time.monotonic() - started))
             finished = not selector.get_map()
     finally:
         if not finished:
