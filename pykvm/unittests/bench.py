@@ -244,16 +244,19 @@ class Result:
     def median(self, name: str, way: str) -> float:
         return statistics.median(sample.wall for sample in self.samples[name][way])
 
+    def _run_median(self, name: str, way: str, figure: str) -> float | None:
+        """The median of :class:`Run`'s ``figure`` over ``name``'s runs ``way``, or None if a run lacks it."""
+        runs: list[float | None] = [getattr(sample.run, figure) for sample in self.samples[name][way]]
+        return None if None in runs else statistics.median(run for run in runs if run is not None)
+
     def guest(self, name: str) -> float | None:
         """The median of the guest's own time in ``name``'s in-process runs, or None if a run lacks it."""
-        runs = [sample.run.guest for sample in self.samples[name]["in-process"]]
-        return None if None in runs else statistics.median(run for run in runs if run is not None)
+        return self._run_median(name, "in-process", "guest")
 
     def kernel(self, name: str, way: str) -> float | None:
         """The median of ``name``'s seconds from the kernel's first output byte to the end, ``way``'s runs; None if
         a run lacks it."""
-        runs = [sample.run.kernel for sample in self.samples[name][way]]
-        return None if None in runs else statistics.median(run for run in runs if run is not None)
+        return self._run_median(name, way, "kernel")
 
     def outside(self, name: str) -> tuple[float, dict[ExitSite, int]] | None:
         """The median of the Machine's time outside ``KVM_RUN`` in ``name``'s in-process runs, and the exit
