@@ -308,11 +308,7 @@ class _Child:
 
     def channel_closed(self) -> bool:
         """Whether no process below the child's first one (``unshare`` keeps its copy) holds the report channel."""
-        for pid in self.tree()[1 if isolation() else 0:]:
-            with contextlib.suppress(OSError):
-                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == self.channel for fd in os.listdir(f"/proc/{pid}/fd")):
-                    return False
-        return True
+        return not any(holds(pid, self.channel) for pid in self.tree()[1 if isolation() else 0:])
 
     def stopped(self) -> bool:
         return any(_state(pid) in ("t", "T") for pid in process_tree(self.process.pid))
@@ -442,6 +438,23 @@ def _stat(pid: int | str) -> list[str]:
             return stat.read().rpartition(")")[2].split()
     except OSError:
         return []
+
+
+def holds(pid: int, target: str) -> bool:
+    """Whether process ``pid`` has a file descriptor open on ``target`` (what ``/proc/PID/fd/N`` links to).
+
+    Each descriptor is read on its own: one the process closes while we look is skipped, not taken for the
+    whole process (code that opens and closes descriptors all the time, a VM a measurement, must not look as
+    if it had closed the one it keeps)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:                             # the process is gone
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+    return False
 
 
 def _state(pid: int) -> str | None:
