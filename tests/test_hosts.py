@@ -399,6 +399,23 @@ def test_emulator_loop_reads_a_fifo_and_reports_a_timeout_or_a_silent_death(tmp_
         os.close(fd)
 
 
+@pytest.mark.parametrize("said", [*qemu.KNOWN_ABORTS, "some other failure"],
+                         ids=lambda said: "known" if said in qemu.KNOWN_ABORTS else "control-unknown")
+def test_an_emulator_abort_the_project_measured_is_explained_as_the_emulators(tmp_path, said):
+    """QEMU 7.2 aborting on a nested guest's CR8 write is named as the emulator's failure, with its cause;
+    the control, any other message, keeps the guess about the guest."""
+    dies = f"import os, sys; print({MARKERS.start!r}, flush=True); sys.stderr.write({said!r}); os.abort()"
+    with pytest.raises(errors.GuestFailed) as failed, open(tmp_path / "out", "wb") as output:
+        emulator.boot(_emulator(dies), MARKERS, 30, output, "test", known_aborts=qemu.KNOWN_ABORTS)
+    message = str(failed.value)
+    assert said in message and "exited with -6" in message
+    if said in qemu.KNOWN_ABORTS:
+        assert "the emulator itself failed, not the guest: QEMU's TCG aborts when a nested guest" in message
+        assert "kernel panic" not in message
+    else:
+        assert "the emulator itself" not in message and "the guest stopped while the command ran" in message
+
+
 # ---------------------------------------------------------------- bochs-intel
 
 def test_bochs_intel_init_reads_the_command_disk_and_shares_the_skeleton():

@@ -16,7 +16,7 @@ import selectors
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from .console import ConsoleFilter, Markers
@@ -28,7 +28,7 @@ _POLL_SECONDS = 0.5
 
 def boot(command: Sequence[str], markers: Markers, timeout: float, output: BinaryIO, host: str, *,
          console_fd: int | None = None, grace: float = 5.0, emulator_log: Callable[[], str] | None = None,
-         slow_hint: str = "") -> int:
+         slow_hint: str = "", known_aborts: Mapping[str, str] | None = None) -> int:
     """Run the emulator ``command``, stream the command's output to ``output``, return its exit status.
 
     The console is the emulator's stdout, or ``console_fd`` (a FIFO the emulator
@@ -36,7 +36,8 @@ def boot(command: Sequence[str], markers: Markers, timeout: float, output: Binar
     reported (or panicked, or powered off) the emulator gets ``grace`` seconds to
     exit by itself before it is killed. ``host`` names the guest in errors;
     ``emulator_log`` gives the emulator's own log for them, ``slow_hint`` what to
-    say on a timeout.
+    say on a timeout, and ``known_aborts`` what is known of an emulator that
+    stopped saying one of its keys (a message of its own, not the guest's).
     """
     console = ConsoleFilter(markers)
     begin = time.monotonic()
@@ -69,7 +70,10 @@ def boot(command: Sequence[str], markers: Markers, timeout: float, output: Binar
         errors = emulator_stderr.read().decode(errors="replace").strip()
         if emulator_log is not None:
             errors = "\n".join(part for part in (errors, emulator_log()) if part)
-        if console.error:
+        known = [why for said, why in (known_aborts or {}).items() if said in errors]
+        if known:
+            reason = f"the emulator itself failed, not the guest: {known[0]}"
+        elif console.error:
             reason = f"/init failed: {console.error}"
         elif not console.started:
             reason = "the guest stopped before running the command (kernel panic or emulator error?)"

@@ -169,4 +169,5 @@ def run(argv: list[str], release: str | None, memory_mib: int, cpus: int, timeou
                                       Path(directory), prepared.tools.cpio)
         command = qemu.qemu_command(prepared.tools.qemu, prepared.vmlinuz, initrd, memory_mib, cpus)
         return emulator.boot(command, markers, timeout, sys.stdout.buffer, NAME,
-                             slow_hint="Raise --timeout if the command is just slow under TCG")
+                             slow_hint="Raise --timeout if the command is just slow under TCG",
+                             known_aborts=qemu.KNOWN_ABORTS)
