@@ -26,7 +26,7 @@ import pytest
 
 import pykvm
 from pykvm import Regs, VcpuEvents, guests, x86
-from pykvm.core.constants import IrqchipId
+from pykvm.core.constants import InternalErrorKind, IrqchipId
 from pykvm.core.errors import (
     ArgumentTypeError,
     ClosedError,
@@ -469,7 +469,8 @@ def test_kvm_run_without_memory_names_the_missing_memory(kvm):
         else:
             # Measured on kvm_amd (QEMU TCG): no error, but an emulation failure at the reset vector, which
             # has no memory to fetch from; the typed exit says so, and nothing else may come.
-            assert isinstance(exit, InternalErrorExit) and exit.suberror == 1, exit
+            assert isinstance(exit, InternalErrorExit) and exit.suberror is InternalErrorKind.EMULATION, exit
+            assert "suberror=EMULATION" in repr(exit)                       # the name, where a number said less
 
 
 _MODULE_NAME = re.compile(r"(?<![\w.])pykvm(?:\.[A-Za-z_]\w*)+")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pykvm.core import constants
+from pykvm.core import constants, exits
 from pykvm.core.binding import ffi, lib
 from pykvm.core.ioctls import Ioctl
 
@@ -55,3 +55,16 @@ def test_irqchip_and_stats_struct_sizes_are_the_headers():
     assert {name: ffi.sizeof(name) for name in sizes} == sizes
     assert ffi.offsetof("struct kvm_irq_routing_entry", "u") == 16
     assert ffi.offsetof("struct kvm_irqchip", "chip") == 8
+
+
+def test_an_internal_error_names_its_suberror_and_keeps_one_it_does_not_know_as_a_number():
+    run = ffi.new("struct kvm_run *")
+    run.internal.suberror, run.internal.ndata = constants.InternalErrorKind.EMULATION, 2
+    run.internal.data[0:2] = [0, 4096]
+    exit = exits._internal(None, run)
+    assert exit.suberror is constants.InternalErrorKind.EMULATION and exit.data == (0, 4096)
+    assert repr(exit).startswith("InternalErrorExit(suberror=EMULATION, data=(0, 4096)")
+    run.internal.suberror = 99                                  # a newer kernel's
+    exit = exits._internal(None, run)
+    assert exit.suberror == 99 and not isinstance(exit.suberror, constants.InternalErrorKind)
+    assert "suberror=0x63" in repr(exit)

@@ -214,16 +214,12 @@ class InternalErrorExit(Exit):
     """
 
     reason: ClassVar = ExitReason.INTERNAL_ERROR
-    suberror: int = 0
+    suberror: InternalErrorKind | int = 0
     data: tuple = ()
     rip: int = 0
     insn_bytes: bytes = b""
     explanation: str = dataclasses.field(default="", metadata={"hex": False})
     host_limit: bool = False
-
-    @property
-    def kind(self) -> InternalErrorKind | int:
-        return as_enum(InternalErrorKind, self.suberror)
 
 
 @record(slots=True)
@@ -372,7 +368,7 @@ def _internal(vcpu, run) -> Exit:
         failure = run.emulation_failure
         if failure.ndata >= 2 and failure.flags & 1:
             insn = bytes(failure.insn_bytes[0:failure.insn_size])
-    return InternalErrorExit(internal.suberror, data, 0, insn)
+    return InternalErrorExit(as_enum(InternalErrorKind, internal.suberror), data, 0, insn)
 
 
 def _debug(vcpu, run) -> DebugExit:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..core.constants import InternalErrorKind
 from ..core.exits import Exit, FailEntryExit, InternalErrorExit
 from ..x86.asm import Mode
 from ..x86.modes import cpu_mode, linear_rip
@@ -68,7 +69,7 @@ def explain_internal_error(host: HostInfo, exit: InternalErrorExit, mode: Mode) 
     insn = exit.insn_bytes
     where = (f"at RIP {exit.rip:#x} in {mode.value} mode (instruction bytes "
              f"{insn[:4].hex(' ') or 'unknown'})")
-    if exit.suberror != 1:
+    if exit.suberror != InternalErrorKind.EMULATION:
         return f"KVM internal error, suberror {exit.suberror}, {where}", False
     if mode == Mode.PROTECTED and not host.protected_mode_iret and insn.startswith(_IRET_OPCODES):
         return (f"{host.name}'s instruction emulator cannot execute IRET in 32-bit protected mode "
