@@ -102,8 +102,8 @@ class Parity:
         return "differ: " + ", ".join(parts)
 
 
-PARITY_LEGEND = ("status: the exit status as run_tests.sh reads it: 1 pass, 3 fail, 77 skip, 127 abort, 124 "
-                 "timeout (pykvm's own: 4 triple fault, 6 internal error; over 128: a signal; -: not run)\n"
+PARITY_LEGEND = ("status: the exit status as run_tests.sh reads it: 1 pass, 3 fail, 77 skip, 127 abort, 124 timeout\n"
+                 "        (pykvm's own: 4 triple fault, 6 internal error; over 128: a signal; -: not run)\n"
                  "P/F/S: how many PASS, FAIL and SKIP lines the test printed; time: seconds")
 _SIDE = ("verdict", "status", "P/F/S", "time")
 
