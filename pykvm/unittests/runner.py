@@ -161,18 +161,16 @@ def run_pykvm(entry: Entry, tree: Path, timeout: float | None = None, group: str
     # screen; pykvm's go at the top of the entry's output, which is that log.
     output = "".join(f"pykvm: warning: {warning.message}\n" for warning in caught
                      if issubclass(warning.category, CpuFeatureWarning)) + result.text
-    if result.ending == Ending.EXIT_PORT:
-        return EntryResult(entry.name, "pykvm", verdict_of(result.status), result.status, summary_of(output),
-                       output=output, seconds=seconds, elapsed=result.elapsed,
-                       guest_seconds=result.guest_seconds, exit_sites=result.exit_sites,
-                       first_byte=result.first_byte)
-    if result.ending == Ending.TIMEOUT:
+    verdict, summary, reason = Verdict.FAIL, "", ""
+    if result.ending == Ending.EXIT_PORT:                   # the test's own verdict, by the debug-exit status
+        verdict, summary = verdict_of(result.status), summary_of(output)
+    elif result.ending == Ending.TIMEOUT:
         reason = f"timeout; duration={timeout or entry.timeout:g}s"
     else:
         reason = f"{result.ending.value}: {result.message}"
-    return EntryResult(entry.name, "pykvm", Verdict.FAIL, result.status, reason=reason, output=output, seconds=seconds,
-                   elapsed=result.elapsed, guest_seconds=result.guest_seconds, exit_sites=result.exit_sites,
-                   first_byte=result.first_byte)
+    return EntryResult(entry.name, "pykvm", verdict, result.status, summary, reason, output, seconds,
+                       elapsed=result.elapsed, guest_seconds=result.guest_seconds, exit_sites=result.exit_sites,
+                       first_byte=result.first_byte)
 
 
 def qemu_command(entry: Entry, tree: Path, timeout: float | None = None) -> str:
