@@ -61,7 +61,27 @@ What this does not stop
 * Writing the guest's log in guest memory directly: the child's checks read
   it, and a memory the runner shared with the child would not help (nothing
   shows the runner which memory KVM maps for the guest). The counters still
-  must agree: a vector counts as injected only when KVM injects it.
+  must agree, but they count injections, not their vectors.
+* Making KVM's counters move some other way. A red-team trial (2026-12-07)
+  passed every step of all 14 labs, in ``labs check`` and ``labs grade``,
+  with a ``lab.py`` alone that patches ``json`` as above and
+
+  - streams injection reports of its own through the checker's reporter
+    (vector, ready, forced and RIP are the child's word; KVM's
+    ``irq_injections`` counts any vector: a raw ``KVM_INTERRUPT`` of another
+    vector, made while the guest was not ready, passed labs 4-6);
+  - makes a VM of its own take interrupts or NMIs inside a step: the hook
+    files its vCPU under the running scenario, and the rules of labs 9, 10,
+    12 and 13 add up every vCPU filed there (no timer, PIT, route, irqfd or
+    IPI needed);
+  - meets a rule's thresholds without the lab's act (lab 1: any guest with
+    three exits and a ``hlt``, the IN never answered; lab 2: the checker's
+    own handler stub taking the injection).
+
+  Closing these needs evidence of which vector went where by which path, which
+  KVM's statistics do not hold (its trace events do, where the runner may read
+  tracefs); it is not done. The checker stops honest mistakes and the tricks
+  of ``tests/labs_cheats/``, not a student who reads and patches it.
 * Forging the result of a step without a rule of its own once any vCPU of
   the child ran (rule 2 holds for the whole child).
 * Creating a VM in a process of its own and handing the runner its stats fd
