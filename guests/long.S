@@ -157,7 +157,9 @@ cmd_tsc_deadline:                       /* IA32_TSC_DEADLINE = now + %rcx */
     jmp     next_step
 
 /* WAIT_LOG: halt with interrupts on until this CPU's log holds %ecx records.
- * `sti; hlt` keeps the hlt in the STI shadow where the host honours it; returns with IF=0. */
+ * `sti; hlt` keeps the hlt in the STI shadow where the host honours it; where
+ * it does not, handler_common resumes an interrupt taken at the hlt past it.
+ * Returns with IF=0. */
 cmd_wait_log:
     mov     MB_LOG(%r14), %rsi
 1:  cli
@@ -315,6 +317,17 @@ frame_ready:
 2:  mov     %esi, REC_FLAGS(%rdi)
     inc     %ebx                        /* publish the complete record */
     mov     %ebx, (%r8)
+
+    /* Taken before WAIT_LOG's hlt (inside the STI shadow: a host that lost the
+     * shadow across an exit there, as kvm_amd under QEMU 7.2's TCG does), the
+     * interrupt returns past the hlt, so the loop looks at the log again
+     * instead of halting with nothing left to wake it. The record keeps the
+     * RIP it interrupted. */
+    lea     wait_log_hlt(%rip), %rcx
+    cmp     %rcx, F_RIP(%rsp)
+    jne     5f
+    incq    F_RIP(%rsp)                 /* hlt is one byte */
+5:
 
     cmpl    $1, MB_AUTO_EOI(%r14)       /* LAPIC EOI for interrupts (not exceptions, */
     jne     4f                          /* not the spurious vector 0xFF) */

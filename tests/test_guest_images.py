@@ -42,3 +42,25 @@ def test_mode_specific_exceptions():
 def test_unknown_mode_names_the_choices():
     with pytest.raises(ValueError, match="real, protected, long"):
         guests.load("smm")
+
+
+@pytest.mark.parametrize("where", ["before_the_hlt", "control_after_the_hlt"])
+def test_an_interrupt_taken_at_wait_logs_hlt_resumes_past_it(machine, where):
+    """A host that loses the STI shadow (kvm_amd under QEMU 7.2's TCG, after an exit between the `sti` and the
+    `hlt`) delivers WAIT_LOG's interrupt before its `hlt`. The handler resumes it past the `hlt`, so the wait ends
+    at once, where it would have halted with nothing left to wake it; the record keeps the RIP it interrupted.
+    Made here by putting RIP back on the `hlt` before injecting; the control injects after the `hlt`, as usual."""
+    [guest] = machine(irqchip="none")
+    hlt = guest.address("wait_log_hlt")
+    guest.send(guests.Command.WAIT_LOG, 1)
+    stop = guest.run()                                   # the hlt: an exit with the userspace irqchip
+    assert stop.kind == guests.StopKind.HLT and guest.vcpu.regs.rip == hlt + 1, stop
+    taken_at = hlt if where == "before_the_hlt" else hlt + 1
+    regs = guest.vcpu.regs
+    regs.rip = taken_at
+    guest.vcpu.regs = regs
+    guest.vcpu.interrupt(0x40)
+    stop = guest.run()
+    assert stop.kind == guests.StopKind.SYNC, stop       # no second hlt: the wait saw its record
+    [record] = guest.log()
+    assert record.vector == 0x40 and record.rip == taken_at
