@@ -70,15 +70,18 @@ What this does not stop
     (vector, ready, forced and RIP are the child's word; KVM's
     ``irq_injections`` counts any vector: a raw ``KVM_INTERRUPT`` of another
     vector, made while the guest was not ready, passed labs 4-6);
-  - makes a VM of its own take interrupts or NMIs inside a step: the hook
-    files its vCPU under the running scenario, and the rules of labs 9, 10,
-    12 and 13 add up every vCPU filed there (no timer, PIT, route, irqfd or
-    IPI needed);
+  - made a VM of its own take interrupts or NMIs inside a step: the hook
+    filed its vCPU under the running scenario, and the rules of labs 9, 12
+    and 13 added up every vCPU filed there. The runner now refuses a
+    scenario with vCPUs of more than one VM (two with one id:
+    ``tests/labs_cheats/own_vm_takes_the_interrupts.py``); a student who also
+    patches the hook so that only the own VM's vCPUs are reported still gets
+    through;
   - meets a rule's thresholds without the lab's act (lab 1: any guest with
     three exits and a ``hlt``, the IN never answered; lab 2: the checker's
     own handler stub taking the injection).
 
-  Closing these needs evidence of which vector went where by which path, which
+  Closing the rest needs evidence of which vector went where by which path, which
   KVM's statistics do not hold (its trace events do, where the runner may read
   tracefs); it is not done. The checker stops honest mistakes and the tricks
   of ``tests/labs_cheats/``, not a student who reads and patches it.
@@ -200,11 +203,19 @@ class Verdict:
         return task_random(self.seed, key)
 
     def counters(self, key: str) -> list[dict[str, int]]:
-        """KVM's counters of each vCPU scenario ``key`` created, by vCPU id; Fail if it created none."""
+        """KVM's counters of each vCPU scenario ``key`` created, by vCPU id.
+
+        Fail if it created none, or vCPUs of more than one VM (two with one id): every scenario runs one VM, and
+        the counters of another (a VM of the student's own, made to take interrupts) would count as the task's.
+        """
         vcpus = sorted((v for v in self.evidence.vcpus if v.key == key), key=lambda v: v.vcpu)
         if not vcpus:
             raise Fail(f"KVM's record of the run of {key}() is missing: the runner received no stats fd of a "
                        f"vCPU created in it (was the checker's hook on pykvm's Vcpu replaced?)")
+        ids = [v.vcpu for v in vcpus]
+        if len(set(ids)) != len(ids):
+            raise disagree(f"{key}() created vCPUs of more than one VM (vCPU ids {ids}); the checker counts what "
+                           f"KVM did in the task's VM only", by="the vCPUs KVM made")
         return [v.counters() for v in vcpus]
 
     def injections(self, key: str, kind: str) -> list[Injection]:
