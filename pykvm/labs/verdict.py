@@ -79,7 +79,8 @@ What this does not stop
     through;
   - meets a rule's thresholds without the lab's act (lab 1: any guest with
     three exits and a ``hlt``, the IN never answered; lab 2: the checker's
-    own handler stub taking the injection).
+    own handler stub taking the injection; lab 10: ``signal_msi`` in place of
+    the route and the irqfd).
 
   Closing the rest needs evidence of which vector went where by which path, which
   KVM's statistics do not hold (its trace events do, where the runner may read
