@@ -490,28 +490,31 @@ class Machine:
             return []
         asleep = time.perf_counter()
         try:
-            return self._sleep_until_woken(vcpus, deadline, timeout)
+            woken = self._sleep_until_woken(vcpus, deadline, timeout)
         finally:
-            self._asleep += time.perf_counter() - asleep
+            # The sleep ends where the run ended (no wake event in time), else here: before the vCPUs run again,
+            # whose time is theirs (counting it here made asleep outlast elapsed when the guest then ended at once).
+            self._asleep += (self._end_time if self._ending is not None else time.perf_counter()) - asleep
+        return self._start_vcpus(vcpus) if woken else []
 
-    def _sleep_until_woken(self, vcpus: list, deadline: float | None, timeout: float | None) -> list[VcpuThread]:
+    def _sleep_until_woken(self, vcpus: list, deadline: float | None, timeout: float | None) -> bool:
         alarm = self.cmos.next_alarm() if self.pm1.rtc_wake else None
         wake = None if alarm is None else time.perf_counter() + alarm - time.monotonic()
         if wake is None or (deadline is not None and deadline < wake):
             threading.Event().wait(None if deadline is None else max(0.0, deadline - time.perf_counter()))
             self._finish(Ending.TIMEOUT, STATUS_TIMEOUT, f"the guest was asleep in ACPI S3 and no wake event "
                                                          f"came within {timeout:g} s; stopped")
-            return []
+            return False
         time.sleep(max(0.0, wake - time.perf_counter()))
         vector, x_vector = acpi.waking_vectors(self._vm.memory.read(acpi.FACS_ADDRESS, acpi.FACS_SIZE))
         problem = pm1.waking_problem(vector, x_vector)
         if problem is not None:
             self._finish(Ending.ERROR, STATUS_INTERNAL_ERROR, f"the guest woke from ACPI S3, but {problem}")
-            return []
+            return False
         pm1.resume_cpus(vcpus, vector)
         self.pm1.wake(rtc=True)
         self._done.clear()
-        return self._start_vcpus(vcpus)
+        return True
 
     def _stop(self, threads: list[VcpuThread]) -> None:
         self._done.set()
