@@ -9,6 +9,7 @@ pages for real mode on VT-x), and closes everything it owns when it is closed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -65,16 +66,26 @@ DEFAULT_MEMORY_SIZE = 16 << 20
 VM_FD_LINK = "anon_inode:kvm-vm"        # what /proc/self/fd shows for the fd KVM_CREATE_VM returns
 
 
+def fd_links(pid: int | str = "self") -> dict[int, str]:
+    """What each fd of process ``pid`` links to in ``/proc/PID/fd`` ({} once the process is gone).
+
+    Each fd is read on its own: one closed while we look (the listing's own, or any the process closes
+    meanwhile) is left out, not taken for the whole process.
+    """
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return {}
+    links = {}
+    for name in names:
+        with contextlib.suppress(OSError):
+            links[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return links
+
+
 def open_vm_fds() -> frozenset[int]:
     """The fds of this process that are KVM VMs: those whose ``/proc/self/fd`` link is ``anon_inode:kvm-vm``."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == VM_FD_LINK:
-                found.add(int(name))
-        except OSError:             # the listing's own fd, closed by now
-            pass
-    return frozenset(found)
+    return frozenset(fd for fd, link in fd_links().items() if link == VM_FD_LINK)
 
 
 def open_vms(fds: frozenset[int] | None = None) -> list[Vm]:

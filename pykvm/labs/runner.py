@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..core.vm import fd_links
 from ..hosts import HostInfo, detect
 from .child import GO, TASK_LIMIT
 from .framework import Fail, Lab
@@ -443,18 +444,9 @@ def _stat(pid: int | str) -> list[str]:
 def holds(pid: int, target: str) -> bool:
     """Whether process ``pid`` has a file descriptor open on ``target`` (what ``/proc/PID/fd/N`` links to).
 
-    Each descriptor is read on its own: one the process closes while we look is skipped, not taken for the
-    whole process (code that opens and closes descriptors all the time, a VM a measurement, must not look as
-    if it had closed the one it keeps)."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:                             # the process is gone
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                return True
-    return False
+    By :func:`pykvm.core.vm.fd_links`, which skips a descriptor closed while it looks: code that opens and
+    closes descriptors all the time (a VM a measurement) must not look as if it had closed the one it keeps."""
+    return target in fd_links(pid).values()
 
 
 def _state(pid: int) -> str | None:
